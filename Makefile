@@ -1,0 +1,41 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both set themselves up.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: demo test serve proto proto-check lint typecheck unit clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/certbroker demo
+
+serve: $(STAMP)
+	$(BIN)/certbroker serve
+
+## The one command that regenerates certbroker/v1 from proto/.
+proto: $(STAMP)
+	$(BIN)/python scripts/protogen.py
+
+proto-check: $(STAMP)
+	$(BIN)/python scripts/protogen.py --check
+
+lint: $(STAMP)
+	$(BIN)/ruff check broker adapters tests scripts
+	$(BIN)/ruff format --check broker adapters tests scripts
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest -n auto
+
+test: proto-check lint typecheck unit
+
+clean:
+	rm -rf $(VENV) .certbroker .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""certbroker: the broker between service-hall counter software and department records."""

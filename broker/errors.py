@@ -84,6 +84,6 @@ def reason_of(status: status_pb2.Status) -> str | None:
     for detail in status.details:
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info):
-            return info.reason
+            return str(info.reason)
     return None
 

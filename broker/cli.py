@@ -1,0 +1,251 @@
+"""The ``certbroker`` command line: serve, demo, lookup, token, policy, audit."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format
+
+from broker import audit, client, config, policy
+from broker.auth import DevIdentityProvider
+
+DEFAULT_STATE = Path(".certbroker")
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _time(value: str) -> dt.datetime:
+    parsed = dt.datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from broker import server
+
+    cfg = config.load(
+        args.config, port=args.port, metrics_port=args.metrics_port, state_dir=args.state_dir,
+        host=args.host)
+
+    def ready(b: server.Broker) -> None:
+        print(f"certbroker serving on {cfg.host}:{b.port} (metrics on :{b.metrics_port}); "
+              f"state in {cfg.state_dir}; policy {b.policies.current.version[:12]}", flush=True)
+        print(f"READY port={b.port} metrics_port={b.metrics_port}", flush=True)
+
+    asyncio.run(server.serve(cfg, ready))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from broker import demo
+
+    return demo.run(args.state_dir)
+
+
+def cmd_lookup(args: argparse.Namespace) -> int:
+    token = args.token or os.environ.get("CERTBROKER_TOKEN", "")
+    if not token:
+        print("error: pass --token or set CERTBROKER_TOKEN (see `certbroker token issue`)",
+              file=sys.stderr)
+        return 2
+    channel, stub = client.stub(args.target)
+    request = client.lookup_request(
+        args.record_type, args.subject, args.matter, args.case, args.consent, args.consent_ref,
+        _split(args.fields))
+    try:
+        response = stub.Lookup(request, metadata=client.bearer(token), timeout=args.timeout)
+    except grpc.RpcError as exc:
+        print(f"error: {client.call_error(exc)}", file=sys.stderr)
+        return 1
+    finally:
+        channel.close()
+    if args.json:
+        print(json_format.MessageToJson(response, preserving_proto_field_name=True,
+                                        ensure_ascii=False))
+    else:
+        print(f"{args.record_type} record of {args.subject}:")
+        print("\n".join(client.record_lines(response)))
+    return 0
+
+
+def cmd_token_issue(args: argparse.Namespace) -> int:
+    idp = DevIdentityProvider(args.state_dir)
+    print(idp.issue(args.sub, _split(args.roles), args.office, name=args.name, ttl_s=args.ttl))
+    return 0
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    files = args.files or sorted(config.DEFAULT_POLICY_DIR.glob("*.yaml"))
+    problems = policy.check(files)
+    for line in problems:
+        print(line)
+    if not problems:
+        print(f"ok: {len(files)} file(s) valid")
+    return 1 if problems else 0
+
+
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    report = policy.run_tests(args.dir)
+    for line in report.failures:
+        print(f"FAIL {line}")
+    print(f"{report.passed} passed, {len(report.failures)} failed")
+    return 1 if report.failures else 0
+
+
+def cmd_policy_reload(args: argparse.Namespace) -> int:
+    from broker.server import pid_file
+
+    path = pid_file(args.state_dir)
+    try:
+        pid = int(path.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        print(f"error: no running broker for {args.state_dir} ({exc})", file=sys.stderr)
+        return 1
+    print(f"asked broker {pid} to reload its policies (see its log for the result)")
+    return 0
+
+
+def _audit_db(args: argparse.Namespace) -> Path:
+    return args.db or args.state_dir / "audit.sqlite"
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    path = _audit_db(args)
+    if not path.exists():
+        print(f"error: no audit log at {path}", file=sys.stderr)
+        return 2
+    report = audit.verify(path)
+    if report.ok:
+        print(f"ok: {report.entries} entries, hash chain intact")
+        return 0
+    print(f"TAMPERED: first bad entry at index {report.first_bad}: {report.problem}")
+    return 1
+
+
+def cmd_audit_query(args: argparse.Namespace) -> int:
+    path = _audit_db(args)
+    if not path.exists():
+        print(f"error: no audit log at {path}", file=sys.stderr)
+        return 2
+    flt = audit.QueryFilter(
+        clerk=args.clerk, subject_id=args.subject, matter_code=args.matter,
+        record_type=args.record_type, decision=args.decision,
+        since=_time(args.since) if args.since else None,
+        until=_time(args.until) if args.until else None, limit=args.limit)
+    entries = audit.query(path, flt)
+    if args.json:
+        for entry in entries:
+            print(json.dumps(dataclasses.asdict(entry), ensure_ascii=False, sort_keys=True))
+    else:
+        print(audit.format_table(entries))
+        print(f"({len(entries)} entries)")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="certbroker", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def state(sp: argparse.ArgumentParser, default: Path = DEFAULT_STATE) -> None:
+        sp.add_argument("--state-dir", type=Path, default=default,
+                        help=f"state directory (keys, audit log, datasets; default {default})")
+
+    s = sub.add_parser("serve", help="run the broker (embedded default without --config)")
+    s.add_argument("--config", type=Path, help="TOML configuration file")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free port)")
+    s.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464)")
+    s.add_argument("--state-dir", type=Path)
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("demo", help="start a broker and show a counter session")
+    state(s, Path(".certbroker-demo"))
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("lookup", help="look up one record as a clerk")
+    s.add_argument("--target", default="127.0.0.1:50051")
+    s.add_argument("--token", help="clerk JWT (default: $CERTBROKER_TOKEN)")
+    s.add_argument("--record-type", required=True)
+    s.add_argument("--subject", required=True, help="resident ID")
+    s.add_argument("--matter", required=True, help="matter code (事项编码)")
+    s.add_argument("--case", default="", help="case number (办件号)")
+    s.add_argument("--consent", default="id_card_read",
+                   choices=["id_card_read", "signed_form", "delegated_agent", ""])
+    s.add_argument("--consent-ref", default="")
+    s.add_argument("--fields", default="", help="comma-separated subset of fields")
+    s.add_argument("--timeout", type=float, default=10.0)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_lookup)
+
+    token = sub.add_parser("token", help="development identity provider").add_subparsers(
+        dest="token_command", required=True)
+    s = token.add_parser("issue", help="print a clerk token trusted by `serve` on this state dir")
+    state(s)
+    s.add_argument("--sub", required=True, help="clerk id")
+    s.add_argument("--roles", required=True, help="comma-separated roles")
+    s.add_argument("--office", required=True, help="office / hall id")
+    s.add_argument("--name", default="")
+    s.add_argument("--ttl", type=int, default=8 * 3600, help="lifetime in seconds")
+    s.set_defaults(func=cmd_token_issue)
+
+    pol = sub.add_parser("policy", help="check, test and reload policies").add_subparsers(
+        dest="policy_command", required=True)
+    s = pol.add_parser("check", help="validate policy files (file:line in every error)")
+    s.add_argument("files", nargs="*", type=Path)
+    s.set_defaults(func=cmd_policy_check)
+    s = pol.add_parser("test", help="run the policy unit tests in <dir>/tests")
+    s.add_argument("--dir", type=Path, default=config.DEFAULT_POLICY_DIR)
+    s.set_defaults(func=cmd_policy_test)
+    s = pol.add_parser("reload", help="ask the running broker to reload (SIGHUP)")
+    state(s)
+    s.set_defaults(func=cmd_policy_reload)
+
+    aud = sub.add_parser("audit", help="verify and query the audit log").add_subparsers(
+        dest="audit_command", required=True)
+    s = aud.add_parser("verify", help="recompute the hash chain")
+    state(s)
+    s.add_argument("--db", type=Path, help="audit database (default <state-dir>/audit.sqlite)")
+    s.set_defaults(func=cmd_audit_verify)
+    s = aud.add_parser("query", help="list entries matching filters")
+    state(s)
+    s.add_argument("--db", type=Path)
+    s.add_argument("--clerk")
+    s.add_argument("--subject")
+    s.add_argument("--matter")
+    s.add_argument("--record-type")
+    s.add_argument("--decision", choices=["allow", "deny"])
+    s.add_argument("--since", help="ISO 8601 time")
+    s.add_argument("--until", help="ISO 8601 time")
+    s.add_argument("--limit", type=int, default=1000)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_audit_query)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (config.ConfigError, policy.PolicyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

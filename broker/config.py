@@ -1,0 +1,202 @@
+"""Broker configuration: one frozen dataclass, loaded once from a TOML file plus environment.
+
+With no file, every default describes the embedded setup: SQLite audit log, in-process demo
+adapters, the shipped policies, the development identity provider of the state directory.
+Environment variables override the file; command-line flags override both (via ``overrides``).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from certbroker.fields import RECORD_TYPES
+
+#: The shipped policy set, next to the package in a source checkout or an image built from it.
+DEFAULT_POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
+
+
+class ConfigError(ValueError):
+    """The configuration file or environment is invalid; the message says where."""
+
+
+@dataclass(frozen=True)
+class IssuerConfig:
+    """A trusted token issuer: its public keys as PEM files and/or a JWKS file."""
+
+    issuer: str
+    audience: str
+    public_keys: tuple[Path, ...] = ()
+    jwks: Path | None = None
+
+
+@dataclass(frozen=True)
+class AdapterRoute:
+    """Where one record type is fetched: the in-process demo adapter or a gRPC endpoint."""
+
+    mode: str = "inprocess"  # "inprocess" | "grpc"
+    endpoint: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9464
+    state_dir: Path = Path(".certbroker")
+    policy_dir: Path = DEFAULT_POLICY_DIR
+    audit_path: Path | None = None  # default: <state_dir>/audit.sqlite
+    dataset_dir: Path | None = None  # default: <state_dir>/datasets
+    leeway_s: int = 30
+    dev_idp: bool = True  # trust tokens printed by `certbroker token issue` for this state dir
+    issuers: tuple[IssuerConfig, ...] = ()
+    adapters: Mapping[str, AdapterRoute] = field(
+        default_factory=lambda: {rt: AdapterRoute() for rt in RECORD_TYPES}
+    )
+    adapter_timeout_s: float = 5.0
+
+    @property
+    def audit_file(self) -> Path:
+        return self.audit_path or self.state_dir / "audit.sqlite"
+
+    @property
+    def datasets(self) -> Path:
+        return self.dataset_dir or self.state_dir / "datasets"
+
+
+_ENV: Mapping[str, tuple[str, type]] = {
+    "CERTBROKER_HOST": ("host", str),
+    "CERTBROKER_PORT": ("port", int),
+    "CERTBROKER_METRICS_PORT": ("metrics_port", int),
+    "CERTBROKER_STATE_DIR": ("state_dir", Path),
+    "CERTBROKER_POLICY_DIR": ("policy_dir", Path),
+    "CERTBROKER_AUDIT_PATH": ("audit_path", Path),
+    "CERTBROKER_DATASET_DIR": ("dataset_dir", Path),
+    "CERTBROKER_DEV_IDP": ("dev_idp", bool),
+}
+_SECTIONS: Mapping[str, Mapping[str, tuple[str, type]]] = {
+    "server": {
+        "host": ("host", str),
+        "port": ("port", int),
+        "metrics_port": ("metrics_port", int),
+        "state_dir": ("state_dir", Path),
+    },
+    "policy": {"dir": ("policy_dir", Path)},
+    "audit": {"path": ("audit_path", Path)},
+    "datasets": {"dir": ("dataset_dir", Path)},
+    "auth": {"leeway_s": ("leeway_s", int), "dev_idp": ("dev_idp", bool)},
+    "routing": {"timeout_s": ("adapter_timeout_s", float)},
+}
+
+
+def _convert(where: str, value: Any, kind: type, base: Path) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"1", "true", "yes", "0", "false", "no"}:
+            return value.lower() in {"1", "true", "yes"}
+    elif kind is Path and isinstance(value, str) and value:
+        path = Path(value)
+        return path if path.is_absolute() else base / path
+    elif kind is int and not isinstance(value, bool):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            pass
+    elif kind is float and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif kind is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
+
+
+def _route(where: str, value: Any) -> AdapterRoute:
+    if isinstance(value, str):  # "inprocess" or "grpc://host:port"
+        value = {"mode": "inprocess"} if value == "inprocess" else {
+            "mode": "grpc", "endpoint": value.removeprefix("grpc://")}
+    if not isinstance(value, dict) or set(value) - {"mode", "endpoint"}:
+        raise ConfigError(f"{where}: expected a table with mode and endpoint")
+    route = AdapterRoute(str(value.get("mode", "inprocess")), str(value.get("endpoint", "")))
+    if route.mode not in {"inprocess", "grpc"}:
+        raise ConfigError(f"{where}.mode: must be 'inprocess' or 'grpc', got {route.mode!r}")
+    if route.mode == "grpc" and not route.endpoint:
+        raise ConfigError(f"{where}.endpoint: required when mode is 'grpc'")
+    return route
+
+
+def load(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Config:
+    """Load the configuration: defaults, then ``path`` (TOML), then ``env``, then ``overrides``.
+
+    Relative paths in the file are relative to the file's directory.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    routes = dict(Config().adapters)
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+        base = path.resolve().parent
+        for section, table in data.items():
+            where = f"{path}: [{section}]"
+            if section == "adapters":
+                for rt, value in table.items():
+                    if rt not in RECORD_TYPES:
+                        raise ConfigError(f"{where}: unknown record type {rt!r}")
+                    routes[rt] = _route(f"{where}.{rt}", value)
+                continue
+            if section == "auth" and "issuers" in table:
+                values["issuers"] = tuple(
+                    _issuer(f"{where}.issuers[{i}]", item, base)
+                    for i, item in enumerate(table.pop("issuers"))
+                )
+            keys = _SECTIONS.get(section)
+            if keys is None or not isinstance(table, dict):
+                raise ConfigError(f"{where}: unknown section")
+            for key, value in table.items():
+                if key not in keys:
+                    raise ConfigError(f"{where}: unknown key {key!r}")
+                name, kind = keys[key]
+                values[name] = _convert(f"{where}.{key}", value, kind, base)
+    for var, (name, kind) in _ENV.items():
+        if env.get(var):
+            values[name] = _convert(var, env[var], kind, Path.cwd())
+    for rt in RECORD_TYPES:
+        var = f"CERTBROKER_ADAPTER_{rt.upper()}"
+        if env.get(var):
+            routes[rt] = _route(var, env[var])
+    known = {f.name for f in fields(Config)}
+    for name, value in overrides.items():
+        if name not in known:
+            raise ConfigError(f"unknown setting {name!r}")
+        if value is not None:
+            values[name] = value
+    config = replace(Config(), adapters=routes, **values)
+    if not 0 <= config.leeway_s <= 60:
+        raise ConfigError("auth.leeway_s must be between 0 and 60 seconds")
+    return config
+
+
+def _issuer(where: str, item: Any, base: Path) -> IssuerConfig:
+    if not isinstance(item, dict) or not {"issuer", "audience"} <= set(item):
+        raise ConfigError(f"{where}: needs issuer and audience")
+    unknown = set(item) - {"issuer", "audience", "public_keys", "jwks"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    keys = tuple(_convert(f"{where}.public_keys", p, Path, base) for p in item.get("public_keys", []))
+    jwks = _convert(f"{where}.jwks", item["jwks"], Path, base) if "jwks" in item else None
+    if not keys and jwks is None:
+        raise ConfigError(f"{where}: needs public_keys or jwks")
+    return IssuerConfig(str(item["issuer"]), str(item["audience"]), keys, jwks)

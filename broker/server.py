@@ -1,0 +1,178 @@
+"""Wiring: builds the gRPC server from a ``Config`` and runs it.
+
+The server carries the CertificateBroker service, the standard health service and server
+reflection (so ``grpcurl`` works), behind one small interceptor that maps exceptions to gRPC
+status — the only place where that mapping happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from broker import errors, policy
+from broker.audit import SQLiteAuditLog
+from broker.auth import Authenticator, DevIdentityProvider, TrustedIssuer, load_issuer
+from broker.config import Config
+from broker.metrics import Metrics
+from broker.routing import Router, build_router
+from broker.service import CertificateBrokerService
+from certbroker.v1 import broker_pb2, broker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class ErrorMapping(grpc.aio.ServerInterceptor):
+    """Turns any exception escaping a handler into a gRPC status with rich details."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler  # health watch and reflection streams map their own errors
+        inner = handler.unary_unary
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                return await inner(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - this is the one mapping point
+                _code, _message, status = errors.to_status(exc)
+                await context.abort_with_status(rpc_status.to_status(status))
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class PolicyHolder:
+    """The policy set in force. A reload that fails validation keeps the old set."""
+
+    def __init__(self, directory: Path, metrics: Metrics) -> None:
+        self._directory = directory
+        self._metrics = metrics
+        self.current: policy.PolicySet = policy.load(directory)
+
+    def reload(self) -> bool:
+        try:
+            fresh = policy.load(self._directory)
+        except policy.PolicyError as exc:
+            log.error("policy reload rejected, keeping version %s: %s",
+                      self.current.version[:12], "; ".join(exc.errors))
+            self._metrics.policy_reloads.labels("rejected").inc()
+            return False
+        previous, self.current = self.current, fresh
+        log.info("policy reloaded: %s -> %s", previous.version[:12], fresh.version[:12])
+        self._metrics.policy_reloads.labels("ok").inc()
+        return True
+
+
+def authenticator(config: Config) -> Authenticator:
+    issuers: list[TrustedIssuer] = [
+        load_issuer(i.issuer, i.audience, pem_files=i.public_keys, jwks_file=i.jwks)
+        for i in config.issuers
+    ]
+    if config.dev_idp:
+        issuers.append(DevIdentityProvider(config.state_dir).trusted_issuer())
+    return Authenticator(issuers, leeway_s=config.leeway_s)
+
+
+@dataclass
+class Broker:
+    """A running broker: its bound ports and the pieces tests and the CLI reach into."""
+
+    server: grpc.aio.Server
+    port: int
+    metrics_port: int
+    policies: PolicyHolder
+    audit: SQLiteAuditLog
+    router: Router
+    metrics: Metrics
+    _metrics_http: WSGIServer
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        await self.server.stop(grace)
+        await self.router.aclose()
+        await self.audit.aclose()
+        self._metrics_http.shutdown()
+        self._metrics_http.server_close()
+
+
+async def start(config: Config) -> Broker:
+    """Start a broker on ``config``'s ports (0 = any free port) and return it."""
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    metrics = Metrics()
+    policies = PolicyHolder(config.policy_dir, metrics)
+    departments = {name: rt.department for name, rt in policies.current.record_types.items()}
+    router = build_router(config.adapters, departments, config.datasets)
+    audit = SQLiteAuditLog(config.audit_file)
+    service = CertificateBrokerService(
+        authenticator(config), policies, router, audit, metrics,
+        adapter_timeout_s=config.adapter_timeout_s)
+    server = grpc.aio.server(interceptors=[ErrorMapping()])
+    broker_pb2_grpc.add_CertificateBrokerServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    service_name = broker_pb2.DESCRIPTOR.services_by_name["CertificateBroker"].full_name
+    reflection.enable_server_reflection(
+        (service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot bind gRPC port {config.host}:{config.port}")
+    await server.start()
+    metrics_http, metrics_port = metrics.serve(config.host, config.metrics_port)
+    for name in ("", service_name):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("certbroker serving on %s:%d (metrics :%d), policy %s",
+             config.host, port, metrics_port, policies.current.version[:12])
+    return Broker(server, port, metrics_port, policies, audit, router, metrics, metrics_http)
+
+
+def pid_file(state_dir: Path) -> Path:
+    return state_dir / "broker.pid"
+
+
+@contextlib.asynccontextmanager
+async def running(config: Config) -> AsyncIterator[Broker]:
+    broker = await start(config)
+    try:
+        yield broker
+    finally:
+        await broker.stop()
+
+
+async def serve(config: Config, ready: Callable[[Broker], None] | None = None) -> None:
+    """Run until SIGINT/SIGTERM. SIGHUP reloads the policies."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    async with running(config) as broker:
+        loop.add_signal_handler(signal.SIGHUP, broker.policies.reload)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        pid = pid_file(config.state_dir)
+        pid.write_text(f"{os.getpid()}\n")
+        if ready is not None:
+            ready(broker)
+        try:
+            await stop.wait()
+        finally:
+            pid.unlink(missing_ok=True)

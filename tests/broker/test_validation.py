@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import pytest
+
+from broker import validation
+from broker.errors import InvalidArgument
+from certbroker import resident_id
+
+
+def reason(exc: pytest.ExceptionInfo[InvalidArgument]) -> str:
+    return exc.value.reason
+
+
+def test_valid_resident_ids_pass() -> None:
+    # The example from GB 11643-1999 itself, with an X check character.
+    assert validation.subject_id("11010519491231002X") == "11010519491231002X"
+    generated = resident_id.make("330825", __import__("datetime").date(1990, 3, 7), 12)
+    assert validation.subject_id(generated) == generated
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "110105194912310021",  # wrong check digit
+        "11010519491331002X",  # month 13
+        "11010519490230002X",  # 30 February
+        "1101051949123100",  # too short
+        "11010519491231002XX",  # too long
+        "11010519491231002x",  # lower-case x
+        "1101051949123100AX",  # letters
+        "440524188001010014",  # born before 1900
+    ],
+)
+def test_bad_resident_ids_are_invalid_argument(value: str) -> None:
+    with pytest.raises(InvalidArgument) as exc:
+        validation.subject_id(value)
+    assert reason(exc) in {"BAD_SUBJECT_ID", "ARGUMENT_TOO_LONG"}
+    assert value not in exc.value.message  # personal data stays out of messages
+
+
+def test_empty_required_argument() -> None:
+    with pytest.raises(InvalidArgument) as exc:
+        validation.text("matter_code", "", required=True)
+    assert reason(exc) == "MISSING_ARGUMENT"
+    assert validation.text("case_number", "", required=False) == ""
+
+
+@pytest.mark.parametrize("bad", ["a\nb", "a\x00b", "a\u202eb", "x\u2028y"])
+def test_control_characters(bad: str) -> None:
+    with pytest.raises(InvalidArgument) as exc:
+        validation.text("case_number", bad, required=True)
+    assert reason(exc) == "CONTROL_CHARACTERS"
+
+
+def test_oversized() -> None:
+    with pytest.raises(InvalidArgument) as exc:
+        validation.text("case_number", "9" * 65, required=True)
+    assert reason(exc) == "ARGUMENT_TOO_LONG"
+    assert validation.text("case_number", "9" * 64, required=True)
+
+
+def test_duplicate_fields() -> None:
+    with pytest.raises(InvalidArgument) as exc:
+        validation.field_names(["name", "name"])
+    assert reason(exc) == "DUPLICATE_FIELD"

@@ -1,0 +1,475 @@
+"""Declarative access policy: the model and the decision engine.
+
+A policy set (the YAML files under ``policies/``, read by :func:`load`) says which record types
+exist and which department serves each, which fields each matter (事项) needs, and which roles
+may handle which matters under which conditions. The file format is described in
+:mod:`broker.policy_schema`, set-level validation and loading in :mod:`broker.policy_load`,
+and the policy-test runner in :mod:`broker.policy_tests`.
+
+:meth:`PolicySet.decide` is a pure function of the policy set and the request (``now``
+included), so a decision can be replayed and tested. Its semantics, in order:
+
+1. The matter must need the record type, else deny with rule id ``matter-scope``.
+2. Candidate rules are those naming one of the clerk's roles and the matter (and the record
+   type, if the rule narrows record types). No candidate: deny with rule id ``default-deny``.
+3. Candidates are tried in policy order (file name, then position); the first whose conditions
+   all pass decides. It releases the matter's fields for the record type, intersected with the
+   rule's field restriction and with the requested fields, in catalogue order.
+4. If every candidate fails a condition, the denial names the candidate that got furthest
+   through the conditions (office, hours, consent, case number; the earliest rule on a tie) and
+   its failing condition, so the clerk is told what to fix rather than an unrelated office rule.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from broker.auth import Clerk
+from broker.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from broker.policy_tests import TestReport
+
+#: Consent methods a rule may accept, in the order the proto enum declares them.
+CONSENT_METHODS: tuple[str, ...] = ("id_card_read", "signed_form", "delegated_agent")
+#: Day names used in opening hours; the index is ``datetime.weekday()``.
+DAYS: tuple[str, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+#: Rule ids of the built-in denials; policy rules may not use them.
+MATTER_SCOPE = "matter-scope"
+DEFAULT_DENY = "default-deny"
+RESERVED_RULE_IDS = frozenset({MATTER_SCOPE, DEFAULT_DENY})
+
+#: Machine codes for ``Decision.condition`` (empty for allow, matter-scope and default-deny).
+OFFICE_NOT_ALLOWED = "OFFICE_NOT_ALLOWED"
+OUTSIDE_HOURS = "OUTSIDE_HOURS"
+CONSENT_REQUIRED = "CONSENT_REQUIRED"
+CASE_NUMBER_REQUIRED = "CASE_NUMBER_REQUIRED"
+#: The deciding rule passed, but nothing requested is both needed and allowed.
+NO_FIELDS_RELEASED = "NO_FIELDS_RELEASED"
+
+
+class PolicyError(Exception):
+    """A policy set that cannot be loaded; ``errors`` holds ``"path:line: message"`` strings."""
+
+    def __init__(self, errors: Sequence[str]) -> None:
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors) or "invalid policy")
+
+
+@dataclass(frozen=True)
+class RecordType:
+    """A kind of record (a ``Record`` oneof case) and the fields the policy knows, in order."""
+
+    name: str
+    department: str
+    fields: tuple[str, ...]
+    cache_ttl_s: int = 0
+
+
+@dataclass(frozen=True)
+class Department:
+    """A department and the record types it serves."""
+
+    id: str
+    name: str
+    record_types: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Matter:
+    """A matter (事项): what the clerk is handling, and the fields it needs per record type."""
+
+    code: str
+    name: str
+    needs: Mapping[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class Role:
+    """A clerk role as named in JWT claims."""
+
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Hours:
+    """An opening-hours window: ``days`` (0 = Monday), ``[start_min, end_min)`` in local time."""
+
+    days: tuple[int, ...]
+    start_min: int
+    end_min: int
+    utc_offset: timedelta
+
+    def contains(self, now: datetime) -> bool:
+        local = now.astimezone(timezone(self.utc_offset))
+        # Microseconds since local midnight, so 17:29:59.9 is inside and 17:30:00 is not.
+        elapsed = ((local.hour * 60 + local.minute) * 60 + local.second) * 10**6
+        elapsed += local.microsecond
+        inside = self.start_min * 60 * 10**6 <= elapsed < self.end_min * 60 * 10**6
+        return local.weekday() in self.days and inside
+
+    def describe(self) -> str:
+        """E.g. ``Mon-Sat 08:30-17:30 (UTC+08:00)``, for denial reasons."""
+        span = f"{_hhmm(self.start_min)}-{_hhmm(self.end_min)}"
+        return f"{_day_ranges(self.days)} {span} (UTC{_offset(self.utc_offset)})"
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """What must hold for a rule to allow; an empty condition does not restrict."""
+
+    offices: tuple[str, ...] = ()  # fnmatch globs on clerk.office
+    hours: tuple[Hours, ...] = ()  # any window may match
+    consent: tuple[str, ...] = ()  # accepted consent methods
+    case_number_required: bool = False
+    case_number_pattern: re.Pattern[str] | None = None  # full match; implies required
+
+    @property
+    def needs_case_number(self) -> bool:
+        return self.case_number_required or self.case_number_pattern is not None
+
+
+@dataclass(frozen=True)
+class _Failure:
+    stage: int  # position in the condition order; higher = the rule got further
+    code: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One allow rule. ``fields``/``masks`` are keyed by record type; an unlisted record type
+    has no field restriction and no masks."""
+
+    id: str
+    roles: tuple[str, ...]
+    matters: tuple[str, ...]
+    record_types: tuple[str, ...] = ()  # empty: every record type the matter needs
+    fields: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    masks: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    conditions: Conditions = Conditions()
+    description: str = ""
+    source: str = ""  # "path:line" of its definition
+
+    def covers(self, roles: Sequence[str], matter_code: str, record_type: str) -> bool:
+        """Whether the rule is a candidate for these clerk roles, matter and record type."""
+        return (
+            not set(self.roles).isdisjoint(roles)
+            and matter_code in self.matters
+            and (not self.record_types or record_type in self.record_types)
+        )
+
+    def office_allows(self, office: str) -> bool:
+        globs = self.conditions.offices
+        return not globs or any(fnmatch.fnmatchcase(office, g) for g in globs)
+
+    def failure(self, request: Request) -> _Failure | None:
+        """The first condition the request fails, or None when all pass."""
+        cond = self.conditions
+        if not self.office_allows(request.clerk.office):
+            allowed = ", ".join(cond.offices)
+            return _Failure(
+                0,
+                OFFICE_NOT_ALLOWED,
+                f"office {_clip(request.clerk.office)!r} is "
+                f"not among the offices it allows ({allowed})",
+            )
+        if cond.hours and not any(h.contains(request.now) for h in cond.hours):
+            windows = "; ".join(h.describe() for h in cond.hours)
+            return _Failure(1, OUTSIDE_HOURS, f"outside its opening hours ({windows})")
+        if cond.consent and request.consent_method not in cond.consent:
+            return _Failure(
+                2,
+                CONSENT_REQUIRED,
+                "it requires the citizen's consent by one of: " + ", ".join(cond.consent),
+            )
+        if cond.needs_case_number:
+            if not request.case_number:
+                return _Failure(3, CASE_NUMBER_REQUIRED, "it requires a case number (办件号)")
+            pattern = cond.case_number_pattern
+            if pattern is not None and not pattern.fullmatch(request.case_number):
+                # The case number is not echoed: it is caller input of unbounded size.
+                return _Failure(
+                    3,
+                    CASE_NUMBER_REQUIRED,
+                    f"the case number (办件号) does not have the required format {pattern.pattern}",
+                )
+        return None
+
+    def release(
+        self, record_type: RecordType, needed: Sequence[str], requested: Sequence[str]
+    ) -> tuple[str, ...]:
+        """Fields released: needed ∩ rule restriction ∩ requested (if any), catalogue order."""
+        keep = set(needed)
+        restriction = self.fields.get(record_type.name)
+        if restriction is not None:
+            keep &= set(restriction)
+        if requested:
+            keep &= set(requested)
+        return tuple(f for f in record_type.fields if f in keep)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One lookup to decide. ``fields`` empty = all the matter needs; ``now`` must be aware."""
+
+    clerk: Clerk
+    record_type: str
+    matter_code: str
+    case_number: str
+    consent_method: str  # "" when the citizen's consent was not recorded
+    fields: tuple[str, ...]
+    now: datetime
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of :meth:`PolicySet.decide`; ``reason`` is for humans, ``condition`` for code.
+
+    ``fields`` are the released field paths (empty on deny), ``withheld`` the requested (or all)
+    fields of the record type that are not released, ``masks`` field path → mask name.
+    """
+
+    allowed: bool
+    rule_id: str
+    reason: str
+    condition: str
+    record_type: str
+    department: str
+    fields: tuple[str, ...]
+    withheld: tuple[str, ...]
+    masks: Mapping[str, str]
+    policy_version: str
+
+
+@dataclass(frozen=True)
+class MatterView:
+    """A matter as one clerk may handle it (for ListMatters), ignoring request-time conditions.
+
+    ``fields``/``masks`` map record type → field paths (only record types the clerk can get).
+    ``consent_methods`` are accepted for every record type that requires consent;
+    ``consent_required`` says whether any does.
+    """
+
+    matter: Matter
+    fields: Mapping[str, tuple[str, ...]]
+    masks: Mapping[str, tuple[str, ...]]
+    case_number_required: bool
+    consent_methods: tuple[str, ...]
+    consent_required: bool = False
+
+
+@dataclass(frozen=True)
+class PolicySet:
+    """A loaded, validated policy set. Immutable: a reload builds a new one."""
+
+    version: str  # hex SHA-256 of the files it was loaded from
+    record_types: Mapping[str, RecordType]
+    departments: Mapping[str, Department]
+    matters: Mapping[str, Matter]
+    roles: Mapping[str, Role] = field(default_factory=dict)
+    rules: tuple[Rule, ...] = ()
+
+    def check_request(self, record_type: str, matter_code: str, fields: Sequence[str]) -> None:
+        """Raise :class:`InvalidArgument` unless the request names things the policy knows.
+
+        Reasons: UNKNOWN_RECORD_TYPE, UNKNOWN_MATTER, TOO_MANY_FIELDS, UNKNOWN_FIELD.
+        """
+        rt = self.record_types.get(record_type)
+        if rt is None:
+            raise InvalidArgument(
+                "UNKNOWN_RECORD_TYPE",
+                f"unknown record type "
+                f"{_clip(record_type)!r}; known: {', '.join(self.record_types)}",
+            )
+        if matter_code not in self.matters:
+            raise InvalidArgument("UNKNOWN_MATTER", f"unknown matter {_clip(matter_code)!r}")
+        # Before looking at names, so a huge list costs nothing more than its length.
+        if len(fields) > len(rt.fields):
+            raise InvalidArgument(
+                "TOO_MANY_FIELDS",
+                f"{len(fields)} fields requested; record type {record_type} has {len(rt.fields)}",
+            )
+        known = set(rt.fields)
+        for name in fields:
+            if name not in known:
+                raise InvalidArgument(
+                    "UNKNOWN_FIELD",
+                    f"unknown field {_clip(name)!r} for record type {record_type}",
+                    field=_clip(name),
+                )
+
+    def decide(self, request: Request) -> Decision:
+        """Decide one lookup (see the module docstring). Raises InvalidArgument like
+        :meth:`check_request`, and ValueError for a naive ``now``."""
+        if request.now.utcoffset() is None:
+            raise ValueError("Request.now must be timezone-aware")
+        self.check_request(request.record_type, request.matter_code, request.fields)
+        rt = self.record_types[request.record_type]
+        matter = self.matters[request.matter_code]
+        needed = matter.needs.get(rt.name)
+        if needed is None:
+            return self._deny(
+                request,
+                MATTER_SCOPE,
+                f"matter {matter.code} ({matter.name}) does not need {rt.name} records",
+            )
+        candidates = [r for r in self.rules if r.covers(request.clerk.roles, matter.code, rt.name)]
+        if not candidates:
+            roles = ", ".join(request.clerk.roles) or "none"
+            return self._deny(
+                request,
+                DEFAULT_DENY,
+                f"no rule lets role(s) {roles} handle "
+                f"{matter.code} ({matter.name}) with {rt.name} records",
+            )
+        closest: tuple[Rule, _Failure] | None = None
+        for rule in candidates:
+            failure = rule.failure(request)
+            if failure is None:
+                return self._allow(request, rule, rt, matter, needed)
+            if closest is None or failure.stage > closest[1].stage:
+                closest = (rule, failure)
+        assert closest is not None  # candidates is not empty
+        rule, failure = closest
+        return self._deny(
+            request, rule.id, f"rule {rule.id} does not allow this: {failure.detail}", failure.code
+        )
+
+    def _allow(
+        self, request: Request, rule: Rule, rt: RecordType, matter: Matter, needed: Sequence[str]
+    ) -> Decision:
+        released = rule.release(rt, needed, request.fields)
+        if not released:
+            reason = f"rule {rule.id} releases none of the requested {rt.name} fields"
+            return self._deny(request, rule.id, reason, NO_FIELDS_RELEASED)
+        reason = f"rule {rule.id} allows {matter.code} ({matter.name}) with {rt.name} records"
+        masks = rule.masks.get(rt.name, {})
+        return self._decision(request, rule.id, reason, "", released=released, masks=masks)
+
+    def _deny(self, request: Request, rule_id: str, reason: str, condition: str = "") -> Decision:
+        return self._decision(request, rule_id, reason, condition, released=(), masks={})
+
+    def _decision(
+        self,
+        request: Request,
+        rule_id: str,
+        reason: str,
+        condition: str,
+        *,
+        released: tuple[str, ...],
+        masks: Mapping[str, str],
+    ) -> Decision:
+        rt = self.record_types[request.record_type]
+        basis = set(request.fields or rt.fields)
+        return Decision(
+            allowed=bool(released),  # an allow always releases something; a deny nothing
+            rule_id=rule_id,
+            reason=reason,
+            condition=condition,
+            record_type=rt.name,
+            department=rt.department,
+            fields=released,
+            withheld=tuple(f for f in rt.fields if f in basis and f not in released),
+            masks={f: masks[f] for f in released if f in masks},
+            policy_version=self.version,
+        )
+
+    def matters_for(self, clerk: Clerk) -> list[MatterView]:
+        """Matters the clerk has a rule for at their office (hours, consent and case number are
+        request-time and ignored), with the fields and masks the first such rule gives."""
+        views = (self._view(matter, clerk) for matter in self.matters.values())
+        return [view for view in views if view is not None]
+
+    def _view(self, matter: Matter, clerk: Clerk) -> MatterView | None:
+        fields: dict[str, tuple[str, ...]] = {}
+        masks: dict[str, tuple[str, ...]] = {}
+        chosen: list[Conditions] = []
+        for rt_name, needed in matter.needs.items():
+            rules = (r for r in self.rules if r.covers(clerk.roles, matter.code, rt_name))
+            rule = next((r for r in rules if r.office_allows(clerk.office)), None)
+            released = () if rule is None else rule.release(self.record_types[rt_name], needed, ())
+            if rule is None or not released:
+                continue
+            chosen.append(rule.conditions)
+            fields[rt_name] = released
+            masked = tuple(f for f in released if f in rule.masks.get(rt_name, {}))
+            if masked:
+                masks[rt_name] = masked
+        if not fields:
+            return None
+        # Methods that satisfy every record type that asks for consent.
+        consenting = [c.consent for c in chosen if c.consent]
+        methods = [m for m in CONSENT_METHODS if all(m in c for c in consenting)]
+        return MatterView(
+            matter=matter,
+            fields=fields,
+            masks=masks,
+            case_number_required=any(c.needs_case_number for c in chosen),
+            consent_methods=tuple(methods) if consenting else (),
+            consent_required=bool(consenting),
+        )
+
+
+def load(policy_dir: Path) -> PolicySet:
+    """Load ``policy_dir/*.yaml`` (not ``tests/``) into a :class:`PolicySet`.
+
+    Raises :class:`PolicyError` listing every problem as ``"path:line: message"``.
+    """
+    # Imported here because broker.policy_load builds the classes defined above.
+    from broker import policy_load
+
+    return policy_load.load(policy_dir)
+
+
+def check(paths: Sequence[Path]) -> list[str]:
+    """Validate policy files as one set (a directory stands for its ``*.yaml``).
+
+    Returns ``"path:line: message"`` strings; ``[]`` when valid.
+    """
+    from broker import policy_load
+
+    return policy_load.check(paths)
+
+
+def run_tests(policy_dir: Path, tests_dir: Path | None = None) -> TestReport:
+    """Run the policy tests in ``tests_dir`` (default ``policy_dir/tests``) against the set in
+    ``policy_dir``; see :mod:`broker.policy_tests`. Raises PolicyError if the set is invalid."""
+    from broker import policy_tests
+
+    return policy_tests.run_tests(policy_dir, tests_dir)
+
+
+def _clip(text: str, limit: int = 64) -> str:
+    # Caller-supplied names end up in messages and logs; keep them short.
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _hhmm(minutes: int) -> str:
+    return f"{minutes // 60:02d}:{minutes % 60:02d}"
+
+
+def _offset(delta: timedelta) -> str:
+    minutes = int(delta.total_seconds()) // 60
+    sign = "-" if minutes < 0 else "+"
+    return f"{sign}{_hhmm(abs(minutes))}"
+
+
+def _day_ranges(days: Sequence[int]) -> str:
+    """(0, 1, 2, 3, 4, 5) -> "Mon-Sat"; (0, 2, 3) -> "Mon, Wed-Thu"."""
+    runs: list[list[int]] = []
+    for day in sorted(set(days)):
+        if runs and runs[-1][-1] == day - 1:
+            runs[-1].append(day)
+        else:
+            runs.append([day])
+    names = [DAYS[r[0]].title() + ("" if len(r) == 1 else "-" + DAYS[r[-1]].title()) for r in runs]
+    return ", ".join(names)

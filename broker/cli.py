@@ -36,12 +36,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from broker import server
 
     cfg = config.load(
-        args.config, port=args.port, metrics_port=args.metrics_port, state_dir=args.state_dir,
-        host=args.host)
+        args.config,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        state_dir=args.state_dir,
+        host=args.host,
+    )
 
     def ready(b: server.Broker) -> None:
-        print(f"certbroker serving on {cfg.host}:{b.port} (metrics on :{b.metrics_port}); "
-              f"state in {cfg.state_dir}; policy {b.policies.current.version[:12]}", flush=True)
+        print(
+            f"certbroker serving on {cfg.host}:{b.port} (metrics on :{b.metrics_port}); "
+            f"state in {cfg.state_dir}; policy {b.policies.current.version[:12]}",
+            flush=True,
+        )
         print(f"READY port={b.port} metrics_port={b.metrics_port}", flush=True)
 
     asyncio.run(server.serve(cfg, ready))
@@ -57,13 +64,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_lookup(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("CERTBROKER_TOKEN", "")
     if not token:
-        print("error: pass --token or set CERTBROKER_TOKEN (see `certbroker token issue`)",
-              file=sys.stderr)
+        print(
+            "error: pass --token or set CERTBROKER_TOKEN (see `certbroker token issue`)",
+            file=sys.stderr,
+        )
         return 2
     channel, stub = client.stub(args.target)
     request = client.lookup_request(
-        args.record_type, args.subject, args.matter, args.case, args.consent, args.consent_ref,
-        _split(args.fields))
+        args.record_type,
+        args.subject,
+        args.matter,
+        args.case,
+        args.consent,
+        args.consent_ref,
+        _split(args.fields),
+    )
     try:
         response = stub.Lookup(request, metadata=client.bearer(token), timeout=args.timeout)
     except grpc.RpcError as exc:
@@ -72,8 +87,11 @@ def cmd_lookup(args: argparse.Namespace) -> int:
     finally:
         channel.close()
     if args.json:
-        print(json_format.MessageToJson(response, preserving_proto_field_name=True,
-                                        ensure_ascii=False))
+        print(
+            json_format.MessageToJson(
+                response, preserving_proto_field_name=True, ensure_ascii=False
+            )
+        )
     else:
         print(f"{args.record_type} record of {args.subject}:")
         print("\n".join(client.record_lines(response)))
@@ -119,7 +137,7 @@ def cmd_policy_reload(args: argparse.Namespace) -> int:
 
 
 def _audit_db(args: argparse.Namespace) -> Path:
-    return args.db or args.state_dir / "audit.sqlite"
+    return Path(args.db or args.state_dir / "audit.sqlite")
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
@@ -141,10 +159,15 @@ def cmd_audit_query(args: argparse.Namespace) -> int:
         print(f"error: no audit log at {path}", file=sys.stderr)
         return 2
     flt = audit.QueryFilter(
-        clerk=args.clerk, subject_id=args.subject, matter_code=args.matter,
-        record_type=args.record_type, decision=args.decision,
+        clerk=args.clerk,
+        subject_id=args.subject,
+        matter_code=args.matter,
+        record_type=args.record_type,
+        decision=args.decision,
         since=_time(args.since) if args.since else None,
-        until=_time(args.until) if args.until else None, limit=args.limit)
+        until=_time(args.until) if args.until else None,
+        limit=args.limit,
+    )
     entries = audit.query(path, flt)
     if args.json:
         for entry in entries:
@@ -160,8 +183,12 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def state(sp: argparse.ArgumentParser, default: Path = DEFAULT_STATE) -> None:
-        sp.add_argument("--state-dir", type=Path, default=default,
-                        help=f"state directory (keys, audit log, datasets; default {default})")
+        sp.add_argument(
+            "--state-dir",
+            type=Path,
+            default=default,
+            help=f"state directory (keys, audit log, datasets; default {default})",
+        )
 
     s = sub.add_parser("serve", help="run the broker (embedded default without --config)")
     s.add_argument("--config", type=Path, help="TOML configuration file")
@@ -182,8 +209,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--subject", required=True, help="resident ID")
     s.add_argument("--matter", required=True, help="matter code (事项编码)")
     s.add_argument("--case", default="", help="case number (办件号)")
-    s.add_argument("--consent", default="id_card_read",
-                   choices=["id_card_read", "signed_form", "delegated_agent", ""])
+    s.add_argument(
+        "--consent",
+        default="id_card_read",
+        choices=["id_card_read", "signed_form", "delegated_agent", ""],
+    )
     s.add_argument("--consent-ref", default="")
     s.add_argument("--fields", default="", help="comma-separated subset of fields")
     s.add_argument("--timeout", type=float, default=10.0)
@@ -191,7 +221,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_lookup)
 
     token = sub.add_parser("token", help="development identity provider").add_subparsers(
-        dest="token_command", required=True)
+        dest="token_command", required=True
+    )
     s = token.add_parser("issue", help="print a clerk token trusted by `serve` on this state dir")
     state(s)
     s.add_argument("--sub", required=True, help="clerk id")
@@ -202,7 +233,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_token_issue)
 
     pol = sub.add_parser("policy", help="check, test and reload policies").add_subparsers(
-        dest="policy_command", required=True)
+        dest="policy_command", required=True
+    )
     s = pol.add_parser("check", help="validate policy files (file:line in every error)")
     s.add_argument("files", nargs="*", type=Path)
     s.set_defaults(func=cmd_policy_check)
@@ -214,7 +246,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_policy_reload)
 
     aud = sub.add_parser("audit", help="verify and query the audit log").add_subparsers(
-        dest="audit_command", required=True)
+        dest="audit_command", required=True
+    )
     s = aud.add_parser("verify", help="recompute the hash chain")
     state(s)
     s.add_argument("--db", type=Path, help="audit database (default <state-dir>/audit.sqlite)")
@@ -236,7 +269,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     args = parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -43,16 +43,27 @@ def call_error(exc: grpc.RpcError) -> CallError:
 
 
 def lookup_request(
-    record_type: str, subject_id: str, matter_code: str, case_number: str,
-    consent: str = "id_card_read", consent_reference: str = "", fields: Sequence[str] = (),
+    record_type: str,
+    subject_id: str,
+    matter_code: str,
+    case_number: str,
+    consent: str = "id_card_read",
+    consent_reference: str = "",
+    fields: Sequence[str] = (),
 ) -> broker_pb2.LookupRequest:
-    method = (broker_pb2.ConsentMethod.Value("CONSENT_METHOD_" + consent.upper())
-              if consent else broker_pb2.CONSENT_METHOD_UNSPECIFIED)
+    method = (
+        broker_pb2.ConsentMethod.Value("CONSENT_METHOD_" + consent.upper())
+        if consent
+        else broker_pb2.CONSENT_METHOD_UNSPECIFIED
+    )
     return broker_pb2.LookupRequest(
-        record_type=record_type, subject_id=subject_id, matter_code=matter_code,
+        record_type=record_type,
+        subject_id=subject_id,
+        matter_code=matter_code,
         case_number=case_number,
         consent=broker_pb2.Consent(method=method, reference=consent_reference),
-        fields=fields)
+        fields=fields,
+    )
 
 
 def stub(target: str) -> tuple[grpc.Channel, broker_pb2_grpc.CertificateBrokerStub]:
@@ -67,8 +78,11 @@ def bearer(token: str) -> tuple[tuple[str, str]]:
 def record_lines(response: broker_pb2.LookupResponse) -> list[str]:
     """The record, one `field: value` line each, then what was withheld and the receipt."""
     case = response.record.WhichOneof("record") or ""
-    data = json_format.MessageToDict(
-        getattr(response.record, case), preserving_proto_field_name=True) if case else {}
+    data = (
+        json_format.MessageToDict(getattr(response.record, case), preserving_proto_field_name=True)
+        if case
+        else {}
+    )
     lines = []
     for name, value in data.items():
         if isinstance(value, list) and value and isinstance(value[0], dict):
@@ -83,8 +97,10 @@ def record_lines(response: broker_pb2.LookupResponse) -> list[str]:
         lines.append(f"  (withheld by policy: {', '.join(response.withheld_fields)})")
     lines.append(
         f"  source: {response.department}, as of {response.as_of.ToDatetime():%Y-%m-%d %H:%M:%S}"
-        f" UTC, rule {response.rule_id}")
+        f" UTC, rule {response.rule_id}"
+    )
     lines.append(
         f"  audit receipt: #{response.receipt.sequence} {response.receipt.entry_id} "
-        f"sha256:{response.receipt.entry_hash[:16]}…")
+        f"sha256:{response.receipt.entry_hash[:16]}…"
+    )
     return lines

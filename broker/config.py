@@ -119,8 +119,11 @@ def _convert(where: str, value: Any, kind: type, base: Path) -> Any:
 
 def _route(where: str, value: Any) -> AdapterRoute:
     if isinstance(value, str):  # "inprocess" or "grpc://host:port"
-        value = {"mode": "inprocess"} if value == "inprocess" else {
-            "mode": "grpc", "endpoint": value.removeprefix("grpc://")}
+        value = (
+            {"mode": "inprocess"}
+            if value == "inprocess"
+            else {"mode": "grpc", "endpoint": value.removeprefix("grpc://")}
+        )
     if not isinstance(value, dict) or set(value) - {"mode", "endpoint"}:
         raise ConfigError(f"{where}: expected a table with mode and endpoint")
     route = AdapterRoute(str(value.get("mode", "inprocess")), str(value.get("endpoint", "")))
@@ -195,7 +198,9 @@ def _issuer(where: str, item: Any, base: Path) -> IssuerConfig:
     unknown = set(item) - {"issuer", "audience", "public_keys", "jwks"}
     if unknown:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
-    keys = tuple(_convert(f"{where}.public_keys", p, Path, base) for p in item.get("public_keys", []))
+    keys = tuple(
+        _convert(f"{where}.public_keys", p, Path, base) for p in item.get("public_keys", [])
+    )
     jwks = _convert(f"{where}.jwks", item["jwks"], Path, base) if "jwks" in item else None
     if not keys and jwks is None:
         raise ConfigError(f"{where}: needs public_keys or jwks")

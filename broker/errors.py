@@ -86,4 +86,3 @@ def reason_of(status: status_pb2.Status) -> str | None:
         if detail.Unpack(info):
             return str(info.reason)
     return None
-

@@ -23,23 +23,40 @@ class Metrics:
     def __post_init__(self) -> None:
         r = self.registry
         self.lookups = Counter(
-            "certbroker_lookups", "Lookups by record type, decision, department and status.",
-            ["record_type", "decision", "department", "status"], registry=r)
+            "certbroker_lookups",
+            "Lookups by record type, decision, department and status.",
+            ["record_type", "decision", "department", "status"],
+            registry=r,
+        )
         self.lookup_latency = Histogram(
-            "certbroker_lookup_latency_seconds", "End-to-end lookup latency.",
-            ["record_type"], buckets=_LATENCY_BUCKETS, registry=r)
+            "certbroker_lookup_latency_seconds",
+            "End-to-end lookup latency.",
+            ["record_type"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.adapter_latency = Histogram(
-            "certbroker_adapter_call_seconds", "Broker to adapter call latency.",
-            ["department"], buckets=_LATENCY_BUCKETS, registry=r)
+            "certbroker_adapter_call_seconds",
+            "Broker to adapter call latency.",
+            ["department"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.adapter_errors = Counter(
-            "certbroker_adapter_errors", "Adapter calls that failed, by department and status.",
-            ["department", "status"], registry=r)
+            "certbroker_adapter_errors",
+            "Adapter calls that failed, by department and status.",
+            ["department", "status"],
+            registry=r,
+        )
         self.audit_append = Histogram(
-            "certbroker_audit_append_seconds", "Time to append an audit entry durably.",
-            buckets=_LATENCY_BUCKETS, registry=r)
+            "certbroker_audit_append_seconds",
+            "Time to append an audit entry durably.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.policy_reloads = Counter(
-            "certbroker_policy_reloads", "Policy reload attempts by result.", ["result"],
-            registry=r)
+            "certbroker_policy_reloads", "Policy reload attempts by result.", ["result"], registry=r
+        )
 
     def serve(self, host: str, port: int) -> tuple[WSGIServer, int]:
         """Expose /metrics over HTTP; returns the server and its bound port (port 0 = any)."""

@@ -35,7 +35,11 @@ class RecordSource(Protocol):
     """Anything that can fetch one record type's records for the broker."""
 
     async def fetch(
-        self, record_type: str, subject_id: str, fields: Sequence[str], decision_id: str,
+        self,
+        record_type: str,
+        subject_id: str,
+        fields: Sequence[str],
+        decision_id: str,
         timeout_s: float,
     ) -> Fetched: ...
 
@@ -50,17 +54,24 @@ class InProcessSource:
         self._department = department
 
     async def fetch(
-        self, record_type: str, subject_id: str, fields: Sequence[str], decision_id: str,
+        self,
+        record_type: str,
+        subject_id: str,
+        fields: Sequence[str],
+        decision_id: str,
         timeout_s: float,
     ) -> Fetched:
         try:
             # The demo adapters read SQLite: a thread keeps the event loop free.
             record = await asyncio.wait_for(
-                asyncio.to_thread(sdk.fetch_record, self._adapter, subject_id, fields), timeout_s)
+                asyncio.to_thread(sdk.fetch_record, self._adapter, subject_id, fields), timeout_s
+            )
         except sdk.RecordNotFound:
             raise errors.NotFound(
-                "SUBJECT_NOT_FOUND", f"{self._department} holds no {record_type} record "
-                "for this citizen", department=self._department) from None
+                "SUBJECT_NOT_FOUND",
+                f"{self._department} holds no {record_type} record for this citizen",
+                department=self._department,
+            ) from None
         except TimeoutError:
             raise _timeout(self._department) from None
         return Fetched(record, dt.datetime.now(dt.UTC))
@@ -78,43 +89,54 @@ class GrpcSource:
         self._stub = adapter_pb2_grpc.DepartmentAdapterStub(self._channel)
 
     async def fetch(
-        self, record_type: str, subject_id: str, fields: Sequence[str], decision_id: str,
+        self,
+        record_type: str,
+        subject_id: str,
+        fields: Sequence[str],
+        decision_id: str,
         timeout_s: float,
     ) -> Fetched:
         request = adapter_pb2.FetchRequest(
-            record_type=record_type, subject_id=subject_id, fields=fields,
-            decision_id=decision_id)
+            record_type=record_type, subject_id=subject_id, fields=fields, decision_id=decision_id
+        )
         try:
             reply = await self._stub.Fetch(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise self._translate(exc, record_type) from None
         if reply.record.WhichOneof("record") != record_type:
             raise errors.Unavailable(
-                "ADAPTER_BAD_RESPONSE", f"{self._department} answered with the wrong record type",
-                department=self._department)
+                "ADAPTER_BAD_RESPONSE",
+                f"{self._department} answered with the wrong record type",
+                department=self._department,
+            )
         return Fetched(reply.record, reply.as_of.ToDatetime(dt.UTC))
 
     def _translate(self, exc: grpc.aio.AioRpcError, record_type: str) -> errors.BrokerError:
         dept = self._department
         if exc.code() == grpc.StatusCode.NOT_FOUND:
             return errors.NotFound(
-                "SUBJECT_NOT_FOUND", f"{dept} holds no {record_type} record for this citizen",
-                department=dept)
+                "SUBJECT_NOT_FOUND",
+                f"{dept} holds no {record_type} record for this citizen",
+                department=dept,
+            )
         if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             return _timeout(dept)
         # Anything else is the department's problem, not the caller's input: UNAVAILABLE.
         return errors.Unavailable(
-            "ADAPTER_UNAVAILABLE", f"department {dept} is unavailable ({exc.code().name})",
-            department=dept, adapter_status=exc.code().name)
+            "ADAPTER_UNAVAILABLE",
+            f"department {dept} is unavailable ({exc.code().name})",
+            department=dept,
+            adapter_status=exc.code().name,
+        )
 
     async def aclose(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)
 
 
 def _timeout(department: str) -> errors.BrokerError:
     return errors.DeadlineExceeded(
-        "ADAPTER_TIMEOUT", f"department {department} did not answer in time",
-        department=department)
+        "ADAPTER_TIMEOUT", f"department {department} did not answer in time", department=department
+    )
 
 
 class Router:
@@ -128,7 +150,8 @@ class Router:
             return self._sources[record_type]
         except KeyError:
             raise errors.Unavailable(
-                "NO_ROUTE", f"no department adapter is configured for {record_type}") from None
+                "NO_ROUTE", f"no department adapter is configured for {record_type}"
+            ) from None
 
     async def aclose(self) -> None:
         for source in self._sources.values():
@@ -136,7 +159,9 @@ class Router:
 
 
 def build_router(
-    routes: Mapping[str, AdapterRoute], departments: Mapping[str, str], dataset_dir: Path,
+    routes: Mapping[str, AdapterRoute],
+    departments: Mapping[str, str],
+    dataset_dir: Path,
 ) -> Router:
     """Build sources: ``departments`` maps record type → department id (from the policy set)."""
     sources: dict[str, RecordSource] = {}

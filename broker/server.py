@@ -15,7 +15,7 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -34,26 +34,33 @@ from certbroker.v1 import broker_pb2, broker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+if TYPE_CHECKING:  # the stubs make the interceptor generic; the runtime class is not
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _Interceptor = grpc.aio.ServerInterceptor
 
-class ErrorMapping(grpc.aio.ServerInterceptor):
+
+class ErrorMapping(_Interceptor):
     """Turns any exception escaping a handler into a gRPC status with rich details."""
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler  # health watch and reflection streams map their own errors
         inner = handler.unary_unary
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def guarded(request: Any, context: Any) -> Any:
             try:
                 return await inner(request, context)
             except grpc.aio.AbortError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - this is the one mapping point
+            except Exception as exc:  # noqa: BLE001 - the one mapping point
                 _code, _message, status = errors.to_status(exc)
                 await context.abort_with_status(rpc_status.to_status(status))
 
@@ -76,8 +83,11 @@ class PolicyHolder:
         try:
             fresh = policy.load(self._directory)
         except policy.PolicyError as exc:
-            log.error("policy reload rejected, keeping version %s: %s",
-                      self.current.version[:12], "; ".join(exc.errors))
+            log.error(
+                "policy reload rejected, keeping version %s: %s",
+                self.current.version[:12],
+                "; ".join(exc.errors),
+            )
             self._metrics.policy_reloads.labels("rejected").inc()
             return False
         previous, self.current = self.current, fresh
@@ -126,15 +136,21 @@ async def start(config: Config) -> Broker:
     router = build_router(config.adapters, departments, config.datasets)
     audit = SQLiteAuditLog(config.audit_file)
     service = CertificateBrokerService(
-        authenticator(config), policies, router, audit, metrics,
-        adapter_timeout_s=config.adapter_timeout_s)
+        authenticator(config),
+        policies,
+        router,
+        audit,
+        metrics,
+        adapter_timeout_s=config.adapter_timeout_s,
+    )
     server = grpc.aio.server(interceptors=[ErrorMapping()])
     broker_pb2_grpc.add_CertificateBrokerServicer_to_server(service, server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_name = broker_pb2.DESCRIPTOR.services_by_name["CertificateBroker"].full_name
     reflection.enable_server_reflection(
-        (service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        (service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot bind gRPC port {config.host}:{config.port}")
@@ -142,8 +158,13 @@ async def start(config: Config) -> Broker:
     metrics_http, metrics_port = metrics.serve(config.host, config.metrics_port)
     for name in ("", service_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("certbroker serving on %s:%d (metrics :%d), policy %s",
-             config.host, port, metrics_port, policies.current.version[:12])
+    log.info(
+        "certbroker serving on %s:%d (metrics :%d), policy %s",
+        config.host,
+        port,
+        metrics_port,
+        policies.current.version[:12],
+    )
     return Broker(server, port, metrics_port, policies, audit, router, metrics, metrics_http)
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import grpc
 
@@ -29,7 +29,7 @@ from certbroker.v1 import broker_pb2, broker_pb2_grpc, records_pb2
 _CONSENT_PREFIX = "CONSENT_METHOD_"
 
 
-def consent_name(method: int) -> str:
+def consent_name(method: broker_pb2.ConsentMethod.ValueType) -> str:
     """Proto consent enum → the policy/audit name ("id_card_read"); "" when unspecified."""
     if method == broker_pb2.CONSENT_METHOD_UNSPECIFIED:
         return ""
@@ -37,8 +37,10 @@ def consent_name(method: int) -> str:
         return broker_pb2.ConsentMethod.Name(method).removeprefix(_CONSENT_PREFIX).lower()
     except ValueError:
         raise errors.InvalidArgument(
-            "UNKNOWN_CONSENT_METHOD", "consent.method is not a known consent method",
-            argument="consent.method") from None
+            "UNKNOWN_CONSENT_METHOD",
+            "consent.method is not a known consent method",
+            argument="consent.method",
+        ) from None
 
 
 def consent_value(name: str) -> broker_pb2.ConsentMethod.ValueType:
@@ -85,21 +87,21 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
         self._timeout_s = adapter_timeout_s
         self._now = now
 
-    async def Lookup(  # noqa: N802 - gRPC method name
+    async def Lookup(
         self, request: broker_pb2.LookupRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> broker_pb2.LookupResponse:
         started = time.perf_counter()
         policy = self._policies.current
         trace = _Trace()
         response: broker_pb2.LookupResponse | None = None
-        failure: errors.BrokerError | None = None
+        failure: Exception | None = None
         try:
             response = await self._lookup(request, context, policy, trace)
-        except errors.BrokerError as exc:
+        except Exception as exc:  # noqa: BLE001 - audited here, mapped to a status by the server
             failure = exc
         latency_ms = (time.perf_counter() - started) * 1000
-        status = failure.code.name if failure else "OK"
-        event = _event(request, policy, trace, failure, latency_ms)
+        outcome, status = _outcome(failure)
+        event = _event(request, policy, trace, outcome, status, latency_ms)
         audit_started = time.perf_counter()
         try:
             receipt = await self._audit.append(event)
@@ -109,9 +111,11 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
         self._metrics.audit_append.observe(time.perf_counter() - audit_started)
         self._count(request, policy, trace, status)
         self._metrics.lookup_latency.labels(_label(request.record_type, policy)).observe(
-            time.perf_counter() - started)
+            time.perf_counter() - started
+        )
         if failure is not None:
-            failure.metadata["audit_entry_id"] = receipt.entry_id
+            if isinstance(failure, errors.BrokerError):
+                failure.metadata["audit_entry_id"] = receipt.entry_id
             raise failure
         assert response is not None
         response.receipt.entry_id = receipt.entry_id
@@ -126,7 +130,7 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
         policy: PolicySet,
         trace: _Trace,
     ) -> broker_pb2.LookupResponse:
-        trace.clerk = self._auth.authenticate(context.invocation_metadata())
+        trace.clerk = self._auth.authenticate(_metadata(context))
         validation.text("record_type", request.record_type, required=True)
         validation.text("matter_code", request.matter_code, required=True)
         validation.text("case_number", request.case_number, required=False)
@@ -135,53 +139,74 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
         wanted = validation.field_names(request.fields)
         trace.subject_id = validation.subject_id(request.subject_id)
         policy.check_request(request.record_type, request.matter_code, wanted)
-        decision = policy.decide(Request(
-            clerk=trace.clerk, record_type=request.record_type, matter_code=request.matter_code,
-            case_number=request.case_number, consent_method=consent, fields=wanted,
-            now=self._now()))
+        decision = policy.decide(
+            Request(
+                clerk=trace.clerk,
+                record_type=request.record_type,
+                matter_code=request.matter_code,
+                case_number=request.case_number,
+                consent_method=consent,
+                fields=wanted,
+                now=self._now(),
+            )
+        )
         trace.decision = decision
         trace.department = decision.department
         if not decision.allowed:
             raise errors.PermissionDenied(
-                "POLICY_DENIED", decision.reason, rule=decision.rule_id,
-                condition=decision.condition)
+                "POLICY_DENIED",
+                decision.reason,
+                rule=decision.rule_id,
+                condition=decision.condition,
+            )
         decision_id = trace.extra["decision_id"] = uuid.uuid4().hex
         source = self._router.source(request.record_type)
         adapter_started = time.perf_counter()
         try:
             fetched = await source.fetch(
-                request.record_type, trace.subject_id, decision.fields, decision_id,
-                self._timeout_s)
+                request.record_type, trace.subject_id, decision.fields, decision_id, self._timeout_s
+            )
         except errors.BrokerError as exc:
             self._metrics.adapter_errors.labels(decision.department, exc.code.name).inc()
             raise
         finally:
             self._metrics.adapter_latency.labels(decision.department).observe(
-                time.perf_counter() - adapter_started)
+                time.perf_counter() - adapter_started
+            )
         record = _minimized(fetched.record, request.record_type, decision)
         response = broker_pb2.LookupResponse(
-            record=record, withheld_fields=decision.withheld, masked_fields=sorted(decision.masks),
-            department=decision.department, from_cache=False, decision_id=decision_id,
-            rule_id=decision.rule_id)
+            record=record,
+            withheld_fields=decision.withheld,
+            masked_fields=sorted(decision.masks),
+            department=decision.department,
+            from_cache=False,
+            decision_id=decision_id,
+            rule_id=decision.rule_id,
+        )
         response.as_of.FromDatetime(fetched.as_of)
         return response
 
-    async def ListMatters(  # noqa: N802 - gRPC method name
-        self, request: broker_pb2.ListMattersRequest,
+    async def ListMatters(
+        self,
+        request: broker_pb2.ListMattersRequest,
         context: grpc.aio.ServicerContext[object, object],
     ) -> broker_pb2.ListMattersResponse:
-        clerk = self._auth.authenticate(context.invocation_metadata())
+        clerk = self._auth.authenticate(_metadata(context))
         policy = self._policies.current
         reply = broker_pb2.ListMattersResponse(policy_version=policy.version)
         for view in policy.matters_for(clerk):
             matter = reply.matters.add(
-                code=view.matter.code, name=view.matter.name,
+                code=view.matter.code,
+                name=view.matter.name,
                 case_number_required=view.case_number_required,
-                consent_methods=[consent_value(m) for m in view.consent_methods])
+                consent_methods=[consent_value(m) for m in view.consent_methods],
+            )
             for record_type, names in view.fields.items():
                 matter.needs.add(
-                    record_type=record_type, fields=names,
-                    masked_fields=view.masks.get(record_type, ()))
+                    record_type=record_type,
+                    fields=names,
+                    masked_fields=view.masks.get(record_type, ()),
+                )
         return reply
 
     def _count(
@@ -191,7 +216,14 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
         self._metrics.lookups.labels(
             _label(request.record_type, policy),
             "" if decision is None else ("allow" if decision.allowed else "deny"),
-            trace.department, status).inc()
+            trace.department,
+            status,
+        ).inc()
+
+
+def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> Sequence[tuple[str, str | bytes]]:
+    # grpc-stubs type aio metadata as a Mapping; at run time it is a sequence of pairs.
+    return cast(Sequence[tuple[str, str | bytes]], context.invocation_metadata() or ())
 
 
 def _label(record_type: str, policy: PolicySet) -> str:
@@ -211,11 +243,21 @@ def _minimized(
     return out
 
 
+def _outcome(failure: Exception | None) -> tuple[str, str]:
+    """(outcome, status) for the audit entry; unknown exceptions are INTERNAL, as callers see."""
+    if failure is None:
+        return "OK", "OK"
+    if isinstance(failure, errors.BrokerError):
+        return failure.reason, failure.code.name
+    return "INTERNAL", "INTERNAL"
+
+
 def _event(
     request: broker_pb2.LookupRequest,
     policy: PolicySet,
     trace: _Trace,
-    failure: errors.BrokerError | None,
+    outcome: str,
+    status: str,
     latency_ms: float,
 ) -> AuditEvent:
     clerk, decision = trace.clerk, trace.decision
@@ -235,8 +277,8 @@ def _event(
         decision="" if decision is None else ("allow" if decision.allowed else "deny"),
         rule_id=decision.rule_id if decision else "",
         withheld_fields=decision.withheld if decision else (),
-        outcome=failure.reason if failure else "OK",
-        status=failure.code.name if failure else "OK",
+        outcome=outcome,
+        status=status,
         policy_version=policy.version,
         department=trace.department,
         latency_ms=round(latency_ms, 3),
@@ -244,7 +286,7 @@ def _event(
     )
 
 
-def _safe_consent(method: int) -> str:
+def _safe_consent(method: broker_pb2.ConsentMethod.ValueType) -> str:
     try:
         return consent_name(method)
     except errors.BrokerError:

@@ -32,12 +32,14 @@ def text(name: str, value: str, *, required: bool) -> str:
     limit = LIMITS.get(name, LIMITS["field"])
     if len(value) > limit:
         raise InvalidArgument(
-            "ARGUMENT_TOO_LONG", f"{name} is longer than {limit} characters", argument=name)
+            "ARGUMENT_TOO_LONG", f"{name} is longer than {limit} characters", argument=name
+        )
     # Cc/Cf/Zl/Zp: control, format (bidi overrides) and line separators have no place in an
     # identifier and would let a caller forge lines in logs and tables.
     if any(unicodedata.category(c) in {"Cc", "Cf", "Zl", "Zp"} for c in value):
         raise InvalidArgument(
-            "CONTROL_CHARACTERS", f"{name} contains control characters", argument=name)
+            "CONTROL_CHARACTERS", f"{name} contains control characters", argument=name
+        )
     return value
 
 
@@ -47,8 +49,10 @@ def subject_id(value: str) -> str:
     problem = resident_id.problem(value)
     if problem is not None:
         raise InvalidArgument(
-            "BAD_SUBJECT_ID", f"subject_id is not a valid resident ID: {problem}",
-            argument="subject_id")
+            "BAD_SUBJECT_ID",
+            f"subject_id is not a valid resident ID: {problem}",
+            argument="subject_id",
+        )
     return value
 
 

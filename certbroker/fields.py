@@ -9,35 +9,48 @@ these paths, so this module is the one place that turns them into message operat
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from typing import cast
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from certbroker.v1 import records_pb2
 
-#: record type name -> message class, from the ``Record`` oneof (its case names are the types).
-RECORD_TYPES: dict[str, type[Message]] = {
-    f.name: getattr(records_pb2, f.message_type.name)
-    for f in records_pb2.Record.DESCRIPTOR.oneofs_by_name["record"].fields
-}
-
 # Messages whose fields are addressed with a dot rather than taken whole.
 _EXPANDED = {"PropertyHolding"}
 
 
-def _is_message(field: FieldDescriptor) -> bool:
-    return field.type == FieldDescriptor.TYPE_MESSAGE
+def _message_type(field: FieldDescriptor) -> Descriptor:
+    assert field.message_type is not None, field.full_name
+    return field.message_type
+
+
+def _expanded(field: FieldDescriptor) -> bool:
+    """A message field whose own fields are addressed with a dot."""
+    return field.type == FieldDescriptor.TYPE_MESSAGE and _message_type(field).name in _EXPANDED
+
+
+#: record type name -> message class, from the ``Record`` oneof (its case names are the types).
+RECORD_TYPES: dict[str, type[Message]] = {
+    f.name: getattr(records_pb2, _message_type(f).name)
+    for f in records_pb2.Record.DESCRIPTOR.oneofs_by_name["record"].fields
+}
+
+
+def _descriptor(message: Message) -> Descriptor:
+    # The C (upb) and Python descriptor classes are one type at run time; the stubs differ.
+    return cast(Descriptor, message.DESCRIPTOR)
 
 
 def field_paths(record_type: str) -> tuple[str, ...]:
     """Every field path of a record type, in declaration order."""
-    return tuple(_paths(RECORD_TYPES[record_type].DESCRIPTOR, ""))
+    return tuple(_paths(_descriptor(RECORD_TYPES[record_type]()), ""))
 
 
 def _paths(desc: Descriptor, prefix: str) -> Iterable[str]:
     for field in desc.fields:
-        if _is_message(field) and field.message_type.name in _EXPANDED:
-            yield from _paths(field.message_type, f"{prefix}{field.name}.")
+        if _expanded(field):
+            yield from _paths(_message_type(field), f"{prefix}{field.name}.")
         else:
             yield prefix + field.name
 
@@ -48,9 +61,9 @@ def keep_fields(message: Message, allowed: Iterable[str]) -> None:
 
 
 def _keep(message: Message, allowed: set[str], prefix: str) -> None:
-    for field in message.DESCRIPTOR.fields:
+    for field in _descriptor(message).fields:
         path = prefix + field.name
-        if _is_message(field) and field.message_type.name in _EXPANDED:
+        if _expanded(field):
             if not any(a.startswith(path + ".") for a in allowed):
                 message.ClearField(field.name)
                 continue

@@ -1,7 +1,7 @@
 """Regenerate certbroker/v1 from proto/ (the one command), or check it has not drifted.
 
-    python scripts/protogen.py          # write generated code
-    python scripts/protogen.py --check  # exit 1 if committed code differs from a fresh generation
+python scripts/protogen.py          # write generated code
+python scripts/protogen.py --check  # exit 1 if committed code differs from a fresh generation
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ def generate(out: Path) -> None:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
-    (out / PACKAGE / "__init__.py").write_text('"""Generated from proto/certbroker/v1 by scripts/protogen.py. Do not edit."""\n')
+    (out / PACKAGE / "__init__.py").write_text(
+        '"""Generated from proto/certbroker/v1 by scripts/protogen.py. Do not edit."""\n'
+    )
 
 
 def main() -> int:
@@ -46,9 +48,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))
         fresh, committed = Path(tmp) / PACKAGE, ROOT / PACKAGE
-        names = sorted({p.name for p in fresh.iterdir()} | {p.name for p in committed.glob("*.py*")})
-        drift = [n for n in names if not (fresh / n).exists() or not (committed / n).exists()
-                 or not filecmp.cmp(fresh / n, committed / n, shallow=False)]
+        names = sorted(
+            {p.name for p in fresh.iterdir()} | {p.name for p in committed.glob("*.py*")}
+        )
+        drift = [
+            n
+            for n in names
+            if not (fresh / n).exists()
+            or not (committed / n).exists()
+            or not filecmp.cmp(fresh / n, committed / n, shallow=False)
+        ]
     if drift:
         print("generated code drifted from proto/: " + ", ".join(drift) + " (run `make proto`)")
         return 1

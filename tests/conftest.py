@@ -1,65 +1,16 @@
-"""Shared fixtures: a real broker on port 0 in a background event loop, real SQLite files."""
+"""Shared fixtures: real brokers on port 0, real SQLite files in tmp dirs."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 
-from broker import config as config_mod
-from broker import server
 from broker.auth import DevIdentityProvider
 from certbroker.v1 import broker_pb2_grpc
-
-
-class BrokerThread:
-    """Runs ``server.start(config)`` on its own event loop thread until ``stop``."""
-
-    def __init__(self, cfg: config_mod.Config) -> None:
-        self.config = cfg
-        self.loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self.broker: server.Broker | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        self._ready.wait(60)
-        if self._error is not None:
-            raise self._error
-        assert self.broker is not None, "broker did not start"
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.broker = self.loop.run_until_complete(server.start(self.config))
-        except BaseException as exc:  # surfaced to the test thread
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self.loop.run_forever()
-
-    def call(self, coro: Any) -> Any:
-        """Run a coroutine on the broker's loop (e.g. to reach the audit log)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
-
-    @property
-    def target(self) -> str:
-        assert self.broker is not None
-        return f"127.0.0.1:{self.broker.port}"
-
-    def stop(self) -> None:
-        if self.broker is not None:
-            self.call(self.broker.stop(0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(30)
-        self.loop.close()
+from tests.helpers import BrokerThread, Env, make_config
 
 
 @pytest.fixture(scope="session")
@@ -72,42 +23,20 @@ def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@dataclass
-class Env:
-    """A running broker plus what a test needs to talk to it as a clerk."""
-
-    broker: BrokerThread
-    state_dir: Path
-    dataset_dir: Path
-    idp: DevIdentityProvider
-    channel: grpc.Channel
-    stub: broker_pb2_grpc.CertificateBrokerStub
-
-    def token(self, roles: tuple[str, ...] = ("window_clerk",), office: str = "",
-              sub: str = "clerk-001", **kw: Any) -> str:
-        return self.idp.issue(sub, roles, office or DEFAULT_OFFICE, **kw)
-
-    def md(self, token: str) -> tuple[tuple[str, str]]:
-        return (("authorization", f"Bearer {token}"),)
-
-
-DEFAULT_OFFICE = "hall-24h-haizhu"
-
-
-def make_config(tmp: Path, dataset_dir: Path, **overrides: Any) -> config_mod.Config:
-    return config_mod.load(
-        None, env={}, port=0, metrics_port=0, state_dir=tmp / "state", dataset_dir=dataset_dir,
-        **overrides)
-
-
 @pytest.fixture
 def env(tmp_path: Path, dataset_dir: Path) -> Iterator[Env]:
     cfg = make_config(tmp_path, dataset_dir)
     broker = BrokerThread(cfg)
     channel = grpc.insecure_channel(broker.target)
     try:
-        yield Env(broker, cfg.state_dir, dataset_dir, DevIdentityProvider(cfg.state_dir),
-                  channel, broker_pb2_grpc.CertificateBrokerStub(channel))
+        yield Env(
+            broker,
+            cfg.state_dir,
+            dataset_dir,
+            DevIdentityProvider(cfg.state_dir),
+            channel,
+            broker_pb2_grpc.CertificateBrokerStub(channel),
+        )
     finally:
         channel.close()
         broker.stop()

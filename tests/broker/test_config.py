@@ -25,8 +25,13 @@ def test_file_then_env_then_flags(tmp_path: Path) -> None:
         "[auth]\nleeway_s = 10\n"
         '[adapters.marriage]\nmode = "grpc"\nendpoint = "127.0.0.1:7004"\n'
     )
-    cfg = config.load(path, env={"CERTBROKER_METRICS_PORT": "9999",
-                                 "CERTBROKER_ADAPTER_PROPERTY": "grpc://127.0.0.1:7003"})
+    cfg = config.load(
+        path,
+        env={
+            "CERTBROKER_METRICS_PORT": "9999",
+            "CERTBROKER_ADAPTER_PROPERTY": "grpc://127.0.0.1:7003",
+        },
+    )
     assert cfg.port == 6000
     assert cfg.state_dir == tmp_path / "state"  # relative to the file
     assert cfg.leeway_s == 10

@@ -52,7 +52,7 @@ async def _serve(record_type: str, dataset_dir: Path, host: str, port: int) -> i
         server, bound = await sdk.serve([adapter], host=host, port=port)
         try:
             print(f"READY port={bound}", flush=True)
-            logging.getLogger(__name__).info("serving %s on %s:%d", record_type, host, bound)
+            logging.getLogger("adapters").info("serving %s on %s:%d", record_type, host, bound)
             await stop.wait()
         finally:
             await server.stop(GRACE_SECONDS)

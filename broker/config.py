@@ -186,7 +186,8 @@ def load(
             raise ConfigError(f"unknown setting {name!r}")
         if value is not None:
             values[name] = value
-    config = replace(Config(), adapters=routes, **values)
+    values.setdefault("adapters", routes)
+    config = replace(Config(), **values)
     if not 0 <= config.leeway_s <= 60:
         raise ConfigError("auth.leeway_s must be between 0 and 60 seconds")
     return config

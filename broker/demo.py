@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 
 from adapters import synthetic
-from broker import audit, client
+from broker import audit, client, config
 from broker.auth import DevIdentityProvider
 from certbroker import resident_id
 from certbroker.v1 import broker_pb2
@@ -71,7 +71,7 @@ def run(state_dir: Path) -> int:
 def _session(state_dir: Path, target: str) -> int:
     idp = DevIdentityProvider(state_dir)
     clerk = idp.issue("clerk-0417", ["window_clerk"], OFFICE, name="李敏")
-    seller, spouse = synthetic.sample_couple(state_dir / "datasets")
+    seller, spouse = synthetic.sample_couple(config.load(None, state_dir=state_dir).datasets)
     case = f"GZ{dt.date.today():%Y%m%d}-000123"
     channel, stub = client.stub(target)
     surprises: list[str] = []

@@ -66,6 +66,14 @@ class Internal(BrokerError):
     code = grpc.StatusCode.INTERNAL
 
 
+def for_code(code: grpc.StatusCode) -> type[BrokerError]:
+    """The BrokerError subclass that reports ``code`` (INTERNAL for codes we do not name)."""
+    for cls in BrokerError.__subclasses__():
+        if cls.code == code:
+            return cls
+    return Internal
+
+
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str, status_pb2.Status]:
     """Map any exception to (status code, message, rich status). The one mapping point."""
     if not isinstance(exc, BrokerError):

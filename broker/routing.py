@@ -66,18 +66,19 @@ class InProcessSource:
             record = await asyncio.wait_for(
                 asyncio.to_thread(sdk.fetch_record, self._adapter, subject_id, fields), timeout_s
             )
-        except sdk.RecordNotFound:
-            raise errors.NotFound(
-                "SUBJECT_NOT_FOUND",
-                f"{self._department} holds no {record_type} record for this citizen",
-                department=self._department,
+        except sdk.AdapterError as exc:
+            # The SDK's errors carry the same status codes and reasons as over gRPC.
+            raise errors.for_code(exc.code)(
+                exc.reason, f"{self._department}: {exc.message}", department=self._department
             ) from None
         except TimeoutError:
             raise _timeout(self._department) from None
         return Fetched(record, dt.datetime.now(dt.UTC))
 
     async def aclose(self) -> None:
-        return None
+        close = getattr(self._adapter, "close", None)
+        if callable(close):
+            close()
 
 
 class GrpcSource:

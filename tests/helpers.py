@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import select
+import signal
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 
 from broker import config as config_mod
 from broker import server
@@ -97,3 +103,60 @@ def make_config(tmp: Path, dataset_dir: Path, **overrides: Any) -> config_mod.Co
         dataset_dir=dataset_dir,
         **overrides,
     )
+
+
+ROOT = Path(__file__).resolve().parents[1]
+START_TIMEOUT = 30.0
+
+
+@dataclass
+class AdapterProcess:
+    record_type: str
+    process: subprocess.Popen[str]
+    port: int
+    log: Path
+    more_output: str = ""  # stdout after the READY line, read once stopped
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, timeout: float = 15.0) -> int:
+        assert self.process.stdout is not None
+        if self.process.stdout.closed:  # already stopped
+            return self.process.wait()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+        finally:
+            assert self.process.stdout is not None
+            self.more_output = self.process.stdout.read()
+            self.process.stdout.close()
+
+
+def start_adapter(record_type: str, dataset_dir: Path, log: Path) -> AdapterProcess:
+    """Start ``python -m adapters`` and wait for its ``READY port=N`` line."""
+    args = [sys.executable, "-m", "adapters", "--record-type", record_type]
+    args += ["--dataset-dir", str(dataset_dir), "--port", "0"]
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT)
+    line = process.stdout.readline() if ready else ""
+    match = re.fullmatch(r"READY port=(\d+)\n", line)
+    if match is None:
+        process.kill()
+        process.wait()
+        process.stdout.close()
+        pytest.fail(f"adapter did not start: {line!r}\n{log.read_text()}")
+    return AdapterProcess(record_type, process, int(match.group(1)), log)

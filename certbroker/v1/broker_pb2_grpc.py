@@ -47,6 +47,11 @@ class CertificateBrokerStub:
                 request_serializer=certbroker_dot_v1_dot_broker__pb2.ListMattersRequest.SerializeToString,
                 response_deserializer=certbroker_dot_v1_dot_broker__pb2.ListMattersResponse.FromString,
                 _registered_method=True)
+        self.LookupMatter = channel.unary_unary(
+                '/certbroker.v1.CertificateBroker/LookupMatter',
+                request_serializer=certbroker_dot_v1_dot_broker__pb2.LookupMatterRequest.SerializeToString,
+                response_deserializer=certbroker_dot_v1_dot_broker__pb2.LookupMatterResponse.FromString,
+                _registered_method=True)
 
 
 class CertificateBrokerServicer:
@@ -69,6 +74,14 @@ class CertificateBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LookupMatter(self, request, context):
+        """One matter, one case, one or more subjects: every record the matter needs for every
+        subject, fetched in parallel. One item failing never fails the others.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CertificateBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +94,11 @@ def add_CertificateBrokerServicer_to_server(servicer, server):
                     servicer.ListMatters,
                     request_deserializer=certbroker_dot_v1_dot_broker__pb2.ListMattersRequest.FromString,
                     response_serializer=certbroker_dot_v1_dot_broker__pb2.ListMattersResponse.SerializeToString,
+            ),
+            'LookupMatter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LookupMatter,
+                    request_deserializer=certbroker_dot_v1_dot_broker__pb2.LookupMatterRequest.FromString,
+                    response_serializer=certbroker_dot_v1_dot_broker__pb2.LookupMatterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -140,6 +158,33 @@ class CertificateBroker:
             '/certbroker.v1.CertificateBroker/ListMatters',
             certbroker_dot_v1_dot_broker__pb2.ListMattersRequest.SerializeToString,
             certbroker_dot_v1_dot_broker__pb2.ListMattersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupMatter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/certbroker.v1.CertificateBroker/LookupMatter',
+            certbroker_dot_v1_dot_broker__pb2.LookupMatterRequest.SerializeToString,
+            certbroker_dot_v1_dot_broker__pb2.LookupMatterResponse.FromString,
             options,
             channel_credentials,
             insecure,

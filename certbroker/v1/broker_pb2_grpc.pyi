@@ -40,6 +40,10 @@ class CertificateBrokerStub:
     """One record type about one citizen, for one matter and case."""
     ListMatters: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListMattersRequest, _broker_pb2.ListMattersResponse]
     """The matters this clerk may handle, with the record types and fields each needs."""
+    LookupMatter: _grpc.UnaryUnaryMultiCallable[_broker_pb2.LookupMatterRequest, _broker_pb2.LookupMatterResponse]
+    """One matter, one case, one or more subjects: every record the matter needs for every
+    subject, fetched in parallel. One item failing never fails the others.
+    """
 
 @_typing.type_check_only
 class CertificateBrokerAsyncStub(CertificateBrokerStub):
@@ -53,6 +57,10 @@ class CertificateBrokerAsyncStub(CertificateBrokerStub):
     """One record type about one citizen, for one matter and case."""
     ListMatters: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListMattersRequest, _broker_pb2.ListMattersResponse]  # type: ignore[assignment]
     """The matters this clerk may handle, with the record types and fields each needs."""
+    LookupMatter: _aio.UnaryUnaryMultiCallable[_broker_pb2.LookupMatterRequest, _broker_pb2.LookupMatterResponse]  # type: ignore[assignment]
+    """One matter, one case, one or more subjects: every record the matter needs for every
+    subject, fetched in parallel. One item failing never fails the others.
+    """
 
 class CertificateBrokerServicer(metaclass=_abc_1.ABCMeta):
     """Called by counter (window) software on behalf of an authenticated clerk.
@@ -75,5 +83,15 @@ class CertificateBrokerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_broker_pb2.ListMattersResponse, _abc.Awaitable[_broker_pb2.ListMattersResponse]]:
         """The matters this clerk may handle, with the record types and fields each needs."""
+
+    @_abc_1.abstractmethod
+    def LookupMatter(
+        self,
+        request: _broker_pb2.LookupMatterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.LookupMatterResponse, _abc.Awaitable[_broker_pb2.LookupMatterResponse]]:
+        """One matter, one case, one or more subjects: every record the matter needs for every
+        subject, fetched in parallel. One item failing never fails the others.
+        """
 
 def add_CertificateBrokerServicer_to_server(servicer: CertificateBrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,164 @@
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from broker.cache import RecordCache, TokenCache, record_key
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+class Counter:
+    """A fetch that counts its calls and can be held open."""
+
+    def __init__(self, value: str = "record") -> None:
+        self.calls = 0
+        self.value = value
+        self.release = asyncio.Event()
+        self.hold = False
+
+    async def __call__(self) -> str:
+        self.calls += 1
+        if self.hold:
+            await self.release.wait()
+        return f"{self.value}-{self.calls}"
+
+
+def test_ttl_zero_never_caches() -> None:
+    cache: RecordCache[str] = RecordCache()
+    fetch = Counter()
+
+    async def main() -> list[tuple[str, bool]]:
+        return [await cache.get_or_fetch("k", 0, fetch) for _ in range(3)]
+
+    assert run(main()) == [("record-1", False), ("record-2", False), ("record-3", False)]
+    assert len(cache) == 0
+
+
+def test_hit_until_ttl_then_refetch() -> None:
+    clock = Clock()
+    cache: RecordCache[str] = RecordCache(clock=clock)
+    fetch = Counter()
+    assert run(cache.get_or_fetch("k", 60, fetch)) == ("record-1", False)
+    clock.now += 59
+    assert run(cache.get_or_fetch("k", 60, fetch)) == ("record-1", True)
+    clock.now += 2
+    assert run(cache.get_or_fetch("k", 60, fetch)) == ("record-2", False)
+    assert (cache.stats.hits, cache.stats.misses) == (1, 2)
+
+
+def test_different_released_fields_never_share_an_entry() -> None:
+    cache: RecordCache[str] = RecordCache()
+    narrow = record_key("marriage", "11010519491231002X", ("marital_status",))
+    wide = record_key("marriage", "11010519491231002X", ("marital_status", "spouse_name"))
+    assert narrow != wide
+    assert record_key("marriage", "x", ("b", "a")) == record_key("marriage", "x", ("a", "b"))
+    cache.put(wide, "with spouse", 60)
+    assert cache.get(narrow) is None
+
+
+def test_single_flight_coalesces_concurrent_fetches() -> None:
+    cache: RecordCache[str] = RecordCache()
+
+    async def main() -> list[tuple[str, bool]]:
+        fetch = Counter()
+        fetch.hold = True
+        waiters = [asyncio.create_task(cache.get_or_fetch("k", 60, fetch)) for _ in range(20)]
+        await asyncio.sleep(0)  # let every waiter reach the in-flight fetch
+        fetch.release.set()
+        results = await asyncio.gather(*waiters)
+        assert fetch.calls == 1
+        return results
+
+    results = run(main())
+    assert {value for value, _ in results} == {"record-1"}
+    assert cache.stats.coalesced == 19
+
+
+def test_failed_fetch_fails_every_waiter_and_is_not_cached() -> None:
+    cache: RecordCache[str] = RecordCache()
+    calls = 0
+
+    async def broken() -> str:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0)
+        raise RuntimeError("department down")
+
+    async def main() -> list[Any]:
+        waiters = [cache.get_or_fetch("k", 60, broken) for _ in range(5)]
+        return await asyncio.gather(*waiters, return_exceptions=True)
+
+    results = run(main())
+    assert all(isinstance(r, RuntimeError) for r in results)
+    assert calls == 1
+    assert cache.get("k") is None
+
+
+def test_a_cancelled_caller_does_not_cancel_the_shared_fetch() -> None:
+    cache: RecordCache[str] = RecordCache()
+
+    async def main() -> tuple[str, bool]:
+        fetch = Counter()
+        fetch.hold = True
+        leader = asyncio.create_task(cache.get_or_fetch("k", 60, fetch))
+        await asyncio.sleep(0)
+        follower = asyncio.create_task(cache.get_or_fetch("k", 60, fetch))
+        await asyncio.sleep(0)
+        leader.cancel()
+        fetch.release.set()
+        return await follower
+
+    assert run(main()) == ("record-1", False)
+
+
+def test_bounded_by_entries_and_bytes() -> None:
+    cache: RecordCache[str] = RecordCache(max_entries=3, max_bytes=300, sizeof=len)
+    for i in range(10):
+        cache.put(f"k{i}", "x", 60)
+    assert len(cache) == 3
+    cache.clear()
+    cache.put("big", "y" * 250, 60)
+    cache.put("small", "z", 60)
+    assert len(cache) == 1  # 250 + 100 (the per-entry floor) > 300 bytes: one was evicted
+    cache.put("huge", "w" * 301, 60)
+    assert cache.get("huge") is None
+    with pytest.raises(ValueError, match="max_entries"):
+        RecordCache(max_entries=0)
+
+
+def test_token_cache_lives_until_exp_or_max_age() -> None:
+    clock = Clock()
+    tokens: TokenCache[str] = TokenCache(max_age_s=300, clock=clock)
+    tokens.put("tok-a", "clerk-a", exp=clock.now + 60)
+    tokens.put("tok-b", "clerk-b", exp=clock.now + 10_000)
+    tokens.put("tok-old", "clerk-c", exp=clock.now - 1)  # already expired: not stored
+    assert tokens.get("tok-a") == "clerk-a"
+    assert tokens.get("tok-old") is None
+    clock.now += 60
+    assert tokens.get("tok-a") is None  # exp reached: refused on the next call
+    assert tokens.get("tok-b") == "clerk-b"
+    clock.now += 241
+    assert tokens.get("tok-b") is None  # max age reached
+    tokens.put("tok-c", "clerk-c", exp=clock.now + 60)
+    tokens.clear()
+    assert tokens.get("tok-c") is None
+    assert len(tokens) == 0
+
+
+def test_token_cache_keys_are_hashes_not_tokens() -> None:
+    tokens: TokenCache[str] = TokenCache()
+    tokens.put("secret.token.value", "clerk", exp=1e12)
+    assert all(isinstance(k, bytes) and len(k) == 32 for k in tokens._cache)

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test serve proto proto-check lint typecheck unit clean
+.PHONY: demo test serve proto proto-check lint typecheck unit bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,8 @@ proto-check: $(STAMP)
 	$(BIN)/python scripts/protogen.py --check
 
 lint: $(STAMP)
-	$(BIN)/ruff check broker adapters tests scripts
-	$(BIN)/ruff format --check broker adapters tests scripts
+	$(BIN)/ruff check broker adapters tests scripts bench
+	$(BIN)/ruff format --check broker adapters tests scripts bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -36,6 +36,11 @@ unit: $(STAMP)
 	$(BIN)/pytest -n auto
 
 test: proto-check lint typecheck unit
+
+## Benchmarks with real adapter processes (a minute or so); prints a table per scenario.
+## `make bench BENCH_ARGS=--write` also records the results in docs/benchmarks.md.
+bench: $(STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .certbroker .pytest_cache .mypy_cache .ruff_cache

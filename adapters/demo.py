@@ -10,7 +10,7 @@ from adapters import synthetic
 from adapters.household import HouseholdAdapter
 from adapters.marriage import MarriageAdapter
 from adapters.property import PropertyAdapter
-from adapters.sdk import Adapter
+from adapters.sdk import Adapter, close_adapters
 from adapters.social_security import SocialSecurityAdapter
 
 #: record type -> adapter class (constructed with the path of its dataset file).
@@ -45,7 +45,4 @@ def build(dataset_dir: Path) -> dict[str, Adapter]:
 
 def close_all(adapters: Iterable[Adapter]) -> None:
     """Close adapters that hold resources (those with a ``close()``)."""
-    for adapter in adapters:
-        close = getattr(adapter, "close", None)
-        if callable(close):
-            close()
+    close_adapters(adapters)

@@ -14,7 +14,7 @@ object with exactly these keys (strings unless stated)::
     seq              the entry's sequence number (integer)
     entry_id         random UUID4 as 32 lowercase hex digits
     time             UTC, milliseconds, e.g. "2025-03-01T08:30:00.123Z"
-    kind             "lookup"
+    kind             "lookup" or "bundle" (below); other components add their own
     clerk, office    who asked, from which office
     roles            array of strings
     subject_id, matter_code, case_number, consent_method, record_type
@@ -26,6 +26,20 @@ object with exactly these keys (strings unless stated)::
     policy_version   hash of the policy set in force
     department, decision_id
     latency_ms       number, rounded to 0.001
+    bundle_id        the matter bundle (LookupMatter call) the entry belongs to, "" if none
+    relation         the subject's relation to the case within a bundle ("seller", ...), or ""
+    item_entry_ids   array of strings: on a "bundle" entry, the entry ids of its items
+    outcome_counts   object, outcome → number of items (integers): on a "bundle" entry
+
+``kind`` is "lookup" for one record about one citizen (a ``Lookup``, or one item of a bundle,
+then with ``bundle_id`` and ``relation``) and "bundle" for the entry that closes a
+``LookupMatter`` call: written after its items, it lists them in ``item_entry_ids`` and counts
+their outcomes; its own ``outcome``/``status`` are those of the call (an invalid or
+unauthenticated bundle has a bundle entry and no items).
+
+Compatibility: the last four keys were added without changing ``v``; entries written before
+lack them, and readers take a missing one as empty ("", [] or {}). The chain and its
+verification are over the stored text and do not depend on which keys a body has.
 
 Canonical encoding: ``json.dumps(body, sort_keys=True, separators=(",", ":"),
 ensure_ascii=False)``, i.e. keys sorted (all are ASCII), no whitespace, non-ASCII characters
@@ -53,6 +67,9 @@ one fsync: ``BEGIN IMMEDIATE``, read the stored tail, insert the chained rows, `
 the tail inside the write lock keeps the chain right with several writer processes on one file.
 Every caller in the batch then gets its :class:`Receipt`; if the transaction fails, all of them
 get ``Unavailable`` and nothing of the batch is stored. The event loop never waits on disk.
+``append_many`` queues several entries as one unit (``max_batch`` counts callers, not entries):
+they are consecutive and share a transaction, so a bundle's items and its bundle entry are
+stored together or not at all.
 """
 
 from __future__ import annotations
@@ -64,7 +81,7 @@ import sqlite3
 import time
 import unicodedata
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
@@ -109,12 +126,20 @@ __all__ = [
 ]
 
 DECISIONS = frozenset({"allow", "deny", ""})
-_LIST_FIELDS = frozenset({"roles", "withheld_fields"})
+_LIST_FIELDS = frozenset({"roles", "withheld_fields", "item_entry_ids"})
+#: Keys added after format version 1 was first written, and what their absence means.
+_LATER_FIELDS: Mapping[str, Any] = {
+    "bundle_id": "",
+    "relation": "",
+    "item_entry_ids": (),
+    "outcome_counts": {},
+}
 
 
 @dataclass(frozen=True)
 class AuditEvent:
-    """What the servicer knows about one lookup. Identifiers and decisions only, no contents."""
+    """What the servicer knows about one lookup or bundle. Identifiers and decisions only,
+    no contents. The fields with defaults are the bundle links (see the module docstring)."""
 
     kind: str
     clerk: str
@@ -134,6 +159,10 @@ class AuditEvent:
     department: str
     latency_ms: float
     decision_id: str
+    bundle_id: str = ""
+    relation: str = ""
+    item_entry_ids: tuple[str, ...] = ()
+    outcome_counts: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -164,6 +193,16 @@ class AuditLog(Protocol):
         """Store ``event`` durably and return its receipt, or raise ``Unavailable``."""
         ...
 
+    async def append_many(
+        self,
+        events: Sequence[AuditEvent],
+        *,
+        link: Callable[[list[str]], AuditEvent] | None = None,
+    ) -> list[Receipt]:
+        """Store ``events`` (and ``link(their entry ids)`` after them) as consecutive entries,
+        all or none; their receipts in order, or raise ``Unavailable``."""
+        ...
+
     async def aclose(self) -> None:
         """Finish queued appends and release the store."""
         ...
@@ -184,12 +223,25 @@ def _event_fields(event: AuditEvent) -> dict[str, object]:
             if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
                 raise TypeError(f"{field.name} must be a tuple of str")
             value = list(value)
+        elif field.name == "outcome_counts":
+            value = _counts(value)
         elif not isinstance(value, str):
             raise TypeError(f"{field.name} must be str")
         fields[field.name] = value
     if event.decision not in DECISIONS:
         raise ValueError(f"decision must be one of {sorted(DECISIONS)}")
     return fields
+
+
+def _counts(value: object) -> dict[str, int]:
+    if not isinstance(value, Mapping):
+        raise TypeError("outcome_counts must be a mapping")
+    counts: dict[str, int] = {}
+    for key, count in value.items():
+        if not isinstance(key, str) or isinstance(count, bool) or not isinstance(count, int):
+            raise TypeError("outcome_counts must map str to int")
+        counts[key] = count
+    return counts
 
 
 class BatchingAuditLog:
@@ -222,6 +274,34 @@ class BatchingAuditLog:
         fields["time"] = epoch_time(self._clock())
         row = await self._writer.write(fields)
         return Receipt(row.columns["entry_id"], row.entry_hash, row.seq)
+
+    async def append_many(
+        self,
+        events: Sequence[AuditEvent],
+        *,
+        link: Callable[[list[str]], AuditEvent] | None = None,
+    ) -> list[Receipt]:
+        """Store ``events`` as consecutive entries in ONE transaction: all of them, or none and
+        ``Unavailable("AUDIT_UNAVAILABLE")``. Receipts come back in order.
+
+        ``link``, if given, builds one more entry from the entry ids of ``events``, stored right
+        after them in the same transaction (a bundle entry naming its items), its receipt last.
+        All entries carry the same time. Malformed events raise before anything is queued.
+        """
+        bodies = [_event_fields(event) for event in events]
+        for fields in bodies:
+            fields["entry_id"] = uuid.uuid4().hex
+        if link is not None:
+            closing = _event_fields(link([str(fields["entry_id"]) for fields in bodies]))
+            closing["entry_id"] = uuid.uuid4().hex
+            bodies.append(closing)
+        if not bodies:
+            return []
+        moment = epoch_time(self._clock())
+        for fields in bodies:
+            fields["time"] = moment
+        rows = await self._writer.write_many(bodies)
+        return [Receipt(row.columns["entry_id"], row.entry_hash, row.seq) for row in rows]
 
     async def aclose(self) -> None:
         """Write everything already queued, then stop the writer and close the store."""
@@ -355,7 +435,7 @@ def _entry(row: StoredRow) -> AuditEntry:
         data = _parse_body(row.body)
         kwargs: dict[str, Any] = {}
         for field in dataclasses.fields(AuditEvent):
-            value = data[field.name]
+            value = data[field.name] if field.name in data else _LATER_FIELDS[field.name]
             kwargs[field.name] = tuple(value) if field.name in _LIST_FIELDS else value
         kwargs["latency_ms"] = float(kwargs["latency_ms"])
         event = AuditEvent(**kwargs)
@@ -381,11 +461,17 @@ _TABLE_COLUMNS: tuple[tuple[str, Callable[[AuditEntry], str]], ...] = (
     ("SUBJECT", lambda e: e.event.subject_id),
     ("MATTER", lambda e: e.event.matter_code),
     ("CASE", lambda e: e.event.case_number),
-    ("RECORD TYPE", lambda e: e.event.record_type),
+    ("RECORD TYPE", lambda e: _record_type_cell(e.event)),
     ("DECISION", lambda e: e.event.decision),
     ("RULE", lambda e: e.event.rule_id),
     ("OUTCOME", lambda e: e.event.outcome),
 )
+
+
+def _record_type_cell(event: AuditEvent) -> str:
+    if event.kind == "bundle":  # a bundle has no record type of its own; say what it holds
+        return f"[bundle of {len(event.item_entry_ids)}]"
+    return event.record_type
 
 
 def display_width(text: str) -> int:

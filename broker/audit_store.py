@@ -223,11 +223,11 @@ AUDIT_UNAVAILABLE = "AUDIT_UNAVAILABLE"
 
 @dataclass
 class _Pending:
-    fields: Mapping[str, object]
+    bodies: Sequence[Mapping[str, object]]  # one caller's entries: stored together or not at all
     loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[StoredRow]
+    future: asyncio.Future[list[StoredRow]]
 
-    def settle(self, result: StoredRow | BaseException) -> None:
+    def settle(self, result: list[StoredRow] | BaseException) -> None:
         """Hand ``result`` to the waiting caller; called from the writer thread."""
 
         def apply() -> None:
@@ -268,8 +268,14 @@ class GroupCommitWriter:
 
     async def write(self, fields: Mapping[str, object]) -> StoredRow:
         """Queue one body and wait for its stored row; ``Unavailable`` if it was not stored."""
+        (row,) = await self.write_many([fields])
+        return row
+
+    async def write_many(self, bodies: Sequence[Mapping[str, object]]) -> list[StoredRow]:
+        """Queue ``bodies`` as consecutive entries of ONE transaction (all stored, or none and
+        ``Unavailable``) and wait for their rows, in order."""
         loop = asyncio.get_running_loop()
-        pending = _Pending(fields, loop, loop.create_future())
+        pending = _Pending(list(bodies), loop, loop.create_future())
         with self._lock:
             if self._closed:
                 raise Unavailable(AUDIT_UNAVAILABLE, "audit log is closed")
@@ -314,21 +320,24 @@ class GroupCommitWriter:
                 log.exception("closing the audit store failed")
 
     def _write(self, batch: list[_Pending]) -> None:
+        bodies = [body for p in batch for body in p.bodies]
         try:
-            rows = self._store.write_batch([p.fields for p in batch])
+            rows = self._store.write_batch(bodies)
             if len(rows) != len(
-                batch
+                bodies
             ):  # a store bug; fail closed rather than leave callers hanging
-                raise RuntimeError(f"store returned {len(rows)} rows for {len(batch)} entries")
+                raise RuntimeError(f"store returned {len(rows)} rows for {len(bodies)} entries")
         except Exception as exc:
             # The store rolled back: nothing of this batch is stored, so every caller fails.
-            log.error("audit write of %d entries failed", len(batch), exc_info=exc)
+            log.error("audit write of %d entries failed", len(bodies), exc_info=exc)
             for pending in batch:
                 pending.settle(_unavailable("audit log unavailable", exc))
             return
         self.commits += 1
-        for pending, row in zip(batch, rows, strict=True):
-            pending.settle(row)
+        start = 0
+        for pending in batch:
+            pending.settle(rows[start : start + len(pending.bodies)])
+            start += len(pending.bodies)
 
     def _fail_leftovers(self) -> None:
         # Only reachable if the loop above died; normally nothing is queued behind the stop.

@@ -1,34 +1,54 @@
-"""Clerk authentication: JWT verification against trusted issuers, and a development IdP.
+"""Authentication: JWT verification against trusted issuers, and a development IdP.
 
-Clerks send ``authorization: Bearer <JWT>``. The unverified header and claims are read only to
-pick the issuer and key; PyJWT then verifies signature, audience, issuer and required claims, and
-we check the times against an injected clock. Every failure is ``Unauthenticated`` with a reason
-code; no message or log line ever contains the token.
+Clerks (CertificateBroker) and departments or operators (Registry) send
+``authorization: Bearer <JWT>``; the issuers and their keys live in :mod:`broker.issuers`. The
+unverified header and claims are read only to pick the issuer and key; PyJWT then verifies
+signature, audience, issuer and required claims, and we check the times against an injected
+clock. Every failure is ``Unauthenticated`` with a reason code; no message or log line ever
+contains the token.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import logging
 import math
-import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any, TypeAlias, cast
+from typing import Any, TypeVar
 
 import jwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.exceptions import InvalidJTIError, InvalidSubjectError
 from jwt.types import Options
-from jwt.utils import base64url_encode
 
-from broker.errors import Unauthenticated
+from broker.errors import PermissionDenied, Unauthenticated
+from broker.issuers import (
+    ALLOWED_ALGS,
+    PublicKey,
+    TrustedIssuer,
+    VerifyingKey,
+    jwk_thumbprint,
+    load_issuer,
+)
+from broker.keyfiles import ed25519_key_files
+
+__all__ = [
+    "ALLOWED_ALGS",
+    "DEPARTMENT_ROLE",
+    "OPERATOR_ROLE",
+    "REQUIRED_CLAIMS",
+    "Authenticator",
+    "Clerk",
+    "DepartmentPrincipal",
+    "DevIdentityProvider",
+    "PublicKey",
+    "TrustedIssuer",
+    "VerifyingKey",
+    "jwk_thumbprint",
+    "load_issuer",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,134 +64,46 @@ class Clerk:
     name: str = ""
 
 
-# Asymmetric only: the broker holds public keys, so nothing it stores can mint a token.
-# A tuple, not a set: `x in tuple` is safe for unhashable JSON values like lists.
-ALLOWED_ALGS = ("ES256", "RS256", "EdDSA")
+DEPARTMENT_ROLE = "department"
+OPERATOR_ROLE = "operator"
+#: Department ids as the policy catalogue spells them (``civil_affairs``).
+DEPARTMENT_ID = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+@dataclass(frozen=True)
+class DepartmentPrincipal:
+    """An authenticated Registry caller: a department's adapter deployment or an operator.
+
+    ``department`` is the token's ``dept`` claim: always set for the "department" role, ""
+    for an operator token without one.
+    """
+
+    sub: str
+    roles: tuple[str, ...]
+    department: str
+    issuer: str = ""
+
+    @property
+    def is_operator(self) -> bool:
+        return OPERATOR_ROLE in self.roles
+
+    @property
+    def is_department(self) -> bool:
+        return DEPARTMENT_ROLE in self.roles and bool(self.department)
+
+    def may_act_for(self, department: str) -> bool:
+        """Operators act for every department; a department only for itself."""
+        return self.is_operator or (self.is_department and self.department == department)
+
+
+_P = TypeVar("_P", Clerk, DepartmentPrincipal)
+
 REQUIRED_CLAIMS = ("exp", "iat", "iss", "aud", "sub", "roles", "office")
+#: A department or operator credential names no office.
+PRINCIPAL_CLAIMS = ("exp", "iat", "iss", "aud", "sub", "roles")
 MAX_LEEWAY_S = 60
 # Far above any real clerk token; stops a caller from making us parse megabytes of JSON.
 MAX_TOKEN_CHARS = 8192
-
-PublicKey: TypeAlias = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
-
-
-def _natural_alg(key: object) -> str | None:
-    """The one allowed algorithm a public key may verify, or None if we do not accept the key."""
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        return "ES256" if isinstance(key.curve, ec.SECP256R1) else None
-    if isinstance(key, rsa.RSAPublicKey):
-        return "RS256" if key.key_size >= 2048 else None  # PyJWT's minimum too
-    return "EdDSA" if isinstance(key, ed25519.Ed25519PublicKey) else None
-
-
-@dataclass(frozen=True)
-class VerifyingKey:
-    """A trusted public key bound to exactly one algorithm.
-
-    The algorithm comes from configuration, never from the token: that is what defeats algorithm
-    confusion (e.g. an HS256 token "signed" with our public key as HMAC secret).
-    """
-
-    key: PublicKey
-    alg: str
-
-    def __post_init__(self) -> None:
-        if _natural_alg(self.key) != self.alg:
-            raise ValueError(f"{type(self.key).__name__} cannot verify {self.alg}")
-
-    @classmethod
-    def from_public_key(cls, key: object) -> VerifyingKey:
-        """Wrap EC P-256 (ES256), RSA >= 2048 bits (RS256) or Ed25519 (EdDSA); else ValueError."""
-        alg = _natural_alg(key)
-        if alg is None:
-            raise ValueError(f"unsupported key {type(key).__name__}: need P-256, RSA or Ed25519")
-        return cls(cast(PublicKey, key), alg)
-
-
-def jwk_thumbprint(key: PublicKey) -> str:
-    """RFC 7638 JWK thumbprint (base64url SHA-256), the kid of a key loaded from PEM."""
-    alg = VerifyingKey.from_public_key(key).alg
-    jwk = jwt.get_algorithm_by_name(alg).to_jwk(key, as_dict=True)
-    # RFC 7638 §3.2: only the required members (these six cover EC, RSA and OKP), sorted, compact.
-    members = {k: v for k, v in jwk.items() if k in {"crv", "e", "kty", "n", "x", "y"}}
-    canonical = json.dumps(members, sort_keys=True, separators=(",", ":")).encode()
-    return base64url_encode(hashlib.sha256(canonical).digest()).decode()
-
-
-@dataclass(frozen=True)
-class TrustedIssuer:
-    """An identity provider whose clerk tokens we accept, with its keys by kid."""
-
-    issuer: str
-    audience: str
-    keys: Mapping[str, VerifyingKey] = field(hash=False)
-
-    def __post_init__(self) -> None:
-        if not self.issuer or not self.audience or not self.keys:
-            raise ValueError("a trusted issuer needs an issuer, an audience and at least one key")
-        # A read-only copy: a caller mutating its dict later must not change whom we trust.
-        object.__setattr__(self, "keys", MappingProxyType(dict(self.keys)))
-
-
-def _jwks_keys(path: Path) -> list[tuple[str, VerifyingKey]]:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON") from exc
-    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
-        raise ValueError(f"{path}: expected a JWKS object with a 'keys' list")
-    out = []
-    for i, jwk in enumerate(doc["keys"]):
-        where = f"{path} key #{i}"
-        # A shared secret in a trust file lets whoever reads it mint tokens; a private key here
-        # means the wrong file was exported. Neither belongs in a verifier's configuration.
-        if not isinstance(jwk, dict) or jwk.get("kty") == "oct" or "d" in jwk:
-            raise ValueError(f"{where}: only public EC/RSA/OKP keys (no oct, no private keys)")
-        if jwk.get("use", "sig") != "sig" or jwk.get("alg", "ES256") not in ALLOWED_ALGS:
-            raise ValueError(f"{where}: not a signature key for one of {ALLOWED_ALGS}")
-        try:
-            vkey = VerifyingKey.from_public_key(jwt.PyJWK(jwk).key)
-        except jwt.PyJWTError as exc:
-            raise ValueError(f"{where}: unusable key") from exc
-        if jwk.get("alg", vkey.alg) != vkey.alg:
-            raise ValueError(f"{where}: alg {jwk['alg']} does not fit the key ({vkey.alg})")
-        kid = jwk.get("kid", jwk_thumbprint(vkey.key))
-        if not isinstance(kid, str) or not kid:
-            raise ValueError(f"{where}: kid must be a non-empty string")
-        out.append((kid, vkey))
-    return out
-
-
-def load_issuer(
-    issuer: str,
-    audience: str,
-    *,
-    pem_files: Sequence[Path] = (),
-    jwks_file: Path | None = None,
-) -> TrustedIssuer:
-    """Build a :class:`TrustedIssuer` from PEM public keys and/or a JWKS file.
-
-    PEM keys get their RFC 7638 thumbprint as kid; JWKS keys use their ``kid`` (else the
-    thumbprint) and ``alg`` (else inferred from kty/crv). ValueError on any key we would not use
-    (symmetric, private, other algorithms or curves, RSA < 2048 bits) and on duplicate kids.
-    """
-    pairs: list[tuple[str, VerifyingKey]] = []
-    for path in pem_files:
-        try:
-            vkey = VerifyingKey.from_public_key(
-                serialization.load_pem_public_key(path.read_bytes())
-            )
-        except ValueError as exc:
-            raise ValueError(f"{path}: not a usable PEM public key: {exc}") from exc
-        pairs.append((jwk_thumbprint(vkey.key), vkey))
-    if jwks_file is not None:
-        pairs.extend(_jwks_keys(jwks_file))
-    keys: dict[str, VerifyingKey] = {}
-    for kid, vkey in pairs:
-        if keys.setdefault(kid, vkey) is not vkey:
-            raise ValueError(f"issuer {issuer}: duplicate kid {kid!r}")
-    return TrustedIssuer(issuer, audience, keys)
-
 
 # PyJWT exception -> (reason, message), first match wins: InvalidSignatureError is a DecodeError.
 _PYJWT_ERRORS: tuple[tuple[type[Exception], str, str], ...] = (
@@ -183,7 +115,6 @@ _PYJWT_ERRORS: tuple[tuple[type[Exception], str, str], ...] = (
 )
 # PyJWT's own time checks read the wall clock, so they are off; _check_times uses ours instead.
 _DECODE_OPTIONS: Options = {
-    "require": list(REQUIRED_CLAIMS),
     "verify_exp": False,
     "verify_nbf": False,
     "verify_iat": False,
@@ -239,17 +170,58 @@ class Authenticator:
         """Verify a compact-JWS clerk token, or raise :class:`Unauthenticated` with a reason."""
         return self._logged(lambda: self._verify(token))
 
-    def _logged(self, check: Callable[[], Clerk]) -> Clerk:
+    def verify_department(
+        self, metadata: Sequence[tuple[str, str | bytes]] | None
+    ) -> DepartmentPrincipal:
+        """Verify a Registry caller's bearer token: a department credential (role "department"
+        and a ``dept`` claim) or an operator token (role "operator").
+
+        ``Unauthenticated`` for a token that does not verify or lacks a usable ``dept``;
+        ``PermissionDenied("ROLE_NOT_ALLOWED")`` for a valid token with neither role (a clerk's).
+        """
+        principal = self.registry_principal(metadata)
+        if not (principal.is_operator or principal.is_department):
+            raise PermissionDenied(
+                "ROLE_NOT_ALLOWED", "the registry needs a department or operator credential"
+            )
+        return principal
+
+    def registry_principal(
+        self, metadata: Sequence[tuple[str, str | bytes]] | None
+    ) -> DepartmentPrincipal:
+        """Like :meth:`verify_department` but without the role check, so that the Registry
+        can audit a refused caller under its verified ``sub``."""
+        return self._logged(lambda: self._verify_principal(_bearer_token(metadata)))
+
+    def _logged(self, check: Callable[[], _P]) -> _P:
         try:
-            clerk = check()
+            principal = check()
         except Unauthenticated as exc:
             # Reason and claim name only: no part of the token ever reaches the log.
-            log.info("clerk token rejected: %s %s", exc.reason, exc.metadata or "")
+            log.info("token rejected: %s %s", exc.reason, exc.metadata or "")
             raise
-        log.debug("clerk authenticated: sub=%s iss=%s", clerk.sub, clerk.issuer)
-        return clerk
+        log.debug("authenticated: sub=%s iss=%s", principal.sub, principal.issuer)
+        return principal
 
     def _verify(self, token: str) -> Clerk:
+        claims, trusted = self._claims(token, REQUIRED_CLAIMS)
+        if not isinstance(name := claims.get("name", ""), str):
+            raise _bad_claim("name")
+        sub, office = _text(claims, "sub"), _text(claims, "office")
+        return Clerk(sub, _roles(claims), office, issuer=trusted.issuer, name=name)
+
+    def _verify_principal(self, token: str) -> DepartmentPrincipal:
+        claims, trusted = self._claims(token, PRINCIPAL_CLAIMS)
+        roles = _roles(claims)
+        dept = claims.get("dept")
+        if dept is None and DEPARTMENT_ROLE in roles:
+            raise Unauthenticated("TOKEN_MISSING_CLAIM", "token lacks claim dept", claim="dept")
+        if dept is not None and not (isinstance(dept, str) and DEPARTMENT_ID.fullmatch(dept)):
+            raise _bad_claim("dept")
+        return DepartmentPrincipal(_text(claims, "sub"), roles, dept or "", trusted.issuer)
+
+    def _claims(self, token: str, required: Sequence[str]) -> tuple[dict[str, Any], TrustedIssuer]:
+        """Verified claims (signature, alg, iss, aud, ``required``, times) and their issuer."""
         # `from None` below: a chained PyJWT exception could carry token bytes into a traceback.
         if len(token) > MAX_TOKEN_CHARS:
             raise Unauthenticated("TOKEN_MALFORMED", "token is too large")
@@ -274,14 +246,15 @@ class Authenticator:
             raise Unauthenticated("TOKEN_UNKNOWN_KID", "token key id is not known for its issuer")
         if alg != vkey.alg:
             raise Unauthenticated("TOKEN_ALG_NOT_ALLOWED", "token algorithm does not fit its key")
+        options: Options = {**_DECODE_OPTIONS, "require": list(required)}
         try:
-            claims = jwt.decode(
+            claims: dict[str, Any] = jwt.decode(
                 token,
                 vkey.key,
                 algorithms=[vkey.alg],
                 audience=trusted.audience,
                 issuer=trusted.issuer,
-                options=_DECODE_OPTIONS,
+                options=options,
             )
         except jwt.MissingRequiredClaimError as exc:
             missing = exc.claim
@@ -294,13 +267,7 @@ class Authenticator:
             reason, message = next((r, m) for t, r, m in _PYJWT_ERRORS if isinstance(exc, t))
             raise Unauthenticated(reason, message) from None
         self._check_times(claims)
-        roles = claims["roles"]
-        if not isinstance(roles, list) or not all(isinstance(r, str) and r.strip() for r in roles):
-            raise _bad_claim("roles")
-        if not isinstance(name := claims.get("name", ""), str):
-            raise _bad_claim("name")
-        sub, office = _text(claims, "sub"), _text(claims, "office")
-        return Clerk(sub, tuple(roles), office, issuer=trusted.issuer, name=name)
+        return claims, trusted
 
     def _check_times(self, claims: Mapping[str, Any]) -> None:
         # The same comparisons PyJWT makes, against the injected clock.
@@ -310,6 +277,13 @@ class Authenticator:
         nbf = _number(claims, "nbf") if "nbf" in claims else None
         if _number(claims, "iat") > now + leeway or (nbf is not None and nbf > now + leeway):
             raise Unauthenticated("TOKEN_NOT_YET_VALID", "token is not valid yet")
+
+
+def _roles(claims: Mapping[str, Any]) -> tuple[str, ...]:
+    roles = claims["roles"]
+    if not isinstance(roles, list) or not all(isinstance(r, str) and r.strip() for r in roles):
+        raise _bad_claim("roles")
+    return tuple(roles)
 
 
 def _bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
@@ -328,41 +302,21 @@ def _bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
 class DevIdentityProvider:
     """`certbroker token issue`: a development IdP keeping an Ed25519 key pair in a state dir.
 
-    ``state_dir/idp/signing-key.pem`` (0600) is created on first use and reused afterwards;
-    ``public-key.pem`` beside it can be given to :func:`load_issuer` like any issuer's key.
+    ``state_dir/idp/signing-key.pem`` (0600) is created on first use and reused afterwards
+    (:func:`broker.keyfiles.ed25519_key_files`); ``public-key.pem`` beside it can be given to
+    :func:`load_issuer` like any issuer's key.
     """
 
     ISSUER = "https://idp.certbroker.local/dev"
     AUDIENCE = "certbroker"
 
     def __init__(self, state_dir: Path) -> None:
-        idp_dir = state_dir / "idp"
-        idp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.signing_key_path = idp_dir / "signing-key.pem"
-        self.public_key_path = idp_dir / "public-key.pem"
-        if not self.signing_key_path.exists():
-            pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-            # Created 0600 (never readable by others, even briefly); O_EXCL never clobbers a key.
-            with contextlib.suppress(FileExistsError):
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                with os.fdopen(os.open(self.signing_key_path, flags, 0o600), "wb") as f:
-                    f.write(pem)
-        key = serialization.load_pem_private_key(self.signing_key_path.read_bytes(), None)
-        if not isinstance(key, ed25519.Ed25519PrivateKey):
-            raise ValueError(f"{self.signing_key_path}: not an Ed25519 private key")
-        self._key = key
-        self._vkey = VerifyingKey(key.public_key(), "EdDSA")
+        files = ed25519_key_files(state_dir / "idp")
+        self.signing_key_path = files.signing_key_path
+        self.public_key_path = files.public_key_path
+        self._key = files.private_key
+        self._vkey = VerifyingKey(files.public_key, "EdDSA")
         self._kid = jwk_thumbprint(self._vkey.key)
-        # Derived data: rewrite it whenever it does not match the signing key.
-        public_pem = self._vkey.key.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        if not self.public_key_path.exists() or self.public_key_path.read_bytes() != public_pem:
-            self.public_key_path.write_bytes(public_pem)
 
     def issue(
         self,
@@ -378,13 +332,47 @@ class DevIdentityProvider:
         """Sign a clerk token. ``extra_claims`` go in last, so they may override any claim."""
         if isinstance(roles, str) or not sub or not office or ttl_s <= 0:
             raise ValueError("need sub, office, a sequence of roles (not a str) and ttl_s > 0")
-        iat = int(time.time() if now is None else now)
-        claims: dict[str, object] = {"iss": self.ISSUER, "aud": self.AUDIENCE, "sub": sub}
-        claims |= {"roles": list(roles), "office": office, "iat": iat, "exp": iat + ttl_s}
+        claims = self._base_claims(sub, list(roles), ttl_s, now) | {"office": office}
         if name:
             claims["name"] = name
         claims.update(extra_claims or {})
-        return jwt.encode(claims, self._key, algorithm="EdDSA", headers={"kid": self._kid})
+        return self._sign(claims)
+
+    def issue_department(
+        self, dept: str, *, sub: str = "", ttl_s: int = 24 * 3600, now: float | None = None
+    ) -> str:
+        """Sign a department credential (role "department", claim ``dept``) for the Registry.
+
+        ``sub`` names the adapter deployment; it defaults to ``adapter:<dept>``.
+        """
+        if not dept or ttl_s <= 0:
+            raise ValueError("need a department id and ttl_s > 0")
+        return self._sign(
+            self._base_claims(sub or f"adapter:{dept}", [DEPARTMENT_ROLE], ttl_s, now)
+            | {"dept": dept}
+        )
+
+    def issue_operator(self, sub: str, *, ttl_s: int = 8 * 3600, now: float | None = None) -> str:
+        """Sign an operator token (role "operator"): manages the Registry of every department."""
+        if not sub or ttl_s <= 0:
+            raise ValueError("need sub and ttl_s > 0")
+        return self._sign(self._base_claims(sub, [OPERATOR_ROLE], ttl_s, now))
+
+    def _base_claims(
+        self, sub: str, roles: list[str], ttl_s: int, now: float | None
+    ) -> dict[str, object]:
+        iat = int(time.time() if now is None else now)
+        return {
+            "iss": self.ISSUER,
+            "aud": self.AUDIENCE,
+            "sub": sub,
+            "roles": roles,
+            "iat": iat,
+            "exp": iat + ttl_s,
+        }
+
+    def _sign(self, claims: Mapping[str, object]) -> str:
+        return jwt.encode(dict(claims), self._key, algorithm="EdDSA", headers={"kid": self._kid})
 
     def trusted_issuer(self) -> TrustedIssuer:
         """The issuer entry that makes an :class:`Authenticator` accept this IdP's tokens."""

@@ -1,4 +1,4 @@
-"""The ``certbroker`` command line: serve, demo, lookup, token, policy, audit."""
+"""The ``certbroker`` command line: serve, demo, lookup, token, adapters, policy, audit."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 
-from broker import audit, client, config, policy
+from broker import audit, cli_adapters, client, config, policy
 from broker.auth import DevIdentityProvider
 
 DEFAULT_STATE = Path(".certbroker")
@@ -98,8 +98,51 @@ def cmd_lookup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lookup_matter(args: argparse.Namespace) -> int:
+    """LookupMatter: exit 0 if every item came back, 3 if some did not, 1 if refused."""
+    token = args.token or os.environ.get("CERTBROKER_TOKEN", "")
+    if not token:
+        print("error: pass --token or set CERTBROKER_TOKEN", file=sys.stderr)
+        return 2
+    try:
+        subjects = [client.parse_subject(s) for s in args.subject]
+    except ValueError as exc:
+        print(f"error: --subject: {exc}", file=sys.stderr)
+        return 2
+    request = client.lookup_matter_request(
+        args.matter, args.case, subjects, args.consent, args.consent_ref
+    )
+    channel, stub = client.stub(args.target)
+    try:
+        response = stub.LookupMatter(request, metadata=client.bearer(token), timeout=args.timeout)
+    except grpc.RpcError as exc:
+        print(f"error: {client.call_error(exc)}", file=sys.stderr)
+        return 1
+    finally:
+        channel.close()
+    if args.json:
+        print(
+            json_format.MessageToJson(
+                response, preserving_proto_field_name=True, ensure_ascii=False
+            )
+        )
+    else:
+        print(f"matter {args.matter}, case {args.case or '-'}:")
+        print("\n".join(client.bundle_lines(response)))
+    return 0 if all(i.WhichOneof("result") == "response" for i in response.items) else 3
+
+
 def cmd_token_issue(args: argparse.Namespace) -> int:
     idp = DevIdentityProvider(args.state_dir)
+    if args.department:  # a department credential, for its adapters' Registry calls
+        print(idp.issue_department(args.department, sub=args.sub or "", ttl_s=args.ttl))
+        return 0
+    if args.operator:
+        print(idp.issue_operator(args.sub or "operator", ttl_s=args.ttl))
+        return 0
+    if not (args.sub and args.roles and args.office):
+        print("error: a clerk token needs --sub, --roles and --office", file=sys.stderr)
+        return 2
     print(idp.issue(args.sub, _split(args.roles), args.office, name=args.name, ttl_s=args.ttl))
     return 0
 
@@ -220,17 +263,50 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_lookup)
 
+    s = sub.add_parser(
+        "lookup-matter", help="every record a matter needs for one or more citizens, at once"
+    )
+    s.add_argument("--target", default="127.0.0.1:50051")
+    s.add_argument("--token", help="clerk JWT (default: $CERTBROKER_TOKEN)")
+    s.add_argument("--matter", required=True, help="matter code (事项编码)")
+    s.add_argument("--case", default="", help="case number (办件号)")
+    s.add_argument(
+        "--subject",
+        action="append",
+        required=True,
+        metavar="ID:RELATION",
+        help="resident ID and relation to the case (seller, spouse, co_owner...); repeatable",
+    )
+    s.add_argument(
+        "--consent",
+        default="id_card_read",
+        choices=["id_card_read", "signed_form", "delegated_agent", ""],
+    )
+    s.add_argument("--consent-ref", default="")
+    s.add_argument("--timeout", type=float, default=10.0, help="deadline for the whole bundle")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_lookup_matter)
+
     token = sub.add_parser("token", help="development identity provider").add_subparsers(
         dest="token_command", required=True
     )
-    s = token.add_parser("issue", help="print a clerk token trusted by `serve` on this state dir")
+    s = token.add_parser(
+        "issue",
+        help="print a token trusted by `serve` on this state dir: a clerk's (--sub --roles "
+        "--office), a department credential (--department) or an operator's (--operator)",
+    )
     state(s)
-    s.add_argument("--sub", required=True, help="clerk id")
-    s.add_argument("--roles", required=True, help="comma-separated roles")
-    s.add_argument("--office", required=True, help="office / hall id")
+    kind = s.add_mutually_exclusive_group()
+    kind.add_argument("--department", help="department credential for this department id")
+    kind.add_argument("--operator", action="store_true", help="operator token (Registry admin)")
+    s.add_argument("--sub", help="clerk id (operator id, or the adapter deployment's name)")
+    s.add_argument("--roles", help="comma-separated roles (clerk tokens)")
+    s.add_argument("--office", help="office / hall id (clerk tokens)")
     s.add_argument("--name", default="")
     s.add_argument("--ttl", type=int, default=8 * 3600, help="lifetime in seconds")
     s.set_defaults(func=cmd_token_issue)
+
+    cli_adapters.add_parsers(sub)
 
     pol = sub.add_parser("policy", help="check, test and reload policies").add_subparsers(
         dest="policy_command", required=True

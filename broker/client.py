@@ -42,6 +42,12 @@ def call_error(exc: grpc.RpcError) -> CallError:
     return CallError(code, (reason_of(status) if status else None) or "", details or "", metadata)
 
 
+def _consent(method: str) -> broker_pb2.ConsentMethod.ValueType:
+    if not method:
+        return broker_pb2.CONSENT_METHOD_UNSPECIFIED
+    return broker_pb2.ConsentMethod.Value("CONSENT_METHOD_" + method.upper())
+
+
 def lookup_request(
     record_type: str,
     subject_id: str,
@@ -51,18 +57,38 @@ def lookup_request(
     consent_reference: str = "",
     fields: Sequence[str] = (),
 ) -> broker_pb2.LookupRequest:
-    method = (
-        broker_pb2.ConsentMethod.Value("CONSENT_METHOD_" + consent.upper())
-        if consent
-        else broker_pb2.CONSENT_METHOD_UNSPECIFIED
-    )
+    """A Lookup request; ``consent`` is a policy consent name ("" = none recorded)."""
     return broker_pb2.LookupRequest(
         record_type=record_type,
         subject_id=subject_id,
         matter_code=matter_code,
         case_number=case_number,
-        consent=broker_pb2.Consent(method=method, reference=consent_reference),
+        consent=broker_pb2.Consent(method=_consent(consent), reference=consent_reference),
         fields=fields,
+    )
+
+
+def parse_subject(text: str) -> tuple[str, str]:
+    """``"ID:relation"`` (as the CLI takes it) → ``(subject_id, relation)``."""
+    subject_id, sep, relation = text.partition(":")
+    if not sep or not subject_id or not relation:
+        raise ValueError(f"expected RESIDENT_ID:relation, got {text!r}")
+    return subject_id.strip(), relation.strip()
+
+
+def lookup_matter_request(
+    matter_code: str,
+    case_number: str,
+    subjects: Sequence[tuple[str, str]],
+    consent: str = "id_card_read",
+    consent_reference: str = "",
+) -> broker_pb2.LookupMatterRequest:
+    """A LookupMatter request; ``subjects`` are ``(resident ID, relation)`` pairs."""
+    return broker_pb2.LookupMatterRequest(
+        matter_code=matter_code,
+        case_number=case_number,
+        consent=broker_pb2.Consent(method=_consent(consent), reference=consent_reference),
+        subjects=[broker_pb2.BundleSubject(subject_id=s, relation=r) for s, r in subjects],
     )
 
 
@@ -102,5 +128,48 @@ def record_lines(response: broker_pb2.LookupResponse) -> list[str]:
     lines.append(
         f"  audit receipt: #{response.receipt.sequence} {response.receipt.entry_id} "
         f"sha256:{response.receipt.entry_hash[:16]}…"
+    )
+    return lines
+
+
+def _summary(response: broker_pb2.LookupResponse, limit: int = 2) -> str:
+    """A few released values of the record, on one line (lists shown as counts)."""
+    case = response.record.WhichOneof("record") or ""
+    if not case:
+        return "(empty record)"
+    data = json_format.MessageToDict(
+        getattr(response.record, case), preserving_proto_field_name=True
+    )
+    parts = [
+        f"{len(v)} {k}" if isinstance(v, list) else f"{k}={v}"
+        for k, v in list(data.items())[:limit]
+    ]
+    more = len(data) - limit
+    return ", ".join(parts) + (f", +{more} more" if more > 0 else "")
+
+
+def bundle_lines(response: broker_pb2.LookupMatterResponse) -> list[str]:
+    """One compact line per item (record summary or error), then the bundle's receipt."""
+    relation_width = max((len(i.relation) for i in response.items), default=0)
+    type_width = max((len(i.record_type) for i in response.items), default=0)
+    lines = []
+    for item in response.items:
+        head = (
+            f"  {item.relation:<{relation_width}}  {item.subject_id}  "
+            f"{item.record_type:<{type_width}}"
+        )
+        if item.WhichOneof("result") == "response":
+            r = item.response
+            tail = f"  #{r.receipt.sequence}"
+            if r.masked_fields:
+                tail = f"  (masked: {', '.join(r.masked_fields)})" + tail
+            lines.append(f"{head}  OK  {_summary(r)}{tail}")
+        else:
+            e = item.error
+            entry = e.metadata.get("audit_entry_id", "")
+            lines.append(f"{head}  {e.code} {e.reason}: {e.message}  (entry {entry[:8]})")
+    lines.append(
+        f"  bundle {response.bundle_id}: {len(response.items)} items, audit receipt "
+        f"#{response.receipt.sequence} sha256:{response.receipt.entry_hash[:16]}…"
     )
     return lines

@@ -34,12 +34,17 @@ class IssuerConfig:
     jwks: Path | None = None
 
 
+#: Route modes: the in-process demo adapter, one fixed gRPC endpoint, or the instances that
+#: departments registered with the Registry.
+ROUTE_MODES = ("inprocess", "grpc", "registry")
+
+
 @dataclass(frozen=True)
 class AdapterRoute:
-    """Where one record type is fetched: the in-process demo adapter or a gRPC endpoint."""
+    """Where one record type is fetched: in process, a gRPC endpoint, or registered instances."""
 
-    mode: str = "inprocess"  # "inprocess" | "grpc"
-    endpoint: str = ""
+    mode: str = "inprocess"  # one of ROUTE_MODES
+    endpoint: str = ""  # mode "grpc" only
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,13 @@ class Config:
         default_factory=lambda: {rt: AdapterRoute() for rt in RECORD_TYPES}
     )
     adapter_timeout_s: float = 5.0
+    # Broker -> adapter TLS: on when tls_ca is set; mutual when tls_cert and tls_key are too.
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    lease_s: int = 15  # a registered instance leaves routing this long after its last heartbeat
+    breaker_failures: int = 5  # consecutive failures that open a department's circuit breaker
+    breaker_reset_s: float = 10.0  # open -> half-open (one probe call) after this
 
     @property
     def audit_file(self) -> Path:
@@ -77,6 +89,13 @@ _ENV: Mapping[str, tuple[str, type]] = {
     "CERTBROKER_AUDIT_PATH": ("audit_path", Path),
     "CERTBROKER_DATASET_DIR": ("dataset_dir", Path),
     "CERTBROKER_DEV_IDP": ("dev_idp", bool),
+    "CERTBROKER_ADAPTER_TIMEOUT_S": ("adapter_timeout_s", float),
+    "CERTBROKER_TLS_CA": ("tls_ca", Path),
+    "CERTBROKER_TLS_CERT": ("tls_cert", Path),
+    "CERTBROKER_TLS_KEY": ("tls_key", Path),
+    "CERTBROKER_LEASE_S": ("lease_s", int),
+    "CERTBROKER_BREAKER_FAILURES": ("breaker_failures", int),
+    "CERTBROKER_BREAKER_RESET_S": ("breaker_reset_s", float),
 }
 _SECTIONS: Mapping[str, Mapping[str, tuple[str, type]]] = {
     "server": {
@@ -89,7 +108,15 @@ _SECTIONS: Mapping[str, Mapping[str, tuple[str, type]]] = {
     "audit": {"path": ("audit_path", Path)},
     "datasets": {"dir": ("dataset_dir", Path)},
     "auth": {"leeway_s": ("leeway_s", int), "dev_idp": ("dev_idp", bool)},
-    "routing": {"timeout_s": ("adapter_timeout_s", float)},
+    "routing": {
+        "timeout_s": ("adapter_timeout_s", float),
+        "tls_ca": ("tls_ca", Path),
+        "tls_cert": ("tls_cert", Path),
+        "tls_key": ("tls_key", Path),
+        "lease_s": ("lease_s", int),
+        "breaker_failures": ("breaker_failures", int),
+        "breaker_reset_s": ("breaker_reset_s", float),
+    },
 }
 
 
@@ -118,19 +145,21 @@ def _convert(where: str, value: Any, kind: type, base: Path) -> Any:
 
 
 def _route(where: str, value: Any) -> AdapterRoute:
-    if isinstance(value, str):  # "inprocess" or "grpc://host:port"
+    if isinstance(value, str):  # "inprocess", "registry" or "grpc://host:port"
         value = (
-            {"mode": "inprocess"}
-            if value == "inprocess"
+            {"mode": value}
+            if value in ROUTE_MODES
             else {"mode": "grpc", "endpoint": value.removeprefix("grpc://")}
         )
     if not isinstance(value, dict) or set(value) - {"mode", "endpoint"}:
         raise ConfigError(f"{where}: expected a table with mode and endpoint")
     route = AdapterRoute(str(value.get("mode", "inprocess")), str(value.get("endpoint", "")))
-    if route.mode not in {"inprocess", "grpc"}:
-        raise ConfigError(f"{where}.mode: must be 'inprocess' or 'grpc', got {route.mode!r}")
+    if route.mode not in ROUTE_MODES:
+        raise ConfigError(f"{where}.mode: must be one of {ROUTE_MODES}, got {route.mode!r}")
     if route.mode == "grpc" and not route.endpoint:
         raise ConfigError(f"{where}.endpoint: required when mode is 'grpc'")
+    if route.mode != "grpc" and route.endpoint:
+        raise ConfigError(f"{where}.endpoint: only for mode 'grpc'")
     return route
 
 
@@ -190,7 +219,23 @@ def load(
     config = replace(Config(), **values)
     if not 0 <= config.leeway_s <= 60:
         raise ConfigError("auth.leeway_s must be between 0 and 60 seconds")
+    _check_routing(config)
     return config
+
+
+def _check_routing(config: Config) -> None:
+    if not config.adapter_timeout_s > 0:  # `not >` also refuses NaN
+        raise ConfigError("routing.timeout_s must be > 0")
+    if config.lease_s < 1:
+        raise ConfigError("routing.lease_s must be at least 1 second")
+    if config.breaker_failures < 1:
+        raise ConfigError("routing.breaker_failures must be at least 1")
+    if not config.breaker_reset_s > 0:
+        raise ConfigError("routing.breaker_reset_s must be > 0")
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ConfigError("routing.tls_cert and routing.tls_key go together (mutual TLS)")
+    if config.tls_cert is not None and config.tls_ca is None:
+        raise ConfigError("routing.tls_cert needs routing.tls_ca (mutual TLS is TLS first)")
 
 
 def _issuer(where: str, item: Any, base: Path) -> IssuerConfig:

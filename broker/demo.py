@@ -21,7 +21,7 @@ from adapters import synthetic
 from broker import audit, client, config
 from broker.auth import DevIdentityProvider
 from certbroker import resident_id
-from certbroker.v1 import broker_pb2
+from certbroker.v1 import broker_pb2, broker_pb2_grpc
 
 TRANSFER, PENSION = "BDC-ZY-001", "SB-YL-001"
 OFFICE = "gz-haizhu-24h-01"  # the Haizhu 24-hour hall: the demo works at any hour
@@ -129,6 +129,12 @@ def _session(state_dir: Path, target: str) -> int:
         req("property", spouse, fields=["holdings.certificate_number", "holdings.ownership"]),
     )
 
+    _title(
+        "The same property transfer as one matter bundle (LookupMatter): the seller and the "
+        "spouse as co-owner, every record the matter needs, fetched in parallel"
+    )
+    _bundle(stub, clerk, case, [(seller, "seller"), (spouse, "co_owner")], surprises.append)
+
     _title("What policy refuses")
     show(
         "social security is not needed for a property transfer",
@@ -193,6 +199,30 @@ def _session(state_dir: Path, target: str) -> int:
         "`certbroker lookup` (see README)."
     )
     return 0
+
+
+def _bundle(
+    stub: broker_pb2_grpc.CertificateBrokerStub,
+    token: str,
+    case: str,
+    subjects: Sequence[tuple[str, str]],
+    surprise: Callable[[str], None],
+) -> None:
+    """One LookupMatter call, one compact line per (subject, record type)."""
+    request = client.lookup_matter_request(
+        TRANSFER, case, subjects, consent_reference="READER-07/0417"
+    )
+    print(f"\n-> {TRANSFER} for {len(subjects)} citizens")
+    try:
+        response = stub.LookupMatter(request, metadata=client.bearer(token), timeout=10)
+    except grpc.RpcError as exc:
+        print(f"  refused: {client.call_error(exc)}")
+        surprise(f"bundle refused: {client.call_error(exc)}")
+        return
+    print("\n".join(client.bundle_lines(response)))
+    failed = [i for i in response.items if i.WhichOneof("result") != "response"]
+    if failed or len(response.items) != 3 * len(subjects):
+        surprise(f"bundle: {len(failed)} of {len(response.items)} items failed")
 
 
 def _tamper_demo(db: Path, surprise: Callable[[str], None]) -> None:

@@ -12,6 +12,8 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# A bundle has at most 8 subjects x 4 record types.
+_BUNDLE_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
 @dataclass
@@ -52,6 +54,19 @@ class Metrics:
             "certbroker_audit_append_seconds",
             "Time to append an audit entry durably.",
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.bundle_latency = Histogram(
+            "certbroker_bundle_latency_seconds",
+            "End-to-end LookupMatter latency, by matter.",
+            ["matter"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.bundle_items = Histogram(
+            "certbroker_bundle_items",
+            "Items (subject x record type) per answered LookupMatter.",
+            buckets=_BUNDLE_SIZE_BUCKETS,
             registry=r,
         )
         self.policy_reloads = Counter(

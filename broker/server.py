@@ -1,8 +1,8 @@
 """Wiring: builds the gRPC server from a ``Config`` and runs it.
 
-The server carries the CertificateBroker service, the standard health service and server
-reflection (so ``grpcurl`` works), behind one small interceptor that maps exceptions to gRPC
-status — the only place where that mapping happens.
+The server carries the CertificateBroker and Registry services, the standard health service and
+server reflection (so ``grpcurl`` works), behind one small interceptor that maps exceptions to
+gRPC status — the only place where that mapping happens.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +27,16 @@ from grpc_status import rpc_status
 from broker import errors, policy
 from broker.audit import SQLiteAuditLog
 from broker.auth import Authenticator, DevIdentityProvider, TrustedIssuer, load_issuer
+from broker.breaker import BreakerBoard
 from broker.config import Config
+from broker.decision_token import DecisionSigner
 from broker.metrics import Metrics
+from broker.registry import RegistryService
+from broker.registry_store import RegistryStore
 from broker.routing import Router, build_router
+from broker.routing_channels import channel_credentials
 from broker.service import CertificateBrokerService
-from certbroker.v1 import broker_pb2, broker_pb2_grpc
+from certbroker.v1 import broker_pb2, broker_pb2_grpc, registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -117,26 +123,58 @@ class Broker:
     audit: SQLiteAuditLog
     router: Router
     metrics: Metrics
+    registry: RegistryStore
+    breakers: BreakerBoard
+    signer: DecisionSigner
     _metrics_http: WSGIServer
 
     async def stop(self, grace: float | None = 1.0) -> None:
         await self.server.stop(grace)
         await self.router.aclose()
         await self.audit.aclose()
+        await asyncio.to_thread(self.registry.close)
         self._metrics_http.shutdown()
         self._metrics_http.server_close()
 
 
-async def start(config: Config) -> Broker:
-    """Start a broker on ``config``'s ports (0 = any free port) and return it."""
+async def start(
+    config: Config,
+    *,
+    lease_clock: Callable[[], float] = time.time,
+    breaker_clock: Callable[[], float] = time.monotonic,
+) -> Broker:
+    """Start a broker on ``config``'s ports (0 = any free port) and return it.
+
+    ``lease_clock`` (epoch seconds) drives registry leases, ``breaker_clock`` (monotonic
+    seconds) the circuit breakers; tests pass fakes to step through time.
+    """
+    # First: a TLS file that cannot be read stops the start before anything needs closing.
+    credentials = channel_credentials(config.tls_ca, config.tls_cert, config.tls_key)
     config.state_dir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics()
     policies = PolicyHolder(config.policy_dir, metrics)
     departments = {name: rt.department for name, rt in policies.current.record_types.items()}
-    router = build_router(config.adapters, departments, config.datasets)
+    signer = DecisionSigner(config.state_dir)
+    breakers = BreakerBoard(
+        failures=config.breaker_failures, reset_s=config.breaker_reset_s, clock=breaker_clock
+    )
+    registry = RegistryStore(
+        config.state_dir / "registry.sqlite", lease_s=config.lease_s, clock=lease_clock
+    )
+    router = build_router(
+        config.adapters,
+        departments,
+        config.datasets,
+        registry=registry,
+        signer=signer,
+        breakers=breakers,
+        credentials=credentials,
+        timeout_s=config.adapter_timeout_s,
+    )
     audit = SQLiteAuditLog(config.audit_file)
+    auth = authenticator(config)
     service = CertificateBrokerService(
-        authenticator(config),
+        auth,
         policies,
         router,
         audit,
@@ -145,18 +183,22 @@ async def start(config: Config) -> Broker:
     )
     server = grpc.aio.server(interceptors=[ErrorMapping()])
     broker_pb2_grpc.add_CertificateBrokerServicer_to_server(service, server)
+    registry_pb2_grpc.add_RegistryServicer_to_server(
+        RegistryService(auth, policies, registry, breakers, audit), server
+    )
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_name = broker_pb2.DESCRIPTOR.services_by_name["CertificateBroker"].full_name
+    registry_name = registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name
     reflection.enable_server_reflection(
-        (service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (service_name, registry_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot bind gRPC port {config.host}:{config.port}")
     await server.start()
     metrics_http, metrics_port = metrics.serve(config.host, config.metrics_port)
-    for name in ("", service_name):
+    for name in ("", service_name, registry_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "certbroker serving on %s:%d (metrics :%d), policy %s",
@@ -165,7 +207,19 @@ async def start(config: Config) -> Broker:
         metrics_port,
         policies.current.version[:12],
     )
-    return Broker(server, port, metrics_port, policies, audit, router, metrics, metrics_http)
+    return Broker(
+        server,
+        port,
+        metrics_port,
+        policies,
+        audit,
+        router,
+        metrics,
+        registry,
+        breakers,
+        signer,
+        metrics_http,
+    )
 
 
 def pid_file(state_dir: Path) -> Path:

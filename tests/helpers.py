@@ -23,10 +23,14 @@ from certbroker.v1 import broker_pb2_grpc
 
 
 class BrokerThread:
-    """Runs ``server.start(config)`` on its own event loop thread until ``stop``."""
+    """Runs ``server.start(config)`` on its own event loop thread until ``stop``.
 
-    def __init__(self, cfg: config_mod.Config) -> None:
+    ``start_kwargs`` go to :func:`broker.server.start` (e.g. ``lease_clock=FakeClock()``).
+    """
+
+    def __init__(self, cfg: config_mod.Config, **start_kwargs: Any) -> None:
         self.config = cfg
+        self._start_kwargs = start_kwargs
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -41,7 +45,9 @@ class BrokerThread:
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         try:
-            self.broker = self.loop.run_until_complete(server.start(self.config))
+            self.broker = self.loop.run_until_complete(
+                server.start(self.config, **self._start_kwargs)
+            )
         except BaseException as exc:  # noqa: BLE001 - surfaced to the test thread
             self._error = exc
             self._ready.set()
@@ -93,6 +99,22 @@ class Env:
 DEFAULT_OFFICE = "gz-haizhu-24h-01"
 
 
+class FakeClock:
+    """A clock tests move by hand: pass it where code takes ``clock``/``*_clock`` callables."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+        self._lock = threading.Lock()  # read from the broker's loop thread, moved by the test
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
+
+
 def make_config(tmp: Path, dataset_dir: Path, **overrides: Any) -> config_mod.Config:
     return config_mod.load(
         None,
@@ -138,13 +160,27 @@ class AdapterProcess:
             self.process.stdout.close()
 
 
-def start_adapter(record_type: str, dataset_dir: Path, log: Path) -> AdapterProcess:
-    """Start ``python -m adapters`` and wait for its ``READY port=N`` line."""
-    args = [sys.executable, "-m", "adapters", "--record-type", record_type]
-    args += ["--dataset-dir", str(dataset_dir), "--port", "0"]
+def start_adapter(
+    record_type: str, dataset_dir: Path, log: Path, *extra_args: str
+) -> AdapterProcess:
+    """Start ``python -m adapters`` and wait for its ``READY port=N`` line.
+
+    ``extra_args`` go after the required ones. Unless they say how to treat the broker's
+    decision token (``--broker-public-key`` or ``--no-decision-token``), the adapter runs with
+    ``--no-decision-token``: the adapter refuses to start without one of the two.
+    """
+    args = ["-m", "adapters", "--record-type", record_type]
+    args += ["--dataset-dir", str(dataset_dir), "--port", "0", *extra_args]
+    if not {"--broker-public-key", "--no-decision-token"} & set(extra_args):
+        args.append("--no-decision-token")
+    return start_process(args, log, record_type)
+
+
+def start_process(args: list[str], log: Path, record_type: str) -> AdapterProcess:
+    """Start ``python ARGS`` (an adapter process) and wait for its ``READY port=N`` line."""
     with log.open("w") as stderr:
         process = subprocess.Popen(
-            args,
+            [sys.executable, *args],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=stderr,

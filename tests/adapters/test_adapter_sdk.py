@@ -265,7 +265,7 @@ def reason_of(error: grpc.RpcError) -> str | None:
 async def fetch(
     adapters: Sequence[sdk.Adapter], request: adapter_pb2.FetchRequest
 ) -> adapter_pb2.FetchResponse | grpc.aio.AioRpcError:
-    server, port = await sdk.serve(adapters)
+    server, port = await sdk.serve(adapters, verifier=None)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = adapter_pb2_grpc.DepartmentAdapterStub(channel)
@@ -346,10 +346,10 @@ def test_service_hides_unexpected_errors_and_logs_no_contents(
 
 def test_service_needs_distinct_known_record_types() -> None:
     with pytest.raises(ValueError, match="two adapters"):
-        sdk.AdapterService([FakeAdapter("marriage"), FakeAdapter("marriage")])
+        sdk.AdapterService([FakeAdapter("marriage"), FakeAdapter("marriage")], verifier=None)
     odd = FakeAdapter("household")
     odd.record_type = "vehicle"
     with pytest.raises(ValueError, match="unknown record type"):
-        sdk.AdapterService([odd])
+        sdk.AdapterService([odd], verifier=None)
     with pytest.raises(ValueError, match="no adapters"):
-        sdk.AdapterService([])
+        sdk.AdapterService([], verifier=None)

@@ -26,13 +26,14 @@ from broker.auth import (
     REQUIRED_CLAIMS,
     Authenticator,
     Clerk,
+    DepartmentPrincipal,
     DevIdentityProvider,
     TrustedIssuer,
     VerifyingKey,
     jwk_thumbprint,
     load_issuer,
 )
-from broker.errors import Unauthenticated
+from broker.errors import PermissionDenied, Unauthenticated
 
 NOW = 1_760_000_000.0
 ISS = "https://idp.example.gov.cn/realms/halls"
@@ -144,7 +145,7 @@ def assert_no_leak(secret: str, err: Unauthenticated, caplog: pytest.LogCaptureF
 
 
 def assert_rejected(
-    check: Callable[[], Clerk],
+    check: Callable[[], object],
     secret: str,
     reason: str,
     caplog: pytest.LogCaptureFixture,
@@ -619,3 +620,130 @@ def test_dev_idp_ttl_and_extra_claims(tmp_path: Path, caplog: pytest.LogCaptureF
 def test_dev_idp_refuses_bad_input(tmp_path: Path, kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         DevIdentityProvider(tmp_path).issue(**kwargs)
+
+
+# --- department and operator credentials (Registry callers) ------------------------------------
+
+
+def bearer_md(token: str) -> list[tuple[str, str | bytes]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+def test_department_credential_round_trip(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    idp = DevIdentityProvider(tmp_path)
+    token = idp.issue_department("civil_affairs", now=NOW)
+    auth = Authenticator([idp.trusted_issuer()], clock=lambda: NOW)
+    principal = auth.verify_department(bearer_md(token))
+    assert principal == DepartmentPrincipal(
+        "adapter:civil_affairs", ("department",), "civil_affairs", DevIdentityProvider.ISSUER
+    )
+    assert principal.is_department
+    assert not principal.is_operator
+    assert principal.may_act_for("civil_affairs")
+    assert not principal.may_act_for("public_security")
+    assert not principal.may_act_for("")
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert "office" not in claims  # a department credential names no office
+    assert claims["exp"] - claims["iat"] == 24 * 3600
+    assert token not in caplog.text
+    named = idp.issue_department("civil_affairs", sub="marriage-adapter-2", now=NOW)
+    assert auth.verify_department(bearer_md(named)).sub == "marriage-adapter-2"
+
+
+def test_operator_token_acts_for_every_department(tmp_path: Path) -> None:
+    idp = DevIdentityProvider(tmp_path)
+    auth = Authenticator([idp.trusted_issuer()], clock=lambda: NOW)
+    principal = auth.verify_department(bearer_md(idp.issue_operator("ops-1", now=NOW)))
+    assert (principal.sub, principal.roles, principal.department) == ("ops-1", ("operator",), "")
+    assert principal.is_operator
+    assert principal.may_act_for("civil_affairs")
+    assert principal.may_act_for("public_security")
+
+
+def test_a_department_credential_is_no_clerk_token(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    idp = DevIdentityProvider(tmp_path)
+    auth = Authenticator([idp.trusted_issuer()], clock=lambda: NOW)
+    token = idp.issue_department("civil_affairs", now=NOW)
+    assert_rejected(
+        lambda: auth.authenticate(bearer_md(token)),
+        token,
+        "TOKEN_MISSING_CLAIM",
+        caplog,
+        claim="office",
+    )
+
+
+def test_a_clerk_token_is_no_registry_credential(tmp_path: Path) -> None:
+    idp = DevIdentityProvider(tmp_path)
+    auth = Authenticator([idp.trusted_issuer()], clock=lambda: NOW)
+    clerk = bearer_md(idp.issue("clerk-7", ["window_clerk"], "hall-1", now=NOW))
+    with pytest.raises(PermissionDenied) as info:
+        auth.verify_department(clerk)
+    assert info.value.reason == "ROLE_NOT_ALLOWED"
+    # registry_principal verifies without the role check, so the refusal can name the caller.
+    principal = auth.registry_principal(clerk)
+    assert (principal.sub, principal.is_department, principal.is_operator) == (
+        "clerk-7",
+        False,
+        False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason", "claim"),
+    [
+        ({}, "TOKEN_MISSING_CLAIM", "dept"),
+        ({"dept": ""}, "TOKEN_BAD_CLAIM", "dept"),
+        ({"dept": ["civil_affairs"]}, "TOKEN_BAD_CLAIM", "dept"),
+        ({"dept": "Civil Affairs"}, "TOKEN_BAD_CLAIM", "dept"),
+        ({"dept": "civil_affairs\n"}, "TOKEN_BAD_CLAIM", "dept"),
+        ({"roles": "department", "dept": "civil_affairs"}, "TOKEN_BAD_CLAIM", "roles"),
+    ],
+)
+def test_department_credentials_need_a_clean_dept_claim(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    extra: dict[str, object],
+    reason: str,
+    claim: str,
+) -> None:
+    idp = DevIdentityProvider(tmp_path)
+    auth = Authenticator([idp.trusted_issuer()], clock=lambda: NOW)
+    token = idp.issue("adapter-1", ["department"], "unused", now=NOW, extra_claims=extra)
+    assert_rejected(
+        lambda: auth.verify_department(bearer_md(token)), token, reason, caplog, claim=claim
+    )
+
+
+def test_department_credentials_are_verified_like_any_token(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    idp = DevIdentityProvider(tmp_path)
+    auth = Authenticator([idp.trusted_issuer()], clock=lambda: NOW)
+    expired = idp.issue_department("civil_affairs", ttl_s=60, now=NOW - 120)
+    assert_rejected(
+        lambda: auth.verify_department(bearer_md(expired)), expired, "TOKEN_EXPIRED", caplog
+    )
+    stranger = DevIdentityProvider(tmp_path / "elsewhere").issue_department("civil_affairs")
+    assert_rejected(
+        lambda: auth.verify_department(bearer_md(stranger)), stranger, "TOKEN_UNKNOWN_KID", caplog
+    )
+    with pytest.raises(Unauthenticated) as info:
+        auth.verify_department([])
+    assert info.value.reason == "TOKEN_MISSING"
+
+
+@pytest.mark.parametrize(
+    "issue",
+    [
+        lambda idp: idp.issue_department(""),
+        lambda idp: idp.issue_department("civil_affairs", ttl_s=0),
+        lambda idp: idp.issue_operator(""),
+        lambda idp: idp.issue_operator("ops", ttl_s=-1),
+    ],
+)
+def test_dev_idp_refuses_bad_principal_input(tmp_path: Path, issue: Any) -> None:
+    with pytest.raises(ValueError):
+        issue(DevIdentityProvider(tmp_path))

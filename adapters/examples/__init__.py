@@ -1,0 +1,1 @@
+"""Example department adapters written against the SDK, short enough to copy."""

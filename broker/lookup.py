@@ -1,0 +1,256 @@
+"""One lookup item — one record type about one citizen — shared by ``Lookup`` and ``LookupMatter``.
+
+Both RPCs run every item through the same :class:`ItemPipeline`: decide by policy
+(:meth:`~ItemPipeline.authorize`), fetch from the department and minimize and mask
+(:meth:`~ItemPipeline.fetch`), then describe it for the audit log (:func:`event`). Keeping one
+copy is what guarantees that a record released inside a bundle is released exactly as a single
+lookup would release it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import time
+import uuid
+from collections.abc import Container, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import grpc
+
+from broker import errors
+from broker.audit import AuditEvent
+from broker.auth import Clerk
+from broker.metrics import Metrics
+from broker.policy import Decision, PolicySet, Request
+from broker.routing import Router
+from certbroker import fields as record_fields
+from certbroker.v1 import broker_pb2, records_pb2
+
+log = logging.getLogger(__name__)
+
+_CONSENT_PREFIX = "CONSENT_METHOD_"
+
+#: Part of the caller's remaining time kept back from the departments for writing the audit
+#: entries and sending the answer, so the answer leaves before the caller's deadline.
+RESERVE_SHARE = 0.2
+#: Upper bound of that reserve: an fsync or two, with room for a busy event loop.
+RESERVE_MAX_S = 0.25
+
+
+def consent_name(method: broker_pb2.ConsentMethod.ValueType) -> str:
+    """Proto consent enum → the policy/audit name ("id_card_read"); "" when unspecified."""
+    if method == broker_pb2.CONSENT_METHOD_UNSPECIFIED:
+        return ""
+    try:
+        return broker_pb2.ConsentMethod.Name(method).removeprefix(_CONSENT_PREFIX).lower()
+    except ValueError:
+        raise errors.InvalidArgument(
+            "UNKNOWN_CONSENT_METHOD",
+            "consent.method is not a known consent method",
+            argument="consent.method",
+        ) from None
+
+
+def consent_value(name: str) -> broker_pb2.ConsentMethod.ValueType:
+    """Policy/audit consent name → the proto enum value."""
+    return broker_pb2.ConsentMethod.Value(_CONSENT_PREFIX + name.upper())
+
+
+def safe_consent(method: broker_pb2.ConsentMethod.ValueType) -> str:
+    """:func:`consent_name`, or "" for an unknown value (for audit entries of bad requests)."""
+    try:
+        return consent_name(method)
+    except errors.BrokerError:
+        return ""
+
+
+def invocation_metadata(
+    context: grpc.aio.ServicerContext[Any, Any],
+) -> Sequence[tuple[str, str | bytes]]:
+    """The call's metadata as pairs (what :meth:`Authenticator.authenticate` takes)."""
+    # grpc-stubs type aio metadata as a Mapping; at run time it is a sequence of pairs.
+    return cast(Sequence[tuple[str, str | bytes]], context.invocation_metadata() or ())
+
+
+def fetch_budget(context: grpc.aio.ServicerContext[Any, Any], cap_s: float) -> float:
+    """Seconds the departments may take for this call: the caller's remaining time less a
+    reserve for the audit write and the answer, capped by the configured adapter timeout."""
+    remaining: float | None = context.time_remaining()
+    if remaining is None or not math.isfinite(remaining):  # the caller set no deadline
+        return cap_s
+    reserve = min(RESERVE_MAX_S, remaining * RESERVE_SHARE)
+    return max(0.0, min(cap_s, remaining - reserve))
+
+
+@dataclass
+class Trace:
+    """What the audit entry says about one item, filled in as the item proceeds."""
+
+    clerk: Clerk | None = None
+    subject_id: str = ""
+    decision: Decision | None = None
+    department: str = ""
+    decision_id: str = ""
+    bundle_id: str = ""
+    relation: str = ""
+
+
+def as_broker_error(exc: BaseException) -> errors.BrokerError:
+    """``exc`` as the caller will see it: unknown exceptions become a generic INTERNAL."""
+    if isinstance(exc, errors.BrokerError):
+        return exc
+    log.error("unexpected error", exc_info=exc)
+    return errors.Internal("INTERNAL", "internal error")
+
+
+class ItemPipeline:
+    """Authorize → fetch → minimize for one (subject, record type), with its metrics."""
+
+    def __init__(self, router: Router, metrics: Metrics) -> None:
+        self._router = router
+        self._metrics = metrics
+
+    def authorize(
+        self,
+        policy: PolicySet,
+        request: broker_pb2.LookupRequest,
+        consent: str,
+        fields: tuple[str, ...],
+        now: dt.datetime,
+        trace: Trace,
+    ) -> Decision:
+        """Decide ``request`` for ``trace.clerk`` (authenticated, request validated).
+
+        Raises ``InvalidArgument`` for names the policy does not know and ``PermissionDenied``
+        (``POLICY_DENIED``, with the rule and condition) when the policy denies. On allow, the
+        trace gets a fresh decision id.
+        """
+        assert trace.clerk is not None, "authenticate before authorizing"
+        policy.check_request(request.record_type, request.matter_code, fields)
+        decision = policy.decide(
+            Request(
+                clerk=trace.clerk,
+                record_type=request.record_type,
+                matter_code=request.matter_code,
+                case_number=request.case_number,
+                consent_method=consent,
+                fields=fields,
+                now=now,
+            )
+        )
+        trace.decision = decision
+        trace.department = decision.department
+        if not decision.allowed:
+            raise errors.PermissionDenied(
+                "POLICY_DENIED",
+                decision.reason,
+                rule=decision.rule_id,
+                condition=decision.condition,
+            )
+        trace.decision_id = uuid.uuid4().hex
+        return decision
+
+    async def fetch(
+        self, record_type: str, decision: Decision, trace: Trace, timeout_s: float
+    ) -> broker_pb2.LookupResponse:
+        """Fetch the allowed record within ``timeout_s`` and release only what ``decision``
+        allows, masked. Source errors arrive as ``BrokerError``s naming the department."""
+        source = self._router.source(record_type)
+        adapter_started = time.perf_counter()
+        try:
+            fetched = await source.fetch(
+                record_type, trace.subject_id, decision.fields, trace.decision_id, timeout_s
+            )
+        except errors.BrokerError as exc:
+            self._metrics.adapter_errors.labels(decision.department, exc.code.name).inc()
+            raise
+        finally:
+            self._metrics.adapter_latency.labels(decision.department).observe(
+                time.perf_counter() - adapter_started
+            )
+        response = broker_pb2.LookupResponse(
+            record=minimized(fetched.record, record_type, decision),
+            withheld_fields=decision.withheld,
+            masked_fields=sorted(decision.masks),
+            department=decision.department,
+            from_cache=False,
+            decision_id=trace.decision_id,
+            rule_id=decision.rule_id,
+        )
+        response.as_of.FromDatetime(fetched.as_of)
+        return response
+
+    def count(self, record_type: str, policy: PolicySet, trace: Trace, status: str) -> None:
+        """Count one finished item in ``certbroker_lookups``."""
+        decision = trace.decision
+        self._metrics.lookups.labels(
+            label(record_type, policy.record_types),
+            "" if decision is None else ("allow" if decision.allowed else "deny"),
+            trace.department,
+            status,
+        ).inc()
+
+
+def label(name: str, known: Container[str]) -> str:
+    """A metric label value: only catalogue names, so a caller cannot mint new time series."""
+    return name if name in known else "invalid"
+
+
+def minimized(
+    record: records_pb2.Record, record_type: str, decision: Decision
+) -> records_pb2.Record:
+    """Defence in depth: whatever the department sent, release only what the decision allows."""
+    out = records_pb2.Record()
+    out.CopyFrom(record)
+    inner = getattr(out, record_type)
+    record_fields.keep_fields(inner, decision.fields)
+    record_fields.apply_masks(inner, decision.masks)
+    return out
+
+
+def outcome(failure: BaseException | None) -> tuple[str, str]:
+    """(outcome, status) for the audit entry; unknown exceptions are INTERNAL, as callers see."""
+    if failure is None:
+        return "OK", "OK"
+    if isinstance(failure, errors.BrokerError):
+        return failure.reason, failure.code.name
+    return "INTERNAL", "INTERNAL"
+
+
+def event(
+    request: broker_pb2.LookupRequest,
+    policy: PolicySet,
+    trace: Trace,
+    result: tuple[str, str],
+    latency_ms: float,
+) -> AuditEvent:
+    """The audit entry (kind "lookup") of one item; ``result`` is (outcome, status)."""
+    clerk, decision = trace.clerk, trace.decision
+    known = request.record_type in policy.record_types
+    # Unvalidated caller input is recorded only once validated (or cut short and cleaned), so a
+    # malformed request cannot write garbage or control characters into the log.
+    return AuditEvent(
+        kind="lookup",
+        clerk=clerk.sub if clerk else "",
+        office=clerk.office if clerk else "",
+        roles=clerk.roles if clerk else (),
+        subject_id=trace.subject_id,
+        matter_code=request.matter_code if decision else "",
+        case_number=request.case_number if decision else "",
+        consent_method=safe_consent(request.consent.method),
+        record_type=request.record_type if known else "",
+        decision="" if decision is None else ("allow" if decision.allowed else "deny"),
+        rule_id=decision.rule_id if decision else "",
+        withheld_fields=decision.withheld if decision else (),
+        outcome=result[0],
+        status=result[1],
+        policy_version=policy.version,
+        department=trace.department,
+        latency_ms=round(latency_ms, 3),
+        decision_id=trace.decision_id,
+        bundle_id=trace.bundle_id,
+        relation=trace.relation,
+    )

@@ -13,12 +13,13 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import bundle
+from bench import audit_verify, bundle
 from bench.harness import ROOT, BenchError, Options, Result, render, write_section
 
 #: Scenario name → its ``run``. A new scenario is a module in bench/ and one line here.
 SCENARIOS: dict[str, Callable[[Options], Result]] = {
     "bundle": bundle.run,
+    "audit-verify": audit_verify.run,
 }
 RESULTS_FILE = ROOT / "docs" / "benchmarks.md"
 

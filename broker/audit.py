@@ -56,8 +56,16 @@ body's values.
 
 What a chain cannot show by itself: entries cut from the *end*, or a rewrite of every entry
 from some point on. Both are caught by comparing with a head hash kept elsewhere (a
-:class:`Receipt`, or :attr:`VerifyReport.head_hash` published earlier); anchoring the head is the
-Merkle-tree work.
+:class:`Receipt`, or :attr:`VerifyReport.head_hash` published earlier) -- or a signed checkpoint:
+
+Merkle tree: the entries are also the leaves of an RFC 9162 Merkle tree (:mod:`broker.merkle`).
+Leaf *i* (0-based) is entry ``seq = i + 1`` and its leaf hash is ``SHA-256(0x00 || UTF-8(body))``
+over the ``body`` column text exactly as stored (the same text the chain covers; in an export,
+the bytes after ``"body":`` on the entry's line). The tree's frontier and perfect-subtree nodes
+are stored in the same transaction as the entries (:mod:`broker.audit_tree`); signed
+checkpoints and proofs are in :mod:`broker.audit_proofs`, export and verification with named
+problems and exit codes in :mod:`broker.audit_export` / :mod:`broker.audit_verify`.
+The chain is kept: old logs verify unchanged and it locates an edited entry exactly.
 
 Write path
 ----------

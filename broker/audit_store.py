@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from broker.audit_tree import TREE_SCHEMA, TreeWriter, backfill
 from broker.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,15 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS audit_log_clerk ON audit_log (clerk)",
     "CREATE INDEX IF NOT EXISTS audit_log_subject ON audit_log (subject_id)",
     "CREATE INDEX IF NOT EXISTS audit_log_time ON audit_log (time)",
+    *TREE_SCHEMA,
+    # Signed checkpoints of the Merkle tree (broker.audit_proofs); the note is what auditors get.
+    """CREATE TABLE IF NOT EXISTS checkpoints (
+        id        INTEGER PRIMARY KEY,
+        size      INTEGER NOT NULL,
+        root_hash BLOB NOT NULL,
+        time      TEXT NOT NULL,
+        note      TEXT NOT NULL
+    )""",
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
 _ROW_COLUMNS = "seq, body, prev_hash, entry_hash, " + ", ".join(INDEXED_COLUMNS)
@@ -163,6 +173,7 @@ class SQLiteStore:
         try:
             for statement in _SCHEMA:
                 conn.execute(statement)
+            backfill(conn)  # a log written before the Merkle tables: add its leaves
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)
@@ -190,6 +201,9 @@ class SQLiteStore:
                 "SELECT seq, entry_hash FROM audit_log ORDER BY seq DESC LIMIT 1"
             ).fetchone()
             seq, prev = (0, GENESIS_HASH) if tail is None else (int(tail[0]), str(tail[1]))
+            tree = TreeWriter(conn)
+            if tree.range.size != seq:
+                raise RuntimeError(f"merkle tree has {tree.range.size} leaves, log {seq} entries")
             rows: list[StoredRow] = []
             for fields in bodies:
                 seq += 1
@@ -198,7 +212,9 @@ class SQLiteStore:
                 columns = {name: str(fields[name]) for name in INDEXED_COLUMNS}
                 conn.execute(_INSERT, (seq, *columns.values(), body, prev, entry_hash))
                 rows.append(StoredRow(seq, body, prev, entry_hash, columns))
+                tree.append(body)
                 prev = entry_hash
+            tree.flush()  # the tree's nodes commit with the entries, or not at all
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)

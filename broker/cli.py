@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 
-from broker import audit, cli_adapters, client, config, policy
+from broker import audit, cli_adapters, cli_audit_log, client, config, policy
 from broker.auth import DevIdentityProvider
 
 DEFAULT_STATE = Path(".certbroker")
@@ -183,19 +183,6 @@ def _audit_db(args: argparse.Namespace) -> Path:
     return Path(args.db or args.state_dir / "audit.sqlite")
 
 
-def cmd_audit_verify(args: argparse.Namespace) -> int:
-    path = _audit_db(args)
-    if not path.exists():
-        print(f"error: no audit log at {path}", file=sys.stderr)
-        return 2
-    report = audit.verify(path)
-    if report.ok:
-        print(f"ok: {report.entries} entries, hash chain intact")
-        return 0
-    print(f"TAMPERED: first bad entry at index {report.first_bad}: {report.problem}")
-    return 1
-
-
 def cmd_audit_query(args: argparse.Namespace) -> int:
     path = _audit_db(args)
     if not path.exists():
@@ -324,10 +311,7 @@ def parser() -> argparse.ArgumentParser:
     aud = sub.add_parser("audit", help="verify and query the audit log").add_subparsers(
         dest="audit_command", required=True
     )
-    s = aud.add_parser("verify", help="recompute the hash chain")
-    state(s)
-    s.add_argument("--db", type=Path, help="audit database (default <state-dir>/audit.sqlite)")
-    s.set_defaults(func=cmd_audit_verify)
+    cli_audit_log.add_integrity_parsers(aud, state)
     s = aud.add_parser("query", help="list entries matching filters")
     state(s)
     s.add_argument("--db", type=Path)

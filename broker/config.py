@@ -55,6 +55,10 @@ class Config:
     state_dir: Path = Path(".certbroker")
     policy_dir: Path = DEFAULT_POLICY_DIR
     audit_path: Path | None = None  # default: <state_dir>/audit.sqlite
+    # Checkpoint signing key (PKCS#8 PEM, created if missing, public key <name>.pub.pem
+    # beside it); default <state_dir>/checkpoint-key/signing-key.pem + public-key.pem.
+    checkpoint_key: Path | None = None
+    checkpoint_interval_s: float = 60.0  # sign a checkpoint this often (when the log grew)
     dataset_dir: Path | None = None  # default: <state_dir>/datasets
     leeway_s: int = 30
     dev_idp: bool = True  # trust tokens printed by `certbroker token issue` for this state dir
@@ -105,7 +109,11 @@ _SECTIONS: Mapping[str, Mapping[str, tuple[str, type]]] = {
         "state_dir": ("state_dir", Path),
     },
     "policy": {"dir": ("policy_dir", Path)},
-    "audit": {"path": ("audit_path", Path)},
+    "audit": {
+        "path": ("audit_path", Path),
+        "checkpoint_key": ("checkpoint_key", Path),
+        "checkpoint_interval_s": ("checkpoint_interval_s", float),
+    },
     "datasets": {"dir": ("dataset_dir", Path)},
     "auth": {"leeway_s": ("leeway_s", int), "dev_idp": ("dev_idp", bool)},
     "routing": {

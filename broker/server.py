@@ -1,14 +1,16 @@
 """Wiring: builds the gRPC server from a ``Config`` and runs it.
 
-The server carries the CertificateBroker and Registry services, the standard health service and
-server reflection (so ``grpcurl`` works), behind one small interceptor that maps exceptions to
-gRPC status — the only place where that mapping happens.
+The server carries the CertificateBroker, Registry and Audit services, the standard health
+service and server reflection (so ``grpcurl`` works), behind one small interceptor that maps
+exceptions to gRPC status (unary and server-streaming alike) — the only place where that
+mapping happens.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import signal
@@ -26,6 +28,8 @@ from grpc_status import rpc_status
 
 from broker import errors, policy
 from broker.audit import SQLiteAuditLog
+from broker.audit_proofs import CheckpointSigner, checkpoint_task
+from broker.audit_service import AuditService
 from broker.auth import Authenticator, DevIdentityProvider, TrustedIssuer, load_issuer
 from broker.breaker import BreakerBoard
 from broker.config import Config
@@ -36,7 +40,14 @@ from broker.registry_store import RegistryStore
 from broker.routing import Router, build_router
 from broker.routing_channels import channel_credentials
 from broker.service import CertificateBrokerService
-from certbroker.v1 import broker_pb2, broker_pb2_grpc, registry_pb2, registry_pb2_grpc
+from certbroker.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    broker_pb2,
+    broker_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,24 +68,63 @@ class ErrorMapping(_Interceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler  # health watch and reflection streams map their own errors
-        inner = handler.unary_unary
+        if handler is None:
+            return handler
+        if handler.unary_unary is not None:
+            return _guard_unary(handler)
+        if handler.unary_stream is not None:
+            return _guard_stream(handler)
+        return handler  # health watch and reflection streams map their own errors
 
-        async def guarded(request: Any, context: Any) -> Any:
-            try:
-                return await inner(request, context)
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the one mapping point
-                _code, _message, status = errors.to_status(exc)
-                await context.abort_with_status(rpc_status.to_status(status))
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+async def _abort(context: Any, exc: Exception) -> None:
+    _code, _message, status = errors.to_status(exc)
+    await context.abort_with_status(rpc_status.to_status(status))
+
+
+def _guard_unary(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    inner = handler.unary_unary
+    assert inner is not None
+
+    async def guarded(request: Any, context: Any) -> Any:
+        try:
+            return await inner(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one mapping point
+            await _abort(context, exc)
+
+    return grpc.unary_unary_rpc_method_handler(
+        guarded,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _guard_stream(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    """Server-streaming handlers (async generators, or coroutines writing to the context)."""
+    stream = handler.unary_stream
+    assert stream is not None
+    inner: Callable[..., Any] = stream
+
+    async def guarded(request: Any, context: Any) -> AsyncIterator[Any]:
+        try:
+            result = inner(request, context)
+            if inspect.isasyncgen(result):
+                async for message in result:
+                    yield message
+            else:
+                await result
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one mapping point
+            await _abort(context, exc)
+
+    return grpc.unary_stream_rpc_method_handler(
+        guarded,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 class PolicyHolder:
@@ -127,8 +177,11 @@ class Broker:
     breakers: BreakerBoard
     signer: DecisionSigner
     _metrics_http: WSGIServer
+    checkpoint_signer: CheckpointSigner
+    _checkpoints: asyncio.Task[None]
 
     async def stop(self, grace: float | None = 1.0) -> None:
+        self._checkpoints.cancel()
         await self.server.stop(grace)
         await self.router.aclose()
         await self.audit.aclose()
@@ -142,11 +195,13 @@ async def start(
     *,
     lease_clock: Callable[[], float] = time.time,
     breaker_clock: Callable[[], float] = time.monotonic,
+    audit_clock: Callable[[], float] = time.time,
 ) -> Broker:
     """Start a broker on ``config``'s ports (0 = any free port) and return it.
 
     ``lease_clock`` (epoch seconds) drives registry leases, ``breaker_clock`` (monotonic
-    seconds) the circuit breakers; tests pass fakes to step through time.
+    seconds) the circuit breakers, ``audit_clock`` (epoch seconds) the audit entries' times;
+    tests pass fakes to step through time.
     """
     # First: a TLS file that cannot be read stops the start before anything needs closing.
     credentials = channel_credentials(config.tls_ca, config.tls_cert, config.tls_key)
@@ -171,7 +226,8 @@ async def start(
         credentials=credentials,
         timeout_s=config.adapter_timeout_s,
     )
-    audit = SQLiteAuditLog(config.audit_file)
+    audit = SQLiteAuditLog(config.audit_file, clock=audit_clock)
+    checkpoint_signer = CheckpointSigner.load(config.state_dir, config.checkpoint_key)
     auth = authenticator(config)
     service = CertificateBrokerService(
         auth,
@@ -186,19 +242,24 @@ async def start(
     registry_pb2_grpc.add_RegistryServicer_to_server(
         RegistryService(auth, policies, registry, breakers, audit), server
     )
+    audit_pb2_grpc.add_AuditServicer_to_server(
+        AuditService(auth, policies, audit, config.audit_file), server
+    )
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_name = broker_pb2.DESCRIPTOR.services_by_name["CertificateBroker"].full_name
     registry_name = registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name
+    audit_name = audit_pb2.DESCRIPTOR.services_by_name["Audit"].full_name
     reflection.enable_server_reflection(
-        (service_name, registry_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (service_name, registry_name, audit_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        server,
     )
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot bind gRPC port {config.host}:{config.port}")
     await server.start()
     metrics_http, metrics_port = metrics.serve(config.host, config.metrics_port)
-    for name in ("", service_name, registry_name):
+    for name in ("", service_name, registry_name, audit_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "certbroker serving on %s:%d (metrics :%d), policy %s",
@@ -219,6 +280,11 @@ async def start(
         breakers,
         signer,
         metrics_http,
+        checkpoint_signer,
+        asyncio.create_task(
+            checkpoint_task(config.audit_file, checkpoint_signer, config.checkpoint_interval_s),
+            name="certbroker-audit-checkpoints",
+        ),
     )
 
 

@@ -139,7 +139,7 @@ def test_serve_token_lookup_audit_session(served: Served, dataset_dir: Path) -> 
             "UPDATE audit_log SET body = replace(body, 'clerk-cli', 'clerk-xxx') WHERE seq = 2"
         )
     tampered = run("audit", "verify", "--db", str(db), check=False)
-    assert tampered.returncode == 1
+    assert tampered.returncode == 10  # EDITED (broker.audit_verify exit codes)
     assert "first bad entry at index 2" in tampered.stdout
 
 

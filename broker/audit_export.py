@@ -1,0 +1,212 @@
+"""Export a segment of the audit log as JSON Lines, and verify exports and the live database.
+
+Export file format (UTF-8, one JSON value per line, ``\\n`` line ends)::
+
+    {"certbroker_audit_export":1,"checkpoints":[<note>,...],"frontier":[<hex>,...],
+     "from":N,"origin":"certbroker/audit","prev_hash":"<hex>","to":M}
+    {"seq":N,"entry_hash":"<64 hex>","body":<the stored body, byte for byte>}
+    ...                                             one line per entry, N..M in order
+
+The first line (header) carries the signed checkpoint notes with ``N-1 <= size <= M``, the chain
+hash of entry ``N-1`` (``prev_hash``; 64 zeros for N = 1) and the Merkle frontier of the first
+``N-1`` entries (hex, leftmost first), so a segment that does not start at 1 can still be
+checked against checkpoints (a false frontier cannot match a signed root). Each entry line is
+written with exactly that key order and spacing, and ``body`` is the stored canonical body
+text embedded verbatim: the Merkle leaf and the chain are computed over those bytes, so the
+verifier slices them out without re-encoding (see :mod:`broker.audit`).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import IO, Any, Final
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from broker import checkpoint
+from broker.audit import verify as verify_chain
+from broker.audit_proofs import ORIGIN, checkpoints
+from broker.audit_store import GENESIS_HASH, connect_readonly
+from broker.audit_tree import load_state, node_reader
+from broker.audit_verify import (
+    EDITED,
+    MALFORMED,
+    REWRITTEN,
+    Entry,
+    IntegrityReport,
+    check_entries,
+    open_checkpoints,
+)
+from broker.merkle import CompactRange, leaf_hash
+
+FORMAT: Final = 1
+_PREFIX: Final = b'{"seq":'
+_HASH_KEY: Final = b',"entry_hash":"'
+_BODY_KEY: Final = b'","body":'
+
+
+def _frontier(conn: sqlite3.Connection, size: int) -> list[bytes]:
+    """The CompactRange frontier of the first ``size`` leaves, from stored nodes."""
+    node = node_reader(conn)
+    out: list[bytes] = []
+    start = 0
+    for level in range(size.bit_length() - 1, -1, -1):
+        if size >> level & 1:
+            out.append(node(level, start >> level))
+            start += 1 << level
+    return out
+
+
+def export(db: Path, out: IO[bytes], first: int = 1, last: int | None = None) -> tuple[int, int]:
+    """Write entries ``first..last`` (default: to the end) of ``db`` to ``out``; returns the
+    range written. Reads one consistent snapshot."""
+    with closing(connect_readonly(Path(db))) as conn:
+        conn.execute("BEGIN")  # one read snapshot for header and entries
+        size, _ = load_state(conn)
+        last = size if last is None else last
+        if not 1 <= first <= last + 1 or last > size:
+            raise ValueError(f"range {first}..{last} outside the log's 1..{size}")
+        prev = GENESIS_HASH
+        if first > 1:
+            row = conn.execute("SELECT entry_hash FROM audit_log WHERE seq = ?", (first - 1,))
+            prev = str(row.fetchone()[0])
+        header = {
+            "certbroker_audit_export": FORMAT,
+            "origin": ORIGIN,
+            "from": first,
+            "to": last,
+            "prev_hash": prev,
+            "frontier": [h.hex() for h in _frontier(conn, first - 1)],
+            "checkpoints": [c.note for c in checkpoints(conn, first - 1, last)],
+        }
+        out.write(json.dumps(header, sort_keys=True, separators=(",", ":")).encode() + b"\n")
+        rows = conn.execute(
+            "SELECT seq, entry_hash, body FROM audit_log WHERE seq BETWEEN ? AND ? ORDER BY seq",
+            (first, last),
+        )
+        for seq, entry_hash, body in rows:
+            out.write(
+                b"%s%d%s%s%s%s}\n"
+                % (
+                    _PREFIX,
+                    seq,
+                    _HASH_KEY,
+                    str(entry_hash).encode(),
+                    _BODY_KEY,
+                    str(body).encode("utf-8"),
+                )
+            )
+    return first, last
+
+
+def _parse_line(line: bytes) -> Entry:
+    """Slice an entry line written by :func:`export`; ValueError if it is not one."""
+    if not line.startswith(_PREFIX) or not line.endswith(b"}\n"):
+        raise ValueError("not an entry line")
+    comma = line.index(b",", 7)
+    seq = int(line[7:comma])
+    h_end = comma + len(_HASH_KEY) + 64
+    if line[comma : comma + len(_HASH_KEY)] != _HASH_KEY or line[h_end : h_end + 9] != _BODY_KEY:
+        raise ValueError("entry line keys out of place")
+    return seq, line[h_end + 9 : -2], line[comma + len(_HASH_KEY) : h_end]
+
+
+def _entries(lines: Iterator[bytes]) -> Iterator[Entry]:
+    # The hot path of offline verification: plain slicing, no JSON decoding (see _parse_line).
+    hash_key, body_key, hk = _HASH_KEY, _BODY_KEY, len(_HASH_KEY)
+    for number, line in enumerate(lines, 2):
+        comma = line.find(b",", 7)
+        h_end = comma + hk + 64
+        try:
+            if (
+                line[:7] != _PREFIX
+                or line[-2:] != b"}\n"
+                or line[comma : comma + hk] != hash_key
+                or line[h_end : h_end + 9] != body_key
+            ):
+                yield _parse_line(line if line.endswith(b"\n") else line + b"\n")
+                continue
+            yield int(line[7:comma]), line[h_end + 9 : -2], line[comma + hk : h_end]
+        except ValueError as exc:
+            raise _Malformed(f"line {number}: {exc}") from None
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _header(line: bytes) -> dict[str, Any]:
+    data = json.loads(line)
+    if not isinstance(data, dict) or data.get("certbroker_audit_export") != FORMAT:
+        raise ValueError("first line is not a certbroker audit export header")
+    for key, kind in (("from", int), ("to", int), ("prev_hash", str)):
+        if not isinstance(data.get(key), kind):
+            raise ValueError(f"header field {key!r} missing or wrong")
+    if not isinstance(data.get("frontier"), list) or not isinstance(data.get("checkpoints"), list):
+        raise ValueError("header frontier/checkpoints missing")
+    return data
+
+
+def verify_export(path: Path, public_key: Ed25519PublicKey) -> IntegrityReport:
+    """Verify an export file offline with only the checkpoint public key."""
+    with path.open("rb") as f:
+        try:
+            head = _header(f.readline())
+            frontier = [bytes.fromhex(h) for h in head["frontier"]]
+            CompactRange(head["from"] - 1, frontier)  # validates the frontier's shape
+        except (ValueError, TypeError) as exc:
+            return IntegrityReport(MALFORMED, 0, None, f"header: {exc}")
+        heads, bad = open_checkpoints([str(n) for n in head["checkpoints"]], public_key)
+        if bad is not None:
+            return bad
+        try:
+            return check_entries(
+                _entries(iter(f)),
+                heads,
+                start=head["from"],
+                prev_hash=str(head["prev_hash"]).encode("ascii"),
+                frontier=frontier,
+                expected_last=head["to"],
+            )
+        except _Malformed as exc:
+            return IntegrityReport(MALFORMED, 0, None, str(exc))
+
+
+def _db_entries(conn: sqlite3.Connection) -> Iterator[Entry]:
+    for seq, body, entry_hash in conn.execute(
+        "SELECT seq, body, entry_hash FROM audit_log ORDER BY seq"
+    ):
+        yield int(seq), str(body).encode("utf-8"), str(entry_hash).encode("ascii")
+
+
+def verify_db(db: Path, public_key: Ed25519PublicKey | None) -> IntegrityReport:
+    """Verify the live database: chain, indexed columns, Merkle tables and, if a key is
+    given, every stored checkpoint (signature and root). Opens the file read-only."""
+    with closing(connect_readonly(Path(db))) as conn:
+        conn.execute("BEGIN")
+        notes = [c.note for c in checkpoints(conn)]
+        heads: list[checkpoint.Checkpoint] = []
+        if public_key is not None:
+            heads, bad = open_checkpoints(notes, public_key)
+            if bad is not None:
+                return bad
+        report = check_entries(_db_entries(conn), heads)
+        if not report.ok:
+            return report
+        size, frontier = load_state(conn)
+        tree = CompactRange()
+        for _, body, _ in _db_entries(conn):
+            tree.append(leaf_hash(body))
+        if size != tree.size or CompactRange(size, frontier).root() != tree.root():
+            msg = "the stored Merkle tree does not match the entries"
+            return IntegrityReport(REWRITTEN, report.entries, None, msg, len(heads))
+    chain = verify_chain(db)  # also compares the indexed columns with the hashed bodies
+    if not chain.ok:
+        return IntegrityReport(EDITED, chain.entries, chain.first_bad, chain.problem, len(heads))
+    if public_key is None:
+        report.notes.append("no checkpoint public key given: checkpoints not checked")
+    return report

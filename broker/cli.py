@@ -13,9 +13,11 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from broker import audit, cli_adapters, cli_audit_log, client, config, policy
 from broker.auth import DevIdentityProvider
@@ -61,15 +63,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.run(args.state_dir)
 
 
-def cmd_lookup(args: argparse.Namespace) -> int:
-    token = args.token or os.environ.get("CERTBROKER_TOKEN", "")
+def _clerk_token(args: argparse.Namespace) -> str | None:
+    token: str = args.token or os.environ.get("CERTBROKER_TOKEN", "")
     if not token:
         print(
             "error: pass --token or set CERTBROKER_TOKEN (see `certbroker token issue`)",
             file=sys.stderr,
         )
-        return 2
+        return None
+    return token
+
+
+def _call(args: argparse.Namespace, token: str, method: str, request: Message) -> Any:
+    """One broker call as a clerk; prints the error and returns None when it is refused."""
     channel, stub = client.stub(args.target)
+    try:
+        return getattr(stub, method)(request, metadata=client.bearer(token), timeout=args.timeout)
+    except grpc.RpcError as exc:
+        print(f"error: {client.call_error(exc)}", file=sys.stderr)
+        return None
+    finally:
+        channel.close()
+
+
+def _print_json(message: Message) -> None:
+    print(json_format.MessageToJson(message, preserving_proto_field_name=True, ensure_ascii=False))
+
+
+def cmd_lookup(args: argparse.Namespace) -> int:
+    token = _clerk_token(args)
+    if token is None:
+        return 2
     request = client.lookup_request(
         args.record_type,
         args.subject,
@@ -79,19 +103,11 @@ def cmd_lookup(args: argparse.Namespace) -> int:
         args.consent_ref,
         _split(args.fields),
     )
-    try:
-        response = stub.Lookup(request, metadata=client.bearer(token), timeout=args.timeout)
-    except grpc.RpcError as exc:
-        print(f"error: {client.call_error(exc)}", file=sys.stderr)
+    response = _call(args, token, "Lookup", request)
+    if response is None:
         return 1
-    finally:
-        channel.close()
     if args.json:
-        print(
-            json_format.MessageToJson(
-                response, preserving_proto_field_name=True, ensure_ascii=False
-            )
-        )
+        _print_json(response)
     else:
         print(f"{args.record_type} record of {args.subject}:")
         print("\n".join(client.record_lines(response)))
@@ -100,9 +116,8 @@ def cmd_lookup(args: argparse.Namespace) -> int:
 
 def cmd_lookup_matter(args: argparse.Namespace) -> int:
     """LookupMatter: exit 0 if every item came back, 3 if some did not, 1 if refused."""
-    token = args.token or os.environ.get("CERTBROKER_TOKEN", "")
-    if not token:
-        print("error: pass --token or set CERTBROKER_TOKEN", file=sys.stderr)
+    token = _clerk_token(args)
+    if token is None:
         return 2
     try:
         subjects = [client.parse_subject(s) for s in args.subject]
@@ -112,20 +127,11 @@ def cmd_lookup_matter(args: argparse.Namespace) -> int:
     request = client.lookup_matter_request(
         args.matter, args.case, subjects, args.consent, args.consent_ref
     )
-    channel, stub = client.stub(args.target)
-    try:
-        response = stub.LookupMatter(request, metadata=client.bearer(token), timeout=args.timeout)
-    except grpc.RpcError as exc:
-        print(f"error: {client.call_error(exc)}", file=sys.stderr)
+    response = _call(args, token, "LookupMatter", request)
+    if response is None:
         return 1
-    finally:
-        channel.close()
     if args.json:
-        print(
-            json_format.MessageToJson(
-                response, preserving_proto_field_name=True, ensure_ascii=False
-            )
-        )
+        _print_json(response)
     else:
         print(f"matter {args.matter}, case {args.case or '-'}:")
         print("\n".join(client.bundle_lines(response)))

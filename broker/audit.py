@@ -114,6 +114,7 @@ from broker.audit_store import (
     select_rows,
 )
 from broker.errors import Unavailable
+from broker.validation import CONTROL_CATEGORIES
 
 __all__ = [
     "AUDIT_UNAVAILABLE",
@@ -497,7 +498,7 @@ def _printable(text: str) -> str:
     # a crafted value cannot break the table or send escape sequences to the auditor's terminal.
     out = []
     for ch in text:
-        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+        if unicodedata.category(ch) in CONTROL_CATEGORIES:
             out.append(ch.encode("unicode_escape").decode("ascii"))
         else:
             out.append(ch)

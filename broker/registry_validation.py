@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import unicodedata
 from collections.abc import Sequence
 
+from broker import validation
 from broker.auth import DEPARTMENT_ID
 from broker.errors import InvalidArgument
 from certbroker.fields import RECORD_TYPES
@@ -24,19 +24,7 @@ _PORT = re.compile(r"[1-9][0-9]{0,4}")
 
 
 def _text(name: str, value: str, *, required: bool = True) -> str:
-    if not value:
-        if required:
-            raise InvalidArgument("MISSING_ARGUMENT", f"{name} is required", argument=name)
-        return value
-    if len(value) > LIMITS[name]:
-        raise InvalidArgument(
-            "ARGUMENT_TOO_LONG", f"{name} is longer than {LIMITS[name]} characters", argument=name
-        )
-    if any(unicodedata.category(c) in {"Cc", "Cf", "Zl", "Zp"} for c in value):
-        raise InvalidArgument(
-            "CONTROL_CHARACTERS", f"{name} contains control characters", argument=name
-        )
-    return value
+    return validation.text(name, value, required=required, limit=LIMITS[name])
 
 
 def department(value: str, *, required: bool = True) -> str:

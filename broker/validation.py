@@ -23,20 +23,33 @@ LIMITS = {
 }
 
 
-def text(name: str, value: str, *, required: bool) -> str:
-    """Check one string argument and return it unchanged."""
+#: Unicode categories refused in identifiers and escaped in tables: control, format (bidi
+#: overrides) and line/paragraph separators.
+CONTROL_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def has_control_characters(value: str) -> bool:
+    return any(unicodedata.category(c) in CONTROL_CATEGORIES for c in value)
+
+
+def text(name: str, value: str, *, required: bool, limit: int | None = None) -> str:
+    """Check one string argument and return it unchanged.
+
+    ``limit`` defaults to the argument's entry in :data:`LIMITS` (or the ``field`` limit).
+    """
     if not value:
         if required:
             raise InvalidArgument("MISSING_ARGUMENT", f"{name} is required", argument=name)
         return value
-    limit = LIMITS.get(name, LIMITS["field"])
+    if limit is None:
+        limit = LIMITS.get(name, LIMITS["field"])
     if len(value) > limit:
         raise InvalidArgument(
             "ARGUMENT_TOO_LONG", f"{name} is longer than {limit} characters", argument=name
         )
     # Cc/Cf/Zl/Zp: control, format (bidi overrides) and line separators have no place in an
     # identifier and would let a caller forge lines in logs and tables.
-    if any(unicodedata.category(c) in {"Cc", "Cf", "Zl", "Zp"} for c in value):
+    if has_control_characters(value):
         raise InvalidArgument(
             "CONTROL_CHARACTERS", f"{name} contains control characters", argument=name
         )

@@ -64,7 +64,11 @@ def percentile(samples: Sequence[float], q: float) -> float:
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A Markdown pipe table, padded so it also reads well in a terminal; numbers right."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    numeric = [all(_is_number(r[i]) for r in rows) for i in range(len(header))]
+    # A column of numbers stays one when some rows have none ("-": the row could not run).
+    numeric = [
+        all(_is_number(r[i]) or r[i] == "-" for r in rows) and any(_is_number(r[i]) for r in rows)
+        for i in range(len(header))
+    ]
 
     def line(cells: Sequence[str]) -> str:
         padded = [
@@ -101,10 +105,25 @@ def environment() -> str:
     """Where and when the numbers were taken (they mean little without it)."""
     load = os.getloadavg()[0]  # a busy machine stretches every number, and the tails most
     return (
-        f"Measured {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} CPU(s), "
-        f"{platform.system()} {platform.machine()}, Python {platform.python_version()}; "
-        f"load average {load:.1f} when it finished."
+        f"Measured {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} CPU(s)"
+        f"{_machine()}, {platform.system()} {platform.machine()}, "
+        f"Python {platform.python_version()}; load average {load:.1f} when it finished."
     )
+
+
+def _machine() -> str:
+    """`` (CPU model, N GiB RAM)`` from /proc on Linux; "" where that cannot be read."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        meminfo = Path("/proc/meminfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if "model name" in line),
+        "unknown CPU",
+    )
+    kib = next((int(line.split()[1]) for line in meminfo.splitlines() if "MemTotal" in line), 0)
+    return f" ({model}, {kib / 2**20:.0f} GiB RAM)"
 
 
 def write_section(path: Path, result: Result) -> None:

@@ -30,6 +30,8 @@ object with exactly these keys (strings unless stated)::
     relation         the subject's relation to the case within a bundle ("seller", ...), or ""
     item_entry_ids   array of strings: on a "bundle" entry, the entry ids of its items
     outcome_counts   object, outcome → number of items (integers): on a "bundle" entry
+    from_cache       boolean: true when the record was not fetched for this entry (served from
+                     the broker's record cache, or shared with an identical fetch in flight)
 
 ``kind`` is "lookup" for one record about one citizen (a ``Lookup``, or one item of a bundle,
 then with ``bundle_id`` and ``relation``) and "bundle" for the entry that closes a
@@ -37,8 +39,8 @@ then with ``bundle_id`` and ``relation``) and "bundle" for the entry that closes
 their outcomes; its own ``outcome``/``status`` are those of the call (an invalid or
 unauthenticated bundle has a bundle entry and no items).
 
-Compatibility: the last four keys were added without changing ``v``; entries written before
-lack them, and readers take a missing one as empty ("", [] or {}). The chain and its
+Compatibility: the last five keys were added without changing ``v``; entries written before
+lack them, and readers take a missing one as empty ("", [], {} or false). The chain and its
 verification are over the stored text and do not depend on which keys a body has.
 
 Canonical encoding: ``json.dumps(body, sort_keys=True, separators=(",", ":"),
@@ -70,66 +72,72 @@ The chain is kept: old logs verify unchanged and it locates an edited entry exac
 Write path
 ----------
 ``append`` only queues the entry (with its id and time) and awaits a future. One dedicated
-writer thread takes everything queued (up to ``max_batch``) and writes it in ONE transaction,
-one fsync: ``BEGIN IMMEDIATE``, read the stored tail, insert the chained rows, ``COMMIT``. Reading
-the tail inside the write lock keeps the chain right with several writer processes on one file.
+writer thread (:mod:`broker.audit_writer`) takes everything queued (up to ``max_batch``) and
+writes it in ONE transaction, one fsync: take the log's write lock, read the stored tail,
+insert the chained rows and tree nodes, COMMIT. Reading the tail under the lock keeps one chain
+with several writer processes: SQLite's ``BEGIN IMMEDIATE`` on one file
+(:mod:`broker.audit_sqlite`), or an advisory transaction lock on one PostgreSQL schema
+(:mod:`broker.audit_pg`, ``[audit] dsn``; append-only enforced by the database there).
 Every caller in the batch then gets its :class:`Receipt`; if the transaction fails, all of them
-get ``Unavailable`` and nothing of the batch is stored. The event loop never waits on disk.
+get ``Unavailable`` and nothing of the batch is stored. The event loop never waits on I/O.
 ``append_many`` queues several entries as one unit (``max_batch`` counts callers, not entries):
 they are consecutive and share a transaction, so a bundle's items and its bundle entry are
 stored together or not at all.
+
+Archival (:mod:`broker.audit_archive`) moves the oldest entries to signed export files; the
+live log then starts after them, chaining from the last archived hash.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-import sqlite3
-import time
-import unicodedata
-import uuid
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
-from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Protocol
 
+from broker.audit_db import AuditLocation, PostgresLocation, connect_read
+from broker.audit_log import (
+    BatchingAuditLog,
+    PostgresAuditLog,
+    Receipt,
+    SQLiteAuditLog,
+    open_audit_log,
+)
+from broker.audit_read import VerifyReport, verify
 from broker.audit_store import (
     AUDIT_UNAVAILABLE,
     GENESIS_HASH,
-    BatchStore,
-    GroupCommitWriter,
-    SQLiteStore,
     StoredRow,
     canonical_body,
     chain_hash,
-    check_chain,
-    connect_readonly,
-    epoch_time,
     iso_time,
-    iter_rows,
     select_rows,
 )
-from broker.errors import Unavailable
-from broker.validation import CONTROL_CATEGORIES
+from broker.audit_table import display_width, format_table
 
 __all__ = [
     "AUDIT_UNAVAILABLE",
     "GENESIS_HASH",
     "AuditEntry",
     "AuditEvent",
+    "AuditLocation",
     "AuditLog",
     "BatchingAuditLog",
+    "PostgresAuditLog",
+    "PostgresLocation",
     "QueryFilter",
     "Receipt",
     "SQLiteAuditLog",
     "VerifyReport",
     "canonical_body",
     "chain_hash",
+    "display_width",
     "format_table",
+    "open_audit_log",
     "query",
     "verify",
 ]
@@ -142,6 +150,7 @@ _LATER_FIELDS: Mapping[str, Any] = {
     "relation": "",
     "item_entry_ids": (),
     "outcome_counts": {},
+    "from_cache": False,
 }
 
 
@@ -172,15 +181,7 @@ class AuditEvent:
     relation: str = ""
     item_entry_ids: tuple[str, ...] = ()
     outcome_counts: Mapping[str, int] = dataclasses.field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Receipt:
-    """Proof the entry is durably stored: its id, chain hash and sequence number."""
-
-    entry_id: str
-    entry_hash: str
-    sequence: int
+    from_cache: bool = False  # the record came from the broker's cache, not the department
 
 
 @dataclass(frozen=True)
@@ -234,6 +235,9 @@ def _event_fields(event: AuditEvent) -> dict[str, object]:
             value = list(value)
         elif field.name == "outcome_counts":
             value = _counts(value)
+        elif field.name == "from_cache":
+            if not isinstance(value, bool):
+                raise TypeError("from_cache must be a bool")
         elif not isinstance(value, str):
             raise TypeError(f"{field.name} must be str")
         fields[field.name] = value
@@ -251,151 +255,6 @@ def _counts(value: object) -> dict[str, int]:
             raise TypeError("outcome_counts must map str to int")
         counts[key] = count
     return counts
-
-
-class BatchingAuditLog:
-    """An :class:`AuditLog` over any :class:`~broker.audit_store.BatchStore`, with group commit.
-
-    ``commits`` counts committed transactions (batches), for tests and metrics.
-    """
-
-    def __init__(
-        self, store: BatchStore, *, max_batch: int = 256, clock: Callable[[], float] = time.time
-    ) -> None:
-        self._writer = GroupCommitWriter(store, max_batch=max_batch)
-        self._clock = clock
-
-    @property
-    def commits(self) -> int:
-        """Transactions committed so far; fewer than appends when batching works."""
-        return self._writer.commits
-
-    async def append(self, event: AuditEvent) -> Receipt:
-        """Queue ``event`` for the writer thread and wait until it is durably stored.
-
-        Raises ``Unavailable("AUDIT_UNAVAILABLE")`` if the log is closed or the write fails,
-        ``TypeError``/``ValueError`` for a malformed event. Cancelling the caller does not
-        withdraw the entry: the lookup happened and is recorded.
-        """
-        fields = _event_fields(event)
-        fields["entry_id"] = uuid.uuid4().hex
-        # The time of the decision, not of the later commit.
-        fields["time"] = epoch_time(self._clock())
-        row = await self._writer.write(fields)
-        return Receipt(row.columns["entry_id"], row.entry_hash, row.seq)
-
-    async def append_many(
-        self,
-        events: Sequence[AuditEvent],
-        *,
-        link: Callable[[list[str]], AuditEvent] | None = None,
-    ) -> list[Receipt]:
-        """Store ``events`` as consecutive entries in ONE transaction: all of them, or none and
-        ``Unavailable("AUDIT_UNAVAILABLE")``. Receipts come back in order.
-
-        ``link``, if given, builds one more entry from the entry ids of ``events``, stored right
-        after them in the same transaction (a bundle entry naming its items), its receipt last.
-        All entries carry the same time. Malformed events raise before anything is queued.
-        """
-        bodies = [_event_fields(event) for event in events]
-        for fields in bodies:
-            fields["entry_id"] = uuid.uuid4().hex
-        if link is not None:
-            closing = _event_fields(link([str(fields["entry_id"]) for fields in bodies]))
-            closing["entry_id"] = uuid.uuid4().hex
-            bodies.append(closing)
-        if not bodies:
-            return []
-        moment = epoch_time(self._clock())
-        for fields in bodies:
-            fields["time"] = moment
-        rows = await self._writer.write_many(bodies)
-        return [Receipt(row.columns["entry_id"], row.entry_hash, row.seq) for row in rows]
-
-    async def aclose(self) -> None:
-        """Write everything already queued, then stop the writer and close the store."""
-        await self._writer.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-
-class SQLiteAuditLog(BatchingAuditLog):
-    """The default :class:`AuditLog`: an SQLite file in WAL mode with ``synchronous=FULL``.
-
-    Creates the file (mode 0600) and schema if needed and continues an existing chain.
-    Raises ``Unavailable("AUDIT_UNAVAILABLE")`` if the file cannot be opened that way.
-    ``busy_timeout`` is how long a batch waits for another process's write lock.
-    """
-
-    def __init__(
-        self,
-        path: Path,
-        *,
-        max_batch: int = 256,
-        clock: Callable[[], float] = time.time,
-        busy_timeout: float = 10.0,
-    ) -> None:
-        self.path = Path(path)
-        try:
-            store = SQLiteStore(self.path, busy_timeout=busy_timeout)
-        except (OSError, sqlite3.Error) as exc:
-            raise Unavailable(AUDIT_UNAVAILABLE, "cannot open the audit log") from exc
-        try:
-            # Read back from the writer connection itself, before the writer thread owns it.
-            self.pragmas: dict[str, object] = {
-                name: store.pragma(name) for name in ("journal_mode", "synchronous")
-            }
-        except BaseException:
-            store.close()
-            raise
-        super().__init__(store, max_batch=max_batch, clock=clock)
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    """Result of :func:`verify`.
-
-    ``first_bad`` is the sequence (1-based position) of the first entry that fails; ``problem``
-    says why ("" when intact). ``head_hash`` is the last entry's hash when intact (compare it
-    with a receipt kept elsewhere to catch a cut tail), else "".
-    """
-
-    ok: bool
-    entries: int
-    first_bad: int | None
-    problem: str
-    head_hash: str = ""
-
-
-def verify(path: Path) -> VerifyReport:
-    """Recompute the whole chain of the audit file at ``path``; opens it read-only.
-
-    Raises ``FileNotFoundError`` if there is no file; an unreadable database is reported as
-    not ok with ``first_bad=None``.
-    """
-    try:
-        with closing(connect_readonly(Path(path))) as conn:
-            result = check_chain(iter_rows(conn))
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - sqlite3 errors, or tampered values of any type
-        return VerifyReport(False, 0, None, f"audit log unreadable: {exc}")
-    return VerifyReport(
-        ok=result.first_bad is None,
-        entries=result.entries,
-        first_bad=result.first_bad,
-        problem=result.problem,
-        head_hash=result.head_hash,
-    )
 
 
 @dataclass(frozen=True)
@@ -417,8 +276,9 @@ class QueryFilter:
     limit: int = 1000
 
 
-def query(path: Path, flt: QueryFilter) -> list[AuditEntry]:
-    """Entries matching ``flt``: the newest ``flt.limit`` of them, oldest first. Read-only.
+def query(db: AuditLocation | str, flt: QueryFilter) -> list[AuditEntry]:
+    """Entries matching ``flt`` in the live log at ``db`` (SQLite path or PostgreSQL): the
+    newest ``flt.limit`` of them, oldest first. Read-only.
 
     Reads bodies as stored without checking the chain; run :func:`verify` for that.
     """
@@ -434,7 +294,7 @@ def query(path: Path, flt: QueryFilter) -> list[AuditEntry]:
     equals = {column: value for column, value in candidates.items() if value is not None}
     since = None if flt.since is None else iso_time(flt.since)
     until = None if flt.until is None else iso_time(flt.until)
-    with closing(connect_readonly(Path(path))) as conn:
+    with contextlib.closing(connect_read(db)) as conn:
         rows = select_rows(conn, equals=equals, since=since, until=until, limit=flt.limit)
     return [_entry(row) for row in rows]
 
@@ -460,66 +320,3 @@ def _parse_body(body: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError("body is not a JSON object")
     return data
-
-
-_TABLE_COLUMNS: tuple[tuple[str, Callable[[AuditEntry], str]], ...] = (
-    ("SEQ", lambda e: str(e.sequence)),
-    ("TIME", lambda e: e.time),
-    ("CLERK", lambda e: e.event.clerk),
-    ("OFFICE", lambda e: e.event.office),
-    ("SUBJECT", lambda e: e.event.subject_id),
-    ("MATTER", lambda e: e.event.matter_code),
-    ("CASE", lambda e: e.event.case_number),
-    ("RECORD TYPE", lambda e: _record_type_cell(e.event)),
-    ("DECISION", lambda e: e.event.decision),
-    ("RULE", lambda e: e.event.rule_id),
-    ("OUTCOME", lambda e: e.event.outcome),
-)
-
-
-def _record_type_cell(event: AuditEvent) -> str:
-    if event.kind == "bundle":  # a bundle has no record type of its own; say what it holds
-        return f"[bundle of {len(event.item_entry_ids)}]"
-    return event.record_type
-
-
-def display_width(text: str) -> int:
-    """Terminal columns ``text`` takes: wide/fullwidth (CJK) count 2, combining marks 0."""
-    width = 0
-    for ch in text:
-        if unicodedata.combining(ch):
-            continue
-        width += 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
-    return width
-
-
-def _printable(text: str) -> str:
-    # Values come from callers' tokens and requests: escape control and format characters so
-    # a crafted value cannot break the table or send escape sequences to the auditor's terminal.
-    out = []
-    for ch in text:
-        if unicodedata.category(ch) in CONTROL_CATEGORIES:
-            out.append(ch.encode("unicode_escape").decode("ascii"))
-        else:
-            out.append(ch)
-    return "".join(out) or "-"
-
-
-def format_table(entries: Sequence[AuditEntry]) -> str:
-    """Entries as an aligned text table (header, rule, one line per entry), for terminals.
-
-    Aligns by display width, so CJK names line up; empty values show as ``-``.
-    """
-    header = [name for name, _ in _TABLE_COLUMNS]
-    rows = [[_printable(cell(entry)) for _, cell in _TABLE_COLUMNS] for entry in entries]
-    widths = [max(display_width(line[i]) for line in [header, *rows]) for i in range(len(header))]
-
-    def render(cells: Sequence[str]) -> str:
-        padded = [
-            cell + " " * (width - display_width(cell))
-            for cell, width in zip(cells, widths, strict=True)
-        ]
-        return "  ".join(padded).rstrip()
-
-    rule = ["-" * width for width in widths]
-    return "\n".join(render(line) for line in [header, rule, *rows])

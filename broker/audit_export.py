@@ -19,7 +19,6 @@ verifier slices them out without re-encoding (see :mod:`broker.audit`).
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -28,10 +27,11 @@ from typing import IO, Any, Final
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from broker import checkpoint
-from broker.audit import verify as verify_chain
+from broker.audit_db import AuditLocation, Connection, connect_read, snapshot, stream
 from broker.audit_proofs import ORIGIN, checkpoints
-from broker.audit_store import GENESIS_HASH, connect_readonly
-from broker.audit_tree import load_state, node_reader
+from broker.audit_read import verify as verify_chain
+from broker.audit_store import GENESIS_HASH, archived_head
+from broker.audit_tree import frontier_at, load_state
 from broker.audit_verify import (
     EDITED,
     MALFORMED,
@@ -41,6 +41,7 @@ from broker.audit_verify import (
     check_entries,
     open_checkpoints,
 )
+from broker.audit_verify_parallel import check_export
 from broker.merkle import CompactRange, leaf_hash
 
 FORMAT: Final = 1
@@ -49,29 +50,27 @@ _HASH_KEY: Final = b',"entry_hash":"'
 _BODY_KEY: Final = b'","body":'
 
 
-def _frontier(conn: sqlite3.Connection, size: int) -> list[bytes]:
-    """The CompactRange frontier of the first ``size`` leaves, from stored nodes."""
-    node = node_reader(conn)
-    out: list[bytes] = []
-    start = 0
-    for level in range(size.bit_length() - 1, -1, -1):
-        if size >> level & 1:
-            out.append(node(level, start >> level))
-            start += 1 << level
-    return out
+def export(
+    db: AuditLocation, out: IO[bytes], first: int | None = None, last: int | None = None
+) -> tuple[int, int]:
+    """Write entries ``first..last`` of ``db`` to ``out``; returns the range written.
 
-
-def export(db: Path, out: IO[bytes], first: int = 1, last: int | None = None) -> tuple[int, int]:
-    """Write entries ``first..last`` (default: to the end) of ``db`` to ``out``; returns the
-    range written. Reads one consistent snapshot."""
-    with closing(connect_readonly(Path(db))) as conn:
-        conn.execute("BEGIN")  # one read snapshot for header and entries
+    ``first`` defaults to the first live entry (1, or the one after the archived ones),
+    ``last`` to the end. Reads one consistent snapshot.
+    """
+    with closing(connect_read(db)) as conn:
+        snapshot(conn)  # one read snapshot for header and entries
         size, _ = load_state(conn)
+        archived, archived_hash = archived_head(conn)
+        first = archived + 1 if first is None else first
         last = size if last is None else last
-        if not 1 <= first <= last + 1 or last > size:
-            raise ValueError(f"range {first}..{last} outside the log's 1..{size}")
+        if not archived + 1 <= first <= last + 1 or last > size:
+            where = f"{archived + 1}..{size}" + (f" ({archived} archived)" if archived else "")
+            raise ValueError(f"range {first}..{last} outside the log's {where}")
         prev = GENESIS_HASH
-        if first > 1:
+        if first - 1 == archived:
+            prev = archived_hash
+        elif first > 1:
             row = conn.execute("SELECT entry_hash FROM audit_log WHERE seq = ?", (first - 1,))
             prev = str(row.fetchone()[0])
         header = {
@@ -80,11 +79,12 @@ def export(db: Path, out: IO[bytes], first: int = 1, last: int | None = None) ->
             "from": first,
             "to": last,
             "prev_hash": prev,
-            "frontier": [h.hex() for h in _frontier(conn, first - 1)],
+            "frontier": [h.hex() for h in frontier_at(conn, first - 1)],
             "checkpoints": [c.note for c in checkpoints(conn, first - 1, last)],
         }
         out.write(json.dumps(header, sort_keys=True, separators=(",", ":")).encode() + b"\n")
-        rows = conn.execute(
+        rows = stream(
+            conn,
             "SELECT seq, entry_hash, body FROM audit_log WHERE seq BETWEEN ? AND ? ORDER BY seq",
             (first, last),
         )
@@ -115,10 +115,10 @@ def _parse_line(line: bytes) -> Entry:
     return seq, line[h_end + 9 : -2], line[comma + len(_HASH_KEY) : h_end]
 
 
-def _entries(lines: Iterator[bytes]) -> Iterator[Entry]:
+def _entries(lines: Iterator[bytes], first_line: int = 2) -> Iterator[Entry]:
     # The hot path of offline verification: plain slicing, no JSON decoding (see _parse_line).
     hash_key, body_key, hk = _HASH_KEY, _BODY_KEY, len(_HASH_KEY)
-    for number, line in enumerate(lines, 2):
+    for number, line in enumerate(lines, first_line):
         comma = line.find(b",", 7)
         h_end = comma + hk + 64
         try:
@@ -164,9 +164,10 @@ def verify_export(path: Path, public_key: Ed25519PublicKey) -> IntegrityReport:
         if bad is not None:
             return bad
         try:
-            return check_entries(
-                _entries(iter(f)),
+            return check_export(
+                f,
                 heads,
+                _entries,
                 start=head["from"],
                 prev_hash=str(head["prev_hash"]).encode("ascii"),
                 frontier=frontier,
@@ -176,30 +177,47 @@ def verify_export(path: Path, public_key: Ed25519PublicKey) -> IntegrityReport:
             return IntegrityReport(MALFORMED, 0, None, str(exc))
 
 
-def _db_entries(conn: sqlite3.Connection) -> Iterator[Entry]:
-    for seq, body, entry_hash in conn.execute(
-        "SELECT seq, body, entry_hash FROM audit_log ORDER BY seq"
+def _db_entries(conn: Connection, after: int) -> Iterator[Entry]:
+    for seq, body, entry_hash in stream(
+        conn, "SELECT seq, body, entry_hash FROM audit_log WHERE seq > ? ORDER BY seq", (after,)
     ):
         yield int(seq), str(body).encode("utf-8"), str(entry_hash).encode("ascii")
 
 
-def verify_db(db: Path, public_key: Ed25519PublicKey | None) -> IntegrityReport:
+def verify_db(db: AuditLocation, public_key: Ed25519PublicKey | None) -> IntegrityReport:
     """Verify the live database: chain, indexed columns, Merkle tables and, if a key is
-    given, every stored checkpoint (signature and root). Opens the file read-only."""
-    with closing(connect_readonly(Path(db))) as conn:
-        conn.execute("BEGIN")
+    given, every stored checkpoint (signature and root). Opens the log read-only.
+
+    After archival the live rows start past the watermark and chain from the last archived
+    hash; checkpoints of archived sizes are checked with the archives
+    (:func:`broker.audit_archive.verify_with_archives`).
+    """
+    with closing(connect_read(db)) as conn:
+        snapshot(conn)
         notes = [c.note for c in checkpoints(conn)]
         heads: list[checkpoint.Checkpoint] = []
         if public_key is not None:
             heads, bad = open_checkpoints(notes, public_key)
             if bad is not None:
                 return bad
-        report = check_entries(_db_entries(conn), heads)
+        archived, archived_hash = archived_head(conn)
+        try:
+            start_frontier = frontier_at(conn, archived)
+        except KeyError as exc:
+            msg = f"the Merkle nodes of the archived entries are missing: {exc}"
+            return IntegrityReport(REWRITTEN, 0, None, msg, len(heads))
+        report = check_entries(
+            _db_entries(conn, archived),
+            heads,
+            start=archived + 1,
+            prev_hash=archived_hash.encode("ascii"),
+            frontier=start_frontier,
+        )
         if not report.ok:
             return report
         size, frontier = load_state(conn)
-        tree = CompactRange()
-        for _, body, _ in _db_entries(conn):
+        tree = CompactRange(archived, start_frontier)
+        for _, body, _ in _db_entries(conn, archived):
             tree.append(leaf_hash(body))
         if size != tree.size or CompactRange(size, frontier).root() != tree.root():
             msg = "the stored Merkle tree does not match the entries"
@@ -207,6 +225,8 @@ def verify_db(db: Path, public_key: Ed25519PublicKey | None) -> IntegrityReport:
     chain = verify_chain(db)  # also compares the indexed columns with the hashed bodies
     if not chain.ok:
         return IntegrityReport(EDITED, chain.entries, chain.first_bad, chain.problem, len(heads))
+    if archived:
+        report.notes.append(f"entries 1..{archived} are archived; verify them with --with-archives")
     if public_key is None:
         report.notes.append("no checkpoint public key given: checkpoints not checked")
     return report

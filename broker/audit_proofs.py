@@ -10,8 +10,9 @@ What the Audit service and the CLI call:
   ``[audit] checkpoint_interval_s`` from :func:`checkpoint_task` on the broker's loop.
 - :func:`latest_checkpoint` ``(db)``: the newest stored one, or ``None``.
 
-``db`` is the audit SQLite file's path. All functions are blocking (run them in a thread from
-the event loop); proofs open the file read-only. Checkpoints are signed with the Ed25519 key of
+``db`` is the log's :data:`~broker.audit_db.AuditLocation` (an SQLite path or a PostgreSQL
+DSN + schema). All functions are blocking (run them in a thread from the event loop); proofs
+open the log read-only. Checkpoints are signed with the Ed25519 key of
 :class:`CheckpointSigner`: ``[audit] checkpoint_key`` or, by default,
 ``<state_dir>/checkpoint-key/signing-key.pem`` (created on first use) with
 ``public-key.pem`` beside it, the file auditors need.
@@ -21,22 +22,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
+import math
 import time
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from broker import checkpoint
-from broker.audit_store import connect_readonly, iso_time
+from broker.audit_db import AuditLocation, Connection, connect_read, write_transaction
+from broker.audit_store import iso_time
 from broker.audit_tree import load_state, node_reader, root_at
 from broker.keyfiles import ed25519_key_files
 from broker.merkle import CompactRange, consistency_path, inclusion_path, perfect_subtree_hasher
+
+if TYPE_CHECKING:
+    from broker.config import ArchiveSchedule
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +92,17 @@ class CheckpointSigner:
         return cls(checkpoint.load_private_key(key_path), public)
 
 
-def _connect(db: Path) -> sqlite3.Connection:
-    return connect_readonly(Path(db))
+def _connect(db: AuditLocation) -> Connection:
+    return connect_read(db)
 
 
-def tree_size(db: Path) -> int:
+def tree_size(db: AuditLocation) -> int:
     """The number of leaves (entries) the stored tree covers."""
     with closing(_connect(db)) as conn:
         return load_state(conn)[0]
 
 
-def inclusion_proof(db: Path, sequence: int, size: int) -> tuple[bytes, list[bytes]]:
+def inclusion_proof(db: AuditLocation, sequence: int, size: int) -> tuple[bytes, list[bytes]]:
     """(leaf hash, RFC 9162 inclusion path) of entry ``sequence`` in the tree of ``size``.
 
     ValueError unless ``1 <= sequence <= size <= stored size``.
@@ -112,7 +117,7 @@ def inclusion_proof(db: Path, sequence: int, size: int) -> tuple[bytes, list[byt
         )
 
 
-def consistency_proof(db: Path, old: int, new: int) -> list[bytes]:
+def consistency_proof(db: AuditLocation, old: int, new: int) -> list[bytes]:
     """RFC 9162 consistency proof from tree ``old`` to tree ``new`` (``0 <= old <= new``)."""
     with closing(_connect(db)) as conn:
         stored, _ = load_state(conn)
@@ -121,7 +126,7 @@ def consistency_proof(db: Path, old: int, new: int) -> list[bytes]:
         return consistency_path(old, new, perfect_subtree_hasher(node_reader(conn)))
 
 
-def tree_root(db: Path, size: int) -> bytes:
+def tree_root(db: AuditLocation, size: int) -> bytes:
     """MTH of the first ``size`` entries, from stored nodes."""
     with closing(_connect(db)) as conn:
         return root_at(conn, size)
@@ -132,7 +137,7 @@ def _stored(row: tuple[object, ...]) -> StoredCheckpoint:
     return StoredCheckpoint(int(str(size)), bytes(root_hash), str(when), str(note))  # type: ignore[call-overload]
 
 
-def latest_checkpoint(db: Path) -> StoredCheckpoint | None:
+def latest_checkpoint(db: AuditLocation) -> StoredCheckpoint | None:
     """The most recently signed checkpoint, or None if there is none yet."""
     with closing(_connect(db)) as conn:
         row = conn.execute(
@@ -141,9 +146,7 @@ def latest_checkpoint(db: Path) -> StoredCheckpoint | None:
     return None if row is None else _stored(tuple(row))
 
 
-def checkpoints(
-    conn: sqlite3.Connection, low: int = 0, high: int | None = None
-) -> list[StoredCheckpoint]:
+def checkpoints(conn: Connection, low: int = 0, high: int | None = None) -> list[StoredCheckpoint]:
     """Stored checkpoints with ``low <= size <= high``, oldest first."""
     rows = conn.execute(
         "SELECT size, root_hash, time, note FROM checkpoints WHERE size >= ? AND size <= ? "
@@ -154,42 +157,50 @@ def checkpoints(
 
 
 def sign_checkpoint(
-    db: Path, signer: CheckpointSigner, *, clock: Callable[[], float] = time.time
+    db: AuditLocation,
+    signer: CheckpointSigner,
+    *,
+    clock: Callable[[], float] = time.time,
+    size: int | None = None,
 ) -> StoredCheckpoint:
-    """Sign the current tree head of ``db`` and store it in ``checkpoints``; return it.
+    """Sign the current tree head of ``db`` (or, with ``size``, the head of its first ``size``
+    entries) and store it in ``checkpoints``; return it.
 
-    Reads the tree state and inserts the checkpoint under the write lock, so the head signed
-    is one that is committed. The writer of entries is not involved.
+    Reads the tree state and inserts the checkpoint under the log's write lock, so the head
+    signed is one that is committed. The writer of entries is not involved.
     """
-    with closing(sqlite3.connect(Path(db), timeout=10.0, isolation_level=None)) as conn:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            size, frontier = load_state(conn)
-            head = checkpoint.Checkpoint(
-                signer.origin,
-                size,
-                CompactRange(size, frontier).root(),
-                datetime.fromtimestamp(clock(), tz=UTC),
-            )
-            note = checkpoint.sign(head, signer.private_key, signer.key_name)
-            when = iso_time(head.time)
-            conn.execute(
-                "INSERT INTO checkpoints (size, root_hash, time, note) VALUES (?, ?, ?, ?)",
-                (size, head.root_hash, when, note),
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+    with write_transaction(db) as conn:
+        stored, frontier = load_state(conn)
+        if size is None or size == stored:
+            size, root = stored, CompactRange(stored, frontier).root()
+        else:
+            root = root_at(conn, size)  # ValueError beyond the stored tree
+        head = checkpoint.Checkpoint(
+            signer.origin, size, root, datetime.fromtimestamp(clock(), tz=UTC)
+        )
+        note = checkpoint.sign(head, signer.private_key, signer.key_name)
+        when = iso_time(head.time)
+        conn.execute(
+            "INSERT INTO checkpoints (size, root_hash, time, note) VALUES (?, ?, ?, ?)",
+            (size, head.root_hash, when, note),
+        )
     return StoredCheckpoint(size, head.root_hash, when, note)
 
 
-async def checkpoint_task(db: Path, signer: CheckpointSigner, interval_s: float) -> None:
+async def checkpoint_task(
+    db: AuditLocation,
+    signer: CheckpointSigner,
+    interval_s: float,
+    *,
+    archive: ArchiveSchedule | None = None,
+) -> None:
     """Sign a checkpoint every ``interval_s`` seconds until cancelled; failures are logged.
 
-    A new checkpoint is only signed when the tree grew (or none exists yet).
+    A new checkpoint is only signed when the tree grew (or none exists yet). With ``archive``
+    (``[audit] archive_after_days``), old entries are also moved to archive files, at most
+    every ``archive.every_s`` seconds (:mod:`broker.audit_archive`).
     """
+    last_archive = -math.inf
     while True:
         await asyncio.sleep(interval_s)
         try:
@@ -199,3 +210,18 @@ async def checkpoint_task(db: Path, signer: CheckpointSigner, interval_s: float)
                 await asyncio.to_thread(sign_checkpoint, db, signer)
         except Exception:
             log.exception("signing an audit checkpoint failed")
+        if archive is not None and time.monotonic() - last_archive >= archive.every_s:
+            last_archive = time.monotonic()
+            # audit_archive signs checkpoints with this module: import it here, not above.
+            from broker.audit_archive import archive_older_than
+
+            try:
+                await asyncio.to_thread(
+                    archive_older_than,
+                    db,
+                    signer,
+                    archive.directory,
+                    archive.after_days,
+                )
+            except Exception:
+                log.exception("archiving old audit entries failed")

@@ -2,21 +2,21 @@
 
 :func:`broker.audit.query` keeps the *newest* matches and filters only the indexed columns;
 auditors page *forward* (oldest first, after a sequence number) and also filter on office and
-case number. This module reads the same SQLite file read-only (``mode=ro``), filters the
-indexed columns in SQL and the rest on the parsed entries, and stops as soon as it has enough.
+case number. This module reads the same log read-only (SQLite ``mode=ro`` or a PostgreSQL
+read-only transaction, :func:`broker.audit_db.connect_read`), filters the indexed columns in
+SQL and the rest on the parsed entries, and stops as soon as it has enough.
 Bodies are parsed by :mod:`broker.audit`'s own reader, so missing later keys read as empty.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 from broker import audit
-from broker.audit_store import StoredRow, connect_readonly, iso_time
+from broker.audit_db import AuditLocation, connect_read, stream
+from broker.audit_store import StoredRow, iso_time
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,9 @@ def _matches(entry: audit.AuditEntry, criteria: Criteria) -> bool:
     return not criteria.kinds or event.kind in criteria.kinds
 
 
-def scan(path: Path, criteria: Criteria, *, limit: int | None = None) -> list[audit.AuditEntry]:
+def scan(
+    db: AuditLocation, criteria: Criteria, *, limit: int | None = None
+) -> list[audit.AuditEntry]:
     """Entries matching ``criteria`` in sequence order, at most ``limit`` (None = all).
 
     Raises ``FileNotFoundError`` if there is no log yet and ``ValueError`` for a malformed
@@ -91,9 +93,8 @@ def scan(path: Path, criteria: Criteria, *, limit: int | None = None) -> list[au
     found: list[audit.AuditEntry] = []
     if limit == 0:
         return found
-    with closing(connect_readonly(Path(path))) as conn:
-        cursor: sqlite3.Cursor = conn.execute(sql, params)
-        for seq, body, prev_hash, entry_hash in cursor:
+    with closing(connect_read(db)) as conn:
+        for seq, body, prev_hash, entry_hash in stream(conn, sql, params):
             row = StoredRow(int(seq), str(body), str(prev_hash), str(entry_hash), {})
             entry = audit._entry(row)  # the log's own body reader (compatibility rules)
             if _matches(entry, criteria):

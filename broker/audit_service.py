@@ -20,8 +20,12 @@ withheld fields. That is exact for a lookup of everything the matter needs (the 
 when the clerk asked for a subset, it may list more fields than were released -- it errs
 towards telling the citizen more, never less. Denied or failed lookups released nothing.
 
-``GetCheckpoint``, ``GetInclusionProof``, ``GetConsistencyProof`` and ``Export`` are gated and
-audited here but answer UNIMPLEMENTED until the Merkle checkpoint work wires them in.
+``GetCheckpoint``, ``GetInclusionProof``, ``GetConsistencyProof`` and ``Export`` check their
+request against the log before the entry is written (:mod:`broker.audit_service_proofs`), so
+the entry's outcome is the caller's (``NO_CHECKPOINT``, ``BAD_SEQUENCE``, ...); ``decision_id``
+then also names what was served (``size=`` of a checkpoint, ``sequence=`` of a proven entry,
+``from=``/``to=`` of an export). A fresh checkpoint is signed before the entry, so it does not
+cover the call's own entry. Exports stream the log in fixed-size chunks from a worker thread.
 """
 
 from __future__ import annotations
@@ -30,18 +34,18 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from broker import anomalies, errors, validation
-from broker.audit import AuditEntry, AuditEvent, AuditLog, Receipt
-from broker.audit_scan import Criteria, entry_time, scan
+from broker import audit_service_proofs as proofs
+from broker.audit import AuditEvent, AuditLog, Receipt
+from broker.audit_messages import entry_message, released_fields, time_range, timestamp
+from broker.audit_proofs import CheckpointSigner
+from broker.audit_scan import Criteria, scan
 from broker.auth import Authenticator, Clerk
 from broker.lookup import invocation_metadata, outcome
 from broker.policy import PolicySet
@@ -53,12 +57,7 @@ MAX_PAGE_SIZE = 1000
 _PAGE_TOKEN = re.compile(r"[1-9][0-9]{0,17}")
 _Context = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
-
-
-class Unimplemented(errors.BrokerError):
-    """An RPC of the contract this broker does not serve yet."""
-
-    code = grpc.StatusCode.UNIMPLEMENTED
+U = TypeVar("U")
 
 
 class PolicySource(Protocol):
@@ -91,85 +90,9 @@ class _Call:
         return value or None
 
 
-def _time(stamp: timestamp_pb2.Timestamp, name: str) -> datetime:
-    try:
-        if not 0 <= stamp.nanos < 10**9:
-            raise ValueError("nanos out of range")
-        return stamp.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError):
-        raise errors.InvalidArgument(
-            "BAD_TIME_RANGE", f"time.{name} is not a valid timestamp", argument=f"time.{name}"
-        ) from None
-
-
-def _range(
-    call: _Call, has: bool, span: audit_pb2.TimeRange
-) -> tuple[datetime | None, datetime | None]:
-    """(since, until) of an optional TimeRange; since must come before until."""
-    if not has:
-        return None, None
-    since = _time(span.since, "since") if span.HasField("since") else None
-    until = _time(span.until, "until") if span.HasField("until") else None
-    if since is not None and until is not None and since >= until:
-        raise errors.InvalidArgument(
-            "BAD_TIME_RANGE", "time.since must be before time.until", argument="time"
-        )
-    for name, moment in (("since", since), ("until", until)):
-        if moment is not None:
-            call.summary.append(f"{name}={moment.isoformat()}")
-    return since, until
-
-
-def _stamp(entry: AuditEntry) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(entry_time(entry))
-    return stamp
-
-
-def entry_message(entry: AuditEntry) -> audit_pb2.AuditEntry:
-    """An audit entry as the contract's message."""
-    e = entry.event
-    return audit_pb2.AuditEntry(
-        sequence=entry.sequence,
-        entry_id=entry.entry_id,
-        time=_stamp(entry),
-        kind=e.kind,
-        clerk=e.clerk,
-        office=e.office,
-        roles=e.roles,
-        subject_id=e.subject_id,
-        matter_code=e.matter_code,
-        case_number=e.case_number,
-        consent_method=e.consent_method,
-        record_type=e.record_type,
-        decision=e.decision,
-        rule_id=e.rule_id,
-        withheld_fields=e.withheld_fields,
-        outcome=e.outcome,
-        status=e.status,
-        policy_version=e.policy_version,
-        department=e.department,
-        latency_ms=e.latency_ms,
-        decision_id=e.decision_id,
-        bundle_id=e.bundle_id,
-        entry_hash=entry.entry_hash,
-    )
-
-
-def released_fields(policy: PolicySet, entry: AuditEntry) -> list[str]:
-    """Fields a lookup released, derived as the module docstring explains."""
-    e = entry.event
-    matter = policy.matters.get(e.matter_code)
-    record_type = policy.record_types.get(e.record_type)
-    if e.outcome != "OK" or e.decision != "allow" or matter is None or record_type is None:
-        return []
-    needed = set(matter.needs.get(e.record_type, ()))
-    withheld = set(e.withheld_fields)
-    return [f for f in record_type.fields if f in needed and f not in withheld]
-
-
 class AuditService(audit_pb2_grpc.AuditServicer):
-    """Serves auditors from the audit file at ``path``, which ``log`` appends to.
+    """Serves auditors from the audit log at ``db``, which ``log`` appends to; ``signer`` signs
+    checkpoints on demand. ``db`` is passed unchanged to the reading modules.
 
     Errors are raised as ``BrokerError`` and mapped to a status by the server's interceptor.
     """
@@ -179,14 +102,16 @@ class AuditService(audit_pb2_grpc.AuditServicer):
         auth: Authenticator,
         policies: PolicySource,
         log: AuditLog,
-        path: Path,
+        db: proofs.AuditDB,
         *,
+        signer: CheckpointSigner,
         thresholds: anomalies.Thresholds | None = None,
     ) -> None:
         self._auth = auth
         self._policies = policies
         self._log = log
-        self._path = Path(path)
+        self._db = db
+        self._signer = signer
         self._thresholds = thresholds or anomalies.Thresholds()
 
     async def _admit(
@@ -196,8 +121,36 @@ class AuditService(audit_pb2_grpc.AuditServicer):
 
         Raises the call's error after its entry is written; ``Unavailable`` if it cannot be.
         """
+
+        async def work() -> T:
+            return parse()
+
+        return await self._gated(call, context, parse, work)
+
+    async def _resolve(
+        self,
+        call: _Call,
+        context: _Context,
+        parse: Callable[[], T],
+        resolve: Callable[[T], Awaitable[U]],
+    ) -> U:
+        """Like :meth:`_admit`, then ``resolve`` what ``parse`` returned against the log, all
+        before the entry is written, so the entry records the outcome the caller gets."""
+
+        async def work() -> U:
+            return await resolve(parse())
+
+        return (await self._gated(call, context, parse, work))[0]
+
+    async def _gated(
+        self,
+        call: _Call,
+        context: _Context,
+        parse: Callable[[], object],
+        work: Callable[[], Awaitable[U]],
+    ) -> tuple[U, Receipt]:
         failure: Exception | None = None
-        parsed: T | None = None
+        result: U | None = None
         try:
             call.clerk = self._auth.authenticate(invocation_metadata(context))
             if AUDITOR_ROLE not in call.clerk.roles:
@@ -207,7 +160,7 @@ class AuditService(audit_pb2_grpc.AuditServicer):
                 with contextlib.suppress(errors.BrokerError):
                     parse()  # record what was asked for, as far as it validates
             else:
-                parsed = parse()
+                result = await work()
         except Exception as exc:  # noqa: BLE001 - audited here, mapped by the server
             failure = exc
         receipt = await self._log.append(self._event(call, failure))
@@ -215,7 +168,7 @@ class AuditService(audit_pb2_grpc.AuditServicer):
             if isinstance(failure, errors.BrokerError):
                 failure.metadata["audit_entry_id"] = receipt.entry_id
             raise failure
-        return parsed, receipt  # type: ignore[return-value]  # parse() returned a T
+        return result, receipt  # type: ignore[return-value]  # work() returned a U
 
     def _event(self, call: _Call, failure: Exception | None) -> AuditEvent:
         clerk = call.clerk
@@ -254,7 +207,7 @@ class AuditService(audit_pb2_grpc.AuditServicer):
             raise errors.InvalidArgument(
                 "BAD_DECISION", "decision must be allow or deny", argument="decision"
             )
-        since, until = _range(call, request.HasField("time"), request.time)
+        since, until = time_range(call.summary, request.HasField("time"), request.time)
         size = request.page_size or DEFAULT_PAGE_SIZE
         if not 0 < size <= MAX_PAGE_SIZE:
             raise errors.InvalidArgument(
@@ -294,7 +247,7 @@ class AuditService(audit_pb2_grpc.AuditServicer):
             call, context, lambda: self._query_params(call, request)
         )
         criteria = replace(criteria, before=receipt.sequence)
-        entries = await asyncio.to_thread(scan, self._path, criteria, limit=size + 1)
+        entries = await asyncio.to_thread(scan, self._db, criteria, limit=size + 1)
         page = entries[:size]
         for i, entry in enumerate(page):
             message = entry_message(entry)
@@ -311,19 +264,19 @@ class AuditService(audit_pb2_grpc.AuditServicer):
         def parse() -> Criteria:
             subject = validation.subject_id(request.subject_id)
             call.subject_id = subject
-            since, until = _range(call, request.HasField("time"), request.time)
+            since, until = time_range(call.summary, request.HasField("time"), request.time)
             return Criteria(subject_id=subject, kinds=("lookup",), since=since, until=until)
 
         criteria, receipt = await self._admit(call, context, parse)
         criteria = replace(criteria, before=receipt.sequence)
-        entries = await asyncio.to_thread(scan, self._path, criteria)
+        entries = await asyncio.to_thread(scan, self._db, criteria)
         policy = self._policies.current
         reply = audit_pb2.CitizenReportResponse(subject_id=call.subject_id)
         for entry in entries:
             e = entry.event
             matter = policy.matters.get(e.matter_code)
             reply.accesses.add(
-                time=_stamp(entry),
+                time=timestamp(entry),
                 clerk=e.clerk,
                 office=e.office,
                 matter_code=e.matter_code,
@@ -345,12 +298,12 @@ class AuditService(audit_pb2_grpc.AuditServicer):
         call = _Call("anomalies")
 
         def parse() -> Criteria:
-            since, until = _range(call, request.HasField("time"), request.time)
+            since, until = time_range(call.summary, request.HasField("time"), request.time)
             return Criteria(kinds=("lookup",), since=since, until=until)
 
         criteria, receipt = await self._admit(call, context, parse)
         criteria = replace(criteria, before=receipt.sequence)
-        entries = await asyncio.to_thread(scan, self._path, criteria)
+        entries = await asyncio.to_thread(scan, self._db, criteria)
         findings = anomalies.find(entries, self._policies.current, self._thresholds)
         reply = audit_pb2.AnomaliesResponse()
         for finding in findings:
@@ -362,30 +315,86 @@ class AuditService(audit_pb2_grpc.AuditServicer):
             )
         return reply
 
-    async def _not_yet(self, rpc: str, context: _Context) -> None:
-        await self._admit(_Call(rpc), context, lambda: None)
-        raise Unimplemented("NOT_IMPLEMENTED", f"{rpc} is not served by this broker yet")
-
     async def GetCheckpoint(
         self, request: audit_pb2.GetCheckpointRequest, context: _Context
     ) -> audit_pb2.Checkpoint:
-        await self._not_yet("get_checkpoint", context)
-        raise AssertionError("unreachable")
+        """The latest signed checkpoint, or (``fresh``) one signed now; NOT_FOUND if none."""
+        call = _Call("get_checkpoint")
+
+        def parse() -> bool:
+            if request.fresh:
+                call.summary.append("fresh=true")
+            return request.fresh
+
+        async def resolve(fresh: bool) -> audit_pb2.Checkpoint:
+            head = await asyncio.to_thread(proofs.get_checkpoint, self._db, self._signer, fresh)
+            call.summary.append(f"size={head.size}")
+            return head
+
+        return await self._resolve(call, context, parse, resolve)
 
     async def GetInclusionProof(
         self, request: audit_pb2.InclusionProofRequest, context: _Context
     ) -> audit_pb2.InclusionProof:
-        await self._not_yet("get_inclusion_proof", context)
-        raise AssertionError("unreachable")
+        """RFC 9162 inclusion proof of one entry (by id or sequence) in a tree size."""
+        call = _Call("get_inclusion_proof")
+
+        def parse() -> proofs.InclusionQuery:
+            query = proofs.inclusion_request(request)
+            if query.entry_id:
+                call.summary.append(f"entry_id={query.entry_id}")
+            else:
+                call.summary.append(f"sequence={query.sequence}")
+            if query.tree_size:
+                call.summary.append(f"tree_size={query.tree_size}")
+            return query
+
+        async def resolve(query: proofs.InclusionQuery) -> audit_pb2.InclusionProof:
+            proof = await asyncio.to_thread(proofs.resolve_inclusion, self._db, query)
+            if query.entry_id:  # what the id resolved to
+                call.summary.append(f"sequence={proof.leaf_index + 1}")
+            if not query.tree_size:  # what the default resolved to
+                call.summary.append(f"tree_size={proof.tree_size}")
+            return proof
+
+        return await self._resolve(call, context, parse, resolve)
 
     async def GetConsistencyProof(
         self, request: audit_pb2.ConsistencyProofRequest, context: _Context
     ) -> audit_pb2.ConsistencyProof:
-        await self._not_yet("get_consistency_proof", context)
-        raise AssertionError("unreachable")
+        """RFC 9162 proof that the tree of ``old_size`` is a prefix of ``new_size``'s."""
+        call = _Call("get_consistency_proof")
+
+        def parse() -> tuple[int, int]:
+            old, new = proofs.consistency_request(request)
+            call.summary += [f"old_size={old}", f"new_size={new}"] if new else [f"old_size={old}"]
+            return old, new
+
+        async def resolve(sizes: tuple[int, int]) -> audit_pb2.ConsistencyProof:
+            proof = await asyncio.to_thread(proofs.resolve_consistency, self._db, *sizes)
+            if not sizes[1]:  # what the default resolved to
+                call.summary.append(f"new_size={proof.new_size}")
+            return proof
+
+        return await self._resolve(call, context, parse, resolve)
 
     async def Export(
         self, request: audit_pb2.ExportRequest, context: _Context
     ) -> AsyncIterator[audit_pb2.ExportChunk]:
-        await self._not_yet("export", context)
-        yield audit_pb2.ExportChunk()  # unreachable: makes this an async generator
+        """Entries ``from..to`` as the export file (:mod:`broker.audit_export`), streamed."""
+        call = _Call("export")
+
+        def parse() -> tuple[int, int]:
+            first, last = proofs.export_request(request)
+            call.summary += [f"from={first}", f"to={last}"] if last else [f"from={first}"]
+            return first, last
+
+        async def resolve(bounds: tuple[int, int]) -> tuple[int, int]:
+            first, last = await asyncio.to_thread(proofs.resolve_export, self._db, *bounds)
+            if not bounds[1]:  # what the default resolved to
+                call.summary.append(f"to={last}")
+            return first, last
+
+        first, last = await self._resolve(call, context, parse, resolve)
+        async for chunk in proofs.export_chunks(self._db, first, last):
+            yield audit_pb2.ExportChunk(data=chunk)

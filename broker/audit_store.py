@@ -1,33 +1,57 @@
-"""Storage for the audit log: encoding, SQLite schema, the group-commit writer, chain checks.
+"""The audit log's stored format: canonical body, hash chain, rows, and the shared append step.
 
 This module owns the on-disk format that :mod:`broker.audit` specifies for auditors (canonical
 body, hash chain, genesis hash) but not the event model: a body is a plain mapping of JSON
-values, so the chain code serves every event kind, and a later PostgreSQL store can reuse
-:func:`canonical_body`, :func:`chain_hash` and :func:`check_chain` unchanged and only swap the
-SQL (it must satisfy :class:`BatchStore`). :class:`GroupCommitWriter` is store-agnostic too.
+values, so the chain code serves every event kind. It is backend-neutral: the SQL here runs on
+any :class:`~broker.audit_db.Connection` (SQLite or PostgreSQL), and the two stores
+(:mod:`broker.audit_sqlite`, :mod:`broker.audit_pg`) only differ in how they open a connection
+and take the write lock around :func:`append_rows`. The group-commit writer is in
+:mod:`broker.audit_writer`.
+
+Archival (:mod:`broker.audit_archive`) removes the oldest rows after exporting them; the
+``audit_archives`` table then holds the *watermark*: the last archived sequence and its chain
+hash, where the live rows continue (:func:`archived_head`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import json
-import logging
-import os
-import queue
-import sqlite3
-import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Protocol
 
-from broker.audit_tree import TREE_SCHEMA, TreeWriter, backfill
-from broker.errors import Unavailable
+from broker.audit_db import (
+    Connection,
+    connect_readonly,
+    insert_many,
+    is_postgres,
+    sqlite_has_table,
+    stream,
+)
+from broker.audit_tree import TreeWriter
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "AUDIT_UNAVAILABLE",
+    "FORMAT_VERSION",
+    "GENESIS_HASH",
+    "INDEXED_COLUMNS",
+    "BatchStore",
+    "ChainResult",
+    "Head",
+    "StoredRow",
+    "append_rows",
+    "archived_head",
+    "canonical_body",
+    "chain_hash",
+    "check_chain",
+    "connect_readonly",
+    "epoch_time",
+    "iso_time",
+    "iter_rows",
+    "select_rows",
+]
 
 GENESIS_HASH = "0" * 64
 """``prev_hash`` of the first entry."""
@@ -35,8 +59,8 @@ GENESIS_HASH = "0" * 64
 FORMAT_VERSION = 1
 """Value of the ``v`` key in every body; bump it if the body's meaning ever changes."""
 
-SCHEMA_VERSION = 1
-"""Stored in ``PRAGMA user_version`` so a later migration knows what it is looking at."""
+AUDIT_UNAVAILABLE = "AUDIT_UNAVAILABLE"
+"""The reason code of every append that could not be stored."""
 
 INDEXED_COLUMNS = (
     "entry_id",
@@ -50,40 +74,9 @@ INDEXED_COLUMNS = (
 """Body keys copied into their own columns so queries can use indexes. They are not covered by
 the hash directly, so :func:`check_chain` compares each one with the hashed body."""
 
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS audit_log (
-        seq         INTEGER PRIMARY KEY,
-        entry_id    TEXT NOT NULL UNIQUE,
-        time        TEXT NOT NULL,
-        clerk       TEXT NOT NULL,
-        subject_id  TEXT NOT NULL,
-        matter_code TEXT NOT NULL,
-        record_type TEXT NOT NULL,
-        decision    TEXT NOT NULL,
-        body        TEXT NOT NULL,
-        prev_hash   TEXT NOT NULL,
-        entry_hash  TEXT NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS audit_log_clerk ON audit_log (clerk)",
-    "CREATE INDEX IF NOT EXISTS audit_log_subject ON audit_log (subject_id)",
-    "CREATE INDEX IF NOT EXISTS audit_log_time ON audit_log (time)",
-    *TREE_SCHEMA,
-    # Signed checkpoints of the Merkle tree (broker.audit_proofs); the note is what auditors get.
-    """CREATE TABLE IF NOT EXISTS checkpoints (
-        id        INTEGER PRIMARY KEY,
-        size      INTEGER NOT NULL,
-        root_hash BLOB NOT NULL,
-        time      TEXT NOT NULL,
-        note      TEXT NOT NULL
-    )""",
-    f"PRAGMA user_version = {SCHEMA_VERSION}",
-)
-_ROW_COLUMNS = "seq, body, prev_hash, entry_hash, " + ", ".join(INDEXED_COLUMNS)
-# Column order matches (seq, *INDEXED_COLUMNS, body, prev_hash, entry_hash) in write_batch.
-_INSERT = """INSERT INTO audit_log
-    (seq, entry_id, time, clerk, subject_id, matter_code, record_type, decision,
-     body, prev_hash, entry_hash)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+ROW_COLUMNS = "seq, body, prev_hash, entry_hash, " + ", ".join(INDEXED_COLUMNS)
+_INSERT_COLUMNS = ("seq", *INDEXED_COLUMNS, "body", "prev_hash", "entry_hash")
+_INSERT_TYPES = ("bigint", *("text" for _ in INDEXED_COLUMNS), "text", "text", "text")
 
 
 def canonical_body(fields: Mapping[str, object]) -> str:
@@ -137,247 +130,67 @@ class BatchStore(Protocol):
         ...
 
 
-class SQLiteStore:
-    """The writer side of an SQLite audit file: WAL, ``synchronous=FULL``, one connection.
+def archived_head(conn: Connection) -> tuple[int, str]:
+    """(last archived sequence, its entry hash): where the live rows continue the chain.
 
-    Opening creates the file (mode 0600: entries name citizens) and the schema. The connection
-    is handed to a single writer thread afterwards (hence ``check_same_thread=False``).
+    (0, genesis) when nothing was archived (or the SQLite file predates archival).
     """
-
-    def __init__(self, path: Path, *, busy_timeout: float = 10.0) -> None:
-        if not path.exists():
-            # Create it ourselves so it never exists world-readable; SQLite gives its -wal and
-            # -shm files the same permissions as the database.
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves; the module's implicit
-        # transactions would start with a deferred BEGIN, which is wrong for a chain.
-        self._conn = sqlite3.connect(
-            path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
-        )
-        try:
-            self._configure()
-        except BaseException:
-            self._conn.close()
-            raise
-
-    def _configure(self) -> None:
-        conn = self._conn
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        # FULL: the WAL is fsynced at every commit, so a committed entry survives power loss.
-        # (NORMAL, the usual WAL choice, may lose the last commits, breaking "no audit, no
-        # answer".) It is per connection, so it is set on every open.
-        conn.execute("PRAGMA synchronous = FULL")
-        if str(mode).lower() != "wal":
-            raise sqlite3.OperationalError(f"journal_mode is {mode!r}, WAL required")
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in _SCHEMA:
-                conn.execute(statement)
-            backfill(conn)  # a log written before the Merkle tables: add its leaves
-            conn.execute("COMMIT")
-        except BaseException:
-            _rollback(conn)
-            raise
-
-    def pragma(self, name: str) -> object:
-        """Read a pragma on the writer connection (``journal_mode``, ``synchronous``...)."""
-        if not name.isidentifier():
-            raise ValueError(f"bad pragma name {name!r}")
-        return self._conn.execute(f"PRAGMA {name}").fetchone()[0]
-
-    def write_batch(self, bodies: Sequence[Mapping[str, object]]) -> list[StoredRow]:
-        """Append ``bodies`` as consecutive entries in ONE transaction (one fsync).
-
-        Each body gets ``seq`` and ``v`` added, then is chained onto the stored tail. Either all
-        rows commit or, on any error, the transaction is rolled back and the error propagates.
-        """
-        conn = self._conn
-        # IMMEDIATE takes the write lock before we read the tail, so no other writer (thread or
-        # process) can append between our read and our inserts: the chain always continues
-        # from the row that really is last, and the sequence cannot fork.
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            tail = conn.execute(
-                "SELECT seq, entry_hash FROM audit_log ORDER BY seq DESC LIMIT 1"
-            ).fetchone()
-            seq, prev = (0, GENESIS_HASH) if tail is None else (int(tail[0]), str(tail[1]))
-            tree = TreeWriter(conn)
-            if tree.range.size != seq:
-                raise RuntimeError(f"merkle tree has {tree.range.size} leaves, log {seq} entries")
-            rows: list[StoredRow] = []
-            for fields in bodies:
-                seq += 1
-                body = canonical_body({**fields, "seq": seq, "v": FORMAT_VERSION})
-                entry_hash = chain_hash(prev, body)
-                columns = {name: str(fields[name]) for name in INDEXED_COLUMNS}
-                conn.execute(_INSERT, (seq, *columns.values(), body, prev, entry_hash))
-                rows.append(StoredRow(seq, body, prev, entry_hash, columns))
-                tree.append(body)
-                prev = entry_hash
-            tree.flush()  # the tree's nodes commit with the entries, or not at all
-            conn.execute("COMMIT")
-        except BaseException:
-            _rollback(conn)
-            raise
-        return rows
-
-    def close(self) -> None:
-        """Close the connection (the last one to close checkpoints the WAL)."""
-        self._conn.close()
+    if not is_postgres(conn) and not sqlite_has_table(conn, "audit_archives"):
+        return 0, GENESIS_HASH
+    row = conn.execute(
+        "SELECT last_seq, last_entry_hash FROM audit_archives ORDER BY last_seq DESC LIMIT 1"
+    ).fetchone()
+    return (0, GENESIS_HASH) if row is None else (int(row[0]), str(row[1]))
 
 
-def _rollback(conn: sqlite3.Connection) -> None:
-    # A failed COMMIT may already have rolled back; never let ROLLBACK mask the real error.
-    if conn.in_transaction:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
+def read_tail(conn: Connection) -> tuple[int, str]:
+    """(sequence, entry hash) of the last entry, live or archived; (0, genesis) if none."""
+    tail = conn.execute("SELECT seq, entry_hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+    row = tail.fetchone()
+    return archived_head(conn) if row is None else (int(row[0]), str(row[1]))
 
 
-AUDIT_UNAVAILABLE = "AUDIT_UNAVAILABLE"
-"""The reason code of every append that could not be stored."""
+@dataclass(frozen=True)
+class Head:
+    """What a writer committed last: the tail entry and the tree frontier of ``seq`` leaves."""
+
+    seq: int
+    entry_hash: str
+    frontier: tuple[bytes, ...]
 
 
-@dataclass
-class _Pending:
-    bodies: Sequence[Mapping[str, object]]  # one caller's entries: stored together or not at all
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[list[StoredRow]]
+def append_rows(
+    conn: Connection, bodies: Sequence[Mapping[str, object]], known: Head | None = None
+) -> tuple[list[StoredRow], Head]:
+    """Chain ``bodies`` onto the stored tail and insert them with their Merkle leaves.
 
-    def settle(self, result: list[StoredRow] | BaseException) -> None:
-        """Hand ``result`` to the waiting caller; called from the writer thread."""
-
-        def apply() -> None:
-            if self.future.done():  # the caller was cancelled; its entry is stored anyway
-                return
-            if isinstance(result, BaseException):
-                self.future.set_exception(result)
-            else:
-                self.future.set_result(result)
-
-        # A closed loop means nobody is waiting any more.
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(apply)
-
-
-class GroupCommitWriter:
-    """One dedicated thread writing queued bodies to a :class:`BatchStore`, a batch at a time.
-
-    Callers on any event loop ``await write(fields)``; the event loop never touches the disk.
-    ``commits`` counts committed batches.
+    Call inside a transaction that already holds the log's write lock (the stores do), so
+    nobody can append between reading the tail and inserting: the chain cannot fork and the
+    sequence has no gaps or duplicates. Each body gets ``seq`` and ``v`` added. ``known`` is
+    the :class:`Head` the caller's previous batch returned: when the stored tail is still that
+    entry, nobody appended since and its frontier is reused instead of read back. Returns the
+    rows and the new head (for the caller to keep only once its transaction commits).
     """
-
-    def __init__(self, store: BatchStore, *, max_batch: int = 256) -> None:
-        if max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
-        self._store = store
-        self._max_batch = max_batch
-        # None is the stop marker. The lock makes "check closed, then enqueue" atomic with
-        # "mark closed, then enqueue stop", so nothing is ever queued behind the stop marker.
-        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._closed = False
-        self.commits = 0
-        self._thread = threading.Thread(
-            target=self._run, name="certbroker-audit-writer", daemon=True
-        )
-        self._thread.start()
-
-    async def write(self, fields: Mapping[str, object]) -> StoredRow:
-        """Queue one body and wait for its stored row; ``Unavailable`` if it was not stored."""
-        (row,) = await self.write_many([fields])
-        return row
-
-    async def write_many(self, bodies: Sequence[Mapping[str, object]]) -> list[StoredRow]:
-        """Queue ``bodies`` as consecutive entries of ONE transaction (all stored, or none and
-        ``Unavailable``) and wait for their rows, in order."""
-        loop = asyncio.get_running_loop()
-        pending = _Pending(list(bodies), loop, loop.create_future())
-        with self._lock:
-            if self._closed:
-                raise Unavailable(AUDIT_UNAVAILABLE, "audit log is closed")
-            self._queue.put(pending)
-        return await pending.future
-
-    async def aclose(self) -> None:
-        """Write everything already queued, then stop the thread and close the store."""
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._queue.put(None)
-        await asyncio.to_thread(self._thread.join)
-
-    def _run(self) -> None:
-        try:
-            stop = False
-            while not stop:
-                first = self._queue.get()
-                if first is None:
-                    break
-                batch = [first]
-                # Whatever queued up while the previous batch was being fsynced goes into
-                # this one: that is the group commit, and it needs no timer.
-                while len(batch) < self._max_batch:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        stop = True
-                        break
-                    batch.append(item)
-                self._write(batch)
-        finally:
-            with self._lock:
-                self._closed = True
-            self._fail_leftovers()
-            try:
-                self._store.close()
-            except Exception:
-                log.exception("closing the audit store failed")
-
-    def _write(self, batch: list[_Pending]) -> None:
-        bodies = [body for p in batch for body in p.bodies]
-        try:
-            rows = self._store.write_batch(bodies)
-            if len(rows) != len(
-                bodies
-            ):  # a store bug; fail closed rather than leave callers hanging
-                raise RuntimeError(f"store returned {len(rows)} rows for {len(bodies)} entries")
-        except Exception as exc:
-            # The store rolled back: nothing of this batch is stored, so every caller fails.
-            log.error("audit write of %d entries failed", len(bodies), exc_info=exc)
-            for pending in batch:
-                pending.settle(_unavailable("audit log unavailable", exc))
-            return
-        self.commits += 1
-        start = 0
-        for pending in batch:
-            pending.settle(rows[start : start + len(pending.bodies)])
-            start += len(pending.bodies)
-
-    def _fail_leftovers(self) -> None:
-        # Only reachable if the loop above died; normally nothing is queued behind the stop.
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if item is not None:
-                item.settle(_unavailable("audit log is closed", None))
-
-
-def _unavailable(message: str, cause: BaseException | None) -> Unavailable:
-    # A fresh exception per caller: one instance raised in many tasks would share a traceback.
-    err = Unavailable(AUDIT_UNAVAILABLE, message)
-    err.__cause__ = cause
-    return err
-
-
-def connect_readonly(path: Path) -> sqlite3.Connection:
-    """Open an audit file read-only (``mode=ro``): readers can never modify the log."""
-    if not path.is_file():
-        raise FileNotFoundError(f"audit log {path} does not exist")
-    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    seq, prev = read_tail(conn)
+    if known is not None and (known.seq, known.entry_hash) == (seq, prev):
+        tree = TreeWriter(conn, (seq, list(known.frontier)))
+    else:
+        tree = TreeWriter(conn)
+        if tree.range.size != seq:
+            raise RuntimeError(f"merkle tree has {tree.range.size} leaves, log {seq} entries")
+    rows: list[StoredRow] = []
+    for fields in bodies:
+        seq += 1
+        body = canonical_body({**fields, "seq": seq, "v": FORMAT_VERSION})
+        entry_hash = chain_hash(prev, body)
+        columns = {name: str(fields[name]) for name in INDEXED_COLUMNS}
+        rows.append(StoredRow(seq, body, prev, entry_hash, columns))
+        tree.append(body)
+        prev = entry_hash
+    values = [(r.seq, *r.columns.values(), r.body, r.prev_hash, r.entry_hash) for r in rows]
+    insert_many(conn, "audit_log", _INSERT_COLUMNS, _INSERT_TYPES, values)
+    tree.flush()  # the tree's nodes commit with the entries, or not at all
+    return rows, Head(seq, prev, tree.range.frontier)
 
 
 def _row(values: Sequence[Any]) -> StoredRow:
@@ -391,14 +204,16 @@ def _row(values: Sequence[Any]) -> StoredRow:
     )
 
 
-def iter_rows(conn: sqlite3.Connection) -> Iterator[StoredRow]:
-    """Every row in ``seq`` order. One SELECT: one consistent snapshot even while writing."""
-    for values in conn.execute(f"SELECT {_ROW_COLUMNS} FROM audit_log ORDER BY seq"):  # noqa: S608
+def iter_rows(conn: Connection, after: int = 0) -> Iterator[StoredRow]:
+    """Every live row with ``seq > after`` in ``seq`` order, streamed from one query (one
+    consistent snapshot even while others write)."""
+    sql = f"SELECT {ROW_COLUMNS} FROM audit_log WHERE seq > ? ORDER BY seq"  # noqa: S608
+    for values in stream(conn, sql, (after,)):
         yield _row(values)
 
 
 def select_rows(
-    conn: sqlite3.Connection,
+    conn: Connection,
     *,
     equals: Mapping[str, str],
     since: str | None,
@@ -422,11 +237,11 @@ def select_rows(
     if until is not None:
         clauses.append("time < ?")
         params.append(until)
-    where = " AND ".join(clauses) or "1"
+    where = " AND ".join(clauses) or "1 = 1"
     # Column names come from the fixed allow-list above; every value is a bound parameter.
     sql = (
-        f"SELECT * FROM (SELECT {_ROW_COLUMNS} FROM audit_log WHERE {where} "  # noqa: S608
-        "ORDER BY seq DESC LIMIT ?) ORDER BY seq"
+        f"SELECT * FROM (SELECT {ROW_COLUMNS} FROM audit_log WHERE {where} "  # noqa: S608
+        "ORDER BY seq DESC LIMIT ?) AS newest ORDER BY seq"
     )
     return [_row(values) for values in conn.execute(sql, (*params, limit))]
 
@@ -441,22 +256,26 @@ class ChainResult:
     head_hash: str
 
 
-def check_chain(rows: Iterable[StoredRow]) -> ChainResult:
+def check_chain(
+    rows: Iterable[StoredRow], *, start: int = 1, prev_hash: str = GENESIS_HASH
+) -> ChainResult:
     """Recompute the chain over ``rows`` (in stored order) and find the first bad entry.
 
-    Positions count from 1 and equal the sequence an intact entry there must carry, so a
-    missing, inserted or swapped entry shows up as the first position whose entry does not fit.
+    Positions count from ``start`` (1, or the first live sequence after archival, chaining
+    from ``prev_hash``) and equal the sequence an intact entry there must carry, so a missing,
+    inserted or swapped entry shows up as the first position whose entry does not fit.
     Rows after the first bad one are only counted.
     """
-    prev = GENESIS_HASH
+    prev = prev_hash
     count = 0
     remaining_rows = iter(rows)
     for row in remaining_rows:
+        position = start + count
         count += 1
-        problem = _row_problem(count, prev, row)
+        problem = _row_problem(position, prev, row)
         if problem:
             remaining = sum(1 for _ in remaining_rows)
-            return ChainResult(count + remaining, count, f"entry {count}: {problem}", "")
+            return ChainResult(count + remaining, position, f"entry {position}: {problem}", "")
         prev = row.entry_hash
     return ChainResult(count, None, "", prev)
 

@@ -22,6 +22,11 @@ exit    problem          meaning (``first_bad`` = 1-based entry index)
 16      WRONG_KEY        a checkpoint is not signed by the given public key
 17      BAD_CHECKPOINT   a checkpoint's signature does not verify / is malformed / other log
 ======  ===============  =============================================================
+
+The walk can stop and resume: :func:`plan` does the checks before any entry,
+:func:`resume_entries` goes on from a :class:`Progress`. A large export is checked in byte
+ranges by several processes (:mod:`broker.audit_verify_parallel`), which resumes this walk
+from the first range it cannot confirm, so every report is the one this walk gives.
 """
 
 from __future__ import annotations
@@ -149,6 +154,53 @@ def _chains(prev: bytes, entry: Entry) -> bool:
     return hashlib.sha256(prev + entry[1]).hexdigest().encode("ascii") == entry[2]
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where a walk stands: entries up to ``position`` passed every check.
+
+    ``prev_hash`` is the stored hash of entry ``position``, ``frontier`` the CompactRange
+    frontier of the first ``position`` leaves, ``good`` the largest checkpoint size reached
+    whose root matched (or the walk's ``start - 1``). A walk resumed from a Progress gives the
+    very report an uninterrupted walk would (:func:`resume_entries`).
+    """
+
+    position: int
+    prev_hash: bytes
+    frontier: tuple[bytes, ...]
+    good: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The checkpoints a walk from ``start`` checks against, prepared by :func:`plan`."""
+
+    start: int
+    roots: dict[int, bytes]
+    checkpoints: int
+    notes: tuple[str, ...]
+
+
+def plan(
+    heads: Sequence[checkpoint.Checkpoint], start: int, prev_hash: bytes, frontier: Sequence[bytes]
+) -> tuple[Plan, Progress] | IntegrityReport:
+    """The checks before any entry is read: a fork between checkpoints, or a segment start
+    (``frontier`` of ``start - 1`` leaves) that disagrees with one, is reported at once."""
+    tree = CompactRange(start - 1, frontier)  # validates the frontier's shape
+    roots: dict[int, bytes] = {}
+    for head in heads:
+        roots.setdefault(head.size, head.root_hash)
+        if roots[head.size] != head.root_hash:
+            msg = f"two signed checkpoints of size {head.size} with different roots (fork)"
+            return IntegrityReport(REWRITTEN, 0, head.size, msg, len(heads))
+    notes = tuple(
+        f"checkpoint of size {s} precedes this segment; not checked" for s in roots if s < start - 1
+    )
+    good = start - 1
+    if good in roots and tree.root() != roots[good]:
+        return IntegrityReport(REWRITTEN, 0, start, "segment start disagrees with a checkpoint")
+    return Plan(start, roots, len(heads), notes), Progress(good, prev_hash, tree.frontier, good)
+
+
 def check_entries(
     entries: Iterable[Entry],
     heads: Sequence[checkpoint.Checkpoint],
@@ -164,50 +216,71 @@ def check_entries(
     CompactRange frontier of ``start - 1`` leaves). ``expected_last`` is the last sequence the
     source claims to hold (an export's header), for the truncation check.
     """
-    tree = CompactRange(start - 1, frontier)
-    roots: dict[int, bytes] = {}
-    for head in heads:
-        roots.setdefault(head.size, head.root_hash)
-        if roots[head.size] != head.root_hash:
-            msg = f"two signed checkpoints of size {head.size} with different roots (fork)"
-            return IntegrityReport(REWRITTEN, 0, head.size, msg, len(heads))
-    notes = [
-        f"checkpoint of size {s} precedes this segment; not checked" for s in roots if s < start - 1
-    ]
-    good = start - 1
-    if good in roots and tree.root() != roots[good]:
-        return IntegrityReport(REWRITTEN, 0, start, "segment start disagrees with a checkpoint")
-    prev = prev_hash
-    position = start - 1
+    prepared = plan(heads, start, prev_hash, frontier)
+    if isinstance(prepared, IntegrityReport):
+        return prepared
+    return resume_entries(entries, *prepared, expected_last=expected_last)
+
+
+def _fold(frontier: Sequence[bytes]) -> bytes:
+    """The root of a non-empty frontier (CompactRange.root without building one)."""
+    r = frontier[-1]
+    for h in reversed(frontier[:-1]):
+        r = hashlib.sha256(b"\x01" + h + r).digest()
+    return r
+
+
+def resume_entries(
+    entries: Iterable[Entry], walk: Plan, progress: Progress, *, expected_last: int | None = None
+) -> IntegrityReport:
+    """Go on with the walk :func:`plan` began: ``entries`` follow ``progress.position``."""
+    roots, start = walk.roots, walk.start
+    prev, good, position = progress.prev_hash, progress.good, progress.position
+    # The CompactRange, inlined: this loop is the verifier's hot path, and a method call with
+    # argument checks per leaf cost a third of it. stack[i] is the frontier (leftmost first).
+    stack = list(progress.frontier)
     it = iter(entries)
     sha256 = hashlib.sha256
-    append = tree.append
-    leaf_prefix = b"\x00"  # RFC 9162 leaf hash, inlined: this loop is the verifier's hot path
+    push = stack.append
+    pop = stack.pop
+    leaf_prefix, node_prefix = b"\x00", b"\x01"  # RFC 9162 §2.1.1
     for entry in it:
         position += 1
         seq, body, stored = entry
         if seq != position or sha256(prev + body).hexdigest().encode("ascii") != stored:
             return _classify(position, prev, entry, it, position - start + 1)
         prev = stored
-        append(sha256(leaf_prefix + body).digest())
+        h = sha256(leaf_prefix + body).digest()
+        index = position - 1  # the new leaf's index; each trailing 1 bit is one merge
+        while index & 1:
+            h = sha256(node_prefix + pop() + h).digest()
+            index >>= 1
+        push(h)
         if position in roots:
-            if tree.root() != roots[position]:
+            if _fold(stack) != roots[position]:
                 msg = (
                     f"entries {good + 1}..{position} are chained consistently but the tree "
                     f"root disagrees with the signed checkpoint of size {position}"
                 )
                 rest = sum(1 for _ in it)
                 return IntegrityReport(
-                    REWRITTEN, position - start + 1 + rest, good + 1, msg, len(heads)
+                    REWRITTEN, position - start + 1 + rest, good + 1, msg, walk.checkpoints
                 )
             good = position
+    return finish(walk, position, good, expected_last)
+
+
+def finish(walk: Plan, position: int, good: int, expected_last: int | None) -> IntegrityReport:
+    """The report once every entry up to ``position`` (the last one) passed."""
+    start, checkpoints = walk.start, walk.checkpoints
     count = position - start + 1
-    covered = max([s for s in roots if s >= start - 1], default=0)
+    covered = max([s for s in walk.roots if s >= start - 1], default=0)
     claimed = max(covered, expected_last or 0)
     if claimed > position:
         why = "a signed checkpoint covers" if covered > position else "the export header claims"
         msg = f"log ends at entry {position} but {why} {claimed} entries"
-        return IntegrityReport(TRUNCATED, count, position + 1, msg, len(heads))
+        return IntegrityReport(TRUNCATED, count, position + 1, msg, checkpoints)
+    notes = list(walk.notes)
     if position > good:
         notes.append(f"entries {good + 1}..{position} are not yet covered by a checkpoint")
-    return IntegrityReport(OK, count, None, "", len(heads), notes)
+    return IntegrityReport(OK, count, None, "", checkpoints, notes)

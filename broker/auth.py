@@ -1,28 +1,28 @@
-"""Authentication: JWT verification against trusted issuers, and a development IdP.
+"""Authentication: JWT verification against trusted issuers, with a cache of verified tokens.
 
 Clerks (CertificateBroker) and departments or operators (Registry) send
 ``authorization: Bearer <JWT>``; the issuers and their keys live in :mod:`broker.issuers`. The
 unverified header and claims are read only to pick the issuer and key; PyJWT then verifies
 signature, audience, issuer and required claims, and we check the times against an injected
 clock. Every failure is ``Unauthenticated`` with a reason code; no message or log line ever
-contains the token.
+contains the token. The principals it yields live in :mod:`broker.principals`, the development
+IdP in :mod:`broker.dev_idp`; both are re-exported here.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import jwt
 from jwt.exceptions import InvalidJTIError, InvalidSubjectError
 from jwt.types import Options
 
+from broker.cache import TokenCache
+from broker.dev_idp import DevIdentityProvider
 from broker.errors import PermissionDenied, Unauthenticated
 from broker.issuers import (
     ALLOWED_ALGS,
@@ -32,10 +32,18 @@ from broker.issuers import (
     jwk_thumbprint,
     load_issuer,
 )
-from broker.keyfiles import ed25519_key_files
+from broker.metrics import Metrics
+from broker.principals import (
+    DEPARTMENT_ID,
+    DEPARTMENT_ROLE,
+    OPERATOR_ROLE,
+    Clerk,
+    DepartmentPrincipal,
+)
 
 __all__ = [
     "ALLOWED_ALGS",
+    "DEPARTMENT_ID",
     "DEPARTMENT_ROLE",
     "OPERATOR_ROLE",
     "REQUIRED_CLAIMS",
@@ -53,55 +61,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Clerk:
-    """An authenticated caller, from verified JWT claims."""
-
-    sub: str
-    roles: tuple[str, ...]
-    office: str
-    issuer: str = ""
-    name: str = ""
-
-
-DEPARTMENT_ROLE = "department"
-OPERATOR_ROLE = "operator"
-#: Department ids as the policy catalogue spells them (``civil_affairs``).
-DEPARTMENT_ID = re.compile(r"[a-z][a-z0-9_]{0,63}")
-
-
-@dataclass(frozen=True)
-class DepartmentPrincipal:
-    """An authenticated Registry caller: a department's adapter deployment or an operator.
-
-    ``department`` is the token's ``dept`` claim: always set for the "department" role, ""
-    for an operator token without one.
-    """
-
-    sub: str
-    roles: tuple[str, ...]
-    department: str
-    issuer: str = ""
-
-    @property
-    def is_operator(self) -> bool:
-        return OPERATOR_ROLE in self.roles
-
-    @property
-    def is_department(self) -> bool:
-        return DEPARTMENT_ROLE in self.roles and bool(self.department)
-
-    def may_act_for(self, department: str) -> bool:
-        """Operators act for every department; a department only for itself."""
-        return self.is_operator or (self.is_department and self.department == department)
-
-
 _P = TypeVar("_P", Clerk, DepartmentPrincipal)
 
 REQUIRED_CLAIMS = ("exp", "iat", "iss", "aud", "sub", "roles", "office")
 #: A department or operator credential names no office.
 PRINCIPAL_CLAIMS = ("exp", "iat", "iss", "aud", "sub", "roles")
 MAX_LEEWAY_S = 60
+#: Verified tokens are re-verified at least this often (a config knob for the lead to add).
+TOKEN_CACHE_MAX_AGE_S = 300.0
+TOKEN_CACHE_MAX_ENTRIES = 10_000
 # Far above any real clerk token; stops a caller from making us parse megabytes of JSON.
 MAX_TOKEN_CHARS = 8192
 
@@ -145,22 +113,63 @@ class Authenticator:
     """Verifies clerk JWTs from the trusted issuers and turns them into :class:`Clerk` objects.
 
     ``clock`` drives every time check (exp, nbf, iat); ``leeway_s`` (0..60) absorbs clock skew.
+
+    ``issuers`` is the trusted issuers, or a function loading them (from key files): then
+    :meth:`reload_keys` can re-read them. Verified tokens are cached by SHA-256 (never the
+    token itself) until the earlier of their ``exp`` and ``token_max_age_s`` after
+    verification, so a hit answers exactly what a full verification would: a token is never
+    served from the cache at or after its ``exp`` (with leeway it then gets the full check, as
+    without the cache). :meth:`reload_keys` empties the cache, so a key that is gone refuses
+    its tokens on the next call. ``token_max_age_s`` = 0 turns the cache off.
     """
 
     def __init__(
         self,
-        issuers: Sequence[TrustedIssuer],
+        issuers: Sequence[TrustedIssuer] | Callable[[], Sequence[TrustedIssuer]],
         *,
         leeway_s: int = 30,
         clock: Callable[[], float] = time.time,
+        token_max_age_s: float = TOKEN_CACHE_MAX_AGE_S,
+        token_max_entries: int = TOKEN_CACHE_MAX_ENTRIES,
+        metrics: Metrics | None = None,
     ) -> None:
         if not 0 <= leeway_s <= MAX_LEEWAY_S:
             raise ValueError(f"leeway_s must be within 0..{MAX_LEEWAY_S}, got {leeway_s}")
-        self._issuers = {trusted.issuer: trusted for trusted in issuers}
-        if not self._issuers or len(self._issuers) != len(issuers):
-            raise ValueError("need at least one trusted issuer, each configured once")
+        if token_max_age_s < 0 or token_max_entries < 1:
+            raise ValueError("token_max_age_s must be >= 0 and token_max_entries >= 1")
+        self._loader = issuers if callable(issuers) else None
+        self._issuers = _index(issuers() if callable(issuers) else issuers)
         self._leeway = leeway_s
         self._clock = clock
+        self._metrics = metrics or Metrics(enabled=False)
+        self._cache_on = token_max_age_s > 0
+        # One cache per kind of principal: a token verified as a clerk says nothing about it
+        # as a Registry credential (other required claims), and the reverse.
+        self._clerks: TokenCache[Clerk] = TokenCache(token_max_entries, token_max_age_s, clock)
+        self._principals: TokenCache[DepartmentPrincipal] = TokenCache(
+            token_max_entries, token_max_age_s, clock
+        )
+
+    def reload_keys(self) -> bool:
+        """Re-read the issuers' keys (when built from a loader) and empty the token cache.
+
+        Every token is checked in full on its next call, against the keys now on disk: one
+        whose key was removed is refused. If the files cannot be loaded the previous keys stay
+        in force (as a rejected policy reload keeps the old policy) and False is returned; the
+        cache is emptied either way.
+        """
+        self._clerks.clear()
+        self._principals.clear()
+        if self._loader is None:
+            return True
+        try:
+            fresh = _index(self._loader())
+        except (OSError, ValueError) as exc:
+            log.error("issuer key reload rejected, keeping the previous keys: %s", exc)
+            return False
+        self._issuers = fresh
+        log.info("issuer keys reloaded: %d issuer(s)", len(fresh))
+        return True
 
     def authenticate(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> Clerk:
         """Verify the ``authorization: Bearer <JWT>`` entry of gRPC invocation metadata."""
@@ -203,14 +212,34 @@ class Authenticator:
         log.debug("authenticated: sub=%s iss=%s", principal.sub, principal.issuer)
         return principal
 
+    def _cached(self, cache: TokenCache[_P], token: str) -> _P | None:
+        if not self._cache_on:
+            return None
+        principal = cache.get(token)  # None at or after the entry's end (<= the token's exp)
+        self._metrics.observe_token_cache(principal is not None)
+        return principal
+
     def _verify(self, token: str) -> Clerk:
+        if (cached := self._cached(self._clerks, token)) is not None:
+            return cached
         claims, trusted = self._claims(token, REQUIRED_CLAIMS)
         if not isinstance(name := claims.get("name", ""), str):
             raise _bad_claim("name")
         sub, office = _text(claims, "sub"), _text(claims, "office")
-        return Clerk(sub, _roles(claims), office, issuer=trusted.issuer, name=name)
+        clerk = Clerk(sub, _roles(claims), office, issuer=trusted.issuer, name=name)
+        if self._cache_on:
+            self._clerks.put(token, clerk, _number(claims, "exp"))
+        return clerk
 
     def _verify_principal(self, token: str) -> DepartmentPrincipal:
+        if (cached := self._cached(self._principals, token)) is not None:
+            return cached
+        principal, exp = self._check_principal(token)
+        if self._cache_on:
+            self._principals.put(token, principal, exp)
+        return principal
+
+    def _check_principal(self, token: str) -> tuple[DepartmentPrincipal, float]:
         claims, trusted = self._claims(token, PRINCIPAL_CLAIMS)
         roles = _roles(claims)
         dept = claims.get("dept")
@@ -218,7 +247,8 @@ class Authenticator:
             raise Unauthenticated("TOKEN_MISSING_CLAIM", "token lacks claim dept", claim="dept")
         if dept is not None and not (isinstance(dept, str) and DEPARTMENT_ID.fullmatch(dept)):
             raise _bad_claim("dept")
-        return DepartmentPrincipal(_text(claims, "sub"), roles, dept or "", trusted.issuer)
+        principal = DepartmentPrincipal(_text(claims, "sub"), roles, dept or "", trusted.issuer)
+        return principal, _number(claims, "exp")
 
     def _claims(self, token: str, required: Sequence[str]) -> tuple[dict[str, Any], TrustedIssuer]:
         """Verified claims (signature, alg, iss, aud, ``required``, times) and their issuer."""
@@ -279,6 +309,13 @@ class Authenticator:
             raise Unauthenticated("TOKEN_NOT_YET_VALID", "token is not valid yet")
 
 
+def _index(issuers: Sequence[TrustedIssuer]) -> dict[str, TrustedIssuer]:
+    indexed = {trusted.issuer: trusted for trusted in issuers}
+    if not indexed or len(indexed) != len(issuers):
+        raise ValueError("need at least one trusted issuer, each configured once")
+    return indexed
+
+
 def _roles(claims: Mapping[str, Any]) -> tuple[str, ...]:
     roles = claims["roles"]
     if not isinstance(roles, list) or not all(isinstance(r, str) and r.strip() for r in roles):
@@ -297,83 +334,3 @@ def _bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
     if len(parts) != 2 or parts[0].lower() != "bearer":  # RFC 7235: scheme is case-insensitive
         raise Unauthenticated("TOKEN_MISSING", "authorization metadata is not a Bearer token")
     return parts[1]
-
-
-class DevIdentityProvider:
-    """`certbroker token issue`: a development IdP keeping an Ed25519 key pair in a state dir.
-
-    ``state_dir/idp/signing-key.pem`` (0600) is created on first use and reused afterwards
-    (:func:`broker.keyfiles.ed25519_key_files`); ``public-key.pem`` beside it can be given to
-    :func:`load_issuer` like any issuer's key.
-    """
-
-    ISSUER = "https://idp.certbroker.local/dev"
-    AUDIENCE = "certbroker"
-
-    def __init__(self, state_dir: Path) -> None:
-        files = ed25519_key_files(state_dir / "idp")
-        self.signing_key_path = files.signing_key_path
-        self.public_key_path = files.public_key_path
-        self._key = files.private_key
-        self._vkey = VerifyingKey(files.public_key, "EdDSA")
-        self._kid = jwk_thumbprint(self._vkey.key)
-
-    def issue(
-        self,
-        sub: str,
-        roles: Sequence[str],
-        office: str,
-        *,
-        name: str = "",
-        ttl_s: int = 8 * 3600,
-        now: float | None = None,
-        extra_claims: Mapping[str, object] | None = None,
-    ) -> str:
-        """Sign a clerk token. ``extra_claims`` go in last, so they may override any claim."""
-        if isinstance(roles, str) or not sub or not office or ttl_s <= 0:
-            raise ValueError("need sub, office, a sequence of roles (not a str) and ttl_s > 0")
-        claims = self._base_claims(sub, list(roles), ttl_s, now) | {"office": office}
-        if name:
-            claims["name"] = name
-        claims.update(extra_claims or {})
-        return self._sign(claims)
-
-    def issue_department(
-        self, dept: str, *, sub: str = "", ttl_s: int = 24 * 3600, now: float | None = None
-    ) -> str:
-        """Sign a department credential (role "department", claim ``dept``) for the Registry.
-
-        ``sub`` names the adapter deployment; it defaults to ``adapter:<dept>``.
-        """
-        if not dept or ttl_s <= 0:
-            raise ValueError("need a department id and ttl_s > 0")
-        return self._sign(
-            self._base_claims(sub or f"adapter:{dept}", [DEPARTMENT_ROLE], ttl_s, now)
-            | {"dept": dept}
-        )
-
-    def issue_operator(self, sub: str, *, ttl_s: int = 8 * 3600, now: float | None = None) -> str:
-        """Sign an operator token (role "operator"): manages the Registry of every department."""
-        if not sub or ttl_s <= 0:
-            raise ValueError("need sub and ttl_s > 0")
-        return self._sign(self._base_claims(sub, [OPERATOR_ROLE], ttl_s, now))
-
-    def _base_claims(
-        self, sub: str, roles: list[str], ttl_s: int, now: float | None
-    ) -> dict[str, object]:
-        iat = int(time.time() if now is None else now)
-        return {
-            "iss": self.ISSUER,
-            "aud": self.AUDIENCE,
-            "sub": sub,
-            "roles": roles,
-            "iat": iat,
-            "exp": iat + ttl_s,
-        }
-
-    def _sign(self, claims: Mapping[str, object]) -> str:
-        return jwt.encode(dict(claims), self._key, algorithm="EdDSA", headers={"kid": self._kid})
-
-    def trusted_issuer(self) -> TrustedIssuer:
-        """The issuer entry that makes an :class:`Authenticator` accept this IdP's tokens."""
-        return TrustedIssuer(self.ISSUER, self.AUDIENCE, {self._kid: self._vkey})

@@ -144,7 +144,7 @@ class BundleRunner:
                 )
             except Exception as exc:  # noqa: BLE001 - reported in the item, never the whole call
                 item.failure = as_broker_error(exc)
-        await self._fetch_all(call, deadline)
+        await self._fetch_all(call, policy, deadline)
         events = [
             event(i.request, policy, i.trace, outcome(i.failure), i.latency_ms) for i in call.items
         ]
@@ -158,11 +158,12 @@ class BundleRunner:
             )
         except Exception:
             self._count(call, policy, "UNAVAILABLE")
+            self._observe(call, policy, "UNAVAILABLE")
             raise  # no audit, no answer: none of the records leaves
         self._metrics.audit_append.observe(time.perf_counter() - audit_started)
         self._count(call, policy, "")
         self._metrics.bundle_items.observe(len(call.items))
-        self._observe(call, policy)
+        self._observe(call, policy, "OK")
         return _answer(call, receipts, bundle_receipt)
 
     def _plan(
@@ -200,12 +201,14 @@ class BundleRunner:
                 )
                 call.items.append(_Item(item, trace))
 
-    async def _fetch_all(self, call: _Call, deadline: float) -> None:
+    async def _fetch_all(self, call: _Call, policy: PolicySet, deadline: float) -> None:
         """Fetch every allowed item in parallel; whatever is not back by ``deadline`` is
         cancelled and becomes DEADLINE_EXCEEDED."""
         loop = asyncio.get_running_loop()
         allowed = [i for i in call.items if i.decision is not None and i.failure is None]
-        tasks = [asyncio.create_task(self._fetch(i, deadline, call.started)) for i in allowed]
+        tasks = [
+            asyncio.create_task(self._fetch(i, policy, deadline, call.started)) for i in allowed
+        ]
         try:
             if tasks:
                 _, pending = await asyncio.wait(
@@ -228,13 +231,11 @@ class BundleRunner:
                 )
                 item.latency_ms = _elapsed_ms(call.started)
 
-    async def _fetch(self, item: _Item, deadline: float, started: float) -> None:
+    async def _fetch(self, item: _Item, policy: PolicySet, deadline: float, started: float) -> None:
         assert item.decision is not None
         remaining = max(0.0, deadline - asyncio.get_running_loop().time())
         try:
-            item.response = await self._items.fetch(
-                item.request.record_type, item.decision, item.trace, remaining
-            )
+            item.response = await self._items.fetch(policy, item.decision, item.trace, remaining)
         except Exception as exc:  # noqa: BLE001 - one item failing never fails the others
             item.failure = as_broker_error(exc)
         finally:
@@ -261,9 +262,13 @@ class BundleRunner:
         call.items = []
         bundle_event = self._bundle_event(request, policy, call, outcome(failure), [])
         started = time.perf_counter()
-        receipt = await self._audit.append(bundle_event)  # Unavailable propagates: no answer
+        try:
+            receipt = await self._audit.append(bundle_event)
+        except Exception:
+            self._observe(call, policy, "UNAVAILABLE")
+            raise  # Unavailable propagates: no answer
         self._metrics.audit_append.observe(time.perf_counter() - started)
-        self._observe(call, policy)
+        self._observe(call, policy, outcome(failure)[1])
         if isinstance(failure, errors.BrokerError):
             failure.metadata["audit_entry_id"] = receipt.entry_id
 
@@ -301,10 +306,13 @@ class BundleRunner:
             outcome_counts=dict(sorted(counts.items())),
         )
 
-    def _observe(self, call: _Call, policy: PolicySet) -> None:
+    def _observe(self, call: _Call, policy: PolicySet, status: str) -> None:
+        """The call's latency: by matter, and with Lookup's by method and status."""
+        elapsed = time.perf_counter() - call.started
         self._metrics.bundle_latency.labels(label(call.matter_code, policy.matters)).observe(
-            time.perf_counter() - call.started
+            elapsed
         )
+        self._metrics.observe_lookup("LookupMatter", status, elapsed)
 
 
 def validate_subjects(

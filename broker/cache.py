@@ -12,6 +12,7 @@ Both caches sit *behind* the checks they could otherwise bypass:
 from __future__ import annotations
 
 import asyncio
+import enum
 import hashlib
 import time
 from collections.abc import Awaitable, Callable, Hashable
@@ -36,11 +37,26 @@ def record_key(record_type: str, subject_id: str, fields: tuple[str, ...]) -> Re
     return RecordKey(record_type, subject_id, tuple(sorted(fields)))
 
 
+class Served(enum.StrEnum):
+    """How :meth:`RecordCache.get_or_fetch` answered (also the metric label)."""
+
+    HIT = "hit"  # from the cache
+    COALESCED = "coalesced"  # from an identical fetch another caller had in flight
+    MISS = "miss"  # this caller's own fetch (then cached)
+    UNCACHED = "uncached"  # this caller's own fetch; the record type is never cached
+
+    @property
+    def shared(self) -> bool:
+        """True when this caller did not reach the source itself."""
+        return self in (Served.HIT, Served.COALESCED)
+
+
 @dataclass
 class _Entry(Generic[T]):
     value: T
     expires: float
     weight: int
+    stored: float = 0.0
 
 
 @dataclass
@@ -48,6 +64,7 @@ class CacheStats:
     hits: int = 0
     misses: int = 0
     coalesced: int = 0
+    uncached: int = 0
 
 
 @dataclass
@@ -79,9 +96,16 @@ class RecordCache(Generic[T]):
     def __len__(self) -> int:
         return len(self._cache)
 
-    def get(self, key: Hashable) -> T | None:
+    def get(self, key: Hashable, max_age_s: float | None = None) -> T | None:
+        """The cached value, or None. ``max_age_s`` also refuses an entry stored longer ago
+        than that: a TTL lowered since the entry was stored takes effect at once."""
         entry = self._cache.get(key)
-        return None if entry is None else entry.value
+        if entry is None:
+            return None
+        if max_age_s is not None and self.clock() - entry.stored >= max_age_s:
+            self._cache.pop(key, None)
+            return None
+        return entry.value
 
     def put(self, key: Hashable, value: T, ttl_s: float) -> None:
         if ttl_s <= 0:
@@ -89,44 +113,58 @@ class RecordCache(Generic[T]):
         weight = max(self.sizeof(value), self._floor)
         if weight > self.max_bytes:
             return  # larger than the whole cache: not worth evicting everything for
-        self._cache[key] = _Entry(value, self.clock() + ttl_s, weight)
+        now = self.clock()
+        self._cache[key] = _Entry(value, now + ttl_s, weight, now)
 
     def clear(self) -> None:
         self._cache.clear()
 
     async def get_or_fetch(
-        self, key: Hashable, ttl_s: float, fetch: Callable[[], Awaitable[T]]
-    ) -> tuple[T, bool]:
-        """The cached value (and True), or the fetched one (and False).
+        self,
+        key: Hashable,
+        ttl_s: float,
+        fetch: Callable[[], Awaitable[T]],
+        *,
+        wait_s: float | None = None,
+    ) -> tuple[T, Served]:
+        """The value for ``key`` and how it was served.
 
         With ``ttl_s`` <= 0 the record type is never cached: every call fetches, and calls are
-        not coalesced either (each lookup reaches the department). Otherwise concurrent calls
-        for one key share a single fetch; a failed fetch is not cached and fails every waiter.
+        not coalesced either (each lookup reaches the department). Otherwise an entry is used
+        only while younger than ``ttl_s`` (the TTL in force now, not when it was stored), and
+        concurrent calls for one key share a single fetch; a failed fetch is not cached and
+        fails every waiter. A caller joining a fetch already in flight waits at most
+        ``wait_s`` (its own budget; the fetch keeps its starter's) and then gets TimeoutError.
         """
         if ttl_s <= 0:
-            self.stats.misses += 1
-            return await fetch(), False
-        cached = self.get(key)
+            self.stats.uncached += 1
+            return await fetch(), Served.UNCACHED
+        cached = self.get(key, max_age_s=ttl_s)
         if cached is not None:
             self.stats.hits += 1
-            return cached, True
+            return cached, Served.HIT
         pending = self._inflight.get(key)
         if pending is not None:
             self.stats.coalesced += 1
             # shield: one waiter giving up (its caller's deadline) must not cancel the others'.
-            return await asyncio.shield(pending), False
+            return await asyncio.wait_for(asyncio.shield(pending), wait_s), Served.COALESCED
         self.stats.misses += 1
-        task = asyncio.ensure_future(fetch())
+        task = asyncio.ensure_future(self._fill(key, ttl_s, fetch))
         self._inflight[key] = task
-        try:
-            value = await asyncio.shield(task)
-        finally:
-            if task.done():
-                self._inflight.pop(key, None)
-            else:  # our caller was cancelled: leave the fetch to the others, clean up later
-                task.add_done_callback(lambda _t: self._inflight.pop(key, None))
+        # Also when every caller has gone: the fetch finishes (and is cached) on its own.
+        task.add_done_callback(lambda _t: self._drop_inflight(key, task))
+        return await asyncio.shield(task), Served.MISS
+
+    async def _fill(self, key: Hashable, ttl_s: float, fetch: Callable[[], Awaitable[T]]) -> T:
+        value = await fetch()
         self.put(key, value, ttl_s)
-        return value, False
+        return value
+
+    def _drop_inflight(self, key: Hashable, task: asyncio.Future[T]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: a fetch every caller abandoned logs no "never retrieved"
 
 
 @dataclass

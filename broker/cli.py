@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from broker import audit, cli_adapters, cli_audit_log, client, config, policy
+from broker import audit, cli_adapters, cli_audit_log, cli_auditor, client, config, policy
 from broker.auth import DevIdentityProvider
 
 DEFAULT_STATE = Path(".certbroker")
@@ -43,7 +44,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         state_dir=args.state_dir,
         host=args.host,
+        workers=args.workers,
     )
+    if cfg.workers > 1:  # a supervisor and N worker processes sharing the port
+        from broker import workers
+
+        return workers.run(cfg)
 
     def ready(b: server.Broker) -> None:
         print(
@@ -185,14 +191,9 @@ def cmd_policy_reload(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit_db(args: argparse.Namespace) -> Path:
-    return Path(args.db or args.state_dir / "audit.sqlite")
-
-
 def cmd_audit_query(args: argparse.Namespace) -> int:
-    path = _audit_db(args)
-    if not path.exists():
-        print(f"error: no audit log at {path}", file=sys.stderr)
+    path = cli_audit_log.existing_location(args)  # --db / --dsn / --config, as verify
+    if path is None:
         return 2
     flt = audit.QueryFilter(
         clerk=args.clerk,
@@ -214,6 +215,18 @@ def cmd_audit_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``certbroker bench ARGS`` = ``python -m bench ARGS``, run in the source checkout (the
+    benchmark is not part of the installed package)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / "__main__.py").is_file():
+        print(
+            "error: the benchmark needs the source checkout (its bench/ directory)", file=sys.stderr
+        )
+        return 2
+    return subprocess.call([sys.executable, "-m", "bench", *args.bench_args], cwd=root)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="certbroker", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -232,6 +245,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free port)")
     s.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464)")
     s.add_argument("--state-dir", type=Path)
+    s.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes sharing the port (default 1); metrics on metrics-port + i",
+    )
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("demo", help="start a broker and show a counter session")
@@ -301,6 +319,11 @@ def parser() -> argparse.ArgumentParser:
 
     cli_adapters.add_parsers(sub)
 
+    s = sub.add_parser(
+        "bench", add_help=False, help="run the benchmark: `python -m bench`, same flags (--help)"
+    )
+    s.set_defaults(func=cmd_bench)
+
     pol = sub.add_parser("policy", help="check, test and reload policies").add_subparsers(
         dest="policy_command", required=True
     )
@@ -318,9 +341,10 @@ def parser() -> argparse.ArgumentParser:
         dest="audit_command", required=True
     )
     cli_audit_log.add_integrity_parsers(aud, state)
+    cli_auditor.add_parsers(aud, state)
     s = aud.add_parser("query", help="list entries matching filters")
     state(s)
-    s.add_argument("--db", type=Path)
+    cli_audit_log.add_location_options(s)
     s.add_argument("--clerk")
     s.add_argument("--subject")
     s.add_argument("--matter")
@@ -338,7 +362,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    args = parser().parse_args(argv)
+    p = parser()
+    args, rest = p.parse_known_args(argv)
+    if rest and args.func is not cmd_bench:  # only the benchmark passes flags through
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.bench_args = rest
     try:
         return int(args.func(args))
     except (config.ConfigError, policy.PolicyError) as exc:

@@ -1,7 +1,10 @@
-"""``certbroker audit verify|export|checkpoint``: log integrity commands (see broker.audit_verify).
+"""``certbroker audit verify|export|checkpoint|archive``: log integrity commands.
 
 Kept apart from the query/report commands in :mod:`broker.cli`; function names here all start
-with ``integrity_`` so the two never collide.
+with ``integrity_`` so the two never collide. Every command finds the log the way the broker
+does: ``--db FILE`` (SQLite) or ``--dsn DSN [--schema S]`` (PostgreSQL) when given, else the
+configuration (``--config FILE``, then ``CERTBROKER_AUDIT_*`` variables; see
+:mod:`broker.config`), else ``<state-dir>/audit.sqlite``.
 """
 
 from __future__ import annotations
@@ -9,19 +12,80 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from broker import audit_proofs, checkpoint
+from broker import audit_archive, audit_db, audit_proofs, checkpoint, config
+from broker.audit_db import AuditLocation, PostgresLocation
 from broker.audit_export import export, verify_db, verify_export
 from broker.audit_verify import EXIT_CODES_HELP, IntegrityReport
+from broker.errors import BrokerError
 
 StateOption = Callable[[argparse.ArgumentParser], None]
 
 
-def _db(args: argparse.Namespace) -> Path:
-    return Path(args.db or args.state_dir / "audit.sqlite")
+@dataclass(frozen=True)
+class Target:
+    """The log a command works on, and where its keys and archives are."""
+
+    location: AuditLocation
+    state_dir: Path
+    checkpoint_key: Path | None
+    archive_dir: Path
+    archive_after_days: float
+
+
+def add_location_options(parser: argparse.ArgumentParser) -> None:
+    """``--db``, ``--dsn``, ``--schema`` and ``--config``: which audit log (see the module)."""
+    parser.add_argument("--db", type=Path, help="SQLite audit file (default <state-dir>/...)")
+    parser.add_argument(
+        "--dsn", help="PostgreSQL audit store: libpq DSN or URL (default [audit] dsn / env)"
+    )
+    parser.add_argument("--schema", help="PostgreSQL schema (default [audit] schema)")
+    parser.add_argument("--config", type=Path, help="broker configuration file ([audit])")
+
+
+def target(args: argparse.Namespace) -> Target:
+    """Resolve the location options (ConfigError / ValueError if they are invalid)."""
+    overrides = {} if args.config else {"state_dir": args.state_dir}
+    cfg = config.load(args.config, **overrides)
+    location: AuditLocation = cfg.audit_location
+    if args.db is not None and args.dsn:
+        raise config.ConfigError("give --db (SQLite) or --dsn (PostgreSQL), not both")
+    if args.db is not None:
+        location = Path(args.db)
+    elif args.dsn:
+        location = PostgresLocation(args.dsn, args.schema or cfg.audit_schema)
+    elif args.schema and isinstance(location, PostgresLocation):
+        location = PostgresLocation(location.dsn, args.schema)
+    return Target(
+        location, cfg.state_dir, cfg.checkpoint_key, cfg.archive_directory, cfg.archive_after_days
+    )
+
+
+def existing_location(args: argparse.Namespace) -> AuditLocation | None:
+    """The audit log the options name (for ``audit query`` in :mod:`broker.cli`), or None
+    after printing why there is none to read."""
+    found = _existing(args)
+    return None if found is None else found.location
+
+
+def _existing(args: argparse.Namespace) -> Target | None:
+    """The target, or None after printing why it cannot be used (no log, unreachable)."""
+    try:
+        found = target(args)
+        if audit_db.exists(found.location):
+            return found
+        print(f"error: no audit log at {audit_db.describe(found.location)}", file=sys.stderr)
+    except (BrokerError, ValueError) as exc:  # ConfigError is a ValueError
+        print(f"error: {_message(exc)}", file=sys.stderr)
+    return None
+
+
+def _message(exc: Exception) -> str:
+    return exc.message if isinstance(exc, BrokerError) else str(exc)
 
 
 def _print(report: IntegrityReport, what: str) -> int:
@@ -38,21 +102,25 @@ def _print(report: IntegrityReport, what: str) -> int:
     return report.code
 
 
-def _public_key(args: argparse.Namespace) -> Ed25519PublicKey | None:
+def _public_key(args: argparse.Namespace, found: Target | None) -> Ed25519PublicKey | None:
     if args.public_key is not None:
         return checkpoint.load_public_key(args.public_key)
-    default = args.state_dir / "checkpoint-key" / "public-key.pem"
+    if found is not None and found.checkpoint_key is not None:
+        default = found.checkpoint_key.with_suffix(".pub.pem")
+    else:
+        state_dir = found.state_dir if found is not None else args.state_dir
+        default = state_dir / "checkpoint-key" / "public-key.pem"
     return checkpoint.load_public_key(default) if default.exists() else None
 
 
 def integrity_verify(args: argparse.Namespace) -> int:
-    """Verify an export (offline) or the live database."""
-    try:
-        key = _public_key(args)
-    except (OSError, ValueError) as exc:
-        print(f"error: --public-key: {exc}", file=sys.stderr)
-        return 2
+    """Verify an export (offline), the live database, or the live database and its archives."""
     if args.export is not None:
+        try:
+            key = _public_key(args, None)
+        except (OSError, ValueError) as exc:
+            print(f"error: --public-key: {exc}", file=sys.stderr)
+            return 2
         if key is None:
             print("error: --export needs --public-key", file=sys.stderr)
             return 2
@@ -60,24 +128,39 @@ def integrity_verify(args: argparse.Namespace) -> int:
             print(f"error: no export at {args.export}", file=sys.stderr)
             return 2
         return _print(verify_export(args.export, key), f"export {args.export}")
-    path = _db(args)
-    if not path.exists():
-        print(f"error: no audit log at {path}", file=sys.stderr)
+    found = _existing(args)
+    if found is None:
         return 2
-    return _print(verify_db(path, key), str(path))
+    try:
+        key = _public_key(args, found)
+    except (OSError, ValueError) as exc:
+        print(f"error: --public-key: {exc}", file=sys.stderr)
+        return 2
+    what = audit_db.describe(found.location)
+    try:
+        if args.with_archives is not None:
+            if key is None:
+                print("error: --with-archives needs the checkpoint public key", file=sys.stderr)
+                return 2
+            directory = args.with_archives or found.archive_dir
+            report = audit_archive.verify_with_archives(found.location, key, directory)
+            return _print(report, f"{what} and the archives in {directory}")
+        return _print(verify_db(found.location, key), what)
+    except BrokerError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
 
 
 def integrity_export(args: argparse.Namespace) -> int:
     """Write a segment of the live log to ``--out``."""
-    path = _db(args)
-    if not path.exists():
-        print(f"error: no audit log at {path}", file=sys.stderr)
+    found = _existing(args)
+    if found is None:
         return 2
     try:
         with args.out.open("wb") as out:
-            first, last = export(path, out, args.first, args.last)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+            first, last = export(found.location, out, args.first, args.last)
+    except (ValueError, BrokerError) as exc:
+        print(f"error: {_message(exc)}", file=sys.stderr)
         return 2
     print(f"exported entries {first}..{last} to {args.out}")
     return 0
@@ -85,20 +168,46 @@ def integrity_export(args: argparse.Namespace) -> int:
 
 def integrity_checkpoint(args: argparse.Namespace) -> int:
     """Sign a checkpoint of the current tree now (offline; the server does it periodically)."""
-    path = _db(args)
-    if not path.exists():
-        print(f"error: no audit log at {path}", file=sys.stderr)
+    found = _existing(args)
+    if found is None:
         return 2
-    signer = audit_proofs.CheckpointSigner.load(args.state_dir, args.key)
-    head = audit_proofs.sign_checkpoint(path, signer)
+    signer = audit_proofs.CheckpointSigner.load(found.state_dir, args.key or found.checkpoint_key)
+    try:
+        head = audit_proofs.sign_checkpoint(found.location, signer)
+    except BrokerError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
     print(head.note, end="")
+    return 0
+
+
+def integrity_archive(args: argparse.Namespace) -> int:
+    """Move entries older than N days to an archive file (what the broker does periodically)."""
+    found = _existing(args)
+    if found is None:
+        return 2
+    days = args.older_than_days if args.older_than_days is not None else found.archive_after_days
+    if not days > 0:
+        print("error: give --older-than-days N (or [audit] archive_after_days)", file=sys.stderr)
+        return 2
+    signer = audit_proofs.CheckpointSigner.load(found.state_dir, args.key or found.checkpoint_key)
+    directory = args.dir or found.archive_dir
+    try:
+        made = audit_archive.archive_older_than(found.location, signer, directory, days)
+    except (BrokerError, OSError, ValueError) as exc:
+        print(f"error: {_message(exc)}", file=sys.stderr)
+        return 1
+    if made is None:
+        print(f"nothing to archive: no live entry is older than {days:g} days")
+    else:
+        print(f"archived entries {made.first_seq}..{made.last_seq} to {directory / made.file_name}")
     return 0
 
 
 def add_integrity_parsers(
     aud: argparse._SubParsersAction[argparse.ArgumentParser], state: StateOption
 ) -> None:
-    """Register ``verify``, ``export`` and ``checkpoint`` under ``certbroker audit``."""
+    """Register ``verify``, ``export``, ``checkpoint``, ``archive`` under ``certbroker audit``."""
     s = aud.add_parser(
         "verify",
         help="verify the hash chain, Merkle tree and signed checkpoints (live log or export)",
@@ -106,8 +215,17 @@ def add_integrity_parsers(
         epilog=EXIT_CODES_HELP,
     )
     state(s)
-    s.add_argument("--db", type=Path, help="audit database (default <state-dir>/audit.sqlite)")
+    add_location_options(s)
     s.add_argument("--export", type=Path, help="verify this export file offline instead")
+    s.add_argument(
+        "--with-archives",
+        nargs="?",
+        const="",
+        type=lambda v: Path(v) if v else "",
+        metavar="DIR",
+        help="also verify the archive files (default dir: [audit] archive_dir) and that they "
+        "join up with each other and the live log",
+    )
     s.add_argument(
         "--public-key",
         type=Path,
@@ -116,13 +234,22 @@ def add_integrity_parsers(
     s.set_defaults(func=integrity_verify)
     s = aud.add_parser("export", help="write a segment of the log and its checkpoints (JSONL)")
     state(s)
-    s.add_argument("--db", type=Path)
+    add_location_options(s)
     s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--from", dest="first", type=int, default=1, help="first sequence (1)")
+    s.add_argument("--from", dest="first", type=int, help="first sequence (first live entry)")
     s.add_argument("--to", dest="last", type=int, help="last sequence (default: the end)")
     s.set_defaults(func=integrity_export)
     s = aud.add_parser("checkpoint", help="sign a checkpoint of the log now")
     state(s)
-    s.add_argument("--db", type=Path)
+    add_location_options(s)
     s.add_argument("--key", type=Path, help="checkpoint signing key ([audit] checkpoint_key)")
     s.set_defaults(func=integrity_checkpoint)
+    s = aud.add_parser("archive", help="move old entries to a signed archive file")
+    state(s)
+    add_location_options(s)
+    s.add_argument(
+        "--older-than-days", type=float, help="age cutoff (default [audit] archive_after_days)"
+    )
+    s.add_argument("--dir", type=Path, help="archive directory (default [audit] archive_dir)")
+    s.add_argument("--key", type=Path, help="checkpoint signing key ([audit] checkpoint_key)")
+    s.set_defaults(func=integrity_archive)

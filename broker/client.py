@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import grpc
-from google.protobuf import json_format
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from google.protobuf import json_format, timestamp_pb2
 from grpc_status import rpc_status
 
+from broker import checkpoint, merkle
+from broker.audit_proofs import KEY_NAME, ORIGIN
+from broker.audit_verify import BAD_CHECKPOINT, REWRITTEN, WRONG_KEY
 from broker.errors import reason_of
-from certbroker.v1 import broker_pb2, broker_pb2_grpc
+from certbroker.v1 import audit_pb2, audit_pb2_grpc, broker_pb2, broker_pb2_grpc
 
 
 @dataclass(frozen=True)
@@ -97,8 +102,69 @@ def stub(target: str) -> tuple[grpc.Channel, broker_pb2_grpc.CertificateBrokerSt
     return channel, broker_pb2_grpc.CertificateBrokerStub(channel)
 
 
+def audit_stub(target: str) -> tuple[grpc.Channel, audit_pb2_grpc.AuditStub]:
+    """A channel to the broker's Audit service (auditor tokens) and its stub."""
+    channel = grpc.insecure_channel(target)
+    return channel, audit_pb2_grpc.AuditStub(channel)
+
+
 def bearer(token: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {token}"),)
+
+
+def parse_time(text: str) -> datetime:
+    """ISO 8601 as an auditor types it; a time without a zone is UTC. ValueError if not one."""
+    moment = datetime.fromisoformat(text)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def time_range(since: datetime | None, until: datetime | None) -> audit_pb2.TimeRange | None:
+    """The Audit service's TimeRange (since inclusive, until exclusive); None if both open."""
+    if since is None and until is None:
+        return None
+    span = audit_pb2.TimeRange()
+    for name, moment in (("since", since), ("until", until)):
+        if moment is not None:
+            stamp = timestamp_pb2.Timestamp()
+            stamp.FromDatetime(moment)
+            getattr(span, name).CopyFrom(stamp)
+    return span
+
+
+class ProofError(Exception):
+    """Something the broker served does not verify; ``code`` is the matching
+    ``certbroker audit verify`` exit code (16 wrong key, 17 bad checkpoint, 15 no proof)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def open_checkpoint(
+    head: audit_pb2.Checkpoint, public_key: Ed25519PublicKey
+) -> checkpoint.Checkpoint:
+    """The checkpoint a ``Checkpoint`` message carries, once its note's signature verifies
+    with ``public_key``; the message's size and root must be the signed ones."""
+    try:
+        signed = checkpoint.open_note(head.note, public_key, KEY_NAME, origin=ORIGIN)
+    except checkpoint.CheckpointError as exc:
+        code = WRONG_KEY if exc.reason == checkpoint.WRONG_KEY else BAD_CHECKPOINT
+        raise ProofError(code, f"checkpoint: {exc}") from None
+    if (signed.size, signed.root_hash) != (head.size, head.root_hash):
+        raise ProofError(BAD_CHECKPOINT, "checkpoint size/root differ from its signed note")
+    return signed
+
+
+def check_inclusion(signed: checkpoint.Checkpoint, proof: audit_pb2.InclusionProof) -> None:
+    """Raise ProofError unless ``proof`` puts its leaf in the tree ``signed`` commits to."""
+    if proof.tree_size != signed.size or not merkle.verify_inclusion(
+        proof.leaf_hash, proof.leaf_index, proof.tree_size, list(proof.hashes), signed.root_hash
+    ):
+        raise ProofError(
+            REWRITTEN,
+            f"the inclusion proof of entry {proof.leaf_index + 1} does not lead to the root "
+            f"signed for size {signed.size}",
+        )
 
 
 def record_lines(response: broker_pb2.LookupResponse) -> list[str]:

@@ -2,6 +2,7 @@
 
 With no file, every default describes the embedded setup: SQLite audit log, in-process demo
 adapters, the shipped policies, the development identity provider of the state directory.
+``[audit] dsn`` moves the audit log to PostgreSQL (one log shared by several brokers).
 Environment variables override the file; command-line flags override both (via ``overrides``).
 """
 
@@ -14,10 +15,15 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from broker.audit_db import SCHEMA_RE, AuditLocation, PostgresLocation
 from certbroker.fields import RECORD_TYPES
 
 #: The shipped policy set, next to the package in a source checkout or an image built from it.
 DEFAULT_POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
+
+
+#: Upper bound of ``[server] workers``: each worker holds its own connections and caches.
+MAX_WORKERS = 64
 
 
 class ConfigError(ValueError):
@@ -48,6 +54,16 @@ class AdapterRoute:
 
 
 @dataclass(frozen=True)
+class ArchiveSchedule:
+    """When the broker archives on its own (``[audit] archive_after_days`` > 0): entries older
+    than ``after_days`` move to export files in ``directory``, checked every ``every_s``."""
+
+    after_days: float
+    directory: Path
+    every_s: float = 3600.0
+
+
+@dataclass(frozen=True)
 class Config:
     host: str = "127.0.0.1"
     port: int = 50051
@@ -55,6 +71,13 @@ class Config:
     state_dir: Path = Path(".certbroker")
     policy_dir: Path = DEFAULT_POLICY_DIR
     audit_path: Path | None = None  # default: <state_dir>/audit.sqlite
+    # PostgreSQL audit store instead of the SQLite file (libpq DSN/URL; it may hold a password,
+    # hence no repr) and the schema its tables live in.
+    audit_dsn: str = field(default="", repr=False)
+    audit_schema: str = "certbroker"
+    archive_after_days: float = 0.0  # move entries older than this to archive files; 0 = off
+    archive_dir: Path | None = None  # default: <state_dir>/audit-archive
+    archive_interval_s: float = 3600.0  # how often the broker looks for entries to archive
     # Checkpoint signing key (PKCS#8 PEM, created if missing, public key <name>.pub.pem
     # beside it); default <state_dir>/checkpoint-key/signing-key.pem + public-key.pem.
     checkpoint_key: Path | None = None
@@ -74,10 +97,34 @@ class Config:
     lease_s: int = 15  # a registered instance leaves routing this long after its last heartbeat
     breaker_failures: int = 5  # consecutive failures that open a department's circuit breaker
     breaker_reset_s: float = 10.0  # open -> half-open (one probe call) after this
+    # Off only to measure what the metrics cost (the benchmark); /metrics is then empty.
+    metrics_enabled: bool = True
+    # Worker processes sharing the gRPC port (SO_REUSEPORT; broker.workers); 1 = one process.
+    workers: int = 1
 
     @property
     def audit_file(self) -> Path:
         return self.audit_path or self.state_dir / "audit.sqlite"
+
+    @property
+    def audit_location(self) -> AuditLocation:
+        """Where the audit log is: PostgreSQL when ``audit_dsn`` is set, else the SQLite file."""
+        if self.audit_dsn:
+            return PostgresLocation(self.audit_dsn, self.audit_schema)
+        return self.audit_file
+
+    @property
+    def archive_directory(self) -> Path:
+        return self.archive_dir or self.state_dir / "audit-archive"
+
+    @property
+    def archive(self) -> ArchiveSchedule | None:
+        """The broker's archival schedule, or None when archival is off."""
+        if self.archive_after_days <= 0:
+            return None
+        return ArchiveSchedule(
+            self.archive_after_days, self.archive_directory, self.archive_interval_s
+        )
 
     @property
     def datasets(self) -> Path:
@@ -91,6 +138,10 @@ _ENV: Mapping[str, tuple[str, type]] = {
     "CERTBROKER_STATE_DIR": ("state_dir", Path),
     "CERTBROKER_POLICY_DIR": ("policy_dir", Path),
     "CERTBROKER_AUDIT_PATH": ("audit_path", Path),
+    "CERTBROKER_AUDIT_DSN": ("audit_dsn", str),
+    "CERTBROKER_AUDIT_SCHEMA": ("audit_schema", str),
+    "CERTBROKER_AUDIT_ARCHIVE_AFTER_DAYS": ("archive_after_days", float),
+    "CERTBROKER_AUDIT_ARCHIVE_DIR": ("archive_dir", Path),
     "CERTBROKER_DATASET_DIR": ("dataset_dir", Path),
     "CERTBROKER_DEV_IDP": ("dev_idp", bool),
     "CERTBROKER_ADAPTER_TIMEOUT_S": ("adapter_timeout_s", float),
@@ -100,6 +151,8 @@ _ENV: Mapping[str, tuple[str, type]] = {
     "CERTBROKER_LEASE_S": ("lease_s", int),
     "CERTBROKER_BREAKER_FAILURES": ("breaker_failures", int),
     "CERTBROKER_BREAKER_RESET_S": ("breaker_reset_s", float),
+    "CERTBROKER_METRICS_ENABLED": ("metrics_enabled", bool),
+    "CERTBROKER_WORKERS": ("workers", int),
 }
 _SECTIONS: Mapping[str, Mapping[str, tuple[str, type]]] = {
     "server": {
@@ -107,10 +160,17 @@ _SECTIONS: Mapping[str, Mapping[str, tuple[str, type]]] = {
         "port": ("port", int),
         "metrics_port": ("metrics_port", int),
         "state_dir": ("state_dir", Path),
+        "metrics_enabled": ("metrics_enabled", bool),
+        "workers": ("workers", int),
     },
     "policy": {"dir": ("policy_dir", Path)},
     "audit": {
         "path": ("audit_path", Path),
+        "dsn": ("audit_dsn", str),
+        "schema": ("audit_schema", str),
+        "archive_after_days": ("archive_after_days", float),
+        "archive_dir": ("archive_dir", Path),
+        "archive_interval_s": ("archive_interval_s", float),
         "checkpoint_key": ("checkpoint_key", Path),
         "checkpoint_interval_s": ("checkpoint_interval_s", float),
     },
@@ -228,7 +288,25 @@ def load(
     if not 0 <= config.leeway_s <= 60:
         raise ConfigError("auth.leeway_s must be between 0 and 60 seconds")
     _check_routing(config)
+    if not 1 <= config.workers <= MAX_WORKERS:
+        raise ConfigError(f"server.workers must be between 1 and {MAX_WORKERS}")
+    _check_audit(config)
     return config
+
+
+def _check_audit(config: Config) -> None:
+    if config.audit_dsn and config.audit_path is not None:
+        raise ConfigError("audit: set either path (SQLite) or dsn (PostgreSQL), not both")
+    if not SCHEMA_RE.fullmatch(config.audit_schema):
+        raise ConfigError(
+            f"audit.schema {config.audit_schema!r}: lowercase letters, digits and _ only"
+        )
+    if not 0 <= config.archive_after_days < float("inf"):  # also refuses NaN
+        raise ConfigError("audit.archive_after_days must be >= 0 (0 = no archival)")
+    if not config.archive_interval_s > 0:
+        raise ConfigError("audit.archive_interval_s must be > 0")
+    if not config.checkpoint_interval_s > 0:
+        raise ConfigError("audit.checkpoint_interval_s must be > 0")
 
 
 def _check_routing(config: Config) -> None:

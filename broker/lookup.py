@@ -1,14 +1,15 @@
 """One lookup item — one record type about one citizen — shared by ``Lookup`` and ``LookupMatter``.
 
 Both RPCs run every item through the same :class:`ItemPipeline`: decide by policy
-(:meth:`~ItemPipeline.authorize`), fetch from the department and minimize and mask
-(:meth:`~ItemPipeline.fetch`), then describe it for the audit log (:func:`event`). Keeping one
-copy is what guarantees that a record released inside a bundle is released exactly as a single
-lookup would release it.
+(:meth:`~ItemPipeline.authorize`), fetch from the record cache or the department and minimize
+and mask (:meth:`~ItemPipeline.fetch`), then describe it for the audit log (:func:`event`).
+Keeping one copy is what guarantees that a record released inside a bundle is released exactly
+as a single lookup would release it (and shares its cache).
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import math
@@ -23,9 +24,10 @@ import grpc
 from broker import errors
 from broker.audit import AuditEvent
 from broker.auth import Clerk
+from broker.cache import RecordCache, record_key
 from broker.metrics import Metrics
 from broker.policy import Decision, PolicySet, Request
-from broker.routing import Router
+from broker.routing import Fetched, Router
 from certbroker import fields as record_fields
 from certbroker.v1 import broker_pb2, records_pb2
 
@@ -96,6 +98,7 @@ class Trace:
     decision_id: str = ""
     bundle_id: str = ""
     relation: str = ""
+    from_cache: bool = False  # served without calling the department (cache or single-flight)
 
 
 def as_broker_error(exc: BaseException) -> errors.BrokerError:
@@ -107,11 +110,24 @@ def as_broker_error(exc: BaseException) -> errors.BrokerError:
 
 
 class ItemPipeline:
-    """Authorize → fetch → minimize for one (subject, record type), with its metrics."""
+    """Authorize → fetch (through the record cache) → minimize for one (subject, record type),
+    with its metrics.
 
-    def __init__(self, router: Router, metrics: Metrics) -> None:
+    The cache is read only after :meth:`authorize` has decided the current request, and its
+    key is the exact set of fields that decision released (:func:`broker.cache.record_key`):
+    two requests share an entry only when they were released the same fields, so a narrower
+    role never sees a wider role's fields. What is cached is the department's answer cut to
+    those fields, unmasked; every request gets its own masked copy (:func:`minimized`), never
+    the cached message. The TTL is the record type's ``cache_ttl_s`` in the policy in force
+    (0: never cached, never coalesced).
+    """
+
+    def __init__(
+        self, router: Router, metrics: Metrics, cache: RecordCache[Fetched] | None = None
+    ) -> None:
         self._router = router
         self._metrics = metrics
+        self._cache = cache if cache is not None else RecordCache(sizeof=fetched_size)
 
     def authorize(
         self,
@@ -129,18 +145,22 @@ class ItemPipeline:
         trace gets a fresh decision id.
         """
         assert trace.clerk is not None, "authenticate before authorizing"
-        policy.check_request(request.record_type, request.matter_code, fields)
-        decision = policy.decide(
-            Request(
-                clerk=trace.clerk,
-                record_type=request.record_type,
-                matter_code=request.matter_code,
-                case_number=request.case_number,
-                consent_method=consent,
-                fields=fields,
-                now=now,
+        started = time.perf_counter()
+        try:
+            policy.check_request(request.record_type, request.matter_code, fields)
+            decision = policy.decide(
+                Request(
+                    clerk=trace.clerk,
+                    record_type=request.record_type,
+                    matter_code=request.matter_code,
+                    case_number=request.case_number,
+                    consent_method=consent,
+                    fields=fields,
+                    now=now,
+                )
             )
-        )
+        finally:
+            self._metrics.policy_evaluation.observe(time.perf_counter() - started)
         trace.decision = decision
         trace.department = decision.department
         if not decision.allowed:
@@ -154,34 +174,69 @@ class ItemPipeline:
         return decision
 
     async def fetch(
-        self, record_type: str, decision: Decision, trace: Trace, timeout_s: float
+        self, policy: PolicySet, decision: Decision, trace: Trace, timeout_s: float
     ) -> broker_pb2.LookupResponse:
-        """Fetch the allowed record within ``timeout_s`` and release only what ``decision``
-        allows, masked. Source errors arrive as ``BrokerError``s naming the department."""
-        source = self._router.source(record_type)
-        adapter_started = time.perf_counter()
+        """The allowed record within ``timeout_s``, from the cache or the department, released
+        only as ``decision`` allows, masked. Source errors arrive as ``BrokerError``s naming
+        the department; ``trace.from_cache`` says whether the department was called for it."""
+        record_type = decision.record_type
+        ttl_s = policy.record_types[record_type].cache_ttl_s
+        key = record_key(record_type, trace.subject_id, decision.fields)
         try:
-            fetched = await source.fetch(
-                record_type, trace.subject_id, decision.fields, trace.decision_id, timeout_s
+            fetched, served = await self._cache.get_or_fetch(
+                key,
+                ttl_s,
+                lambda: self._fetch_source(decision, trace, timeout_s),
+                wait_s=timeout_s,
             )
-        except errors.BrokerError as exc:
-            self._metrics.adapter_errors.labels(decision.department, exc.code.name).inc()
-            raise
-        finally:
-            self._metrics.adapter_latency.labels(decision.department).observe(
-                time.perf_counter() - adapter_started
-            )
+        except TimeoutError:  # joined another request's fetch, which outlasted our budget
+            department = decision.department
+            raise errors.DeadlineExceeded(
+                "ADAPTER_TIMEOUT",
+                f"department {department} did not answer in time",
+                department=department,
+            ) from None
+        self._metrics.observe_record_cache(record_type, served)
+        trace.from_cache = served.shared
         response = broker_pb2.LookupResponse(
             record=minimized(fetched.record, record_type, decision),
             withheld_fields=decision.withheld,
             masked_fields=sorted(decision.masks),
             department=decision.department,
-            from_cache=False,
+            from_cache=trace.from_cache,
             decision_id=trace.decision_id,
             rule_id=decision.rule_id,
         )
         response.as_of.FromDatetime(fetched.as_of)
         return response
+
+    async def _fetch_source(self, decision: Decision, trace: Trace, timeout_s: float) -> Fetched:
+        """One call to the department, with its metrics; the answer cut to the released
+        fields, so a cache entry never holds more than its key names."""
+        record_type = decision.record_type
+        source = self._router.source(record_type)
+        started = time.perf_counter()
+        status = "OK"
+        try:
+            fetched = await source.fetch(
+                record_type, trace.subject_id, decision.fields, trace.decision_id, timeout_s
+            )
+        except errors.BrokerError as exc:
+            status = exc.code.name
+            self._metrics.adapter_errors.labels(decision.department, status).inc()
+            raise
+        except asyncio.CancelledError:
+            status = "CANCELLED"
+            raise
+        except Exception:
+            status = "INTERNAL"
+            raise
+        finally:
+            self._metrics.observe_adapter_call(record_type, status, time.perf_counter() - started)
+        kept = records_pb2.Record()
+        kept.CopyFrom(fetched.record)
+        record_fields.keep_fields(getattr(kept, record_type), decision.fields)
+        return Fetched(kept, fetched.as_of)
 
     def count(self, record_type: str, policy: PolicySet, trace: Trace, status: str) -> None:
         """Count one finished item in ``certbroker_lookups``."""
@@ -194,6 +249,12 @@ class ItemPipeline:
         ).inc()
 
 
+def fetched_size(fetched: Fetched) -> int:
+    """Estimated bytes a cached record takes in memory: its wire size, doubled for the
+    in-memory message, plus a fixed overhead for the entry, key and timestamp."""
+    return 2 * fetched.record.ByteSize() + 512
+
+
 def label(name: str, known: Container[str]) -> str:
     """A metric label value: only catalogue names, so a caller cannot mint new time series."""
     return name if name in known else "invalid"
@@ -202,7 +263,8 @@ def label(name: str, known: Container[str]) -> str:
 def minimized(
     record: records_pb2.Record, record_type: str, decision: Decision
 ) -> records_pb2.Record:
-    """Defence in depth: whatever the department sent, release only what the decision allows."""
+    """Defence in depth: whatever the department (or the cache) holds, release only what the
+    decision allows. Works on a copy: ``record`` may be a cache entry shared by requests."""
     out = records_pb2.Record()
     out.CopyFrom(record)
     inner = getattr(out, record_type)
@@ -253,4 +315,5 @@ def event(
         decision_id=trace.decision_id,
         bundle_id=trace.bundle_id,
         relation=trace.relation,
+        from_cache=trace.from_cache,
     )

@@ -1,77 +1,204 @@
 """Prometheus metrics, each broker with its own registry (so several can share a process).
 
-Labels are low-cardinality by construction: record types, departments, decisions and status
-code names come from the policy catalogue or gRPC, never from callers. No subject IDs, no clerks.
+Labels are low-cardinality by construction: record types, departments, matters, decisions and
+status code names come from the policy catalogue or gRPC, never from callers. No subject IDs,
+no clerks, no tokens.
+
+``Metrics(enabled=False)`` records nothing: every instrument is a shared no-op and the registry
+stays empty. The benchmark uses it to measure what the metrics cost.
+
+Instruments (names as scraped; counters gain ``_total``):
+
+=========================================== ==================================================
+``certbroker_lookups``                      items by record type, decision, department, status
+``certbroker_lookup_latency_seconds``       end to end, by ``method`` (Lookup, LookupMatter)
+                                            and ``status`` (gRPC status code name)
+``certbroker_policy_evaluation_seconds``    one policy decision (check and decide)
+``certbroker_adapter_call_seconds``         one broker → adapter fetch, by record type, status
+``certbroker_adapter_errors``               failed fetches by department and status
+``certbroker_audit_append_seconds``         a request's wait for its audit entry to be durable
+``certbroker_audit_commit_seconds``         one audit transaction (group commit)
+``certbroker_audit_commit_batch_size``      entries per audit transaction
+``certbroker_record_cache_hits``            lookups answered from the record cache
+``certbroker_record_cache_misses``          cacheable lookups that called the department
+``certbroker_record_cache_coalesced``       lookups that joined an identical fetch in flight
+``certbroker_token_cache_hits`` / ``_misses`` tokens answered from / missing in the token cache
+``certbroker_bundle_latency_seconds``       LookupMatter by matter
+``certbroker_bundle_items``                 items per answered LookupMatter
+``certbroker_policy_reloads``               policy reload attempts by result
+=========================================== ==================================================
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# Policy decisions are pure computation: microseconds, not milliseconds.
+_FAST_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01)
 # A bundle has at most 8 subjects x 4 record types.
 _BUNDLE_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+# Group commit batches: one caller alone up to a busy hall's burst (max_batch is in the hundreds).
+_BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class CounterLike(Protocol):
+    """What the broker uses of a Prometheus counter (so a no-op can stand in)."""
+
+    def labels(self, *labelvalues: Any, **labelkwargs: Any) -> CounterLike: ...
+
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class HistogramLike(Protocol):
+    """What the broker uses of a Prometheus histogram (so a no-op can stand in)."""
+
+    def labels(self, *labelvalues: Any, **labelkwargs: Any) -> HistogramLike: ...
+
+    def observe(self, amount: float) -> None: ...
+
+
+class _Noop:
+    """Stands in for every instrument of a disabled :class:`Metrics`."""
+
+    def labels(self, *labelvalues: Any, **labelkwargs: Any) -> _Noop:
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        return None
+
+    def observe(self, amount: float) -> None:
+        return None
+
+
+_NOOP = _Noop()
 
 
 @dataclass
 class Metrics:
-    """The broker's instruments, registered in ``registry``."""
+    """The broker's instruments, registered in ``registry`` (nothing when not ``enabled``)."""
 
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    enabled: bool = True
 
     def __post_init__(self) -> None:
-        r = self.registry
-        self.lookups = Counter(
+        self.lookups = self._counter(
             "certbroker_lookups",
             "Lookups by record type, decision, department and status.",
             ["record_type", "decision", "department", "status"],
-            registry=r,
         )
-        self.lookup_latency = Histogram(
+        self.lookup_latency = self._histogram(
             "certbroker_lookup_latency_seconds",
-            "End-to-end lookup latency.",
-            ["record_type"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            "End-to-end latency of Lookup and LookupMatter calls, by gRPC status.",
+            ["method", "status"],
         )
-        self.adapter_latency = Histogram(
+        self.policy_evaluation = self._histogram(
+            "certbroker_policy_evaluation_seconds",
+            "Time to decide one lookup item by policy.",
+            buckets=_FAST_BUCKETS,
+        )
+        self.adapter_latency = self._histogram(
             "certbroker_adapter_call_seconds",
-            "Broker to adapter call latency.",
-            ["department"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            "Broker to adapter fetch latency, by record type and gRPC status.",
+            ["record_type", "status"],
         )
-        self.adapter_errors = Counter(
+        self.adapter_errors = self._counter(
             "certbroker_adapter_errors",
             "Adapter calls that failed, by department and status.",
             ["department", "status"],
-            registry=r,
         )
-        self.audit_append = Histogram(
-            "certbroker_audit_append_seconds",
-            "Time to append an audit entry durably.",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.audit_append = self._histogram(
+            "certbroker_audit_append_seconds", "Time a request waits for its audit entries."
         )
-        self.bundle_latency = Histogram(
+        self.audit_commit = self._histogram(
+            "certbroker_audit_commit_seconds", "Time to commit one audit transaction durably."
+        )
+        self.audit_batch = self._histogram(
+            "certbroker_audit_commit_batch_size",
+            "Audit entries per committed transaction (group commit).",
+            buckets=_BATCH_SIZE_BUCKETS,
+        )
+        self.cache_hits = self._counter(
+            "certbroker_record_cache_hits",
+            "Lookup items answered from the record cache.",
+            ["record_type"],
+        )
+        self.cache_misses = self._counter(
+            "certbroker_record_cache_misses",
+            "Cacheable lookup items that called the department.",
+            ["record_type"],
+        )
+        self.cache_coalesced = self._counter(
+            "certbroker_record_cache_coalesced",
+            "Lookup items that shared an identical department call already in flight.",
+            ["record_type"],
+        )
+        self.token_cache_hits = self._counter(
+            "certbroker_token_cache_hits", "Bearer tokens found verified in the token cache."
+        )
+        self.token_cache_misses = self._counter(
+            "certbroker_token_cache_misses", "Bearer tokens verified in full (not cached)."
+        )
+        self.bundle_latency = self._histogram(
             "certbroker_bundle_latency_seconds",
             "End-to-end LookupMatter latency, by matter.",
             ["matter"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.bundle_items = Histogram(
+        self.bundle_items = self._histogram(
             "certbroker_bundle_items",
             "Items (subject x record type) per answered LookupMatter.",
             buckets=_BUNDLE_SIZE_BUCKETS,
-            registry=r,
         )
-        self.policy_reloads = Counter(
-            "certbroker_policy_reloads", "Policy reload attempts by result.", ["result"], registry=r
+        self.policy_reloads = self._counter(
+            "certbroker_policy_reloads", "Policy reload attempts by result.", ["result"]
         )
+
+    def _counter(self, name: str, doc: str, labels: list[str] | None = None) -> CounterLike:
+        if not self.enabled:
+            return _NOOP
+        return Counter(name, doc, labels or [], registry=self.registry)
+
+    def _histogram(
+        self,
+        name: str,
+        doc: str,
+        labels: list[str] | None = None,
+        buckets: tuple[float, ...] = _LATENCY_BUCKETS,
+    ) -> HistogramLike:
+        if not self.enabled:
+            return _NOOP
+        return Histogram(name, doc, labels or [], buckets=buckets, registry=self.registry)
+
+    def observe_lookup(self, method: str, status: str, seconds: float) -> None:
+        """One finished ``Lookup``/``LookupMatter`` call; ``status`` is a gRPC code name."""
+        self.lookup_latency.labels(method, status).observe(seconds)
+
+    def observe_adapter_call(self, record_type: str, status: str, seconds: float) -> None:
+        """One broker → adapter fetch (cache misses only: hits call no adapter)."""
+        self.adapter_latency.labels(record_type, status).observe(seconds)
+
+    def observe_audit_commit(self, batch_size: int, seconds: float) -> None:
+        """One committed audit transaction of ``batch_size`` entries (the group-commit hook)."""
+        self.audit_commit.observe(seconds)
+        self.audit_batch.observe(batch_size)
+
+    def observe_record_cache(self, record_type: str, served: str) -> None:
+        """How the record cache served one item: "hit", "miss", "coalesced" or "uncached"
+        (a record type with ``cache_ttl_s: 0``, which is not counted)."""
+        if served == "hit":
+            self.cache_hits.labels(record_type).inc()
+        elif served == "miss":
+            self.cache_misses.labels(record_type).inc()
+        elif served == "coalesced":
+            self.cache_coalesced.labels(record_type).inc()
+
+    def observe_token_cache(self, hit: bool) -> None:
+        """One bearer token looked up in the token cache."""
+        (self.token_cache_hits if hit else self.token_cache_misses).inc()
 
     def serve(self, host: str, port: int) -> tuple[WSGIServer, int]:
         """Expose /metrics over HTTP; returns the server and its bound port (port 0 = any)."""

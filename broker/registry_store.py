@@ -79,13 +79,35 @@ class RegistryStore:
         self._db.execute(
             "DELETE FROM instances WHERE lease_expires_at < ?", (clock() - FORGET_AFTER_S,)
         )
+        self._data_version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        self._instances = self._read_all()
+
+    def _read_all(self) -> dict[str, Instance]:
         rows = self._db.execute(
             "SELECT instance_id, department, record_types, endpoint, schema_version,"
             " registered_at, lease_expires_at FROM instances"
         ).fetchall()
-        self._instances = {
+        return {
             row[0]: Instance(row[0], row[1], tuple(json.loads(row[2])), *row[3:]) for row in rows
         }
+
+    def refresh(self) -> bool:
+        """Re-read the file if another process changed it; True if memory was replaced.
+
+        Worker processes of ``certbroker serve --workers N`` share the file but each keeps its
+        own memory; they call this every second so an adapter registered (or renewed) through
+        one worker routes from all. Blocking: call it from a worker thread.
+        """
+        with self._write_lock:
+            # data_version changes only when ANOTHER connection committed: cheap to poll.
+            version = self._db.execute("PRAGMA data_version").fetchone()[0]
+            if version == self._data_version:
+                return False
+            self._data_version = version
+            fresh = self._read_all()
+            with self._read_lock:
+                self._instances = fresh
+        return True
 
     def now(self) -> float:
         """The registry's clock (epoch seconds)."""

@@ -26,8 +26,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from broker import errors, policy
-from broker.audit import SQLiteAuditLog
+from broker import errors
+from broker.audit import BatchingAuditLog, open_audit_log
 from broker.audit_proofs import CheckpointSigner, checkpoint_task
 from broker.audit_service import AuditService
 from broker.auth import Authenticator, DevIdentityProvider, TrustedIssuer, load_issuer
@@ -35,6 +35,7 @@ from broker.breaker import BreakerBoard
 from broker.config import Config
 from broker.decision_token import DecisionSigner
 from broker.metrics import Metrics
+from broker.policy_holder import PolicyHolder
 from broker.registry import RegistryService
 from broker.registry_store import RegistryStore
 from broker.routing import Router, build_router
@@ -127,31 +128,6 @@ def _guard_stream(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHan
     )
 
 
-class PolicyHolder:
-    """The policy set in force. A reload that fails validation keeps the old set."""
-
-    def __init__(self, directory: Path, metrics: Metrics) -> None:
-        self._directory = directory
-        self._metrics = metrics
-        self.current: policy.PolicySet = policy.load(directory)
-
-    def reload(self) -> bool:
-        try:
-            fresh = policy.load(self._directory)
-        except policy.PolicyError as exc:
-            log.error(
-                "policy reload rejected, keeping version %s: %s",
-                self.current.version[:12],
-                "; ".join(exc.errors),
-            )
-            self._metrics.policy_reloads.labels("rejected").inc()
-            return False
-        previous, self.current = self.current, fresh
-        log.info("policy reloaded: %s -> %s", previous.version[:12], fresh.version[:12])
-        self._metrics.policy_reloads.labels("ok").inc()
-        return True
-
-
 def authenticator(config: Config) -> Authenticator:
     issuers: list[TrustedIssuer] = [
         load_issuer(i.issuer, i.audience, pem_files=i.public_keys, jwks_file=i.jwks)
@@ -170,7 +146,7 @@ class Broker:
     port: int
     metrics_port: int
     policies: PolicyHolder
-    audit: SQLiteAuditLog
+    audit: BatchingAuditLog
     router: Router
     metrics: Metrics
     registry: RegistryStore
@@ -178,10 +154,11 @@ class Broker:
     signer: DecisionSigner
     _metrics_http: WSGIServer
     checkpoint_signer: CheckpointSigner
-    _checkpoints: asyncio.Task[None]
+    _checkpoints: asyncio.Task[None] | None  # None: another worker process signs them
 
     async def stop(self, grace: float | None = 1.0) -> None:
-        self._checkpoints.cancel()
+        if self._checkpoints is not None:
+            self._checkpoints.cancel()
         await self.server.stop(grace)
         await self.router.aclose()
         await self.audit.aclose()
@@ -196,17 +173,23 @@ async def start(
     lease_clock: Callable[[], float] = time.time,
     breaker_clock: Callable[[], float] = time.monotonic,
     audit_clock: Callable[[], float] = time.time,
+    reuse_port: bool = False,
+    checkpoints: bool = True,
 ) -> Broker:
     """Start a broker on ``config``'s ports (0 = any free port) and return it.
 
     ``lease_clock`` (epoch seconds) drives registry leases, ``breaker_clock`` (monotonic
     seconds) the circuit breakers, ``audit_clock`` (epoch seconds) the audit entries' times;
     tests pass fakes to step through time.
+
+    ``reuse_port`` binds with SO_REUSEPORT so several worker processes share the port, and
+    ``checkpoints=False`` leaves the periodic checkpoint (and archive) task to another worker
+    (:mod:`broker.workers`).
     """
     # First: a TLS file that cannot be read stops the start before anything needs closing.
     credentials = channel_credentials(config.tls_ca, config.tls_cert, config.tls_key)
     config.state_dir.mkdir(parents=True, exist_ok=True)
-    metrics = Metrics()
+    metrics = Metrics(enabled=config.metrics_enabled)
     policies = PolicyHolder(config.policy_dir, metrics)
     departments = {name: rt.department for name, rt in policies.current.record_types.items()}
     signer = DecisionSigner(config.state_dir)
@@ -226,7 +209,10 @@ async def start(
         credentials=credentials,
         timeout_s=config.adapter_timeout_s,
     )
-    audit = SQLiteAuditLog(config.audit_file, clock=audit_clock)
+    audit = open_audit_log(
+        config.audit_location, clock=audit_clock, on_commit=metrics.observe_audit_commit
+    )
+    policies.audit = audit  # reloads are audited from here on
     checkpoint_signer = CheckpointSigner.load(config.state_dir, config.checkpoint_key)
     auth = authenticator(config)
     service = CertificateBrokerService(
@@ -237,13 +223,17 @@ async def start(
         metrics,
         adapter_timeout_s=config.adapter_timeout_s,
     )
-    server = grpc.aio.server(interceptors=[ErrorMapping()])
+    server = grpc.aio.server(
+        interceptors=[ErrorMapping()],
+        options=[("grpc.so_reuseport", 1)] if reuse_port else None,
+    )
     broker_pb2_grpc.add_CertificateBrokerServicer_to_server(service, server)
     registry_pb2_grpc.add_RegistryServicer_to_server(
         RegistryService(auth, policies, registry, breakers, audit), server
     )
     audit_pb2_grpc.add_AuditServicer_to_server(
-        AuditService(auth, policies, audit, config.audit_file), server
+        AuditService(auth, policies, audit, config.audit_location, signer=checkpoint_signer),
+        server,
     )
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -282,9 +272,16 @@ async def start(
         metrics_http,
         checkpoint_signer,
         asyncio.create_task(
-            checkpoint_task(config.audit_file, checkpoint_signer, config.checkpoint_interval_s),
+            checkpoint_task(
+                config.audit_location,
+                checkpoint_signer,
+                config.checkpoint_interval_s,
+                archive=config.archive,
+            ),
             name="certbroker-audit-checkpoints",
-        ),
+        )
+        if checkpoints
+        else None,
     )
 
 
@@ -306,7 +303,7 @@ async def serve(config: Config, ready: Callable[[Broker], None] | None = None) -
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     async with running(config) as broker:
-        loop.add_signal_handler(signal.SIGHUP, broker.policies.reload)
+        loop.add_signal_handler(signal.SIGHUP, broker.policies.reload_soon)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         pid = pid_file(config.state_dir)

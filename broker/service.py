@@ -1,7 +1,8 @@
 """The ``certbroker.v1.CertificateBroker`` servicer: Lookup, ListMatters and LookupMatter.
 
 Lookup, in order: authenticate the clerk, validate the request, decide by policy, fetch from
-the department, minimize and mask, then append the audit entry, and only then answer. Every
+the record cache or the department, minimize and mask, then append the audit entry (saying
+whether the record came from the cache), and only then answer. Every
 lookup that reaches the servicer — allowed, denied or failed — produces exactly one audit entry;
 if that entry cannot be written durably, the caller gets UNAVAILABLE and no record.
 
@@ -22,6 +23,7 @@ from broker import errors, validation
 from broker.audit import AuditLog
 from broker.auth import Authenticator
 from broker.bundle import BundleRunner
+from broker.cache import RecordCache
 from broker.lookup import (
     ItemPipeline,
     Trace,
@@ -30,12 +32,11 @@ from broker.lookup import (
     event,
     fetch_budget,
     invocation_metadata,
-    label,
     outcome,
 )
 from broker.metrics import Metrics
 from broker.policy import PolicySet
-from broker.routing import Router
+from broker.routing import Fetched, Router
 from certbroker.v1 import broker_pb2, broker_pb2_grpc
 
 __all__ = ["CertificateBrokerService", "PolicySource", "consent_name", "consent_value"]
@@ -52,7 +53,8 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
     """Serves counter software. Errors are raised as ``BrokerError`` and mapped by the server.
 
     ``adapter_timeout_s`` caps how long departments get per call (single lookup or whole
-    bundle); a caller's earlier deadline shortens it.
+    bundle); a caller's earlier deadline shortens it. ``record_cache`` is shared by Lookup and
+    LookupMatter (default: :class:`broker.cache.RecordCache` with its default bounds).
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
         *,
         adapter_timeout_s: float = 5.0,
         now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        record_cache: RecordCache[Fetched] | None = None,
     ) -> None:
         self._auth = auth
         self._policies = policies
@@ -72,7 +75,7 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
         self._metrics = metrics
         self._timeout_s = adapter_timeout_s
         self._now = now
-        self._items = ItemPipeline(router, metrics)
+        self._items = ItemPipeline(router, metrics, record_cache)
         self._bundles = BundleRunner(
             auth, self._items, audit, metrics, cap_s=adapter_timeout_s, now=now
         )
@@ -96,12 +99,11 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
             receipt = await self._audit.append(event(request, policy, trace, result, latency_ms))
         except errors.BrokerError:
             self._items.count(request.record_type, policy, trace, "UNAVAILABLE")
+            self._metrics.observe_lookup("Lookup", "UNAVAILABLE", time.perf_counter() - started)
             raise  # no audit, no answer: not even the denial's reason leaves unaudited
         self._metrics.audit_append.observe(time.perf_counter() - audit_started)
         self._items.count(request.record_type, policy, trace, result[1])
-        self._metrics.lookup_latency.labels(
-            label(request.record_type, policy.record_types)
-        ).observe(time.perf_counter() - started)
+        self._metrics.observe_lookup("Lookup", result[1], time.perf_counter() - started)
         if failure is not None:
             if isinstance(failure, errors.BrokerError):
                 failure.metadata["audit_entry_id"] = receipt.entry_id
@@ -129,7 +131,7 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
         trace.subject_id = validation.subject_id(request.subject_id)
         decision = self._items.authorize(policy, request, consent, wanted, self._now(), trace)
         budget = fetch_budget(context, self._timeout_s)
-        return await self._items.fetch(request.record_type, decision, trace, budget)
+        return await self._items.fetch(policy, decision, trace, budget)
 
     async def LookupMatter(
         self,

@@ -30,7 +30,8 @@ from broker.audit import (
     query,
     verify,
 )
-from broker.audit_store import SQLiteStore, StoredRow
+from broker.audit_sqlite import SQLiteStore
+from broker.audit_store import StoredRow
 from broker.errors import Unavailable, to_status
 
 T = TypeVar("T")
@@ -708,3 +709,34 @@ def test_format_table_escapes_control_characters(tmp_path: Path) -> None:
     assert "\x1b" not in table
     assert "\\x1b[2J\\nnext" in table
     assert len(table.splitlines()) == 3
+
+
+# --- commit hook (metrics) --------------------------------------------------------------------
+
+
+def test_on_commit_reports_each_batch_and_a_raising_hook_never_breaks_the_audit(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.db"
+    seen: list[tuple[int, float]] = []
+
+    def hook(entries: int, seconds: float) -> None:
+        seen.append((entries, seconds))
+        raise RuntimeError("metrics backend down")
+
+    async def main() -> list[int]:
+        async with SQLiteAuditLog(path, on_commit=hook) as log:
+            one = await log.append(make_event())
+            two = await log.append_many([make_event(), make_event()])
+            with closing(sqlite3.connect(path, isolation_level=None)) as saboteur:
+                saboteur.execute(
+                    "CREATE TRIGGER disk_full BEFORE INSERT ON audit_log "
+                    "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+                )
+            with pytest.raises(Unavailable):
+                await log.append(make_event())  # not committed: no hook call
+            return [one.sequence, *(r.sequence for r in two)]
+
+    assert run(main()) == [1, 2, 3]
+    assert [entries for entries, _ in seen] == [1, 2]
+    assert all(seconds >= 0 for _, seconds in seen)

@@ -1,4 +1,6 @@
-"""The certbroker.v1.Audit service on a real broker: role gate, self-audit, Query, reports."""
+"""The certbroker.v1.Audit service on a real broker: role gate, self-audit, Query, reports.
+
+The proof and export RPCs are in test_audit_service_proofs.py."""
 
 from __future__ import annotations
 
@@ -164,14 +166,6 @@ def test_auditor_calls_are_audited_with_the_filter(env: Env) -> None:
     assert last.event.subject_id == "110101199003077774"
     assert "clerk=clerk-9" in last.event.decision_id.split(";")
     assert "decision=deny" in last.event.decision_id.split(";")
-
-
-def test_checkpoint_rpcs_are_not_served_yet_but_audited(env: Env) -> None:
-    for rpc, call in CALLS[3:]:
-        with pytest.raises(grpc.RpcError) as info:
-            call(stub(env), auditor(env))
-        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED, rpc
-        assert entries(env)[-1].event.rule_id == f"audit.{rpc}"
 
 
 def test_query_filters_each_criterion(aenv: tuple[Env, FakeClock]) -> None:

@@ -16,6 +16,7 @@ from broker.breaker import BreakerBoard, CircuitBreaker, Outcome, State
 from broker.config import AdapterRoute
 from broker.decision_token import DecisionSigner
 from certbroker.v1 import broker_pb2_grpc, registry_pb2, registry_pb2_grpc
+from tests.broker.cache_support import uncached_policies
 from tests.helpers import AdapterProcess, BrokerThread, FakeClock, make_config, start_adapter
 
 CASE = "GZ20261121-000999"
@@ -150,7 +151,12 @@ class Env:
         routes = {rt: AdapterRoute() for rt in synthetic.DATASETS}
         routes["marriage"] = AdapterRoute("registry")
         cfg = make_config(
-            tmp_path, dataset_dir, adapters=routes, breaker_failures=3, breaker_reset_s=10
+            tmp_path,
+            dataset_dir,
+            adapters=routes,
+            breaker_failures=3,
+            breaker_reset_s=10,
+            policy_dir=uncached_policies(tmp_path),  # every lookup reaches the department
         )
         self.broker = BrokerThread(cfg, breaker_clock=self.clock)
         self.idp = DevIdentityProvider(cfg.state_dir)

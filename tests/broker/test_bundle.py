@@ -28,6 +28,7 @@ from broker.auth import DevIdentityProvider
 from broker.config import AdapterRoute
 from certbroker import resident_id
 from certbroker.v1 import broker_pb2, broker_pb2_grpc
+from tests.broker.cache_support import write_policies
 from tests.helpers import (
     DEFAULT_OFFICE,
     AdapterProcess,
@@ -120,6 +121,8 @@ def test_property_transfer_bundle_for_a_couple(env: Env, couple: tuple[str, str]
     )
     assert single.record == marriage.record
     assert list(single.withheld_fields) == list(marriage.withheld_fields)
+    # ... and from the same record cache: the bundle fetched it, the lookup reused it.
+    assert (marriage.from_cache, single.from_cache) == (False, True)
 
     # Every item has its own entry with the bundle id; the bundle entry links them.
     db = env.state_dir / "audit.sqlite"
@@ -138,6 +141,7 @@ def test_property_transfer_bundle_for_a_couple(env: Env, couple: tuple[str, str]
             "OK",
             item.response.decision_id,
         )
+        assert ev.from_cache is False
     linking = stored[reply.receipt.entry_id]
     assert linking.event.kind == "bundle"
     assert linking.event.bundle_id == reply.bundle_id
@@ -445,10 +449,11 @@ class Routed:
 @pytest.fixture
 def start_routed(tmp_path: Path, dataset_dir: Path) -> Iterator[Callable[..., Routed]]:
     """Starts the three departments a transfer needs as adapter processes (``slow`` ones with
-    a one-minute ``--delay-ms``) and a broker routed to them over gRPC."""
+    a one-minute ``--delay-ms``) and a broker routed to them over gRPC (with ``uncached``, on
+    a policy that caches no record type, so every lookup reaches its department)."""
     with contextlib.ExitStack() as stack:
 
-        def start(slow: tuple[str, ...] = ()) -> Routed:
+        def start(slow: tuple[str, ...] = (), uncached: bool = False) -> Routed:
             processes: dict[str, AdapterProcess] = {}
             for record_type in NEEDS:
                 extra = ("--delay-ms", "60000") if record_type in slow else ()
@@ -459,8 +464,14 @@ def start_routed(tmp_path: Path, dataset_dir: Path) -> Iterator[Callable[..., Ro
             routes = {rt: AdapterRoute() for rt in synthetic.DATASETS}
             for record_type, process in processes.items():
                 routes[record_type] = AdapterRoute("grpc", process.target)
+            extra: dict[str, Any] = {}
+            if uncached:
+                never = {rt: 0 for rt in synthetic.DATASETS}
+                extra["policy_dir"] = write_policies(tmp_path / "policies", ttl=never)
             # A generous cap: the caller's deadline, not the configuration, bounds the bundles.
-            cfg = make_config(tmp_path, dataset_dir, adapters=routes, adapter_timeout_s=60.0)
+            cfg = make_config(
+                tmp_path, dataset_dir, adapters=routes, adapter_timeout_s=60.0, **extra
+            )
             broker = BrokerThread(cfg)
             stack.callback(broker.stop)
             channel = stack.enter_context(grpc.insecure_channel(broker.target))
@@ -507,7 +518,7 @@ def test_slow_department_is_deadline_exceeded_and_the_rest_answer(
 def test_killed_and_hung_adapter_processes(
     start_routed: Callable[..., Routed], couple: tuple[str, str]
 ) -> None:
-    routed = start_routed()
+    routed = start_routed(uncached=True)  # outages show on the next call, not after a TTL
     seller = [(couple[0], "seller")]
     reply = bundle(routed.stub, routed.token, seller, timeout=10.0)
     assert set(results(reply).values()) == {"OK"}  # all three departments up

@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from broker.cache import RecordCache, TokenCache, record_key
+from broker.cache import RecordCache, Served, TokenCache, record_key
 
 
 class Clock:
@@ -40,23 +40,57 @@ def test_ttl_zero_never_caches() -> None:
     cache: RecordCache[str] = RecordCache()
     fetch = Counter()
 
-    async def main() -> list[tuple[str, bool]]:
+    async def main() -> list[tuple[str, Served]]:
         return [await cache.get_or_fetch("k", 0, fetch) for _ in range(3)]
 
-    assert run(main()) == [("record-1", False), ("record-2", False), ("record-3", False)]
+    uncached = Served.UNCACHED
+    assert run(main()) == [("record-1", uncached), ("record-2", uncached), ("record-3", uncached)]
     assert len(cache) == 0
+    assert (cache.stats.uncached, cache.stats.misses, cache.stats.hits) == (3, 0, 0)
+
+
+def test_ttl_zero_is_not_coalesced_either() -> None:
+    """Every lookup of a never-cached record type reaches the department, even concurrent ones."""
+    cache: RecordCache[str] = RecordCache()
+
+    async def main() -> list[tuple[str, Served]]:
+        fetch = Counter()
+        fetch.hold = True
+        waiters = [asyncio.create_task(cache.get_or_fetch("k", 0, fetch)) for _ in range(5)]
+        await asyncio.sleep(0)
+        fetch.release.set()
+        results = await asyncio.gather(*waiters)
+        assert fetch.calls == 5
+        return results
+
+    results = run(main())
+    assert {served for _, served in results} == {Served.UNCACHED}
+    assert cache.stats.coalesced == 0
 
 
 def test_hit_until_ttl_then_refetch() -> None:
     clock = Clock()
     cache: RecordCache[str] = RecordCache(clock=clock)
     fetch = Counter()
-    assert run(cache.get_or_fetch("k", 60, fetch)) == ("record-1", False)
+    assert run(cache.get_or_fetch("k", 60, fetch)) == ("record-1", Served.MISS)
     clock.now += 59
-    assert run(cache.get_or_fetch("k", 60, fetch)) == ("record-1", True)
+    assert run(cache.get_or_fetch("k", 60, fetch)) == ("record-1", Served.HIT)
     clock.now += 2
-    assert run(cache.get_or_fetch("k", 60, fetch)) == ("record-2", False)
+    assert run(cache.get_or_fetch("k", 60, fetch)) == ("record-2", Served.MISS)
     assert (cache.stats.hits, cache.stats.misses) == (1, 2)
+
+
+def test_a_lowered_ttl_applies_to_entries_already_cached() -> None:
+    """A policy reload that shortens a record type's TTL needs no cache flush."""
+    clock = Clock()
+    cache: RecordCache[str] = RecordCache(clock=clock)
+    fetch = Counter()
+    assert run(cache.get_or_fetch("k", 600, fetch)) == ("record-1", Served.MISS)
+    clock.now += 61
+    assert run(cache.get_or_fetch("k", 600, fetch)) == ("record-1", Served.HIT)
+    assert run(cache.get_or_fetch("k", 60, fetch)) == ("record-2", Served.MISS)
+    assert run(cache.get_or_fetch("k", 0, fetch)) == ("record-3", Served.UNCACHED)
+    assert run(cache.get_or_fetch("k", 60, fetch)) == ("record-2", Served.HIT)
 
 
 def test_different_released_fields_never_share_an_entry() -> None:
@@ -72,7 +106,7 @@ def test_different_released_fields_never_share_an_entry() -> None:
 def test_single_flight_coalesces_concurrent_fetches() -> None:
     cache: RecordCache[str] = RecordCache()
 
-    async def main() -> list[tuple[str, bool]]:
+    async def main() -> list[tuple[str, Served]]:
         fetch = Counter()
         fetch.hold = True
         waiters = [asyncio.create_task(cache.get_or_fetch("k", 60, fetch)) for _ in range(20)]
@@ -84,7 +118,10 @@ def test_single_flight_coalesces_concurrent_fetches() -> None:
 
     results = run(main())
     assert {value for value, _ in results} == {"record-1"}
-    assert cache.stats.coalesced == 19
+    assert [served for _, served in results].count(Served.COALESCED) == 19
+    assert [served for _, served in results].count(Served.MISS) == 1
+    assert (cache.stats.coalesced, cache.stats.misses) == (19, 1)
+    assert run(cache.get_or_fetch("k", 60, Counter())) == ("record-1", Served.HIT)
 
 
 def test_failed_fetch_fails_every_waiter_and_is_not_cached() -> None:
@@ -110,7 +147,7 @@ def test_failed_fetch_fails_every_waiter_and_is_not_cached() -> None:
 def test_a_cancelled_caller_does_not_cancel_the_shared_fetch() -> None:
     cache: RecordCache[str] = RecordCache()
 
-    async def main() -> tuple[str, bool]:
+    async def main() -> tuple[str, Served]:
         fetch = Counter()
         fetch.hold = True
         leader = asyncio.create_task(cache.get_or_fetch("k", 60, fetch))
@@ -121,7 +158,47 @@ def test_a_cancelled_caller_does_not_cancel_the_shared_fetch() -> None:
         fetch.release.set()
         return await follower
 
-    assert run(main()) == ("record-1", False)
+    assert run(main()) == ("record-1", Served.COALESCED)
+    assert cache.get("k") == "record-1"  # the starter's cancellation did not lose the result
+
+
+def test_a_fetch_every_caller_abandoned_still_fills_the_cache() -> None:
+    cache: RecordCache[str] = RecordCache()
+
+    async def main() -> None:
+        fetch = Counter()
+        fetch.hold = True
+        caller = asyncio.create_task(cache.get_or_fetch("k", 60, fetch))
+        await asyncio.sleep(0)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        fetch.release.set()
+        for _ in range(10):  # let the orphaned fetch finish
+            await asyncio.sleep(0)
+        assert await cache.get_or_fetch("k", 60, fetch) == ("record-1", Served.HIT)
+        assert fetch.calls == 1
+
+    run(main())
+
+
+def test_a_joiner_waits_only_its_own_budget() -> None:
+    """A caller joining a slow fetch gives up at its own deadline; the fetch goes on for the
+    one who started it."""
+    cache: RecordCache[str] = RecordCache()
+
+    async def main() -> None:
+        fetch = Counter()
+        fetch.hold = True
+        leader = asyncio.create_task(cache.get_or_fetch("k", 60, fetch))
+        await asyncio.sleep(0)
+        with pytest.raises(TimeoutError):
+            await cache.get_or_fetch("k", 60, fetch, wait_s=0)
+        fetch.release.set()
+        assert await leader == ("record-1", Served.MISS)
+        assert fetch.calls == 1
+
+    run(main())
 
 
 def test_bounded_by_entries_and_bytes() -> None:

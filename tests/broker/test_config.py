@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from broker import config
-from broker.config import AdapterRoute, ConfigError
+from broker.audit_db import PostgresLocation
+from broker.config import AdapterRoute, ArchiveSchedule, ConfigError
 
 
 def test_defaults_are_the_embedded_setup() -> None:
@@ -70,3 +71,34 @@ def test_issuers_from_file(tmp_path: Path) -> None:
     )
     (issuer,) = config.load(path, env={}).issuers
     assert issuer.public_keys == (tmp_path / "keys/a.pem",)
+
+
+def test_audit_backend_and_archival_settings(tmp_path: Path) -> None:
+    cfg = config.load(None, env={"CERTBROKER_AUDIT_DSN": "postgresql://u:pw@db/audit"})
+    assert cfg.audit_location == PostgresLocation("postgresql://u:pw@db/audit", "certbroker")
+    assert "pw" not in repr(cfg)  # the DSN may carry a password
+    assert "pw" not in str(cfg.audit_location)
+    assert config.load(None, env={}).audit_location == Path(".certbroker/audit.sqlite")
+    assert config.load(None, env={}).archive is None
+    path = tmp_path / "broker.toml"
+    path.write_text(
+        '[audit]\ndsn = "host=db dbname=audit"\nschema = "hall_7"\n'
+        'archive_after_days = 30\narchive_dir = "old"\n'
+    )
+    cfg = config.load(path, env={"CERTBROKER_AUDIT_SCHEMA": "hall_8"})
+    assert cfg.audit_location == PostgresLocation("host=db dbname=audit", "hall_8")
+    assert cfg.archive == ArchiveSchedule(30.0, tmp_path / "old")
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"CERTBROKER_AUDIT_DSN": "x", "CERTBROKER_AUDIT_SCHEMA": "Bad-Name"}, "schema"),
+        ({"CERTBROKER_AUDIT_DSN": "x", "CERTBROKER_AUDIT_PATH": "a.sqlite"}, "not both"),
+        ({"CERTBROKER_AUDIT_ARCHIVE_AFTER_DAYS": "-1"}, "archive_after_days"),
+        ({"CERTBROKER_AUDIT_ARCHIVE_AFTER_DAYS": "nan"}, "archive_after_days"),
+    ],
+)
+def test_bad_audit_settings_are_refused(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config.load(None, env=env)

@@ -28,6 +28,7 @@ from broker.config import AdapterRoute
 from broker.registry import RegistryService
 from broker.registry_store import RegistryStore
 from certbroker.v1 import broker_pb2_grpc, registry_pb2, registry_pb2_grpc
+from tests.broker.cache_support import uncached_policies
 from tests.helpers import (
     AdapterProcess,
     BrokerThread,
@@ -105,7 +106,8 @@ class Reg:
 def start_reg(tmp_path: Path, dataset_dir: Path, clock: FakeClock) -> Reg:
     routes = {rt: AdapterRoute() for rt in synthetic.DATASETS}
     routes["marriage"] = AdapterRoute("registry")
-    cfg = make_config(tmp_path, dataset_dir, adapters=routes, lease_s=15)
+    uncached = uncached_policies(tmp_path)  # every lookup reaches a registered instance
+    cfg = make_config(tmp_path, dataset_dir, adapters=routes, lease_s=15, policy_dir=uncached)
     broker = BrokerThread(cfg, lease_clock=clock)
     channel = grpc.insecure_channel(broker.target)
     return Reg(

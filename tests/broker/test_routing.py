@@ -21,6 +21,7 @@ from broker.config import AdapterRoute, ConfigError
 from broker.decision_token import DecisionSigner
 from certbroker.v1 import broker_pb2_grpc
 from tests import tls
+from tests.broker.cache_support import uncached_policies
 from tests.helpers import AdapterProcess, BrokerThread, FakeClock, make_config, start_adapter
 
 CASE = "GZ20261121-000555"
@@ -117,6 +118,7 @@ def test_hung_adapter_is_deadline_exceeded(
 def registry_broker(tmp_path: Path, dataset_dir: Path, **overrides: object) -> BrokerThread:
     routes = {rt: AdapterRoute() for rt in synthetic.DATASETS}
     routes["marriage"] = AdapterRoute("registry")
+    overrides.setdefault("policy_dir", uncached_policies(tmp_path))  # each lookup: an instance
     return BrokerThread(make_config(tmp_path, dataset_dir, adapters=routes, **overrides))
 
 

@@ -1,0 +1,215 @@
+"""The audit log objects the server appends to: group commit over an SQLite or PostgreSQL store.
+
+:func:`open_audit_log` picks the backend from the location (``Config.audit_location``). The
+event model (:class:`broker.audit.AuditEvent` and its checks) stays in :mod:`broker.audit`,
+which re-exports everything here; this module reaches it only at call time, so importing
+either module first works.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+from broker.audit_db import AuditLocation, PostgresLocation, as_location
+from broker.audit_sqlite import SQLiteStore
+from broker.audit_store import AUDIT_UNAVAILABLE, BatchStore, epoch_time
+from broker.audit_writer import CommitHook, GroupCommitWriter
+from broker.errors import BrokerError, Unavailable
+
+if TYPE_CHECKING:
+    from broker.audit import AuditEvent
+
+
+def _fields(event: AuditEvent) -> dict[str, object]:
+    # broker.audit imports this module at its top, so its names are reached at call time.
+    from broker.audit import _event_fields
+
+    return _event_fields(event)
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """Proof the entry is durably stored: its id, chain hash and sequence number."""
+
+    entry_id: str
+    entry_hash: str
+    sequence: int
+
+
+class BatchingAuditLog:
+    """An :class:`AuditLog` over any :class:`~broker.audit_store.BatchStore`, with group commit.
+
+    ``commits`` counts committed transactions (batches), for tests and metrics;
+    ``on_commit(entries, seconds)`` is called after each one (its errors never reach callers).
+    """
+
+    def __init__(
+        self,
+        store: BatchStore,
+        *,
+        max_batch: int = 256,
+        clock: Callable[[], float] = time.time,
+        on_commit: CommitHook | None = None,
+    ) -> None:
+        self._writer = GroupCommitWriter(store, max_batch=max_batch, on_commit=on_commit)
+        self._clock = clock
+
+    @property
+    def commits(self) -> int:
+        """Transactions committed so far; fewer than appends when batching works."""
+        return self._writer.commits
+
+    async def append(self, event: AuditEvent) -> Receipt:
+        """Queue ``event`` for the writer thread and wait until it is durably stored.
+
+        Raises ``Unavailable("AUDIT_UNAVAILABLE")`` if the log is closed or the write fails,
+        ``TypeError``/``ValueError`` for a malformed event. Cancelling the caller does not
+        withdraw the entry: the lookup happened and is recorded.
+        """
+        fields = _fields(event)
+        fields["entry_id"] = uuid.uuid4().hex
+        # The time of the decision, not of the later commit.
+        fields["time"] = epoch_time(self._clock())
+        row = await self._writer.write(fields)
+        return Receipt(row.columns["entry_id"], row.entry_hash, row.seq)
+
+    async def append_many(
+        self,
+        events: Sequence[AuditEvent],
+        *,
+        link: Callable[[list[str]], AuditEvent] | None = None,
+    ) -> list[Receipt]:
+        """Store ``events`` as consecutive entries in ONE transaction: all of them, or none and
+        ``Unavailable("AUDIT_UNAVAILABLE")``. Receipts come back in order.
+
+        ``link``, if given, builds one more entry from the entry ids of ``events``, stored right
+        after them in the same transaction (a bundle entry naming its items), its receipt last.
+        All entries carry the same time. Malformed events raise before anything is queued.
+        """
+        bodies = [_fields(event) for event in events]
+        for fields in bodies:
+            fields["entry_id"] = uuid.uuid4().hex
+        if link is not None:
+            closing = _fields(link([str(fields["entry_id"]) for fields in bodies]))
+            closing["entry_id"] = uuid.uuid4().hex
+            bodies.append(closing)
+        if not bodies:
+            return []
+        moment = epoch_time(self._clock())
+        for fields in bodies:
+            fields["time"] = moment
+        rows = await self._writer.write_many(bodies)
+        return [Receipt(row.columns["entry_id"], row.entry_hash, row.seq) for row in rows]
+
+    async def aclose(self) -> None:
+        """Write everything already queued, then stop the writer and close the store."""
+        await self._writer.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class SQLiteAuditLog(BatchingAuditLog):
+    """The default :class:`AuditLog`: an SQLite file in WAL mode with ``synchronous=FULL``.
+
+    Creates the file (mode 0600) and schema if needed and continues an existing chain.
+    Raises ``Unavailable("AUDIT_UNAVAILABLE")`` if the file cannot be opened that way.
+    ``busy_timeout`` is how long a batch waits for another process's write lock.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_batch: int = 256,
+        clock: Callable[[], float] = time.time,
+        busy_timeout: float = 10.0,
+        on_commit: CommitHook | None = None,
+    ) -> None:
+        self.path = Path(path)
+        try:
+            store = SQLiteStore(self.path, busy_timeout=busy_timeout)
+        except (OSError, sqlite3.Error) as exc:
+            raise Unavailable(AUDIT_UNAVAILABLE, "cannot open the audit log") from exc
+        try:
+            # Read back from the writer connection itself, before the writer thread owns it.
+            self.pragmas: dict[str, object] = {
+                name: store.pragma(name) for name in ("journal_mode", "synchronous")
+            }
+        except BaseException:
+            store.close()
+            raise
+        super().__init__(store, max_batch=max_batch, clock=clock, on_commit=on_commit)
+
+
+class PostgresAuditLog(BatchingAuditLog):
+    """The :class:`AuditLog` in PostgreSQL (``[audit] dsn``): one log for several brokers.
+
+    Connects, creates the schema if needed (:mod:`broker.audit_pg`) and continues the chain.
+    Raises ``Unavailable("AUDIT_UNAVAILABLE")`` if that fails. ``busy_timeout`` is how long a
+    batch waits for another broker's lock.
+    """
+
+    def __init__(
+        self,
+        location: PostgresLocation,
+        *,
+        max_batch: int = 256,
+        clock: Callable[[], float] = time.time,
+        busy_timeout: float = 10.0,
+        on_commit: CommitHook | None = None,
+    ) -> None:
+        from broker.audit_pg import PostgresStore
+
+        self.location = location
+        try:
+            store = PostgresStore(location, lock_timeout=busy_timeout)
+        except BrokerError:
+            raise
+        except Exception as exc:  # psycopg errors: say which store, never the DSN
+            raise Unavailable(
+                AUDIT_UNAVAILABLE, f"cannot open the audit log ({location.display})"
+            ) from exc
+        try:
+            self.settings = {name: store.setting(name) for name in ("synchronous_commit",)}
+        except BaseException:
+            store.close()
+            raise
+        super().__init__(store, max_batch=max_batch, clock=clock, on_commit=on_commit)
+
+
+def open_audit_log(
+    db: AuditLocation | str,
+    *,
+    max_batch: int = 256,
+    clock: Callable[[], float] = time.time,
+    busy_timeout: float = 10.0,
+    on_commit: CommitHook | None = None,
+) -> BatchingAuditLog:
+    """The audit log at ``db``: :class:`SQLiteAuditLog` for a path, :class:`PostgresAuditLog`
+    for a :class:`~broker.audit_db.PostgresLocation` (``Config.audit_location``)."""
+    location = as_location(db)
+    kwargs: dict[str, Any] = {
+        "max_batch": max_batch,
+        "clock": clock,
+        "busy_timeout": busy_timeout,
+        "on_commit": on_commit,
+    }
+    if isinstance(location, PostgresLocation):
+        return PostgresAuditLog(location, **kwargs)
+    return SQLiteAuditLog(location, **kwargs)

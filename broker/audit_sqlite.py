@@ -1,0 +1,143 @@
+"""The SQLite audit store (the embedded default): WAL, ``synchronous=FULL``, one writer connection.
+
+The rows, chain and tree are written by the backend-neutral :func:`broker.audit_store.append_rows`;
+this module owns the SQLite schema, the file's permissions, and the write lock (``BEGIN
+IMMEDIATE``). Unlike PostgreSQL (:mod:`broker.audit_pg`) the file has no append-only triggers:
+anyone who can write the file can also drop a trigger, so for SQLite the protection is the
+chain, the Merkle tree and the signed checkpoints, which ``audit verify`` checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from broker.audit_store import Head, StoredRow, append_rows
+from broker.audit_tree import TREE_SCHEMA, backfill
+
+SCHEMA_VERSION = 2
+"""Stored in ``PRAGMA user_version`` so a later migration knows what it is looking at
+(2 = with ``audit_archives``)."""
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS audit_log (
+        seq         INTEGER PRIMARY KEY,
+        entry_id    TEXT NOT NULL UNIQUE,
+        time        TEXT NOT NULL,
+        clerk       TEXT NOT NULL,
+        subject_id  TEXT NOT NULL,
+        matter_code TEXT NOT NULL,
+        record_type TEXT NOT NULL,
+        decision    TEXT NOT NULL,
+        body        TEXT NOT NULL,
+        prev_hash   TEXT NOT NULL,
+        entry_hash  TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS audit_log_clerk ON audit_log (clerk)",
+    "CREATE INDEX IF NOT EXISTS audit_log_subject ON audit_log (subject_id)",
+    "CREATE INDEX IF NOT EXISTS audit_log_time ON audit_log (time)",
+    *TREE_SCHEMA,
+    # Signed checkpoints of the Merkle tree (broker.audit_proofs); the note is what auditors get.
+    """CREATE TABLE IF NOT EXISTS checkpoints (
+        id        INTEGER PRIMARY KEY,
+        size      INTEGER NOT NULL,
+        root_hash BLOB NOT NULL,
+        time      TEXT NOT NULL,
+        note      TEXT NOT NULL
+    )""",
+    # Archived segments (broker.audit_archive): the rows first_seq..last_seq left for a file.
+    """CREATE TABLE IF NOT EXISTS audit_archives (
+        last_seq        INTEGER PRIMARY KEY,
+        first_seq       INTEGER NOT NULL,
+        last_entry_hash TEXT NOT NULL,
+        file_name       TEXT NOT NULL,
+        file_sha256     TEXT NOT NULL,
+        time            TEXT NOT NULL
+    )""",
+    f"PRAGMA user_version = {SCHEMA_VERSION}",
+)
+
+
+class SQLiteStore:
+    """The writer side of an SQLite audit file: WAL, ``synchronous=FULL``, one connection.
+
+    Opening creates the file (mode 0600: entries name citizens) and the schema. The connection
+    is handed to a single writer thread afterwards (hence ``check_same_thread=False``).
+    """
+
+    def __init__(self, path: Path, *, busy_timeout: float = 10.0) -> None:
+        if not path.exists():
+            # Create it ourselves so it never exists world-readable; SQLite gives its -wal and
+            # -shm files the same permissions as the database.
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves; the module's implicit
+        # transactions would start with a deferred BEGIN, which is wrong for a chain.
+        self._conn = sqlite3.connect(
+            path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        self._head: Head | None = None  # what this store committed last
+        try:
+            self._configure()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _configure(self) -> None:
+        conn = self._conn
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        # FULL: the WAL is fsynced at every commit, so a committed entry survives power loss.
+        # (NORMAL, the usual WAL choice, may lose the last commits, breaking "no audit, no
+        # answer".) It is per connection, so it is set on every open.
+        conn.execute("PRAGMA synchronous = FULL")
+        if str(mode).lower() != "wal":
+            raise sqlite3.OperationalError(f"journal_mode is {mode!r}, WAL required")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in SCHEMA:
+                conn.execute(statement)
+            backfill(conn)  # a log written before the Merkle tables: add its leaves
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+
+    def pragma(self, name: str) -> object:
+        """Read a pragma on the writer connection (``journal_mode``, ``synchronous``...)."""
+        if not name.isidentifier():
+            raise ValueError(f"bad pragma name {name!r}")
+        return self._conn.execute(f"PRAGMA {name}").fetchone()[0]
+
+    def write_batch(self, bodies: Sequence[Mapping[str, object]]) -> list[StoredRow]:
+        """Append ``bodies`` as consecutive entries in ONE transaction (one fsync).
+
+        Each body gets ``seq`` and ``v`` added, then is chained onto the stored tail. Either all
+        rows commit or, on any error, the transaction is rolled back and the error propagates.
+        """
+        conn = self._conn
+        # IMMEDIATE takes the write lock before we read the tail, so no other writer (thread or
+        # process) can append between our read and our inserts: the chain always continues
+        # from the row that really is last, and the sequence cannot fork.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            rows, head = append_rows(conn, bodies, self._head)
+            conn.execute("COMMIT")
+        except BaseException:
+            self._head = None
+            _rollback(conn)
+            raise
+        self._head = head
+        return rows
+
+    def close(self) -> None:
+        """Close the connection (the last one to close checkpoints the WAL)."""
+        self._conn.close()
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    # A failed COMMIT may already have rolled back; never let ROLLBACK mask the real error.
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")

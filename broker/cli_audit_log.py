@@ -10,6 +10,7 @@ configuration (``--config FILE``, then ``CERTBROKER_AUDIT_*`` variables; see
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,7 +89,25 @@ def _message(exc: Exception) -> str:
     return exc.message if isinstance(exc, BrokerError) else str(exc)
 
 
-def _print(report: IntegrityReport, what: str) -> int:
+def _print(report: IntegrityReport, what: str, as_json: bool = False) -> int:
+    if as_json:  # one object for scripts: the same facts as the text, exit code unchanged
+        print(
+            json.dumps(
+                {
+                    "ok": report.ok,
+                    "code": report.code,
+                    "problem_name": report.name,
+                    "entries": report.entries,
+                    "first_bad": report.first_bad,
+                    "problem": report.problem,
+                    "checkpoints": report.checkpoints,
+                    "notes": report.notes,
+                    "verified": what,
+                },
+                ensure_ascii=False,
+            )
+        )
+        return report.code
     for note in report.notes:
         print(f"note: {note}")
     if report.ok:
@@ -127,7 +146,7 @@ def integrity_verify(args: argparse.Namespace) -> int:
         if not args.export.exists():
             print(f"error: no export at {args.export}", file=sys.stderr)
             return 2
-        return _print(verify_export(args.export, key), f"export {args.export}")
+        return _print(verify_export(args.export, key), f"export {args.export}", args.json)
     found = _existing(args)
     if found is None:
         return 2
@@ -144,8 +163,8 @@ def integrity_verify(args: argparse.Namespace) -> int:
                 return 2
             directory = args.with_archives or found.archive_dir
             report = audit_archive.verify_with_archives(found.location, key, directory)
-            return _print(report, f"{what} and the archives in {directory}")
-        return _print(verify_db(found.location, key), what)
+            return _print(report, f"{what} and the archives in {directory}", args.json)
+        return _print(verify_db(found.location, key), what, args.json)
     except BrokerError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
@@ -231,6 +250,7 @@ def add_integrity_parsers(
         type=Path,
         help="checkpoint public key PEM (default <state-dir>/checkpoint-key/public-key.pem)",
     )
+    s.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
     s.set_defaults(func=integrity_verify)
     s = aud.add_parser("export", help="write a segment of the log and its checkpoints (JSONL)")
     state(s)

@@ -101,6 +101,12 @@ class Config:
     metrics_enabled: bool = True
     # Worker processes sharing the gRPC port (SO_REUSEPORT; broker.workers); 1 = one process.
     workers: int = 1
+    # Verified-token cache: a token is re-verified after this long at the latest (0 = no cache).
+    token_cache_max_age_s: float = 300.0
+    token_cache_max_entries: int = 10_000
+    # Record cache bounds (each record type's TTL comes from policies/catalogue.yaml).
+    record_cache_max_entries: int = 10_000
+    record_cache_max_bytes: int = 64 * 1024 * 1024
 
     @property
     def audit_file(self) -> Path:
@@ -153,6 +159,9 @@ _ENV: Mapping[str, tuple[str, type]] = {
     "CERTBROKER_BREAKER_RESET_S": ("breaker_reset_s", float),
     "CERTBROKER_METRICS_ENABLED": ("metrics_enabled", bool),
     "CERTBROKER_WORKERS": ("workers", int),
+    "CERTBROKER_TOKEN_CACHE_MAX_AGE_S": ("token_cache_max_age_s", float),
+    "CERTBROKER_RECORD_CACHE_MAX_ENTRIES": ("record_cache_max_entries", int),
+    "CERTBROKER_RECORD_CACHE_MAX_BYTES": ("record_cache_max_bytes", int),
 }
 _SECTIONS: Mapping[str, Mapping[str, tuple[str, type]]] = {
     "server": {
@@ -175,7 +184,16 @@ _SECTIONS: Mapping[str, Mapping[str, tuple[str, type]]] = {
         "checkpoint_interval_s": ("checkpoint_interval_s", float),
     },
     "datasets": {"dir": ("dataset_dir", Path)},
-    "auth": {"leeway_s": ("leeway_s", int), "dev_idp": ("dev_idp", bool)},
+    "auth": {
+        "leeway_s": ("leeway_s", int),
+        "dev_idp": ("dev_idp", bool),
+        "token_cache_max_age_s": ("token_cache_max_age_s", float),
+        "token_cache_max_entries": ("token_cache_max_entries", int),
+    },
+    "cache": {
+        "max_entries": ("record_cache_max_entries", int),
+        "max_bytes": ("record_cache_max_bytes", int),
+    },
     "routing": {
         "timeout_s": ("adapter_timeout_s", float),
         "tls_ca": ("tls_ca", Path),
@@ -291,7 +309,15 @@ def load(
     if not 1 <= config.workers <= MAX_WORKERS:
         raise ConfigError(f"server.workers must be between 1 and {MAX_WORKERS}")
     _check_audit(config)
+    _check_caches(config)
     return config
+
+
+def _check_caches(config: Config) -> None:
+    if config.token_cache_max_age_s < 0 or config.token_cache_max_entries < 1:
+        raise ConfigError("auth: token_cache_max_age_s must be >= 0, token_cache_max_entries >= 1")
+    if not 1 <= config.record_cache_max_entries <= config.record_cache_max_bytes:
+        raise ConfigError("cache: need 1 <= max_entries <= max_bytes")
 
 
 def _check_audit(config: Config) -> None:

@@ -32,13 +32,15 @@ from broker.audit_proofs import CheckpointSigner, checkpoint_task
 from broker.audit_service import AuditService
 from broker.auth import Authenticator, DevIdentityProvider, TrustedIssuer, load_issuer
 from broker.breaker import BreakerBoard
+from broker.cache import RecordCache
 from broker.config import Config
 from broker.decision_token import DecisionSigner
+from broker.lookup import fetched_size
 from broker.metrics import Metrics
 from broker.policy_holder import PolicyHolder
 from broker.registry import RegistryService
 from broker.registry_store import RegistryStore
-from broker.routing import Router, build_router
+from broker.routing import Fetched, Router, build_router
 from broker.routing_channels import channel_credentials
 from broker.service import CertificateBrokerService
 from certbroker.v1 import (
@@ -128,14 +130,26 @@ def _guard_stream(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHan
     )
 
 
-def authenticator(config: Config) -> Authenticator:
-    issuers: list[TrustedIssuer] = [
-        load_issuer(i.issuer, i.audience, pem_files=i.public_keys, jwks_file=i.jwks)
-        for i in config.issuers
-    ]
-    if config.dev_idp:
-        issuers.append(DevIdentityProvider(config.state_dir).trusted_issuer())
-    return Authenticator(issuers, leeway_s=config.leeway_s)
+def authenticator(config: Config, metrics: Metrics | None = None) -> Authenticator:
+    """The clerk/department authenticator of ``config``; its issuer keys are re-read from
+    their files by :meth:`Authenticator.reload_keys` (SIGHUP), which also empties the cache."""
+
+    def trusted() -> list[TrustedIssuer]:
+        issuers: list[TrustedIssuer] = [
+            load_issuer(i.issuer, i.audience, pem_files=i.public_keys, jwks_file=i.jwks)
+            for i in config.issuers
+        ]
+        if config.dev_idp:
+            issuers.append(DevIdentityProvider(config.state_dir).trusted_issuer())
+        return issuers
+
+    return Authenticator(
+        trusted,
+        leeway_s=config.leeway_s,
+        token_max_age_s=config.token_cache_max_age_s,
+        token_max_entries=config.token_cache_max_entries,
+        metrics=metrics,
+    )
 
 
 @dataclass
@@ -155,6 +169,13 @@ class Broker:
     _metrics_http: WSGIServer
     checkpoint_signer: CheckpointSigner
     _checkpoints: asyncio.Task[None] | None  # None: another worker process signs them
+    auth: Authenticator
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the issuer keys (emptying the token cache), then reload the
+        policies (an audited reload, scheduled on the running loop)."""
+        self.auth.reload_keys()
+        self.policies.reload_soon()
 
     async def stop(self, grace: float | None = 1.0) -> None:
         if self._checkpoints is not None:
@@ -214,7 +235,12 @@ async def start(
     )
     policies.audit = audit  # reloads are audited from here on
     checkpoint_signer = CheckpointSigner.load(config.state_dir, config.checkpoint_key)
-    auth = authenticator(config)
+    auth = authenticator(config, metrics)
+    record_cache: RecordCache[Fetched] = RecordCache(
+        max_entries=config.record_cache_max_entries,
+        max_bytes=config.record_cache_max_bytes,
+        sizeof=fetched_size,
+    )
     service = CertificateBrokerService(
         auth,
         policies,
@@ -222,6 +248,7 @@ async def start(
         audit,
         metrics,
         adapter_timeout_s=config.adapter_timeout_s,
+        record_cache=record_cache,
     )
     server = grpc.aio.server(
         interceptors=[ErrorMapping()],
@@ -282,6 +309,7 @@ async def start(
         )
         if checkpoints
         else None,
+        auth,
     )
 
 
@@ -303,7 +331,7 @@ async def serve(config: Config, ready: Callable[[Broker], None] | None = None) -
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     async with running(config) as broker:
-        loop.add_signal_handler(signal.SIGHUP, broker.policies.reload_soon)
+        loop.add_signal_handler(signal.SIGHUP, broker.reload)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         pid = pid_file(config.state_dir)

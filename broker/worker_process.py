@@ -85,7 +85,7 @@ async def _serve_worker(spec: WorkerSpec, parent: Connection) -> int:
             parent.send(Failed(spec.index, f"{type(exc).__name__}: {exc}"))
         return 2
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGHUP, broker.policies.reload_soon)
+    loop.add_signal_handler(signal.SIGHUP, broker.reload)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
 
     def parent_gone() -> None:

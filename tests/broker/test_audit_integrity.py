@@ -294,6 +294,15 @@ def test_cli_export_and_verify_exit_codes(
         out = cli("verify", "--export", str(bad), "--public-key", pem)
         assert out.returncode == exit_code, out.stdout
         assert f"first bad entry at index {first_bad}" in out.stdout
+        as_json = cli("verify", "--export", str(bad), "--public-key", pem, "--json")
+        verdict = json.loads(as_json.stdout)
+        assert as_json.returncode == exit_code
+        assert (verdict["ok"], verdict["code"], verdict["first_bad"]) == (
+            False,
+            exit_code,
+            first_bad,
+        )
+        assert verdict["problem_name"] == case.upper()
     other = tmp_path / "other.pem"
     checkpoint.generate_key(tmp_path / "other-key.pem", other)
     assert cli("verify", "--export", str(path), "--public-key", str(other)).returncode == 16

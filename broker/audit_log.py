@@ -55,10 +55,13 @@ class BatchingAuditLog:
         store: BatchStore,
         *,
         max_batch: int = 256,
+        max_wait_s: float = 0.0,
         clock: Callable[[], float] = time.time,
         on_commit: CommitHook | None = None,
     ) -> None:
-        self._writer = GroupCommitWriter(store, max_batch=max_batch, on_commit=on_commit)
+        self._writer = GroupCommitWriter(
+            store, max_batch=max_batch, max_wait_s=max_wait_s, on_commit=on_commit
+        )
         self._clock = clock
 
     @property
@@ -137,6 +140,7 @@ class SQLiteAuditLog(BatchingAuditLog):
         path: Path,
         *,
         max_batch: int = 256,
+        max_wait_s: float = 0.0,
         clock: Callable[[], float] = time.time,
         busy_timeout: float = 10.0,
         on_commit: CommitHook | None = None,
@@ -154,7 +158,9 @@ class SQLiteAuditLog(BatchingAuditLog):
         except BaseException:
             store.close()
             raise
-        super().__init__(store, max_batch=max_batch, clock=clock, on_commit=on_commit)
+        super().__init__(
+            store, max_batch=max_batch, max_wait_s=max_wait_s, clock=clock, on_commit=on_commit
+        )
 
 
 class PostgresAuditLog(BatchingAuditLog):
@@ -170,6 +176,7 @@ class PostgresAuditLog(BatchingAuditLog):
         location: PostgresLocation,
         *,
         max_batch: int = 256,
+        max_wait_s: float = 0.0,
         clock: Callable[[], float] = time.time,
         busy_timeout: float = 10.0,
         on_commit: CommitHook | None = None,
@@ -190,13 +197,16 @@ class PostgresAuditLog(BatchingAuditLog):
         except BaseException:
             store.close()
             raise
-        super().__init__(store, max_batch=max_batch, clock=clock, on_commit=on_commit)
+        super().__init__(
+            store, max_batch=max_batch, max_wait_s=max_wait_s, clock=clock, on_commit=on_commit
+        )
 
 
 def open_audit_log(
     db: AuditLocation | str,
     *,
     max_batch: int = 256,
+    max_wait_s: float = 0.0,
     clock: Callable[[], float] = time.time,
     busy_timeout: float = 10.0,
     on_commit: CommitHook | None = None,
@@ -206,6 +216,7 @@ def open_audit_log(
     location = as_location(db)
     kwargs: dict[str, Any] = {
         "max_batch": max_batch,
+        "max_wait_s": max_wait_s,
         "clock": clock,
         "busy_timeout": busy_timeout,
         "on_commit": on_commit,

@@ -46,6 +46,10 @@ class _Pending:
             self.loop.call_soon_threadsafe(apply)
 
 
+MAX_WAIT_S = 0.05
+"""Upper bound of the batching window: a response is never held longer than this for company."""
+
+
 class GroupCommitWriter:
     """One dedicated thread writing queued bodies to a :class:`BatchStore`, a batch at a time.
 
@@ -56,12 +60,20 @@ class GroupCommitWriter:
     """
 
     def __init__(
-        self, store: BatchStore, *, max_batch: int = 256, on_commit: CommitHook | None = None
+        self,
+        store: BatchStore,
+        *,
+        max_batch: int = 256,
+        max_wait_s: float = 0.0,
+        on_commit: CommitHook | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if not 0.0 <= max_wait_s <= MAX_WAIT_S:
+            raise ValueError(f"max_wait_s must be within 0..{MAX_WAIT_S}")
         self._store = store
         self._max_batch = max_batch
+        self._max_wait_s = max_wait_s
         self._on_commit = on_commit
         # None is the stop marker. The lock makes "check closed, then enqueue" atomic with
         # "mark closed, then enqueue stop", so nothing is ever queued behind the stop marker.
@@ -107,10 +119,16 @@ class GroupCommitWriter:
                     break
                 batch = [first]
                 # Whatever queued up while the previous batch was being fsynced goes into
-                # this one: that is the group commit, and it needs no timer.
+                # this one: that is the group commit, and it needs no timer. max_wait_s > 0
+                # additionally holds the batch open that long after its first entry (measured
+                # slower on SQLite here, hence off by default; it may suit a remote store).
+                deadline = time.monotonic() + self._max_wait_s
                 while len(batch) < self._max_batch:
                     try:
-                        item = self._queue.get_nowait()
+                        wait = deadline - time.monotonic()
+                        item = (
+                            self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+                        )
                     except queue.Empty:
                         break
                     if item is None:

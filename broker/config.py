@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.audit_db import SCHEMA_RE, AuditLocation, PostgresLocation
+from broker.audit_writer import MAX_WAIT_S
 from certbroker.fields import RECORD_TYPES
 
 #: The shipped policy set, next to the package in a source checkout or an image built from it.
@@ -82,6 +83,10 @@ class Config:
     # beside it); default <state_dir>/checkpoint-key/signing-key.pem + public-key.pem.
     checkpoint_key: Path | None = None
     checkpoint_interval_s: float = 60.0  # sign a checkpoint this often (when the log grew)
+    # Group commit: at most this many entries per transaction; a batch takes what queued during
+    # the previous commit, and is held open up to audit_batch_wait_ms more (0 = never held).
+    audit_max_batch: int = 256
+    audit_batch_wait_ms: float = 0.0
     dataset_dir: Path | None = None  # default: <state_dir>/datasets
     leeway_s: int = 30
     dev_idp: bool = True  # trust tokens printed by `certbroker token issue` for this state dir
@@ -159,6 +164,7 @@ _ENV: Mapping[str, tuple[str, type]] = {
     "CERTBROKER_BREAKER_RESET_S": ("breaker_reset_s", float),
     "CERTBROKER_METRICS_ENABLED": ("metrics_enabled", bool),
     "CERTBROKER_WORKERS": ("workers", int),
+    "CERTBROKER_AUDIT_BATCH_WAIT_MS": ("audit_batch_wait_ms", float),
     "CERTBROKER_TOKEN_CACHE_MAX_AGE_S": ("token_cache_max_age_s", float),
     "CERTBROKER_RECORD_CACHE_MAX_ENTRIES": ("record_cache_max_entries", int),
     "CERTBROKER_RECORD_CACHE_MAX_BYTES": ("record_cache_max_bytes", int),
@@ -182,6 +188,8 @@ _SECTIONS: Mapping[str, Mapping[str, tuple[str, type]]] = {
         "archive_interval_s": ("archive_interval_s", float),
         "checkpoint_key": ("checkpoint_key", Path),
         "checkpoint_interval_s": ("checkpoint_interval_s", float),
+        "max_batch": ("audit_max_batch", int),
+        "batch_wait_ms": ("audit_batch_wait_ms", float),
     },
     "datasets": {"dir": ("dataset_dir", Path)},
     "auth": {
@@ -310,7 +318,15 @@ def load(
         raise ConfigError(f"server.workers must be between 1 and {MAX_WORKERS}")
     _check_audit(config)
     _check_caches(config)
+    _check_batching(config)
     return config
+
+
+def _check_batching(config: Config) -> None:
+    if config.audit_max_batch < 1:
+        raise ConfigError("audit.max_batch must be at least 1")
+    if not 0 <= config.audit_batch_wait_ms <= MAX_WAIT_S * 1000:
+        raise ConfigError(f"audit.batch_wait_ms must be between 0 and {MAX_WAIT_S * 1000:g}")
 
 
 def _check_caches(config: Config) -> None:

@@ -231,7 +231,11 @@ async def start(
         timeout_s=config.adapter_timeout_s,
     )
     audit = open_audit_log(
-        config.audit_location, clock=audit_clock, on_commit=metrics.observe_audit_commit
+        config.audit_location,
+        max_batch=config.audit_max_batch,
+        max_wait_s=config.audit_batch_wait_ms / 1000,
+        clock=audit_clock,
+        on_commit=metrics.observe_audit_commit,
     )
     policies.audit = audit  # reloads are audited from here on
     checkpoint_signer = CheckpointSigner.load(config.state_dir, config.checkpoint_key)

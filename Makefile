@@ -37,7 +37,7 @@ unit: $(STAMP)
 
 test: proto-check lint typecheck unit
 
-## Benchmarks with real adapter processes (a minute or so); prints a table per scenario.
+## Benchmarks with real broker/adapter processes (several minutes); a table per scenario.
 ## `make bench BENCH_ARGS=--write` also records the results in docs/benchmarks.md.
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)

@@ -2,7 +2,10 @@
 
 Two ``certbroker serve`` processes, identical but for ``[audit]``: one writes the embedded
 SQLite file (WAL, ``synchronous=FULL``), the other a PostgreSQL schema (``synchronous_commit``
-on, an advisory lock per batch, tables append-only). Both use the in-process demo adapters.
+on, an advisory lock per batch, tables append-only). Both use the in-process demo adapters and
+the shipped policies with the record cache off (:func:`bench.policies.uncached_policies`):
+every call is one citizen's marriage record, and the shipped catalogue would otherwise answer
+all but the first from the cache; a lookup here fetches, as lookups of different citizens do.
 One client drives each in turn with the same closed-loop load (``CONCURRENCY`` calls in
 flight, every call a marriage-record ``Lookup`` with its own case number, each audited before
 it is answered), alternating which backend goes first every round.
@@ -30,6 +33,7 @@ import grpc
 
 from adapters import synthetic
 from bench.harness import BenchError, Options, Processes, Result
+from bench.policies import POLICY_DIR_ENV, uncached_policies
 from broker import client
 from broker.audit import verify
 from broker.audit_db import PostgresLocation
@@ -59,12 +63,14 @@ def run(options: Options) -> Result:
         datasets = base / "datasets"
         synthetic.generate(datasets, citizens=CITIZENS)
         subject = synthetic.sample_couple(datasets)[0]
+        policies = uncached_policies(base / "policies-ttl0")
         backends = {"SQLite": ""} | ({"PostgreSQL": _pg_config(pg)} if pg else {})
         specs = {name: _serve(base, name, audit) for name, audit in backends.items()}
         rates: dict[str, list[float]] = {name: [] for name in backends}
         with Processes(base) as processes:
-            # CERTBROKER_AUDIT_DSN emptied: the SQLite broker must not pick one up from the shell.
-            env = {"CERTBROKER_DATASET_DIR": str(datasets), "CERTBROKER_AUDIT_DSN": ""}
+            # No CERTBROKER_* variable from the shell reaches them (a CERTBROKER_AUDIT_DSN
+            # would move the SQLite broker to PostgreSQL): see harness.child_environment.
+            env = {"CERTBROKER_DATASET_DIR": str(datasets), POLICY_DIR_ENV: str(policies)}
             children = processes.start(specs, env=env)
             tokens = {
                 name: DevIdentityProvider(base / name).issue("bench", ("window_clerk",), OFFICE)
@@ -173,7 +179,8 @@ def _result(rates: dict[str, list[float]], rounds: int, calls: int, no_pg: bool)
         setup=(
             "Two `certbroker serve` processes, in-process demo adapters, differing only in the "
             "audit backend (SQLite WAL synchronous=FULL vs PostgreSQL synchronous_commit=on, "
-            f"advisory lock per batch); {CONCURRENCY} concurrent marriage Lookups from one "
+            "advisory lock per batch); record cache off, so every lookup fetches; "
+            f"{CONCURRENCY} concurrent marriage Lookups from one "
             f"client, {calls} measured calls per round, {rounds} round(s) alternating order."
         ),
         header=("audit backend", "lookups/s (median)", "best", "worst", "rounds"),

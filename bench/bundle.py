@@ -6,6 +6,11 @@ over gRPC. One clerk then repeats, in rounds, a single ``Lookup`` of each record
 ``LookupMatter`` of the property transfer for one citizen (the same three records). The order
 rotates every round so no call always runs on a warmer or colder broker.
 
+The broker runs the shipped policies with the record cache off
+(:func:`bench.policies.uncached_policies`): the shipped catalogue caches household and marriage
+records, so from the second round on they would come from the cache and the scenario would time
+one fetch against a cache hit. Every reply is checked: one marked ``from_cache`` fails the run.
+
 Target (issue 3): the bundle's median latency is at most ``TARGET`` × the median of the
 slowest single lookup — the fan-out is parallel, so a bundle costs one department round trip
 plus its extra audit entry, not three round trips.
@@ -23,9 +28,10 @@ import grpc
 
 from adapters import synthetic
 from bench.harness import BenchError, Options, Processes, Result, percentile
+from bench.policies import POLICY_DIR_ENV, uncached_policies
 from broker import client
 from broker.auth import DevIdentityProvider
-from certbroker.v1 import broker_pb2_grpc
+from certbroker.v1 import broker_pb2, broker_pb2_grpc
 
 SECTION = "Matter bundles"
 DELAY_MS = 20
@@ -47,6 +53,7 @@ def run(options: Options) -> Result:
         datasets = base / "datasets"
         synthetic.generate(datasets, citizens=CITIZENS)
         subject = synthetic.sample_couple(datasets)[0]
+        policies = uncached_policies(base / "policies-ttl0")
         with Processes(base) as processes:
             adapters = processes.start({rt: _adapter_args(rt, datasets) for rt in RECORD_TYPES})
             config = base / "broker.toml"
@@ -59,9 +66,8 @@ def run(options: Options) -> Result:
             state = base / "state"
             serve = ["-m", "broker.cli", "serve", "--config", str(config)]
             serve += ["--port", "0", "--metrics-port", "0", "--state-dir", str(state)]
-            broker = processes.start(
-                {"broker": serve}, env={"CERTBROKER_DATASET_DIR": str(datasets)}
-            )["broker"]
+            env = {"CERTBROKER_DATASET_DIR": str(datasets), POLICY_DIR_ENV: str(policies)}
+            broker = processes.start({"broker": serve}, env=env)["broker"]
             token = DevIdentityProvider(state).issue("bench-clerk", ["window_clerk"], OFFICE)
             samples = _measure(f"127.0.0.1:{broker.port}", token, subject, rounds, warmup)
     return _result(samples, rounds)
@@ -87,14 +93,13 @@ def _calls(
     stub: broker_pb2_grpc.CertificateBrokerStub, token: str, subject: str
 ) -> dict[str, Callable[[], object]]:
     metadata = client.bearer(token)
+
+    def lookup(record_type: str) -> None:
+        request = client.lookup_request(record_type, subject, MATTER, CASE)
+        _fetched(stub.Lookup(request, metadata=metadata, timeout=10))
+
     calls: dict[str, Callable[[], object]] = {
-        f"Lookup {rt}": functools.partial(
-            stub.Lookup,
-            client.lookup_request(rt, subject, MATTER, CASE),
-            metadata=metadata,
-            timeout=10,
-        )
-        for rt in RECORD_TYPES
+        f"Lookup {rt}": functools.partial(lookup, rt) for rt in RECORD_TYPES
     }
     bundle_request = client.lookup_matter_request(MATTER, CASE, [(subject, "seller")])
 
@@ -103,9 +108,17 @@ def _calls(
         failed = [i for i in reply.items if i.WhichOneof("result") != "response"]
         if failed or len(reply.items) != len(RECORD_TYPES):
             raise BenchError(f"bundle items failed: {[str(i.error) for i in failed]}")
+        for item in reply.items:
+            _fetched(item.response)
 
     calls[f"LookupMatter ({len(RECORD_TYPES)} records)"] = bundle
     return calls
+
+
+def _fetched(reply: broker_pb2.LookupResponse) -> None:
+    """The scenario times department round trips: a cached answer would void it."""
+    if reply.from_cache:
+        raise BenchError(f"a {reply.department} record came from the cache with cache_ttl_s 0")
 
 
 def _measure(
@@ -146,8 +159,8 @@ def _result(samples: dict[str, list[float]], rounds: int) -> Result:
             f"{len(RECORD_TYPES)} adapter processes ({', '.join(RECORD_TYPES)}), each adding "
             f"{DELAY_MS} ms per fetch, behind a `certbroker serve` process routed over gRPC "
             "(SQLite audit log: an entry per record; a bundle's entries and its bundle entry "
-            f"share one transaction); {rounds} rounds, one call of each kind per round in "
-            "rotating order."
+            "share one transaction; record cache off, so every record is fetched); "
+            f"{rounds} rounds, one call of each kind per round in rotating order."
         ),
         header=("call", "p50 ms", "p90 ms", "calls"),
         rows=rows,

@@ -162,10 +162,23 @@ class Child:
     port: int = 0
 
 
+def child_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment without its ``CERTBROKER_*`` variables, plus ``env``.
+
+    A broker's settings from those variables win over its configuration file
+    (``CERTBROKER_WORKERS``, ``CERTBROKER_AUDIT_DSN``, ...): one left set in the shell would
+    quietly change what a scenario measures. Scenarios say what they want in ``env`` or in
+    the configuration file they write.
+    """
+    kept = {k: v for k, v in os.environ.items() if not k.startswith("CERTBROKER_")}
+    return {**kept, **env}
+
+
 class Processes:
     """Starts child processes that announce ``READY port=N`` on stdout; stops them all on exit.
 
-    Their stderr goes to ``<log_dir>/<name>.log``.
+    Their stderr goes to ``<log_dir>/<name>.log``; their environment is
+    :func:`child_environment`.
     """
 
     def __init__(self, log_dir: Path) -> None:
@@ -196,7 +209,7 @@ class Processes:
                     stdout=subprocess.PIPE,
                     stderr=log,
                     text=True,
-                    env=None if env is None else {**os.environ, **env},
+                    env=child_environment(env or {}),
                 )
             child = Child(name, process)
             self._children.append(child)

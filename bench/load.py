@@ -119,7 +119,8 @@ class LoadGenerator:
         # spawn, not fork: the parent has used gRPC already, and gRPC does not survive a fork.
         self._pool: Pool = multiprocessing.get_context("spawn").Pool(processes)
         self.processes = processes
-        self._pool.map(_ping, range(processes))  # import gRPC in every child before measuring
+        # Every child imports gRPC before the first run; meanwhile the caller starts servers.
+        self._warm = self._pool.map_async(_ping, range(processes))
 
     def __enter__(self) -> Self:
         return self
@@ -137,6 +138,10 @@ class LoadGenerator:
         """Drive ``call`` with ``load``; ``server_pid`` is measured (CPU, peak RSS)."""
         if load.processes != self.processes:
             raise ValueError(f"this generator has {self.processes} processes")
+        try:
+            self._warm.get(timeout=CONNECT_TIMEOUT_S + 60)
+        except multiprocessing.TimeoutError:
+            raise BenchError("the load generator's processes did not start") from None
         start_at = time.time() + load.start_delay_s
         pending = self._pool.map_async(
             _drive, [(call, load, start_at, index) for index in range(load.processes)]

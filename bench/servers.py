@@ -6,25 +6,22 @@ bare echo server and brokers in the configurations the rows need:
 
 * the shipped ``policies/`` (household records: ``cache_ttl_s`` 600), so repeating one
   citizen's household lookup is a record-cache hit after the first call;
-* a copy of them with every ``cache_ttl_s`` set to 0, so the same lookup is a cache miss every
-  time (chosen over "a different citizen each call" so that hit and miss rows send the very
-  same request and get the very same answer: the cache is the only difference);
+* a copy of them with every ``cache_ttl_s`` set to 0 (:func:`bench.policies.uncached_policies`),
+  so the same lookup is a cache miss every time (chosen over "a different citizen each call" so
+  that hit and miss rows send the very same request and get the very same answer: the cache is
+  the only difference);
 * in-process demo adapters, or the household adapter as its own process over gRPC (verifying
   the broker's decision token, as departments are configured by default);
-* metrics on or off (``CERTBROKER_METRICS_ENABLED``), one process or ``--workers N``.
+* metrics on or off (``[server] metrics_enabled``), one process or ``--workers N``.
 
-Features other engineers may not have wired yet are probed, not assumed: :func:`features`.
+Each broker gets its own state directory and TOML file; the children inherit no
+``CERTBROKER_*`` variable from the shell (:class:`bench.harness.Processes`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import inspect
-import re
-import shutil
-import subprocess
-import sys
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +29,10 @@ from pathlib import Path
 import grpc
 
 from adapters import synthetic
-from bench.harness import ROOT, BenchError, Child, Processes
+from bench.harness import BenchError, Child, Processes
 from bench.load import Call
-from broker import client, config, metrics, policy
+from bench.policies import uncached_policies
+from broker import client, config
 from broker.auth import DevIdentityProvider
 from broker.decision_token import DecisionSigner
 from certbroker.v1 import broker_pb2, broker_pb2_grpc
@@ -61,33 +59,10 @@ class BrokerSpec:
 
 
 @dataclass(frozen=True)
-class Features:
-    """What the broker in this checkout can do (see :func:`features`)."""
-
-    metrics_knob: bool  # config.metrics_enabled reaches Metrics(enabled=...)
-    workers: bool  # `certbroker serve --workers N`
-
-
-def features() -> Features:
-    """Probe the code, not a version number: parts of the fast path land separately."""
-    has_field = "metrics_enabled" in {f.name for f in dataclasses.fields(config.Config)}
-    accepts = "enabled" in inspect.signature(metrics.Metrics).parameters
-    wired = "metrics_enabled" in (ROOT / "broker" / "server.py").read_text(encoding="utf-8")
-    serve_help = subprocess.run(
-        [sys.executable, "-m", "broker.cli", "serve", "--help"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    ).stdout
-    return Features(metrics_knob=has_field and accepts and wired, workers="--workers" in serve_help)
-
-
-@dataclass(frozen=True)
 class RunningBroker:
-    """A started broker: its process (for CPU and RSS), port and a clerk token it accepts."""
+    """A started broker: its spec, process (for CPU and RSS), port and a clerk token."""
 
+    spec: BrokerSpec
     child: Child
     token: str
 
@@ -111,7 +86,7 @@ class Lab:
         self.datasets = base / "datasets"
         synthetic.generate(self.datasets, citizens=CITIZENS)
         self.subject = synthetic.sample_couple(self.datasets)[0]
-        self.uncached_policies = _uncached_copy(config.DEFAULT_POLICY_DIR, base / "policies-ttl0")
+        self.uncached_policies = uncached_policies(base / "policies-ttl0")
 
     def lookup_request(self) -> broker_pb2.LookupRequest:
         return client.lookup_request(RECORD_TYPE, self.subject, MATTER, CASE)
@@ -135,50 +110,61 @@ class Lab:
             yield processes.start({"echo": args})["echo"]
 
     @contextlib.contextmanager
-    def broker(self, spec: BrokerSpec) -> Iterator[RunningBroker]:
-        """``certbroker serve`` as ``spec`` says (with its adapter process, if any)."""
-        state = self.base / spec.name
-        state.mkdir()
-        toml = ""
+    def brokers(self, *specs: BrokerSpec) -> Iterator[list[RunningBroker]]:
+        """``certbroker serve`` for every spec, all started at once (adapter processes first),
+        in the order given; all stopped on exit."""
         with Processes(self.base) as processes:
-            if spec.adapter_over_grpc:
-                signer = DecisionSigner(state)  # the key the broker will sign with
-                args = ["-m", "adapters", "--record-type", RECORD_TYPE, "--port", "0"]
-                args += ["--dataset-dir", str(self.datasets)]
-                args += ["--broker-public-key", str(signer.public_key_path)]
-                adapter = processes.start({f"{spec.name}-adapter": args})[f"{spec.name}-adapter"]
-                toml = (
-                    f'[adapters.{RECORD_TYPE}]\nmode = "grpc"\n'
-                    f'endpoint = "127.0.0.1:{adapter.port}"\n'
-                )
-            config_file = state / "broker.toml"
-            config_file.write_text(toml, encoding="utf-8")
-            serve = ["-m", "broker.cli", "serve", "--config", str(config_file)]
-            serve += ["--port", "0", "--metrics-port", "0", "--state-dir", str(state)]
-            if spec.workers != 1:
-                serve += ["--workers", str(spec.workers)]
-            env = {
-                "CERTBROKER_DATASET_DIR": str(self.datasets),
-                "CERTBROKER_POLICY_DIR": str(
-                    config.DEFAULT_POLICY_DIR if spec.cached else self.uncached_policies
-                ),
-                "CERTBROKER_METRICS_ENABLED": "true" if spec.metrics else "false",
+            adapters = processes.start(
+                {
+                    f"{spec.name}-adapter": self._adapter_args(spec)
+                    for spec in specs
+                    if spec.adapter_over_grpc
+                }
+            )
+            serve = {
+                spec.name: self._serve_args(spec, adapters.get(f"{spec.name}-adapter"))
+                for spec in specs
             }
-            child = processes.start({spec.name: serve}, env=env)[spec.name]
-            token = DevIdentityProvider(state).issue("bench-clerk", ["window_clerk"], OFFICE)
-            yield RunningBroker(child, token)
+            children = processes.start(serve, env={"CERTBROKER_DATASET_DIR": str(self.datasets)})
+            yield [RunningBroker(spec, children[spec.name], self._token(spec)) for spec in specs]
 
+    def _state(self, spec: BrokerSpec) -> Path:
+        state = self.base / spec.name
+        state.mkdir(exist_ok=True)
+        return state
 
-def _uncached_copy(source: Path, target: Path) -> Path:
-    """A copy of the policy directory with every ``cache_ttl_s`` set to 0 (checked)."""
-    shutil.copytree(source, target)
-    for path in target.glob("*.yaml"):
-        text = path.read_text(encoding="utf-8")
-        path.write_text(re.sub(r"(cache_ttl_s:\s*)\d+", r"\g<1>0", text), encoding="utf-8")
-    cached = [rt.name for rt in policy.load(target).record_types.values() if rt.cache_ttl_s]
-    if cached:
-        raise BenchError(f"could not turn the cache off for {cached} in {target}")
-    return target
+    def _adapter_args(self, spec: BrokerSpec) -> list[str]:
+        """The household adapter as its own process, trusting ``spec``'s broker key."""
+        signer = DecisionSigner(self._state(spec))  # the key the broker will sign with
+        args = ["-m", "adapters", "--record-type", RECORD_TYPE, "--port", "0"]
+        args += ["--dataset-dir", str(self.datasets)]
+        return [*args, "--broker-public-key", str(signer.public_key_path)]
+
+    def _serve_args(self, spec: BrokerSpec, adapter: Child | None) -> list[str]:
+        """Writes ``spec``'s configuration file; the ``certbroker serve`` arguments."""
+        state = self._state(spec)
+        policies = config.DEFAULT_POLICY_DIR if spec.cached else self.uncached_policies
+        toml = [
+            "[server]",
+            f"metrics_enabled = {'true' if spec.metrics else 'false'}",
+            "[policy]",
+            f"dir = {json.dumps(str(policies))}",  # a JSON string is a TOML basic string
+        ]
+        if adapter is not None:
+            toml += [
+                f"[adapters.{RECORD_TYPE}]",
+                'mode = "grpc"',
+                f'endpoint = "127.0.0.1:{adapter.port}"',
+            ]
+        config_file = state / "broker.toml"
+        config_file.write_text("\n".join(toml) + "\n", encoding="utf-8")
+        serve = ["-m", "broker.cli", "serve", "--config", str(config_file)]
+        serve += ["--port", "0", "--metrics-port", "0", "--state-dir", str(state)]
+        return [*serve, "--workers", str(spec.workers)]  # the flag the row is named after
+
+    def _token(self, spec: BrokerSpec) -> str:
+        idp = DevIdentityProvider(self.base / spec.name)
+        return idp.issue("bench-clerk", ["window_clerk"], OFFICE)
 
 
 def probe_lookup(lab: Lab, broker: RunningBroker) -> tuple[int, bool]:

@@ -1,10 +1,11 @@
-"""``certbroker audit verify|export|checkpoint|archive``: log integrity commands.
+"""``certbroker audit verify|export|checkpoint|archive|pg-grants``: log integrity commands.
 
 Kept apart from the query/report commands in :mod:`broker.cli`; function names here all start
-with ``integrity_`` so the two never collide. Every command finds the log the way the broker
-does: ``--db FILE`` (SQLite) or ``--dsn DSN [--schema S]`` (PostgreSQL) when given, else the
-configuration (``--config FILE``, then ``CERTBROKER_AUDIT_*`` variables; see
-:mod:`broker.config`), else ``<state-dir>/audit.sqlite``.
+with ``integrity_`` so the two never collide. Every command that opens the log finds it the way
+the broker does: ``--db FILE`` (SQLite) or ``--dsn DSN [--schema S]`` (PostgreSQL) when given,
+else the configuration (``--config FILE``, then ``CERTBROKER_AUDIT_*`` variables; see
+:mod:`broker.config`), else ``<state-dir>/audit.sqlite``. ``pg-grants`` opens nothing: it
+prints SQL for an operator to run.
 """
 
 from __future__ import annotations
@@ -223,10 +224,45 @@ def integrity_archive(args: argparse.Namespace) -> int:
     return 0
 
 
+#: PostgreSQL truncates longer identifiers (NAMEDATALEN - 1 bytes): a longer name would grant
+#: to a different, truncated role than the one asked for.
+_PG_IDENTIFIER_BYTES = 63
+
+
+def integrity_pg_grants(args: argparse.Namespace) -> int:
+    """Print the GRANT statements for a PostgreSQL role of the audit store, one per line, each
+    ending in ``;`` (pipe them to ``psql`` as the schema's owner). Connects to nothing."""
+    role: str = args.role
+    if not role or len(role.encode()) > _PG_IDENTIFIER_BYTES or not role.isprintable():
+        print(
+            f"error: --role: 1 to {_PG_IDENTIFIER_BYTES} bytes, printable characters only",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        schema = args.schema or config.load(args.config).audit_schema
+    except config.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not audit_db.SCHEMA_RE.fullmatch(schema):
+        print(f"error: --schema {schema!r}: lowercase letters, digits and _ only", file=sys.stderr)
+        return 2
+    # Imported here: psycopg (the postgres extra) is needed only for PostgreSQL commands.
+    try:
+        from broker.audit_pg import grant_statements
+    except ImportError as exc:
+        print(f"error: the PostgreSQL driver is not installed ({exc})", file=sys.stderr)
+        return 2
+    for statement in grant_statements(schema, role, archiver=args.archiver):
+        print(f"{statement};")
+    return 0
+
+
 def add_integrity_parsers(
     aud: argparse._SubParsersAction[argparse.ArgumentParser], state: StateOption
 ) -> None:
-    """Register ``verify``, ``export``, ``checkpoint``, ``archive`` under ``certbroker audit``."""
+    """Register ``verify``, ``export``, ``checkpoint``, ``archive`` and ``pg-grants`` under
+    ``certbroker audit``."""
     s = aud.add_parser(
         "verify",
         help="verify the hash chain, Merkle tree and signed checkpoints (live log or export)",
@@ -273,3 +309,19 @@ def add_integrity_parsers(
     s.add_argument("--dir", type=Path, help="archive directory (default [audit] archive_dir)")
     s.add_argument("--key", type=Path, help="checkpoint signing key ([audit] checkpoint_key)")
     s.set_defaults(func=integrity_archive)
+    s = aud.add_parser(
+        "pg-grants",
+        help="print the GRANTs for a PostgreSQL role of the audit store (for psql)",
+        description="Print the GRANT statements a dedicated PostgreSQL role needs: SELECT and "
+        "INSERT for a broker, plus what `audit archive` needs with --archiver. Run them as the "
+        "schema's owner once the schema exists (the first broker start creates it).",
+    )
+    s.add_argument("--role", required=True, help="the PostgreSQL role to grant to")
+    s.add_argument("--schema", help="the audit schema (default [audit] schema, certbroker)")
+    s.add_argument("--config", type=Path, help="broker configuration file ([audit] schema)")
+    s.add_argument(
+        "--archiver",
+        action="store_true",
+        help="also INSERT on audit_archives and DELETE on audit_log (archived rows only)",
+    )
+    s.set_defaults(func=integrity_pg_grants)

@@ -19,6 +19,7 @@ verifier slices them out without re-encoding (see :mod:`broker.audit`).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -148,7 +149,15 @@ def _header(line: bytes) -> dict[str, Any]:
             raise ValueError(f"header field {key!r} missing or wrong")
     if not isinstance(data.get("frontier"), list) or not isinstance(data.get("checkpoints"), list):
         raise ValueError("header frontier/checkpoints missing")
+    # A hostile header must be MALFORMED, not a crash: the hash is later used as ASCII bytes.
+    if not _HEX64.fullmatch(data["prev_hash"]):
+        raise ValueError("header prev_hash is not 64 lowercase hex digits")
+    if not all(isinstance(h, str) and _HEX64.fullmatch(h) for h in data["frontier"]):
+        raise ValueError("header frontier holds something other than 64-hex hashes")
     return data
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def verify_export(path: Path, public_key: Ed25519PublicKey) -> IntegrityReport:

@@ -2,19 +2,24 @@
 
 :func:`check_export` is what :func:`broker.audit_export.verify_export` calls once the header
 and checkpoints are read. A small export is walked sequentially
-(:func:`broker.audit_verify.check_entries`). A large one is cut into byte ranges at line
-starts, one per process: the parent scans the first range itself while ``python -I -S``
-worker processes scan the others (:mod:`broker.audit_verify_worker`, reading the parent's file
-descriptor). Then the parent, in file order, joins each range to what came before: the first
-entry's sequence number and chain link, and the range's subtree roots appended to the Merkle
-frontier, comparing the root with each signed checkpoint as its size is reached. That is
-O(log n) hashes per chunk instead of a hash per entry.
+(:func:`broker.audit_verify.check_entries`). A large one is cut into byte ranges of a few MiB
+at line starts, scanned by :func:`broker.audit_verify_worker.scan_range` in the parent and in
+``python -I -S`` worker processes that read the parent's file descriptor.
+
+Who scans what is decided as it goes, so a worker that starts late or gets little CPU (a busy
+machine) never makes the parent wait idle: each worker takes a segment of ranges and works
+through it from the end, announcing each range before it starts it; the parent sweeps forward
+from the first range and scans every range no worker has announced. Meanwhile it joins the
+results in file order: each range's first entry must follow on (sequence number, chain link)
+from the previous range's last, and the range's subtree roots are appended to the Merkle
+frontier, the root compared with each signed checkpoint as its size is reached: O(log n)
+hashes per range instead of one per entry.
 
 The parallel path only ever confirms. The first range that is not confirmed (a worker found
-something odd, a link or a root does not match, a worker died) is re-walked, with the exact
-sequential checker and the state the walk would have had there (:class:`Progress`), to the
-end of the file; so code, first bad index, entry count, message and notes are always the
-sequential ones, and a worker that fails cannot make a bad log pass.
+something odd, a link or a root does not match) is re-walked, with the exact sequential
+checker and the state the walk would have had there (:class:`Progress`), to the end of the
+file; so code, first bad index, entry count, message and notes are always the sequential ones.
+A worker that dies or talks nonsense is ignored and its ranges are scanned by the parent.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import select
 import stat
 import subprocess
 import sys
@@ -43,16 +49,24 @@ from broker.audit_verify import (
 from broker.checkpoint import Checkpoint
 
 # Module settings, read at each call (tests lower them to force the parallel path).
-MIN_PARALLEL_BYTES = 1 << 20
-"""Below this many bytes of entries the plain sequential walk is used."""
-MIN_RANGE_BYTES = 16 << 20
-"""Each worker process gets at least this much (~20 000 entries): starting one costs tens of
-milliseconds, so smaller ranges are not worth a process."""
+MIN_PARALLEL_BYTES = 8 << 20
+"""Below this many bytes of entries (~10 000) the plain sequential walk is used: starting a
+worker process costs tens of milliseconds."""
+RANGE_BYTES = 4 << 20
+"""The unit of work handed out (~5 000 entries): small enough to balance, big enough that
+the per-range messages and joins cost nothing."""
 CHUNK_BYTES = worker.CHUNK_BYTES
 PROCESSES: int | None = None
 """Processes to use, the parent included; None: the CPUs available (at most 8). 1 is the
 plain sequential walk (what the benchmark compares with)."""
 MAX_PROCESSES: Final = 8
+MAX_RANGES: Final = 1024
+"""Bookkeeping is O(ranges) per range, so a huge export gets larger ranges instead."""
+STEAL = True
+"""The parent scans every range no worker has started. False (tests of the workers): it
+leaves each live worker its whole segment."""
+STALL_S = 60.0
+"""A worker silent this long (a range takes milliseconds) is given up on."""
 
 Parse = Callable[[Iterator[bytes], int], Iterator[Entry]]
 """``parse(lines, first_line_number)``: the exact line parser of the sequential path."""
@@ -108,8 +122,7 @@ def check_export(
     """Verify the entry lines of ``f`` from its current position to the end of the file.
 
     Same arguments and the very same report as ``check_entries(parse(iter(f), 2), heads,
-    start=..., ...)``. The module settings above decide how many processes are worth
-    starting, at most :func:`default_processes`.
+    start=..., ...)``. The module settings above decide whether processes are worth starting.
     """
     prepared = plan(heads, start, prev_hash, frontier)
     if isinstance(prepared, IntegrityReport):
@@ -119,23 +132,21 @@ def check_export(
     info = os.fstat(fd)
     # A pipe (``--export <(zcat ...)``) can only be read once, front to back.
     lo, hi = (f.tell(), info.st_size) if stat.S_ISREG(info.st_mode) else (0, 0)
-    chunk_bytes = CHUNK_BYTES
-    parts = min(default_processes(), (hi - lo) // max(1, MIN_RANGE_BYTES))
-    if hi - lo < MIN_PARALLEL_BYTES or parts < 2:
+    processes = default_processes()
+    if hi - lo < max(1, MIN_PARALLEL_BYTES) or processes < 2:
         return resume_entries(parse(iter(f), 2), the_plan, progress, expected_last=expected_last)
-    points = split_points(fd, lo, hi, parts)
+    parts = min((hi - lo) // max(1, RANGE_BYTES), MAX_RANGES)  # bigger ranges for huge files
+    points = split_points(fd, lo, hi, max(1, parts))
+    ranges = list(pairwise(points))
     marks = sorted(s for s in the_plan.roots if s >= start)
-    children: list[subprocess.Popen[bytes] | None] = [None]
+    children: list[_Child] = []
     try:
-        ranges = list(pairwise(points))
-        children += [_spawn(fd, a, b, marks, chunk_bytes) for a, b in ranges[1:]]
-        for number, (a, b) in enumerate(ranges):
-            child = children[number]
-            if child is None:
-                scan = worker.scan_range(fd, a, b, marks, chunk_bytes)
-            else:
-                scan = _collect(child)
-            joined = _join(scan, the_plan, progress)
+        children = _start_children(fd, ranges, marks, min(processes, len(ranges)))
+        results: dict[int, worker.RangeScan] = {}
+        for number, (a, _) in enumerate(ranges):
+            while number not in results:
+                _next(fd, ranges, marks, number, results, children)
+            joined = _join(results.pop(number), the_plan, progress)
             if joined is None:
                 _stop(children)
                 f.seek(a)
@@ -146,6 +157,98 @@ def check_export(
     finally:
         _stop(children)
     return finish(the_plan, progress.position, progress.good, expected_last)
+
+
+def _next(
+    fd: int,
+    ranges: list[tuple[int, int]],
+    marks: list[int],
+    wanted: int,
+    results: dict[int, worker.RangeScan],
+    children: list[_Child],
+) -> None:
+    """Make progress towards ``results[wanted]``: take in what workers said, then scan the
+    first range nobody has (or, if every open range is being scanned, wait for a worker)."""
+    _listen(children, results, wait=False)
+    for child in children:  # met by the parent's sweep: the rest of its list is done already
+        if child.alive and all(r < wanted or r in results for r in child.segment):
+            child.retire()
+    busy = {r for child in children if child.alive for r in child.started}
+    if not STEAL:
+        busy |= {r for child in children if child.alive for r in child.segment}
+    todo = next((r for r in range(wanted, len(ranges)) if r not in results and r not in busy), None)
+    if todo is not None:
+        results[todo] = worker.scan_range(fd, *ranges[todo], marks, CHUNK_BYTES)
+    else:
+        _listen(children, results, wait=True)
+
+
+class _Child:
+    """A worker process, and what it has said: ranges started and not yet done."""
+
+    def __init__(self, process: subprocess.Popen[bytes], segment: range) -> None:
+        assert process.stdout is not None
+        self.process = process
+        self.stdout = process.stdout
+        self.segment = segment
+        self.started: set[int] = set()
+        self.alive = True
+        self._buffer = b""
+
+    def retire(self) -> None:
+        """Stop it: nothing it has left to do is needed (or it can no longer be trusted to
+        answer); whatever it started and did not finish is the parent's."""
+        self.alive = False
+        with suppress(OSError):
+            self.process.kill()
+
+    def hear(self, results: dict[int, worker.RangeScan]) -> None:
+        """Read what is waiting on its stdout (call when select says it is readable)."""
+        data = os.read(self.stdout.fileno(), 1 << 16)
+        if not data:  # exited
+            self.retire()
+            return
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        for line in lines:
+            try:
+                index, scan = worker.read_message(line)
+            except ValueError:
+                self.retire()
+                return
+            if scan is None:
+                self.started.add(index)
+            else:
+                self.started.discard(index)
+                results.setdefault(index, scan)
+
+
+def _listen(children: list[_Child], results: dict[int, worker.RangeScan], *, wait: bool) -> None:
+    """Take in the messages of every live worker; ``wait``: block until one says something
+    (a worker silent for :data:`STALL_S` is stuck: retired, the parent takes its ranges)."""
+    live = {child.stdout.fileno(): child for child in children if child.alive}
+    if not live:
+        return
+    readable, _, _ = select.select(list(live), [], [], STALL_S if wait else 0)
+    if wait and not readable:
+        for child in live.values():
+            child.retire()
+    for fileno in readable:
+        live[fileno].hear(results)
+
+
+def _start_children(
+    fd: int, ranges: list[tuple[int, int]], marks: list[int], processes: int
+) -> list[_Child]:
+    """One worker per segment but the first (the parent's); each scans its segment from the
+    end, so the parent, sweeping forward, meets it wherever it has got to."""
+    children = []
+    bounds = [len(ranges) * k // processes for k in range(processes + 1)]
+    for first, last in pairwise(bounds[1:]):
+        todo = [[r, *ranges[r]] for r in reversed(range(first, last))]
+        process = _spawn(fd, {"fd": fd, "ranges": todo, "marks": marks, "chunk": CHUNK_BYTES})
+        if process is not None:
+            children.append(_Child(process, range(first, last)))
+    return children
 
 
 def _join(scan: worker.RangeScan, the_plan: Plan, progress: Progress) -> Progress | None:
@@ -186,14 +289,10 @@ def _fold(stack: Sequence[bytes]) -> bytes:
     return r
 
 
-def _spawn(
-    fd: int, lo: int, hi: int, marks: list[int], chunk_bytes: int
-) -> subprocess.Popen[bytes] | None:
-    """A worker process scanning bytes ``lo..hi``; None if none could be started (the
-    parent then scans the range itself)."""
+def _spawn(fd: int, job: dict[str, object]) -> subprocess.Popen[bytes] | None:
+    """A worker process given ``job``; None if none could be started."""
     if not sys.executable or not os.path.isfile(worker.__file__):
         return None
-    job = json.dumps({"fd": fd, "lo": lo, "hi": hi, "marks": marks, "chunk": chunk_bytes})
     try:
         # -I -S: no environment variables, user site or site-packages; the worker needs only
         # the standard library, and nothing from the environment can run code in it.
@@ -207,31 +306,18 @@ def _spawn(
     except OSError:
         return None
     assert child.stdin is not None
-    try:
-        child.stdin.write(job.encode())
+    with suppress(OSError):  # if it died at once, its stdout ends and the parent takes over
+        child.stdin.write(json.dumps(job).encode())
+    with suppress(OSError):
         child.stdin.close()
-    except OSError:  # it died at once; _collect reports the range as not confirmed
-        pass
     return child
 
 
-def _collect(child: subprocess.Popen[bytes]) -> worker.RangeScan:
-    assert child.stdout is not None
-    with child.stdout:
-        out = child.stdout.read()
-    if child.wait() != 0:
-        return worker.RangeScan(ok=False)
-    return worker.from_json(out)
-
-
-def _stop(children: list[subprocess.Popen[bytes] | None]) -> None:
-    """End and reap every worker still running (after a fallback, or on an exception)."""
+def _stop(children: list[_Child]) -> None:
+    """End and reap every worker (its remaining work, if any, is no longer needed)."""
     for child in children:
-        if child is None:
-            continue
-        if child.returncode is None:
+        if child.process.returncode is None:
             with suppress(OSError):
-                child.kill()
-            child.wait()
-        if child.stdout is not None:
-            child.stdout.close()
+                child.process.kill()
+            child.process.wait()
+        child.stdout.close()

@@ -19,9 +19,9 @@ re-walks from that range with the exact sequential checker, so every verdict, fi
 and message is the sequential one.
 
 Standard library only, and runnable as a script (``python -I -S audit_verify_worker.py``:
-job as JSON on stdin, result as JSON on stdout), so a worker process starts in milliseconds
-without importing the broker, and reads the export through a file descriptor it inherits
-rather than by re-opening a path.
+job as JSON on stdin, one JSON message a line on stdout, see :func:`main`), so a worker
+process starts in milliseconds without importing the broker, and reads the export through a
+file descriptor it inherits rather than by re-opening a path.
 """
 
 from __future__ import annotations
@@ -179,49 +179,61 @@ def scan_range(
     return scan
 
 
-def to_json(scan: RangeScan) -> str:
-    """The worker's answer on stdout."""
+def to_wire(scan: RangeScan) -> dict[str, object]:
+    """A scan as JSON-ready data."""
     if not scan.ok or scan.first is None:
-        return json.dumps({"ok": False})
+        return {"ok": False}
     seq, body, stored = scan.first
-    return json.dumps(
-        {
-            "ok": True,
-            "first": [seq, body.hex(), stored.decode("ascii")],
-            "last_seq": scan.last_seq,
-            "last_hash": scan.last_hash.decode("ascii"),
-            "nodes": [[level, h.hex()] for level, h in scan.nodes],
-        }
-    )
+    return {
+        "ok": True,
+        "first": [seq, body.hex(), stored.decode("ascii")],
+        "last_seq": scan.last_seq,
+        "last_hash": scan.last_hash.decode("ascii"),
+        "nodes": [[level, h.hex()] for level, h in scan.nodes],
+    }
 
 
-def from_json(text: bytes) -> RangeScan:
-    """Read a worker's answer; anything unexpected is a range that is not ok."""
+def from_wire(data: Any) -> RangeScan:
+    """Read :func:`to_wire` data; anything unexpected is a range that is not ok."""
     try:
-        data: Any = json.loads(text)
         if data.get("ok") is not True:
             return RangeScan(ok=False)
         seq, body, stored = data["first"]
-        nodes = [(int(level), bytes.fromhex(h)) for level, h in data["nodes"]]
-        scan = RangeScan(
+        return RangeScan(
             ok=True,
             first=(int(seq), bytes.fromhex(body), str(stored).encode("ascii")),
             last_seq=int(data["last_seq"]),
             last_hash=str(data["last_hash"]).encode("ascii"),
-            nodes=nodes,
+            nodes=[(int(level), bytes.fromhex(h)) for level, h in data["nodes"]],
         )
-    except (ValueError, TypeError, KeyError, AttributeError):
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeError):
         return RangeScan(ok=False)
-    return scan
+
+
+def read_message(line: bytes) -> tuple[int, RangeScan | None]:
+    """A worker's stdout line: (range, None) when it starts a range, (range, scan) when done.
+    ValueError if the line is not a message (the worker is then treated as dead)."""
+    data = json.loads(line)
+    if not isinstance(data, dict):
+        raise ValueError("not a worker message")
+    if type(data.get("claim")) is int:
+        return data["claim"], None
+    if type(data.get("done")) is int:
+        return data["done"], from_wire(data.get("scan"))
+    raise ValueError("not a worker message")
 
 
 def main() -> int:
-    """Worker process: a job ``{"fd", "lo", "hi", "marks", "chunk"}`` on stdin."""
+    """Worker process. The job, as JSON on stdin: ``fd``, ``marks``, ``chunk`` and ``ranges``
+    (``[index, lo, hi]`` in the order to scan them). Before scanning a range it says so
+    (``{"claim": index}``), so the parent, who scans unclaimed ranges itself, need not wait
+    for a slow worker; then it sends the result (``{"done": index, "scan": ...}``)."""
     job = json.loads(sys.stdin.buffer.read())
-    scan = scan_range(
-        int(job["fd"]), int(job["lo"]), int(job["hi"]), list(job["marks"]), int(job["chunk"])
-    )
-    sys.stdout.write(to_json(scan))
+    fd, marks, chunk = int(job["fd"]), list(job["marks"]), int(job["chunk"])
+    for index, lo, hi in job["ranges"]:
+        print(json.dumps({"claim": index}), flush=True)
+        scan = scan_range(fd, int(lo), int(hi), marks, chunk)
+        print(json.dumps({"done": index, "scan": to_wire(scan)}), flush=True)
     return 0
 
 

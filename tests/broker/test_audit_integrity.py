@@ -21,6 +21,7 @@ from broker.audit_verify import (
     DELETED,
     EDITED,
     INSERTED,
+    MALFORMED,
     OK,
     REORDERED,
     REWRITTEN,
@@ -170,6 +171,29 @@ def test_every_tamper_on_an_export_is_named_with_its_first_bad_index(
     path.write_bytes(b"".join(tamper(lines)))
     report = verify_export(path, signer.public_key)
     assert (report.code, report.first_bad) == (code, first_bad), report
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"prev_hash": "é" * 64},
+        {"prev_hash": "0" * 63},
+        {"prev_hash": "G" * 64},
+        {"frontier": ["ü" * 64]},
+        {"frontier": [7]},
+        {"from": "1"},
+    ],
+)
+def test_a_hostile_header_is_malformed_not_a_crash(
+    log: tuple[Path, audit_proofs.CheckpointSigner], tmp_path: Path, change: dict[str, object]
+) -> None:
+    db, signer = log
+    path = tmp_path / "export.jsonl"
+    lines = write_export(db, path, 9, N)  # a segment: its header carries a real frontier
+    header = json.loads(lines[0]) | change
+    path.write_bytes(json.dumps(header).encode() + b"\n" + b"".join(lines[1:]))
+    report = verify_export(path, signer.public_key)
+    assert report.code == MALFORMED, report
 
 
 def test_truncation_without_header_claim_is_caught_by_the_checkpoint(

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -42,7 +44,8 @@ from broker.audit_verify import (
 
 N = 160
 MARKS = (16, 40, 64, 100, 128, 159, N)  # checkpoint sizes; some land on range boundaries
-PROCESSES = 4
+PROCESSES = 3
+RANGE = 2500  # bytes: about 9 ranges of ~18 entries, 3 segments (parent + 2 workers)
 KEY = Ed25519PrivateKey.generate()
 
 
@@ -99,12 +102,14 @@ def sequential(path: Path, key: Ed25519PrivateKey = KEY) -> IntegrityReport:
             return IntegrityReport(MALFORMED, 0, None, str(exc))
 
 
-def force_parallel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every export takes the parallel path: PROCESSES ranges, chunks of a few lines."""
+def force_parallel(monkeypatch: pytest.MonkeyPatch, *, steal: bool = False) -> None:
+    """Every export takes the parallel path: small ranges, chunks of a few lines. Without
+    ``steal`` each worker scans its whole segment, so the workers' part is deterministic."""
     monkeypatch.setattr(parallel, "MIN_PARALLEL_BYTES", 0)
-    monkeypatch.setattr(parallel, "MIN_RANGE_BYTES", 1)
+    monkeypatch.setattr(parallel, "RANGE_BYTES", RANGE)
     monkeypatch.setattr(parallel, "CHUNK_BYTES", 700)
     monkeypatch.setattr(parallel, "PROCESSES", PROCESSES)
+    monkeypatch.setattr(parallel, "STEAL", steal)
 
 
 @pytest.fixture
@@ -120,7 +125,8 @@ def in_process(forced: None, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def range_starts(lines: list[bytes]) -> list[int]:
-    """Index (into the entry lines, 0-based) of the first line of each range after the first."""
+    """Index (into the entry lines, 0-based) of the first line of each range after the first,
+    as check_export cuts them."""
     offsets, total = [], len(lines[0])
     for line in lines[1:]:
         offsets.append(total)
@@ -128,17 +134,24 @@ def range_starts(lines: list[bytes]) -> list[int]:
     with tempfile.TemporaryFile() as f:
         f.write(b"".join(lines))
         f.flush()
-        points = parallel.split_points(f.fileno(), len(lines[0]), total, PROCESSES)
+        parts = (total - len(lines[0])) // RANGE
+        points = parallel.split_points(f.fileno(), len(lines[0]), total, parts)
     return [offsets.index(p) for p in points[1:-1]]
+
+
+def segment_starts(starts: list[int]) -> list[int]:
+    """The first line of each worker's segment (the parent's segment is the first)."""
+    ranges = len(starts) + 1
+    return [starts[ranges * k // PROCESSES - 1] for k in range(1, PROCESSES)]
 
 
 def positions() -> list[int]:
     """Where to tamper: inside the first, a middle and the last range, and on each side of
-    every range boundary."""
+    every range boundary (the last entry of one range, the first of the next)."""
     starts = range_starts(build())
-    assert len(starts) == PROCESSES - 1
-    around = {i + d for i in starts for d in (-1, 0, 1)}
-    return sorted({1, starts[0] + (starts[1] - starts[0]) // 2, N - 3} | around)
+    assert len(starts) >= 6
+    around = {i + d for i in starts for d in (-1, 0)}
+    return sorted({1, (starts[3] + starts[4]) // 2, N - 3} | around)
 
 
 def rehash(entry_lines: list[bytes], prev: bytes) -> list[bytes]:
@@ -250,31 +263,44 @@ def test_worker_processes_give_the_sequential_report(
     forced: None, tmp_path: Path, case: str
 ) -> None:
     starts = range_starts(build())
-    for at in (starts[1] - 1, starts[1], (starts[1] + starts[2]) // 2, N - 3):
+    first, second = segment_starts(starts)
+    inner = next(s for s in starts if first < s < second)  # two ranges of the same worker
+    for at in (first - 1, first, inner, (inner + second) // 2, second, N - 3):
         report = check_same(tampered(tmp_path, case, at))
         assert report.code == EXPECTED[case]
 
 
-def test_an_intact_export_is_confirmed_by_the_workers_alone(
+def spy_on_parent_scans(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The first lines (byte offsets) of the ranges the parent scans itself."""
+    scanned: list[int] = []
+    real_scan = worker.scan_range
+
+    def scan(fd: int, lo: int, hi: int, marks: list[int], chunk: int) -> worker.RangeScan:
+        scanned.append(lo)
+        return real_scan(fd, lo, hi, marks, chunk)
+
+    monkeypatch.setattr(worker, "scan_range", scan)  # in this process only, not in workers
+    return scanned
+
+
+def test_an_intact_export_is_confirmed_without_the_sequential_walk(
     forced: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    lines = build()
     path = tmp_path / "intact.jsonl"
-    path.write_bytes(b"".join(build()))
-    spawned: list[tuple[int, int]] = []
-    real_spawn = parallel._spawn
+    path.write_bytes(b"".join(lines))
+    scanned = spy_on_parent_scans(monkeypatch)
 
-    def spawn(fd: int, lo: int, hi: int, marks: list[int], chunk: int) -> object:
-        spawned.append((lo, hi))
-        return real_spawn(fd, lo, hi, marks, chunk)
-
-    def no_fallback(*args: object) -> Iterator[object]:
+    def no_walk(*args: object) -> Iterator[object]:
         raise AssertionError("the sequential walk ran")
 
-    monkeypatch.setattr(parallel, "_spawn", spawn)
-    monkeypatch.setattr(parallel, "resume_entries", no_fallback)
+    monkeypatch.setattr(parallel, "resume_entries", no_walk)
     report = verify_export(path, KEY.public_key())
-    assert len(spawned) == PROCESSES - 1
     assert (report.code, report.entries, report.checkpoints) == (OK, N, len(MARKS))
+    # The parent scanned its own segment only (the first third); the workers sent the rest.
+    starts = range_starts(lines)
+    assert len(scanned) == (len(starts) + 1) // PROCESSES
+    assert max(scanned) < sum(map(len, lines[: segment_starts(starts)[0] + 1]))
     monkeypatch.undo()
     assert report == sequential(path)
 
@@ -293,13 +319,14 @@ def test_a_segment_export_and_its_tampering(in_process: None, tmp_path: Path) ->
 def test_a_consistent_rewrite_is_found_against_the_checkpoint_on_a_boundary(
     in_process: None, tmp_path: Path
 ) -> None:
-    boundary = range_starts(build())[1]  # entries 1..boundary are the first two ranges
-    lines = build(marks=(*MARKS, boundary))  # a checkpoint exactly at the end of range 2
-    # Rewritten inside range 2: caught by the boundary checkpoint, named from checkpoint 64.
+    # A range ends with entry `boundary`, with a checkpoint there (64 < boundary < 100).
+    boundary = next(s for s in range_starts(build()) if 66 < s < 100)
+    lines = build(marks=(*MARKS, boundary))
+    # Rewritten just before the boundary: caught by that checkpoint, named from 64 on.
     report = check_same(tampered(tmp_path, "rewritten", boundary - 2, lines))
     assert (report.code, report.first_bad) == (REWRITTEN, 65)
     assert f"checkpoint of size {boundary}" in report.problem
-    # Rewritten from range 3's first entry on: the boundary checkpoint held, so it is `good`.
+    # Rewritten from the next range's first entry on: the boundary checkpoint held.
     report = check_same(tampered(tmp_path, "rewritten", boundary, lines))
     assert (report.code, report.first_bad) == (REWRITTEN, boundary + 1)
 
@@ -327,20 +354,60 @@ def test_an_export_read_from_a_pipe_is_walked_sequentially(forced: None, tmp_pat
     assert (report.code, report.first_bad) == (DELETED, 101)
 
 
-def test_workers_that_fail_only_send_the_walk_sequential(
-    forced: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def fake_workers(monkeypatch: pytest.MonkeyPatch, script: str) -> None:
+    """Workers that run ``script`` (the job's ranges in ``ranges``) instead of the real one."""
+
+    def spawn(fd: int, job: dict[str, object]) -> subprocess.Popen[bytes]:
+        code = f"import json, sys, time\nranges = json.load(sys.stdin)['ranges']\n{script}"
+        child = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert child.stdin is not None
+        child.stdin.write(json.dumps(job).encode())
+        child.stdin.close()
+        return child
+
+    monkeypatch.setattr(parallel, "_spawn", spawn)
+
+
+WORKER_FAILURES = {
+    "silent": "time.sleep(600)",
+    "claims-then-dies": "print(json.dumps({'claim': ranges[0][0]}), flush=True)",
+    "claims-then-hangs": "print(json.dumps({'claim': ranges[0][0]}), flush=True); time.sleep(600)",
+    "garbage": 'print(\'{"done": 1, "scan": {"ok": true}}\'); print(\'[]\', flush=True)',
+    "exits": "sys.exit(3)",
+}
+
+
+@pytest.mark.parametrize("failure", sorted(WORKER_FAILURES))
+def test_the_parent_takes_over_from_workers_that_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
 ) -> None:
+    force_parallel(monkeypatch, steal=True)
+    monkeypatch.setattr(parallel, "STALL_S", 0.2)  # how long a claimed range may take
+    fake_workers(monkeypatch, WORKER_FAILURES[failure])
+    scanned = spy_on_parent_scans(monkeypatch)
+    lines = build()
     intact = tmp_path / "intact.jsonl"
-    intact.write_bytes(b"".join(build()))
-    edited = tampered(tmp_path, "edited", N // 2)
-    monkeypatch.setattr(parallel, "_collect", lambda child: worker.RangeScan(ok=False))
+    intact.write_bytes(b"".join(lines))
     assert check_same(intact).code == OK
-    assert check_same(edited).code == EDITED
-    monkeypatch.undo()
-    force_parallel(monkeypatch)
-    monkeypatch.setattr(parallel.sys, "executable", "")  # no worker can start
+    assert len(scanned) == len(range_starts(lines)) + 1  # every range, by the parent
+    assert check_same(tampered(tmp_path, "edited", N - 3)).code == EDITED
+    assert check_same(tampered(tmp_path, "rewritten", 70)).code == REWRITTEN
+
+
+def test_no_worker_can_start(forced: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parallel.sys, "executable", "")
+    scanned = spy_on_parent_scans(monkeypatch)
+    lines = build()
+    intact = tmp_path / "intact.jsonl"
+    intact.write_bytes(b"".join(lines))
     assert check_same(intact).code == OK
-    assert check_same(edited).code == EDITED
+    assert len(scanned) == len(range_starts(lines)) + 1
+    assert check_same(tampered(tmp_path, "deleted", 77)).code == DELETED
 
 
 def test_a_range_whose_numbers_jump_between_chunks_is_not_confirmed(tmp_path: Path) -> None:
@@ -379,8 +446,13 @@ def test_subtree_cover_rebuilds_every_root(base: int) -> None:
     assert seen == [*cuts, len(leaves)]
 
 
-def test_worker_answer_round_trips_and_rejects_garbage() -> None:
+def test_worker_messages_round_trip_and_garbage_is_refused() -> None:
     scan = worker.RangeScan(True, (3, b'{"seq":3}', b"ab" * 32), 9, b"cd" * 32, [(2, bytes(32))])
-    assert worker.from_json(worker.to_json(scan).encode()) == scan
-    for junk in (b"", b"[]", b'{"ok":true}', b'{"ok":true,"first":[1,"zz","x"]}'):
-        assert not worker.from_json(junk).ok
+    done = json.dumps({"done": 4, "scan": worker.to_wire(scan)}).encode()
+    assert worker.read_message(done) == (4, scan)
+    assert worker.read_message(b'{"claim": 5}') == (5, None)
+    for junk in (None, [], {"ok": True}, {"ok": True, "first": [1, "zz", "x"]}):
+        assert not worker.from_wire(junk).ok
+    for line in (b"", b"[]", b'{"claim": "5"}', b'{"done": true}'):
+        with pytest.raises(ValueError):
+            worker.read_message(line)

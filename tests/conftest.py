@@ -5,12 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 
-from broker.auth import DevIdentityProvider
-from certbroker.v1 import broker_pb2_grpc
-from tests.helpers import BrokerThread, Env, make_config
+from tests.helpers import Env, make_config, running_env
 
 
 @pytest.fixture(scope="session")
@@ -25,18 +22,5 @@ def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def env(tmp_path: Path, dataset_dir: Path) -> Iterator[Env]:
-    cfg = make_config(tmp_path, dataset_dir)
-    broker = BrokerThread(cfg)
-    channel = grpc.insecure_channel(broker.target)
-    try:
-        yield Env(
-            broker,
-            cfg.state_dir,
-            dataset_dir,
-            DevIdentityProvider(cfg.state_dir),
-            channel,
-            broker_pb2_grpc.CertificateBrokerStub(channel),
-        )
-    finally:
-        channel.close()
-        broker.stop()
+    with running_env(make_config(tmp_path, dataset_dir), dataset_dir) as env:
+        yield env

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import select
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +96,26 @@ class Env:
 
     def md(self, token: str) -> tuple[tuple[str, str]]:
         return (("authorization", f"Bearer {token}"),)
+
+
+@contextlib.contextmanager
+def running_env(cfg: config_mod.Config, dataset_dir: Path, **start_kwargs: Any) -> Iterator[Env]:
+    """A broker on ``cfg`` (``start_kwargs`` go to :class:`BrokerThread`) and a clerk's view of
+    it; stopped on exit. The one way tests bring up an in-process broker."""
+    broker = BrokerThread(cfg, **start_kwargs)
+    channel = grpc.insecure_channel(broker.target)
+    try:
+        yield Env(
+            broker,
+            cfg.state_dir,
+            dataset_dir,
+            DevIdentityProvider(cfg.state_dir),
+            channel,
+            broker_pb2_grpc.CertificateBrokerStub(channel),
+        )
+    finally:
+        channel.close()
+        broker.stop()
 
 
 DEFAULT_OFFICE = "gz-haizhu-24h-01"

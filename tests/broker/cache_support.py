@@ -11,12 +11,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from broker.auth import DevIdentityProvider
 from broker.routing import Fetched, RecordSource
-from certbroker.v1 import broker_pb2_grpc
-from tests.helpers import ROOT, BrokerThread, Env, make_config
+from tests.helpers import ROOT, BrokerThread, Env, make_config, running_env
 
 #: A role for the tests: at the 24-hour hall it gets marriage records WITHOUT the window
 #: clerk's spouse_resident_id mask, and only name and gender of the household record (the
@@ -76,20 +72,8 @@ def running(tmp_path: Path, dataset_dir: Path, policy_dir: Path, **overrides: An
     """A broker on ``policy_dir`` (callers' deadlines, not a short cap, bound fetches)."""
     overrides.setdefault("adapter_timeout_s", 30.0)
     cfg = make_config(tmp_path, dataset_dir, policy_dir=policy_dir, **overrides)
-    broker = BrokerThread(cfg)
-    channel = grpc.insecure_channel(broker.target)
-    try:
-        yield Env(
-            broker,
-            cfg.state_dir,
-            dataset_dir,
-            DevIdentityProvider(cfg.state_dir),
-            channel,
-            broker_pb2_grpc.CertificateBrokerStub(channel),
-        )
-    finally:
-        channel.close()
-        broker.stop()
+    with running_env(cfg, dataset_dir) as env:
+        yield env
 
 
 def reload_policies(thread: BrokerThread) -> None:

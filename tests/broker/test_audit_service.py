@@ -16,8 +16,8 @@ from google.protobuf import timestamp_pb2
 from adapters import synthetic
 from broker import audit, client
 from broker.audit import AuditEvent
-from certbroker.v1 import audit_pb2, audit_pb2_grpc, broker_pb2_grpc
-from tests.helpers import BrokerThread, Env, FakeClock, make_config
+from certbroker.v1 import audit_pb2, audit_pb2_grpc
+from tests.helpers import Env, FakeClock, make_config, running_env
 
 CASE = "GZ20260302-000001"
 # Monday 2026-03-02 10:00 at UTC+08:00: inside the staffed halls' hours.
@@ -29,25 +29,8 @@ def aenv(tmp_path: Path, dataset_dir: Path) -> Iterator[tuple[Env, FakeClock]]:
     """A broker whose audit entries carry the times of a clock the test moves."""
     clock = FakeClock(MONDAY_10.timestamp())
     cfg = make_config(tmp_path, dataset_dir)
-    broker = BrokerThread(cfg, audit_clock=clock)
-    channel = grpc.insecure_channel(broker.target)
-    from broker.auth import DevIdentityProvider
-
-    try:
-        yield (
-            Env(
-                broker,
-                cfg.state_dir,
-                dataset_dir,
-                DevIdentityProvider(cfg.state_dir),
-                channel,
-                broker_pb2_grpc.CertificateBrokerStub(channel),
-            ),
-            clock,
-        )
-    finally:
-        channel.close()
-        broker.stop()
+    with running_env(cfg, dataset_dir, audit_clock=clock) as env:
+        yield env, clock
 
 
 def stub(env: Env) -> audit_pb2_grpc.AuditStub:

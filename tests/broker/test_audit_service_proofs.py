@@ -22,9 +22,8 @@ from broker.audit_export import export, verify_export
 from broker.audit_proofs import KEY_NAME, ORIGIN
 from broker.audit_service_proofs import CHUNK_SIZE, export_chunks
 from broker.audit_verify import EDITED
-from broker.auth import DevIdentityProvider
-from certbroker.v1 import audit_pb2, audit_pb2_grpc, broker_pb2, broker_pb2_grpc
-from tests.helpers import BrokerThread, Env, make_config
+from certbroker.v1 import audit_pb2, audit_pb2_grpc, broker_pb2
+from tests.helpers import Env, make_config, running_env
 
 CASE = "GZ20260302-000001"
 
@@ -33,20 +32,8 @@ CASE = "GZ20260302-000001"
 def penv(tmp_path: Path, dataset_dir: Path) -> Iterator[Env]:
     """A broker that signs checkpoints only on demand (no periodic one during a test)."""
     cfg = make_config(tmp_path, dataset_dir, checkpoint_interval_s=3600.0)
-    broker = BrokerThread(cfg)
-    channel = grpc.insecure_channel(broker.target)
-    try:
-        yield Env(
-            broker,
-            cfg.state_dir,
-            dataset_dir,
-            DevIdentityProvider(cfg.state_dir),
-            channel,
-            broker_pb2_grpc.CertificateBrokerStub(channel),
-        )
-    finally:
-        channel.close()
-        broker.stop()
+    with running_env(cfg, dataset_dir) as env:
+        yield env
 
 
 def stub(env: Env) -> audit_pb2_grpc.AuditStub:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import grpc
-from google.protobuf import any_pb2, json_format
+from google.protobuf import any_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
@@ -138,7 +138,8 @@ def to_record(
     """
     wanted = check_fields(record_type, fields)
     message = record_fields.RECORD_TYPES[record_type]()
-    json_format.ParseDict(_without_none(data), message)
+    # json_format.ParseDict with None entries dropped, set directly for plain records.
+    record_fields.from_dict(data, message)
     record_fields.keep_fields(message, wanted)
     _mark_present(message, set(wanted), "")
     record = records_pb2.Record()
@@ -146,15 +147,6 @@ def to_record(
     case.SetInParent()  # an empty message is still this record type
     case.CopyFrom(message)
     return record
-
-
-def _without_none(value: Any) -> Any:
-    # JSON null would mean "clear" to ParseDict; adapters use None for "no value".
-    if isinstance(value, Mapping):
-        return {k: _without_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list | tuple):
-        return [_without_none(v) for v in value]
-    return value
 
 
 def _mark_present(message: Message, wanted: set[str], prefix: str) -> None:

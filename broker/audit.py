@@ -218,29 +218,36 @@ class AuditLog(Protocol):
         ...
 
 
+#: AuditEvent fields holding a plain string (all but the lists, numbers, counts and flags).
+_STR_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(AuditEvent)
+    if f.name not in _LIST_FIELDS | {"latency_ms", "outcome_counts", "from_cache"}
+)
+
+
 def _event_fields(event: AuditEvent) -> dict[str, object]:
     """The event as body fields, checked: a malformed event must not reach the log."""
-    fields: dict[str, object] = {}
-    for field in dataclasses.fields(AuditEvent):
-        value: Any = getattr(event, field.name)
-        if field.name == "latency_ms":
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise TypeError("latency_ms must be a number")
-            if not math.isfinite(value):
-                raise ValueError("latency_ms must be finite")
-            value = round(float(value), 3)
-        elif field.name in _LIST_FIELDS:
-            if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
-                raise TypeError(f"{field.name} must be a tuple of str")
-            value = list(value)
-        elif field.name == "outcome_counts":
-            value = _counts(value)
-        elif field.name == "from_cache":
-            if not isinstance(value, bool):
-                raise TypeError("from_cache must be a bool")
-        elif not isinstance(value, str):
-            raise TypeError(f"{field.name} must be str")
-        fields[field.name] = value
+    # Every lookup comes through here: the fields straight from the instance, then the checks
+    # by kind, rather than a walk of dataclasses.fields() per call.
+    fields: dict[str, Any] = dict(vars(event))
+    for name in _STR_FIELDS:
+        if not isinstance(fields[name], str):
+            raise TypeError(f"{name} must be str")
+    latency = fields["latency_ms"]
+    if isinstance(latency, bool) or not isinstance(latency, int | float):
+        raise TypeError("latency_ms must be a number")
+    if not math.isfinite(latency):
+        raise ValueError("latency_ms must be finite")
+    fields["latency_ms"] = round(float(latency), 3)
+    for name in _LIST_FIELDS:
+        value = fields[name]
+        if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+            raise TypeError(f"{name} must be a tuple of str")
+        fields[name] = list(value)
+    fields["outcome_counts"] = _counts(fields["outcome_counts"])
+    if not isinstance(fields["from_cache"], bool):
+        raise TypeError("from_cache must be a bool")
     if event.decision not in DECISIONS:
         raise ValueError(f"decision must be one of {sorted(DECISIONS)}")
     return fields

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,16 +21,24 @@ from broker.audit_sqlite import SQLiteStore
 from broker.audit_store import AUDIT_UNAVAILABLE, BatchStore, epoch_time
 from broker.audit_writer import CommitHook, GroupCommitWriter
 from broker.errors import BrokerError, Unavailable
+from broker.ids import new_id
 
 if TYPE_CHECKING:
     from broker.audit import AuditEvent
 
 
 def _fields(event: AuditEvent) -> dict[str, object]:
-    # broker.audit imports this module at its top, so its names are reached at call time.
-    from broker.audit import _event_fields
+    # broker.audit imports this module at its top, so its names are reached at call time
+    # (and kept: an import statement on every append costs more than the call).
+    global _event_fields  # noqa: PLW0603 - set once, on first use
+    if _event_fields is None:
+        from broker.audit import _event_fields as checked
 
+        _event_fields = checked
     return _event_fields(event)
+
+
+_event_fields: Callable[[AuditEvent], dict[str, object]] | None = None
 
 
 @dataclass(frozen=True)
@@ -77,10 +84,10 @@ class BatchingAuditLog:
         withdraw the entry: the lookup happened and is recorded.
         """
         fields = _fields(event)
-        fields["entry_id"] = uuid.uuid4().hex
+        fields["entry_id"] = new_id()
         # The time of the decision, not of the later commit.
         fields["time"] = epoch_time(self._clock())
-        row = await self._writer.write(fields)
+        (row,) = await self._writer.write_many((fields,))
         return Receipt(row.columns["entry_id"], row.entry_hash, row.seq)
 
     async def append_many(
@@ -98,10 +105,10 @@ class BatchingAuditLog:
         """
         bodies = [_fields(event) for event in events]
         for fields in bodies:
-            fields["entry_id"] = uuid.uuid4().hex
+            fields["entry_id"] = new_id()
         if link is not None:
             closing = _fields(link([str(fields["entry_id"]) for fields in bodies]))
-            closing["entry_id"] = uuid.uuid4().hex
+            closing["entry_id"] = new_id()
             bodies.append(closing)
         if not bodies:
             return []

@@ -30,20 +30,36 @@ class _Pending:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[list[StoredRow]]
 
-    def settle(self, result: list[StoredRow] | BaseException) -> None:
-        """Hand ``result`` to the waiting caller; called from the writer thread."""
 
-        def apply() -> None:
-            if self.future.done():  # the caller was cancelled; its entry is stored anyway
-                return
-            if isinstance(result, BaseException):
-                self.future.set_exception(result)
-            else:
-                self.future.set_result(result)
+_Outcome = list[StoredRow] | BaseException
 
+
+def _settle(batch: Sequence[tuple[_Pending, _Outcome]]) -> None:
+    """Hand every caller of a batch its rows (or its error); called from the writer thread.
+
+    One ``call_soon_threadsafe`` per event loop and batch, not per caller: each one writes to
+    the loop's wake-up pipe (a system call) and schedules a callback, and under load a batch
+    holds dozens of callers, nearly always of the same loop.
+    """
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Pending, _Outcome]]] = {}
+    for pending, result in batch:
+        by_loop.setdefault(pending.loop, []).append((pending, result))
+    for loop, items in by_loop.items():
         # A closed loop means nobody is waiting any more.
         with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(apply)
+            loop.call_soon_threadsafe(_resolve, items)
+
+
+def _resolve(items: Sequence[tuple[_Pending, _Outcome]]) -> None:
+    """On the callers' loop: complete their futures."""
+    for pending, result in items:
+        future = pending.future
+        if future.done():  # the caller was cancelled; its entry is stored anyway
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
 
 
 MAX_WAIT_S = 0.05
@@ -155,15 +171,16 @@ class GroupCommitWriter:
         except Exception as exc:
             # The store rolled back: nothing of this batch is stored, so every caller fails.
             log.error("audit write of %d entries failed", len(bodies), exc_info=exc)
-            for pending in batch:
-                pending.settle(_unavailable("audit log unavailable", exc))
+            _settle([(p, _unavailable("audit log unavailable", exc)) for p in batch])
             return
         elapsed = time.perf_counter() - began
         self.commits += 1
         start = 0
+        settled: list[tuple[_Pending, _Outcome]] = []
         for pending in batch:
-            pending.settle(rows[start : start + len(pending.bodies)])
+            settled.append((pending, rows[start : start + len(pending.bodies)]))
             start += len(pending.bodies)
+        _settle(settled)
         if self._on_commit is not None:
             try:
                 self._on_commit(len(rows), elapsed)
@@ -178,7 +195,7 @@ class GroupCommitWriter:
             except queue.Empty:
                 return
             if item is not None:
-                item.settle(_unavailable("audit log is closed", None))
+                _settle([(item, _unavailable("audit log is closed", None))])
 
 
 def _unavailable(message: str, cause: BaseException | None) -> Unavailable:

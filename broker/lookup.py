@@ -14,7 +14,6 @@ import datetime as dt
 import logging
 import math
 import time
-import uuid
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -25,6 +24,7 @@ from broker import errors
 from broker.audit import AuditEvent
 from broker.auth import Clerk
 from broker.cache import RecordCache, record_key
+from broker.ids import new_id
 from broker.metrics import Metrics
 from broker.policy import Decision, PolicySet, Request
 from broker.routing import Fetched, Router
@@ -42,18 +42,27 @@ RESERVE_SHARE = 0.2
 RESERVE_MAX_S = 0.25
 
 
+#: Proto consent enum value → the policy/audit name; UNSPECIFIED → "" (looked up per item).
+_CONSENT_NAMES: dict[int, str] = {
+    value.number: (
+        ""
+        if value.number == broker_pb2.CONSENT_METHOD_UNSPECIFIED
+        else value.name.removeprefix(_CONSENT_PREFIX).lower()
+    )
+    for value in broker_pb2.ConsentMethod.DESCRIPTOR.values
+}
+
+
 def consent_name(method: broker_pb2.ConsentMethod.ValueType) -> str:
     """Proto consent enum → the policy/audit name ("id_card_read"); "" when unspecified."""
-    if method == broker_pb2.CONSENT_METHOD_UNSPECIFIED:
-        return ""
-    try:
-        return broker_pb2.ConsentMethod.Name(method).removeprefix(_CONSENT_PREFIX).lower()
-    except ValueError:
+    name = _CONSENT_NAMES.get(method)
+    if name is None:
         raise errors.InvalidArgument(
             "UNKNOWN_CONSENT_METHOD",
             "consent.method is not a known consent method",
             argument="consent.method",
-        ) from None
+        )
+    return name
 
 
 def consent_value(name: str) -> broker_pb2.ConsentMethod.ValueType:
@@ -170,7 +179,7 @@ class ItemPipeline:
                 rule=decision.rule_id,
                 condition=decision.condition,
             )
-        trace.decision_id = uuid.uuid4().hex
+        trace.decision_id = new_id()
         return decision
 
     async def fetch(
@@ -199,7 +208,6 @@ class ItemPipeline:
         self._metrics.observe_record_cache(record_type, served)
         trace.from_cache = served.shared
         response = broker_pb2.LookupResponse(
-            record=minimized(fetched.record, record_type, decision),
             withheld_fields=decision.withheld,
             masked_fields=sorted(decision.masks),
             department=decision.department,
@@ -207,7 +215,9 @@ class ItemPipeline:
             decision_id=trace.decision_id,
             rule_id=decision.rule_id,
         )
-        response.as_of.FromDatetime(fetched.as_of)
+        # Minimized in place in the response: one copy of the record, not two.
+        release_into(response.record, fetched.record, record_type, decision)
+        response.as_of.seconds, response.as_of.nanos = fetched.as_of_timestamp
         return response
 
     async def _fetch_source(self, decision: Decision, trace: Trace, timeout_s: float) -> Fetched:
@@ -266,11 +276,18 @@ def minimized(
     """Defence in depth: whatever the department (or the cache) holds, release only what the
     decision allows. Works on a copy: ``record`` may be a cache entry shared by requests."""
     out = records_pb2.Record()
+    release_into(out, record, record_type, decision)
+    return out
+
+
+def release_into(
+    out: records_pb2.Record, record: records_pb2.Record, record_type: str, decision: Decision
+) -> None:
+    """:func:`minimized`, written into ``out`` (e.g. the response's own record field)."""
     out.CopyFrom(record)
     inner = getattr(out, record_type)
     record_fields.keep_fields(inner, decision.fields)
     record_fields.apply_masks(inner, decision.masks)
-    return out
 
 
 def outcome(failure: BaseException | None) -> tuple[str, str]:

@@ -32,7 +32,7 @@ Instruments (names as scraped; counters gain ``_total``):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -76,6 +76,39 @@ class _Noop:
 
 
 _NOOP = _Noop()
+
+_Child = TypeVar("_Child", CounterLike, HistogramLike)
+
+
+class _Children(Generic[_Child]):
+    """A labelled instrument whose children are looked up once per label values.
+
+    ``prometheus_client``'s ``labels()`` validates and joins the values and takes a lock on
+    every call; on the lookup path that is several calls per request for a handful of label
+    combinations (labels are low-cardinality by construction, see the module docstring), so
+    the children are kept in a dict. Everything else is the wrapped instrument's.
+    """
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: _Child) -> None:
+        self._metric: _Child = metric
+        self._children: dict[tuple[Any, ...], _Child] = {}
+
+    def labels(self, *labelvalues: Any, **labelkwargs: Any) -> _Child:
+        if labelkwargs:  # rare: the keyword form is not memoised
+            child: _Child = self._metric.labels(*labelvalues, **labelkwargs)
+            return child
+        found = self._children.get(labelvalues)
+        if found is None:
+            found = self._children[labelvalues] = self._metric.labels(*labelvalues)
+        return found
+
+    def inc(self, amount: float = 1) -> None:
+        raise ValueError("a labelled counter is incremented through labels()")
+
+    def observe(self, amount: float) -> None:
+        raise ValueError("a labelled histogram is observed through labels()")
 
 
 @dataclass
@@ -160,7 +193,8 @@ class Metrics:
     def _counter(self, name: str, doc: str, labels: list[str] | None = None) -> CounterLike:
         if not self.enabled:
             return _NOOP
-        return Counter(name, doc, labels or [], registry=self.registry)
+        counter: CounterLike = Counter(name, doc, labels or [], registry=self.registry)
+        return _Children(counter) if labels else counter
 
     def _histogram(
         self,
@@ -171,7 +205,10 @@ class Metrics:
     ) -> HistogramLike:
         if not self.enabled:
             return _NOOP
-        return Histogram(name, doc, labels or [], buckets=buckets, registry=self.registry)
+        histogram: HistogramLike = Histogram(
+            name, doc, labels or [], buckets=buckets, registry=self.registry
+        )
+        return _Children(histogram) if labels else histogram
 
     def observe_lookup(self, method: str, status: str, seconds: float) -> None:
         """One finished ``Lookup``/``LookupMatter`` call; ``status`` is a gRPC code name."""

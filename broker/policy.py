@@ -23,23 +23,26 @@ included), so a decision can be replayed and tested. Its semantics, in order:
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 from broker.auth import Clerk
 from broker.errors import InvalidArgument
+from broker.policy_hours import DAYS as DAYS  # noqa: PLC0414 - re-exported
+from broker.policy_hours import Hours as Hours  # noqa: PLC0414 - re-exported
 
 if TYPE_CHECKING:
     from broker.policy_tests import TestReport
+    from broker.policy_views import MatterView
 
 #: Consent methods a rule may accept, in the order the proto enum declares them.
 CONSENT_METHODS: tuple[str, ...] = ("id_card_read", "signed_form", "delegated_agent")
-#: Day names used in opening hours; the index is ``datetime.weekday()``.
-DAYS: tuple[str, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 #: Rule ids of the built-in denials; policy rules may not use them.
 MATTER_SCOPE = "matter-scope"
@@ -53,6 +56,8 @@ CONSENT_REQUIRED = "CONSENT_REQUIRED"
 CASE_NUMBER_REQUIRED = "CASE_NUMBER_REQUIRED"
 #: The deciding rule passed, but nothing requested is both needed and allowed.
 NO_FIELDS_RELEASED = "NO_FIELDS_RELEASED"
+#: Entries a PolicySet keeps of what it derived from itself alone (see PolicySet._memo).
+_MEMO_MAX = 4096
 
 
 class PolicyError(Exception):
@@ -97,29 +102,6 @@ class Role:
 
     id: str
     name: str
-
-
-@dataclass(frozen=True)
-class Hours:
-    """An opening-hours window: ``days`` (0 = Monday), ``[start_min, end_min)`` in local time."""
-
-    days: tuple[int, ...]
-    start_min: int
-    end_min: int
-    utc_offset: timedelta
-
-    def contains(self, now: datetime) -> bool:
-        local = now.astimezone(timezone(self.utc_offset))
-        # Microseconds since local midnight, so 17:29:59.9 is inside and 17:30:00 is not.
-        elapsed = ((local.hour * 60 + local.minute) * 60 + local.second) * 10**6
-        elapsed += local.microsecond
-        inside = self.start_min * 60 * 10**6 <= elapsed < self.end_min * 60 * 10**6
-        return local.weekday() in self.days and inside
-
-    def describe(self) -> str:
-        """E.g. ``Mon-Sat 08:30-17:30 (UTC+08:00)``, for denial reasons."""
-        span = f"{_hhmm(self.start_min)}-{_hhmm(self.end_min)}"
-        return f"{_day_ranges(self.days)} {span} (UTC{_offset(self.utc_offset)})"
 
 
 @dataclass(frozen=True)
@@ -169,7 +151,7 @@ class Rule:
 
     def office_allows(self, office: str) -> bool:
         globs = self.conditions.offices
-        return not globs or any(fnmatch.fnmatchcase(office, g) for g in globs)
+        return not globs or _office_matcher(globs)(office) is not None
 
     def failure(self, request: Request) -> _Failure | None:
         """The first condition the request fails, or None when all pass."""
@@ -251,23 +233,6 @@ class Decision:
 
 
 @dataclass(frozen=True)
-class MatterView:
-    """A matter as one clerk may handle it (for ListMatters), ignoring request-time conditions.
-
-    ``fields``/``masks`` map record type → field paths (only record types the clerk can get).
-    ``consent_methods`` are accepted for every record type that requires consent;
-    ``consent_required`` says whether any does.
-    """
-
-    matter: Matter
-    fields: Mapping[str, tuple[str, ...]]
-    masks: Mapping[str, tuple[str, ...]]
-    case_number_required: bool
-    consent_methods: tuple[str, ...]
-    consent_required: bool = False
-
-
-@dataclass(frozen=True)
 class PolicySet:
     """A loaded, validated policy set. Immutable: a reload builds a new one."""
 
@@ -277,6 +242,12 @@ class PolicySet:
     matters: Mapping[str, Matter]
     roles: Mapping[str, Role] = field(default_factory=dict)
     rules: tuple[Rule, ...] = ()
+    # What the set derives from itself alone, kept for the next request: the candidate rules
+    # of (roles, matter, record type) and the decision a passing rule gives for a set of
+    # requested fields. Conditions (office, hours, consent, case number) are still checked on
+    # every request; a reload builds a new set, so nothing here outlives the policy it came
+    # from. Bounded by _MEMO_MAX (callers choose roles and fields).
+    _memo: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def check_request(self, record_type: str, matter_code: str, fields: Sequence[str]) -> None:
         """Raise :class:`InvalidArgument` unless the request names things the policy knows.
@@ -322,7 +293,7 @@ class PolicySet:
                 MATTER_SCOPE,
                 f"matter {matter.code} ({matter.name}) does not need {rt.name} records",
             )
-        candidates = [r for r in self.rules if r.covers(request.clerk.roles, matter.code, rt.name)]
+        candidates = self._candidates(request.clerk.roles, matter.code, rt.name)
         if not candidates:
             roles = ", ".join(request.clerk.roles) or "none"
             return self._deny(
@@ -344,7 +315,34 @@ class PolicySet:
             request, rule.id, f"rule {rule.id} does not allow this: {failure.detail}", failure.code
         )
 
+    def _candidates(self, roles: Sequence[str], matter: str, record_type: str) -> Sequence[Rule]:
+        """The rules covering (roles, matter, record type), in policy order (memoised)."""
+        key = ("candidates", roles, matter, record_type) if isinstance(roles, tuple) else None
+        found: tuple[Rule, ...] | None = self._memo.get(key) if key else None
+        if found is None:
+            found = tuple(r for r in self.rules if r.covers(roles, matter, record_type))
+            if key:
+                self._remember(key, found)
+        return found
+
+    def _remember(self, key: Hashable, value: object) -> None:
+        if len(self._memo) >= _MEMO_MAX:
+            self._memo.clear()
+        self._memo[key] = value
+
     def _allow(
+        self, request: Request, rule: Rule, rt: RecordType, matter: Matter, needed: Sequence[str]
+    ) -> Decision:
+        # A passing rule's decision depends on the set alone and on which fields were asked
+        # for, not on who asked or when: computed once per (rule, record type, matter, fields).
+        key = ("allow", id(rule), rt.name, matter.code, frozenset(request.fields))
+        found: Decision | None = self._memo.get(key)
+        if found is None:
+            found = self._remember_allow(request, rule, rt, matter, needed)
+            self._remember(key, found)
+        return found
+
+    def _remember_allow(
         self, request: Request, rule: Rule, rt: RecordType, matter: Matter, needed: Sequence[str]
     ) -> Decision:
         released = rule.release(rt, needed, request.fields)
@@ -379,44 +377,17 @@ class PolicySet:
             department=rt.department,
             fields=released,
             withheld=tuple(f for f in rt.fields if f in basis and f not in released),
-            masks={f: masks[f] for f in released if f in masks},
+            # Read-only: an allow decision is remembered and shared by later requests.
+            masks=MappingProxyType({f: masks[f] for f in released if f in masks}),
             policy_version=self.version,
         )
 
     def matters_for(self, clerk: Clerk) -> list[MatterView]:
         """Matters the clerk has a rule for at their office (hours, consent and case number are
         request-time and ignored), with the fields and masks the first such rule gives."""
-        views = (self._view(matter, clerk) for matter in self.matters.values())
-        return [view for view in views if view is not None]
+        from broker import policy_views  # it builds on the classes above
 
-    def _view(self, matter: Matter, clerk: Clerk) -> MatterView | None:
-        fields: dict[str, tuple[str, ...]] = {}
-        masks: dict[str, tuple[str, ...]] = {}
-        chosen: list[Conditions] = []
-        for rt_name, needed in matter.needs.items():
-            rules = (r for r in self.rules if r.covers(clerk.roles, matter.code, rt_name))
-            rule = next((r for r in rules if r.office_allows(clerk.office)), None)
-            released = () if rule is None else rule.release(self.record_types[rt_name], needed, ())
-            if rule is None or not released:
-                continue
-            chosen.append(rule.conditions)
-            fields[rt_name] = released
-            masked = tuple(f for f in released if f in rule.masks.get(rt_name, {}))
-            if masked:
-                masks[rt_name] = masked
-        if not fields:
-            return None
-        # Methods that satisfy every record type that asks for consent.
-        consenting = [c.consent for c in chosen if c.consent]
-        methods = [m for m in CONSENT_METHODS if all(m in c for c in consenting)]
-        return MatterView(
-            matter=matter,
-            fields=fields,
-            masks=masks,
-            case_number_required=any(c.needs_case_number for c in chosen),
-            consent_methods=tuple(methods) if consenting else (),
-            consent_required=bool(consenting),
-        )
+        return policy_views.matters_for(self, clerk)
 
 
 def load(policy_dir: Path) -> PolicySet:
@@ -448,28 +419,12 @@ def run_tests(policy_dir: Path, tests_dir: Path | None = None) -> TestReport:
     return policy_tests.run_tests(policy_dir, tests_dir)
 
 
+@functools.lru_cache(maxsize=256)
+def _office_matcher(globs: tuple[str, ...]) -> Callable[[str], re.Match[str] | None]:
+    """One compiled regex for "any of these globs matches", as ``fnmatch.fnmatchcase``."""
+    return re.compile("|".join(fnmatch.translate(g) for g in globs)).match
+
+
 def _clip(text: str, limit: int = 64) -> str:
     # Caller-supplied names end up in messages and logs; keep them short.
     return text if len(text) <= limit else text[:limit] + "…"
-
-
-def _hhmm(minutes: int) -> str:
-    return f"{minutes // 60:02d}:{minutes % 60:02d}"
-
-
-def _offset(delta: timedelta) -> str:
-    minutes = int(delta.total_seconds()) // 60
-    sign = "-" if minutes < 0 else "+"
-    return f"{sign}{_hhmm(abs(minutes))}"
-
-
-def _day_ranges(days: Sequence[int]) -> str:
-    """(0, 1, 2, 3, 4, 5) -> "Mon-Sat"; (0, 2, 3) -> "Mon, Wed-Thu"."""
-    runs: list[list[int]] = []
-    for day in sorted(set(days)):
-        if runs and runs[-1][-1] == day - 1:
-            runs[-1].append(day)
-        else:
-            runs.append([day])
-    names = [DAYS[r[0]].title() + ("" if len(r) == 1 else "-" + DAYS[r[-1]].title()) for r in runs]
-    return ", ".join(names)

@@ -6,6 +6,7 @@ never the offending value (it may be garbage or personal data).
 
 from __future__ import annotations
 
+import threading
 import unicodedata
 from collections.abc import Sequence
 
@@ -29,6 +30,13 @@ CONTROL_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
 
 
 def has_control_characters(value: str) -> bool:
+    """Whether ``value`` holds a character of :data:`CONTROL_CATEGORIES`."""
+    # Fast path: str.isprintable() is False for every character in categories C* and Z*
+    # except the ASCII space, so a printable string has none of ours. Only the rare string
+    # that is not printable (a tab, a private-use character...) is checked character by
+    # character.
+    if value.isprintable():
+        return False
     return any(unicodedata.category(c) in CONTROL_CATEGORIES for c in value)
 
 
@@ -56,8 +64,19 @@ def text(name: str, value: str, *, required: bool, limit: int | None = None) -> 
     return value
 
 
+#: Resident IDs already found valid (the same citizens come back all day: a bundle names each
+#: subject several times, and the counter repeats a lookup). Only valid ones are kept: a valid
+#: ID stays valid (its birth date only gets further in the past), while an invalid one may
+#: become valid at midnight. Bounded; emptied when full.
+_VALID_IDS: dict[str, None] = {}
+_VALID_IDS_MAX = 8192
+_valid_lock = threading.Lock()
+
+
 def subject_id(value: str) -> str:
     """A resident ID: length, birth date and ISO 7064 MOD 11-2 check digit."""
+    if value in _VALID_IDS:
+        return value
     text("subject_id", value, required=True)
     problem = resident_id.problem(value)
     if problem is not None:
@@ -66,6 +85,10 @@ def subject_id(value: str) -> str:
             f"subject_id is not a valid resident ID: {problem}",
             argument="subject_id",
         )
+    with _valid_lock:
+        if len(_VALID_IDS) >= _VALID_IDS_MAX:
+            _VALID_IDS.clear()
+        _VALID_IDS[value] = None
     return value
 
 

@@ -228,6 +228,35 @@ def test_concurrent_appends_share_transactions(tmp_path: Path) -> None:
     assert report.entries == 200
 
 
+def test_callers_on_several_event_loops_are_each_answered(tmp_path: Path) -> None:
+    """Loops in three threads append at once (their entries share batches as they come):
+    every caller gets its own receipt, on its own loop, and the chain has no gaps."""
+    path = tmp_path / "audit.db"
+    log = SQLiteAuditLog(path)
+    start = threading.Barrier(3)
+    results: dict[int, list[Receipt]] = {}
+
+    def caller(index: int) -> None:
+        async def main() -> list[Receipt]:
+            start.wait()
+            events = [make_event(case_number=f"L{index}-{i}") for i in range(50)]
+            return list(await asyncio.gather(*(log.append(e) for e in events)))
+
+        results[index] = asyncio.run(main())
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    run(log.aclose())
+    assert sorted(results) == [0, 1, 2]
+    sequences = sorted(r.sequence for receipts in results.values() for r in receipts)
+    assert sequences == list(range(1, 151))
+    assert len({r.entry_id for receipts in results.values() for r in receipts}) == 150
+    assert verify(path).ok
+
+
 def test_batch_size_is_bounded(tmp_path: Path) -> None:
     path = tmp_path / "audit.db"
 

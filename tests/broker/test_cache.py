@@ -239,3 +239,41 @@ def test_token_cache_keys_are_hashes_not_tokens() -> None:
     tokens: TokenCache[str] = TokenCache()
     tokens.put("secret.token.value", "clerk", exp=1e12)
     assert all(isinstance(k, bytes) and len(k) == 32 for k in tokens._cache)
+
+
+def test_a_hit_keeps_an_entry_when_the_cache_is_full() -> None:
+    """Least recently used goes first: an entry read since keeps its place."""
+    cache: RecordCache[str] = RecordCache(max_entries=3, max_bytes=300, sizeof=len)
+    for key in ("a", "b", "c"):
+        cache.put(key, "x", 60)
+    assert cache.get("a") == "x"  # "b" is now the least recently used
+    cache.put("d", "x", 60)
+    assert cache.get("b") is None
+    assert [cache.get(k) for k in ("a", "c", "d")] == ["x", "x", "x"]
+
+
+def test_replacing_an_entry_frees_its_weight() -> None:
+    cache: RecordCache[str] = RecordCache(max_entries=2, max_bytes=200, sizeof=len)
+    for i in range(50):
+        cache.put("same", f"v{i}", 60)
+    cache.put("other", "y", 60)
+    assert (cache.get("same"), cache.get("other")) == ("v49", "y")
+
+
+def test_an_expired_entry_is_dropped_when_read() -> None:
+    clock = Clock()
+    cache: RecordCache[str] = RecordCache(clock=clock)
+    cache.put("k", "v", 10)
+    clock.now += 10
+    assert cache.get("k") is None
+    assert len(cache) == 0
+
+
+def test_token_cache_is_bounded_oldest_first() -> None:
+    clock = Clock()
+    tokens: TokenCache[str] = TokenCache(max_entries=2, clock=clock)
+    for name in ("one", "two", "three"):
+        tokens.put(f"tok-{name}", name, exp=clock.now + 60)
+    assert len(tokens) == 2
+    assert tokens.get("tok-one") is None
+    assert (tokens.get("tok-two"), tokens.get("tok-three")) == ("two", "three")

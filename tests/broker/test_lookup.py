@@ -354,3 +354,41 @@ def test_rich_status_carries_error_info(env: Env) -> None:
     status = rpc_status.from_call(info.value)
     assert status is not None
     assert reason_of(status) == "BAD_SUBJECT_ID"
+
+
+def test_consent_names_follow_the_proto_enum() -> None:
+    from broker.errors import InvalidArgument
+    from broker.lookup import consent_name, consent_value
+    from certbroker.v1 import broker_pb2
+
+    for value in broker_pb2.ConsentMethod.DESCRIPTOR.values:
+        name = consent_name(value.number)
+        if value.number == broker_pb2.CONSENT_METHOD_UNSPECIFIED:
+            assert name == ""
+        else:
+            assert value.name == "CONSENT_METHOD_" + name.upper()
+            assert consent_value(name) == value.number
+    for unknown in (-1, 99):
+        with pytest.raises(InvalidArgument) as exc:
+            consent_name(unknown)  # type: ignore[arg-type]
+        assert exc.value.reason == "UNKNOWN_CONSENT_METHOD"
+
+
+def test_fetched_timestamps_equal_protobufs() -> None:
+    import datetime as dt
+
+    from google.protobuf import timestamp_pb2
+
+    from broker.routing import Fetched
+    from certbroker.v1 import records_pb2
+
+    moments = [
+        dt.datetime(2026, 11, 21, 9, 0, 0, 123456, tzinfo=dt.UTC),
+        dt.datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=dt.UTC),
+        dt.datetime(2026, 5, 1, 8, 0, 0, 1, tzinfo=dt.timezone(dt.timedelta(hours=8))),
+    ]
+    for moment in moments:
+        expected = timestamp_pb2.Timestamp()
+        expected.FromDatetime(moment)
+        fetched = Fetched(records_pb2.Record(), moment)
+        assert fetched.as_of_timestamp == (expected.seconds, expected.nanos)

@@ -114,3 +114,20 @@ def test_a_brokers_counters_follow_its_lookups(env: Env, dataset_dir: Path) -> N
     assert "certbroker_audit_commit_seconds" in text
     for private in (husband, wife, "clerk-001"):  # no subjects, no clerks in any label
         assert private not in text
+
+
+def test_labelled_children_are_looked_up_once() -> None:
+    metrics = Metrics()
+    child = metrics.lookups.labels("marriage", "allow", "civil_affairs", "OK")
+    assert metrics.lookups.labels("marriage", "allow", "civil_affairs", "OK") is child
+    child.inc()
+    metrics.lookups.labels(
+        record_type="marriage", decision="allow", department="civil_affairs", status="OK"
+    ).inc()  # the keyword form reaches the same series
+    labels = {
+        "record_type": "marriage",
+        "decision": "allow",
+        "department": "civil_affairs",
+        "status": "OK",
+    }
+    assert metrics.registry.get_sample_value("certbroker_lookups_total", labels) == 2.0

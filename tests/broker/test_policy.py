@@ -462,3 +462,57 @@ def test_office_globs_are_case_sensitive(tmp_path: Path) -> None:
     assert ps.decide(req(Clerk("c", ("window_clerk",), "gz-liwan-hall-03"))).allowed
     assert not ps.decide(req(Clerk("c", ("window_clerk",), "GZ-HAIZHU-hall-01"))).allowed
     assert not ps.decide(req(Clerk("c", ("window_clerk",), "gz-liwan-hall-10"))).allowed
+
+
+# ---- what a set remembers of itself ----
+
+
+def test_remembered_decisions_equal_fresh_ones(shipped: policy.PolicySet) -> None:
+    """The second decision of a request (memoised) equals the first and equals the decision
+    of a freshly loaded set; asking for the same fields in another order changes nothing."""
+    requests = [
+        req(clerk, record_type, fields=fields, now=now)
+        for clerk in (HALL, HALL_24H, PROPERTY, PENSION, AUDITOR)
+        for record_type in ("household", "marriage", "property", "social_security")
+        for fields in ((), ("name", "gender"), ("gender", "name"))
+        if set(fields) <= set(shipped.record_types[record_type].fields)
+        for now in (MONDAY_10, MONDAY_10.replace(hour=22))
+    ]
+    fresh = policy.load(POLICY_DIR)
+    for request in requests:
+        first = shipped.decide(request)
+        assert shipped.decide(request) == first
+        assert fresh.decide(request) == first
+    assert any(shipped.decide(r).allowed for r in requests)
+    assert any(not shipped.decide(r).allowed for r in requests)
+
+
+def test_the_memo_is_bounded(shipped: policy.PolicySet, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(policy, "_MEMO_MAX", 16)
+    for n in range(100):  # callers choose their roles: each new set of roles is a new key
+        clerk = Clerk(sub="c", roles=("window_clerk", f"role-{n}"), office=HALL_24H.office)
+        assert shipped.decide(req(clerk)).allowed
+    assert len(shipped._memo) <= 16
+
+
+@pytest.mark.parametrize(
+    ("globs", "office"),
+    [
+        (("gz-*-hall-*",), "gz-haizhu-hall-01"),
+        (("gz-*-hall-*",), "gz-haizhu-24h-01"),
+        (("gz-*-hall-*", "gz-*-24h-*"), "gz-haizhu-24h-01"),
+        (("hall-[0-9]",), "hall-7"),
+        (("hall-[!0-9]",), "hall-7"),
+        (("a?c",), "abc"),
+        (("a?c",), "a\nc"),
+        (("exact",), "exactly"),
+        (("*",), ""),
+    ],
+)
+def test_office_globs_match_as_fnmatch(globs: tuple[str, ...], office: str) -> None:
+    import fnmatch
+
+    rule = policy.Rule(
+        id="r", roles=("x",), matters=("m",), conditions=policy.Conditions(offices=globs)
+    )
+    assert rule.office_allows(office) == any(fnmatch.fnmatchcase(office, g) for g in globs)

@@ -63,3 +63,31 @@ def test_duplicate_fields() -> None:
     with pytest.raises(InvalidArgument) as exc:
         validation.field_names(["name", "name"])
     assert reason(exc) == "DUPLICATE_FIELD"
+
+
+def test_the_printable_fast_path_agrees_with_the_categories() -> None:
+    """has_control_characters answers from str.isprintable() first: same answer for every
+    character of the Basic Multilingual Plane and a sample beyond it."""
+    import sys
+    import unicodedata
+
+    for code in [*range(0x10000), *range(0x10000, sys.maxunicode + 1, 97)]:
+        char = chr(code)
+        expected = unicodedata.category(char) in validation.CONTROL_CATEGORIES
+        assert validation.has_control_characters(f"ab{char}cd") == expected, hex(code)
+
+
+def test_only_valid_resident_ids_are_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(validation, "_VALID_IDS", {})
+    monkeypatch.setattr(validation, "_VALID_IDS_MAX", 3)
+    bad = "110105194912310021"  # wrong check digit
+    for _ in range(2):  # a refused ID is checked again every time
+        with pytest.raises(InvalidArgument):
+            validation.subject_id(bad)
+    assert bad not in validation._VALID_IDS
+    born = __import__("datetime").date(1990, 3, 7)
+    valid = [resident_id.make("330825", born, n) for n in range(1, 6)]
+    for value in valid:
+        assert validation.subject_id(value) == value
+        assert validation.subject_id(value) == value  # the remembered answer is the same
+    assert 0 < len(validation._VALID_IDS) <= 3  # bounded: emptied when full

@@ -126,7 +126,7 @@ class ItemPipeline:
     key is the exact set of fields that decision released (:func:`broker.cache.record_key`):
     two requests share an entry only when they were released the same fields, so a narrower
     role never sees a wider role's fields. What is cached is the department's answer cut to
-    those fields, unmasked; every request gets its own masked copy (:func:`minimized`), never
+    those fields, unmasked; every request gets its own masked copy (:func:`release_into`), never
     the cached message. The TTL is the record type's ``cache_ttl_s`` in the policy in force
     (0: never cached, never coalesced).
     """
@@ -270,20 +270,12 @@ def label(name: str, known: Container[str]) -> str:
     return name if name in known else "invalid"
 
 
-def minimized(
-    record: records_pb2.Record, record_type: str, decision: Decision
-) -> records_pb2.Record:
-    """Defence in depth: whatever the department (or the cache) holds, release only what the
-    decision allows. Works on a copy: ``record`` may be a cache entry shared by requests."""
-    out = records_pb2.Record()
-    release_into(out, record, record_type, decision)
-    return out
-
-
 def release_into(
     out: records_pb2.Record, record: records_pb2.Record, record_type: str, decision: Decision
 ) -> None:
-    """:func:`minimized`, written into ``out`` (e.g. the response's own record field)."""
+    """Defence in depth: whatever the department (or the cache) holds, release into ``out``
+    (e.g. the response's own record field) only what the decision allows, masked. ``record``
+    is copied, never changed: it may be a cache entry shared by requests."""
     out.CopyFrom(record)
     inner = getattr(out, record_type)
     record_fields.keep_fields(inner, decision.fields)

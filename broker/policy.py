@@ -317,12 +317,11 @@ class PolicySet:
 
     def _candidates(self, roles: Sequence[str], matter: str, record_type: str) -> Sequence[Rule]:
         """The rules covering (roles, matter, record type), in policy order (memoised)."""
-        key = ("candidates", roles, matter, record_type) if isinstance(roles, tuple) else None
-        found: tuple[Rule, ...] | None = self._memo.get(key) if key else None
+        key = ("candidates", tuple(roles), matter, record_type)
+        found: tuple[Rule, ...] | None = self._memo.get(key)
         if found is None:
             found = tuple(r for r in self.rules if r.covers(roles, matter, record_type))
-            if key:
-                self._remember(key, found)
+            self._remember(key, found)
         return found
 
     def _remember(self, key: Hashable, value: object) -> None:

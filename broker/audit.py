@@ -12,7 +12,7 @@ object with exactly these keys (strings unless stated)::
 
     v                format version, the integer 1
     seq              the entry's sequence number (integer)
-    entry_id         random UUID4 as 32 lowercase hex digits
+    entry_id         UUIDv7 as 32 lowercase hex digits (time-ordered: broker.ids)
     time             UTC, milliseconds, e.g. "2025-03-01T08:30:00.123Z"
     kind             "lookup" or "bundle" (below); other components add their own
     clerk, office    who asked, from which office

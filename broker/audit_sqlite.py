@@ -10,6 +10,7 @@ chain, the Merkle tree and the signed checkpoints, which ``audit verify`` checks
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import sqlite3
 from collections.abc import Mapping, Sequence
@@ -79,10 +80,17 @@ class SQLiteStore:
             path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
         )
         self._head: Head | None = None  # what this store committed last
+        # Writers queue on this lock file before asking SQLite for its write lock. SQLite's own
+        # wait for a busy database polls with sleeps of 1 ms growing to 100 ms, so two worker
+        # processes' writers would mostly sleep; the kernel hands a released flock to the next
+        # waiter at once. SQLite's lock still guards the file against writers that skip this
+        # (an archiver, the CLI), with busy_timeout as their wait.
+        self._lock_fd = os.open(f"{path}-writer.lock", os.O_CREAT | os.O_RDWR, 0o600)
         try:
             self._configure()
         except BaseException:
             self._conn.close()
+            os.close(self._lock_fd)
             raise
 
     def _configure(self) -> None:
@@ -117,23 +125,30 @@ class SQLiteStore:
         rows commit or, on any error, the transaction is rolled back and the error propagates.
         """
         conn = self._conn
-        # IMMEDIATE takes the write lock before we read the tail, so no other writer (thread or
-        # process) can append between our read and our inserts: the chain always continues
-        # from the row that really is last, and the sequence cannot fork.
-        conn.execute("BEGIN IMMEDIATE")
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)  # blocks without the GIL
         try:
-            rows, head = append_rows(conn, bodies, self._head)
-            conn.execute("COMMIT")
-        except BaseException:
-            self._head = None
-            _rollback(conn)
-            raise
+            # IMMEDIATE takes the write lock before we read the tail, so no other writer
+            # (thread or process) can append between our read and our inserts: the chain
+            # always continues from the row that really is last, and the sequence cannot fork.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                rows, head = append_rows(conn, bodies, self._head)
+                conn.execute("COMMIT")
+            except BaseException:
+                self._head = None
+                _rollback(conn)
+                raise
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         self._head = head
         return rows
 
     def close(self) -> None:
         """Close the connection (the last one to close checkpoints the WAL)."""
-        self._conn.close()
+        try:
+            self._conn.close()
+        finally:
+            os.close(self._lock_fd)
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

@@ -29,7 +29,6 @@ import asyncio
 import collections
 import datetime as dt
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +38,7 @@ import grpc
 from broker import errors, validation
 from broker.audit import AuditEvent, AuditLog, Receipt
 from broker.auth import Authenticator, Clerk
+from broker.ids import new_id
 from broker.lookup import (
     ItemPipeline,
     Trace,
@@ -129,7 +129,7 @@ class BundleRunner:
         """Answer one bundle. Raises ``BrokerError`` for a refused call (already audited, with
         ``audit_entry_id`` in its metadata) and ``Unavailable`` when the audit cannot be written.
         """
-        call = _Call(uuid.uuid4().hex, time.perf_counter())
+        call = _Call(new_id(), time.perf_counter())
         try:
             self._plan(request, context, policy, call)
         except Exception as exc:  # audited here, then mapped to a status by the server

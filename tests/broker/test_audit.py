@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -293,6 +294,33 @@ def test_two_writers_on_one_file_keep_one_chain(tmp_path: Path) -> None:
     report = verify(path)
     assert report.ok
     assert report.entries == 200
+
+
+def test_writers_queue_on_the_writer_lock_file(tmp_path: Path) -> None:
+    # Another process's writer holds the lock: our batch waits for it (in the kernel, not in
+    # SQLite's sleeping busy wait), then continues the chain.
+    path = tmp_path / "audit.db"
+
+    async def main() -> tuple[bool, Receipt]:
+        async with SQLiteAuditLog(path) as log:
+            await log.append(make_event(clerk="first"))
+            lock = tmp_path / "audit.db-writer.lock"
+            assert os.stat(lock).st_mode & 0o777 == 0o600
+            fd = os.open(lock, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                pending = asyncio.ensure_future(log.append(make_event(clerk="second")))
+                await asyncio.sleep(0.3)
+                waited = not pending.done()
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+            return waited, await asyncio.wait_for(pending, 30)
+
+    waited, receipt = run(main())
+    assert waited
+    assert receipt.sequence == 2
+    assert verify(path).entries == 2
 
 
 class GatedStore:

@@ -191,9 +191,9 @@ def insert_many(
 ) -> None:
     """Insert ``rows`` (tuples in ``columns`` order) into ``table``: trusted names only.
 
-    SQLite: one prepared INSERT run per row. PostgreSQL: ONE statement over column arrays
-    (``INSERT ... SELECT * FROM unnest(...)``; ``pg_types`` are the array element types),
-    because per-statement overhead, not bytes, dominates an audit batch there.
+    PostgreSQL: ONE statement over column arrays (``INSERT ... SELECT * FROM unnest(...)``;
+    ``pg_types`` are the array element types), because per-statement overhead, not bytes,
+    dominates an audit batch there. SQLite: :func:`sqlite_insert`.
     """
     if not rows:
         return
@@ -205,8 +205,25 @@ def insert_many(
         sql = f"INSERT INTO {table} ({names}) SELECT * FROM unnest({casts})"  # noqa: S608
         conn.raw.execute(sql, arrays)
         return
-    marks = ", ".join("?" for _ in columns)
-    conn.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks})", rows)  # noqa: S608
+    sqlite_insert(conn, f"INSERT INTO {table} ({names})", len(columns), rows)
+
+
+#: Rows per multi-row SQLite INSERT: bounds the distinct statements (and host parameters).
+SQLITE_CHUNK = 64
+
+
+def sqlite_insert(conn: Connection, head: str, width: int, rows: Sequence[Sequence[Any]]) -> None:
+    """Run ``head`` (``INSERT [OR ...] INTO t (cols)``) over ``rows`` as multi-row VALUES.
+
+    One statement per :data:`SQLITE_CHUNK` rows rather than ``executemany``'s one step per row:
+    the module releases and re-takes the GIL around every step, and on the audit writer thread
+    each re-take waits for the busy event loop thread, all while holding the write lock.
+    """
+    group = "(" + ", ".join("?" * width) + ")"
+    for start in range(0, len(rows), SQLITE_CHUNK):
+        chunk = rows[start : start + SQLITE_CHUNK]
+        values = ", ".join([group] * len(chunk))
+        conn.execute(f"{head} VALUES {values}", [v for row in chunk for v in row])
 
 
 def snapshot(conn: Connection) -> None:

@@ -13,7 +13,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from broker.audit_store import Head, StoredRow, append_rows
@@ -77,7 +77,12 @@ class SQLiteStore:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves; the module's implicit
         # transactions would start with a deferred BEGIN, which is wrong for a chain.
         self._conn = sqlite3.connect(
-            path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            path,
+            timeout=busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+            # Multi-row INSERTs (audit_db.sqlite_insert): one statement per chunk size.
+            cached_statements=256,
         )
         self._head: Head | None = None  # what this store committed last
         # Writers queue on this lock file before asking SQLite for its write lock. SQLite's own
@@ -86,6 +91,7 @@ class SQLiteStore:
         # waiter at once. SQLite's lock still guards the file against writers that skip this
         # (an archiver, the CLI), with busy_timeout as their wait.
         self._lock_fd = os.open(f"{path}-writer.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        self._lock_depth = 0
         try:
             self._configure()
         except BaseException:
@@ -125,8 +131,7 @@ class SQLiteStore:
         rows commit or, on any error, the transaction is rolled back and the error propagates.
         """
         conn = self._conn
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)  # blocks without the GIL
-        try:
+        with self.exclusive():
             # IMMEDIATE takes the write lock before we read the tail, so no other writer
             # (thread or process) can append between our read and our inserts: the chain
             # always continues from the row that really is last, and the sequence cannot fork.
@@ -138,10 +143,23 @@ class SQLiteStore:
                 self._head = None
                 _rollback(conn)
                 raise
-        finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         self._head = head
         return rows
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the writer lock file (re-entrant): other processes' writers queue behind it.
+
+        The group-commit writer holds it around collecting and writing a batch."""
+        if self._lock_depth == 0:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)  # blocks without the GIL
+        self._lock_depth += 1
+        try:
+            yield
+        finally:
+            self._lock_depth -= 1
+            if self._lock_depth == 0:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         """Close the connection (the last one to close checkpoints the WAL)."""

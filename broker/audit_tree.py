@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from broker.audit_db import Connection, insert_many, is_postgres
+from broker.audit_db import Connection, insert_many, is_postgres, sqlite_insert
 from broker.merkle import HASH_SIZE, CompactRange, leaf_hash, perfect_subtree_hasher
 
 TREE_SCHEMA = (
@@ -41,7 +41,7 @@ TREE_SCHEMA = (
     ) WITHOUT ROWID""",
 )
 """The SQLite tables; :mod:`broker.audit_pg` has the PostgreSQL ones."""
-_INSERT_NODE_SQLITE = "INSERT OR REPLACE INTO merkle_nodes (level, idx, hash) VALUES (?, ?, ?)"
+_INSERT_NODE_SQLITE = "INSERT OR REPLACE INTO merkle_nodes (level, idx, hash)"
 
 
 def body_leaf(body: str) -> bytes:
@@ -81,7 +81,7 @@ class TreeWriter:
             )
             self._nodes.clear()
             return
-        self._conn.executemany(_INSERT_NODE_SQLITE, self._nodes)
+        sqlite_insert(self._conn, _INSERT_NODE_SQLITE, 3, self._nodes)
         self._nodes.clear()
         self._conn.execute(
             "INSERT OR REPLACE INTO merkle_state (id, size, frontier) VALUES (1, ?, ?)",

@@ -91,6 +91,11 @@ class GroupCommitWriter:
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
         self._on_commit = on_commit
+        # A store shared with other processes (SQLite) offers its cross-process write lock;
+        # holding it while the batch is collected lets the batch grow during the wait.
+        self._exclusive: Callable[[], contextlib.AbstractContextManager[object]] = getattr(
+            store, "exclusive", contextlib.nullcontext
+        )
         # None is the stop marker. The lock makes "check closed, then enqueue" atomic with
         # "mark closed, then enqueue stop", so nothing is ever queued behind the stop marker.
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
@@ -138,20 +143,13 @@ class GroupCommitWriter:
                 # this one: that is the group commit, and it needs no timer. max_wait_s > 0
                 # additionally holds the batch open that long after its first entry (measured
                 # slower on SQLite here, hence off by default; it may suit a remote store).
-                deadline = time.monotonic() + self._max_wait_s
-                while len(batch) < self._max_batch:
-                    try:
-                        wait = deadline - time.monotonic()
-                        item = (
-                            self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
-                        )
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        stop = True
-                        break
-                    batch.append(item)
-                self._write(batch)
+                stop = self._collect(batch, time.monotonic() + self._max_wait_s)
+                with self._exclusive():
+                    # Waiting for another process's writer is more time for entries to queue
+                    # up here: they join this batch instead of waiting for the next turn.
+                    if not stop:
+                        stop = self._collect(batch, 0.0)
+                    self._write(batch)
         finally:
             with self._lock:
                 self._closed = True
@@ -160,6 +158,20 @@ class GroupCommitWriter:
                 self._store.close()
             except Exception:
                 log.exception("closing the audit store failed")
+
+    def _collect(self, batch: list[_Pending], deadline: float) -> bool:
+        """Add queued callers to ``batch`` (up to max_batch), waiting until ``deadline`` for
+        more; True if the stop marker was reached."""
+        while len(batch) < self._max_batch:
+            try:
+                wait = deadline - time.monotonic()
+                item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if item is None:
+                return True
+            batch.append(item)
+        return False
 
     def _write(self, batch: list[_Pending]) -> None:
         bodies = [body for p in batch for body in p.bodies]

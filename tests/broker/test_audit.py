@@ -31,6 +31,7 @@ from broker.audit import (
     query,
     verify,
 )
+from broker.audit_db import SQLITE_CHUNK
 from broker.audit_sqlite import SQLiteStore
 from broker.audit_store import StoredRow
 from broker.errors import Unavailable, to_status
@@ -297,30 +298,33 @@ def test_two_writers_on_one_file_keep_one_chain(tmp_path: Path) -> None:
 
 
 def test_writers_queue_on_the_writer_lock_file(tmp_path: Path) -> None:
-    # Another process's writer holds the lock: our batch waits for it (in the kernel, not in
-    # SQLite's sleeping busy wait), then continues the chain.
+    # Another process's writer holds the lock: our entries wait for it (in the kernel, not in
+    # SQLite's sleeping busy wait), and all that queued meanwhile go in ONE transaction.
     path = tmp_path / "audit.db"
 
-    async def main() -> tuple[bool, Receipt]:
+    async def main() -> tuple[bool, list[Receipt], int]:
         async with SQLiteAuditLog(path) as log:
             await log.append(make_event(clerk="first"))
             lock = tmp_path / "audit.db-writer.lock"
             assert os.stat(lock).st_mode & 0o777 == 0o600
+            commits = log.commits
             fd = os.open(lock, os.O_RDWR)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                pending = asyncio.ensure_future(log.append(make_event(clerk="second")))
+                pending = asyncio.gather(*(log.append(make_event()) for _ in range(20)))
                 await asyncio.sleep(0.3)
                 waited = not pending.done()
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 os.close(fd)
-            return waited, await asyncio.wait_for(pending, 30)
+            receipts = await asyncio.wait_for(pending, 30)
+            return waited, receipts, log.commits - commits
 
-    waited, receipt = run(main())
+    waited, receipts, commits = run(main())
     assert waited
-    assert receipt.sequence == 2
-    assert verify(path).entries == 2
+    assert sorted(r.sequence for r in receipts) == list(range(2, 22))
+    assert commits == 1
+    assert verify(path).entries == 21
 
 
 class GatedStore:
@@ -402,6 +406,23 @@ def test_a_store_batch_is_one_transaction(tmp_path: Path) -> None:
         assert [r.seq for r in written] == [1, 2]
     finally:
         store.close()
+
+
+def test_batches_larger_than_one_insert_statement_are_stored_whole(tmp_path: Path) -> None:
+    # Rows go in as multi-row INSERTs of audit_db.SQLITE_CHUNK rows: full chunks and a rest.
+    path = tmp_path / "audit.db"
+    sizes = [1, SQLITE_CHUNK, SQLITE_CHUNK + 1, 2 * SQLITE_CHUNK + 7]
+
+    async def main() -> list[list[Receipt]]:
+        async with SQLiteAuditLog(path) as log:
+            return [await log.append_many([make_event()] * n) for n in sizes]
+
+    batches = run(main())
+    assert [len(b) for b in batches] == sizes
+    assert [r.sequence for b in batches for r in b] == list(range(1, sum(sizes) + 1))
+    report = verify(path)
+    assert report.ok
+    assert report.entries == sum(sizes)
 
 
 def test_write_failure_raises_unavailable_and_leaves_no_partial_entry(tmp_path: Path) -> None:

@@ -9,10 +9,13 @@ chain, the Merkle tree and the signed checkpoints, which ``audit verify`` checks
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fcntl
 import os
+import queue
 import sqlite3
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -85,13 +88,16 @@ class SQLiteStore:
             cached_statements=256,
         )
         self._head: Head | None = None  # what this store committed last
-        # Writers queue on this lock file before asking SQLite for its write lock. SQLite's own
-        # wait for a busy database polls with sleeps of 1 ms growing to 100 ms, so two worker
-        # processes' writers would mostly sleep; the kernel hands a released flock to the next
-        # waiter at once. SQLite's lock still guards the file against writers that skip this
-        # (an archiver, the CLI), with busy_timeout as their wait.
+        # Writers take this lock file before asking SQLite for its write lock. SQLite's own
+        # wait for a busy database sleeps 1 ms growing to 100 ms between tries, so two worker
+        # processes' writers would mostly sleep (see _take_lock). It is released when its
+        # holder exits, even by SIGKILL. SQLite's lock still guards the file
+        # against writers that skip this (an archiver, the CLI), with busy_timeout as their wait.
         self._lock_fd = os.open(f"{path}-writer.lock", os.O_CREAT | os.O_RDWR, 0o600)
         self._lock_depth = 0
+        self._busy_timeout = busy_timeout
+        self._lock_requests: queue.SimpleQueue[concurrent.futures.Future[None]] | None = None
+        self._pending_lock: concurrent.futures.Future[None] | None = None
         try:
             self._configure()
         except BaseException:
@@ -152,7 +158,7 @@ class SQLiteStore:
 
         The group-commit writer holds it around collecting and writing a batch."""
         if self._lock_depth == 0:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)  # blocks without the GIL
+            self._take_lock()
         self._lock_depth += 1
         try:
             yield
@@ -161,12 +167,56 @@ class SQLiteStore:
             if self._lock_depth == 0:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
+    def _take_lock(self) -> None:
+        # Contended, we wait in the kernel, which hands a released lock on at once (polling
+        # would wake this thread, and take the GIL, hundreds of times a second). A blocking
+        # flock has no timeout, so it runs on a helper thread and we wait for it at most
+        # busy_timeout: a stuck writer elsewhere ends in "database is locked"
+        # (AUDIT_UNAVAILABLE), not a hang. A wait that timed out stays pending and the next
+        # batch waits on it (flock belongs to the open file, so the helper's lock is ours).
+        pending = self._pending_lock
+        if pending is None:
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            if self._lock_requests is None:
+                self._lock_requests = queue.SimpleQueue()
+                threading.Thread(
+                    target=_lock_waiter,
+                    args=(self._lock_fd, self._lock_requests),
+                    name="certbroker-audit-lock",
+                    daemon=True,  # may be blocked for good by a stuck writer elsewhere
+                ).start()
+            pending = self._pending_lock = concurrent.futures.Future()
+            self._lock_requests.put(pending)
+        try:
+            pending.result(timeout=self._busy_timeout)
+        except concurrent.futures.TimeoutError:
+            raise sqlite3.OperationalError("database is locked") from None
+        finally:
+            if pending.done():
+                self._pending_lock = None
+
     def close(self) -> None:
         """Close the connection (the last one to close checkpoints the WAL)."""
         try:
             self._conn.close()
         finally:
             os.close(self._lock_fd)
+
+
+def _lock_waiter(fd: int, requests: queue.SimpleQueue[concurrent.futures.Future[None]]) -> None:
+    """Take the flock on ``fd`` for each request, blocking; the requester waits with a timeout."""
+    while True:
+        request = requests.get()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # the store was closed meanwhile
+            request.set_exception(exc)
+            return
+        request.set_result(None)
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

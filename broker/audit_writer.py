@@ -144,12 +144,16 @@ class GroupCommitWriter:
                 # additionally holds the batch open that long after its first entry (measured
                 # slower on SQLite here, hence off by default; it may suit a remote store).
                 stop = self._collect(batch, time.monotonic() + self._max_wait_s)
-                with self._exclusive():
-                    # Waiting for another process's writer is more time for entries to queue
-                    # up here: they join this batch instead of waiting for the next turn.
-                    if not stop:
-                        stop = self._collect(batch, 0.0)
-                    self._write(batch)
+                try:
+                    with self._exclusive():
+                        # Waiting for another process's writer is more time for entries to
+                        # queue up here: they join this batch instead of waiting for the next.
+                        if not stop:
+                            stop = self._collect(batch, 0.0)
+                        self._write(batch)
+                except Exception as exc:  # the store's lock timed out: nothing was written
+                    log.error("audit write lock of %d callers failed", len(batch), exc_info=exc)
+                    _settle([(p, _unavailable("audit log unavailable", exc)) for p in batch])
         finally:
             with self._lock:
                 self._closed = True

@@ -327,6 +327,33 @@ def test_writers_queue_on_the_writer_lock_file(tmp_path: Path) -> None:
     assert verify(path).entries == 21
 
 
+def test_a_writer_lock_held_too_long_elsewhere_fails_closed(tmp_path: Path) -> None:
+    # A stuck writer in another process: after busy_timeout the append is refused, not hung,
+    # and the log takes entries again once the lock is free.
+    path = tmp_path / "audit.db"
+
+    async def main() -> tuple[BaseException | None, Receipt]:
+        async with SQLiteAuditLog(path, busy_timeout=0.2) as log:
+            fd = os.open(tmp_path / "audit.db-writer.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                refused: BaseException | None = None
+                try:
+                    await asyncio.wait_for(log.append(make_event(clerk="stuck")), 30)
+                except Unavailable as exc:
+                    refused = exc
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+            return refused, await log.append(make_event(clerk="after"))
+
+    refused, receipt = run(main())
+    assert isinstance(refused, Unavailable)
+    assert refused.reason == "AUDIT_UNAVAILABLE"
+    assert receipt.sequence == 1
+    assert [json.loads(r[1])["clerk"] for r in rows(path)] == ["after"]
+
+
 class GatedStore:
     """A BatchStore wrapper that holds the first batch until the test opens the gate."""
 

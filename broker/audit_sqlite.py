@@ -91,8 +91,8 @@ class SQLiteStore:
         # Writers take this lock file before asking SQLite for its write lock. SQLite's own
         # wait for a busy database sleeps 1 ms growing to 100 ms between tries, so two worker
         # processes' writers would mostly sleep (see _take_lock). It is released when its
-        # holder exits, even by SIGKILL. SQLite's lock still guards the file
-        # against writers that skip this (an archiver, the CLI), with busy_timeout as their wait.
+        # holder exits, even by SIGKILL. SQLite's lock still guards the file against writers
+        # that skip this (an archiver, the CLI), with busy_timeout as their wait.
         self._lock_fd = os.open(f"{path}-writer.lock", os.O_CREAT | os.O_RDWR, 0o600)
         self._lock_depth = 0
         self._busy_timeout = busy_timeout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -11,7 +12,7 @@ import os
 import sqlite3
 import threading
 import unicodedata
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import closing
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -297,6 +298,18 @@ def test_two_writers_on_one_file_keep_one_chain(tmp_path: Path) -> None:
     assert report.entries == 200
 
 
+@contextlib.contextmanager
+def writer_lock_held(log_path: Path) -> Iterator[None]:
+    """Hold ``log_path``'s writer lock file as another process's writer would."""
+    fd = os.open(f"{log_path}-writer.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 def test_writers_queue_on_the_writer_lock_file(tmp_path: Path) -> None:
     # Another process's writer holds the lock: our entries wait for it (in the kernel, not in
     # SQLite's sleeping busy wait), and all that queued meanwhile go in ONE transaction.
@@ -308,15 +321,10 @@ def test_writers_queue_on_the_writer_lock_file(tmp_path: Path) -> None:
             lock = tmp_path / "audit.db-writer.lock"
             assert os.stat(lock).st_mode & 0o777 == 0o600
             commits = log.commits
-            fd = os.open(lock, os.O_RDWR)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+            with writer_lock_held(path):
                 pending = asyncio.gather(*(log.append(make_event()) for _ in range(20)))
                 await asyncio.sleep(0.3)
                 waited = not pending.done()
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
             receipts = await asyncio.wait_for(pending, 30)
             return waited, receipts, log.commits - commits
 
@@ -334,17 +342,12 @@ def test_a_writer_lock_held_too_long_elsewhere_fails_closed(tmp_path: Path) -> N
 
     async def main() -> tuple[BaseException | None, Receipt]:
         async with SQLiteAuditLog(path, busy_timeout=0.2) as log:
-            fd = os.open(tmp_path / "audit.db-writer.lock", os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                refused: BaseException | None = None
+            refused: BaseException | None = None
+            with writer_lock_held(path):
                 try:
                     await asyncio.wait_for(log.append(make_event(clerk="stuck")), 30)
                 except Unavailable as exc:
                     refused = exc
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
             return refused, await log.append(make_event(clerk="after"))
 
     refused, receipt = run(main())

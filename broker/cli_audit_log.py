@@ -46,12 +46,19 @@ def add_location_options(parser: argparse.ArgumentParser) -> None:
         "--dsn", help="PostgreSQL audit store: libpq DSN or URL (default [audit] dsn / env)"
     )
     parser.add_argument("--schema", help="PostgreSQL schema (default [audit] schema)")
-    parser.add_argument("--config", type=Path, help="broker configuration file ([audit])")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="broker configuration file ([audit]); --state-dir, if given, overrides its state_dir",
+    )
+    # "Not given" must be told apart from the default, so that --state-dir beats the file's
+    # (and CERTBROKER_STATE_DIR's) state_dir only when it is really on the command line.
+    parser.set_defaults(state_dir=None)
 
 
 def target(args: argparse.Namespace) -> Target:
     """Resolve the location options (ConfigError / ValueError if they are invalid)."""
-    overrides = {} if args.config else {"state_dir": args.state_dir}
+    overrides = {} if args.state_dir is None else {"state_dir": args.state_dir}
     cfg = config.load(args.config, **overrides)
     location: AuditLocation = cfg.audit_location
     if args.db is not None and args.dsn:
@@ -65,6 +72,11 @@ def target(args: argparse.Namespace) -> Target:
     return Target(
         location, cfg.state_dir, cfg.checkpoint_key, cfg.archive_directory, cfg.archive_after_days
     )
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    """``--state-dir`` as given, else the configured one (file, environment, default)."""
+    return args.state_dir if args.state_dir is not None else config.load(args.config).state_dir
 
 
 def existing_location(args: argparse.Namespace) -> AuditLocation | None:
@@ -128,7 +140,7 @@ def _public_key(args: argparse.Namespace, found: Target | None) -> Ed25519Public
     if found is not None and found.checkpoint_key is not None:
         default = found.checkpoint_key.with_suffix(".pub.pem")
     else:
-        state_dir = found.state_dir if found is not None else args.state_dir
+        state_dir = found.state_dir if found is not None else _state_dir(args)
         default = state_dir / "checkpoint-key" / "public-key.pem"
     return checkpoint.load_public_key(default) if default.exists() else None
 

@@ -167,6 +167,12 @@ class Broker:
         self.auth.reload_keys()
         self.policies.reload_soon()
 
+    async def reload_now(self) -> None:
+        """:meth:`reload`, finished before it returns (a worker catching up on a SIGHUP that
+        came while it started)."""
+        self.auth.reload_keys()
+        await self.policies.reload()
+
     async def stop(self, grace: float | None = 1.0) -> None:
         if self._checkpoints is not None:
             self._checkpoints.cancel()

@@ -63,14 +63,23 @@ def worker_main(spec: WorkerSpec, parent: Connection) -> None:
     """Entry point of a worker process (runs in a fresh interpreter)."""
     # Ctrl-C reaches the whole process group: the parent decides when workers stop (SIGTERM).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # SIGHUP's default action is to exit; ignore it until the reload handler is in place.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # SIGHUP's default action is to exit. Until the reload handler is in place, one is only
+    # remembered: the policy files may have changed after this worker read them.
+    signal.signal(signal.SIGHUP, _remember_hup)
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(asctime)s %(levelname)s [worker {spec.index} pid %(process)d] "
         "%(name)s: %(message)s",
     )
     sys.exit(asyncio.run(_serve_worker(spec, parent)))
+
+
+_hup_during_start = False
+
+
+def _remember_hup(_signum: int, _frame: object) -> None:
+    global _hup_during_start  # noqa: PLW0603 - a signal handler has nowhere else to write
+    _hup_during_start = True
 
 
 async def _serve_worker(spec: WorkerSpec, parent: Connection) -> int:
@@ -87,6 +96,8 @@ async def _serve_worker(spec: WorkerSpec, parent: Connection) -> int:
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGHUP, broker.reload)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    if _hup_during_start:  # a reload asked for while starting: done before serving is reported
+        await broker.reload_now()
 
     def parent_gone() -> None:
         # The parent never writes to this pipe: readable means it closed (the parent is gone).

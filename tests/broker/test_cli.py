@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from adapters import synthetic
-from broker import config
+from broker import cli, cli_audit_log, config
 
 CLI = [sys.executable, "-m", "broker.cli"]
 CASE = "GZ20261121-000777"
@@ -220,3 +221,34 @@ def test_demo_runs_a_whole_counter_session(tmp_path: Path, dataset_dir: Path) ->
     assert "certbroker audit verify: ok" in out.stdout
     assert "TAMPERED" in out.stdout  # the tampered copy is caught
     assert "UNEXPECTED" not in out.stdout
+
+
+def _audit_target(*argv: str) -> cli_audit_log.Target:
+    return cli_audit_log.target(cli.parser().parse_args(["audit", *argv]))
+
+
+def test_audit_state_dir_flag_beats_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CERTBROKER_STATE_DIR", raising=False)
+    configured, flagged = tmp_path / "configured", tmp_path / "flagged"
+    toml = tmp_path / "broker.toml"
+    toml.write_text(f"[server]\nstate_dir = {json.dumps(str(configured))}\n", encoding="utf-8")
+    from_file = _audit_target("verify", "--config", str(toml))
+    assert from_file.state_dir == configured
+    assert from_file.location == configured / "audit.sqlite"
+    for command in ("verify", "export", "checkpoint", "archive", "query"):
+        extra = ["--out", str(tmp_path / "x.jsonl")] if command == "export" else []
+        given = _audit_target(command, "--config", str(toml), "--state-dir", str(flagged), *extra)
+        assert given.state_dir == flagged, command
+        assert given.location == flagged / "audit.sqlite", command
+
+
+def test_audit_state_dir_from_the_environment_when_no_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CERTBROKER_STATE_DIR", str(tmp_path / "env"))
+    assert _audit_target("verify").state_dir == tmp_path / "env"
+    assert _audit_target("verify", "--state-dir", str(tmp_path)).state_dir == tmp_path
+    monkeypatch.delenv("CERTBROKER_STATE_DIR")
+    assert _audit_target("verify").state_dir == cli.DEFAULT_STATE

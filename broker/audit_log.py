@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Self, TypedDict, Unpack
 
 from broker.audit_db import AuditLocation, PostgresLocation, as_location
 from broker.audit_sqlite import SQLiteStore
@@ -41,6 +41,35 @@ def _fields(event: AuditEvent) -> dict[str, object]:
 _event_fields: Callable[[AuditEvent], dict[str, object]] | None = None
 
 
+class WriterOptions(TypedDict, total=False):
+    """How an audit log writes; every key optional (defaults in :func:`_writer`).
+
+    ``max_batch``: entries per transaction at most (256). ``max_wait_s``: how long a batch is
+    held open for company after its first entry (0). ``clock``: epoch seconds for entry times
+    (``time.time``). ``busy_timeout``: seconds a batch waits for another writer's lock (10).
+    ``on_commit(entries, seconds)``: called after each committed batch (None).
+    """
+
+    max_batch: int
+    max_wait_s: float
+    clock: Callable[[], float]
+    busy_timeout: float
+    on_commit: CommitHook | None
+
+
+def _writer(store: BatchStore, options: WriterOptions) -> GroupCommitWriter:
+    return GroupCommitWriter(
+        store,
+        max_batch=options.get("max_batch", 256),
+        max_wait_s=options.get("max_wait_s", 0.0),
+        on_commit=options.get("on_commit"),
+    )
+
+
+def _busy_timeout(options: WriterOptions) -> float:
+    return options.get("busy_timeout", 10.0)
+
+
 @dataclass(frozen=True)
 class Receipt:
     """Proof the entry is durably stored: its id, chain hash and sequence number."""
@@ -57,19 +86,9 @@ class BatchingAuditLog:
     ``on_commit(entries, seconds)`` is called after each one (its errors never reach callers).
     """
 
-    def __init__(
-        self,
-        store: BatchStore,
-        *,
-        max_batch: int = 256,
-        max_wait_s: float = 0.0,
-        clock: Callable[[], float] = time.time,
-        on_commit: CommitHook | None = None,
-    ) -> None:
-        self._writer = GroupCommitWriter(
-            store, max_batch=max_batch, max_wait_s=max_wait_s, on_commit=on_commit
-        )
-        self._clock = clock
+    def __init__(self, store: BatchStore, **options: Unpack[WriterOptions]) -> None:
+        self._writer = _writer(store, options)
+        self._clock = options.get("clock", time.time)
 
     @property
     def commits(self) -> int:
@@ -142,19 +161,10 @@ class SQLiteAuditLog(BatchingAuditLog):
     ``busy_timeout`` is how long a batch waits for another process's write lock.
     """
 
-    def __init__(
-        self,
-        path: Path,
-        *,
-        max_batch: int = 256,
-        max_wait_s: float = 0.0,
-        clock: Callable[[], float] = time.time,
-        busy_timeout: float = 10.0,
-        on_commit: CommitHook | None = None,
-    ) -> None:
+    def __init__(self, path: Path, **options: Unpack[WriterOptions]) -> None:
         self.path = Path(path)
         try:
-            store = SQLiteStore(self.path, busy_timeout=busy_timeout)
+            store = SQLiteStore(self.path, busy_timeout=_busy_timeout(options))
         except (OSError, sqlite3.Error) as exc:
             raise Unavailable(AUDIT_UNAVAILABLE, "cannot open the audit log") from exc
         try:
@@ -165,9 +175,7 @@ class SQLiteAuditLog(BatchingAuditLog):
         except BaseException:
             store.close()
             raise
-        super().__init__(
-            store, max_batch=max_batch, max_wait_s=max_wait_s, clock=clock, on_commit=on_commit
-        )
+        super().__init__(store, **options)
 
 
 class PostgresAuditLog(BatchingAuditLog):
@@ -178,21 +186,12 @@ class PostgresAuditLog(BatchingAuditLog):
     batch waits for another broker's lock.
     """
 
-    def __init__(
-        self,
-        location: PostgresLocation,
-        *,
-        max_batch: int = 256,
-        max_wait_s: float = 0.0,
-        clock: Callable[[], float] = time.time,
-        busy_timeout: float = 10.0,
-        on_commit: CommitHook | None = None,
-    ) -> None:
+    def __init__(self, location: PostgresLocation, **options: Unpack[WriterOptions]) -> None:
         from broker.audit_pg import PostgresStore
 
         self.location = location
         try:
-            store = PostgresStore(location, lock_timeout=busy_timeout)
+            store = PostgresStore(location, lock_timeout=_busy_timeout(options))
         except BrokerError:
             raise
         except Exception as exc:  # psycopg errors: say which store, never the DSN
@@ -204,30 +203,13 @@ class PostgresAuditLog(BatchingAuditLog):
         except BaseException:
             store.close()
             raise
-        super().__init__(
-            store, max_batch=max_batch, max_wait_s=max_wait_s, clock=clock, on_commit=on_commit
-        )
+        super().__init__(store, **options)
 
 
-def open_audit_log(
-    db: AuditLocation | str,
-    *,
-    max_batch: int = 256,
-    max_wait_s: float = 0.0,
-    clock: Callable[[], float] = time.time,
-    busy_timeout: float = 10.0,
-    on_commit: CommitHook | None = None,
-) -> BatchingAuditLog:
+def open_audit_log(db: AuditLocation | str, **options: Unpack[WriterOptions]) -> BatchingAuditLog:
     """The audit log at ``db``: :class:`SQLiteAuditLog` for a path, :class:`PostgresAuditLog`
     for a :class:`~broker.audit_db.PostgresLocation` (``Config.audit_location``)."""
     location = as_location(db)
-    kwargs: dict[str, Any] = {
-        "max_batch": max_batch,
-        "max_wait_s": max_wait_s,
-        "clock": clock,
-        "busy_timeout": busy_timeout,
-        "on_commit": on_commit,
-    }
     if isinstance(location, PostgresLocation):
-        return PostgresAuditLog(location, **kwargs)
-    return SQLiteAuditLog(location, **kwargs)
+        return PostgresAuditLog(location, **options)
+    return SQLiteAuditLog(location, **options)

@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 from google.protobuf.descriptor import FieldDescriptor
 
 from broker.policy import Department, Matter, PolicyError, PolicySet, RecordType, Role, Rule
-from broker.policy_schema import Located, Reader, RecordTypeSpec, RuleSpec, Sections, read_file
+from broker.policy_schema import RecordTypeSpec, RuleSpec, Sections, read_file
+from broker.policy_yaml import Located, Reader
 from certbroker import fields as contract
 
 T = TypeVar("T")

@@ -37,7 +37,7 @@ from broker.auth import Clerk
 from broker.errors import InvalidArgument
 from broker.policy import Decision, PolicySet, Request
 from broker.policy_load import load
-from broker.policy_schema import Reader
+from broker.policy_yaml import Reader
 
 
 @dataclass

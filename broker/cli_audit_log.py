@@ -147,12 +147,17 @@ def _public_key(args: argparse.Namespace, found: Target | None) -> Ed25519Public
 
 def integrity_verify(args: argparse.Namespace) -> int:
     """Verify an export (offline), the live database, or the live database and its archives."""
-    if args.export is not None:
-        try:
-            key = _public_key(args, None)
-        except (OSError, ValueError) as exc:
-            print(f"error: --public-key: {exc}", file=sys.stderr)
+    found = None
+    if args.export is None:  # the live log (an export is verified offline, on its own)
+        found = _existing(args)
+        if found is None:
             return 2
+    try:
+        key = _public_key(args, found)
+    except (OSError, ValueError) as exc:
+        print(f"error: --public-key: {exc}", file=sys.stderr)
+        return 2
+    if args.export is not None:
         if key is None:
             print("error: --export needs --public-key", file=sys.stderr)
             return 2
@@ -160,14 +165,7 @@ def integrity_verify(args: argparse.Namespace) -> int:
             print(f"error: no export at {args.export}", file=sys.stderr)
             return 2
         return _print(verify_export(args.export, key), f"export {args.export}", args.json)
-    found = _existing(args)
-    if found is None:
-        return 2
-    try:
-        key = _public_key(args, found)
-    except (OSError, ValueError) as exc:
-        print(f"error: --public-key: {exc}", file=sys.stderr)
-        return 2
+    assert found is not None
     what = audit_db.describe(found.location)
     try:
         if args.with_archives is not None:

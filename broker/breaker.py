@@ -76,8 +76,7 @@ class CircuitBreaker:
         reset_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if failures < 1 or not reset_s > 0:
-            raise ValueError("need failures >= 1 and reset_s > 0")
+        _check_settings(failures, reset_s)
         self.department = department
         self._threshold = failures
         self._reset_s = reset_s
@@ -158,8 +157,7 @@ class BreakerBoard:
         reset_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if failures < 1 or not reset_s > 0:
-            raise ValueError("need failures >= 1 and reset_s > 0")
+        _check_settings(failures, reset_s)
         self._settings = (failures, reset_s)
         self._clock = clock
         self._lock = threading.Lock()
@@ -187,3 +185,10 @@ class BreakerBoard:
         with self._lock:
             breakers = dict(self._breakers)
         return {name: b.state for name, b in breakers.items()}
+
+
+def _check_settings(failures: int, reset_s: float) -> None:
+    # The board checks too, when it is built, so bad settings fail at start-up rather than
+    # at the first call to a department.
+    if failures < 1 or not reset_s > 0:
+        raise ValueError("need failures >= 1 and reset_s > 0")

@@ -4,7 +4,8 @@ A policy set (the YAML files under ``policies/``, read by :func:`load`) says whi
 exist and which department serves each, which fields each matter (事项) needs, and which roles
 may handle which matters under which conditions. The file format is described in
 :mod:`broker.policy_schema`, set-level validation and loading in :mod:`broker.policy_load`,
-and the policy-test runner in :mod:`broker.policy_tests`.
+one rule and its conditions in :mod:`broker.policy_rule`, and the policy-test runner in
+:mod:`broker.policy_tests`.
 
 :meth:`PolicySet.decide` is a pure function of the policy set and the request (``now``
 included), so a decision can be replayed and tested. Its semantics, in order:
@@ -22,12 +23,8 @@ included), so a decision can be replayed and tested. Its semantics, in order:
 
 from __future__ import annotations
 
-import fnmatch
-import functools
-import re
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -36,6 +33,14 @@ from broker.auth import Clerk
 from broker.errors import InvalidArgument
 from broker.policy_hours import DAYS as DAYS  # noqa: PLC0414 - re-exported
 from broker.policy_hours import Hours as Hours  # noqa: PLC0414 - re-exported
+from broker.policy_rule import CASE_NUMBER_REQUIRED as CASE_NUMBER_REQUIRED  # noqa: PLC0414
+from broker.policy_rule import CONSENT_REQUIRED as CONSENT_REQUIRED  # noqa: PLC0414
+from broker.policy_rule import OFFICE_NOT_ALLOWED as OFFICE_NOT_ALLOWED  # noqa: PLC0414
+from broker.policy_rule import OUTSIDE_HOURS as OUTSIDE_HOURS  # noqa: PLC0414
+from broker.policy_rule import Conditions as Conditions  # noqa: PLC0414 - re-exported
+from broker.policy_rule import Failure, clip
+from broker.policy_rule import Request as Request  # noqa: PLC0414 - re-exported
+from broker.policy_rule import Rule as Rule  # noqa: PLC0414 - re-exported
 
 if TYPE_CHECKING:
     from broker.policy_tests import TestReport
@@ -49,11 +54,6 @@ MATTER_SCOPE = "matter-scope"
 DEFAULT_DENY = "default-deny"
 RESERVED_RULE_IDS = frozenset({MATTER_SCOPE, DEFAULT_DENY})
 
-#: Machine codes for ``Decision.condition`` (empty for allow, matter-scope and default-deny).
-OFFICE_NOT_ALLOWED = "OFFICE_NOT_ALLOWED"
-OUTSIDE_HOURS = "OUTSIDE_HOURS"
-CONSENT_REQUIRED = "CONSENT_REQUIRED"
-CASE_NUMBER_REQUIRED = "CASE_NUMBER_REQUIRED"
 #: The deciding rule passed, but nothing requested is both needed and allowed.
 NO_FIELDS_RELEASED = "NO_FIELDS_RELEASED"
 #: Entries a PolicySet keeps of what it derived from itself alone (see PolicySet._memo).
@@ -105,114 +105,6 @@ class Role:
 
 
 @dataclass(frozen=True)
-class Conditions:
-    """What must hold for a rule to allow; an empty condition does not restrict."""
-
-    offices: tuple[str, ...] = ()  # fnmatch globs on clerk.office
-    hours: tuple[Hours, ...] = ()  # any window may match
-    consent: tuple[str, ...] = ()  # accepted consent methods
-    case_number_required: bool = False
-    case_number_pattern: re.Pattern[str] | None = None  # full match; implies required
-
-    @property
-    def needs_case_number(self) -> bool:
-        return self.case_number_required or self.case_number_pattern is not None
-
-
-@dataclass(frozen=True)
-class _Failure:
-    stage: int  # position in the condition order; higher = the rule got further
-    code: str
-    detail: str
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One allow rule. ``fields``/``masks`` are keyed by record type; an unlisted record type
-    has no field restriction and no masks."""
-
-    id: str
-    roles: tuple[str, ...]
-    matters: tuple[str, ...]
-    record_types: tuple[str, ...] = ()  # empty: every record type the matter needs
-    fields: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    masks: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
-    conditions: Conditions = Conditions()
-    description: str = ""
-    source: str = ""  # "path:line" of its definition
-
-    def covers(self, roles: Sequence[str], matter_code: str, record_type: str) -> bool:
-        """Whether the rule is a candidate for these clerk roles, matter and record type."""
-        return (
-            not set(self.roles).isdisjoint(roles)
-            and matter_code in self.matters
-            and (not self.record_types or record_type in self.record_types)
-        )
-
-    def office_allows(self, office: str) -> bool:
-        globs = self.conditions.offices
-        return not globs or _office_matcher(globs)(office) is not None
-
-    def failure(self, request: Request) -> _Failure | None:
-        """The first condition the request fails, or None when all pass."""
-        cond = self.conditions
-        if not self.office_allows(request.clerk.office):
-            allowed = ", ".join(cond.offices)
-            return _Failure(
-                0,
-                OFFICE_NOT_ALLOWED,
-                f"office {_clip(request.clerk.office)!r} is "
-                f"not among the offices it allows ({allowed})",
-            )
-        if cond.hours and not any(h.contains(request.now) for h in cond.hours):
-            windows = "; ".join(h.describe() for h in cond.hours)
-            return _Failure(1, OUTSIDE_HOURS, f"outside its opening hours ({windows})")
-        if cond.consent and request.consent_method not in cond.consent:
-            return _Failure(
-                2,
-                CONSENT_REQUIRED,
-                "it requires the citizen's consent by one of: " + ", ".join(cond.consent),
-            )
-        if cond.needs_case_number:
-            if not request.case_number:
-                return _Failure(3, CASE_NUMBER_REQUIRED, "it requires a case number (办件号)")
-            pattern = cond.case_number_pattern
-            if pattern is not None and not pattern.fullmatch(request.case_number):
-                # The case number is not echoed: it is caller input of unbounded size.
-                return _Failure(
-                    3,
-                    CASE_NUMBER_REQUIRED,
-                    f"the case number (办件号) does not have the required format {pattern.pattern}",
-                )
-        return None
-
-    def release(
-        self, record_type: RecordType, needed: Sequence[str], requested: Sequence[str]
-    ) -> tuple[str, ...]:
-        """Fields released: needed ∩ rule restriction ∩ requested (if any), catalogue order."""
-        keep = set(needed)
-        restriction = self.fields.get(record_type.name)
-        if restriction is not None:
-            keep &= set(restriction)
-        if requested:
-            keep &= set(requested)
-        return tuple(f for f in record_type.fields if f in keep)
-
-
-@dataclass(frozen=True)
-class Request:
-    """One lookup to decide. ``fields`` empty = all the matter needs; ``now`` must be aware."""
-
-    clerk: Clerk
-    record_type: str
-    matter_code: str
-    case_number: str
-    consent_method: str  # "" when the citizen's consent was not recorded
-    fields: tuple[str, ...]
-    now: datetime
-
-
-@dataclass(frozen=True)
 class Decision:
     """The outcome of :meth:`PolicySet.decide`; ``reason`` is for humans, ``condition`` for code.
 
@@ -258,11 +150,10 @@ class PolicySet:
         if rt is None:
             raise InvalidArgument(
                 "UNKNOWN_RECORD_TYPE",
-                f"unknown record type "
-                f"{_clip(record_type)!r}; known: {', '.join(self.record_types)}",
+                f"unknown record type {clip(record_type)!r}; known: {', '.join(self.record_types)}",
             )
         if matter_code not in self.matters:
-            raise InvalidArgument("UNKNOWN_MATTER", f"unknown matter {_clip(matter_code)!r}")
+            raise InvalidArgument("UNKNOWN_MATTER", f"unknown matter {clip(matter_code)!r}")
         # Before looking at names, so a huge list costs nothing more than its length.
         if len(fields) > len(rt.fields):
             raise InvalidArgument(
@@ -274,8 +165,8 @@ class PolicySet:
             if name not in known:
                 raise InvalidArgument(
                     "UNKNOWN_FIELD",
-                    f"unknown field {_clip(name)!r} for record type {record_type}",
-                    field=_clip(name),
+                    f"unknown field {clip(name)!r} for record type {record_type}",
+                    field=clip(name),
                 )
 
     def decide(self, request: Request) -> Decision:
@@ -302,7 +193,7 @@ class PolicySet:
                 f"no rule lets role(s) {roles} handle "
                 f"{matter.code} ({matter.name}) with {rt.name} records",
             )
-        closest: tuple[Rule, _Failure] | None = None
+        closest: tuple[Rule, Failure] | None = None
         for rule in candidates:
             failure = rule.failure(request)
             if failure is None:
@@ -416,14 +307,3 @@ def run_tests(policy_dir: Path, tests_dir: Path | None = None) -> TestReport:
     from broker import policy_tests
 
     return policy_tests.run_tests(policy_dir, tests_dir)
-
-
-@functools.lru_cache(maxsize=256)
-def _office_matcher(globs: tuple[str, ...]) -> Callable[[str], re.Match[str] | None]:
-    """One compiled regex for "any of these globs matches", as ``fnmatch.fnmatchcase``."""
-    return re.compile("|".join(fnmatch.translate(g) for g in globs)).match
-
-
-def _clip(text: str, limit: int = 64) -> str:
-    # Caller-supplied names end up in messages and logs; keep them short.
-    return text if len(text) <= limit else text[:limit] + "…"

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from broker.audit_store import BatchStore
+    pass
 
 DEFAULT_SCHEMA = "certbroker"
 #: A PostgreSQL schema name we create and embed in DDL: lowercase, no quoting games.
@@ -276,19 +276,12 @@ def sqlite_has_table(conn: Connection, name: str) -> bool:
     return row is not None
 
 
-def open_store(db: AuditLocation | str, *, busy_timeout: float = 10.0) -> BatchStore:
-    """The writer side of the log at ``db``, schema created if needed (SQLite or PostgreSQL).
-
-    ``busy_timeout`` is how long a batch waits for another writer's lock (seconds).
-    """
-    location = as_location(db)
-    if isinstance(location, Path):
-        from broker.audit_sqlite import SQLiteStore
-
-        return SQLiteStore(location, busy_timeout=busy_timeout)
-    from broker.audit_pg import PostgresStore
-
-    return PostgresStore(location, lock_timeout=busy_timeout)
+def rollback(conn: sqlite3.Connection) -> None:
+    """Roll back an open SQLite transaction, if any; never raises (so it cannot mask the error
+    that led here: a failed COMMIT may already have rolled back)."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
 
 
 @contextlib.contextmanager
@@ -317,9 +310,7 @@ def write_transaction(
             yield conn
             conn.execute("COMMIT")
         except BaseException:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
+            rollback(conn)
             raise
     finally:
         conn.close()

@@ -102,12 +102,8 @@ class BatchingAuditLog:
         ``TypeError``/``ValueError`` for a malformed event. Cancelling the caller does not
         withdraw the entry: the lookup happened and is recorded.
         """
-        fields = _fields(event)
-        fields["entry_id"] = new_id()
-        # The time of the decision, not of the later commit.
-        fields["time"] = epoch_time(self._clock())
-        (row,) = await self._writer.write_many((fields,))
-        return Receipt(row.columns["entry_id"], row.entry_hash, row.seq)
+        (receipt,) = await self.append_many((event,))
+        return receipt
 
     async def append_many(
         self,

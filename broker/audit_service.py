@@ -36,7 +36,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -48,7 +48,7 @@ from broker.audit_proofs import CheckpointSigner
 from broker.audit_scan import Criteria, scan
 from broker.auth import Authenticator, Clerk
 from broker.lookup import invocation_metadata, outcome
-from broker.policy import PolicySet
+from broker.policy import PolicySource
 from certbroker.v1 import audit_pb2, audit_pb2_grpc
 
 AUDITOR_ROLE = "auditor"
@@ -58,13 +58,6 @@ _PAGE_TOKEN = re.compile(r"[1-9][0-9]{0,17}")
 _Context = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
 U = TypeVar("U")
-
-
-class PolicySource(Protocol):
-    """Holds the policy set in force (``server.PolicyHolder``)."""
-
-    @property
-    def current(self) -> PolicySet: ...
 
 
 @dataclass

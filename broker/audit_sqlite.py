@@ -19,6 +19,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+from broker.audit_db import rollback
 from broker.audit_store import Head, StoredRow, append_rows
 from broker.audit_tree import TREE_SCHEMA, backfill
 
@@ -121,7 +122,7 @@ class SQLiteStore:
             backfill(conn)  # a log written before the Merkle tables: add its leaves
             conn.execute("COMMIT")
         except BaseException:
-            _rollback(conn)
+            rollback(conn)
             raise
 
     def pragma(self, name: str) -> object:
@@ -147,7 +148,7 @@ class SQLiteStore:
                 conn.execute("COMMIT")
             except BaseException:
                 self._head = None
-                _rollback(conn)
+                rollback(conn)
                 raise
         self._head = head
         return rows
@@ -217,10 +218,3 @@ def _lock_waiter(fd: int, requests: queue.SimpleQueue[concurrent.futures.Future[
             request.set_exception(exc)
             return
         request.set_result(None)
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    # A failed COMMIT may already have rolled back; never let ROLLBACK mask the real error.
-    if conn.in_transaction:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")

@@ -222,7 +222,7 @@ def check_entries(
     return resume_entries(entries, *prepared, expected_last=expected_last)
 
 
-def _fold(frontier: Sequence[bytes]) -> bytes:
+def frontier_root(frontier: Sequence[bytes]) -> bytes:
     """The root of a non-empty frontier (CompactRange.root without building one)."""
     r = frontier[-1]
     for h in reversed(frontier[:-1]):
@@ -257,7 +257,7 @@ def resume_entries(
             index >>= 1
         push(h)
         if position in roots:
-            if _fold(stack) != roots[position]:
+            if frontier_root(stack) != roots[position]:
                 msg = (
                     f"entries {good + 1}..{position} are chained consistently but the tree "
                     f"root disagrees with the signed checkpoint of size {position}"

@@ -43,6 +43,7 @@ from broker.audit_verify import (
     Plan,
     Progress,
     finish,
+    frontier_root,
     plan,
     resume_entries,
 )
@@ -274,19 +275,12 @@ def _join(scan: worker.RangeScan, the_plan: Plan, progress: Progress) -> Progres
         stack.append(h)
         size += 1 << level
         if size in roots:
-            if _fold(stack) != roots[size]:
+            if frontier_root(stack) != roots[size]:
                 return None  # the sequential walk names it (REWRITTEN, with its `good`)
             good = size
     if size != scan.last_seq or size < seq:
         return None
     return Progress(size, scan.last_hash, tuple(stack), good)
-
-
-def _fold(stack: Sequence[bytes]) -> bytes:
-    r = stack[-1]
-    for h in reversed(stack[:-1]):
-        r = hashlib.sha256(b"\x01" + h + r).digest()
-    return r
 
 
 def _spawn(fd: int, job: dict[str, object]) -> subprocess.Popen[bytes] | None:

@@ -42,10 +42,10 @@ from broker.ids import new_id
 from broker.lookup import (
     ItemPipeline,
     Trace,
-    as_broker_error,
     consent_name,
     event,
     fetch_budget,
+    fill_receipt,
     invocation_metadata,
     label,
     outcome,
@@ -53,6 +53,7 @@ from broker.lookup import (
 )
 from broker.metrics import Metrics
 from broker.policy import Decision, PolicySet
+from broker.routing import adapter_timeout
 from certbroker.v1 import broker_pb2
 
 #: Relations a subject may have to the case. Recorded in each item's audit entry.
@@ -143,7 +144,7 @@ class BundleRunner:
                     policy, item.request, call.consent, (), now, item.trace
                 )
             except Exception as exc:  # noqa: BLE001 - reported in the item, never the whole call
-                item.failure = as_broker_error(exc)
+                item.failure = errors.as_broker_error(exc)
         await self._fetch_all(call, policy, deadline)
         events = [
             event(i.request, policy, i.trace, outcome(i.failure), i.latency_ms) for i in call.items
@@ -223,12 +224,7 @@ class BundleRunner:
                 task.cancel()
         for item in allowed:
             if item.response is None and item.failure is None:
-                department = item.trace.department
-                item.failure = errors.DeadlineExceeded(
-                    "ADAPTER_TIMEOUT",
-                    f"department {department} did not answer in time",
-                    department=department,
-                )
+                item.failure = adapter_timeout(item.trace.department)
                 item.latency_ms = _elapsed_ms(call.started)
 
     async def _fetch(self, item: _Item, policy: PolicySet, deadline: float, started: float) -> None:
@@ -237,7 +233,7 @@ class BundleRunner:
         try:
             item.response = await self._items.fetch(policy, item.decision, item.trace, remaining)
         except Exception as exc:  # noqa: BLE001 - one item failing never fails the others
-            item.failure = as_broker_error(exc)
+            item.failure = errors.as_broker_error(exc)
         finally:
             item.latency_ms = _elapsed_ms(started)
 
@@ -372,7 +368,7 @@ def _answer(
         )
         if item.failure is None and item.response is not None:
             out.response.CopyFrom(item.response)
-            _fill(out.response.receipt, receipt)
+            fill_receipt(out.response.receipt, receipt)
         else:
             failure = item.failure or errors.Internal("INTERNAL", "internal error")
             out.error.code = failure.code.name
@@ -380,14 +376,8 @@ def _answer(
             out.error.message = failure.message
             out.error.metadata.update(failure.metadata)
             out.error.metadata["audit_entry_id"] = receipt.entry_id
-    _fill(reply.receipt, bundle_receipt)
+    fill_receipt(reply.receipt, bundle_receipt)
     return reply
-
-
-def _fill(target: broker_pb2.AuditReceipt, receipt: Receipt) -> None:
-    target.entry_id = receipt.entry_id
-    target.entry_hash = receipt.entry_hash
-    target.sequence = receipt.sequence
 
 
 def _elapsed_ms(started: float) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import datetime as dt
 import json
 import logging
 import os
@@ -28,11 +27,6 @@ DEFAULT_STATE = Path(".certbroker")
 
 def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _time(value: str) -> dt.datetime:
-    parsed = dt.datetime.fromisoformat(value)
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -201,8 +195,8 @@ def cmd_audit_query(args: argparse.Namespace) -> int:
         matter_code=args.matter,
         record_type=args.record_type,
         decision=args.decision,
-        since=_time(args.since) if args.since else None,
-        until=_time(args.until) if args.until else None,
+        since=client.parse_time(args.since) if args.since else None,
+        until=client.parse_time(args.until) if args.until else None,
         limit=args.limit,
     )
     entries = audit.query(path, flt)

@@ -137,8 +137,3 @@ class DecisionSigner:
             ttl_s=self._ttl_s,
             kid=self.kid,
         )
-
-
-def public_key_path(state_dir: Path) -> Path:
-    """Where the broker's public key is (created with the key pair if it does not exist)."""
-    return DecisionSigner(state_dir).public_key_path

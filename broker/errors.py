@@ -74,11 +74,18 @@ def for_code(code: grpc.StatusCode) -> type[BrokerError]:
     return Internal
 
 
+def as_broker_error(exc: BaseException) -> BrokerError:
+    """``exc`` as the caller will see it: unknown exceptions become a generic INTERNAL (and
+    their traceback is logged, never sent)."""
+    if isinstance(exc, BrokerError):
+        return exc
+    log.error("unexpected error", exc_info=exc)
+    return Internal("INTERNAL", "internal error")
+
+
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str, status_pb2.Status]:
     """Map any exception to (status code, message, rich status). The one mapping point."""
-    if not isinstance(exc, BrokerError):
-        log.error("unexpected error", exc_info=exc)
-        exc = Internal("INTERNAL", "internal error")
+    exc = as_broker_error(exc)
     info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata)
     detail = any_pb2.Any()
     detail.Pack(info)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import logging
 import math
 import time
 from collections.abc import Container, Sequence
@@ -21,17 +20,15 @@ from typing import Any, cast
 import grpc
 
 from broker import errors
-from broker.audit import AuditEvent
+from broker.audit import AuditEvent, Receipt
 from broker.auth import Clerk
 from broker.cache import RecordCache, record_key
 from broker.ids import new_id
 from broker.metrics import Metrics
 from broker.policy import Decision, PolicySet, Request
-from broker.routing import Fetched, Router
+from broker.routing import Fetched, Router, adapter_timeout
 from certbroker import fields as record_fields
 from certbroker.v1 import broker_pb2, records_pb2
-
-log = logging.getLogger(__name__)
 
 _CONSENT_PREFIX = "CONSENT_METHOD_"
 
@@ -110,14 +107,6 @@ class Trace:
     from_cache: bool = False  # served without calling the department (cache or single-flight)
 
 
-def as_broker_error(exc: BaseException) -> errors.BrokerError:
-    """``exc`` as the caller will see it: unknown exceptions become a generic INTERNAL."""
-    if isinstance(exc, errors.BrokerError):
-        return exc
-    log.error("unexpected error", exc_info=exc)
-    return errors.Internal("INTERNAL", "internal error")
-
-
 class ItemPipeline:
     """Authorize → fetch (through the record cache) → minimize for one (subject, record type),
     with its metrics.
@@ -156,8 +145,7 @@ class ItemPipeline:
         assert trace.clerk is not None, "authenticate before authorizing"
         started = time.perf_counter()
         try:
-            policy.check_request(request.record_type, request.matter_code, fields)
-            decision = policy.decide(
+            decision = policy.decide(  # which checks the names first (InvalidArgument)
                 Request(
                     clerk=trace.clerk,
                     record_type=request.record_type,
@@ -199,12 +187,7 @@ class ItemPipeline:
                 wait_s=timeout_s,
             )
         except TimeoutError:  # joined another request's fetch, which outlasted our budget
-            department = decision.department
-            raise errors.DeadlineExceeded(
-                "ADAPTER_TIMEOUT",
-                f"department {department} did not answer in time",
-                department=department,
-            ) from None
+            raise adapter_timeout(decision.department) from None
         self._metrics.observe_record_cache(record_type, served)
         trace.from_cache = served.shared
         response = broker_pb2.LookupResponse(
@@ -280,6 +263,13 @@ def release_into(
     inner = getattr(out, record_type)
     record_fields.keep_fields(inner, decision.fields)
     record_fields.apply_masks(inner, decision.masks)
+
+
+def fill_receipt(target: broker_pb2.AuditReceipt, receipt: Receipt) -> None:
+    """Copy an audit receipt into a reply's receipt message."""
+    target.entry_id = receipt.entry_id
+    target.entry_hash = receipt.entry_hash
+    target.sequence = receipt.sequence
 
 
 def outcome(failure: BaseException | None) -> tuple[str, str]:

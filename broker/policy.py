@@ -27,7 +27,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from broker.auth import Clerk
 from broker.errors import InvalidArgument
@@ -278,6 +278,14 @@ class PolicySet:
         from broker import policy_views  # it builds on the classes above
 
         return policy_views.matters_for(self, clerk)
+
+
+class PolicySource(Protocol):
+    """Holds the policy set in force (``broker.policy_holder.PolicyHolder``); reloads swap it
+    atomically, so each call reads ``current`` once and decides against that set."""
+
+    @property
+    def current(self) -> PolicySet: ...
 
 
 def load(policy_dir: Path) -> PolicySet:

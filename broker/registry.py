@@ -31,9 +31,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -43,18 +43,12 @@ from broker import registry_validation as check
 from broker.audit import AuditEvent, AuditLog
 from broker.auth import Authenticator, DepartmentPrincipal
 from broker.breaker import BreakerBoard
-from broker.policy import PolicySet
+from broker.lookup import invocation_metadata
+from broker.policy import PolicySet, PolicySource
 from broker.registry_store import Instance, RegistryStore
 from certbroker.v1 import registry_pb2, registry_pb2_grpc
 
 _Context = grpc.aio.ServicerContext[Any, Any]
-
-
-class PolicySource(Protocol):
-    """Holds the policy set in force (``server.PolicyHolder``); reloads swap it atomically."""
-
-    @property
-    def current(self) -> PolicySet: ...
 
 
 @dataclass
@@ -184,7 +178,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
     # --- helpers ---------------------------------------------------------------------------
 
     def _principal(self, context: _Context, trace: _Trace) -> DepartmentPrincipal:
-        principal = trace.principal = self._auth.registry_principal(_metadata(context))
+        principal = trace.principal = self._auth.registry_principal(invocation_metadata(context))
         if not (principal.is_operator or principal.is_department):
             raise errors.PermissionDenied(
                 "ROLE_NOT_ALLOWED", "the registry needs a department or operator credential"
@@ -302,8 +296,3 @@ def _timestamp(epoch: float) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromNanoseconds(int(epoch * 1e9))
     return stamp
-
-
-def _metadata(context: _Context) -> Sequence[tuple[str, str | bytes]]:
-    # grpc-stubs type aio metadata as a Mapping; at run time it is a sequence of pairs.
-    return cast(Sequence[tuple[str, str | bytes]], context.invocation_metadata() or ())

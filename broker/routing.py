@@ -116,7 +116,7 @@ class InProcessSource:
         timeout_s: float,
     ) -> Fetched:
         if timeout_s <= 0:
-            raise _timeout(self._department)
+            raise adapter_timeout(self._department)
         try:
             record = sdk.fetch_record(self._adapter, subject_id, fields)
         except sdk.AdapterError as exc:
@@ -171,7 +171,7 @@ class RemoteSource:
         timeout_s: float,
     ) -> Fetched:
         if timeout_s <= 0:
-            raise _timeout(self._department)
+            raise adapter_timeout(self._department)
         permit = self._breaker.admit() if self._breaker else None
         outcome = Outcome.NEUTRAL  # cancelled (caller gone, bundle deadline): no news
         try:
@@ -222,7 +222,7 @@ class RemoteSource:
         for attempt, endpoint in enumerate(order[:2]):  # one retry, to another instance
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise _timeout(dept)
+                raise adapter_timeout(dept)
             try:
                 reply = await self._channels.stub(endpoint).Fetch(
                     request, timeout=remaining, metadata=metadata
@@ -250,7 +250,7 @@ class RemoteSource:
                 department=dept,
             )
         if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return _timeout(dept)
+            return adapter_timeout(dept)
         # Anything else is the department's problem, not the caller's input: UNAVAILABLE.
         details = {"adapter_status": exc.code().name}
         reason = adapter_reason(exc)
@@ -303,7 +303,8 @@ def _judge(exc: errors.BrokerError, *, cut_by_caller: bool) -> Outcome:
     return Outcome.FAILURE
 
 
-def _timeout(department: str) -> errors.BrokerError:
+def adapter_timeout(department: str) -> errors.BrokerError:
+    """DEADLINE_EXCEEDED ``ADAPTER_TIMEOUT``: ``department`` did not answer in time."""
     return errors.DeadlineExceeded(
         "ADAPTER_TIMEOUT", f"department {department} did not answer in time", department=department
     )

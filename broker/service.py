@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable
-from typing import Protocol
 
 import grpc
 
@@ -31,22 +30,16 @@ from broker.lookup import (
     consent_value,
     event,
     fetch_budget,
+    fill_receipt,
     invocation_metadata,
     outcome,
 )
 from broker.metrics import Metrics
-from broker.policy import PolicySet
+from broker.policy import PolicySet, PolicySource
 from broker.routing import Fetched, Router
 from certbroker.v1 import broker_pb2, broker_pb2_grpc
 
 __all__ = ["CertificateBrokerService", "PolicySource", "consent_name", "consent_value"]
-
-
-class PolicySource(Protocol):
-    """Holds the policy set in force; reloads swap it atomically."""
-
-    @property
-    def current(self) -> PolicySet: ...
 
 
 class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
@@ -109,9 +102,7 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
                 failure.metadata["audit_entry_id"] = receipt.entry_id
             raise failure
         assert response is not None
-        response.receipt.entry_id = receipt.entry_id
-        response.receipt.entry_hash = receipt.entry_hash
-        response.receipt.sequence = receipt.sequence
+        fill_receipt(response.receipt, receipt)
         return response
 
     async def _lookup(

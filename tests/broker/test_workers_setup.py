@@ -19,10 +19,26 @@ ROOT = Path(__file__).resolve().parents[2]
 WAIT_S = 90.0
 
 
-def test_a_worker_that_cannot_start_stops_everything(tmp_path: Path, dataset_dir: Path) -> None:
-    with socket.socket() as taken:  # worker 0's metrics port is held by someone else
+def _held_port_with_free_successor() -> socket.socket:
+    """A listening socket on a port P whose P + 1 was free a moment ago: worker 0's metrics
+    port taken, worker 1's (P + 1) free, so that worker 0 is the one that fails. (With P + 1
+    in use elsewhere by chance, worker 1 would fail first and the test would be about luck.)"""
+    for _ in range(50):
+        taken = socket.socket()
         taken.bind(("127.0.0.1", 0))
+        try:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", taken.getsockname()[1] + 1))
+        except OSError:
+            taken.close()
+            continue
         taken.listen()
+        return taken
+    raise AssertionError("no port P with P + 1 free in 50 tries")
+
+
+def test_a_worker_that_cannot_start_stops_everything(tmp_path: Path, dataset_dir: Path) -> None:
+    with _held_port_with_free_successor() as taken:  # worker 0's metrics port is held
         flags = ["--workers", "2", "--port", "0", "--metrics-port", str(taken.getsockname()[1])]
         proc = subprocess.run(
             [*CLI, "serve", *flags, "--state-dir", str(tmp_path / "state")],

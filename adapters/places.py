@@ -31,7 +31,7 @@ class Place:
     def local(self) -> str:
         """How local offices are named: 龙游县, 广州市海珠区, 北京市西城区."""
         if self.county.endswith("区"):
-            return (self.city or self.province) + self.county
+            return self.insured_city + self.county
         return self.county
 
     @property

@@ -399,7 +399,7 @@ class _Generator:
     def _employer(self, place: Place) -> str:
         if self.rng.random() < 0.25:
             return place.local + self.rng.choice(PUBLIC_UNITS)
-        city = (place.city or place.province).removesuffix("市")
+        city = place.insured_city.removesuffix("市")
         return f"{city}{self.rng.choice(FIRMS)}{self.rng.choice(TRADES)}有限公司"
 
 

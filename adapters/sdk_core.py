@@ -136,7 +136,11 @@ def to_record(
     ``None`` in ``data`` is present with its empty value, so a caller can tell "withheld" (absent)
     from "asked, and empty" (present, ``""``/``0``/``false``).
     """
-    wanted = check_fields(record_type, fields)
+    return _build(record_type, data, check_fields(record_type, fields))
+
+
+def _build(record_type: str, data: Mapping[str, Any], wanted: Sequence[str]) -> records_pb2.Record:
+    # ``wanted`` is already checked (check_fields).
     message = record_fields.RECORD_TYPES[record_type]()
     # json_format.ParseDict with None entries dropped, set directly for plain records.
     record_fields.from_dict(data, message)
@@ -175,7 +179,7 @@ def fetch_record(adapter: Adapter, subject_id: str, fields: Sequence[str]) -> re
     if problem is not None:
         raise InvalidRequest("BAD_SUBJECT_ID", f"subject_id is not a valid resident ID: {problem}")
     wanted = check_fields(adapter.record_type, fields)
-    return to_record(adapter.record_type, adapter.fetch(subject_id, wanted), wanted)
+    return _build(adapter.record_type, adapter.fetch(subject_id, wanted), wanted)
 
 
 def rich_status(error: AdapterError, **metadata: str) -> grpc.Status:

@@ -15,7 +15,6 @@ Single-threaded, one process; each row runs for a fixed time (``MIN_S``) over it
 from __future__ import annotations
 
 import datetime as dt
-import inspect
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -25,8 +24,7 @@ from typing import Any
 from bench import casbin_model
 from bench.harness import BenchError, Options, Result
 from broker import config, policy
-from broker.auth import Authenticator, Clerk, DevIdentityProvider
-from broker.cache import TokenCache
+from broker.auth import Authenticator, DevIdentityProvider
 from broker.policy import Request
 
 SECTION = "Policy decisions and token verification"
@@ -95,32 +93,14 @@ def _tokens(min_s: float) -> list[tuple[str, ...]]:
     with tempfile.TemporaryDirectory(prefix="certbroker-bench-") as tmp:
         idp = DevIdentityProvider(Path(tmp))
         token = idp.issue("bench-clerk", ["window_clerk"], "gz-haizhu-24h-01")
-        wired = "token_max_age_s" in inspect.signature(Authenticator).parameters
-        if wired:
-            uncached = Authenticator([idp.trusted_issuer()], token_max_age_s=0)
-            cached = Authenticator([idp.trusted_issuer()])
-            verify_cached: Callable[[str], object] = cached.verify
-        else:  # the Authenticator has no cache yet: the cache it will use, around the check
-            uncached = Authenticator([idp.trusted_issuer()])
-            verify_cached = _around(TokenCache[Clerk](), uncached.verify)
+        uncached = Authenticator([idp.trusted_issuer()], token_max_age_s=0)
+        cached = Authenticator([idp.trusted_issuer()])
         off = _rate(uncached.verify, [token], min_s)
-        on = _rate(verify_cached, [token], min_s)
-    how = "on (hit)" if wired else "TokenCache around verify (Authenticator has none yet)"
+        on = _rate(cached.verify, [token], min_s)
     return [
         _row("JWT verification (EdDSA), token cache off", off, off),
-        _row(f"JWT verification (EdDSA), token cache {how}", on, off),
+        _row("JWT verification (EdDSA), token cache on (hit)", on, off),
     ]
-
-
-def _around(cache: TokenCache[Clerk], verify: Callable[[str], Clerk]) -> Callable[[str], Clerk]:
-    def cached(token: str) -> Clerk:
-        if (hit := cache.get(token)) is not None:
-            return hit
-        clerk = verify(token)
-        cache.put(token, clerk, time.time() + 3600)
-        return clerk
-
-    return cached
 
 
 def _enforce(engine: Any) -> Callable[[Request], object]:

@@ -127,9 +127,7 @@ class InProcessSource:
         return Fetched(record, dt.datetime.now(dt.UTC))
 
     async def aclose(self) -> None:
-        close = getattr(self._adapter, "close", None)
-        if callable(close):
-            close()
+        sdk.close_adapters([self._adapter])
 
 
 class RemoteSource:
@@ -364,7 +362,7 @@ def build_router(
     ``timeout_s`` is the configured adapter timeout (see :class:`RemoteSource`).
     """
     sources: dict[str, RecordSource] = {}
-    in_process = None
+    datasets_ready = False
     shared: AdapterChannels | None = None
     for record_type, route in routes.items():
         department = departments.get(record_type, record_type)
@@ -393,9 +391,13 @@ def build_router(
                 full_budget_s=timeout_s,
             )
             continue
-        if in_process is None:
-            from adapters import demo  # only the embedded default needs the demo datasets
+        from adapters import demo  # only the embedded default needs the demo datasets
 
-            in_process = demo.build(dataset_dir)
-        sources[record_type] = InProcessSource(in_process[record_type], department)
+        if not datasets_ready:
+            demo.ensure_datasets(dataset_dir)
+            datasets_ready = True
+        # Only the routed record types: an adapter opened here is closed by its source.
+        sources[record_type] = InProcessSource(
+            demo.open_adapter(record_type, dataset_dir), department
+        )
     return Router(sources, channels=shared)

@@ -24,7 +24,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from adapters.sdk_core import RecordNotFound
 from adapters.sql import config as config_mod
 from adapters.sql.config import Column, ConfigError, Query, SqlConfig
-from adapters.sql.database import Database, Result, open_database
+from adapters.sql.database import Database, Result, first_line, open_database
 
 log = logging.getLogger("adapters.sql")
 
@@ -94,8 +94,7 @@ class SqlAdapter:
         try:
             return self._db.query(sql, _PROBE_SUBJECT)
         except Exception as exc:  # noqa: BLE001 - any driver's error means "this SQL fails"
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ConfigError(self.config.path, key, f"does not run: {first}") from None
+            raise ConfigError(self.config.path, key, f"does not run: {first_line(exc)}") from None
 
     def fetch(self, subject_id: str, fields: Sequence[str]) -> Mapping[str, Any]:
         """The record from the configured queries; :class:`RecordNotFound` for an unknown

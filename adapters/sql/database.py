@@ -103,7 +103,7 @@ class PostgresDatabase:
             self._connect()
         except psycopg.OperationalError as exc:
             # Fail at start with the server's reason; a password in the URL is not repeated.
-            raise ValueError(f"cannot connect to PostgreSQL: {_first_line(exc)}") from None
+            raise ValueError(f"cannot connect to PostgreSQL: {first_line(exc)}") from None
 
     def _connect(self) -> None:
         import psycopg
@@ -163,5 +163,6 @@ def open_database(url: str, *, base_dir: Path, statement_timeout_ms: int = 5000)
     raise ValueError(f"unsupported database URL scheme: {url.split(':', 1)[0]}")
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's text (its type name if it has none): driver errors run on."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

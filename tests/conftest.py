@@ -21,6 +21,14 @@ def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
+def couple(dataset_dir: Path) -> tuple[str, str]:
+    """A married couple from the datasets (``synthetic.sample_couple``)."""
+    from adapters import synthetic
+
+    return synthetic.sample_couple(dataset_dir)
+
+
+@pytest.fixture
 def env(tmp_path: Path, dataset_dir: Path) -> Iterator[Env]:
     with running_env(make_config(tmp_path, dataset_dir), dataset_dir) as env:
         yield env

@@ -85,11 +85,6 @@ def results(response: broker_pb2.LookupMatterResponse) -> dict[tuple[str, str], 
     }
 
 
-@pytest.fixture
-def couple(dataset_dir: Path) -> tuple[str, str]:
-    return synthetic.sample_couple(dataset_dir)
-
-
 # --- all departments up (the in-process default) --------------------------------------------
 
 

@@ -6,14 +6,7 @@ from typing import Any
 import pytest
 
 from broker.cache import RecordCache, Served, TokenCache, record_key
-
-
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import FakeClock
 
 
 def run(coro: Any) -> Any:
@@ -69,7 +62,7 @@ def test_ttl_zero_is_not_coalesced_either() -> None:
 
 
 def test_hit_until_ttl_then_refetch() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     cache: RecordCache[str] = RecordCache(clock=clock)
     fetch = Counter()
     assert run(cache.get_or_fetch("k", 60, fetch)) == ("record-1", Served.MISS)
@@ -82,7 +75,7 @@ def test_hit_until_ttl_then_refetch() -> None:
 
 def test_a_lowered_ttl_applies_to_entries_already_cached() -> None:
     """A policy reload that shortens a record type's TTL needs no cache flush."""
-    clock = Clock()
+    clock = FakeClock(1000.0)
     cache: RecordCache[str] = RecordCache(clock=clock)
     fetch = Counter()
     assert run(cache.get_or_fetch("k", 600, fetch)) == ("record-1", Served.MISS)
@@ -217,7 +210,7 @@ def test_bounded_by_entries_and_bytes() -> None:
 
 
 def test_token_cache_lives_until_exp_or_max_age() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     tokens: TokenCache[str] = TokenCache(max_age_s=300, clock=clock)
     tokens.put("tok-a", "clerk-a", exp=clock.now + 60)
     tokens.put("tok-b", "clerk-b", exp=clock.now + 10_000)
@@ -261,7 +254,7 @@ def test_replacing_an_entry_frees_its_weight() -> None:
 
 
 def test_an_expired_entry_is_dropped_when_read() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     cache: RecordCache[str] = RecordCache(clock=clock)
     cache.put("k", "v", 10)
     clock.now += 10
@@ -270,7 +263,7 @@ def test_an_expired_entry_is_dropped_when_read() -> None:
 
 
 def test_token_cache_is_bounded_oldest_first() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     tokens: TokenCache[str] = TokenCache(max_entries=2, clock=clock)
     for name in ("one", "two", "three"):
         tokens.put(f"tok-{name}", name, exp=clock.now + 60)

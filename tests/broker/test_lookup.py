@@ -48,11 +48,6 @@ def entries(env: Env) -> list[audit.AuditEntry]:
     return audit.query(env.state_dir / "audit.sqlite", audit.QueryFilter())
 
 
-@pytest.fixture
-def couple(dataset_dir: Path) -> tuple[str, str]:
-    return synthetic.sample_couple(dataset_dir)
-
-
 def test_property_transfer_records_for_a_married_couple(env: Env, couple: tuple[str, str]) -> None:
     a, b = couple
     token = env.token()

@@ -15,7 +15,6 @@ from typing import Any
 import grpc
 import pytest
 
-from adapters import synthetic
 from broker import audit, client
 from certbroker.v1 import broker_pb2
 from tests.broker.cache_support import reload_policies, running, sample, spy, write_policies
@@ -43,11 +42,6 @@ def set_fields(message: Any) -> set[str]:
 
 def entries(env: Env) -> dict[str, audit.AuditEntry]:
     return {e.entry_id: e for e in audit.query(env.state_dir / "audit.sqlite", audit.QueryFilter())}
-
-
-@pytest.fixture
-def couple(dataset_dir: Path) -> tuple[str, str]:
-    return synthetic.sample_couple(dataset_dir)
 
 
 @pytest.fixture

@@ -26,8 +26,8 @@ proto-check: $(STAMP)
 	$(BIN)/python scripts/protogen.py --check
 
 lint: $(STAMP)
-	$(BIN)/ruff check broker adapters tests scripts bench
-	$(BIN)/ruff format --check broker adapters tests scripts bench
+	$(BIN)/ruff check certbroker tests scripts bench
+	$(BIN)/ruff format --check certbroker tests scripts bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

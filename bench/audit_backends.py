@@ -31,13 +31,13 @@ from pathlib import Path
 
 import grpc
 
-from adapters import synthetic
 from bench.harness import BenchError, Options, Processes, Result
 from bench.policies import POLICY_DIR_ENV, uncached_policies
-from broker import client
-from broker.audit import verify
-from broker.audit_db import PostgresLocation
-from broker.auth import DevIdentityProvider
+from certbroker.adapters.demo import synthetic
+from certbroker.audit.events import verify
+from certbroker.audit.store.db import PostgresLocation
+from certbroker.auth.authenticator import DevIdentityProvider
+from certbroker.cli import client
 from certbroker.v1 import broker_pb2_grpc
 
 SECTION = "Audit backends"
@@ -95,7 +95,7 @@ def _serve(base: Path, name: str, audit: str) -> list[str]:
     DevIdentityProvider(state)  # the dev IdP key, so the bench can issue tokens
     config = base / f"{name}.toml"
     config.write_text(audit)
-    args = ["-m", "broker.cli", "serve", "--config", str(config), "--port", "0"]
+    args = ["-m", "certbroker", "serve", "--config", str(config), "--port", "0"]
     return [*args, "--metrics-port", "0", "--state-dir", str(state)]
 
 

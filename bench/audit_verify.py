@@ -1,9 +1,9 @@
 """Offline audit verification rate: an export of N entries checked with only the public key.
 
 Builds an export file directly (entries shaped like real lookup entries, chained and with a
-signed checkpoint every 10 000 entries), then times :func:`broker.audit_export.verify_export`
+signed checkpoint every 10 000 entries), then times :func:`certbroker.audit.export.verify_export`
 twice per round: with one process (the sequential walk) and with the default process count
-(byte ranges scanned in parallel, :mod:`broker.audit_verify_parallel`). Both must give the same
+(byte ranges scanned in parallel, :mod:`certbroker.audit.verify.parallel`). Both must give the same
 report. Target: at least 200 000 entries per second.
 """
 
@@ -22,13 +22,13 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bench.harness import BenchError, Options, Result
-from broker import audit_verify_parallel as parallel
-from broker import checkpoint
-from broker.audit_export import FORMAT, verify_export
-from broker.audit_proofs import KEY_NAME, ORIGIN
-from broker.audit_store import GENESIS_HASH, canonical_body
-from broker.audit_verify import IntegrityReport
-from broker.merkle import CompactRange, leaf_hash
+from certbroker.audit.export import FORMAT, verify_export
+from certbroker.audit.integrity import checkpoint
+from certbroker.audit.integrity.merkle import CompactRange, leaf_hash
+from certbroker.audit.integrity.proofs import KEY_NAME, ORIGIN
+from certbroker.audit.store.rows import GENESIS_HASH, canonical_body
+from certbroker.audit.verify import parallel
+from certbroker.audit.verify.report import IntegrityReport
 
 SECTION = "Offline audit verification"
 TARGET = 200_000
@@ -95,7 +95,7 @@ def _write(path: Path, n: int, key: Ed25519PrivateKey) -> None:
 
 @contextmanager
 def _settings(**values: object) -> Iterator[None]:
-    """Set :mod:`broker.audit_verify_parallel` settings for a block, then restore them."""
+    """Set :mod:`certbroker.audit.verify.parallel` settings for a block, then restore them."""
     saved = {name: getattr(parallel, name) for name in values}
     for name, value in values.items():
         setattr(parallel, name, value)

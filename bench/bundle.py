@@ -26,11 +26,11 @@ from pathlib import Path
 
 import grpc
 
-from adapters import synthetic
 from bench.harness import BenchError, Options, Processes, Result, percentile
 from bench.policies import POLICY_DIR_ENV, uncached_policies
-from broker import client
-from broker.auth import DevIdentityProvider
+from certbroker.adapters.demo import synthetic
+from certbroker.auth.authenticator import DevIdentityProvider
+from certbroker.cli import client
 from certbroker.v1 import broker_pb2, broker_pb2_grpc
 
 SECTION = "Matter bundles"
@@ -64,7 +64,7 @@ def run(options: Options) -> Result:
                 )
             )
             state = base / "state"
-            serve = ["-m", "broker.cli", "serve", "--config", str(config)]
+            serve = ["-m", "certbroker", "serve", "--config", str(config)]
             serve += ["--port", "0", "--metrics-port", "0", "--state-dir", str(state)]
             env = {"CERTBROKER_DATASET_DIR": str(datasets), POLICY_DIR_ENV: str(policies)}
             broker = processes.start({"broker": serve}, env=env)["broker"]
@@ -76,7 +76,7 @@ def run(options: Options) -> Result:
 def _adapter_args(record_type: str, datasets: Path) -> list[str]:
     return [
         "-m",
-        "adapters",
+        "certbroker.adapters",
         "--record-type",
         record_type,
         "--dataset-dir",

@@ -6,7 +6,7 @@ method (one policy line per accepted method, ``*`` for any), the case-number pat
 ``regexMatch``, anchored), and opening hours (a custom ``inHours`` function, since casbin has
 no notion of them). One policy line per (rule, role, matter, record type the matter needs and
 the rule covers, office glob, consent method), generated from a loaded
-:class:`~broker.policy.PolicySet`.
+:class:`~certbroker.policy.model.PolicySet`.
 
 Casbin answers allow or deny only; our engine also computes the released, withheld and masked
 fields and a reason. :func:`disagreements` checks that both allow exactly the same requests.
@@ -22,8 +22,8 @@ from typing import Any
 import casbin  # type: ignore[import-untyped]
 from casbin.model import FastModel  # type: ignore[import-untyped]
 
-from broker.auth import Clerk
-from broker.policy import Hours, PolicySet, Request
+from certbroker.auth.authenticator import Clerk
+from certbroker.policy.model import Hours, PolicySet, Request
 
 MODEL = """
 [request_definition]

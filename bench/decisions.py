@@ -1,12 +1,14 @@
 """Scenario "Decisions and tokens": the per-request work of the fast path, in-process.
 
-* **Policy decisions per second**: our engine (:meth:`broker.policy.PolicySet.decide`) against
+* **Policy decisions per second**: our engine (:meth:`certbroker.policy.model.PolicySet.decide`)
+against
   pycasbin on an equivalent role × matter × record-type model built from the same shipped
   rules (:mod:`bench.casbin_model`), on the same requests. Before timing, both engines decide
   every request and must agree on every one, else the comparison is void and the run fails.
   Two request mixes: every combination of role, matter, record type, office, consent, time
   and case number (mostly denials), and the allowed ones only (what a hall mostly sends).
-* **JWT verifications per second**: :class:`broker.auth.Authenticator` verifying one clerk
+* **JWT verifications per second**: :class:`certbroker.auth.authenticator.Authenticator` verifying
+one clerk
   token (EdDSA, the development IdP) with the token cache off and on (a hit after the first).
 
 Single-threaded, one process; each row runs for a fixed time (``MIN_S``) over its batch.
@@ -23,9 +25,10 @@ from typing import Any
 
 from bench import casbin_model
 from bench.harness import BenchError, Options, Result
-from broker import config, policy
-from broker.auth import Authenticator, DevIdentityProvider
-from broker.policy import Request
+from certbroker import config
+from certbroker.auth.authenticator import Authenticator, DevIdentityProvider
+from certbroker.policy import model as policy
+from certbroker.policy.model import Request
 
 SECTION = "Policy decisions and token verification"
 #: Seconds each row runs for (full run / smoke).

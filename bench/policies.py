@@ -14,7 +14,8 @@ import shutil
 from pathlib import Path
 
 from bench.harness import BenchError
-from broker import config, policy
+from certbroker import config
+from certbroker.policy import model as policy
 
 #: The broker's environment variable for its policy directory (see broker/config.py).
 POLICY_DIR_ENV = "CERTBROKER_POLICY_DIR"

@@ -28,13 +28,14 @@ from pathlib import Path
 
 import grpc
 
-from adapters import synthetic
 from bench.harness import BenchError, Child, Processes
 from bench.load import Call
 from bench.policies import uncached_policies
-from broker import client, config
-from broker.auth import DevIdentityProvider
-from broker.decision_token import DecisionSigner
+from certbroker import config
+from certbroker.adapters.demo import synthetic
+from certbroker.auth.authenticator import DevIdentityProvider
+from certbroker.cli import client
+from certbroker.routing.decision_token import DecisionSigner
 from certbroker.v1 import broker_pb2, broker_pb2_grpc
 
 #: Citizens in the synthetic datasets: lookups are indexed, so size hardly matters.
@@ -136,7 +137,7 @@ class Lab:
     def _adapter_args(self, spec: BrokerSpec) -> list[str]:
         """The household adapter as its own process, trusting ``spec``'s broker key."""
         signer = DecisionSigner(self._state(spec))  # the key the broker will sign with
-        args = ["-m", "adapters", "--record-type", RECORD_TYPE, "--port", "0"]
+        args = ["-m", "certbroker.adapters", "--record-type", RECORD_TYPE, "--port", "0"]
         args += ["--dataset-dir", str(self.datasets)]
         return [*args, "--broker-public-key", str(signer.public_key_path)]
 
@@ -158,7 +159,7 @@ class Lab:
             ]
         config_file = state / "broker.toml"
         config_file.write_text("\n".join(toml) + "\n", encoding="utf-8")
-        serve = ["-m", "broker.cli", "serve", "--config", str(config_file)]
+        serve = ["-m", "certbroker", "serve", "--config", str(config_file)]
         serve += ["--port", "0", "--metrics-port", "0", "--state-dir", str(state)]
         return [*serve, "--workers", str(spec.workers)]  # the flag the row is named after
 

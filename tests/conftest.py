@@ -13,7 +13,7 @@ from tests.helpers import Env, make_config, running_env
 @pytest.fixture(scope="session")
 def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo departments' datasets, generated once per test process."""
-    from adapters import synthetic
+    from certbroker.adapters.demo import synthetic
 
     path = tmp_path_factory.mktemp("datasets")
     synthetic.generate(path)
@@ -23,7 +23,7 @@ def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def couple(dataset_dir: Path) -> tuple[str, str]:
     """A married couple from the datasets (``synthetic.sample_couple``)."""
-    from adapters import synthetic
+    from certbroker.adapters.demo import synthetic
 
     return synthetic.sample_couple(dataset_dir)
 

@@ -18,16 +18,16 @@ from typing import Any
 import grpc
 import pytest
 
-from broker import config as config_mod
-from broker import server
-from broker.auth import DevIdentityProvider
+from certbroker import config as config_mod
+from certbroker.auth.authenticator import DevIdentityProvider
+from certbroker.server import app as server
 from certbroker.v1 import broker_pb2_grpc
 
 
 class BrokerThread:
     """Runs ``server.start(config)`` on its own event loop thread until ``stop``.
 
-    ``start_kwargs`` go to :func:`broker.server.start` (e.g. ``lease_clock=FakeClock()``).
+    ``start_kwargs`` go to :func:`certbroker.server.app.start` (e.g. ``lease_clock=FakeClock()``).
     """
 
     def __init__(self, cfg: config_mod.Config, **start_kwargs: Any) -> None:
@@ -185,13 +185,13 @@ class AdapterProcess:
 def start_adapter(
     record_type: str, dataset_dir: Path, log: Path, *extra_args: str
 ) -> AdapterProcess:
-    """Start ``python -m adapters`` and wait for its ``READY port=N`` line.
+    """Start ``python -m certbroker.adapters`` and wait for its ``READY port=N`` line.
 
     ``extra_args`` go after the required ones. Unless they say how to treat the broker's
     decision token (``--broker-public-key`` or ``--no-decision-token``), the adapter runs with
     ``--no-decision-token``: the adapter refuses to start without one of the two.
     """
-    args = ["-m", "adapters", "--record-type", record_type]
+    args = ["-m", "certbroker.adapters", "--record-type", record_type]
     args += ["--dataset-dir", str(dataset_dir), "--port", "0", *extra_args]
     if not {"--broker-public-key", "--no-decision-token"} & set(extra_args):
         args.append("--no-decision-token")

@@ -43,7 +43,8 @@ class TlsFiles:
     client_key: Path
 
     def server_credentials(self, *, mutual: bool = False) -> grpc.ServerCredentials:
-        """Credentials for ``adapters.sdk.serve(credentials=...)``; ``mutual`` requires a client
+        """Credentials for ``certbroker.adapters.sdk.serve(credentials=...)``; ``mutual`` requires
+        a client
         certificate signed by this CA."""
         return grpc.ssl_server_credentials(
             [(self.server_key.read_bytes(), self.server_cert.read_bytes())],

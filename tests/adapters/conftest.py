@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from adapters import demo, synthetic
-from adapters.sdk import Adapter
-from certbroker import resident_id
+from certbroker.adapters import demo
+from certbroker.adapters.demo import synthetic
+from certbroker.adapters.sdk import Adapter
+from certbroker.contract import resident_id
 
 #: Population of the datasets most tests use (generation of the default size is tested apart).
 SMALL = 300

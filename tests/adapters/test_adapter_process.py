@@ -1,4 +1,4 @@
-"""Adapters as their own gRPC processes: ``python -m adapters`` started for real."""
+"""Adapters as their own gRPC processes: ``python -m certbroker.adapters`` started for real."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from adapters import synthetic
-from adapters.sdk import SERVICE_NAME
+from certbroker.adapters.demo import synthetic
+from certbroker.adapters.sdk import SERVICE_NAME
 from certbroker.v1 import adapter_pb2, adapter_pb2_grpc, records_pb2
 from tests.helpers import AdapterProcess, start_adapter
 

@@ -1,4 +1,5 @@
-"""``python -m adapters`` flags, on real processes: decision tokens, registration, TLS, metrics,
+"""``python -m certbroker.adapters`` flags, on real processes: decision tokens, registration, TLS,
+metrics,
 added latency, and the refusals at start."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from adapters import synthetic
+from certbroker.adapters.demo import synthetic
 from certbroker.v1 import adapter_pb2, adapter_pb2_grpc
 from tests import tls
 from tests.adapters.fake_registry import FakeRegistry
@@ -82,8 +83,9 @@ def mint(key: BrokerKey, subject: str, fields: list[str]) -> str:
 
 
 def run_adapter(dataset_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m adapters`` expecting it to exit on its own (a refusal at start)."""
-    argv = [sys.executable, "-m", "adapters", "--record-type", "household"]
+    """Run ``python -m certbroker.adapters`` expecting it to exit on its own (a refusal at
+    start)."""
+    argv = [sys.executable, "-m", "certbroker.adapters", "--record-type", "household"]
     argv += ["--dataset-dir", str(dataset_dir), *args]
     return subprocess.run(argv, check=False, cwd=ROOT, capture_output=True, text=True, timeout=60)
 
@@ -102,11 +104,11 @@ def run_adapter(dataset_dir: Path, *args: str) -> subprocess.CompletedProcess[st
             (
                 "--no-decision-token",
                 "--tls-cert",
-                "adapters/sdk.py",
+                "pyproject.toml",
                 "--tls-key",
-                "adapters/sdk.py",
+                "pyproject.toml",
             ),
-            "adapters/sdk.py: not a PEM certificate chain",
+            "pyproject.toml: not a PEM certificate chain",
         ),
     ],
 )

@@ -15,9 +15,9 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from adapters import sdk
-from certbroker import fields as record_fields
-from certbroker import resident_id
+from certbroker.adapters import sdk
+from certbroker.contract import fields as record_fields
+from certbroker.contract import resident_id
 from certbroker.v1 import adapter_pb2, adapter_pb2_grpc, records_pb2
 
 SUBJECT = resident_id.make("330825", dt.date(1980, 1, 2), 11)
@@ -328,7 +328,7 @@ def test_service_reports_unknown_citizen_as_not_found(run: Callable) -> None:
 def test_service_hides_unexpected_errors_and_logs_no_contents(
     run: Callable, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="adapters.sdk")
+    caplog.set_level(logging.INFO, logger="certbroker.adapters.sdk")
     broken = FakeAdapter("marriage", error=RuntimeError("row for 李娜 is corrupt"))
     error = run(fetch([broken], request(fields=["spouse_name"])))
     assert isinstance(error, grpc.aio.AioRpcError)

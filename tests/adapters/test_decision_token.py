@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from adapters import sdk
-from certbroker import resident_id
+from certbroker.adapters import sdk
+from certbroker.contract import resident_id
 from certbroker.v1 import adapter_pb2, adapter_pb2_grpc
 from tests.adapters.tokens import BrokerKey
 
@@ -218,7 +218,7 @@ def test_public_key_loading(tmp_path: Path, key: BrokerKey) -> None:
 
 def test_the_sdk_accepts_what_the_broker_mints(tmp_path: Path) -> None:
     # Interoperability with the other side of the contract: the broker's own minting code.
-    from broker import decision_token
+    from certbroker.routing import decision_token
 
     signer = decision_token.DecisionSigner(tmp_path / "state")
     verifier = sdk.DecisionTokenVerifier.from_pem_file(signer.public_key_path)
@@ -283,7 +283,7 @@ def test_service_serves_only_the_fields_the_token_allows(
     verifier: sdk.DecisionTokenVerifier,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="adapters.sdk")
+    caplog.set_level(logging.INFO, logger="certbroker.adapters.sdk")
     adapter = Marriages()
     md = [(sdk.METADATA_KEY, token(key))]
     reply = run(call(adapter, verifier, request(["spouse_name"]), md))
@@ -318,7 +318,7 @@ def test_service_refuses_calls_the_token_does_not_cover(
     code: grpc.StatusCode,
     reason: str,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="adapters.sdk")
+    caplog.set_level(logging.INFO, logger="certbroker.adapters.sdk")
     req = request()
     metadata = {
         "missing": [],

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from adapters import demo, synthetic
-from adapters.population import AS_OF, age_on
-from adapters.sdk import Adapter, RecordNotFound, SqliteSource, fetch_record
-from certbroker import fields as record_fields
-from certbroker import resident_id
+from certbroker.adapters import demo
+from certbroker.adapters.demo import synthetic
+from certbroker.adapters.demo.population import AS_OF, age_on
+from certbroker.adapters.sdk import Adapter, RecordNotFound, SqliteSource, fetch_record
+from certbroker.contract import fields as record_fields
+from certbroker.contract import resident_id
 from certbroker.v1 import records_pb2
 
 Query = Callable[..., list[sqlite3.Row]]

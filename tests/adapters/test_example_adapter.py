@@ -10,8 +10,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from adapters import sdk, synthetic
-from adapters.examples import hukou_minimal
+from certbroker.adapters import sdk
+from certbroker.adapters.demo import synthetic
+from certbroker.adapters.examples import hukou_minimal
 from certbroker.v1 import adapter_pb2, adapter_pb2_grpc
 from tests.adapters.fake_registry import FakeRegistry
 from tests.adapters.tokens import BrokerKey
@@ -61,7 +62,7 @@ def test_the_example_runs_as_a_full_adapter_process(dataset_dir: Path, tmp_path:
     credential.write_text("dept.credential.jwt")
     registry = FakeRegistry()
     db = synthetic.dataset_path(dataset_dir, "household")
-    args = ["-m", "adapters.examples.hukou_minimal", "--db", str(db), "--port", "0"]
+    args = ["-m", "certbroker.adapters.examples.hukou_minimal", "--db", str(db), "--port", "0"]
     args += ["--broker-public-key", str(key_file)]
     args += ["--register", registry.target, "--credential-file", str(credential)]
     started = start_process(

@@ -10,9 +10,9 @@ from typing import Any
 import grpc
 import pytest
 
-from adapters import sdk
-from adapters.sdk_metrics import AdapterMetrics
-from adapters.sdk_registry import read_credential
+from certbroker.adapters import sdk
+from certbroker.adapters.sdk.metrics import AdapterMetrics
+from certbroker.adapters.sdk.registry import read_credential
 from tests.adapters.fake_registry import Call, FakeRegistry
 
 

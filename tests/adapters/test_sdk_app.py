@@ -11,8 +11,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from adapters import sdk
-from certbroker import resident_id
+from certbroker.adapters import sdk
+from certbroker.contract import resident_id
 from certbroker.v1 import adapter_pb2, adapter_pb2_grpc
 from tests import tls
 from tests.adapters.fake_registry import FakeRegistry

@@ -12,16 +12,17 @@ from pathlib import Path
 import grpc
 import pytest
 
-from adapters import demo, sdk, synthetic
-from adapters.sql import AmbiguousRecord, ConfigError, SqlAdapter, SqlConfig, load
-from adapters.sql.database import Result, SqliteDatabase
-from certbroker import fields as record_fields
-from certbroker import resident_id
+from certbroker.adapters import demo, sdk
+from certbroker.adapters.demo import synthetic
+from certbroker.adapters.sql import AmbiguousRecord, ConfigError, SqlAdapter, SqlConfig, load
+from certbroker.adapters.sql.database import Result, SqliteDatabase
+from certbroker.contract import fields as record_fields
+from certbroker.contract import resident_id
 from certbroker.v1 import adapter_pb2, adapter_pb2_grpc
 from tests.adapters.tokens import BrokerKey
 from tests.helpers import ROOT, start_process
 
-EXAMPLES = ROOT / "adapters" / "sql" / "examples"
+EXAMPLES = ROOT / "certbroker" / "adapters" / "sql" / "examples"
 SUBJECT = resident_id.make("110101", dt.date(1990, 3, 7), 123)
 OWNS_NOTHING = resident_id.make("110101", dt.date(1990, 3, 7), 555)
 UNKNOWN = resident_id.make("110101", dt.date(1990, 3, 7), 999)
@@ -218,7 +219,7 @@ def test_runs_as_a_process_over_grpc(dataset_dir: Path, tmp_path: Path) -> None:
     key = BrokerKey()
     key_file = key.write_public(tmp_path / "broker.pem")
     url = f"sqlite:///{synthetic.dataset_path(dataset_dir, 'marriage')}"
-    args = ["-m", "adapters.sql", "--config", str(EXAMPLES / "marriage.toml")]
+    args = ["-m", "certbroker.adapters.sql", "--config", str(EXAMPLES / "marriage.toml")]
     args += ["--database-url", url, "--port", "0", "--broker-public-key", str(key_file)]
     started = start_process(args, tmp_path / "sql.log", "marriage")
     husband, wife = synthetic.sample_couple(dataset_dir)
@@ -250,7 +251,14 @@ def test_a_bad_config_stops_the_process_naming_the_key(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(CONFIG.replace('"holdings.area_sqm"', '"holdings.price"'), encoding="utf-8")
     done = subprocess.run(
-        [sys.executable, "-m", "adapters.sql", "--config", str(path), "--no-decision-token"],
+        [
+            sys.executable,
+            "-m",
+            "certbroker.adapters.sql",
+            "--config",
+            str(path),
+            "--no-decision-token",
+        ],
         check=False,
         cwd=ROOT,
         capture_output=True,

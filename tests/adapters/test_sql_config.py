@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from adapters.sql import ConfigError, load
-from adapters.sql.params import param_names, to_pyformat
+from certbroker.adapters.sql import ConfigError, load
+from certbroker.adapters.sql.params import param_names, to_pyformat
 
 GOOD = """
 [adapter]

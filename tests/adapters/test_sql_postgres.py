@@ -17,11 +17,11 @@ from typing import Any
 import grpc
 import pytest
 
-from adapters import sdk
-from adapters.sql import ConfigError, SourceUnavailable, SqlAdapter
-from adapters.sql.database import PostgresDatabase
-from certbroker import fields as record_fields
-from certbroker import resident_id
+from certbroker.adapters import sdk
+from certbroker.adapters.sql import ConfigError, SourceUnavailable, SqlAdapter
+from certbroker.adapters.sql.database import PostgresDatabase
+from certbroker.contract import fields as record_fields
+from certbroker.contract import resident_id
 from certbroker.v1 import adapter_pb2, adapter_pb2_grpc
 from tests.adapters.tokens import BrokerKey
 from tests.helpers import start_process
@@ -237,7 +237,7 @@ def test_runs_as_a_process_over_grpc(schema: Schema, tmp_path: Path) -> None:
     key = BrokerKey()
     key_file = key.write_public(tmp_path / "broker.pem")
     config = configure(tmp_path, PROPERTY, url="postgresql://ignored@127.0.0.1/none")
-    args = ["-m", "adapters.sql", "--config", str(config), "--database-url", schema.url]
+    args = ["-m", "certbroker.adapters.sql", "--config", str(config), "--database-url", schema.url]
     args += ["--port", "0", "--broker-public-key", str(key_file)]
     started = start_process(args, tmp_path / "pg.log", "property")
     fields = ["holdings.certificate_number", "holdings.co_owner_names"]

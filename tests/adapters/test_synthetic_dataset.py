@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from adapters import demo, synthetic
-from adapters.population import AS_OF, age_on
-from adapters.sdk import Adapter, fetch_record
-from certbroker import resident_id
+from certbroker.adapters import demo
+from certbroker.adapters.demo import synthetic
+from certbroker.adapters.demo.population import AS_OF, age_on
+from certbroker.adapters.sdk import Adapter, fetch_record
+from certbroker.contract import resident_id
 
 Query = Callable[..., list[sqlite3.Row]]
 

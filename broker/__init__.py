@@ -1,1 +1,0 @@
-"""certbroker: the broker between service-hall counter software and department records."""

@@ -1,0 +1,202 @@
+"""Anomaly rules over lookup audit entries: patterns worth an auditor's attention.
+
+Pure functions over :class:`~certbroker.audit.events.AuditEntry` lists (the service feeds them the
+lookup
+entries of a time range). Each :class:`Finding` names the clerk and the sequences of the
+entries behind it. Rules (``Finding.rule``):
+
+``NO_CASE_NUMBER``
+    Lookups without a case number (办件号), one finding per clerk.
+``OUTSIDE_HOURS``
+    Lookups outside the office's opening hours, one finding per clerk. The hours are derived
+    from the policy rules: the rules whose ``offices`` globs match the entry's office; if any
+    of them has no ``hours`` condition the office is open around the clock (a 24-hour hall),
+    otherwise it is open during any of their windows. An office no rule names gets
+    :attr:`Thresholds.default_hours` (Mon–Sat 08:30–17:30 +08:00). The policy in force at
+    analysis time is used, not the one recorded in the entry.
+``MANY_SUBJECTS``
+    A clerk looked up at least :attr:`Thresholds.many_subjects` distinct citizens.
+``REPEATED_SUBJECT``
+    A clerk looked up the same citizen under at least :attr:`Thresholds.repeated_cases`
+    distinct case numbers (unrelated cases), one finding per (clerk, citizen).
+``DENIAL_BURST``
+    At least :attr:`Thresholds.denial_burst` denials of one clerk within
+    :attr:`Thresholds.burst_window`; overlapping windows merge into one finding.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from certbroker.audit.events import AuditEntry
+from certbroker.audit.scan import entry_time
+from certbroker.policy.model import Hours, PolicySet
+
+NO_CASE_NUMBER = "NO_CASE_NUMBER"
+OUTSIDE_HOURS = "OUTSIDE_HOURS"
+MANY_SUBJECTS = "MANY_SUBJECTS"
+REPEATED_SUBJECT = "REPEATED_SUBJECT"
+DENIAL_BURST = "DENIAL_BURST"
+
+#: Mon–Sat 08:30–17:30 at UTC+08:00: the staffed halls' hours.
+HALL_HOURS = Hours(
+    days=(0, 1, 2, 3, 4, 5),
+    start_min=8 * 60 + 30,
+    end_min=17 * 60 + 30,
+    utc_offset=timedelta(hours=8),
+)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Tunable limits of the anomaly rules."""
+
+    many_subjects: int = 20
+    repeated_cases: int = 3
+    denial_burst: int = 5
+    burst_window: timedelta = timedelta(minutes=10)
+    default_hours: tuple[Hours, ...] = (HALL_HOURS,)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One anomaly: which rule, which clerk, a human description, the entries behind it."""
+
+    rule: str
+    clerk: str
+    description: str
+    sequences: tuple[int, ...]
+
+
+def office_hours(policy: PolicySet, office: str, default: Sequence[Hours]) -> tuple[Hours, ...]:
+    """Opening windows of ``office`` from the rules naming it; ``()`` = open around the clock."""
+    rules = [
+        rule for rule in policy.rules if rule.conditions.offices and rule.office_allows(office)
+    ]
+    if not rules:
+        return tuple(default)
+    if any(not rule.conditions.hours for rule in rules):
+        return ()
+    return tuple(h for rule in rules for h in rule.conditions.hours)
+
+
+def _by_clerk(entries: Iterable[AuditEntry]) -> dict[str, list[AuditEntry]]:
+    groups: dict[str, list[AuditEntry]] = defaultdict(list)
+    for entry in entries:
+        groups[entry.event.clerk].append(entry)
+    return groups
+
+
+def _seqs(entries: Iterable[AuditEntry]) -> tuple[int, ...]:
+    return tuple(sorted(entry.sequence for entry in entries))
+
+
+def no_case_number(entries: Sequence[AuditEntry]) -> list[Finding]:
+    """Lookups without a case number, per clerk."""
+    missing = [e for e in entries if not e.event.case_number]
+    return [
+        Finding(
+            NO_CASE_NUMBER, clerk, f"{len(group)} lookup(s) without a case number", _seqs(group)
+        )
+        for clerk, group in sorted(_by_clerk(missing).items())
+    ]
+
+
+def outside_hours(
+    entries: Sequence[AuditEntry], policy: PolicySet, thresholds: Thresholds
+) -> list[Finding]:
+    """Lookups outside the opening hours of the office they came from, per clerk."""
+    cache: dict[str, tuple[Hours, ...]] = {}
+    late: list[AuditEntry] = []
+    for entry in entries:
+        office = entry.event.office
+        if office not in cache:
+            cache[office] = office_hours(policy, office, thresholds.default_hours)
+        windows = cache[office]
+        moment = entry_time(entry)
+        if windows and not any(w.contains(moment) for w in windows):
+            late.append(entry)
+    return [
+        Finding(
+            OUTSIDE_HOURS,
+            clerk,
+            f"{len(group)} lookup(s) outside the opening hours of "
+            + ", ".join(sorted({e.event.office for e in group})),
+            _seqs(group),
+        )
+        for clerk, group in sorted(_by_clerk(late).items())
+    ]
+
+
+def many_subjects(entries: Sequence[AuditEntry], thresholds: Thresholds) -> list[Finding]:
+    """Clerks who looked up at least ``many_subjects`` distinct citizens."""
+    findings = []
+    for clerk, group in sorted(_by_clerk(entries).items()):
+        subjects = {e.event.subject_id for e in group if e.event.subject_id}
+        if len(subjects) >= thresholds.many_subjects:
+            limit = thresholds.many_subjects
+            text = f"{len(subjects)} distinct citizens looked up (threshold {limit})"
+            findings.append(Finding(MANY_SUBJECTS, clerk, text, _seqs(group)))
+    return findings
+
+
+def repeated_subject(entries: Sequence[AuditEntry], thresholds: Thresholds) -> list[Finding]:
+    """A clerk looking up one citizen under ``repeated_cases`` or more distinct case numbers."""
+    groups: dict[tuple[str, str], list[AuditEntry]] = defaultdict(list)
+    for entry in entries:
+        if entry.event.subject_id and entry.event.case_number:
+            groups[(entry.event.clerk, entry.event.subject_id)].append(entry)
+    findings = []
+    for (clerk, subject), group in sorted(groups.items()):
+        cases = {e.event.case_number for e in group}
+        if len(cases) >= thresholds.repeated_cases:
+            text = f"citizen {subject} looked up under {len(cases)} different case numbers"
+            findings.append(Finding(REPEATED_SUBJECT, clerk, text, _seqs(group)))
+    return findings
+
+
+def denial_bursts(entries: Sequence[AuditEntry], thresholds: Thresholds) -> list[Finding]:
+    """Runs of at least ``denial_burst`` denials of one clerk within ``burst_window``."""
+    findings = []
+    denied = [e for e in entries if e.event.decision == "deny"]
+    for clerk, group in sorted(_by_clerk(denied).items()):
+        timed: list[tuple[datetime, AuditEntry]] = sorted(
+            ((entry_time(e), e) for e in group), key=lambda pair: (pair[0], pair[1].sequence)
+        )
+        marked = [False] * len(timed)
+        start = 0
+        for end in range(len(timed)):
+            while timed[end][0] - timed[start][0] >= thresholds.burst_window:
+                start += 1
+            if end - start + 1 >= thresholds.denial_burst:
+                for i in range(start, end + 1):
+                    marked[i] = True
+        runs: list[list[AuditEntry]] = [[]]
+        for flag, (_, entry) in zip(marked, timed, strict=True):
+            if flag:
+                runs[-1].append(entry)
+            elif runs[-1]:
+                runs.append([])
+        for run in runs:
+            if run:
+                text = f"{len(run)} denials within {thresholds.burst_window}"
+                findings.append(Finding(DENIAL_BURST, clerk, text, _seqs(run)))
+    return findings
+
+
+def find(
+    entries: Sequence[AuditEntry], policy: PolicySet, thresholds: Thresholds | None = None
+) -> list[Finding]:
+    """All findings over lookup ``entries``, by rule in the order of the module docstring."""
+    limits = thresholds or Thresholds()
+    lookups = [e for e in entries if e.event.kind == "lookup"]
+    return [
+        *no_case_number(lookups),
+        *outside_hours(lookups, policy, limits),
+        *many_subjects(lookups, limits),
+        *repeated_subject(lookups, limits),
+        *denial_bursts(lookups, limits),
+    ]

@@ -1,0 +1,260 @@
+"""Archival: move old audit entries from the live log to signed export files, and verify across.
+
+An archive file is an export (:mod:`certbroker.audit.export` format) of sequences ``a..b``, all
+older than the cutoff, whose header carries a signed checkpoint of size ``b``: it verifies
+offline on its own. Archiving one segment (:func:`archive_older_than`):
+
+1. sign a checkpoint covering ``b`` (unless one exists), export ``a..b`` to
+   ``audit-<a>-<b>.jsonl.partial`` (mode 0600), fsync, verify it offline, rename it into place;
+2. in ONE transaction under the log's write lock: record ``(first_seq, last_seq,
+   last_entry_hash, file_name, file_sha256, time)`` in the append-only ``audit_archives`` table
+   and delete rows ``a..b`` from ``audit_log``. On PostgreSQL the append-only triggers allow
+   exactly that: deleting rows at or below the recorded watermark. The Merkle nodes stay, so
+   proofs keep working (they hold hashes only, no entry contents).
+
+If the transaction fails, the file is removed again and the live log is unchanged. The live
+log then starts at ``b + 1``, chaining from the recorded last hash (see
+:func:`certbroker.audit.store.rows.archived_head`). :func:`verify_with_archives` checks every
+archive
+file offline, its sha256 against the table, that each continues the previous one, and the live
+remainder; a break is reported with the first bad index and the usual exit codes
+(:mod:`certbroker.audit.verify.report`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from contextlib import closing
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from certbroker.audit.export import export, verify_db, verify_export
+from certbroker.audit.integrity.proofs import CheckpointSigner, checkpoints, sign_checkpoint
+from certbroker.audit.store.db import (
+    AuditLocation,
+    Connection,
+    connect_read,
+    snapshot,
+    write_transaction,
+)
+from certbroker.audit.store.rows import GENESIS_HASH, archived_head, iso_time
+from certbroker.audit.verify.report import DELETED, EDITED, INSERTED, IntegrityReport
+
+
+@dataclass(frozen=True)
+class ArchiveRecord:
+    """A row of ``audit_archives``: which entries went to which file."""
+
+    first_seq: int
+    last_seq: int
+    last_entry_hash: str
+    file_name: str
+    file_sha256: str
+    time: str
+
+
+def archives(conn: Connection) -> list[ArchiveRecord]:
+    """Every archived segment, oldest first ([] for a log never archived)."""
+    if archived_head(conn)[0] == 0:  # also covers an SQLite file without the table
+        return []
+    rows = conn.execute(
+        "SELECT first_seq, last_seq, last_entry_hash, file_name, file_sha256, time "
+        "FROM audit_archives ORDER BY last_seq"
+    ).fetchall()
+    return [
+        ArchiveRecord(int(a), int(b), str(h), str(name), str(sha), str(t))
+        for a, b, h, name, sha, t in rows
+    ]
+
+
+def _segment(db: AuditLocation, cutoff: str) -> tuple[int, int]:
+    """(first, last) of the oldest live entries all older than ``cutoff``; last < first if
+    there are none."""
+    with closing(connect_read(db)) as conn:
+        snapshot(conn)
+        archived, _ = archived_head(conn)
+        (newer,) = conn.execute(
+            "SELECT min(seq) FROM audit_log WHERE time >= ?", (cutoff,)
+        ).fetchone()
+        if newer is None:
+            (top,) = conn.execute("SELECT max(seq) FROM audit_log").fetchone()
+            last = archived if top is None else int(top)
+        else:
+            last = int(newer) - 1
+    return archived + 1, last
+
+
+def archive_older_than(
+    db: AuditLocation,
+    signer: CheckpointSigner,
+    directory: Path,
+    days: float,
+    *,
+    clock: Callable[[], float] = time.time,
+) -> ArchiveRecord | None:
+    """Move the live entries older than ``days`` to one archive file in ``directory``.
+
+    Returns the new record, or None when no entry is old enough. Blocking.
+    """
+    if not days > 0:
+        raise ValueError("days must be > 0")
+    cutoff = iso_time(datetime.fromtimestamp(clock(), tz=UTC) - timedelta(days=days))
+    first, last = _segment(db, cutoff)
+    if last < first:
+        return None
+    with closing(connect_read(db)) as conn:
+        covered = any(c.size == last for c in checkpoints(conn, last, last))
+    if not covered:  # the file must carry a signed head of exactly its last entry
+        sign_checkpoint(db, signer, size=last, clock=clock)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    name = f"audit-{first:012d}-{last:012d}.jsonl"
+    final = directory / name
+    partial = directory / f".{name}.partial"
+    digest, last_hash = _write(db, partial, first, last)
+    report = verify_export(partial, signer.public_key)
+    if not report.ok:  # never delete live rows for a file that does not verify
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(f"archive file did not verify: {report.name} {report.problem}")
+    partial.replace(final)
+    _fsync_dir(directory)
+    record = ArchiveRecord(
+        first, last, last_hash, name, digest, iso_time(datetime.fromtimestamp(clock(), tz=UTC))
+    )
+    try:
+        _commit(db, record)
+    except BaseException:
+        final.unlink(missing_ok=True)
+        raise
+    return record
+
+
+def _write(db: AuditLocation, path: Path, first: int, last: int) -> tuple[str, str]:
+    """Export ``first..last`` to ``path`` (0600, fsynced); its sha256 and last entry hash."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # entries name citizens
+    with os.fdopen(fd, "wb") as out:
+        export(db, out, first, last)
+        out.flush()
+        os.fsync(out.fileno())
+    digest, last_line = _digest(path)
+    return digest, str(json.loads(last_line)["entry_hash"])
+
+
+def _digest(path: Path) -> tuple[str, bytes]:
+    """(sha256 hex of the file, its last line)."""
+    sha = hashlib.sha256()
+    last = b""
+    with path.open("rb") as f:
+        for line in f:
+            sha.update(line)
+            last = line
+    return sha.hexdigest(), last
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit(db: AuditLocation, record: ArchiveRecord) -> None:
+    """Record the archive and delete its rows, in one transaction under the write lock."""
+    with write_transaction(db) as conn:
+        archived, _ = archived_head(conn)
+        if archived != record.first_seq - 1:  # another archiver got there first
+            raise RuntimeError(f"archive watermark moved to {archived} while exporting")
+        row = conn.execute(
+            "SELECT entry_hash FROM audit_log WHERE seq = ?", (record.last_seq,)
+        ).fetchone()
+        if row is None or str(row[0]) != record.last_entry_hash:
+            raise RuntimeError(f"entry {record.last_seq} does not match the archive file")
+        conn.execute(
+            "INSERT INTO audit_archives (first_seq, last_seq, last_entry_hash, file_name, "
+            "file_sha256, time) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                record.first_seq,
+                record.last_seq,
+                record.last_entry_hash,
+                record.file_name,
+                record.file_sha256,
+                record.time,
+            ),
+        )
+        conn.execute(
+            "DELETE FROM audit_log WHERE seq BETWEEN ? AND ?", (record.first_seq, record.last_seq)
+        )
+
+
+def verify_with_archives(
+    db: AuditLocation, public_key: Ed25519PublicKey, directory: Path
+) -> IntegrityReport:
+    """Verify every archive file of ``db`` in ``directory``, their continuity, and the live log.
+
+    Entries are numbered across archives and the live log, so ``first_bad`` is the sequence
+    of the first entry that fails wherever it is.
+    """
+    with closing(connect_read(db)) as conn:
+        records = archives(conn)
+    entries = signed = 0
+    prev_last, prev_hash = 0, GENESIS_HASH
+    for record in records:
+        report = _check_archive(record, directory, public_key, prev_last, prev_hash)
+        if not report.ok:
+            return dataclasses.replace(report, entries=entries + report.entries)
+        entries += report.entries
+        signed += report.checkpoints
+        prev_last, prev_hash = record.last_seq, record.last_entry_hash
+    live = verify_db(db, public_key)
+    if not live.ok:
+        return dataclasses.replace(live, entries=entries + live.entries)
+    notes = [n for n in live.notes if "--with-archives" not in n and "precedes" not in n]
+    notes.insert(0, f"{len(records)} archive file(s) verified: entries 1..{prev_last}")
+    return dataclasses.replace(
+        live, entries=entries + live.entries, checkpoints=signed + live.checkpoints, notes=notes
+    )
+
+
+def _check_archive(
+    record: ArchiveRecord,
+    directory: Path,
+    public_key: Ed25519PublicKey,
+    prev_last: int,
+    prev_hash: str,
+) -> IntegrityReport:
+    """One archive file: present, verifying offline, the file recorded, continuing the last."""
+    path = directory / record.file_name
+    if record.first_seq != prev_last + 1:
+        code = DELETED if record.first_seq > prev_last + 1 else INSERTED
+        msg = f"archives jump from entry {prev_last} to {record.first_seq}"
+        return IntegrityReport(code, 0, prev_last + 1, msg)
+    if not path.is_file():
+        msg = f"archive file {record.file_name} (entries {record.first_seq}..) is missing"
+        return IntegrityReport(DELETED, 0, record.first_seq, msg)
+    report = verify_export(path, public_key)
+    if not report.ok:
+        return dataclasses.replace(report, problem=f"{record.file_name}: {report.problem}")
+    digest, last_line = _digest(path)
+    with path.open("rb") as f:
+        header = json.loads(f.readline())
+    if (header.get("from"), header.get("to")) != (record.first_seq, record.last_seq):
+        msg = f"{record.file_name} holds {header.get('from')}..{header.get('to')}, not the range"
+        return IntegrityReport(EDITED, report.entries, record.first_seq, msg)
+    if header.get("prev_hash") != prev_hash:
+        msg = f"{record.file_name} does not continue the previous archive's chain"
+        return IntegrityReport(EDITED, report.entries, record.first_seq, msg)
+    if json.loads(last_line).get("entry_hash") != record.last_entry_hash:
+        msg = f"{record.file_name} ends with another entry than the one archived"
+        return IntegrityReport(EDITED, report.entries, record.last_seq, msg)
+    if digest != record.file_sha256:
+        msg = f"{record.file_name} differs from the file archived (sha256)"
+        return IntegrityReport(EDITED, report.entries, record.first_seq, msg)
+    return report

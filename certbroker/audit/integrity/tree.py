@@ -1,0 +1,183 @@
+"""The audit log's Merkle tree as stored next to the entries (tables ``merkle_*``).
+
+Leaf *i* (0-based) of the tree is entry ``seq = i + 1``; its leaf hash is
+``merkle.leaf_hash(UTF-8(body))`` over the ``body`` column text exactly as stored (the same
+text the hash chain covers). Written in the SAME transaction as the entries, so the tree can
+never disagree with a committed log:
+
+``merkle_nodes`` (``level, idx, hash``)
+    Every perfect subtree reported by ``CompactRange``'s ``on_node`` (level 0 = leaf hashes),
+    so inclusion and consistency proofs at ANY tree size take O(log n) lookups through
+    :func:`certbroker.audit.integrity.merkle.perfect_subtree_hasher` and never load the leaves.
+    Append-only: a
+    node, once complete, never changes. Archival keeps them (they hold hashes only).
+``merkle_state`` (SQLite only; one row, ``id = 1``)
+    ``size`` = number of leaves, ``frontier`` = the
+    :class:`~certbroker.audit.integrity.merkle.CompactRange`
+    frontier, its 32-byte hashes concatenated (leftmost first): a cache, so an append reads
+    no node. PostgreSQL has no such row to update (its audit tables are append-only): there
+    the size is the number of stored leaves and the frontier is read from ``merkle_nodes``
+    in one query (:func:`load_state`).
+
+A SQLite log written before these tables existed is backfilled on first open by the writer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from certbroker.audit.integrity.merkle import (
+    HASH_SIZE,
+    CompactRange,
+    leaf_hash,
+    perfect_subtree_hasher,
+)
+from certbroker.audit.store.db import Connection, insert_many, is_postgres, sqlite_insert
+
+TREE_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS merkle_state (
+        id       INTEGER PRIMARY KEY CHECK (id = 1),
+        size     INTEGER NOT NULL,
+        frontier BLOB NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS merkle_nodes (
+        level INTEGER NOT NULL,
+        idx   INTEGER NOT NULL,
+        hash  BLOB NOT NULL,
+        PRIMARY KEY (level, idx)
+    ) WITHOUT ROWID""",
+)
+"""The SQLite tables; :mod:`certbroker.audit.store.postgres` has the PostgreSQL ones."""
+_INSERT_NODE_SQLITE = "INSERT OR REPLACE INTO merkle_nodes (level, idx, hash)"
+
+
+def body_leaf(body: str) -> bytes:
+    """The RFC 9162 leaf hash of an entry: over its stored body text as UTF-8."""
+    return leaf_hash(body.encode("utf-8"))
+
+
+class TreeWriter:
+    """Appends leaves inside the caller's open write transaction and persists the nodes.
+
+    ``state`` = (size, frontier) known to be the stored one (the writer's own last commit);
+    otherwise it is read from the database.
+    """
+
+    def __init__(self, conn: Connection, state: tuple[int, list[bytes]] | None = None) -> None:
+        self._conn = conn
+        self._nodes: list[tuple[int, int, bytes]] = []
+        size, frontier = load_state(conn) if state is None else state
+        self.range = CompactRange(size, list(frontier), on_node=self._on_node)
+
+    def _on_node(self, level: int, index: int, digest: bytes) -> None:
+        self._nodes.append((level, index, digest))
+
+    def append(self, body: str) -> None:
+        """Add the entry with stored body ``body`` as the next leaf."""
+        self.range.append(body_leaf(body))
+
+    def flush(self) -> None:
+        """Write the new nodes (and on SQLite the state); still inside the caller's
+        transaction."""
+        if is_postgres(self._conn):
+            # A plain INSERT: a node that already exists means the tree and the log disagree,
+            # and the primary key then fails the batch (fail closed) instead of rewriting it.
+            columns = ("level", "idx", "hash")
+            insert_many(
+                self._conn, "merkle_nodes", columns, ("integer", "bigint", "bytea"), self._nodes
+            )
+            self._nodes.clear()
+            return
+        sqlite_insert(self._conn, _INSERT_NODE_SQLITE, 3, self._nodes)
+        self._nodes.clear()
+        self._conn.execute(
+            "INSERT OR REPLACE INTO merkle_state (id, size, frontier) VALUES (1, ?, ?)",
+            (self.range.size, b"".join(self.range.frontier)),
+        )
+
+
+def frontier_positions(size: int) -> list[tuple[int, int]]:
+    """(level, index) of the perfect subtrees making up the first ``size`` leaves, leftmost
+    first: the nodes of a CompactRange frontier."""
+    out: list[tuple[int, int]] = []
+    start = 0
+    for level in range(size.bit_length() - 1, -1, -1):
+        if size >> level & 1:
+            out.append((level, start >> level))
+            start += 1 << level
+    return out
+
+
+def frontier_at(conn: Connection, size: int) -> list[bytes]:
+    """The CompactRange frontier of the first ``size`` leaves, from stored nodes.
+
+    KeyError if a node is missing.
+    """
+    positions = frontier_positions(size)
+    if not positions:
+        return []
+    if not is_postgres(conn):
+        node = node_reader(conn)
+        return [node(level, index) for level, index in positions]
+    # One round trip for all of them: this runs on every PostgreSQL append.
+    rows = conn.execute(
+        "SELECT level, idx, hash FROM merkle_nodes WHERE (level, idx) IN "
+        "(SELECT * FROM unnest(?::integer[], ?::bigint[]))",
+        ([level for level, _ in positions], [index for _, index in positions]),
+    ).fetchall()
+    found = {(int(level), int(index)): bytes(digest) for level, index, digest in rows}
+    missing = [p for p in positions if p not in found]
+    if missing:
+        raise KeyError(f"merkle nodes {missing} not stored")
+    return [found[p] for p in positions]
+
+
+def load_state(conn: Connection) -> tuple[int, list[bytes]]:
+    """The stored tree size and frontier ((0, []) for an empty or pre-Merkle log)."""
+    if is_postgres(conn):
+        (top,) = conn.execute("SELECT max(idx) FROM merkle_nodes WHERE level = 0").fetchone()
+        size = 0 if top is None else int(top) + 1
+        return size, frontier_at(conn, size)
+    row = conn.execute("SELECT size, frontier FROM merkle_state WHERE id = 1").fetchone()
+    if row is None:
+        return 0, []
+    blob = bytes(row[1])
+    return int(row[0]), [blob[i : i + HASH_SIZE] for i in range(0, len(blob), HASH_SIZE)]
+
+
+def backfill(conn: Connection) -> int:
+    """Add leaves for stored entries the tree does not cover yet (an SQLite log from before
+    the tree). Call inside a write transaction; returns how many leaves were added."""
+    writer = TreeWriter(conn)
+    start = writer.range.size
+    added = 0
+    for (body,) in conn.execute("SELECT body FROM audit_log WHERE seq > ? ORDER BY seq", (start,)):
+        writer.append(str(body))
+        added += 1
+    if added:
+        writer.flush()
+    return added
+
+
+def node_reader(conn: Connection) -> Callable[[int, int], bytes]:
+    """``node(level, index)`` from ``merkle_nodes``; KeyError if it is not stored."""
+
+    def node(level: int, index: int) -> bytes:
+        row = conn.execute(
+            "SELECT hash FROM merkle_nodes WHERE level = ? AND idx = ?", (level, index)
+        ).fetchone()
+        if row is None:
+            raise KeyError(f"merkle node ({level}, {index}) not stored")
+        return bytes(row[0])
+
+    return node
+
+
+def root_at(conn: Connection, size: int) -> bytes:
+    """MTH of the first ``size`` leaves, from stored nodes (O(log n) lookups)."""
+    stored, _ = load_state(conn)
+    if not 0 <= size <= stored:
+        raise ValueError(f"tree size {size} outside 0..{stored}")
+    if size == 0:
+        return CompactRange().root()
+    return perfect_subtree_hasher(node_reader(conn))(0, size)

@@ -1,0 +1,214 @@
+"""The audit log objects the server appends to: group commit over an SQLite or PostgreSQL store.
+
+:func:`open_audit_log` picks the backend from the location (``Config.audit_location``). The
+event model (:class:`certbroker.audit.events.AuditEvent` and its checks) stays in
+:mod:`certbroker.audit.events`,
+which re-exports everything here; this module reaches it only at call time, so importing
+either module first works.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Self, TypedDict, Unpack
+
+from certbroker.audit.store.db import AuditLocation, PostgresLocation, as_location
+from certbroker.audit.store.rows import AUDIT_UNAVAILABLE, BatchStore, epoch_time
+from certbroker.audit.store.sqlite import SQLiteStore
+from certbroker.audit.writer import CommitHook, GroupCommitWriter
+from certbroker.errors import BrokerError, Unavailable
+from certbroker.ids import new_id
+
+if TYPE_CHECKING:
+    from certbroker.audit.events import AuditEvent
+
+
+def _fields(event: AuditEvent) -> dict[str, object]:
+    # certbroker.audit.events imports this module at its top, so its names are reached at call time
+    # (and kept: an import statement on every append costs more than the call).
+    global _event_fields  # noqa: PLW0603 - set once, on first use
+    if _event_fields is None:
+        from certbroker.audit.events import _event_fields as checked
+
+        _event_fields = checked
+    return _event_fields(event)
+
+
+_event_fields: Callable[[AuditEvent], dict[str, object]] | None = None
+
+
+class WriterOptions(TypedDict, total=False):
+    """How an audit log writes; every key optional (defaults in :func:`_writer`).
+
+    ``max_batch``: entries per transaction at most (256). ``max_wait_s``: how long a batch is
+    held open for company after its first entry (0). ``clock``: epoch seconds for entry times
+    (``time.time``). ``busy_timeout``: seconds a batch waits for another writer's lock (10).
+    ``on_commit(entries, seconds)``: called after each committed batch (None).
+    """
+
+    max_batch: int
+    max_wait_s: float
+    clock: Callable[[], float]
+    busy_timeout: float
+    on_commit: CommitHook | None
+
+
+def _writer(store: BatchStore, options: WriterOptions) -> GroupCommitWriter:
+    return GroupCommitWriter(
+        store,
+        max_batch=options.get("max_batch", 256),
+        max_wait_s=options.get("max_wait_s", 0.0),
+        on_commit=options.get("on_commit"),
+    )
+
+
+def _busy_timeout(options: WriterOptions) -> float:
+    return options.get("busy_timeout", 10.0)
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """Proof the entry is durably stored: its id, chain hash and sequence number."""
+
+    entry_id: str
+    entry_hash: str
+    sequence: int
+
+
+class BatchingAuditLog:
+    """An :class:`AuditLog` over any :class:`~certbroker.audit.store.rows.BatchStore`, with group
+    commit.
+
+    ``commits`` counts committed transactions (batches), for tests and metrics;
+    ``on_commit(entries, seconds)`` is called after each one (its errors never reach callers).
+    """
+
+    def __init__(self, store: BatchStore, **options: Unpack[WriterOptions]) -> None:
+        self._writer = _writer(store, options)
+        self._clock = options.get("clock", time.time)
+
+    @property
+    def commits(self) -> int:
+        """Transactions committed so far; fewer than appends when batching works."""
+        return self._writer.commits
+
+    async def append(self, event: AuditEvent) -> Receipt:
+        """Queue ``event`` for the writer thread and wait until it is durably stored.
+
+        Raises ``Unavailable("AUDIT_UNAVAILABLE")`` if the log is closed or the write fails,
+        ``TypeError``/``ValueError`` for a malformed event. Cancelling the caller does not
+        withdraw the entry: the lookup happened and is recorded.
+        """
+        (receipt,) = await self.append_many((event,))
+        return receipt
+
+    async def append_many(
+        self,
+        events: Sequence[AuditEvent],
+        *,
+        link: Callable[[list[str]], AuditEvent] | None = None,
+    ) -> list[Receipt]:
+        """Store ``events`` as consecutive entries in ONE transaction: all of them, or none and
+        ``Unavailable("AUDIT_UNAVAILABLE")``. Receipts come back in order.
+
+        ``link``, if given, builds one more entry from the entry ids of ``events``, stored right
+        after them in the same transaction (a bundle entry naming its items), its receipt last.
+        All entries carry the same time. Malformed events raise before anything is queued.
+        """
+        bodies = [_fields(event) for event in events]
+        for fields in bodies:
+            fields["entry_id"] = new_id()
+        if link is not None:
+            closing = _fields(link([str(fields["entry_id"]) for fields in bodies]))
+            closing["entry_id"] = new_id()
+            bodies.append(closing)
+        if not bodies:
+            return []
+        moment = epoch_time(self._clock())
+        for fields in bodies:
+            fields["time"] = moment
+        rows = await self._writer.write_many(bodies)
+        return [Receipt(row.columns["entry_id"], row.entry_hash, row.seq) for row in rows]
+
+    async def aclose(self) -> None:
+        """Write everything already queued, then stop the writer and close the store."""
+        await self._writer.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class SQLiteAuditLog(BatchingAuditLog):
+    """The default :class:`AuditLog`: an SQLite file in WAL mode with ``synchronous=FULL``.
+
+    Creates the file (mode 0600) and schema if needed and continues an existing chain.
+    Raises ``Unavailable("AUDIT_UNAVAILABLE")`` if the file cannot be opened that way.
+    ``busy_timeout`` is how long a batch waits for another process's write lock.
+    """
+
+    def __init__(self, path: Path, **options: Unpack[WriterOptions]) -> None:
+        self.path = Path(path)
+        try:
+            store = SQLiteStore(self.path, busy_timeout=_busy_timeout(options))
+        except (OSError, sqlite3.Error) as exc:
+            raise Unavailable(AUDIT_UNAVAILABLE, "cannot open the audit log") from exc
+        try:
+            # Read back from the writer connection itself, before the writer thread owns it.
+            self.pragmas: dict[str, object] = {
+                name: store.pragma(name) for name in ("journal_mode", "synchronous")
+            }
+        except BaseException:
+            store.close()
+            raise
+        super().__init__(store, **options)
+
+
+class PostgresAuditLog(BatchingAuditLog):
+    """The :class:`AuditLog` in PostgreSQL (``[audit] dsn``): one log for several brokers.
+
+    Connects, creates the schema if needed (:mod:`certbroker.audit.store.postgres`) and continues
+    the chain.
+    Raises ``Unavailable("AUDIT_UNAVAILABLE")`` if that fails. ``busy_timeout`` is how long a
+    batch waits for another broker's lock.
+    """
+
+    def __init__(self, location: PostgresLocation, **options: Unpack[WriterOptions]) -> None:
+        from certbroker.audit.store.postgres import PostgresStore
+
+        self.location = location
+        try:
+            store = PostgresStore(location, lock_timeout=_busy_timeout(options))
+        except BrokerError:
+            raise
+        except Exception as exc:  # psycopg errors: say which store, never the DSN
+            raise Unavailable(
+                AUDIT_UNAVAILABLE, f"cannot open the audit log ({location.display})"
+            ) from exc
+        try:
+            self.settings = {name: store.setting(name) for name in ("synchronous_commit",)}
+        except BaseException:
+            store.close()
+            raise
+        super().__init__(store, **options)
+
+
+def open_audit_log(db: AuditLocation | str, **options: Unpack[WriterOptions]) -> BatchingAuditLog:
+    """The audit log at ``db``: :class:`SQLiteAuditLog` for a path, :class:`PostgresAuditLog`
+    for a :class:`~certbroker.audit.store.db.PostgresLocation` (``Config.audit_location``)."""
+    location = as_location(db)
+    if isinstance(location, PostgresLocation):
+        return PostgresAuditLog(location, **options)
+    return SQLiteAuditLog(location, **options)

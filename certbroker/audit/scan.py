@@ -1,0 +1,112 @@
+"""Keyset-paged, read-only scans of the audit log for the auditor service.
+
+:func:`certbroker.audit.events.query` keeps the *newest* matches and filters only the indexed
+columns;
+auditors page *forward* (oldest first, after a sequence number) and also filter on office and
+case number. This module reads the same log read-only (SQLite ``mode=ro`` or a PostgreSQL
+read-only transaction, :func:`certbroker.audit.store.db.connect_read`), filters the indexed columns
+in
+SQL and the rest on the parsed entries, and stops as soon as it has enough.
+Bodies are parsed by :mod:`certbroker.audit.events`'s own reader, so missing later keys read as
+empty.
+"""
+
+from __future__ import annotations
+
+from contextlib import closing
+from dataclasses import dataclass
+from datetime import datetime
+
+from certbroker.audit import events as audit
+from certbroker.audit.store.db import AuditLocation, connect_read, stream
+from certbroker.audit.store.rows import StoredRow, iso_time
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """What a scan selects; ``None`` (or an empty ``kinds``) means any.
+
+    ``since`` is inclusive, ``until`` exclusive (aware datetimes, millisecond precision);
+    ``after`` selects sequences greater than it, ``before`` (0 = no bound) smaller than it.
+    """
+
+    clerk: str | None = None
+    office: str | None = None
+    subject_id: str | None = None
+    matter_code: str | None = None
+    case_number: str | None = None
+    record_type: str | None = None
+    decision: str | None = None
+    kinds: tuple[str, ...] = ()
+    since: datetime | None = None
+    until: datetime | None = None
+    after: int = 0
+    before: int = 0
+
+
+#: Criteria that are columns of ``audit_log`` (filtered in SQL, using its indexes).
+_COLUMNS = ("clerk", "subject_id", "matter_code", "record_type", "decision")
+
+
+def _sql(criteria: Criteria) -> tuple[str, list[object]]:
+    clauses = ["seq > ?"]
+    params: list[object] = [criteria.after]
+    if criteria.before > 0:
+        clauses.append("seq < ?")
+        params.append(criteria.before)
+    for column in _COLUMNS:
+        value = getattr(criteria, column)
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    if criteria.since is not None:
+        clauses.append("time >= ?")
+        params.append(iso_time(criteria.since))
+    if criteria.until is not None:
+        clauses.append("time < ?")
+        params.append(iso_time(criteria.until))
+    # Column names come from the fixed tuple above; every value is a bound parameter.
+    sql = (
+        "SELECT seq, body, prev_hash, entry_hash FROM audit_log "  # noqa: S608
+        f"WHERE {' AND '.join(clauses)} ORDER BY seq"
+    )
+    return sql, params
+
+
+def _matches(entry: audit.AuditEntry, criteria: Criteria) -> bool:
+    event = entry.event
+    if criteria.office is not None and event.office != criteria.office:
+        return False
+    if criteria.case_number is not None and event.case_number != criteria.case_number:
+        return False
+    return not criteria.kinds or event.kind in criteria.kinds
+
+
+def scan(
+    db: AuditLocation, criteria: Criteria, *, limit: int | None = None
+) -> list[audit.AuditEntry]:
+    """Entries matching ``criteria`` in sequence order, at most ``limit`` (None = all).
+
+    Raises ``FileNotFoundError`` if there is no log yet and ``ValueError`` for a malformed
+    entry (run ``audit verify``).
+    """
+    if limit is not None and limit < 0:
+        raise ValueError("limit must not be negative")
+    sql, params = _sql(criteria)
+    found: list[audit.AuditEntry] = []
+    if limit == 0:
+        return found
+    with closing(connect_read(db)) as conn:
+        for seq, body, prev_hash, entry_hash in stream(conn, sql, params):
+            row = StoredRow(int(seq), str(body), str(prev_hash), str(entry_hash), {})
+            entry = audit._entry(row)  # the log's own body reader (compatibility rules)
+            if _matches(entry, criteria):
+                found.append(entry)
+                if limit is not None and len(found) >= limit:
+                    break
+    return found
+
+
+def entry_time(entry: audit.AuditEntry) -> datetime:
+    """The entry's time as an aware UTC datetime."""
+    return datetime.fromisoformat(entry.time)

@@ -1,0 +1,394 @@
+"""The ``certbroker.v1.Audit`` servicer: Query, CitizenReport and Anomalies for auditors.
+
+Only callers whose JWT ``roles`` contain "auditor" are served; anyone else gets
+PERMISSION_DENIED ``ROLE_NOT_ALLOWED``. EVERY call -- allowed, refused, invalid or
+unauthenticated -- is first written to the audit log (no audit, no answer), and then sees the
+log as it was just before its own entry. Audit entries of these calls reuse the lookup fields::
+
+    kind             "audit_query"
+    rule_id          "audit.<rpc>": audit.query | audit.citizen_report | audit.anomalies | ...
+    clerk, office, roles   the caller (from the verified token), "" if unauthenticated
+    subject_id, matter_code, case_number, record_type   the filter's values (validated only)
+    decision_id      the rest of the filter, "key=value" pairs joined by ";" (clerk, office,
+                     decision, since, until, page_token, page_size), validated values only
+    decision         "allow" | "deny" (role refused) | "" (unauthenticated or invalid)
+    outcome, status  "OK" or the error reason and gRPC code name
+
+Fields released (``CitizenAccess.fields``) are not stored in the entry; they are derived from
+the policy catalogue in force: the matter's fields for the record type minus the entry's
+withheld fields. That is exact for a lookup of everything the matter needs (the usual case);
+when the clerk asked for a subset, it may list more fields than were released -- it errs
+towards telling the citizen more, never less. Denied or failed lookups released nothing.
+
+``GetCheckpoint``, ``GetInclusionProof``, ``GetConsistencyProof`` and ``Export`` check their
+request against the log before the entry is written (:mod:`certbroker.audit.service.proofs`), so
+the entry's outcome is the caller's (``NO_CHECKPOINT``, ``BAD_SEQUENCE``, ...); ``decision_id``
+then also names what was served (``size=`` of a checkpoint, ``sequence=`` of a proven entry,
+``from=``/``to=`` of an export). A fresh checkpoint is signed before the entry, so it does not
+cover the call's own entry. Exports stream the log in fixed-size chunks from a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+import grpc
+
+from certbroker import errors, validation
+from certbroker.audit import anomalies
+from certbroker.audit.events import AuditEvent, AuditLog, Receipt
+from certbroker.audit.integrity.proofs import CheckpointSigner
+from certbroker.audit.scan import Criteria, scan
+from certbroker.audit.service import proofs
+from certbroker.audit.service.messages import entry_message, released_fields, time_range, timestamp
+from certbroker.auth.authenticator import Authenticator, Clerk
+from certbroker.lookup.pipeline import invocation_metadata, outcome
+from certbroker.policy.model import PolicySource
+from certbroker.v1 import audit_pb2, audit_pb2_grpc
+
+AUDITOR_ROLE = "auditor"
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+_PAGE_TOKEN = re.compile(r"[1-9][0-9]{0,17}")
+_Context = grpc.aio.ServicerContext[Any, Any]
+T = TypeVar("T")
+U = TypeVar("U")
+
+
+@dataclass
+class _Call:
+    """What the audit entry says about one Audit call, filled in as it is validated."""
+
+    rpc: str
+    started: float = field(default_factory=time.perf_counter)
+    clerk: Clerk | None = None
+    subject_id: str = ""
+    matter_code: str = ""
+    case_number: str = ""
+    record_type: str = ""
+    summary: list[str] = field(default_factory=list)
+
+    def text(self, name: str, value: str) -> str | None:
+        """Validate one optional filter string; record it; ``None`` when empty."""
+        validation.text(name, value, required=False)
+        if value and name in ("subject_id", "matter_code", "case_number", "record_type"):
+            setattr(self, name, value)
+        elif value:
+            self.summary.append(f"{name}={value}")
+        return value or None
+
+
+class AuditService(audit_pb2_grpc.AuditServicer):
+    """Serves auditors from the audit log at ``db``, which ``log`` appends to; ``signer`` signs
+    checkpoints on demand. ``db`` is passed unchanged to the reading modules.
+
+    Errors are raised as ``BrokerError`` and mapped to a status by the server's interceptor.
+    """
+
+    def __init__(
+        self,
+        auth: Authenticator,
+        policies: PolicySource,
+        log: AuditLog,
+        db: proofs.AuditDB,
+        *,
+        signer: CheckpointSigner,
+        thresholds: anomalies.Thresholds | None = None,
+    ) -> None:
+        self._auth = auth
+        self._policies = policies
+        self._log = log
+        self._db = db
+        self._signer = signer
+        self._thresholds = thresholds or anomalies.Thresholds()
+
+    async def _admit(
+        self, call: _Call, context: _Context, parse: Callable[[], T]
+    ) -> tuple[T, Receipt]:
+        """Authenticate, require the auditor role, validate (``parse``) and audit the call.
+
+        Raises the call's error after its entry is written; ``Unavailable`` if it cannot be.
+        """
+
+        async def work() -> T:
+            return parse()
+
+        return await self._gated(call, context, parse, work)
+
+    async def _resolve(
+        self,
+        call: _Call,
+        context: _Context,
+        parse: Callable[[], T],
+        resolve: Callable[[T], Awaitable[U]],
+    ) -> U:
+        """Like :meth:`_admit`, then ``resolve`` what ``parse`` returned against the log, all
+        before the entry is written, so the entry records the outcome the caller gets."""
+
+        async def work() -> U:
+            return await resolve(parse())
+
+        return (await self._gated(call, context, parse, work))[0]
+
+    async def _gated(
+        self,
+        call: _Call,
+        context: _Context,
+        parse: Callable[[], object],
+        work: Callable[[], Awaitable[U]],
+    ) -> tuple[U, Receipt]:
+        failure: Exception | None = None
+        result: U | None = None
+        try:
+            call.clerk = self._auth.authenticate(invocation_metadata(context))
+            if AUDITOR_ROLE not in call.clerk.roles:
+                failure = errors.PermissionDenied(
+                    "ROLE_NOT_ALLOWED", "only auditors may call the Audit service", role="auditor"
+                )
+                with contextlib.suppress(errors.BrokerError):
+                    parse()  # record what was asked for, as far as it validates
+            else:
+                result = await work()
+        except Exception as exc:  # noqa: BLE001 - audited here, mapped by the server
+            failure = exc
+        receipt = await self._log.append(self._event(call, failure))
+        if failure is not None:
+            if isinstance(failure, errors.BrokerError):
+                failure.metadata["audit_entry_id"] = receipt.entry_id
+            raise failure
+        return result, receipt  # type: ignore[return-value]  # work() returned a U
+
+    def _event(self, call: _Call, failure: Exception | None) -> AuditEvent:
+        clerk = call.clerk
+        result, status = outcome(failure)
+        if failure is None:
+            decision = "allow"
+        elif isinstance(failure, errors.PermissionDenied):
+            decision = "deny"
+        else:
+            decision = ""
+        return AuditEvent(
+            kind="audit_query",
+            clerk=clerk.sub if clerk else "",
+            office=clerk.office if clerk else "",
+            roles=clerk.roles if clerk else (),
+            subject_id=call.subject_id,
+            matter_code=call.matter_code,
+            case_number=call.case_number,
+            consent_method="",
+            record_type=call.record_type,
+            decision=decision,
+            rule_id=f"audit.{call.rpc}",
+            withheld_fields=(),
+            outcome=result,
+            status=status,
+            policy_version=self._policies.current.version,
+            department="",
+            latency_ms=(time.perf_counter() - call.started) * 1000,
+            decision_id=";".join(call.summary),
+        )
+
+    @staticmethod
+    def _query_params(call: _Call, request: audit_pb2.QueryRequest) -> tuple[Criteria, int]:
+        decision = call.text("decision", request.decision)
+        if decision is not None and decision not in ("allow", "deny"):
+            raise errors.InvalidArgument(
+                "BAD_DECISION", "decision must be allow or deny", argument="decision"
+            )
+        since, until = time_range(call.summary, request.HasField("time"), request.time)
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        if not 0 < size <= MAX_PAGE_SIZE:
+            raise errors.InvalidArgument(
+                "BAD_PAGE_SIZE", f"page_size must be 1..{MAX_PAGE_SIZE}", argument="page_size"
+            )
+        call.summary.append(f"page_size={size}")
+        after = 0
+        if request.page_token:
+            if not _PAGE_TOKEN.fullmatch(request.page_token):
+                raise errors.InvalidArgument(
+                    "BAD_PAGE_TOKEN",
+                    "page_token is not one this service issued",
+                    argument="page_token",
+                )
+            after = int(request.page_token)
+            call.summary.append(f"page_token={after}")
+        criteria = Criteria(
+            clerk=call.text("clerk", request.clerk),
+            office=call.text("office", request.office),
+            subject_id=call.text("subject_id", request.subject_id),
+            matter_code=call.text("matter_code", request.matter_code),
+            case_number=call.text("case_number", request.case_number),
+            record_type=call.text("record_type", request.record_type),
+            decision=decision,
+            since=since,
+            until=until,
+            after=after,
+        )
+        return criteria, size
+
+    async def Query(
+        self, request: audit_pb2.QueryRequest, context: _Context
+    ) -> AsyncIterator[audit_pb2.AuditEntry]:
+        """Matching entries oldest first, one page; the last of a full page carries the token."""
+        call = _Call("query")
+        (criteria, size), receipt = await self._admit(
+            call, context, lambda: self._query_params(call, request)
+        )
+        criteria = replace(criteria, before=receipt.sequence)
+        entries = await asyncio.to_thread(scan, self._db, criteria, limit=size + 1)
+        page = entries[:size]
+        for i, entry in enumerate(page):
+            message = entry_message(entry)
+            if i == len(page) - 1 and len(entries) > size:
+                message.next_page_token = str(entry.sequence)
+            yield message
+
+    async def CitizenReport(
+        self, request: audit_pb2.CitizenReportRequest, context: _Context
+    ) -> audit_pb2.CitizenReportResponse:
+        """Every lookup of the citizen's records (allowed, denied or failed), oldest first."""
+        call = _Call("citizen_report")
+
+        def parse() -> Criteria:
+            subject = validation.subject_id(request.subject_id)
+            call.subject_id = subject
+            since, until = time_range(call.summary, request.HasField("time"), request.time)
+            return Criteria(subject_id=subject, kinds=("lookup",), since=since, until=until)
+
+        criteria, receipt = await self._admit(call, context, parse)
+        criteria = replace(criteria, before=receipt.sequence)
+        entries = await asyncio.to_thread(scan, self._db, criteria)
+        policy = self._policies.current
+        reply = audit_pb2.CitizenReportResponse(subject_id=call.subject_id)
+        for entry in entries:
+            e = entry.event
+            matter = policy.matters.get(e.matter_code)
+            reply.accesses.add(
+                time=timestamp(entry),
+                clerk=e.clerk,
+                office=e.office,
+                matter_code=e.matter_code,
+                matter_name=matter.name if matter else "",
+                case_number=e.case_number,
+                record_type=e.record_type,
+                department=e.department,
+                fields=released_fields(policy, entry),
+                decision=e.decision,
+                outcome=e.outcome,
+                entry_id=entry.entry_id,
+            )
+        return reply
+
+    async def Anomalies(
+        self, request: audit_pb2.AnomaliesRequest, context: _Context
+    ) -> audit_pb2.AnomaliesResponse:
+        """Findings of :mod:`certbroker.audit.anomalies` over the lookups in the time range."""
+        call = _Call("anomalies")
+
+        def parse() -> Criteria:
+            since, until = time_range(call.summary, request.HasField("time"), request.time)
+            return Criteria(kinds=("lookup",), since=since, until=until)
+
+        criteria, receipt = await self._admit(call, context, parse)
+        criteria = replace(criteria, before=receipt.sequence)
+        entries = await asyncio.to_thread(scan, self._db, criteria)
+        findings = anomalies.find(entries, self._policies.current, self._thresholds)
+        reply = audit_pb2.AnomaliesResponse()
+        for finding in findings:
+            reply.findings.add(
+                rule=finding.rule,
+                clerk=finding.clerk,
+                description=finding.description,
+                sequences=finding.sequences,
+            )
+        return reply
+
+    async def GetCheckpoint(
+        self, request: audit_pb2.GetCheckpointRequest, context: _Context
+    ) -> audit_pb2.Checkpoint:
+        """The latest signed checkpoint, or (``fresh``) one signed now; NOT_FOUND if none."""
+        call = _Call("get_checkpoint")
+
+        def parse() -> bool:
+            if request.fresh:
+                call.summary.append("fresh=true")
+            return request.fresh
+
+        async def resolve(fresh: bool) -> audit_pb2.Checkpoint:
+            head = await asyncio.to_thread(proofs.get_checkpoint, self._db, self._signer, fresh)
+            call.summary.append(f"size={head.size}")
+            return head
+
+        return await self._resolve(call, context, parse, resolve)
+
+    async def GetInclusionProof(
+        self, request: audit_pb2.InclusionProofRequest, context: _Context
+    ) -> audit_pb2.InclusionProof:
+        """RFC 9162 inclusion proof of one entry (by id or sequence) in a tree size."""
+        call = _Call("get_inclusion_proof")
+
+        def parse() -> proofs.InclusionQuery:
+            query = proofs.inclusion_request(request)
+            if query.entry_id:
+                call.summary.append(f"entry_id={query.entry_id}")
+            else:
+                call.summary.append(f"sequence={query.sequence}")
+            if query.tree_size:
+                call.summary.append(f"tree_size={query.tree_size}")
+            return query
+
+        async def resolve(query: proofs.InclusionQuery) -> audit_pb2.InclusionProof:
+            proof = await asyncio.to_thread(proofs.resolve_inclusion, self._db, query)
+            if query.entry_id:  # what the id resolved to
+                call.summary.append(f"sequence={proof.leaf_index + 1}")
+            if not query.tree_size:  # what the default resolved to
+                call.summary.append(f"tree_size={proof.tree_size}")
+            return proof
+
+        return await self._resolve(call, context, parse, resolve)
+
+    async def GetConsistencyProof(
+        self, request: audit_pb2.ConsistencyProofRequest, context: _Context
+    ) -> audit_pb2.ConsistencyProof:
+        """RFC 9162 proof that the tree of ``old_size`` is a prefix of ``new_size``'s."""
+        call = _Call("get_consistency_proof")
+
+        def parse() -> tuple[int, int]:
+            old, new = proofs.consistency_request(request)
+            call.summary += [f"old_size={old}", f"new_size={new}"] if new else [f"old_size={old}"]
+            return old, new
+
+        async def resolve(sizes: tuple[int, int]) -> audit_pb2.ConsistencyProof:
+            proof = await asyncio.to_thread(proofs.resolve_consistency, self._db, *sizes)
+            if not sizes[1]:  # what the default resolved to
+                call.summary.append(f"new_size={proof.new_size}")
+            return proof
+
+        return await self._resolve(call, context, parse, resolve)
+
+    async def Export(
+        self, request: audit_pb2.ExportRequest, context: _Context
+    ) -> AsyncIterator[audit_pb2.ExportChunk]:
+        """Entries ``from..to`` as the export file (:mod:`certbroker.audit.export`), streamed."""
+        call = _Call("export")
+
+        def parse() -> tuple[int, int]:
+            first, last = proofs.export_request(request)
+            call.summary += [f"from={first}", f"to={last}"] if last else [f"from={first}"]
+            return first, last
+
+        async def resolve(bounds: tuple[int, int]) -> tuple[int, int]:
+            first, last = await asyncio.to_thread(proofs.resolve_export, self._db, *bounds)
+            if not bounds[1]:  # what the default resolved to
+                call.summary.append(f"to={last}")
+            return first, last
+
+        first, last = await self._resolve(call, context, parse, resolve)
+        async for chunk in proofs.export_chunks(self._db, first, last):
+            yield audit_pb2.ExportChunk(data=chunk)

@@ -1,0 +1,305 @@
+"""The audit log's stored format: canonical body, hash chain, rows, and the shared append step.
+
+This module owns the on-disk format that :mod:`certbroker.audit.events` specifies for auditors
+(canonical
+body, hash chain, genesis hash) but not the event model: a body is a plain mapping of JSON
+values, so the chain code serves every event kind. It is backend-neutral: the SQL here runs on
+any :class:`~certbroker.audit.store.db.Connection` (SQLite or PostgreSQL), and the two stores
+(:mod:`certbroker.audit.store.sqlite`, :mod:`certbroker.audit.store.postgres`) only differ in how
+they open a connection
+and take the write lock around :func:`append_rows`. The group-commit writer is in
+:mod:`certbroker.audit.writer`.
+
+Archival (:mod:`certbroker.audit.archive`) removes the oldest rows after exporting them; the
+``audit_archives`` table then holds the *watermark*: the last archived sequence and its chain
+hash, where the live rows continue (:func:`archived_head`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from certbroker.audit.integrity.tree import TreeWriter
+from certbroker.audit.store.db import (
+    Connection,
+    connect_readonly,
+    insert_many,
+    is_postgres,
+    sqlite_has_table,
+    stream,
+)
+
+__all__ = [
+    "AUDIT_UNAVAILABLE",
+    "FORMAT_VERSION",
+    "GENESIS_HASH",
+    "INDEXED_COLUMNS",
+    "BatchStore",
+    "ChainResult",
+    "Head",
+    "StoredRow",
+    "append_rows",
+    "archived_head",
+    "canonical_body",
+    "chain_hash",
+    "check_chain",
+    "connect_readonly",
+    "epoch_time",
+    "iso_time",
+    "iter_rows",
+    "select_rows",
+]
+
+GENESIS_HASH = "0" * 64
+"""``prev_hash`` of the first entry."""
+
+FORMAT_VERSION = 1
+"""Value of the ``v`` key in every body; bump it if the body's meaning ever changes."""
+
+AUDIT_UNAVAILABLE = "AUDIT_UNAVAILABLE"
+"""The reason code of every append that could not be stored."""
+
+INDEXED_COLUMNS = (
+    "entry_id",
+    "time",
+    "clerk",
+    "subject_id",
+    "matter_code",
+    "record_type",
+    "decision",
+)
+"""Body keys copied into their own columns so queries can use indexes. They are not covered by
+the hash directly, so :func:`check_chain` compares each one with the hashed body."""
+
+ROW_COLUMNS = "seq, body, prev_hash, entry_hash, " + ", ".join(INDEXED_COLUMNS)
+_INSERT_COLUMNS = ("seq", *INDEXED_COLUMNS, "body", "prev_hash", "entry_hash")
+_INSERT_TYPES = ("bigint", *("text" for _ in INDEXED_COLUMNS), "text", "text", "text")
+
+
+def canonical_body(fields: Mapping[str, object]) -> str:
+    """The canonical JSON text of an entry body: sorted keys, no whitespace, raw UTF-8."""
+    return json.dumps(
+        fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+
+
+def chain_hash(prev_hash: str, body: str) -> str:
+    """``SHA-256(prev_hash_hex + body)`` over UTF-8, as lowercase hex."""
+    return hashlib.sha256((prev_hash + body).encode("utf-8")).hexdigest()
+
+
+def iso_time(moment: datetime) -> str:
+    """An aware datetime as the stored time text: UTC, millisecond precision, ``Z`` suffix.
+
+    Fixed width, so text order is time order and range queries compare strings.
+    """
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError("audit times must be timezone-aware")
+    text = moment.astimezone(UTC).isoformat(timespec="milliseconds")
+    return text.removesuffix("+00:00") + "Z"
+
+
+def epoch_time(seconds: float) -> str:
+    """:func:`iso_time` of a POSIX timestamp (what an injected clock returns)."""
+    return iso_time(datetime.fromtimestamp(seconds, tz=UTC))
+
+
+@dataclass(frozen=True)
+class StoredRow:
+    """One row as stored. ``columns`` holds the :data:`INDEXED_COLUMNS` values."""
+
+    seq: int
+    body: str
+    prev_hash: str
+    entry_hash: str
+    columns: Mapping[str, str]
+
+
+class BatchStore(Protocol):
+    """What the group-commit writer needs from a store. Called from one thread only."""
+
+    def write_batch(self, bodies: Sequence[Mapping[str, object]]) -> list[StoredRow]:
+        """Append ``bodies`` in order, all in one durable transaction, or none of them."""
+        ...
+
+    def close(self) -> None:
+        """Release the store's connection."""
+        ...
+
+
+def archived_head(conn: Connection) -> tuple[int, str]:
+    """(last archived sequence, its entry hash): where the live rows continue the chain.
+
+    (0, genesis) when nothing was archived (or the SQLite file predates archival).
+    """
+    if not is_postgres(conn) and not sqlite_has_table(conn, "audit_archives"):
+        return 0, GENESIS_HASH
+    row = conn.execute(
+        "SELECT last_seq, last_entry_hash FROM audit_archives ORDER BY last_seq DESC LIMIT 1"
+    ).fetchone()
+    return (0, GENESIS_HASH) if row is None else (int(row[0]), str(row[1]))
+
+
+def read_tail(conn: Connection) -> tuple[int, str]:
+    """(sequence, entry hash) of the last entry, live or archived; (0, genesis) if none."""
+    tail = conn.execute("SELECT seq, entry_hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+    row = tail.fetchone()
+    return archived_head(conn) if row is None else (int(row[0]), str(row[1]))
+
+
+@dataclass(frozen=True)
+class Head:
+    """What a writer committed last: the tail entry and the tree frontier of ``seq`` leaves."""
+
+    seq: int
+    entry_hash: str
+    frontier: tuple[bytes, ...]
+
+
+def append_rows(
+    conn: Connection, bodies: Sequence[Mapping[str, object]], known: Head | None = None
+) -> tuple[list[StoredRow], Head]:
+    """Chain ``bodies`` onto the stored tail and insert them with their Merkle leaves.
+
+    Call inside a transaction that already holds the log's write lock (the stores do), so
+    nobody can append between reading the tail and inserting: the chain cannot fork and the
+    sequence has no gaps or duplicates. Each body gets ``seq`` and ``v`` added. ``known`` is
+    the :class:`Head` the caller's previous batch returned: when the stored tail is still that
+    entry, nobody appended since and its frontier is reused instead of read back. Returns the
+    rows and the new head (for the caller to keep only once its transaction commits).
+    """
+    seq, prev = read_tail(conn)
+    if known is not None and (known.seq, known.entry_hash) == (seq, prev):
+        tree = TreeWriter(conn, (seq, list(known.frontier)))
+    else:
+        tree = TreeWriter(conn)
+        if tree.range.size != seq:
+            raise RuntimeError(f"merkle tree has {tree.range.size} leaves, log {seq} entries")
+    rows: list[StoredRow] = []
+    for fields in bodies:
+        seq += 1
+        body = canonical_body({**fields, "seq": seq, "v": FORMAT_VERSION})
+        entry_hash = chain_hash(prev, body)
+        columns = {name: str(fields[name]) for name in INDEXED_COLUMNS}
+        rows.append(StoredRow(seq, body, prev, entry_hash, columns))
+        tree.append(body)
+        prev = entry_hash
+    values = [(r.seq, *r.columns.values(), r.body, r.prev_hash, r.entry_hash) for r in rows]
+    insert_many(conn, "audit_log", _INSERT_COLUMNS, _INSERT_TYPES, values)
+    tree.flush()  # the tree's nodes commit with the entries, or not at all
+    return rows, Head(seq, prev, tree.range.frontier)
+
+
+def _row(values: Sequence[Any]) -> StoredRow:
+    seq, body, prev_hash, entry_hash, *indexed = values
+    return StoredRow(
+        seq=int(seq),
+        body=str(body),
+        prev_hash=str(prev_hash),
+        entry_hash=str(entry_hash),
+        columns={name: str(value) for name, value in zip(INDEXED_COLUMNS, indexed, strict=True)},
+    )
+
+
+def iter_rows(conn: Connection, after: int = 0) -> Iterator[StoredRow]:
+    """Every live row with ``seq > after`` in ``seq`` order, streamed from one query (one
+    consistent snapshot even while others write)."""
+    sql = f"SELECT {ROW_COLUMNS} FROM audit_log WHERE seq > ? ORDER BY seq"  # noqa: S608
+    for values in stream(conn, sql, (after,)):
+        yield _row(values)
+
+
+def select_rows(
+    conn: Connection,
+    *,
+    equals: Mapping[str, str],
+    since: str | None,
+    until: str | None,
+    limit: int,
+) -> list[StoredRow]:
+    """The newest ``limit`` rows matching all conditions, returned oldest first.
+
+    ``equals`` keys must be :data:`INDEXED_COLUMNS`; ``since`` is inclusive, ``until`` exclusive.
+    """
+    clauses: list[str] = []
+    params: list[object] = []
+    for column, value in equals.items():
+        if column not in INDEXED_COLUMNS:
+            raise ValueError(f"cannot filter on {column!r}")
+        clauses.append(f"{column} = ?")
+        params.append(value)
+    if since is not None:
+        clauses.append("time >= ?")
+        params.append(since)
+    if until is not None:
+        clauses.append("time < ?")
+        params.append(until)
+    where = " AND ".join(clauses) or "1 = 1"
+    # Column names come from the fixed allow-list above; every value is a bound parameter.
+    sql = (
+        f"SELECT * FROM (SELECT {ROW_COLUMNS} FROM audit_log WHERE {where} "  # noqa: S608
+        "ORDER BY seq DESC LIMIT ?) AS newest ORDER BY seq"
+    )
+    return [_row(values) for values in conn.execute(sql, (*params, limit))]
+
+
+@dataclass(frozen=True)
+class ChainResult:
+    """Outcome of :func:`check_chain`; ``head_hash`` is the last entry's hash when intact."""
+
+    entries: int
+    first_bad: int | None
+    problem: str
+    head_hash: str
+
+
+def check_chain(
+    rows: Iterable[StoredRow], *, start: int = 1, prev_hash: str = GENESIS_HASH
+) -> ChainResult:
+    """Recompute the chain over ``rows`` (in stored order) and find the first bad entry.
+
+    Positions count from ``start`` (1, or the first live sequence after archival, chaining
+    from ``prev_hash``) and equal the sequence an intact entry there must carry, so a missing,
+    inserted or swapped entry shows up as the first position whose entry does not fit.
+    Rows after the first bad one are only counted.
+    """
+    prev = prev_hash
+    count = 0
+    remaining_rows = iter(rows)
+    for row in remaining_rows:
+        position = start + count
+        count += 1
+        problem = _row_problem(position, prev, row)
+        if problem:
+            remaining = sum(1 for _ in remaining_rows)
+            return ChainResult(count + remaining, position, f"entry {position}: {problem}", "")
+        prev = row.entry_hash
+    return ChainResult(count, None, "", prev)
+
+
+def _row_problem(position: int, prev: str, row: StoredRow) -> str:
+    """Why ``row`` cannot be entry ``position`` following hash ``prev``; "" if it can."""
+    if row.seq != position:
+        return f"stored sequence is {row.seq} (entry missing, inserted or out of order)"
+    try:
+        data = json.loads(row.body)
+    except ValueError:
+        return "body is not valid JSON"
+    if not isinstance(data, dict):
+        return "body is not a JSON object"
+    body_seq = data.get("seq")
+    if type(body_seq) is not int or body_seq != position:
+        return f"body carries sequence {body_seq!r} (entry moved or inserted)"
+    if row.prev_hash != prev:
+        return "prev_hash does not match the previous entry's hash"
+    if chain_hash(row.prev_hash, row.body) != row.entry_hash:
+        return "entry_hash does not match the entry's contents (entry edited)"
+    for name in INDEXED_COLUMNS:
+        if data.get(name) != row.columns[name]:
+            return f"column {name} differs from the hashed body (entry edited)"
+    return ""

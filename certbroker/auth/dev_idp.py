@@ -1,0 +1,97 @@
+"""The development identity provider behind ``certbroker token issue`` (re-exported by
+:mod:`certbroker.auth.authenticator`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import jwt
+
+from certbroker.auth.issuers import TrustedIssuer, VerifyingKey, jwk_thumbprint
+from certbroker.auth.keyfiles import ed25519_key_files
+from certbroker.auth.principals import DEPARTMENT_ROLE, OPERATOR_ROLE
+
+__all__ = ["DevIdentityProvider"]
+
+
+class DevIdentityProvider:
+    """`certbroker token issue`: a development IdP keeping an Ed25519 key pair in a state dir.
+
+    ``state_dir/idp/signing-key.pem`` (0600) is created on first use and reused afterwards
+    (:func:`certbroker.auth.keyfiles.ed25519_key_files`); ``public-key.pem`` beside it can be given
+    to
+    :func:`load_issuer` like any issuer's key.
+    """
+
+    ISSUER = "https://idp.certbroker.local/dev"
+    AUDIENCE = "certbroker"
+
+    def __init__(self, state_dir: Path) -> None:
+        files = ed25519_key_files(state_dir / "idp")
+        self.signing_key_path = files.signing_key_path
+        self.public_key_path = files.public_key_path
+        self._key = files.private_key
+        self._vkey = VerifyingKey(files.public_key, "EdDSA")
+        self._kid = jwk_thumbprint(self._vkey.key)
+
+    def issue(
+        self,
+        sub: str,
+        roles: Sequence[str],
+        office: str,
+        *,
+        name: str = "",
+        ttl_s: int = 8 * 3600,
+        now: float | None = None,
+        extra_claims: Mapping[str, object] | None = None,
+    ) -> str:
+        """Sign a clerk token. ``extra_claims`` go in last, so they may override any claim."""
+        if isinstance(roles, str) or not sub or not office or ttl_s <= 0:
+            raise ValueError("need sub, office, a sequence of roles (not a str) and ttl_s > 0")
+        claims = self._base_claims(sub, list(roles), ttl_s, now) | {"office": office}
+        if name:
+            claims["name"] = name
+        claims.update(extra_claims or {})
+        return self._sign(claims)
+
+    def issue_department(
+        self, dept: str, *, sub: str = "", ttl_s: int = 24 * 3600, now: float | None = None
+    ) -> str:
+        """Sign a department credential (role "department", claim ``dept``) for the Registry.
+
+        ``sub`` names the adapter deployment; it defaults to ``adapter:<dept>``.
+        """
+        if not dept or ttl_s <= 0:
+            raise ValueError("need a department id and ttl_s > 0")
+        return self._sign(
+            self._base_claims(sub or f"adapter:{dept}", [DEPARTMENT_ROLE], ttl_s, now)
+            | {"dept": dept}
+        )
+
+    def issue_operator(self, sub: str, *, ttl_s: int = 8 * 3600, now: float | None = None) -> str:
+        """Sign an operator token (role "operator"): manages the Registry of every department."""
+        if not sub or ttl_s <= 0:
+            raise ValueError("need sub and ttl_s > 0")
+        return self._sign(self._base_claims(sub, [OPERATOR_ROLE], ttl_s, now))
+
+    def _base_claims(
+        self, sub: str, roles: list[str], ttl_s: int, now: float | None
+    ) -> dict[str, object]:
+        iat = int(time.time() if now is None else now)
+        return {
+            "iss": self.ISSUER,
+            "aud": self.AUDIENCE,
+            "sub": sub,
+            "roles": roles,
+            "iat": iat,
+            "exp": iat + ttl_s,
+        }
+
+    def _sign(self, claims: Mapping[str, object]) -> str:
+        return jwt.encode(dict(claims), self._key, algorithm="EdDSA", headers={"kid": self._kid})
+
+    def trusted_issuer(self) -> TrustedIssuer:
+        """The issuer entry that makes an :class:`Authenticator` accept this IdP's tokens."""
+        return TrustedIssuer(self.ISSUER, self.AUDIENCE, {self._kid: self._vkey})

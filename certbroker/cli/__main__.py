@@ -1,0 +1,5 @@
+"""``python -m certbroker.cli``: the same command line as the ``certbroker`` script."""
+
+from certbroker.cli.main import main
+
+raise SystemExit(main())

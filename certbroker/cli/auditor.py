@@ -1,0 +1,321 @@
+"""``certbroker audit report|anomalies|prove``: the broker's Audit service from an auditor's
+terminal.
+
+Every command calls a running broker's ``certbroker.v1.Audit`` service with an auditor token
+from ``--token`` or ``$CERTBROKER_TOKEN`` (development: ``certbroker token issue --sub aud-1
+--roles auditor --office audit-office``); each call is itself an entry in the audit log. Output
+is a table aligned by display width (CJK names line up), or ``--json``.
+
+Exit codes: 0 done, 1 the broker refused the call (status and reason on stderr), 2 usage (no
+token, a time that does not parse, no public key); ``prove`` also exits like ``audit verify``
+when what the broker served does not verify (15 not proven, 16 wrong key, 17 bad checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import sys
+import unicodedata
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, timestamp_pb2
+from google.protobuf.message import Message
+
+from certbroker.audit.events import display_width
+from certbroker.audit.integrity import checkpoint
+from certbroker.audit.verify.report import REWRITTEN
+from certbroker.cli import client
+from certbroker.v1 import audit_pb2, audit_pb2_grpc
+from certbroker.validation import CONTROL_CATEGORIES
+
+StateOption = Callable[[argparse.ArgumentParser], None]
+_Use = Callable[[audit_pb2_grpc.AuditStub, tuple[tuple[str, str]]], int]
+MAX_SEQUENCES_SHOWN = 8
+
+
+def _call(args: argparse.Namespace, use: _Use) -> int:
+    """Run ``use(stub, metadata)`` against ``--target`` with the token; 1 on an RPC error."""
+    token = args.token or os.environ.get("CERTBROKER_TOKEN", "")
+    if not token:
+        print(
+            "error: pass --token or set CERTBROKER_TOKEN (an auditor token: "
+            "`certbroker token issue --roles auditor ...`)",
+            file=sys.stderr,
+        )
+        return 2
+    channel, stub = client.audit_stub(args.target)
+    try:
+        return use(stub, client.bearer(token))
+    except grpc.RpcError as exc:
+        print(f"error: {client.call_error(exc)}", file=sys.stderr)
+        return 1
+    finally:
+        channel.close()
+
+
+def _range(args: argparse.Namespace) -> audit_pb2.TimeRange | None:
+    """--since/--until as a TimeRange; ValueError names the bad option."""
+    moments: dict[str, dt.datetime | None] = {}
+    for name in ("since", "until"):
+        value = getattr(args, name)
+        try:
+            moments[name] = client.parse_time(value) if value else None
+        except ValueError:
+            raise ValueError(f"--{name}: not an ISO 8601 time: {value!r}") from None
+    return client.time_range(moments["since"], moments["until"])
+
+
+def _cell(text: str) -> str:
+    # Values come from callers' tokens and requests: escape control and format characters so a
+    # crafted value cannot break the table or send escape sequences to the auditor's terminal.
+    out = [
+        ch.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(ch) in CONTROL_CATEGORIES
+        else ch
+        for ch in text
+    ]
+    return "".join(out) or "-"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """An aligned text table (header, rule, rows), padded by display width; "" shows as "-"."""
+    cells = [list(header), *([_cell(c) for c in row] for row in rows)]
+    widths = [max(display_width(line[i]) for line in cells) for i in range(len(header))]
+
+    def render(line: Sequence[str]) -> str:
+        padded = [c + " " * (w - display_width(c)) for c, w in zip(line, widths, strict=True)]
+        return "  ".join(padded).rstrip()
+
+    return "\n".join(render(line) for line in [cells[0], ["-" * w for w in widths], *cells[1:]])
+
+
+def _when(stamp: timestamp_pb2.Timestamp) -> str:
+    return f"{stamp.ToDatetime(tzinfo=dt.UTC):%Y-%m-%d %H:%M:%S}Z"
+
+
+def _print_json(message: Message) -> None:
+    as_dict = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    print(json.dumps(as_dict, ensure_ascii=False, indent=2, sort_keys=True))
+
+
+def _sequences(values: Sequence[int]) -> str:
+    shown = ",".join(str(v) for v in values[:MAX_SEQUENCES_SHOWN])
+    more = len(values) - MAX_SEQUENCES_SHOWN
+    return shown + (f",… (+{more})" if more > 0 else "")
+
+
+def _with_range(args: argparse.Namespace, run: Callable[[audit_pb2.TimeRange | None], int]) -> int:
+    try:
+        span = _range(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return run(span)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Every access to one citizen's records: the report a citizen can be handed."""
+
+    def run(span: audit_pb2.TimeRange | None) -> int:
+        def use(stub: audit_pb2_grpc.AuditStub, md: tuple[tuple[str, str]]) -> int:
+            request = audit_pb2.CitizenReportRequest(subject_id=args.subject_id, time=span)
+            reply = stub.CitizenReport(request, metadata=md, timeout=args.timeout)
+            if args.json:
+                _print_json(reply)
+                return 0
+            header = (
+                "TIME",
+                "CLERK",
+                "OFFICE",
+                "MATTER",
+                "CASE",
+                "RECORD TYPE",
+                "DEPARTMENT",
+                "DECISION",
+                "OUTCOME",
+                "FIELDS RELEASED",
+            )
+            rows = [
+                (
+                    _when(a.time),
+                    a.clerk,
+                    a.office,
+                    f"{a.matter_code} {a.matter_name}".strip(),
+                    a.case_number,
+                    a.record_type,
+                    a.department,
+                    a.decision,
+                    a.outcome,
+                    ",".join(a.fields),
+                )
+                for a in reply.accesses
+            ]
+            print(f"accesses to the records of {_cell(reply.subject_id)}:")
+            print(table(header, rows))
+            print(f"({len(rows)} accesses)")
+            return 0
+
+        return _call(args, use)
+
+    return _with_range(args, run)
+
+
+def cmd_anomalies(args: argparse.Namespace) -> int:
+    """Findings over the lookups in the time range, each with the entries behind it."""
+
+    def run(span: audit_pb2.TimeRange | None) -> int:
+        def use(stub: audit_pb2_grpc.AuditStub, md: tuple[tuple[str, str]]) -> int:
+            request = audit_pb2.AnomaliesRequest(time=span)
+            reply = stub.Anomalies(request, metadata=md, timeout=args.timeout)
+            if args.json:
+                _print_json(reply)
+                return 0
+            rows = [
+                (f.rule, f.clerk, _sequences(list(f.sequences)), f.description)
+                for f in reply.findings
+            ]
+            print(table(("RULE", "CLERK", "ENTRIES", "DESCRIPTION"), rows))
+            print(f"({len(rows)} findings)")
+            return 0
+
+        return _call(args, use)
+
+    return _with_range(args, run)
+
+
+def _exported_entry(data: bytes) -> tuple[str, bytes, str]:
+    """(prev_hash, body bytes, entry_hash) of a one-entry export
+    (:mod:`certbroker.audit.export`)."""
+    head, line = data.split(b"\n")[:2]
+    key = b'","body":'
+    at = line.index(key)
+    entry_hash = line[at - 64 : at].decode("ascii")
+    return str(json.loads(head)["prev_hash"]), line[at + len(key) : -1], entry_hash
+
+
+def cmd_prove(args: argparse.Namespace) -> int:
+    """Prove one entry (a lookup's receipt) is in a signed checkpoint, checked here."""
+    try:
+        args.entry_hash = _receipt_hash(args.entry_hash)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        key_file = args.public_key or args.state_dir / "checkpoint-key" / "public-key.pem"
+        public_key = checkpoint.load_public_key(key_file)
+    except (OSError, ValueError) as exc:
+        print(f"error: --public-key: {exc}", file=sys.stderr)
+        return 2
+
+    def use(stub: audit_pb2_grpc.AuditStub, md: tuple[tuple[str, str]]) -> int:
+        head = stub.GetCheckpoint(
+            audit_pb2.GetCheckpointRequest(fresh=args.fresh), metadata=md, timeout=args.timeout
+        )
+        request = audit_pb2.InclusionProofRequest(
+            entry_id=args.entry_id or "", sequence=args.sequence or 0, tree_size=head.size
+        )
+        proof = stub.GetInclusionProof(request, metadata=md, timeout=args.timeout)
+        sequence = proof.leaf_index + 1
+        segment = audit_pb2.ExportRequest(from_sequence=sequence, to_sequence=sequence)
+        data = b"".join(c.data for c in stub.Export(segment, metadata=md, timeout=args.timeout))
+        try:
+            signed = client.open_checkpoint(head, public_key)
+            client.check_inclusion(signed, proof)
+            prev, body, entry_hash = _exported_entry(data)
+            _check_entry(args, prev, body, entry_hash, proof)
+        except client.ProofError as exc:
+            print(f"NOT PROVEN: {exc}")
+            return exc.code
+        print(
+            f"ok: entry #{sequence} (sha256:{entry_hash}) is in the checkpoint of "
+            f"{signed.size} entries signed at {signed.time:%Y-%m-%d %H:%M:%S}Z, "
+            f"root {signed.root_hash.hex()}"
+        )
+        return 0
+
+    return _call(args, use)
+
+
+def _check_entry(
+    args: argparse.Namespace,
+    prev: str,
+    body: bytes,
+    entry_hash: str,
+    proof: audit_pb2.InclusionProof,
+) -> None:
+    """The exported entry is the proven leaf, and the receipt's entry (id and hash)."""
+    if hashlib.sha256(b"\x00" + body).digest() != proof.leaf_hash:
+        raise client.ProofError(REWRITTEN, "the exported entry is not the proven leaf")
+    if hashlib.sha256(prev.encode() + body).hexdigest() != entry_hash:
+        raise client.ProofError(REWRITTEN, "the exported entry does not match its chain hash")
+    fields: dict[str, Any] = json.loads(body)
+    if args.entry_id and fields.get("entry_id") != args.entry_id:
+        raise client.ProofError(REWRITTEN, "the proven entry has another entry_id")
+    if args.entry_hash and not entry_hash.startswith(args.entry_hash):
+        raise client.ProofError(REWRITTEN, "the proven entry's hash is not the receipt's")
+
+
+def _receipt_hash(text: str | None) -> str | None:
+    """``--entry-hash`` as printed on a receipt (``sha256:0f3a…``): 8 to 64 hex digits."""
+    if text is None:
+        return None
+    cleaned = text.strip().lower().removeprefix("sha256:").rstrip("…")
+    if not 8 <= len(cleaned) <= 64 or any(c not in "0123456789abcdef" for c in cleaned):
+        raise ValueError("--entry-hash: expected 8 to 64 hex digits of the receipt's hash")
+    return cleaned
+
+
+def add_parsers(
+    aud: argparse._SubParsersAction[argparse.ArgumentParser], state: StateOption
+) -> None:
+    """Register ``report``, ``anomalies`` and ``prove`` under ``certbroker audit``."""
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--target", default="127.0.0.1:50051", help="the broker")
+        sp.add_argument("--token", help="auditor JWT (default: $CERTBROKER_TOKEN)")
+        sp.add_argument("--timeout", type=float, default=30.0)
+
+    def span(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--since", help="ISO 8601 time, inclusive (no zone = UTC)")
+        sp.add_argument("--until", help="ISO 8601 time, exclusive (no zone = UTC)")
+        sp.add_argument("--json", action="store_true", help="the service's answer as JSON")
+
+    s = aud.add_parser(
+        "report", help="every access to one citizen's records (Audit service, auditors)"
+    )
+    s.add_argument("subject_id", help="the citizen's resident ID")
+    common(s)
+    span(s)
+    s.set_defaults(func=cmd_report)
+
+    s = aud.add_parser("anomalies", help="patterns worth a look (Audit service, auditors)")
+    common(s)
+    span(s)
+    s.set_defaults(func=cmd_anomalies)
+
+    s = aud.add_parser(
+        "prove",
+        help="prove an entry (a lookup's receipt) is in a signed checkpoint (auditors)",
+        epilog="exit codes: 0 proven, 1 refused by the broker, 2 usage, 15 not proven, "
+        "16 checkpoint signed by the wrong key, 17 checkpoint signature invalid",
+    )
+    which = s.add_mutually_exclusive_group(required=True)
+    which.add_argument("--entry-id", help="the receipt's entry id")
+    which.add_argument("--sequence", type=int, help="the receipt's sequence number")
+    s.add_argument("--entry-hash", help="the receipt's entry hash (a prefix will do)")
+    s.add_argument("--fresh", action="store_true", help="have a new checkpoint signed first")
+    state(s)
+    s.add_argument(
+        "--public-key",
+        type=Path,
+        help="checkpoint public key PEM (default <state-dir>/checkpoint-key/public-key.pem)",
+    )
+    common(s)
+    s.set_defaults(func=cmd_prove)

@@ -1,0 +1,241 @@
+"""A small client for counter software, the CLI and the demo: calls and readable output."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from google.protobuf import json_format, timestamp_pb2
+from grpc_status import rpc_status
+
+from certbroker.audit.integrity import checkpoint, merkle
+from certbroker.audit.integrity.proofs import KEY_NAME, ORIGIN
+from certbroker.audit.verify.report import BAD_CHECKPOINT, REWRITTEN, WRONG_KEY
+from certbroker.errors import reason_of
+from certbroker.v1 import audit_pb2, audit_pb2_grpc, broker_pb2, broker_pb2_grpc
+
+
+@dataclass(frozen=True)
+class CallError:
+    """A failed call as the counter sees it: status, machine reason, human message."""
+
+    code: str
+    reason: str
+    message: str
+    metadata: dict[str, str]
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.reason}: {self.message}"
+
+
+def call_error(exc: grpc.RpcError) -> CallError:
+    """Read the rich google.rpc.Status a broker error carries."""
+    from google.rpc import error_details_pb2
+
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    metadata: dict[str, str] = {}
+    if status is not None:
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                metadata = dict(info.metadata)
+    code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return CallError(code, (reason_of(status) if status else None) or "", details or "", metadata)
+
+
+def _consent(method: str) -> broker_pb2.ConsentMethod.ValueType:
+    if not method:
+        return broker_pb2.CONSENT_METHOD_UNSPECIFIED
+    return broker_pb2.ConsentMethod.Value("CONSENT_METHOD_" + method.upper())
+
+
+def lookup_request(
+    record_type: str,
+    subject_id: str,
+    matter_code: str,
+    case_number: str,
+    consent: str = "id_card_read",
+    consent_reference: str = "",
+    fields: Sequence[str] = (),
+) -> broker_pb2.LookupRequest:
+    """A Lookup request; ``consent`` is a policy consent name ("" = none recorded)."""
+    return broker_pb2.LookupRequest(
+        record_type=record_type,
+        subject_id=subject_id,
+        matter_code=matter_code,
+        case_number=case_number,
+        consent=broker_pb2.Consent(method=_consent(consent), reference=consent_reference),
+        fields=fields,
+    )
+
+
+def parse_subject(text: str) -> tuple[str, str]:
+    """``"ID:relation"`` (as the CLI takes it) → ``(subject_id, relation)``."""
+    subject_id, sep, relation = text.partition(":")
+    if not sep or not subject_id or not relation:
+        raise ValueError(f"expected RESIDENT_ID:relation, got {text!r}")
+    return subject_id.strip(), relation.strip()
+
+
+def lookup_matter_request(
+    matter_code: str,
+    case_number: str,
+    subjects: Sequence[tuple[str, str]],
+    consent: str = "id_card_read",
+    consent_reference: str = "",
+) -> broker_pb2.LookupMatterRequest:
+    """A LookupMatter request; ``subjects`` are ``(resident ID, relation)`` pairs."""
+    return broker_pb2.LookupMatterRequest(
+        matter_code=matter_code,
+        case_number=case_number,
+        consent=broker_pb2.Consent(method=_consent(consent), reference=consent_reference),
+        subjects=[broker_pb2.BundleSubject(subject_id=s, relation=r) for s, r in subjects],
+    )
+
+
+def stub(target: str) -> tuple[grpc.Channel, broker_pb2_grpc.CertificateBrokerStub]:
+    channel = grpc.insecure_channel(target)
+    return channel, broker_pb2_grpc.CertificateBrokerStub(channel)
+
+
+def audit_stub(target: str) -> tuple[grpc.Channel, audit_pb2_grpc.AuditStub]:
+    """A channel to the broker's Audit service (auditor tokens) and its stub."""
+    channel = grpc.insecure_channel(target)
+    return channel, audit_pb2_grpc.AuditStub(channel)
+
+
+def bearer(token: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def parse_time(text: str) -> datetime:
+    """ISO 8601 as an auditor types it; a time without a zone is UTC. ValueError if not one."""
+    moment = datetime.fromisoformat(text)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def time_range(since: datetime | None, until: datetime | None) -> audit_pb2.TimeRange | None:
+    """The Audit service's TimeRange (since inclusive, until exclusive); None if both open."""
+    if since is None and until is None:
+        return None
+    span = audit_pb2.TimeRange()
+    for name, moment in (("since", since), ("until", until)):
+        if moment is not None:
+            stamp = timestamp_pb2.Timestamp()
+            stamp.FromDatetime(moment)
+            getattr(span, name).CopyFrom(stamp)
+    return span
+
+
+class ProofError(Exception):
+    """Something the broker served does not verify; ``code`` is the matching
+    ``certbroker audit verify`` exit code (16 wrong key, 17 bad checkpoint, 15 no proof)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def open_checkpoint(
+    head: audit_pb2.Checkpoint, public_key: Ed25519PublicKey
+) -> checkpoint.Checkpoint:
+    """The checkpoint a ``Checkpoint`` message carries, once its note's signature verifies
+    with ``public_key``; the message's size and root must be the signed ones."""
+    try:
+        signed = checkpoint.open_note(head.note, public_key, KEY_NAME, origin=ORIGIN)
+    except checkpoint.CheckpointError as exc:
+        code = WRONG_KEY if exc.reason == checkpoint.WRONG_KEY else BAD_CHECKPOINT
+        raise ProofError(code, f"checkpoint: {exc}") from None
+    if (signed.size, signed.root_hash) != (head.size, head.root_hash):
+        raise ProofError(BAD_CHECKPOINT, "checkpoint size/root differ from its signed note")
+    return signed
+
+
+def check_inclusion(signed: checkpoint.Checkpoint, proof: audit_pb2.InclusionProof) -> None:
+    """Raise ProofError unless ``proof`` puts its leaf in the tree ``signed`` commits to."""
+    if proof.tree_size != signed.size or not merkle.verify_inclusion(
+        proof.leaf_hash, proof.leaf_index, proof.tree_size, list(proof.hashes), signed.root_hash
+    ):
+        raise ProofError(
+            REWRITTEN,
+            f"the inclusion proof of entry {proof.leaf_index + 1} does not lead to the root "
+            f"signed for size {signed.size}",
+        )
+
+
+def record_lines(response: broker_pb2.LookupResponse) -> list[str]:
+    """The record, one `field: value` line each, then what was withheld and the receipt."""
+    case = response.record.WhichOneof("record") or ""
+    data = (
+        json_format.MessageToDict(getattr(response.record, case), preserving_proto_field_name=True)
+        if case
+        else {}
+    )
+    lines = []
+    for name, value in data.items():
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            lines.append(f"  {name}:")
+            for item in value:
+                lines.append("    - " + ", ".join(f"{k}={v}" for k, v in item.items()))
+        else:
+            lines.append(f"  {name}: {value}")
+    if response.masked_fields:
+        lines.append(f"  (masked: {', '.join(response.masked_fields)})")
+    if response.withheld_fields:
+        lines.append(f"  (withheld by policy: {', '.join(response.withheld_fields)})")
+    lines.append(
+        f"  source: {response.department}, as of {response.as_of.ToDatetime():%Y-%m-%d %H:%M:%S}"
+        f" UTC, rule {response.rule_id}"
+    )
+    lines.append(
+        f"  audit receipt: #{response.receipt.sequence} {response.receipt.entry_id} "
+        f"sha256:{response.receipt.entry_hash[:16]}…"
+    )
+    return lines
+
+
+def _summary(response: broker_pb2.LookupResponse, limit: int = 2) -> str:
+    """A few released values of the record, on one line (lists shown as counts)."""
+    case = response.record.WhichOneof("record") or ""
+    if not case:
+        return "(empty record)"
+    data = json_format.MessageToDict(
+        getattr(response.record, case), preserving_proto_field_name=True
+    )
+    parts = [
+        f"{len(v)} {k}" if isinstance(v, list) else f"{k}={v}"
+        for k, v in list(data.items())[:limit]
+    ]
+    more = len(data) - limit
+    return ", ".join(parts) + (f", +{more} more" if more > 0 else "")
+
+
+def bundle_lines(response: broker_pb2.LookupMatterResponse) -> list[str]:
+    """One compact line per item (record summary or error), then the bundle's receipt."""
+    relation_width = max((len(i.relation) for i in response.items), default=0)
+    type_width = max((len(i.record_type) for i in response.items), default=0)
+    lines = []
+    for item in response.items:
+        head = (
+            f"  {item.relation:<{relation_width}}  {item.subject_id}  "
+            f"{item.record_type:<{type_width}}"
+        )
+        if item.WhichOneof("result") == "response":
+            r = item.response
+            tail = f"  #{r.receipt.sequence}"
+            if r.masked_fields:
+                tail = f"  (masked: {', '.join(r.masked_fields)})" + tail
+            lines.append(f"{head}  OK  {_summary(r)}{tail}")
+        else:
+            e = item.error
+            entry = e.metadata.get("audit_entry_id", "")
+            lines.append(f"{head}  {e.code} {e.reason}: {e.message}  (entry {entry[:8]})")
+    lines.append(
+        f"  bundle {response.bundle_id}: {len(response.items)} items, audit receipt "
+        f"#{response.receipt.sequence} sha256:{response.receipt.entry_hash[:16]}…"
+    )
+    return lines

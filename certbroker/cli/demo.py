@@ -1,0 +1,248 @@
+"""`certbroker demo`: start a broker on its embedded default and play a counter session.
+
+The broker runs as its own process (`certbroker serve`), exactly as an operator would run it;
+this module is counter software talking to it over gRPC with real clerk tokens.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import grpc
+
+from certbroker import config
+from certbroker.adapters.demo import synthetic
+from certbroker.audit import events as audit
+from certbroker.auth.authenticator import DevIdentityProvider
+from certbroker.cli import client
+from certbroker.contract import resident_id
+from certbroker.v1 import broker_pb2, broker_pb2_grpc
+
+TRANSFER, PENSION = "BDC-ZY-001", "SB-YL-001"
+OFFICE = "gz-haizhu-24h-01"  # the Haizhu 24-hour hall: the demo works at any hour
+
+
+def _title(text: str) -> None:
+    print(f"\n\033[1m== {text}\033[0m")
+
+
+def _start(state_dir: Path) -> tuple[subprocess.Popen[str], int]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "certbroker",
+        "serve",
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--state-dir",
+        str(state_dir),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("READY "):
+            fields = dict(part.split("=") for part in line.split()[1:])
+            return proc, int(fields["port"])
+        print(f"  {line.rstrip()}")
+    raise SystemExit(f"broker exited with {proc.wait()} before it was ready")
+
+
+def run(state_dir: Path) -> int:
+    """Run the demo; returns the process exit code (0 when every step behaved as shown)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    for stale in state_dir.glob("audit.sqlite*"):
+        stale.unlink()  # each demo tells its own story from an empty log
+    _title("Starting certbroker (SQLite audit, in-process department adapters, shipped policies)")
+    proc, port = _start(state_dir)
+    try:
+        return _session(state_dir, f"127.0.0.1:{port}")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _session(state_dir: Path, target: str) -> int:
+    idp = DevIdentityProvider(state_dir)
+    clerk = idp.issue("clerk-0417", ["window_clerk"], OFFICE, name="李敏")
+    seller, spouse = synthetic.sample_couple(config.load(None, state_dir=state_dir).datasets)
+    case = f"GZ{dt.date.today():%Y%m%d}-000123"
+    channel, stub = client.stub(target)
+    surprises: list[str] = []
+
+    def show(label: str, token: str, request: broker_pb2.LookupRequest, expect: str = "OK") -> None:
+        print(f"\n-> {label}")
+        try:
+            response = stub.Lookup(request, metadata=client.bearer(token), timeout=10)
+        except grpc.RpcError as exc:
+            err = client.call_error(exc)
+            print(f"  refused: {err}")
+            extra = {k: v for k, v in err.metadata.items() if k != "audit_entry_id"}
+            if extra:
+                print(f"  details: {extra}")
+            if "audit_entry_id" in err.metadata:
+                print(f"  (audited as entry {err.metadata['audit_entry_id']})")
+            got = err.code
+        else:
+            print("\n".join(client.record_lines(response)))
+            got = "OK"
+        if got != expect:
+            surprises.append(f"{label}: expected {expect}, got {got}")
+
+    def req(
+        record_type: str,
+        subject: str,
+        matter: str = TRANSFER,
+        case_number: str = case,
+        fields: Sequence[str] = (),
+    ) -> broker_pb2.LookupRequest:
+        return client.lookup_request(
+            record_type,
+            subject,
+            matter,
+            case_number,
+            consent_reference="READER-07/0417",
+            fields=fields,
+        )
+
+    _title(f"Clerk clerk-0417 (李敏, window_clerk) at {OFFICE}: what may I handle?")
+    matters = stub.ListMatters(broker_pb2.ListMattersRequest(), metadata=client.bearer(clerk))
+    for m in matters.matters:
+        needs = ", ".join(n.record_type for n in m.needs)
+        print(f"  {m.code}  {m.name}  needs: {needs}")
+
+    _title(
+        f"Property transfer (不动产转移登记), case {case}: the seller {seller} "
+        "handed over an ID card; the buyer will not come back twice"
+    )
+    for record_type in ("household", "marriage", "property"):
+        show(f"{record_type} record of the seller", clerk, req(record_type, seller))
+    show(
+        "the spouse's property record (joint owner), only certificate and ownership",
+        clerk,
+        req("property", spouse, fields=["holdings.certificate_number", "holdings.ownership"]),
+    )
+
+    _title(
+        "The same property transfer as one matter bundle (LookupMatter): the seller and the "
+        "spouse as co-owner, every record the matter needs, fetched in parallel"
+    )
+    _bundle(stub, clerk, case, [(seller, "seller"), (spouse, "co_owner")], surprises.append)
+
+    _title("What policy refuses")
+    show(
+        "social security is not needed for a property transfer",
+        clerk,
+        req("social_security", seller),
+        expect="PERMISSION_DENIED",
+    )
+    ss_clerk = idp.issue("clerk-0722", ["social_security_clerk"], "gz-yuexiu-hall-02")
+    show(
+        "a social-security clerk tries the property record for a pension claim",
+        ss_clerk,
+        req("property", seller, matter=PENSION),
+        expect="PERMISSION_DENIED",
+    )
+    show(
+        "no case number (办件号)",
+        clerk,
+        req("household", seller, case_number=""),
+        expect="PERMISSION_DENIED",
+    )
+
+    _title("What the broker rejects before policy")
+    bad_id = seller[:17] + ("0" if seller[17] != "0" else "1")
+    show(
+        f"a mistyped resident ID {bad_id} (check digit)",
+        clerk,
+        req("household", bad_id),
+        expect="INVALID_ARGUMENT",
+    )
+    stranger = resident_id.make("440105", dt.date(1985, 6, 1), 997)
+    show(
+        f"a valid ID no department knows ({stranger})",
+        clerk,
+        req("household", stranger),
+        expect="NOT_FOUND",
+    )
+    show(
+        "a forged token",
+        clerk[:-8] + "AAAAAAAA",
+        req("household", seller),
+        expect="UNAUTHENTICATED",
+    )
+    channel.close()
+
+    db = state_dir / "audit.sqlite"
+    _title(f"The audit log ({db}): every lookup above, allowed or not")
+    print(audit.format_table(audit.query(db, audit.QueryFilter())))
+    report = audit.verify(db)
+    print(
+        f"\n  certbroker audit verify: {'ok' if report.ok else 'TAMPERED'}, "
+        f"{report.entries} entries"
+    )
+    if not report.ok:
+        surprises.append(f"audit verify failed: {report.problem}")
+    _tamper_demo(db, surprises.append)
+
+    if surprises:
+        print("\nUNEXPECTED:\n  " + "\n  ".join(surprises))
+        return 1
+    print(
+        "\nDemo complete. Try it yourself: `make serve`, then `certbroker token issue` and "
+        "`certbroker lookup` (see README)."
+    )
+    return 0
+
+
+def _bundle(
+    stub: broker_pb2_grpc.CertificateBrokerStub,
+    token: str,
+    case: str,
+    subjects: Sequence[tuple[str, str]],
+    surprise: Callable[[str], None],
+) -> None:
+    """One LookupMatter call, one compact line per (subject, record type)."""
+    request = client.lookup_matter_request(
+        TRANSFER, case, subjects, consent_reference="READER-07/0417"
+    )
+    print(f"\n-> {TRANSFER} for {len(subjects)} citizens")
+    try:
+        response = stub.LookupMatter(request, metadata=client.bearer(token), timeout=10)
+    except grpc.RpcError as exc:
+        print(f"  refused: {client.call_error(exc)}")
+        surprise(f"bundle refused: {client.call_error(exc)}")
+        return
+    print("\n".join(client.bundle_lines(response)))
+    failed = [i for i in response.items if i.WhichOneof("result") != "response"]
+    if failed or len(response.items) != 3 * len(subjects):
+        surprise(f"bundle: {len(failed)} of {len(response.items)} items failed")
+
+
+def _tamper_demo(db: Path, surprise: Callable[[str], None]) -> None:
+    """Edit a copy of the log as a dishonest operator would; verification names the entry."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "audit.sqlite"
+        with sqlite3.connect(db) as src, sqlite3.connect(copy) as dst:
+            src.backup(dst)
+        with sqlite3.connect(copy) as conn:
+            conn.execute(
+                "UPDATE audit_log SET body = replace(body, '\"deny\"', '\"allow\"') "
+                "WHERE seq = (SELECT min(seq) FROM audit_log WHERE decision = 'deny')"
+            )
+        report = audit.verify(copy)
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        f"  after turning a 'deny' into 'allow' in a copy: "
+        f"{'ok' if report.ok else 'TAMPERED'} — first bad entry #{report.first_bad}"
+    )
+    if report.ok:
+        surprise("tampering went unnoticed")

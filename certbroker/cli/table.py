@@ -1,0 +1,74 @@
+"""The audit log as a terminal table (``certbroker audit query``): aligned, escaped, CJK-aware."""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from certbroker.validation import CONTROL_CATEGORIES
+
+if TYPE_CHECKING:  # only for annotations: certbroker.audit.events re-exports format_table
+    from certbroker.audit.events import AuditEntry, AuditEvent
+
+_TABLE_COLUMNS: tuple[tuple[str, Callable[[AuditEntry], str]], ...] = (
+    ("SEQ", lambda e: str(e.sequence)),
+    ("TIME", lambda e: e.time),
+    ("CLERK", lambda e: e.event.clerk),
+    ("OFFICE", lambda e: e.event.office),
+    ("SUBJECT", lambda e: e.event.subject_id),
+    ("MATTER", lambda e: e.event.matter_code),
+    ("CASE", lambda e: e.event.case_number),
+    ("RECORD TYPE", lambda e: _record_type_cell(e.event)),
+    ("DECISION", lambda e: e.event.decision),
+    ("RULE", lambda e: e.event.rule_id),
+    ("OUTCOME", lambda e: e.event.outcome),
+)
+
+
+def _record_type_cell(event: AuditEvent) -> str:
+    if event.kind == "bundle":  # a bundle has no record type of its own; say what it holds
+        return f"[bundle of {len(event.item_entry_ids)}]"
+    return event.record_type
+
+
+def display_width(text: str) -> int:
+    """Terminal columns ``text`` takes: wide/fullwidth (CJK) count 2, combining marks 0."""
+    width = 0
+    for ch in text:
+        if unicodedata.combining(ch):
+            continue
+        width += 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+    return width
+
+
+def _printable(text: str) -> str:
+    # Values come from callers' tokens and requests: escape control and format characters so
+    # a crafted value cannot break the table or send escape sequences to the auditor's terminal.
+    out = []
+    for ch in text:
+        if unicodedata.category(ch) in CONTROL_CATEGORIES:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(ch)
+    return "".join(out) or "-"
+
+
+def format_table(entries: Sequence[AuditEntry]) -> str:
+    """Entries as an aligned text table (header, rule, one line per entry), for terminals.
+
+    Aligns by display width, so CJK names line up; empty values show as ``-``.
+    """
+    header = [name for name, _ in _TABLE_COLUMNS]
+    rows = [[_printable(cell(entry)) for _, cell in _TABLE_COLUMNS] for entry in entries]
+    widths = [max(display_width(line[i]) for line in [header, *rows]) for i in range(len(header))]
+
+    def render(cells: Sequence[str]) -> str:
+        padded = [
+            cell + " " * (width - display_width(cell))
+            for cell, width in zip(cells, widths, strict=True)
+        ]
+        return "  ".join(padded).rstrip()
+
+    rule = ["-" * width for width in widths]
+    return "\n".join(render(line) for line in [header, rule, *rows])

@@ -1,0 +1,386 @@
+"""Matter bundles (``LookupMatter``): every record a matter needs, for every subject, at once.
+
+A window clerk handling a property transfer needs the seller's and the spouse's household,
+marriage and property records together. One call names the matter, the case and up to
+:data:`MAX_SUBJECTS` subjects, each with a relation to the case from :data:`RELATIONS`.
+
+In order: authenticate once; validate the whole request (any problem fails the whole call with
+INVALID_ARGUMENT); derive the record types from the matter catalogue; decide every
+(subject, record type) item exactly as ``Lookup`` decides
+(:class:`certbroker.lookup.pipeline.ItemPipeline`);
+fetch every allowed item in parallel within one deadline; write one audit entry per item (with
+the bundle id) and, after them in the same transaction, one ``"bundle"`` entry linking them;
+only then answer, one
+:class:`BundleItem` per item. One item failing never fails the others: its place in the answer
+holds an :class:`ItemError` instead of a record.
+
+The deadline is the caller's remaining time less a reserve for the audit writes and the answer
+(:func:`certbroker.lookup.pipeline.fetch_budget`), capped by the configured adapter timeout. Items
+not back
+by then are cancelled and reported as DEADLINE_EXCEEDED (``ADAPTER_TIMEOUT``, naming the
+department), so the answer still leaves before the caller gives up.
+
+No audit, no answer: if the entries cannot be written (they are written together, all or
+none), the call fails UNAVAILABLE and no record leaves. A refused call (unauthenticated,
+invalid) is audited by a bundle entry without items.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from certbroker import errors, validation
+from certbroker.audit.events import AuditEvent, AuditLog, Receipt
+from certbroker.auth.authenticator import Authenticator, Clerk
+from certbroker.ids import new_id
+from certbroker.lookup.pipeline import (
+    ItemPipeline,
+    Trace,
+    consent_name,
+    event,
+    fetch_budget,
+    fill_receipt,
+    invocation_metadata,
+    label,
+    outcome,
+    safe_consent,
+)
+from certbroker.metrics import Metrics
+from certbroker.policy.model import Decision, PolicySet
+from certbroker.routing.router import adapter_timeout
+from certbroker.v1 import broker_pb2
+
+#: Relations a subject may have to the case. Recorded in each item's audit entry.
+RELATIONS: tuple[str, ...] = (
+    "applicant",
+    "spouse",
+    "co_owner",
+    "seller",
+    "buyer",
+    "guardian",
+    "child",
+    "agent",
+)
+#: Most subjects one bundle may name: a family, not a population.
+MAX_SUBJECTS = 8
+#: The bundle's wait outlasts the sources' own timeouts by this much, so a well-behaved source
+#: reports its timeout itself and the bundle only cancels the ones that do not.
+_SLACK_S = 0.01
+#: How long cancelled fetches get to unwind before the answer is written regardless.
+_CANCEL_GRACE_S = 0.05
+
+
+@dataclass
+class _Item:
+    """One (subject, record type) of the bundle, as it proceeds."""
+
+    request: broker_pb2.LookupRequest  # the item, as a single Lookup would ask for it
+    trace: Trace
+    decision: Decision | None = None
+    response: broker_pb2.LookupResponse | None = None
+    failure: errors.BrokerError | None = None
+    latency_ms: float = 0.0
+
+
+@dataclass
+class _Call:
+    """What the bundle entry says about the call; caller input only once it is validated."""
+
+    bundle_id: str
+    started: float
+    clerk: Clerk | None = None
+    matter_code: str = ""
+    case_number: str = ""
+    consent: str = ""
+    items: list[_Item] = field(default_factory=list)
+
+
+class BundleRunner:
+    """Runs ``LookupMatter`` calls for the servicer (see the module docstring)."""
+
+    def __init__(
+        self,
+        auth: Authenticator,
+        items: ItemPipeline,
+        audit: AuditLog,
+        metrics: Metrics,
+        *,
+        cap_s: float,
+        now: Callable[[], dt.datetime],
+    ) -> None:
+        self._auth = auth
+        self._items = items
+        self._audit = audit
+        self._metrics = metrics
+        self._cap_s = cap_s
+        self._now = now
+
+    async def run(
+        self,
+        request: broker_pb2.LookupMatterRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        policy: PolicySet,
+    ) -> broker_pb2.LookupMatterResponse:
+        """Answer one bundle. Raises ``BrokerError`` for a refused call (already audited, with
+        ``audit_entry_id`` in its metadata) and ``Unavailable`` when the audit cannot be written.
+        """
+        call = _Call(new_id(), time.perf_counter())
+        try:
+            self._plan(request, context, policy, call)
+        except Exception as exc:  # audited here, then mapped to a status by the server
+            await self._refuse(request, policy, call, exc)
+            raise
+        deadline = asyncio.get_running_loop().time() + fetch_budget(context, self._cap_s)
+        now = self._now()  # one instant for every decision: opening hours cannot split a bundle
+        for item in call.items:
+            try:
+                item.decision = self._items.authorize(
+                    policy, item.request, call.consent, (), now, item.trace
+                )
+            except Exception as exc:  # noqa: BLE001 - reported in the item, never the whole call
+                item.failure = errors.as_broker_error(exc)
+        await self._fetch_all(call, policy, deadline)
+        events = [
+            event(i.request, policy, i.trace, outcome(i.failure), i.latency_ms) for i in call.items
+        ]
+        audit_started = time.perf_counter()
+        try:
+            # One transaction for the items and the bundle entry naming them: a bundle is in
+            # the log whole or not at all, and costs one fsync.
+            *receipts, bundle_receipt = await self._audit.append_many(
+                events,
+                link=lambda ids: self._bundle_event(request, policy, call, ("OK", "OK"), ids),
+            )
+        except Exception:
+            self._count(call, policy, "UNAVAILABLE")
+            self._observe(call, policy, "UNAVAILABLE")
+            raise  # no audit, no answer: none of the records leaves
+        self._metrics.audit_append.observe(time.perf_counter() - audit_started)
+        self._count(call, policy, "")
+        self._metrics.bundle_items.observe(len(call.items))
+        self._observe(call, policy, "OK")
+        return _answer(call, receipts, bundle_receipt)
+
+    def _plan(
+        self,
+        request: broker_pb2.LookupMatterRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        policy: PolicySet,
+        call: _Call,
+    ) -> None:
+        """Authenticate and validate; fill ``call.items`` (subject-major, catalogue order)."""
+        call.clerk = self._auth.authenticate(invocation_metadata(context))
+        validation.text("matter_code", request.matter_code, required=True)
+        validation.text("case_number", request.case_number, required=False)
+        validation.text("consent.reference", request.consent.reference, required=False)
+        consent = consent_name(request.consent.method)
+        matter = policy.matters.get(request.matter_code)
+        if matter is None:
+            raise errors.InvalidArgument("UNKNOWN_MATTER", "unknown matter", argument="matter_code")
+        subjects = validate_subjects(request.subjects)
+        call.matter_code, call.case_number, call.consent = matter.code, request.case_number, consent
+        for subject_id, relation in subjects:
+            for record_type in matter.needs:
+                item = broker_pb2.LookupRequest(
+                    record_type=record_type,
+                    subject_id=subject_id,
+                    matter_code=matter.code,
+                    case_number=request.case_number,
+                    consent=request.consent,
+                )
+                trace = Trace(
+                    clerk=call.clerk,
+                    subject_id=subject_id,
+                    bundle_id=call.bundle_id,
+                    relation=relation,
+                )
+                call.items.append(_Item(item, trace))
+
+    async def _fetch_all(self, call: _Call, policy: PolicySet, deadline: float) -> None:
+        """Fetch every allowed item in parallel; whatever is not back by ``deadline`` is
+        cancelled and becomes DEADLINE_EXCEEDED."""
+        loop = asyncio.get_running_loop()
+        allowed = [i for i in call.items if i.decision is not None and i.failure is None]
+        tasks = [
+            asyncio.create_task(self._fetch(i, policy, deadline, call.started)) for i in allowed
+        ]
+        try:
+            if tasks:
+                _, pending = await asyncio.wait(
+                    tasks, timeout=max(0.0, deadline - loop.time()) + _SLACK_S
+                )
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    await asyncio.wait(pending, timeout=_CANCEL_GRACE_S)
+        finally:
+            for task in tasks:  # also when this call itself is cancelled: leave nothing behind
+                task.cancel()
+        for item in allowed:
+            if item.response is None and item.failure is None:
+                item.failure = adapter_timeout(item.trace.department)
+                item.latency_ms = _elapsed_ms(call.started)
+
+    async def _fetch(self, item: _Item, policy: PolicySet, deadline: float, started: float) -> None:
+        assert item.decision is not None
+        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+        try:
+            item.response = await self._items.fetch(policy, item.decision, item.trace, remaining)
+        except Exception as exc:  # noqa: BLE001 - one item failing never fails the others
+            item.failure = errors.as_broker_error(exc)
+        finally:
+            item.latency_ms = _elapsed_ms(started)
+
+    def _count(self, call: _Call, policy: PolicySet, status: str) -> None:
+        """Count every item in ``certbroker_lookups``: with ``status``, or its own when ""."""
+        for item in call.items:
+            self._items.count(
+                item.request.record_type,
+                policy,
+                item.trace,
+                status or outcome(item.failure)[1],
+            )
+
+    async def _refuse(
+        self,
+        request: broker_pb2.LookupMatterRequest,
+        policy: PolicySet,
+        call: _Call,
+        failure: Exception,
+    ) -> None:
+        """Audit a refused call (no items); the caller's error then names the entry."""
+        call.items = []
+        bundle_event = self._bundle_event(request, policy, call, outcome(failure), [])
+        started = time.perf_counter()
+        try:
+            receipt = await self._audit.append(bundle_event)
+        except Exception:
+            self._observe(call, policy, "UNAVAILABLE")
+            raise  # Unavailable propagates: no answer
+        self._metrics.audit_append.observe(time.perf_counter() - started)
+        self._observe(call, policy, outcome(failure)[1])
+        if isinstance(failure, errors.BrokerError):
+            failure.metadata["audit_entry_id"] = receipt.entry_id
+
+    def _bundle_event(
+        self,
+        request: broker_pb2.LookupMatterRequest,
+        policy: PolicySet,
+        call: _Call,
+        result: tuple[str, str],
+        item_entry_ids: Sequence[str],
+    ) -> AuditEvent:
+        clerk = call.clerk
+        counts = collections.Counter(outcome(i.failure)[0] for i in call.items)
+        return AuditEvent(
+            kind="bundle",
+            clerk=clerk.sub if clerk else "",
+            office=clerk.office if clerk else "",
+            roles=clerk.roles if clerk else (),
+            subject_id="",  # the subjects are on the item entries
+            matter_code=call.matter_code,
+            case_number=call.case_number,
+            consent_method=safe_consent(request.consent.method),
+            record_type="",
+            decision="",
+            rule_id="",
+            withheld_fields=(),
+            outcome=result[0],
+            status=result[1],
+            policy_version=policy.version,
+            department="",
+            latency_ms=round(_elapsed_ms(call.started), 3),
+            decision_id="",
+            bundle_id=call.bundle_id,
+            item_entry_ids=tuple(item_entry_ids),
+            outcome_counts=dict(sorted(counts.items())),
+        )
+
+    def _observe(self, call: _Call, policy: PolicySet, status: str) -> None:
+        """The call's latency: by matter, and with Lookup's by method and status."""
+        elapsed = time.perf_counter() - call.started
+        self._metrics.bundle_latency.labels(label(call.matter_code, policy.matters)).observe(
+            elapsed
+        )
+        self._metrics.observe_lookup("LookupMatter", status, elapsed)
+
+
+def validate_subjects(
+    subjects: Sequence[broker_pb2.BundleSubject],
+) -> list[tuple[str, str]]:
+    """(subject_id, relation) pairs, checked: 1..MAX_SUBJECTS subjects, valid resident IDs,
+    no subject twice, relations from :data:`RELATIONS`. Raises ``InvalidArgument`` naming the
+    offending ``subjects[i]`` (never its value)."""
+    if not subjects:
+        raise errors.InvalidArgument(
+            "NO_SUBJECTS", "a bundle needs at least one subject", argument="subjects"
+        )
+    if len(subjects) > MAX_SUBJECTS:
+        raise errors.InvalidArgument(
+            "TOO_MANY_SUBJECTS",
+            f"{len(subjects)} subjects; a bundle has at most {MAX_SUBJECTS}",
+            argument="subjects",
+        )
+    seen: dict[str, int] = {}
+    checked: list[tuple[str, str]] = []
+    for index, subject in enumerate(subjects):
+        where = f"subjects[{index}]"
+        try:
+            subject_id = validation.subject_id(subject.subject_id)
+            relation = validation.text("relation", subject.relation, required=True)
+        except errors.InvalidArgument as exc:
+            name = exc.metadata.get("argument", "")
+            raise errors.InvalidArgument(
+                exc.reason, f"{where}: {exc.message}", argument=f"{where}.{name}"
+            ) from None
+        if relation not in RELATIONS:
+            raise errors.InvalidArgument(
+                "UNKNOWN_RELATION",
+                f"{where}.relation is not one of: {', '.join(RELATIONS)}",
+                argument=f"{where}.relation",
+            )
+        if subject_id in seen:
+            raise errors.InvalidArgument(
+                "DUPLICATE_SUBJECT",
+                f"{where} names the same citizen as subjects[{seen[subject_id]}]",
+                argument=f"{where}.subject_id",
+            )
+        seen[subject_id] = index
+        checked.append((subject_id, relation))
+    return checked
+
+
+def _answer(
+    call: _Call, receipts: Sequence[Receipt], bundle_receipt: Receipt
+) -> broker_pb2.LookupMatterResponse:
+    reply = broker_pb2.LookupMatterResponse(bundle_id=call.bundle_id)
+    for item, receipt in zip(call.items, receipts, strict=True):
+        out = reply.items.add(
+            subject_id=item.request.subject_id,
+            relation=item.trace.relation,
+            record_type=item.request.record_type,
+        )
+        if item.failure is None and item.response is not None:
+            out.response.CopyFrom(item.response)
+            fill_receipt(out.response.receipt, receipt)
+        else:
+            failure = item.failure or errors.Internal("INTERNAL", "internal error")
+            out.error.code = failure.code.name
+            out.error.reason = failure.reason
+            out.error.message = failure.message
+            out.error.metadata.update(failure.metadata)
+            out.error.metadata["audit_entry_id"] = receipt.entry_id
+    fill_receipt(reply.receipt, bundle_receipt)
+    return reply
+
+
+def _elapsed_ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000

@@ -1,0 +1,158 @@
+"""The ``certbroker.v1.CertificateBroker`` servicer: Lookup, ListMatters and LookupMatter.
+
+Lookup, in order: authenticate the clerk, validate the request, decide by policy, fetch from
+the record cache or the department, minimize and mask, then append the audit entry (saying
+whether the record came from the cache), and only then answer. Every
+lookup that reaches the servicer — allowed, denied or failed — produces exactly one audit entry;
+if that entry cannot be written durably, the caller gets UNAVAILABLE and no record.
+
+The decide/fetch/minimize steps live in :mod:`certbroker.lookup.pipeline`, shared with matter
+bundles
+(:mod:`certbroker.lookup.bundle`), which run the same steps for every item of a ``LookupMatter``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+
+import grpc
+
+from certbroker import errors, validation
+from certbroker.audit.events import AuditLog
+from certbroker.auth.authenticator import Authenticator
+from certbroker.cache import RecordCache
+from certbroker.lookup.bundle import BundleRunner
+from certbroker.lookup.pipeline import (
+    ItemPipeline,
+    Trace,
+    consent_name,
+    consent_value,
+    event,
+    fetch_budget,
+    fill_receipt,
+    invocation_metadata,
+    outcome,
+)
+from certbroker.metrics import Metrics
+from certbroker.policy.model import PolicySet, PolicySource
+from certbroker.routing.router import Fetched, Router
+from certbroker.v1 import broker_pb2, broker_pb2_grpc
+
+__all__ = ["CertificateBrokerService", "PolicySource", "consent_name", "consent_value"]
+
+
+class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
+    """Serves counter software. Errors are raised as ``BrokerError`` and mapped by the server.
+
+    ``adapter_timeout_s`` caps how long departments get per call (single lookup or whole
+    bundle); a caller's earlier deadline shortens it. ``record_cache`` is shared by Lookup and
+    LookupMatter (default: :class:`certbroker.cache.RecordCache` with its default bounds).
+    """
+
+    def __init__(
+        self,
+        auth: Authenticator,
+        policies: PolicySource,
+        router: Router,
+        audit: AuditLog,
+        metrics: Metrics,
+        *,
+        adapter_timeout_s: float = 5.0,
+        now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        record_cache: RecordCache[Fetched] | None = None,
+    ) -> None:
+        self._auth = auth
+        self._policies = policies
+        self._audit = audit
+        self._metrics = metrics
+        self._timeout_s = adapter_timeout_s
+        self._now = now
+        self._items = ItemPipeline(router, metrics, record_cache)
+        self._bundles = BundleRunner(
+            auth, self._items, audit, metrics, cap_s=adapter_timeout_s, now=now
+        )
+
+    async def Lookup(
+        self, request: broker_pb2.LookupRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> broker_pb2.LookupResponse:
+        started = time.perf_counter()
+        policy = self._policies.current
+        trace = Trace()
+        response: broker_pb2.LookupResponse | None = None
+        failure: Exception | None = None
+        try:
+            response = await self._lookup(request, context, policy, trace)
+        except Exception as exc:  # noqa: BLE001 - audited here, mapped to a status by the server
+            failure = exc
+        latency_ms = (time.perf_counter() - started) * 1000
+        result = outcome(failure)
+        audit_started = time.perf_counter()
+        try:
+            receipt = await self._audit.append(event(request, policy, trace, result, latency_ms))
+        except errors.BrokerError:
+            self._items.count(request.record_type, policy, trace, "UNAVAILABLE")
+            self._metrics.observe_lookup("Lookup", "UNAVAILABLE", time.perf_counter() - started)
+            raise  # no audit, no answer: not even the denial's reason leaves unaudited
+        self._metrics.audit_append.observe(time.perf_counter() - audit_started)
+        self._items.count(request.record_type, policy, trace, result[1])
+        self._metrics.observe_lookup("Lookup", result[1], time.perf_counter() - started)
+        if failure is not None:
+            if isinstance(failure, errors.BrokerError):
+                failure.metadata["audit_entry_id"] = receipt.entry_id
+            raise failure
+        assert response is not None
+        fill_receipt(response.receipt, receipt)
+        return response
+
+    async def _lookup(
+        self,
+        request: broker_pb2.LookupRequest,
+        context: grpc.aio.ServicerContext[object, object],
+        policy: PolicySet,
+        trace: Trace,
+    ) -> broker_pb2.LookupResponse:
+        trace.clerk = self._auth.authenticate(invocation_metadata(context))
+        validation.text("record_type", request.record_type, required=True)
+        validation.text("matter_code", request.matter_code, required=True)
+        validation.text("case_number", request.case_number, required=False)
+        validation.text("consent.reference", request.consent.reference, required=False)
+        consent = consent_name(request.consent.method)
+        wanted = validation.field_names(request.fields)
+        trace.subject_id = validation.subject_id(request.subject_id)
+        decision = self._items.authorize(policy, request, consent, wanted, self._now(), trace)
+        budget = fetch_budget(context, self._timeout_s)
+        return await self._items.fetch(policy, decision, trace, budget)
+
+    async def LookupMatter(
+        self,
+        request: broker_pb2.LookupMatterRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> broker_pb2.LookupMatterResponse:
+        """Every record a matter needs for every subject, in parallel (see
+        certbroker.lookup.bundle)."""
+        return await self._bundles.run(request, context, self._policies.current)
+
+    async def ListMatters(
+        self,
+        request: broker_pb2.ListMattersRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> broker_pb2.ListMattersResponse:
+        clerk = self._auth.authenticate(invocation_metadata(context))
+        policy = self._policies.current
+        reply = broker_pb2.ListMattersResponse(policy_version=policy.version)
+        for view in policy.matters_for(clerk):
+            matter = reply.matters.add(
+                code=view.matter.code,
+                name=view.matter.name,
+                case_number_required=view.case_number_required,
+                consent_methods=[consent_value(m) for m in view.consent_methods],
+            )
+            for record_type, names in view.fields.items():
+                matter.needs.add(
+                    record_type=record_type,
+                    fields=names,
+                    masked_fields=view.masks.get(record_type, ()),
+                )
+        return reply

@@ -1,0 +1,320 @@
+"""Declarative access policy: the model and the decision engine.
+
+A policy set (the YAML files under ``policies/``, read by :func:`load`) says which record types
+exist and which department serves each, which fields each matter (事项) needs, and which roles
+may handle which matters under which conditions. The file format is described in
+:mod:`certbroker.policy.schema`, set-level validation and loading in
+:mod:`certbroker.policy.loader`,
+one rule and its conditions in :mod:`certbroker.policy.rule`, and the policy-test runner in
+:mod:`certbroker.policy.testing`.
+
+:meth:`PolicySet.decide` is a pure function of the policy set and the request (``now``
+included), so a decision can be replayed and tested. Its semantics, in order:
+
+1. The matter must need the record type, else deny with rule id ``matter-scope``.
+2. Candidate rules are those naming one of the clerk's roles and the matter (and the record
+   type, if the rule narrows record types). No candidate: deny with rule id ``default-deny``.
+3. Candidates are tried in policy order (file name, then position); the first whose conditions
+   all pass decides. It releases the matter's fields for the record type, intersected with the
+   rule's field restriction and with the requested fields, in catalogue order.
+4. If every candidate fails a condition, the denial names the candidate that got furthest
+   through the conditions (office, hours, consent, case number; the earliest rule on a tie) and
+   its failing condition, so the clerk is told what to fix rather than an unrelated office rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Protocol
+
+from certbroker.auth.authenticator import Clerk
+from certbroker.errors import InvalidArgument
+from certbroker.policy.hours import DAYS as DAYS  # noqa: PLC0414 - re-exported
+from certbroker.policy.hours import Hours as Hours  # noqa: PLC0414 - re-exported
+from certbroker.policy.rule import CASE_NUMBER_REQUIRED as CASE_NUMBER_REQUIRED  # noqa: PLC0414
+from certbroker.policy.rule import CONSENT_REQUIRED as CONSENT_REQUIRED  # noqa: PLC0414
+from certbroker.policy.rule import OFFICE_NOT_ALLOWED as OFFICE_NOT_ALLOWED  # noqa: PLC0414
+from certbroker.policy.rule import OUTSIDE_HOURS as OUTSIDE_HOURS  # noqa: PLC0414
+from certbroker.policy.rule import Conditions as Conditions  # noqa: PLC0414 - re-exported
+from certbroker.policy.rule import Failure, clip
+from certbroker.policy.rule import Request as Request  # noqa: PLC0414 - re-exported
+from certbroker.policy.rule import Rule as Rule  # noqa: PLC0414 - re-exported
+
+if TYPE_CHECKING:
+    from certbroker.policy.testing import TestReport
+    from certbroker.policy.views import MatterView
+
+#: Consent methods a rule may accept, in the order the proto enum declares them.
+CONSENT_METHODS: tuple[str, ...] = ("id_card_read", "signed_form", "delegated_agent")
+
+#: Rule ids of the built-in denials; policy rules may not use them.
+MATTER_SCOPE = "matter-scope"
+DEFAULT_DENY = "default-deny"
+RESERVED_RULE_IDS = frozenset({MATTER_SCOPE, DEFAULT_DENY})
+
+#: The deciding rule passed, but nothing requested is both needed and allowed.
+NO_FIELDS_RELEASED = "NO_FIELDS_RELEASED"
+#: Entries a PolicySet keeps of what it derived from itself alone (see PolicySet._memo).
+_MEMO_MAX = 4096
+
+
+class PolicyError(Exception):
+    """A policy set that cannot be loaded; ``errors`` holds ``"path:line: message"`` strings."""
+
+    def __init__(self, errors: Sequence[str]) -> None:
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors) or "invalid policy")
+
+
+@dataclass(frozen=True)
+class RecordType:
+    """A kind of record (a ``Record`` oneof case) and the fields the policy knows, in order."""
+
+    name: str
+    department: str
+    fields: tuple[str, ...]
+    cache_ttl_s: int = 0
+
+
+@dataclass(frozen=True)
+class Department:
+    """A department and the record types it serves."""
+
+    id: str
+    name: str
+    record_types: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Matter:
+    """A matter (事项): what the clerk is handling, and the fields it needs per record type."""
+
+    code: str
+    name: str
+    needs: Mapping[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class Role:
+    """A clerk role as named in JWT claims."""
+
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of :meth:`PolicySet.decide`; ``reason`` is for humans, ``condition`` for code.
+
+    ``fields`` are the released field paths (empty on deny), ``withheld`` the requested (or all)
+    fields of the record type that are not released, ``masks`` field path → mask name.
+    """
+
+    allowed: bool
+    rule_id: str
+    reason: str
+    condition: str
+    record_type: str
+    department: str
+    fields: tuple[str, ...]
+    withheld: tuple[str, ...]
+    masks: Mapping[str, str]
+    policy_version: str
+
+
+@dataclass(frozen=True)
+class PolicySet:
+    """A loaded, validated policy set. Immutable: a reload builds a new one."""
+
+    version: str  # hex SHA-256 of the files it was loaded from
+    record_types: Mapping[str, RecordType]
+    departments: Mapping[str, Department]
+    matters: Mapping[str, Matter]
+    roles: Mapping[str, Role] = field(default_factory=dict)
+    rules: tuple[Rule, ...] = ()
+    # What the set derives from itself alone, kept for the next request: the candidate rules
+    # of (roles, matter, record type) and the decision a passing rule gives for a set of
+    # requested fields. Conditions (office, hours, consent, case number) are still checked on
+    # every request; a reload builds a new set, so nothing here outlives the policy it came
+    # from. Bounded by _MEMO_MAX (callers choose roles and fields).
+    _memo: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def check_request(self, record_type: str, matter_code: str, fields: Sequence[str]) -> None:
+        """Raise :class:`InvalidArgument` unless the request names things the policy knows.
+
+        Reasons: UNKNOWN_RECORD_TYPE, UNKNOWN_MATTER, TOO_MANY_FIELDS, UNKNOWN_FIELD.
+        """
+        rt = self.record_types.get(record_type)
+        if rt is None:
+            raise InvalidArgument(
+                "UNKNOWN_RECORD_TYPE",
+                f"unknown record type {clip(record_type)!r}; known: {', '.join(self.record_types)}",
+            )
+        if matter_code not in self.matters:
+            raise InvalidArgument("UNKNOWN_MATTER", f"unknown matter {clip(matter_code)!r}")
+        # Before looking at names, so a huge list costs nothing more than its length.
+        if len(fields) > len(rt.fields):
+            raise InvalidArgument(
+                "TOO_MANY_FIELDS",
+                f"{len(fields)} fields requested; record type {record_type} has {len(rt.fields)}",
+            )
+        known = set(rt.fields)
+        for name in fields:
+            if name not in known:
+                raise InvalidArgument(
+                    "UNKNOWN_FIELD",
+                    f"unknown field {clip(name)!r} for record type {record_type}",
+                    field=clip(name),
+                )
+
+    def decide(self, request: Request) -> Decision:
+        """Decide one lookup (see the module docstring). Raises InvalidArgument like
+        :meth:`check_request`, and ValueError for a naive ``now``."""
+        if request.now.utcoffset() is None:
+            raise ValueError("Request.now must be timezone-aware")
+        self.check_request(request.record_type, request.matter_code, request.fields)
+        rt = self.record_types[request.record_type]
+        matter = self.matters[request.matter_code]
+        needed = matter.needs.get(rt.name)
+        if needed is None:
+            return self._deny(
+                request,
+                MATTER_SCOPE,
+                f"matter {matter.code} ({matter.name}) does not need {rt.name} records",
+            )
+        candidates = self._candidates(request.clerk.roles, matter.code, rt.name)
+        if not candidates:
+            roles = ", ".join(request.clerk.roles) or "none"
+            return self._deny(
+                request,
+                DEFAULT_DENY,
+                f"no rule lets role(s) {roles} handle "
+                f"{matter.code} ({matter.name}) with {rt.name} records",
+            )
+        closest: tuple[Rule, Failure] | None = None
+        for rule in candidates:
+            failure = rule.failure(request)
+            if failure is None:
+                return self._allow(request, rule, rt, matter, needed)
+            if closest is None or failure.stage > closest[1].stage:
+                closest = (rule, failure)
+        assert closest is not None  # candidates is not empty
+        rule, failure = closest
+        return self._deny(
+            request, rule.id, f"rule {rule.id} does not allow this: {failure.detail}", failure.code
+        )
+
+    def _candidates(self, roles: Sequence[str], matter: str, record_type: str) -> Sequence[Rule]:
+        """The rules covering (roles, matter, record type), in policy order (memoised)."""
+        key = ("candidates", tuple(roles), matter, record_type)
+        found: tuple[Rule, ...] | None = self._memo.get(key)
+        if found is None:
+            found = tuple(r for r in self.rules if r.covers(roles, matter, record_type))
+            self._remember(key, found)
+        return found
+
+    def _remember(self, key: Hashable, value: object) -> None:
+        if len(self._memo) >= _MEMO_MAX:
+            self._memo.clear()
+        self._memo[key] = value
+
+    def _allow(
+        self, request: Request, rule: Rule, rt: RecordType, matter: Matter, needed: Sequence[str]
+    ) -> Decision:
+        # A passing rule's decision depends on the set alone and on which fields were asked
+        # for, not on who asked or when: computed once per (rule, record type, matter, fields).
+        key = ("allow", id(rule), rt.name, matter.code, frozenset(request.fields))
+        found: Decision | None = self._memo.get(key)
+        if found is None:
+            found = self._remember_allow(request, rule, rt, matter, needed)
+            self._remember(key, found)
+        return found
+
+    def _remember_allow(
+        self, request: Request, rule: Rule, rt: RecordType, matter: Matter, needed: Sequence[str]
+    ) -> Decision:
+        released = rule.release(rt, needed, request.fields)
+        if not released:
+            reason = f"rule {rule.id} releases none of the requested {rt.name} fields"
+            return self._deny(request, rule.id, reason, NO_FIELDS_RELEASED)
+        reason = f"rule {rule.id} allows {matter.code} ({matter.name}) with {rt.name} records"
+        masks = rule.masks.get(rt.name, {})
+        return self._decision(request, rule.id, reason, "", released=released, masks=masks)
+
+    def _deny(self, request: Request, rule_id: str, reason: str, condition: str = "") -> Decision:
+        return self._decision(request, rule_id, reason, condition, released=(), masks={})
+
+    def _decision(
+        self,
+        request: Request,
+        rule_id: str,
+        reason: str,
+        condition: str,
+        *,
+        released: tuple[str, ...],
+        masks: Mapping[str, str],
+    ) -> Decision:
+        rt = self.record_types[request.record_type]
+        basis = set(request.fields or rt.fields)
+        return Decision(
+            allowed=bool(released),  # an allow always releases something; a deny nothing
+            rule_id=rule_id,
+            reason=reason,
+            condition=condition,
+            record_type=rt.name,
+            department=rt.department,
+            fields=released,
+            withheld=tuple(f for f in rt.fields if f in basis and f not in released),
+            # Read-only: an allow decision is remembered and shared by later requests.
+            masks=MappingProxyType({f: masks[f] for f in released if f in masks}),
+            policy_version=self.version,
+        )
+
+    def matters_for(self, clerk: Clerk) -> list[MatterView]:
+        """Matters the clerk has a rule for at their office (hours, consent and case number are
+        request-time and ignored), with the fields and masks the first such rule gives."""
+        from certbroker.policy import views as policy_views  # it builds on the classes above
+
+        return policy_views.matters_for(self, clerk)
+
+
+class PolicySource(Protocol):
+    """Holds the policy set in force (``certbroker.server.policy_holder.PolicyHolder``); reloads
+    swap it
+    atomically, so each call reads ``current`` once and decides against that set."""
+
+    @property
+    def current(self) -> PolicySet: ...
+
+
+def load(policy_dir: Path) -> PolicySet:
+    """Load ``policy_dir/*.yaml`` (not ``tests/``) into a :class:`PolicySet`.
+
+    Raises :class:`PolicyError` listing every problem as ``"path:line: message"``.
+    """
+    # Imported here because certbroker.policy.loader builds the classes defined above.
+    from certbroker.policy import loader as policy_load
+
+    return policy_load.load(policy_dir)
+
+
+def check(paths: Sequence[Path]) -> list[str]:
+    """Validate policy files as one set (a directory stands for its ``*.yaml``).
+
+    Returns ``"path:line: message"`` strings; ``[]`` when valid.
+    """
+    from certbroker.policy import loader as policy_load
+
+    return policy_load.check(paths)
+
+
+def run_tests(policy_dir: Path, tests_dir: Path | None = None) -> TestReport:
+    """Run the policy tests in ``tests_dir`` (default ``policy_dir/tests``) against the set in
+    ``policy_dir``; see :mod:`certbroker.policy.testing`. Raises PolicyError if the set is
+    invalid."""
+    from certbroker.policy import testing as policy_tests
+
+    return policy_tests.run_tests(policy_dir, tests_dir)

@@ -1,0 +1,331 @@
+"""The schema of one policy YAML file: shapes, types and local values, with ``path:line``.
+
+Any policy file may hold any of the top-level sections below; :mod:`certbroker.policy.loader` merges
+the sections of all files of a set, checks that ids are unique and references resolve, and
+evaluates rules in file-name order, then in order within a file::
+
+    departments:
+      - {id: public_security, name: 公安局}
+    record_types:                  # record types are the contract's Record oneof cases
+      - name: household
+        department: public_security
+        cache_ttl_s: 600           # optional, default 0 = never cached
+        fields: [name, birth_date] # contract field paths (certbroker.contract.fields.field_paths)
+    matters:
+      - code: BDC-ZY-001
+        name: 不动产转移登记
+        needs: {household: [name], marriage: [marital_status, spouse_resident_id]}
+    roles:
+      - {id: window_clerk, name: 综合受理窗口}
+    rules:
+      - id: window-clerk-hall
+        description: optional text
+        roles: [window_clerk]
+        matters: [BDC-ZY-001]
+        record_types: [marriage]     # optional narrowing; default: all the matter needs
+        fields: {marriage: [marital_status]}   # optional; unlisted record types: unrestricted
+        masks: {marriage: {spouse_resident_id: last4}}   # certbroker.contract.fields.MASKS,
+        strings only
+        conditions:                  # every key optional; all present must pass
+          offices: ["gz-*-hall-*"]   # fnmatch globs on clerk.office, any may match
+          hours:                     # one window, or a list of windows (any may match)
+            {days: [mon, tue, wed, thu, fri, sat], from: "08:30", to: "17:30",
+             utc_offset: "+08:00"}   # "to" is exclusive and may be "24:00"
+          consent: [id_card_read, signed_form, delegated_agent]
+          case_number: true          # or {pattern: '^GZ\\d{8}-\\d{6}$'} (full match)
+
+Files are read as composed node trees (``yaml.compose`` with ``SafeLoader``), which keep line
+numbers; nothing is constructed from tags, and times are read as written, so an unquoted
+``17:30`` (YAML 1.1 reads it as the base-60 integer 1050) still means half past five.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import yaml
+
+from certbroker.contract import fields as contract
+from certbroker.policy.model import CONSENT_METHODS, DAYS, RESERVED_RULE_IDS, Conditions, Hours
+from certbroker.policy.reader import Located, Reader, describe
+
+_TIME = re.compile(r"(\d{1,2}):(\d{2})")
+_OFFSET = re.compile(r"([+-])(\d{2}):(\d{2})")
+
+
+@dataclass
+class RecordTypeSpec:
+    name: Located
+    department: Located | None
+    fields: list[Located]
+    cache_ttl_s: int
+
+
+@dataclass
+class RuleSpec:
+    id: Located
+    description: str
+    roles: list[Located]
+    matters: list[Located]
+    record_types: list[Located]
+    fields: list[tuple[Located, list[Located]]]
+    masks: list[tuple[Located, list[tuple[Located, str]]]]
+    conditions: Conditions
+
+
+@dataclass
+class Sections:
+    departments: list[tuple[Located, str]] = field(default_factory=list)
+    record_types: list[RecordTypeSpec] = field(default_factory=list)
+    matters: list[tuple[Located, str, list[tuple[Located, list[Located]]]]] = field(
+        default_factory=list
+    )
+    roles: list[tuple[Located, str]] = field(default_factory=list)
+    rules: list[RuleSpec] = field(default_factory=list)
+
+
+def read_file(r: Reader, data: bytes, out: Sections) -> None:
+    root = r.compose(data)
+    if root is None:
+        return  # empty file, or a syntax error already recorded
+    top = r.mapping(
+        root, "policy file", optional=("departments", "record_types", "matters", "roles", "rules")
+    )
+    if top is None:
+        return
+    for name, node in top.items():
+        for item in r.sequence(node, name) or []:
+            _ITEM_READERS[name](r, item, out)
+
+
+def _named(
+    r: Reader,
+    item: yaml.Node,
+    what: str,
+    key: str,
+    *,
+    required: Sequence[str] = (),
+    optional: Sequence[str] = (),
+) -> tuple[dict[str, yaml.Node], Located] | None:
+    """An entry with an id-like key; None (error recorded) without a usable id."""
+    m = r.mapping(item, what, required=(key, *required), optional=optional)
+    if m is None or key not in m:
+        return None
+    ident = r.string(m[key], f"{what} {key}")
+    return None if ident is None else (m, (ident, r.at(m[key])))
+
+
+def _read_department(r: Reader, item: yaml.Node, out: Sections) -> None:
+    got = _named(r, item, "department", "id", required=("name",))
+    if got:
+        m, ident = got
+        out.departments.append((ident, _text(r, m, "name", f"department {ident[0]}")))
+
+
+def _read_role(r: Reader, item: yaml.Node, out: Sections) -> None:
+    got = _named(r, item, "role", "id", required=("name",))
+    if got:
+        m, ident = got
+        out.roles.append((ident, _text(r, m, "name", f"role {ident[0]}")))
+
+
+def _read_record_type(r: Reader, item: yaml.Node, out: Sections) -> None:
+    got = _named(
+        r, item, "record type", "name", required=("department", "fields"), optional=("cache_ttl_s",)
+    )
+    if not got:
+        return
+    m, name = got
+    what = f"record type {name[0]}"
+    dept = r.string(m["department"], f"{what} department") if "department" in m else None
+    ttl = r.integer(m["cache_ttl_s"], f"{what} cache_ttl_s") if "cache_ttl_s" in m else 0
+    if ttl is not None and ttl < 0:
+        r.error(m["cache_ttl_s"], f"{what} cache_ttl_s: must be 0 or more")
+    fields = r.strings(m["fields"], f"{what} fields") if "fields" in m else None
+    out.record_types.append(
+        RecordTypeSpec(
+            name,
+            None if dept is None else (dept, r.at(m["department"])),
+            fields or [],
+            max(ttl or 0, 0),
+        )
+    )
+
+
+def _read_matter(r: Reader, item: yaml.Node, out: Sections) -> None:
+    got = _named(r, item, "matter", "code", required=("name", "needs"))
+    if got:
+        m, code = got
+        what = f"matter {code[0]}"
+        needs = _per_record_type(r, m["needs"], f"{what} needs") if "needs" in m else []
+        out.matters.append((code, _text(r, m, "name", what), needs))
+
+
+def _read_rule(r: Reader, item: yaml.Node, out: Sections) -> None:
+    got = _named(
+        r,
+        item,
+        "rule",
+        "id",
+        required=("roles", "matters"),
+        optional=("description", "record_types", "fields", "masks", "conditions"),
+    )
+    if not got:
+        return
+    m, ident = got
+    what = f"rule {ident[0]}"
+    if ident[0] in RESERVED_RULE_IDS:
+        r.error(m["id"], f"{what}: id is reserved for built-in denials")
+
+    def names(key: str) -> list[Located]:
+        return (r.strings(m[key], f"{what} {key}") or []) if key in m else []
+
+    masks: list[tuple[Located, list[tuple[Located, str]]]] = []
+    mask_pairs = (r.pairs(m["masks"], f"{what} masks") or []) if "masks" in m else []
+    for rt, rt_node, node in mask_pairs:
+        entries = []
+        for path, path_node, mask_node in r.pairs(node, f"{what} masks.{rt}") or []:
+            mask = r.string(mask_node, f"{what} mask of {path}")
+            if mask is not None and mask not in contract.MASKS:
+                r.error(
+                    mask_node, f"{what}: unknown mask {mask!r} (known: {', '.join(contract.MASKS)})"
+                )
+            elif mask is not None:
+                entries.append(((path, r.at(path_node)), mask))
+        masks.append(((rt, r.at(rt_node)), entries))
+    out.rules.append(
+        RuleSpec(
+            id=ident,
+            description=_text(r, m, "description", what),
+            roles=names("roles"),
+            matters=names("matters"),
+            record_types=names("record_types"),
+            fields=_per_record_type(r, m["fields"], f"{what} fields") if "fields" in m else [],
+            masks=masks,
+            conditions=_conditions(r, m["conditions"], what) if "conditions" in m else Conditions(),
+        )
+    )
+
+
+_ITEM_READERS = {
+    "departments": _read_department,
+    "record_types": _read_record_type,
+    "matters": _read_matter,
+    "roles": _read_role,
+    "rules": _read_rule,
+}
+
+
+def _text(r: Reader, m: dict[str, yaml.Node], key: str, what: str) -> str:
+    if key not in m:
+        return ""
+    return r.string(m[key], f"{what} {key}") or ""
+
+
+def _per_record_type(r: Reader, node: yaml.Node, what: str) -> list[tuple[Located, list[Located]]]:
+    return [
+        ((rt, r.at(key)), r.strings(value, f"{what}.{rt}") or [])
+        for rt, key, value in r.pairs(node, what) or []
+    ]
+
+
+def _conditions(r: Reader, node: yaml.Node, rule: str) -> Conditions:
+    what = f"{rule} conditions"
+    m = r.mapping(node, what, optional=("offices", "hours", "consent", "case_number")) or {}
+    offices = (r.strings(m["offices"], f"{what} offices") or []) if "offices" in m else []
+    consent = (r.strings(m["consent"], f"{what} consent") or []) if "consent" in m else []
+    for method, at in consent:
+        if method not in CONSENT_METHODS:
+            r.errors.append(
+                f"{at}: {what}: unknown consent method {method!r} "
+                f"(known: {', '.join(CONSENT_METHODS)})"
+            )
+    hours: list[Hours] = []
+    if "hours" in m:
+        windows = m["hours"]
+        if isinstance(windows, yaml.SequenceNode) and not windows.value:
+            # An empty list would silently mean "always open"; say so by leaving `hours` out.
+            r.error(windows, f"{what} hours: must not be an empty list")
+        for window in windows.value if isinstance(windows, yaml.SequenceNode) else [windows]:
+            parsed = _hours(r, window, f"{what} hours")
+            if parsed is not None:
+                hours.append(parsed)
+    required, pattern = False, None
+    if "case_number" in m:
+        required, pattern = _case_number(r, m["case_number"], f"{what} case_number")
+    return Conditions(
+        offices=tuple(o for o, _ in offices),
+        hours=tuple(hours),
+        consent=tuple(c for c, _ in consent if c in CONSENT_METHODS),
+        case_number_required=required,
+        case_number_pattern=pattern,
+    )
+
+
+def _hours(r: Reader, node: yaml.Node, what: str) -> Hours | None:
+    m = r.mapping(node, what, required=("days", "from", "to", "utc_offset"))
+    if m is None or len(m) < 4:
+        return None
+    days = []
+    for day, at in r.strings(m["days"], f"{what} days") or []:
+        if day.lower() in DAYS:
+            days.append(DAYS.index(day.lower()))
+        else:
+            r.errors.append(f"{at}: {what}: unknown day {day!r} (use {', '.join(DAYS)})")
+    start = _minutes(r, m["from"], f"{what} from", allow_midnight_end=False)
+    end = _minutes(r, m["to"], f"{what} to", allow_midnight_end=True)
+    offset = _utc_offset(r, m["utc_offset"], f"{what} utc_offset")
+    if start is not None and end is not None and start >= end:
+        r.error(
+            m["to"], f"{what}: 'to' must be after 'from' (split overnight hours into two windows)"
+        )
+        return None
+    if start is None or end is None or offset is None or not days:
+        return None
+    return Hours(tuple(sorted(days)), start, end, offset)
+
+
+def _minutes(r: Reader, node: yaml.Node, what: str, *, allow_midnight_end: bool) -> int | None:
+    text = r.string(node, what, as_written=True)
+    if text is None:
+        return None
+    match = _TIME.fullmatch(text.strip())
+    if match:
+        hour, minute = int(match[1]), int(match[2])
+        if (hour < 24 and minute < 60) or (allow_midnight_end and (hour, minute) == (24, 0)):
+            return hour * 60 + minute
+    limit = "24:00" if allow_midnight_end else "23:59"
+    r.error(node, f"{what}: expected a time HH:MM from 00:00 to {limit}, got {text!r}")
+    return None
+
+
+def _utc_offset(r: Reader, node: yaml.Node, what: str) -> timedelta | None:
+    text = r.string(node, what, as_written=True)
+    if text is None:
+        return None
+    match = _OFFSET.fullmatch(text.strip())
+    if match and int(match[2]) <= 14 and int(match[3]) < 60:
+        delta = timedelta(hours=int(match[2]), minutes=int(match[3]))
+        return -delta if match[1] == "-" else delta
+    r.error(node, f'{what}: expected an offset like "+08:00", got {text!r}')
+    return None
+
+
+def _case_number(r: Reader, node: yaml.Node, what: str) -> tuple[bool, re.Pattern[str] | None]:
+    if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:bool":
+        return bool(r.boolean(node, what)), None
+    if not isinstance(node, yaml.MappingNode):
+        r.error(node, f"{what}: expected true, false or {{pattern: REGEX}}, got {describe(node)}")
+        return False, None
+    m = r.mapping(node, what, optional=("pattern",)) or {}
+    text = r.string(m["pattern"], f"{what} pattern") if "pattern" in m else None
+    if text is None:
+        return True, None
+    try:
+        return True, re.compile(text)
+    except re.error as exc:
+        r.error(m["pattern"], f"{what} pattern: invalid regular expression: {exc}")
+        return True, None

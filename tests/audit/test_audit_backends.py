@@ -1,0 +1,245 @@
+"""Every tamper case, on both audit backends (SQLite file and PostgreSQL schema).
+
+The same log (20 entries, signed checkpoints at 8 and 20) is written through the backend's
+real store; an attacker with the database's own rights (append-only triggers bypassed) then
+edits, deletes, inserts, reorders, truncates or consistently rewrites rows, or adds a checkpoint
+signed by another key. ``verify_db`` (and the CLI's exit code) must name the problem and the
+first bad entry. Export files taken from either backend are tampered the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from certbroker.audit.events import QueryFilter, open_audit_log, query, verify
+from certbroker.audit.export import export, verify_db, verify_export
+from certbroker.audit.integrity import proofs as audit_proofs
+from certbroker.audit.store.db import AuditLocation, PostgresLocation
+from certbroker.audit.verify.report import (
+    DELETED,
+    EDITED,
+    INSERTED,
+    OK,
+    REORDERED,
+    REWRITTEN,
+    TRUNCATED,
+    WRONG_KEY,
+)
+from tests.audit.pg_support import attacker, fresh_schema
+from tests.audit.test_audit import make_event
+from tests.audit.test_audit_integrity import TAMPERS
+
+N = 20
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@dataclass
+class Log:
+    location: AuditLocation
+    signer: audit_proofs.CheckpointSigner
+    tmp: Path
+
+
+def fill(location: AuditLocation, n: int, start: int = 0) -> list[int]:
+    async def go() -> list[int]:
+        async with open_audit_log(location) as log:
+            return [
+                (await log.append(make_event(clerk=f"clerk-{start + i}"))).sequence
+                for i in range(n)
+            ]
+
+    return asyncio.run(go())
+
+
+@pytest.fixture(params=BACKENDS)
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AuditLocation]:
+    if request.param == "sqlite":
+        yield tmp_path / "audit.sqlite"
+        return
+    with fresh_schema() as pg:
+        yield pg
+
+
+@pytest.fixture
+def log(location: AuditLocation, tmp_path: Path) -> Log:
+    signer = audit_proofs.CheckpointSigner.load(tmp_path)
+    fill(location, 8)
+    audit_proofs.sign_checkpoint(location, signer)
+    fill(location, N - 8, start=8)
+    audit_proofs.sign_checkpoint(location, signer)
+    return Log(location, signer, tmp_path)
+
+
+def test_the_log_verifies_and_reads_back_on_both_backends(log: Log) -> None:
+    report = verify_db(log.location, log.signer.public_key)
+    assert (report.code, report.entries, report.checkpoints) == (OK, N, 2), report
+    assert verify(log.location).ok
+    assert [e.sequence for e in query(log.location, QueryFilter(clerk="clerk-3"))] == [4]
+    latest = audit_proofs.latest_checkpoint(log.location)
+    assert latest is not None
+    assert latest.size == N
+
+
+# --- the live database --------------------------------------------------------------------
+
+
+def _hash(conn: Any, seq: int) -> str:
+    return str(conn.execute("SELECT entry_hash FROM audit_log WHERE seq = ?", (seq,)).fetchone()[0])
+
+
+def _body(conn: Any, seq: int) -> str:
+    return str(conn.execute("SELECT body FROM audit_log WHERE seq = ?", (seq,)).fetchone()[0])
+
+
+def edited(conn: Any) -> None:
+    conn.execute("UPDATE audit_log SET body = replace(body, 'clerk-5', 'clerX-5') WHERE seq = 6")
+
+
+def deleted(conn: Any) -> None:
+    conn.execute("DELETE FROM audit_log WHERE seq = 6")
+
+
+def inserted(conn: Any) -> None:
+    # Make room at 6 (negate first: seq is unique), then a forged copy of entry 6, chained.
+    conn.execute("UPDATE audit_log SET seq = -seq WHERE seq >= 6")
+    conn.execute("UPDATE audit_log SET seq = 1 - seq WHERE seq < 0")
+    body = json.loads(_body(conn, 7))
+    body.update(entry_id="f" * 32, clerk="mallory")
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    prev = _hash(conn, 5)
+    conn.execute(
+        "INSERT INTO audit_log (seq, entry_id, time, clerk, subject_id, matter_code, "
+        "record_type, decision, body, prev_hash, entry_hash) "
+        "VALUES (6, ?, ?, 'mallory', ?, ?, ?, ?, ?, ?, ?)",
+        (
+            body["entry_id"],
+            body["time"],
+            body["subject_id"],
+            body["matter_code"],
+            body["record_type"],
+            body["decision"],
+            text,
+            prev,
+            hashlib.sha256((prev + text).encode()).hexdigest(),
+        ),
+    )
+
+
+def reordered(conn: Any) -> None:
+    conn.execute("UPDATE audit_log SET seq = -1 WHERE seq = 6")
+    conn.execute("UPDATE audit_log SET seq = 6 WHERE seq = 7")
+    conn.execute("UPDATE audit_log SET seq = 7 WHERE seq = -1")
+
+
+def truncated(conn: Any) -> None:
+    conn.execute("DELETE FROM audit_log WHERE seq > 17")
+
+
+def rewritten(conn: Any) -> None:
+    # Edit entry 13 and re-chain everything after it: internally consistent, so only the
+    # signed checkpoint of size 20 can tell (the last one still matching is of size 8).
+    prev = _hash(conn, 12)
+    for seq in range(13, N + 1):
+        body = _body(conn, seq)
+        if seq == 13:
+            body = body.replace('"clerk-12"', '"clerX-12"')
+        entry_hash = hashlib.sha256((prev + body).encode()).hexdigest()
+        conn.execute(
+            "UPDATE audit_log SET body = ?, clerk = ?, prev_hash = ?, entry_hash = ? WHERE seq = ?",
+            (body, json.loads(body)["clerk"], prev, entry_hash, seq),
+        )
+        prev = entry_hash
+
+
+LIVE_TAMPERS = {
+    "edited": (edited, EDITED, 6),
+    "deleted": (deleted, DELETED, 6),
+    "inserted": (inserted, INSERTED, 6),
+    "reordered": (reordered, REORDERED, 6),
+    "truncated": (truncated, TRUNCATED, 18),
+    "rewritten": (rewritten, REWRITTEN, 9),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LIVE_TAMPERS))
+def test_every_tamper_of_the_live_log_is_named(log: Log, case: str) -> None:
+    tamper, code, first_bad = LIVE_TAMPERS[case]
+    with attacker(log.location) as conn:
+        tamper(conn)
+    report = verify_db(log.location, log.signer.public_key)
+    assert (report.code, report.first_bad) == (code, first_bad), report
+
+
+def test_a_rewrite_is_only_caught_with_the_checkpoint_key(log: Log) -> None:
+    with attacker(log.location) as conn:
+        rewritten(conn)
+    assert verify(log.location).ok  # the chain alone is consistent...
+    assert verify_db(log.location, log.signer.public_key).code == REWRITTEN  # ...the tree is not
+
+
+def test_a_checkpoint_signed_by_another_key_is_refused(log: Log) -> None:
+    rogue = audit_proofs.CheckpointSigner(Ed25519PrivateKey.generate(), log.tmp / "rogue.pem")
+    audit_proofs.sign_checkpoint(log.location, rogue)
+    assert verify_db(log.location, log.signer.public_key).code == WRONG_KEY
+
+
+# --- exports from either backend ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERS))
+def test_every_tamper_of_an_export_is_named(log: Log, case: str) -> None:
+    path = log.tmp / "export.jsonl"
+    with path.open("wb") as out:
+        export(log.location, out)
+    assert verify_export(path, log.signer.public_key).code == OK
+    tamper, code, first_bad = TAMPERS[case]
+    path.write_bytes(b"".join(tamper(path.read_bytes().splitlines(keepends=True))))
+    report = verify_export(path, log.signer.public_key)
+    assert (report.code, report.first_bad) == (code, first_bad), report
+
+
+# --- the command line --------------------------------------------------------------------
+
+
+def cli(location: AuditLocation, *args: str) -> subprocess.CompletedProcess[str]:
+    if isinstance(location, PostgresLocation):
+        where = ["--dsn", location.dsn, "--schema", location.schema]
+    else:
+        where = ["--db", str(location)]
+    return subprocess.run(
+        [sys.executable, "-m", "certbroker", "audit", args[0], *where, *args[1:]],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+def test_cli_verify_exit_codes_on_both_backends(log: Log) -> None:
+    pem = str(log.signer.public_key_path)
+    ok = cli(log.location, "verify", "--public-key", pem)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert f"ok: {N} entries" in ok.stdout
+    assert "2 signed checkpoint(s)" in ok.stdout
+    out = log.tmp / "cli-export.jsonl"
+    assert cli(log.location, "export", "--out", str(out)).returncode == 0
+    assert verify_export(out, log.signer.public_key).ok
+    with attacker(log.location) as conn:
+        deleted(conn)
+    bad = cli(log.location, "verify", "--public-key", pem)
+    assert bad.returncode == DELETED, bad.stdout + bad.stderr
+    assert "first bad entry at index 6" in bad.stdout
+    table = cli(log.location, "query", "--clerk", "clerk-2")
+    assert table.returncode == 0, table.stderr
+    assert "(1 entries)" in table.stdout

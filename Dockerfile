@@ -4,15 +4,11 @@ FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     CERTBROKER_HOST=0.0.0.0 \
-    CERTBROKER_STATE_DIR=/var/lib/certbroker \
-    CERTBROKER_POLICY_DIR=/app/policies
+    CERTBROKER_STATE_DIR=/var/lib/certbroker
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
-COPY broker ./broker
-COPY adapters ./adapters
 COPY certbroker ./certbroker
-COPY policies ./policies
 RUN pip install --no-cache-dir . \
     && useradd --system --home /var/lib/certbroker certbroker \
     && mkdir -p /var/lib/certbroker && chown certbroker /var/lib/certbroker

@@ -35,9 +35,9 @@ from bench.harness import BenchError, Options, Processes, Result
 from bench.policies import POLICY_DIR_ENV, uncached_policies
 from certbroker.adapters.demo import synthetic
 from certbroker.audit.events import verify
-from certbroker.audit.store.db import PostgresLocation
 from certbroker.auth.authenticator import DevIdentityProvider
 from certbroker.cli import client
+from certbroker.config import PostgresLocation
 from certbroker.v1 import broker_pb2_grpc
 
 SECTION = "Audit backends"

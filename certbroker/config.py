@@ -9,6 +9,7 @@ Environment variables override the file; command-line flags override both (via `
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -16,9 +17,55 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from certbroker.audit.store.db import SCHEMA_RE, AuditLocation, PostgresLocation
-from certbroker.audit.writer import MAX_WAIT_S
 from certbroker.contract.fields import RECORD_TYPES
+
+#: Upper bound of the audit batching window: a response is never held longer for company.
+MAX_WAIT_S = 0.05
+
+DEFAULT_SCHEMA = "certbroker"
+#: A PostgreSQL schema name we create and embed in DDL: lowercase, no quoting games.
+SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+@dataclass(frozen=True)
+class PostgresLocation:
+    """An audit log in PostgreSQL: libpq connection string (or URL) and schema.
+
+    The DSN may hold a password, so it never appears in ``repr`` or messages: use
+    :attr:`display`.
+    """
+
+    dsn: str = field(repr=False)
+    schema: str = DEFAULT_SCHEMA
+
+    def __post_init__(self) -> None:
+        if not self.dsn:
+            raise ValueError("PostgreSQL audit DSN is empty")
+        if not SCHEMA_RE.fullmatch(self.schema):
+            raise ValueError(
+                f"audit schema {self.schema!r}: lowercase letters, digits and _ only (max 63)"
+            )
+
+    @property
+    def display(self) -> str:
+        """Host, database and schema, without user or password (safe for logs)."""
+        host, dbname = "?", "?"
+        try:
+            from psycopg.conninfo import conninfo_to_dict
+
+            info = conninfo_to_dict(self.dsn)
+            host, dbname = str(info.get("host", "localhost")), str(info.get("dbname", "?"))
+        except Exception:  # noqa: BLE001, S110 - a DSN we cannot parse is still not printed
+            pass
+        return f"postgresql://{host}/{dbname} schema {self.schema}"
+
+    def __str__(self) -> str:
+        return self.display
+
+
+AuditLocation = Path | PostgresLocation
+"""Where an audit log is: an SQLite file path or a PostgreSQL DSN + schema."""
+
 
 #: The shipped policy set, next to the package in a source checkout or an image built from it.
 #: The shipped policy set: package data, so an installed wheel finds it as a checkout does.

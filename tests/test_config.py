@@ -5,8 +5,7 @@ from pathlib import Path
 import pytest
 
 from certbroker import config
-from certbroker.audit.store.db import PostgresLocation
-from certbroker.config import AdapterRoute, ArchiveSchedule, ConfigError
+from certbroker.config import AdapterRoute, ArchiveSchedule, ConfigError, PostgresLocation
 
 
 def test_defaults_are_the_embedded_setup() -> None:

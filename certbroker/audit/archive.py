@@ -38,15 +38,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from certbroker.audit.export import export, verify_db, verify_export
 from certbroker.audit.integrity.proofs import CheckpointSigner, checkpoints, sign_checkpoint
-from certbroker.audit.store.db import (
-    AuditLocation,
-    Connection,
-    connect_read,
-    snapshot,
-    write_transaction,
-)
+from certbroker.audit.store.db import Connection, connect_read, snapshot, write_transaction
 from certbroker.audit.store.rows import GENESIS_HASH, archived_head, iso_time
 from certbroker.audit.verify.report import DELETED, EDITED, INSERTED, IntegrityReport
+from certbroker.config import AuditLocation
 
 
 @dataclass(frozen=True)

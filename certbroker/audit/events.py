@@ -109,7 +109,7 @@ from certbroker.audit.log import (
     SQLiteAuditLog,
     open_audit_log,
 )
-from certbroker.audit.store.db import AuditLocation, PostgresLocation, connect_read
+from certbroker.audit.store.db import connect_read
 from certbroker.audit.store.rows import (
     AUDIT_UNAVAILABLE,
     GENESIS_HASH,
@@ -121,6 +121,7 @@ from certbroker.audit.store.rows import (
 )
 from certbroker.audit.verify.chain import VerifyReport, verify
 from certbroker.cli.table import display_width, format_table
+from certbroker.config import AuditLocation, PostgresLocation
 
 __all__ = [
     "AUDIT_UNAVAILABLE",

@@ -31,7 +31,7 @@ from certbroker.audit.integrity import checkpoint
 from certbroker.audit.integrity.merkle import CompactRange, leaf_hash
 from certbroker.audit.integrity.proofs import ORIGIN, checkpoints
 from certbroker.audit.integrity.tree import frontier_at, load_state
-from certbroker.audit.store.db import AuditLocation, Connection, connect_read, snapshot, stream
+from certbroker.audit.store.db import Connection, connect_read, snapshot, stream
 from certbroker.audit.store.rows import GENESIS_HASH, archived_head
 from certbroker.audit.verify.chain import verify as verify_chain
 from certbroker.audit.verify.parallel import check_export
@@ -44,6 +44,7 @@ from certbroker.audit.verify.report import (
     check_entries,
     open_checkpoints,
 )
+from certbroker.config import AuditLocation
 
 FORMAT: Final = 1
 _PREFIX: Final = b'{"seq":'

@@ -17,10 +17,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Self, TypedDict, Unpack
 
-from certbroker.audit.store.db import AuditLocation, PostgresLocation, as_location
+from certbroker.audit.store.db import as_location
 from certbroker.audit.store.rows import AUDIT_UNAVAILABLE, BatchStore, epoch_time
 from certbroker.audit.store.sqlite import SQLiteStore
 from certbroker.audit.writer import CommitHook, GroupCommitWriter
+from certbroker.config import AuditLocation, PostgresLocation
 from certbroker.errors import BrokerError, Unavailable
 from certbroker.ids import new_id
 

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from certbroker.audit import events as audit
-from certbroker.audit.store.db import AuditLocation, connect_read, stream
+from certbroker.audit.store.db import connect_read, stream
 from certbroker.audit.store.rows import StoredRow, iso_time
+from certbroker.config import AuditLocation
 
 
 @dataclass(frozen=True)

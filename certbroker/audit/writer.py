@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from certbroker.audit.store.rows import AUDIT_UNAVAILABLE, BatchStore, StoredRow
+from certbroker.config import MAX_WAIT_S
 from certbroker.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,6 @@ def _resolve(items: Sequence[tuple[_Pending, _Outcome]]) -> None:
             future.set_exception(result)
         else:
             future.set_result(result)
-
-
-MAX_WAIT_S = 0.05
-"""Upper bound of the batching window: a response is never held longer than this for company."""
 
 
 class GroupCommitWriter:

@@ -26,8 +26,8 @@ from certbroker.audit.export import export, verify_db, verify_export
 from certbroker.audit.integrity import checkpoint
 from certbroker.audit.integrity import proofs as audit_proofs
 from certbroker.audit.store import db as audit_db
-from certbroker.audit.store.db import AuditLocation, PostgresLocation
 from certbroker.audit.verify.report import EXIT_CODES_HELP, IntegrityReport
+from certbroker.config import AuditLocation, PostgresLocation
 from certbroker.errors import BrokerError
 
 StateOption = Callable[[argparse.ArgumentParser], None]
@@ -259,7 +259,7 @@ def integrity_pg_grants(args: argparse.Namespace) -> int:
     except config.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not audit_db.SCHEMA_RE.fullmatch(schema):
+    if not config.SCHEMA_RE.fullmatch(schema):
         print(f"error: --schema {schema!r}: lowercase letters, digits and _ only", file=sys.stderr)
         return 2
     # Imported here: psycopg (the postgres extra) is needed only for PostgreSQL commands.

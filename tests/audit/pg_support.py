@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from certbroker.audit.store.db import AuditLocation, PostgresLocation
+from certbroker.config import AuditLocation, PostgresLocation
 
 #: Tried in order; the first that connects is used (trust auth on the test server).
 URLS = [

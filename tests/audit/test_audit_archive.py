@@ -27,10 +27,10 @@ from certbroker.audit.events import open_audit_log, verify
 from certbroker.audit.export import export, verify_db
 from certbroker.audit.integrity import merkle
 from certbroker.audit.integrity import proofs as audit_proofs
-from certbroker.audit.store.db import AuditLocation, PostgresLocation
 from certbroker.audit.verify.report import DELETED, EDITED, OK
 from certbroker.auth.authenticator import DevIdentityProvider
 from certbroker.cli import client
+from certbroker.config import AuditLocation, PostgresLocation
 from certbroker.v1 import broker_pb2_grpc
 from tests.audit.pg_support import attacker, fresh_schema
 from tests.audit.test_audit import StepClock, make_event

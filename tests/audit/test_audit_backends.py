@@ -25,7 +25,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from certbroker.audit.events import QueryFilter, open_audit_log, query, verify
 from certbroker.audit.export import export, verify_db, verify_export
 from certbroker.audit.integrity import proofs as audit_proofs
-from certbroker.audit.store.db import AuditLocation, PostgresLocation
 from certbroker.audit.verify.report import (
     DELETED,
     EDITED,
@@ -36,6 +35,7 @@ from certbroker.audit.verify.report import (
     TRUNCATED,
     WRONG_KEY,
 )
+from certbroker.config import AuditLocation, PostgresLocation
 from tests.audit.pg_support import attacker, fresh_schema
 from tests.audit.test_audit import make_event
 from tests.audit.test_audit_integrity import TAMPERS

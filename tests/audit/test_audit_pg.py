@@ -27,7 +27,7 @@ from certbroker.audit.events import (
 from certbroker.audit.export import verify_db
 from certbroker.audit.integrity import proofs as audit_proofs
 from certbroker.audit.store import postgres as audit_pg
-from certbroker.audit.store.db import PostgresLocation
+from certbroker.config import PostgresLocation
 from certbroker.errors import Unavailable
 from tests.audit.pg_support import admin_url, fresh_schema, run_sql
 from tests.audit.test_audit import make_event

@@ -23,9 +23,9 @@ import pytest
 from certbroker.adapters.demo import synthetic
 from certbroker.audit.events import QueryFilter, query, verify
 from certbroker.audit.integrity import proofs as audit_proofs
-from certbroker.audit.store.db import PostgresLocation
 from certbroker.auth.authenticator import DevIdentityProvider
 from certbroker.cli import client
+from certbroker.config import PostgresLocation
 from certbroker.v1 import broker_pb2_grpc
 from tests.audit.pg_support import fresh_schema
 from tests.helpers import ROOT, START_TIMEOUT

@@ -16,8 +16,8 @@ import psycopg
 import pytest
 
 from certbroker.audit.events import open_audit_log
-from certbroker.audit.store.db import PostgresLocation
 from certbroker.cli import main as cli
+from certbroker.config import PostgresLocation
 from tests.audit.pg_support import admin_url, fresh_schema, run_sql
 from tests.audit.test_audit import make_event
 

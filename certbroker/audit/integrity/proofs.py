@@ -43,9 +43,10 @@ from certbroker.audit.integrity.merkle import (
     perfect_subtree_hasher,
 )
 from certbroker.audit.integrity.tree import load_state, node_reader, root_at
-from certbroker.audit.store.db import AuditLocation, Connection, connect_read, write_transaction
+from certbroker.audit.store.db import Connection, connect_read, write_transaction
 from certbroker.audit.store.rows import iso_time
 from certbroker.auth.keyfiles import ed25519_key_files
+from certbroker.config import AuditLocation
 
 if TYPE_CHECKING:
     from certbroker.config import ArchiveSchedule

@@ -55,8 +55,9 @@ from certbroker.audit.integrity.proofs import (
     sign_checkpoint,
     tree_size,
 )
-from certbroker.audit.store.db import AuditLocation, connect_read
+from certbroker.audit.store.db import connect_read
 from certbroker.audit.store.rows import select_rows
+from certbroker.config import AuditLocation
 from certbroker.v1 import audit_pb2
 
 AuditDB = AuditLocation

@@ -21,59 +21,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import re
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    pass
-
-DEFAULT_SCHEMA = "certbroker"
-#: A PostgreSQL schema name we create and embed in DDL: lowercase, no quoting games.
-SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
-
-
-@dataclass(frozen=True)
-class PostgresLocation:
-    """An audit log in PostgreSQL: libpq connection string (or URL) and schema.
-
-    The DSN may hold a password, so it never appears in ``repr`` or messages: use
-    :attr:`display`.
-    """
-
-    dsn: str = field(repr=False)
-    schema: str = DEFAULT_SCHEMA
-
-    def __post_init__(self) -> None:
-        if not self.dsn:
-            raise ValueError("PostgreSQL audit DSN is empty")
-        if not SCHEMA_RE.fullmatch(self.schema):
-            raise ValueError(
-                f"audit schema {self.schema!r}: lowercase letters, digits and _ only (max 63)"
-            )
-
-    @property
-    def display(self) -> str:
-        """Host, database and schema, without user or password (safe for logs)."""
-        host, dbname = "?", "?"
-        try:
-            from psycopg.conninfo import conninfo_to_dict
-
-            info = conninfo_to_dict(self.dsn)
-            host, dbname = str(info.get("host", "localhost")), str(info.get("dbname", "?"))
-        except Exception:  # noqa: BLE001, S110 - a DSN we cannot parse is still not printed
-            pass
-        return f"postgresql://{host}/{dbname} schema {self.schema}"
-
-    def __str__(self) -> str:
-        return self.display
-
-
-AuditLocation = Path | PostgresLocation
-"""Where an audit log is: an SQLite file path or a PostgreSQL DSN + schema."""
+from certbroker.config import AuditLocation, PostgresLocation
 
 
 def as_location(db: AuditLocation | str) -> AuditLocation:

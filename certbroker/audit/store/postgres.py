@@ -43,8 +43,9 @@ from typing import LiteralString
 import psycopg
 from psycopg import sql
 
-from certbroker.audit.store.db import PgConnection, PostgresLocation
+from certbroker.audit.store.db import PgConnection
 from certbroker.audit.store.rows import AUDIT_UNAVAILABLE, Head, StoredRow, append_rows
+from certbroker.config import PostgresLocation
 from certbroker.errors import Unavailable
 
 log = logging.getLogger(__name__)

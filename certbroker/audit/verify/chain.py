@@ -12,8 +12,9 @@ from __future__ import annotations
 from contextlib import closing
 from dataclasses import dataclass
 
-from certbroker.audit.store.db import AuditLocation, connect_read, snapshot
+from certbroker.audit.store.db import connect_read, snapshot
 from certbroker.audit.store.rows import archived_head, check_chain, iter_rows
+from certbroker.config import AuditLocation
 from certbroker.errors import BrokerError
 
 

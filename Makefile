@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test serve proto proto-check lint typecheck unit bench clean
+.PHONY: demo test serve proto proto-check lint imports typecheck unit bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,13 +29,17 @@ lint: $(STAMP)
 	$(BIN)/ruff check certbroker tests scripts bench
 	$(BIN)/ruff format --check certbroker tests scripts bench
 
+## The architecture: layers, what adapters may import, no import cycles ([tool.importlinter]).
+imports: $(STAMP)
+	$(BIN)/lint-imports --no-cache
+
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
 unit: $(STAMP)
 	$(BIN)/pytest -n auto
 
-test: proto-check lint typecheck unit
+test: proto-check lint imports typecheck unit
 
 ## Benchmarks with real broker/adapter processes (several minutes); a table per scenario.
 ## `make bench BENCH_ARGS=--write` also records the results in docs/benchmarks.md.

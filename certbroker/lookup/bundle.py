@@ -7,22 +7,20 @@ marriage and property records together. One call names the matter, the case and 
 In order: authenticate once; validate the whole request (any problem fails the whole call with
 INVALID_ARGUMENT); derive the record types from the matter catalogue; decide every
 (subject, record type) item exactly as ``Lookup`` decides
-(:class:`certbroker.lookup.pipeline.ItemPipeline`);
-fetch every allowed item in parallel within one deadline; write one audit entry per item (with
-the bundle id) and, after them in the same transaction, one ``"bundle"`` entry linking them;
-only then answer, one
-:class:`BundleItem` per item. One item failing never fails the others: its place in the answer
-holds an :class:`ItemError` instead of a record.
+(:class:`certbroker.lookup.pipeline.ItemPipeline`); fetch every allowed item in parallel within
+one deadline; write one audit entry per item (with the bundle id) and, after them in the same
+transaction, one ``"bundle"`` entry linking them; only then answer, one :class:`BundleItem` per
+item. One item failing never fails the others: its place in the answer holds an
+:class:`ItemError` instead of a record.
 
 The deadline is the caller's remaining time less a reserve for the audit writes and the answer
-(:func:`certbroker.lookup.pipeline.fetch_budget`), capped by the configured adapter timeout. Items
-not back
-by then are cancelled and reported as DEADLINE_EXCEEDED (``ADAPTER_TIMEOUT``, naming the
-department), so the answer still leaves before the caller gives up.
+(:func:`certbroker.lookup.pipeline.fetch_budget`), capped by the configured adapter timeout.
+Items not back by then are cancelled and reported as DEADLINE_EXCEEDED (``ADAPTER_TIMEOUT``,
+naming the department), so the answer still leaves before the caller gives up.
 
-No audit, no answer: if the entries cannot be written (they are written together, all or
-none), the call fails UNAVAILABLE and no record leaves. A refused call (unauthenticated,
-invalid) is audited by a bundle entry without items.
+No audit, no answer (:class:`certbroker.audit.guard.AuditedCall`): if the entries cannot be
+written (they are written together, all or none), the call fails UNAVAILABLE and no record
+leaves. A refused call (unauthenticated, invalid) is audited by a bundle entry without items.
 """
 
 from __future__ import annotations
@@ -39,6 +37,7 @@ import grpc
 
 from certbroker import errors, validation
 from certbroker.audit.events import AuditEvent, AuditLog, Receipt
+from certbroker.audit.guard import AuditedCall, Batch, Result, invocation_metadata, outcome
 from certbroker.auth.authenticator import Authenticator, Clerk
 from certbroker.ids import new_id
 from certbroker.lookup.pipeline import (
@@ -48,9 +47,7 @@ from certbroker.lookup.pipeline import (
     event,
     fetch_budget,
     fill_receipt,
-    invocation_metadata,
     label,
-    outcome,
     safe_consent,
 )
 from certbroker.metrics import Metrics
@@ -133,41 +130,55 @@ class BundleRunner:
         ``audit_entry_id`` in its metadata) and ``Unavailable`` when the audit cannot be written.
         """
         call = _Call(new_id(), time.perf_counter())
-        try:
+        async with AuditedCall(
+            self._audit,
+            lambda result: self._entries(request, policy, call, result),
+            on_append=self._metrics.audit_append.observe,
+            on_finish=lambda status, _seconds: self._finished(call, policy, status),
+        ) as audited:
             self._plan(request, context, policy, call)
-        except Exception as exc:  # audited here, then mapped to a status by the server
-            await self._refuse(request, policy, call, exc)
-            raise
-        deadline = asyncio.get_running_loop().time() + fetch_budget(context, self._cap_s)
-        now = self._now()  # one instant for every decision: opening hours cannot split a bundle
-        for item in call.items:
-            try:
-                item.decision = self._items.authorize(
-                    policy, item.request, call.consent, (), now, item.trace
-                )
-            except Exception as exc:  # noqa: BLE001 - reported in the item, never the whole call
-                item.failure = errors.as_broker_error(exc)
-        await self._fetch_all(call, policy, deadline)
-        events = [
-            event(i.request, policy, i.trace, outcome(i.failure), i.latency_ms) for i in call.items
-        ]
-        audit_started = time.perf_counter()
-        try:
-            # One transaction for the items and the bundle entry naming them: a bundle is in
-            # the log whole or not at all, and costs one fsync.
-            *receipts, bundle_receipt = await self._audit.append_many(
-                events,
-                link=lambda ids: self._bundle_event(request, policy, call, ("OK", "OK"), ids),
-            )
-        except Exception:
-            self._count(call, policy, "UNAVAILABLE")
-            self._observe(call, policy, "UNAVAILABLE")
-            raise  # no audit, no answer: none of the records leaves
-        self._metrics.audit_append.observe(time.perf_counter() - audit_started)
-        self._count(call, policy, "")
-        self._metrics.bundle_items.observe(len(call.items))
-        self._observe(call, policy, "OK")
+            deadline = asyncio.get_running_loop().time() + fetch_budget(context, self._cap_s)
+            now = self._now()  # one instant for every decision: opening hours cannot split a bundle
+            for item in call.items:
+                try:
+                    item.decision = self._items.authorize(
+                        policy, item.request, call.consent, (), now, item.trace
+                    )
+                except Exception as exc:  # noqa: BLE001 - reported in the item, never the whole call
+                    item.failure = errors.as_broker_error(exc)
+            await self._fetch_all(call, policy, deadline)
+        *receipts, bundle_receipt = audited.receipts
         return _answer(call, receipts, bundle_receipt)
+
+    def _entries(
+        self,
+        request: broker_pb2.LookupMatterRequest,
+        policy: PolicySet,
+        call: _Call,
+        result: Result,
+    ) -> AuditEvent | Batch:
+        """The call's entries: one per item and, after them in the same transaction, the bundle
+        entry naming them -- a bundle is in the log whole or not at all, and costs one fsync. A
+        refused call (unauthenticated, invalid) has only its bundle entry, without items."""
+        if result.failure is not None:
+            call.items = []  # none of them is answered (or counted)
+            return self._bundle_event(request, policy, call, outcome(result.failure), [])
+        return Batch(
+            [
+                event(i.request, policy, i.trace, outcome(i.failure), i.latency_ms)
+                for i in call.items
+            ],
+            link=lambda ids: self._bundle_event(request, policy, call, ("OK", "OK"), ids),
+        )
+
+    def _finished(self, call: _Call, policy: PolicySet, status: str) -> None:
+        """Metrics of a finished call; ``status`` is the caller's ("UNAVAILABLE": unaudited)."""
+        # An answered bundle counts each item with its own status; an unaudited one counts
+        # every item UNAVAILABLE, as none of them reached the caller.
+        self._count(call, policy, "" if status == "OK" else status)
+        if status == "OK":
+            self._metrics.bundle_items.observe(len(call.items))
+        self._observe(call, policy, status)
 
     def _plan(
         self,
@@ -248,27 +259,6 @@ class BundleRunner:
                 item.trace,
                 status or outcome(item.failure)[1],
             )
-
-    async def _refuse(
-        self,
-        request: broker_pb2.LookupMatterRequest,
-        policy: PolicySet,
-        call: _Call,
-        failure: Exception,
-    ) -> None:
-        """Audit a refused call (no items); the caller's error then names the entry."""
-        call.items = []
-        bundle_event = self._bundle_event(request, policy, call, outcome(failure), [])
-        started = time.perf_counter()
-        try:
-            receipt = await self._audit.append(bundle_event)
-        except Exception:
-            self._observe(call, policy, "UNAVAILABLE")
-            raise  # Unavailable propagates: no answer
-        self._metrics.audit_append.observe(time.perf_counter() - started)
-        self._observe(call, policy, outcome(failure)[1])
-        if isinstance(failure, errors.BrokerError):
-            failure.metadata["audit_entry_id"] = receipt.entry_id
 
     def _bundle_event(
         self,

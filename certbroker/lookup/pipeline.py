@@ -13,9 +13,9 @@ import asyncio
 import datetime as dt
 import math
 import time
-from collections.abc import Container, Sequence
+from collections.abc import Container
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import grpc
 
@@ -73,14 +73,6 @@ def safe_consent(method: broker_pb2.ConsentMethod.ValueType) -> str:
         return consent_name(method)
     except errors.BrokerError:
         return ""
-
-
-def invocation_metadata(
-    context: grpc.aio.ServicerContext[Any, Any],
-) -> Sequence[tuple[str, str | bytes]]:
-    """The call's metadata as pairs (what :meth:`Authenticator.authenticate` takes)."""
-    # grpc-stubs type aio metadata as a Mapping; at run time it is a sequence of pairs.
-    return cast(Sequence[tuple[str, str | bytes]], context.invocation_metadata() or ())
 
 
 def fetch_budget(context: grpc.aio.ServicerContext[Any, Any], cap_s: float) -> float:
@@ -270,15 +262,6 @@ def fill_receipt(target: broker_pb2.AuditReceipt, receipt: Receipt) -> None:
     target.entry_id = receipt.entry_id
     target.entry_hash = receipt.entry_hash
     target.sequence = receipt.sequence
-
-
-def outcome(failure: BaseException | None) -> tuple[str, str]:
-    """(outcome, status) for the audit entry; unknown exceptions are INTERNAL, as callers see."""
-    if failure is None:
-        return "OK", "OK"
-    if isinstance(failure, errors.BrokerError):
-        return failure.reason, failure.code.name
-    return "INTERNAL", "INTERNAL"
 
 
 def event(

@@ -2,25 +2,27 @@
 
 Lookup, in order: authenticate the clerk, validate the request, decide by policy, fetch from
 the record cache or the department, minimize and mask, then append the audit entry (saying
-whether the record came from the cache), and only then answer. Every
-lookup that reaches the servicer — allowed, denied or failed — produces exactly one audit entry;
-if that entry cannot be written durably, the caller gets UNAVAILABLE and no record.
+whether the record came from the cache), and only then answer. Every lookup that reaches the
+servicer -- allowed, denied or failed -- produces exactly one audit entry; if that entry cannot
+be written durably, the caller gets UNAVAILABLE and no record. The entry is written by
+:class:`certbroker.audit.guard.AuditedCall`, as for every audited call of the broker.
+ListMatters is not audited: it answers from the policy catalogue alone, about no citizen.
 
 The decide/fetch/minimize steps live in :mod:`certbroker.lookup.pipeline`, shared with matter
-bundles
-(:mod:`certbroker.lookup.bundle`), which run the same steps for every item of a ``LookupMatter``.
+bundles (:mod:`certbroker.lookup.bundle`), which run the same steps for every item of a
+``LookupMatter``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import time
 from collections.abc import Callable
 
 import grpc
 
-from certbroker import errors, validation
-from certbroker.audit.events import AuditLog
+from certbroker import validation
+from certbroker.audit.events import AuditEvent, AuditLog
+from certbroker.audit.guard import AuditedCall, Result, invocation_metadata, outcome
 from certbroker.auth.authenticator import Authenticator
 from certbroker.cache import RecordCache
 from certbroker.lookup.bundle import BundleRunner
@@ -32,8 +34,6 @@ from certbroker.lookup.pipeline import (
     event,
     fetch_budget,
     fill_receipt,
-    invocation_metadata,
-    outcome,
 )
 from certbroker.metrics import Metrics
 from certbroker.policy.model import PolicySet, PolicySource
@@ -77,33 +77,21 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
     async def Lookup(
         self, request: broker_pb2.LookupRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> broker_pb2.LookupResponse:
-        started = time.perf_counter()
         policy = self._policies.current
         trace = Trace()
-        response: broker_pb2.LookupResponse | None = None
-        failure: Exception | None = None
-        try:
+
+        def entry(result: Result) -> AuditEvent:
+            return event(request, policy, trace, outcome(result.failure), result.latency_ms)
+
+        def finished(status: str, seconds: float) -> None:
+            self._items.count(request.record_type, policy, trace, status)
+            self._metrics.observe_lookup("Lookup", status, seconds)
+
+        async with AuditedCall(
+            self._audit, entry, on_append=self._metrics.audit_append.observe, on_finish=finished
+        ) as call:
             response = await self._lookup(request, context, policy, trace)
-        except Exception as exc:  # noqa: BLE001 - audited here, mapped to a status by the server
-            failure = exc
-        latency_ms = (time.perf_counter() - started) * 1000
-        result = outcome(failure)
-        audit_started = time.perf_counter()
-        try:
-            receipt = await self._audit.append(event(request, policy, trace, result, latency_ms))
-        except errors.BrokerError:
-            self._items.count(request.record_type, policy, trace, "UNAVAILABLE")
-            self._metrics.observe_lookup("Lookup", "UNAVAILABLE", time.perf_counter() - started)
-            raise  # no audit, no answer: not even the denial's reason leaves unaudited
-        self._metrics.audit_append.observe(time.perf_counter() - audit_started)
-        self._items.count(request.record_type, policy, trace, result[1])
-        self._metrics.observe_lookup("Lookup", result[1], time.perf_counter() - started)
-        if failure is not None:
-            if isinstance(failure, errors.BrokerError):
-                failure.metadata["audit_entry_id"] = receipt.entry_id
-            raise failure
-        assert response is not None
-        fill_receipt(response.receipt, receipt)
+        fill_receipt(response.receipt, call.receipt)
         return response
 
     async def _lookup(

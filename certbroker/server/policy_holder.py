@@ -23,13 +23,14 @@ cut to
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-import time
 from pathlib import Path
 from typing import Final
 
 from certbroker.audit.events import AuditEvent, AuditLog
-from certbroker.errors import Unavailable
+from certbroker.audit.guard import AuditedCall, Result
+from certbroker.errors import BrokerError
 from certbroker.metrics import Metrics
 from certbroker.policy import model as policy
 
@@ -92,34 +93,40 @@ class PolicyHolder:
     async def reload(self) -> bool:
         """Re-read the directory (in a worker thread); True if the new set is now in force.
 
-        Must run on the broker's event loop. The attempt's audit entry is written first; if
-        that fails the old set stays and the failure is logged (and counted "unaudited").
+        Must run on the broker's event loop. The attempt's audit entry is written first
+        (:class:`~certbroker.audit.guard.AuditedCall`); if that fails the old set stays and the
+        failure is logged (and counted "unaudited").
         """
         async with self._lock:
-            started = time.perf_counter()
             previous = self.current
+            fresh: policy.PolicySet | None = None
             problems: list[str] = []
-            fresh: policy.PolicySet | None
-            try:
-                fresh = await asyncio.to_thread(policy.load, self._directory)
-            except policy.PolicyError as exc:
-                fresh, problems = None, exc.errors
-            event = reload_event(
-                self._directory,
-                previous.version,
-                fresh,
-                problems,
-                (time.perf_counter() - started) * 1000,
-            )
-            try:
-                if self.audit is None:
-                    raise Unavailable("AUDIT_UNAVAILABLE", "no audit log attached")
-                await self.audit.append(event)
-            except Exception:  # any failure to audit keeps the old set
-                log.exception(
-                    "policy reload not audited, keeping version %s", previous.version[:12]
+
+            def entry(result: Result) -> AuditEvent:
+                event = reload_event(
+                    self._directory, previous.version, fresh, problems, result.latency_ms
                 )
-                self._metrics.policy_reloads.labels("unaudited").inc()
+                if result.failure is not None:  # not a policy error: reading the set crashed
+                    event = dataclasses.replace(event, outcome=result.outcome, status=result.status)
+                return event
+
+            call = AuditedCall(self.audit, entry)
+            try:
+                async with call:
+                    try:
+                        fresh = await asyncio.to_thread(policy.load, self._directory)
+                    except policy.PolicyError as exc:
+                        problems = exc.errors
+            except BrokerError:
+                if not call.written:  # any failure to audit keeps the old set
+                    log.exception(
+                        "policy reload not audited, keeping version %s", previous.version[:12]
+                    )
+                    self._metrics.policy_reloads.labels("unaudited").inc()
+                    return False
+                # Audited as INTERNAL; the traceback is logged where the error was mapped.
+                log.error("policy reload failed, keeping version %s", previous.version[:12])
+                self._metrics.policy_reloads.labels("rejected").inc()
                 return False
             if fresh is None:
                 log.error(

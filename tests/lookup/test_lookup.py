@@ -285,8 +285,9 @@ def test_unexpected_errors_are_generic_internal(env: Env, couple: tuple[str, str
 
     assert env.broker.broker is not None
     env.broker.broker.router._sources["household"] = Broken()
-    code, reason, _ = failure(lambda: lookup(env, env.token(), "household", couple[0]))
+    code, reason, metadata = failure(lambda: lookup(env, env.token(), "household", couple[0]))
     assert (code, reason) == (grpc.StatusCode.INTERNAL, "INTERNAL")
+    assert metadata["audit_entry_id"] == entries(env)[-1].entry_id  # audited like any error
     with pytest.raises(grpc.RpcError) as info:
         lookup(env, env.token(), "household", couple[0])
     assert "secret" not in (info.value.details() or "")

@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -43,12 +42,12 @@ import grpc
 from certbroker import errors, validation
 from certbroker.audit import anomalies
 from certbroker.audit.events import AuditEvent, AuditLog, Receipt
+from certbroker.audit.guard import AuditedCall, Result, invocation_metadata
 from certbroker.audit.integrity.proofs import CheckpointSigner
 from certbroker.audit.scan import Criteria, scan
 from certbroker.audit.service import proofs
 from certbroker.audit.service.messages import entry_message, released_fields, time_range, timestamp
 from certbroker.auth.authenticator import Authenticator, Clerk
-from certbroker.lookup.pipeline import invocation_metadata, outcome
 from certbroker.policy.model import PolicySource
 from certbroker.v1 import audit_pb2, audit_pb2_grpc
 
@@ -66,7 +65,6 @@ class _Call:
     """What the audit entry says about one Audit call, filled in as it is validated."""
 
     rpc: str
-    started: float = field(default_factory=time.perf_counter)
     clerk: Clerk | None = None
     subject_id: str = ""
     matter_code: str = ""
@@ -88,7 +86,8 @@ class AuditService(audit_pb2_grpc.AuditServicer):
     """Serves auditors from the audit log at ``db``, which ``log`` appends to; ``signer`` signs
     checkpoints on demand. ``db`` is passed unchanged to the reading modules.
 
-    Errors are raised as ``BrokerError`` and mapped to a status by the server's interceptor.
+    Every RPC runs inside :class:`~certbroker.audit.guard.AuditedCall`; errors are raised as
+    ``BrokerError`` and mapped to a status by the server (:func:`certbroker.server.app.guarded`).
     """
 
     def __init__(
@@ -143,33 +142,24 @@ class AuditService(audit_pb2_grpc.AuditServicer):
         parse: Callable[[], object],
         work: Callable[[], Awaitable[U]],
     ) -> tuple[U, Receipt]:
-        failure: Exception | None = None
-        result: U | None = None
-        try:
+        """Run ``work`` for an authenticated auditor (or only ``parse``, to record what a
+        refused caller asked for) inside the call's :class:`AuditedCall`."""
+        async with AuditedCall(self._log, lambda result: self._event(call, result)) as audited:
             call.clerk = self._auth.authenticate(invocation_metadata(context))
             if AUDITOR_ROLE not in call.clerk.roles:
-                failure = errors.PermissionDenied(
-                    "ROLE_NOT_ALLOWED", "only auditors may call the Audit service", role="auditor"
-                )
                 with contextlib.suppress(errors.BrokerError):
                     parse()  # record what was asked for, as far as it validates
-            else:
-                result = await work()
-        except Exception as exc:  # noqa: BLE001 - audited here, mapped by the server
-            failure = exc
-        receipt = await self._log.append(self._event(call, failure))
-        if failure is not None:
-            if isinstance(failure, errors.BrokerError):
-                failure.metadata["audit_entry_id"] = receipt.entry_id
-            raise failure
-        return result, receipt  # type: ignore[return-value]  # work() returned a U
+                raise errors.PermissionDenied(
+                    "ROLE_NOT_ALLOWED", "only auditors may call the Audit service", role="auditor"
+                )
+            answer = await work()
+        return answer, audited.receipt
 
-    def _event(self, call: _Call, failure: Exception | None) -> AuditEvent:
+    def _event(self, call: _Call, result: Result) -> AuditEvent:
         clerk = call.clerk
-        result, status = outcome(failure)
-        if failure is None:
+        if result.failure is None:
             decision = "allow"
-        elif isinstance(failure, errors.PermissionDenied):
+        elif isinstance(result.failure, errors.PermissionDenied):
             decision = "deny"
         else:
             decision = ""
@@ -186,11 +176,11 @@ class AuditService(audit_pb2_grpc.AuditServicer):
             decision=decision,
             rule_id=f"audit.{call.rpc}",
             withheld_fields=(),
-            outcome=result,
-            status=status,
+            outcome=result.outcome,
+            status=result.status,
             policy_version=self._policies.current.version,
             department="",
-            latency_ms=(time.perf_counter() - call.started) * 1000,
+            latency_ms=result.latency_ms,
             decision_id=";".join(call.summary),
         )
 

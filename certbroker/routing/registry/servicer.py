@@ -30,10 +30,8 @@ together even if the caller cancels.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
-from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -41,8 +39,8 @@ from google.protobuf import timestamp_pb2
 
 from certbroker import errors
 from certbroker.audit.events import AuditEvent, AuditLog
+from certbroker.audit.guard import AuditedCall, Result, invocation_metadata
 from certbroker.auth.authenticator import Authenticator, DepartmentPrincipal
-from certbroker.lookup.pipeline import invocation_metadata
 from certbroker.policy.model import PolicySet, PolicySource
 from certbroker.routing.breaker import BreakerBoard
 from certbroker.routing.registry import validation as check
@@ -52,12 +50,15 @@ from certbroker.v1 import registry_pb2, registry_pb2_grpc
 _Context = grpc.aio.ServicerContext[Any, Any]
 
 
+#: The actions that change the registry: audited when they succeed, as well as when refused.
+_CHANGES = frozenset({"register", "deregister"})
+
+
 @dataclass
 class _Trace:
     """What the audit entry says about one registry call, filled in as it proceeds."""
 
     action: str
-    started: float = field(default_factory=time.perf_counter)
     principal: DepartmentPrincipal | None = None
     department: str = ""
     record_types: tuple[str, ...] = ()
@@ -68,7 +69,8 @@ class _Trace:
 class RegistryService(registry_pb2_grpc.RegistryServicer):
     """Register / Heartbeat / Deregister / ListAdapters over a :class:`RegistryStore`.
 
-    Errors are raised as ``BrokerError`` and mapped to a status by the server's interceptor.
+    Every method runs inside :class:`~certbroker.audit.guard.AuditedCall`; errors are raised as
+    ``BrokerError`` and mapped to a status by the server (:func:`certbroker.server.app.guarded`).
     """
 
     def __init__(
@@ -89,43 +91,45 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         self, request: registry_pb2.RegisterRequest, context: _Context
     ) -> registry_pb2.RegisterResponse:
         trace = _Trace("register")
-        async with self._audited(trace):
-            principal = self._principal(context, trace)
-            department = trace.department = check.department(request.department)
-            trace.record_types = check.record_types(request.record_types)
-            trace.endpoint = check.endpoint(request.endpoint)
-            schema_version = check.schema_version(request.schema_version)
-            policy = self._policies.current
-            if any(rt not in policy.record_types for rt in trace.record_types):
-                raise errors.InvalidArgument(
-                    "UNKNOWN_RECORD_TYPE",
-                    "record_types names a record type the policy set does not know",
-                    argument="record_types",
-                )
-            self._authorize(principal, department)
-            served = self._served(policy, department)
-            for record_type in trace.record_types:
-                if record_type not in served:
-                    raise errors.PermissionDenied(
-                        "RECORD_TYPE_NOT_SERVED",
-                        f"department {department} does not serve {record_type} (policies/)",
-                        department=department,
-                        record_type=record_type,
-                    )
 
-        async def change() -> str:
-            instance, previous = await asyncio.to_thread(
-                self._store.register,
-                department,
-                trace.record_types,
-                trace.endpoint,
-                schema_version,
-            )
-            trace.instance_id = instance.instance_id
-            await self._commit(trace, undo=lambda: self._store.undo(instance, previous))
+        async def register() -> str:
+            async with self._audited(trace) as call:
+                principal = self._principal(context, trace)
+                department = trace.department = check.department(request.department)
+                trace.record_types = check.record_types(request.record_types)
+                trace.endpoint = check.endpoint(request.endpoint)
+                schema_version = check.schema_version(request.schema_version)
+                policy = self._policies.current
+                if any(rt not in policy.record_types for rt in trace.record_types):
+                    raise errors.InvalidArgument(
+                        "UNKNOWN_RECORD_TYPE",
+                        "record_types names a record type the policy set does not know",
+                        argument="record_types",
+                    )
+                self._authorize(principal, department)
+                served = self._served(policy, department)
+                for record_type in trace.record_types:
+                    if record_type not in served:
+                        raise errors.PermissionDenied(
+                            "RECORD_TYPE_NOT_SERVED",
+                            f"department {department} does not serve {record_type} (policies/)",
+                            department=department,
+                            record_type=record_type,
+                        )
+                instance, previous = await asyncio.to_thread(
+                    self._store.register,
+                    department,
+                    trace.record_types,
+                    trace.endpoint,
+                    schema_version,
+                )
+                trace.instance_id = instance.instance_id
+                call.undo_unless_audited(
+                    lambda: asyncio.to_thread(self._store.undo, instance, previous)
+                )
             return instance.instance_id
 
-        instance_id = await _together(change())
+        instance_id = await _together(register())
         return registry_pb2.RegisterResponse(
             instance_id=instance_id, lease_seconds=self._store.lease_s
         )
@@ -137,26 +141,28 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         async with self._audited(trace):
             principal = self._principal(context, trace)
             self._owned(principal, request.instance_id, trace)
-        renewed = await asyncio.to_thread(self._store.heartbeat, trace.instance_id)
-        if renewed is None:  # deregistered meanwhile
-            raise _not_found()
+            renewed = await asyncio.to_thread(self._store.heartbeat, trace.instance_id)
+            if renewed is None:  # deregistered meanwhile
+                raise _not_found()
         return registry_pb2.HeartbeatResponse(lease_seconds=self._store.lease_s)
 
     async def Deregister(
         self, request: registry_pb2.DeregisterRequest, context: _Context
     ) -> registry_pb2.DeregisterResponse:
         trace = _Trace("deregister")
-        async with self._audited(trace):
-            principal = self._principal(context, trace)
-            self._owned(principal, request.instance_id, trace)
 
-        async def change() -> None:
-            removed = await asyncio.to_thread(self._store.remove, trace.instance_id)
-            if removed is None:  # deregistered meanwhile
-                raise _not_found()
-            await self._commit(trace, undo=lambda: self._store.undo(removed, removed))
+        async def deregister() -> None:
+            async with self._audited(trace) as call:
+                principal = self._principal(context, trace)
+                self._owned(principal, request.instance_id, trace)
+                removed = await asyncio.to_thread(self._store.remove, trace.instance_id)
+                if removed is None:  # deregistered meanwhile
+                    raise _not_found()
+                call.undo_unless_audited(
+                    lambda: asyncio.to_thread(self._store.undo, removed, removed)
+                )
 
-        await _together(change())
+        await _together(deregister())
         return registry_pb2.DeregisterResponse()
 
     async def ListAdapters(
@@ -170,10 +176,10 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
                 wanted = wanted or principal.department
                 trace.department = wanted
                 self._authorize(principal, wanted)
-        now = self._store.now()
-        reply = registry_pb2.ListAdaptersResponse()
-        for instance in self._store.instances(wanted):
-            reply.adapters.append(self._view(instance, now))
+            now = self._store.now()
+            reply = registry_pb2.ListAdaptersResponse()
+            for instance in self._store.instances(wanted):
+                reply.adapters.append(self._view(instance, now))
         return reply
 
     # --- helpers ---------------------------------------------------------------------------
@@ -227,50 +233,41 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             breaker_state=str(self._breakers.state(instance.department)),
         )
 
-    @contextlib.asynccontextmanager
-    async def _audited(self, trace: _Trace) -> AsyncIterator[None]:
-        """A PERMISSION_DENIED raised inside is audited before it propagates."""
-        try:
-            yield
-        except errors.PermissionDenied as exc:
-            # If this append fails, its UNAVAILABLE replaces the denial: no audit, no answer.
-            entry_id = await self._append(trace, "deny", exc.reason, exc.code.name)
-            exc.metadata["audit_entry_id"] = entry_id
-            raise
+    def _audited(self, trace: _Trace) -> AuditedCall:
+        return AuditedCall(self._audit, lambda result: self._entry(trace, result))
 
-    async def _commit(self, trace: _Trace, *, undo: Callable[[], None]) -> None:
-        """Audit a successful change; undo it if the entry cannot be written."""
-        try:
-            await self._append(trace, "allow", "OK", "OK")
-        except Exception:
-            await asyncio.to_thread(undo)
-            raise
-
-    async def _append(self, trace: _Trace, decision: str, outcome: str, status: str) -> str:
+    def _entry(self, trace: _Trace, result: Result) -> AuditEvent | None:
+        """The call's entry: every PERMISSION_DENIED and every successful change; nothing for
+        other refusals (no verified caller, malformed input) or for heartbeats and listings."""
+        if result.failure is None:
+            if trace.action not in _CHANGES:
+                return None
+            decision = "allow"
+        elif isinstance(result.failure, errors.PermissionDenied):
+            decision = "deny"
+        else:
+            return None
         principal = trace.principal
-        receipt = await self._audit.append(
-            AuditEvent(
-                kind="registry",
-                clerk=principal.sub if principal else "",
-                office="",
-                roles=principal.roles if principal else (),
-                subject_id=trace.endpoint,
-                matter_code="",
-                case_number="",
-                consent_method="",
-                record_type=",".join(trace.record_types),
-                decision=decision,
-                rule_id=f"registry.{trace.action}",
-                withheld_fields=(),
-                outcome=outcome,
-                status=status,
-                policy_version=self._policies.current.version,
-                department=trace.department,
-                latency_ms=round((time.perf_counter() - trace.started) * 1000, 3),
-                decision_id=trace.instance_id,
-            )
+        return AuditEvent(
+            kind="registry",
+            clerk=principal.sub if principal else "",
+            office="",
+            roles=principal.roles if principal else (),
+            subject_id=trace.endpoint,
+            matter_code="",
+            case_number="",
+            consent_method="",
+            record_type=",".join(trace.record_types),
+            decision=decision,
+            rule_id=f"registry.{trace.action}",
+            withheld_fields=(),
+            outcome=result.outcome,
+            status=result.status,
+            policy_version=self._policies.current.version,
+            department=trace.department,
+            latency_ms=round(result.latency_ms, 3),
+            decision_id=trace.instance_id,
         )
-        return receipt.entry_id
 
 
 _T = TypeVar("_T")

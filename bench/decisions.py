@@ -25,9 +25,8 @@ from typing import Any
 
 from bench import casbin_model
 from bench.harness import BenchError, Options, Result
-from certbroker import config
+from certbroker import config, policy
 from certbroker.auth.authenticator import Authenticator, DevIdentityProvider
-from certbroker.policy import model as policy
 from certbroker.policy.model import Request
 
 SECTION = "Policy decisions and token verification"

@@ -14,8 +14,7 @@ import shutil
 from pathlib import Path
 
 from bench.harness import BenchError
-from certbroker import config
-from certbroker.policy import model as policy
+from certbroker import config, policy
 
 #: The broker's environment variable for its policy directory (see broker/config.py).
 POLICY_DIR_ENV = "CERTBROKER_POLICY_DIR"

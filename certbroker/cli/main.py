@@ -19,14 +19,13 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from certbroker import config
+from certbroker import config, policy
 from certbroker.audit import events as audit
 from certbroker.auth.authenticator import DevIdentityProvider
 from certbroker.cli import adapters as cli_adapters
 from certbroker.cli import audit_log as cli_audit_log
 from certbroker.cli import auditor as cli_auditor
 from certbroker.cli import client
-from certbroker.policy import model as policy
 
 DEFAULT_STATE = Path(".certbroker")
 

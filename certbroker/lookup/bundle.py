@@ -51,7 +51,7 @@ from certbroker.lookup.pipeline import (
     safe_consent,
 )
 from certbroker.metrics import Metrics
-from certbroker.policy.model import Decision, PolicySet
+from certbroker.policy import Decision, PolicySet
 from certbroker.routing.router import adapter_timeout
 from certbroker.v1 import broker_pb2
 

@@ -26,7 +26,7 @@ from certbroker.cache import RecordCache, record_key
 from certbroker.contract import fields as record_fields
 from certbroker.ids import new_id
 from certbroker.metrics import Metrics
-from certbroker.policy.model import Decision, PolicySet, Request
+from certbroker.policy import Decision, PolicySet, Request
 from certbroker.routing.router import Fetched, Router, adapter_timeout
 from certbroker.v1 import broker_pb2, records_pb2
 

@@ -36,7 +36,7 @@ from certbroker.lookup.pipeline import (
     fill_receipt,
 )
 from certbroker.metrics import Metrics
-from certbroker.policy.model import PolicySet, PolicySource
+from certbroker.policy import PolicySet, PolicySource, matters_for
 from certbroker.routing.router import Fetched, Router
 from certbroker.v1 import broker_pb2, broker_pb2_grpc
 
@@ -130,7 +130,7 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
         clerk = self._auth.authenticate(invocation_metadata(context))
         policy = self._policies.current
         reply = broker_pb2.ListMattersResponse(policy_version=policy.version)
-        for view in policy.matters_for(clerk):
+        for view in matters_for(policy, clerk):
             matter = reply.matters.add(
                 code=view.matter.code,
                 name=view.matter.name,

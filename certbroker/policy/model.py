@@ -1,12 +1,19 @@
 """Declarative access policy: the model and the decision engine.
 
-A policy set (the YAML files under ``policies/``, read by :func:`load`) says which record types
-exist and which department serves each, which fields each matter (事项) needs, and which roles
-may handle which matters under which conditions. The file format is described in
-:mod:`certbroker.policy.schema`, set-level validation and loading in
-:mod:`certbroker.policy.loader`,
-one rule and its conditions in :mod:`certbroker.policy.rule`, and the policy-test runner in
-:mod:`certbroker.policy.testing`.
+A policy set (the YAML files under ``policies/``, read by :func:`certbroker.policy.load`) says
+which record types exist and which department serves each, which fields each matter (事项)
+needs, and which roles may handle which matters under which conditions.
+
+The package is layered, each module importing only those below it:
+
+* bottom: :mod:`~certbroker.policy.hours` (opening hours), :mod:`~certbroker.policy.rule` (one
+  rule and its conditions) and this module (the catalogue, :class:`PolicySet` and its
+  decisions);
+* above them: :mod:`~certbroker.policy.reader` and :mod:`~certbroker.policy.schema` (the file
+  format, one file at a time), :mod:`~certbroker.policy.loader` (set-level validation and
+  loading), :mod:`~certbroker.policy.views` (what a clerk may handle, for ``ListMatters``) and
+  :mod:`~certbroker.policy.testing` (the policy-test runner);
+* :mod:`certbroker.policy` itself re-exports the public API of them all.
 
 :meth:`PolicySet.decide` is a pure function of the policy set and the request (``now``
 included), so a decision can be replayed and tested. Its semantics, in order:
@@ -26,11 +33,9 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from certbroker.auth.authenticator import Clerk
 from certbroker.errors import InvalidArgument
 from certbroker.policy.hours import DAYS as DAYS  # noqa: PLC0414 - re-exported
 from certbroker.policy.hours import Hours as Hours  # noqa: PLC0414 - re-exported
@@ -42,10 +47,6 @@ from certbroker.policy.rule import Conditions as Conditions  # noqa: PLC0414 - r
 from certbroker.policy.rule import Failure, clip
 from certbroker.policy.rule import Request as Request  # noqa: PLC0414 - re-exported
 from certbroker.policy.rule import Rule as Rule  # noqa: PLC0414 - re-exported
-
-if TYPE_CHECKING:
-    from certbroker.policy.testing import TestReport
-    from certbroker.policy.views import MatterView
 
 #: Consent methods a rule may accept, in the order the proto enum declares them.
 CONSENT_METHODS: tuple[str, ...] = ("id_card_read", "signed_form", "delegated_agent")
@@ -273,48 +274,10 @@ class PolicySet:
             policy_version=self.version,
         )
 
-    def matters_for(self, clerk: Clerk) -> list[MatterView]:
-        """Matters the clerk has a rule for at their office (hours, consent and case number are
-        request-time and ignored), with the fields and masks the first such rule gives."""
-        from certbroker.policy import views as policy_views  # it builds on the classes above
-
-        return policy_views.matters_for(self, clerk)
-
 
 class PolicySource(Protocol):
     """Holds the policy set in force (``certbroker.server.policy_holder.PolicyHolder``); reloads
-    swap it
-    atomically, so each call reads ``current`` once and decides against that set."""
+    swap it atomically, so each call reads ``current`` once and decides against that set."""
 
     @property
     def current(self) -> PolicySet: ...
-
-
-def load(policy_dir: Path) -> PolicySet:
-    """Load ``policy_dir/*.yaml`` (not ``tests/``) into a :class:`PolicySet`.
-
-    Raises :class:`PolicyError` listing every problem as ``"path:line: message"``.
-    """
-    # Imported here because certbroker.policy.loader builds the classes defined above.
-    from certbroker.policy import loader as policy_load
-
-    return policy_load.load(policy_dir)
-
-
-def check(paths: Sequence[Path]) -> list[str]:
-    """Validate policy files as one set (a directory stands for its ``*.yaml``).
-
-    Returns ``"path:line: message"`` strings; ``[]`` when valid.
-    """
-    from certbroker.policy import loader as policy_load
-
-    return policy_load.check(paths)
-
-
-def run_tests(policy_dir: Path, tests_dir: Path | None = None) -> TestReport:
-    """Run the policy tests in ``tests_dir`` (default ``policy_dir/tests``) against the set in
-    ``policy_dir``; see :mod:`certbroker.policy.testing`. Raises PolicyError if the set is
-    invalid."""
-    from certbroker.policy import testing as policy_tests
-
-    return policy_tests.run_tests(policy_dir, tests_dir)

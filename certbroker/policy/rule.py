@@ -14,19 +14,27 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from certbroker.auth.authenticator import Clerk
 from certbroker.policy.hours import Hours
-
-if TYPE_CHECKING:
-    from certbroker.policy.model import RecordType
 
 #: Machine codes for ``Decision.condition`` (empty for allow, matter-scope and default-deny).
 OFFICE_NOT_ALLOWED = "OFFICE_NOT_ALLOWED"
 OUTSIDE_HOURS = "OUTSIDE_HOURS"
 CONSENT_REQUIRED = "CONSENT_REQUIRED"
 CASE_NUMBER_REQUIRED = "CASE_NUMBER_REQUIRED"
+
+
+class Catalogued(Protocol):
+    """What :meth:`Rule.release` needs of a record type: its name and its fields in catalogue
+    order (a :class:`certbroker.policy.model.RecordType`, which builds on this module)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def fields(self) -> tuple[str, ...]: ...
 
 
 @dataclass(frozen=True)
@@ -114,7 +122,7 @@ class Rule:
         return None
 
     def release(
-        self, record_type: RecordType, needed: Sequence[str], requested: Sequence[str]
+        self, record_type: Catalogued, needed: Sequence[str], requested: Sequence[str]
     ) -> tuple[str, ...]:
         """Fields released: needed ∩ rule restriction ∩ requested (if any), catalogue order."""
         keep = set(needed)

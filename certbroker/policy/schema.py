@@ -1,7 +1,7 @@
 """The schema of one policy YAML file: shapes, types and local values, with ``path:line``.
 
-Any policy file may hold any of the top-level sections below; :mod:`certbroker.policy.loader` merges
-the sections of all files of a set, checks that ids are unique and references resolve, and
+Any policy file may hold any of the top-level sections below; :mod:`certbroker.policy.loader`
+merges the sections of all files of a set, checks that ids are unique and references resolve, and
 evaluates rules in file-name order, then in order within a file::
 
     departments:
@@ -24,8 +24,8 @@ evaluates rules in file-name order, then in order within a file::
         matters: [BDC-ZY-001]
         record_types: [marriage]     # optional narrowing; default: all the matter needs
         fields: {marriage: [marital_status]}   # optional; unlisted record types: unrestricted
-        masks: {marriage: {spouse_resident_id: last4}}   # certbroker.contract.fields.MASKS,
-        strings only
+        masks: {marriage: {spouse_resident_id: last4}}   # optional; mask names are
+                                     # certbroker.contract.fields.MASKS, strings only
         conditions:                  # every key optional; all present must pass
           offices: ["gz-*-hall-*"]   # fnmatch globs on clerk.office, any may match
           hours:                     # one window, or a list of windows (any may match)
@@ -49,8 +49,10 @@ from datetime import timedelta
 import yaml
 
 from certbroker.contract import fields as contract
-from certbroker.policy.model import CONSENT_METHODS, DAYS, RESERVED_RULE_IDS, Conditions, Hours
+from certbroker.policy.hours import DAYS, Hours
+from certbroker.policy.model import CONSENT_METHODS, RESERVED_RULE_IDS
 from certbroker.policy.reader import Located, Reader, describe
+from certbroker.policy.rule import Conditions
 
 _TIME = re.compile(r"(\d{1,2}):(\d{2})")
 _OFFSET = re.compile(r"([+-])(\d{2}):(\d{2})")

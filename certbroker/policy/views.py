@@ -1,7 +1,8 @@
 """What a clerk may handle, for ``ListMatters``: each matter as one clerk sees it.
 
-Part of the policy model (:meth:`certbroker.policy.model.PolicySet.matters_for`); request-time
-conditions (hours, consent, case number) are not decided here, only described.
+Built on the policy model (:mod:`certbroker.policy.model`), from a :class:`PolicySet` and a
+clerk (:func:`matters_for`); request-time conditions (hours, consent, case number) are not
+decided here, only described.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from certbroker.auth.authenticator import Clerk
-from certbroker.policy.model import CONSENT_METHODS, Conditions, Matter, PolicySet
+from certbroker.policy.model import CONSENT_METHODS, Matter, PolicySet
+from certbroker.policy.rule import Conditions
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,11 @@ import logging
 from pathlib import Path
 from typing import Final
 
+from certbroker import policy
 from certbroker.audit.events import AuditEvent, AuditLog
 from certbroker.audit.guard import AuditedCall, Result
 from certbroker.errors import BrokerError
 from certbroker.metrics import Metrics
-from certbroker.policy import model as policy
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,10 @@ from typing import Any
 
 import pytest
 
-from certbroker import config
+from certbroker import config, policy
 from certbroker.audit import anomalies
 from certbroker.audit.anomalies import Thresholds
 from certbroker.audit.events import AuditEntry, AuditEvent
-from certbroker.policy import model as policy
 
 # Monday 2026-03-02 10:00 at UTC+08:00.
 MONDAY_10 = datetime(2026, 3, 2, 2, 0, tzinfo=UTC)

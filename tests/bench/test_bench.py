@@ -32,9 +32,8 @@ from bench.harness import (
 from bench.load import Call, Load, LoadGenerator, process_tree, tree_cpu_s, tree_peak_rss_kib
 from bench.policies import uncached_policies
 from bench.servers import Lab, probe_lookup
-from certbroker import config
+from certbroker import config, policy
 from certbroker.cli import main as cli
-from certbroker.policy import model as policy
 from certbroker.v1 import broker_pb2
 from tests.helpers import BrokerThread, make_config
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import textwrap
 from datetime import UTC, datetime, timedelta, timezone
@@ -9,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from certbroker import config
+from certbroker import config, policy
 from certbroker.auth.authenticator import Clerk
 from certbroker.contract import fields as contract
 from certbroker.errors import InvalidArgument
-from certbroker.policy import model as policy
+from certbroker.policy import model as policy_model
 
 POLICY_DIR = config.DEFAULT_POLICY_DIR
 CST = timezone(timedelta(hours=8))
@@ -326,7 +327,7 @@ def test_check_request_clips_long_names(shipped: policy.PolicySet) -> None:
 
 
 def test_matters_for_window_clerk_in_24h_hall(shipped: policy.PolicySet) -> None:
-    views = {v.matter.code: v for v in shipped.matters_for(HALL_24H)}
+    views = {v.matter.code: v for v in policy.matters_for(shipped, HALL_24H)}
     assert set(views) == {"BDC-ZY-001", "SB-YL-001", "JY-RX-001"}
     transfer = views["BDC-ZY-001"]
     assert transfer.fields == shipped.matters["BDC-ZY-001"].needs
@@ -337,7 +338,7 @@ def test_matters_for_window_clerk_in_24h_hall(shipped: policy.PolicySet) -> None
 
 
 def test_matters_for_restricted_roles(shipped: policy.PolicySet) -> None:
-    views = {v.matter.code: v for v in shipped.matters_for(PROPERTY)}
+    views = {v.matter.code: v for v in policy.matters_for(shipped, PROPERTY)}
     assert set(views) == {"BDC-ZY-001", "JY-RX-001"}
     enrolment = views["JY-RX-001"]
     assert set(enrolment.fields) == {"property"}  # narrowed: no household
@@ -349,15 +350,15 @@ def test_matters_for_restricted_roles(shipped: policy.PolicySet) -> None:
     )
     assert dict(enrolment.masks) == {"property": ("holdings.co_owner_names",)}
     assert enrolment.consent_methods == policy.CONSENT_METHODS
-    pension = {v.matter.code: v for v in shipped.matters_for(PENSION)}
+    pension = {v.matter.code: v for v in policy.matters_for(shipped, PENSION)}
     assert pension["SB-YL-001"].fields["household"] == ("name", "gender", "birth_date")
 
 
 def test_matters_for_nothing(shipped: policy.PolicySet) -> None:
-    assert shipped.matters_for(AUDITOR) == []
-    assert shipped.matters_for(Clerk("c", ("window_clerk",), "sz-futian-hall-01")) == []
+    assert policy.matters_for(shipped, AUDITOR) == []
+    assert policy.matters_for(shipped, Clerk("c", ("window_clerk",), "sz-futian-hall-01")) == []
     # Hours are ignored: the staffed-hall view is the same whatever the time.
-    assert {v.matter.code for v in shipped.matters_for(HALL)} == set(shipped.matters)
+    assert {v.matter.code for v in policy.matters_for(shipped, HALL)} == set(shipped.matters)
 
 
 # ---- semantics on small policy sets ----
@@ -445,7 +446,7 @@ def test_case_number_required_without_pattern(tmp_path: Path) -> None:
     assert ps.decide(req(case_number="anything")).allowed
     d = ps.decide(req(case_number=""))
     assert (d.allowed, d.condition) == (False, "CASE_NUMBER_REQUIRED")
-    view = ps.matters_for(HALL)[0]
+    view = policy.matters_for(ps, HALL)[0]
     assert view.case_number_required
     assert (view.consent_required, view.consent_methods) == (False, ())
 
@@ -489,7 +490,7 @@ def test_remembered_decisions_equal_fresh_ones(shipped: policy.PolicySet) -> Non
 
 
 def test_the_memo_is_bounded(shipped: policy.PolicySet, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(policy, "_MEMO_MAX", 16)
+    monkeypatch.setattr(policy_model, "_MEMO_MAX", 16)
     for n in range(100):  # callers choose their roles: each new set of roles is a new key
         clerk = Clerk(sub="c", roles=("window_clerk", f"role-{n}"), office=HALL_24H.office)
         assert shipped.decide(req(clerk)).allowed
@@ -517,3 +518,34 @@ def test_office_globs_match_as_fnmatch(globs: tuple[str, ...], office: str) -> N
         id="r", roles=("x",), matters=("m",), conditions=policy.Conditions(offices=globs)
     )
     assert rule.office_allows(office) == any(fnmatch.fnmatchcase(office, g) for g in globs)
+
+
+# ---- package layering ----
+
+
+#: The policy package's layers: a module imports only modules of lower layers.
+POLICY_LAYERS = {
+    "hours": 0,
+    "reader": 0,
+    "rule": 1,
+    "model": 2,
+    "schema": 3,
+    "views": 3,
+    "loader": 4,
+    "testing": 5,
+}
+_POLICY_IMPORT = re.compile(r"^\s*(?:from|import)\s+certbroker\.policy(?:\.(\w+))?\b", re.MULTILINE)
+
+
+def test_policy_modules_depend_one_way() -> None:
+    package = Path(policy.__file__).parent
+    modules = {p.stem for p in package.glob("*.py")} - {"__init__"}
+    assert modules == set(POLICY_LAYERS)
+    for name in modules:
+        # A line scan, function-level imports included (see tests/test_layering.py for why
+        # not ast.parse).
+        text = (package / f"{name}.py").read_text(encoding="utf-8")
+        for found in _POLICY_IMPORT.finditer(text):
+            target = found.group(1)
+            assert target is not None, f"{name} imports its own package: {found[0]!r}"
+            assert POLICY_LAYERS[target] < POLICY_LAYERS[name], f"{name} imports {target}"

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from certbroker import config
-from certbroker.policy import model as policy
+from certbroker import config, policy
 
 POLICY_DIR = config.DEFAULT_POLICY_DIR
 ERROR_SHAPE = re.compile(r"^[^\s:][^:]*:\d+: \S")

@@ -437,7 +437,7 @@ class _BrokenAudit:
 
 class _Policies:
     def __init__(self, policy_dir: Path) -> None:
-        from certbroker.policy import model as policy
+        from certbroker import policy
 
         self.current = policy.load(policy_dir)
 

@@ -14,7 +14,7 @@ from google.protobuf import timestamp_pb2
 from certbroker import errors
 from certbroker.audit.events import AuditEntry
 from certbroker.audit.scan import entry_time
-from certbroker.policy.model import PolicySet
+from certbroker.policy import PolicySet
 from certbroker.v1 import audit_pb2
 
 

@@ -48,7 +48,7 @@ from certbroker.audit.scan import Criteria, scan
 from certbroker.audit.service import proofs
 from certbroker.audit.service.messages import entry_message, released_fields, time_range, timestamp
 from certbroker.auth.authenticator import Authenticator, Clerk
-from certbroker.policy.model import PolicySource
+from certbroker.policy import PolicySource
 from certbroker.v1 import audit_pb2, audit_pb2_grpc
 
 AUDITOR_ROLE = "auditor"

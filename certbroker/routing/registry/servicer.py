@@ -41,7 +41,7 @@ from certbroker import errors
 from certbroker.audit.events import AuditEvent, AuditLog
 from certbroker.audit.guard import AuditedCall, Result, invocation_metadata
 from certbroker.auth.authenticator import Authenticator, DepartmentPrincipal
-from certbroker.policy.model import PolicySet, PolicySource
+from certbroker.policy import PolicySet, PolicySource
 from certbroker.routing.breaker import BreakerBoard
 from certbroker.routing.registry import validation as check
 from certbroker.routing.registry.store import Instance, RegistryStore

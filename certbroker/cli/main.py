@@ -265,7 +265,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--consent",
         default="id_card_read",
-        choices=["id_card_read", "signed_form", "delegated_agent", ""],
+        choices=[*policy.CONSENT_METHODS, ""],
     )
     s.add_argument("--consent-ref", default="")
     s.add_argument("--fields", default="", help="comma-separated subset of fields")
@@ -290,7 +290,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--consent",
         default="id_card_read",
-        choices=["id_card_read", "signed_form", "delegated_agent", ""],
+        choices=[*policy.CONSENT_METHODS, ""],
     )
     s.add_argument("--consent-ref", default="")
     s.add_argument("--timeout", type=float, default=10.0, help="deadline for the whole bundle")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import shutil
 import textwrap
@@ -12,9 +13,12 @@ import pytest
 
 from certbroker import config, policy
 from certbroker.auth.authenticator import Clerk
+from certbroker.cli.main import parser
 from certbroker.contract import fields as contract
 from certbroker.errors import InvalidArgument
+from certbroker.lookup.pipeline import consent_name
 from certbroker.policy import model as policy_model
+from certbroker.v1 import broker_pb2
 
 POLICY_DIR = config.DEFAULT_POLICY_DIR
 CST = timezone(timedelta(hours=8))
@@ -520,7 +524,17 @@ def test_office_globs_match_as_fnmatch(globs: tuple[str, ...], office: str) -> N
     assert rule.office_allows(office) == any(fnmatch.fnmatchcase(office, g) for g in globs)
 
 
-# ---- package layering ----
+# ---- consent methods, package layering ----
+
+
+def test_consent_methods_are_defined_once_for_the_cli_and_the_proto() -> None:
+    commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("lookup", "lookup-matter"):
+        (consent,) = (a for a in commands.choices[name]._actions if "--consent" in a.option_strings)
+        assert consent.choices == [*policy.CONSENT_METHODS, ""]
+    enum = [v.number for v in broker_pb2.ConsentMethod.DESCRIPTOR.values]
+    named = [consent_name(n) for n in enum if n != broker_pb2.CONSENT_METHOD_UNSPECIFIED]
+    assert tuple(named) == policy.CONSENT_METHODS  # in the order the proto declares them
 
 
 #: The policy package's layers: a module imports only modules of lower layers.

@@ -15,9 +15,12 @@ change). A set that fails validation is never used. Entries reuse the lookup ent
     latency_ms       time taken to read and validate the files
     clerk, office, roles and the rest: empty (a signal carries no identity)
 
-The errors are the ``path:line: message`` strings of :class:`certbroker.policy.model.PolicyError`,
-cut to
-:data:`MAX_ERROR_TEXT` characters: file positions and rule names, never record contents.
+The errors are the ``path:line: message`` strings of :class:`certbroker.policy.PolicyError`, cut
+to :data:`MAX_ERROR_TEXT` characters: file positions and rule names, never record contents.
+
+The entry is written by :class:`certbroker.audit.guard.AuditedCall` like every audited call's; a
+reload whose reading crashed (not a :class:`~certbroker.policy.PolicyError`) is recorded as
+rejected with outcome and status ``INTERNAL``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from certbroker import config
+from certbroker import config, policy
 from certbroker.audit import events as audit
 from certbroker.metrics import Metrics
 from certbroker.server.policy_holder import PolicyHolder
@@ -93,3 +93,29 @@ def test_a_reload_that_cannot_be_audited_changes_nothing(tmp_path: Path, policy_
 
     asyncio.run(main())
     assert reload_entries(tmp_path / "closed.sqlite") == []
+
+
+def test_a_reload_that_crashes_is_audited_and_changes_nothing(
+    tmp_path: Path, policy_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "audit.sqlite"
+
+    def crash(directory: Path) -> None:
+        raise RuntimeError("the disk fell off")
+
+    async def main() -> None:
+        async with audit.SQLiteAuditLog(db) as log:
+            holder = PolicyHolder(policy_dir, Metrics(), log)
+            before = holder.current
+            monkeypatch.setattr(policy, "load", crash)
+            assert await holder.reload() is False
+            assert holder.current is before
+
+    asyncio.run(main())
+    (entry,) = reload_entries(db)
+    assert (entry.event.decision, entry.event.outcome, entry.event.status) == (
+        "deny",
+        "INTERNAL",
+        "INTERNAL",
+    )
+    assert "disk" not in entry.event.decision_id  # its text goes to the broker's log only

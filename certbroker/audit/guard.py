@@ -32,8 +32,9 @@ written then and the answer or error leaves as it is. It may also return a :clas
 entries written as one unit, all or none (a ``LookupMatter`` call's items and its bundle entry).
 
 A call cancelled while its block runs (``asyncio.CancelledError``: the caller went away) gets no
-answer and writes no entry; cancelling a call while its entry is written does not withdraw the
-entry (:meth:`certbroker.audit.log.BatchingAuditLog.append`).
+answer and writes no entry (its ``undo_unless_audited`` callbacks run); cancelling a call while
+its entry is written does not withdraw the entry
+(:meth:`certbroker.audit.log.BatchingAuditLog.append`).
 
 Mapping a ``BrokerError`` to a gRPC status is the server's job
 (:func:`certbroker.server.app.guarded`, :func:`certbroker.errors.to_status`), after the guard.
@@ -147,8 +148,10 @@ class AuditedCall:
         return (time.perf_counter() - self.started) * 1000
 
     def undo_unless_audited(self, undo: Callable[[], Awaitable[object]]) -> None:
-        """Run ``undo()`` if the call's entry cannot be written: a change made inside the block
-        (a registration) must not stay without its entry. Callbacks run last-in, first-out."""
+        """Run ``undo()`` if the call's entry cannot be written, or the block is cancelled: a
+        change made inside the block (a registration) must not stay without its entry.
+        Callbacks run last-in, first-out; not when ``describe`` leaves the call out of the log.
+        """
         self._undo.append(undo)
 
     async def __aenter__(self) -> AuditedCall:
@@ -162,7 +165,10 @@ class AuditedCall:
         tb: TracebackType | None,
     ) -> None:
         if exc is not None and not isinstance(exc, Exception):
-            return  # cancelled, or the process is leaving: no answer leaves, nothing to record
+            # Cancelled, or the process is leaving: no answer leaves and there is no outcome to
+            # record, but a change made so far must not stay without an entry either.
+            await self._run_undo()
+            return
         failure = None if exc is None else errors.as_broker_error(exc)
         result = Result(failure, self.elapsed_ms())
         started = time.perf_counter()

@@ -267,12 +267,17 @@ def test_a_batch_is_written_as_one_unit(tmp_path: Path) -> None:
 
 def test_outcomes_left_out_of_the_log_pass_through_unchanged(tmp_path: Path) -> None:
     path = tmp_path / "audit.sqlite"
+    undone: list[str] = []
+
+    async def undo() -> None:
+        undone.append("heartbeat")
 
     async def main() -> None:
         async with audit.SQLiteAuditLog(path) as log:
             async with AuditedCall(log, lambda _result: None) as call:
-                pass
+                call.undo_unless_audited(undo)
             assert not call.written
+            assert undone == []  # left out on purpose is not a failure to audit
             invalid = errors.InvalidArgument("BAD_ENDPOINT", "endpoint is not host:port")
             with pytest.raises(errors.InvalidArgument) as info:
                 async with AuditedCall(log, lambda _result: None):
@@ -311,15 +316,20 @@ def test_no_log_or_a_malformed_entry_fails_closed(tmp_path: Path) -> None:
     assert stored(path) == []
 
 
-def test_a_cancelled_call_writes_nothing(tmp_path: Path) -> None:
+def test_a_cancelled_call_writes_nothing_and_keeps_no_change(tmp_path: Path) -> None:
     path = tmp_path / "audit.sqlite"
+    undone: list[str] = []
+
+    async def undo() -> None:
+        undone.append("registration")
 
     async def main() -> None:
         async with audit.SQLiteAuditLog(path) as log:
             started = asyncio.Event()
 
             async def call() -> None:
-                async with AuditedCall(log, event):
+                async with AuditedCall(log, event) as guard:
+                    guard.undo_unless_audited(undo)
                     started.set()
                     await asyncio.sleep(60)
 
@@ -331,6 +341,7 @@ def test_a_cancelled_call_writes_nothing(tmp_path: Path) -> None:
 
     run(main())
     assert stored(path) == []
+    assert undone == ["registration"]
 
 
 def test_outcome_and_invocation_metadata() -> None:

@@ -1,10 +1,7 @@
 """The audit log objects the server appends to: group commit over an SQLite or PostgreSQL store.
 
 :func:`open_audit_log` picks the backend from the location (``Config.audit_location``). The
-event model (:class:`certbroker.audit.events.AuditEvent` and its checks) stays in
-:mod:`certbroker.audit.events`,
-which re-exports everything here; this module reaches it only at call time, so importing
-either module first works.
+event model and its checks are :mod:`certbroker.audit.events`.
 """
 
 from __future__ import annotations
@@ -12,35 +9,24 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Self, TypedDict, Unpack
+from typing import Self, TypedDict, Unpack
 
+from certbroker.audit.events import (
+    AUDIT_UNAVAILABLE,
+    AuditEvent,
+    Receipt,
+    epoch_time,
+    event_fields,
+)
 from certbroker.audit.store.db import as_location
-from certbroker.audit.store.rows import AUDIT_UNAVAILABLE, BatchStore, epoch_time
+from certbroker.audit.store.rows import BatchStore
 from certbroker.audit.store.sqlite import SQLiteStore
 from certbroker.audit.writer import CommitHook, GroupCommitWriter
 from certbroker.config import AuditLocation, PostgresLocation
 from certbroker.errors import BrokerError, Unavailable
 from certbroker.ids import new_id
-
-if TYPE_CHECKING:
-    from certbroker.audit.events import AuditEvent
-
-
-def _fields(event: AuditEvent) -> dict[str, object]:
-    # certbroker.audit.events imports this module at its top, so its names are reached at call time
-    # (and kept: an import statement on every append costs more than the call).
-    global _event_fields  # noqa: PLW0603 - set once, on first use
-    if _event_fields is None:
-        from certbroker.audit.events import _event_fields as checked
-
-        _event_fields = checked
-    return _event_fields(event)
-
-
-_event_fields: Callable[[AuditEvent], dict[str, object]] | None = None
 
 
 class WriterOptions(TypedDict, total=False):
@@ -72,18 +58,9 @@ def _busy_timeout(options: WriterOptions) -> float:
     return options.get("busy_timeout", 10.0)
 
 
-@dataclass(frozen=True)
-class Receipt:
-    """Proof the entry is durably stored: its id, chain hash and sequence number."""
-
-    entry_id: str
-    entry_hash: str
-    sequence: int
-
-
 class BatchingAuditLog:
-    """An :class:`AuditLog` over any :class:`~certbroker.audit.store.rows.BatchStore`, with group
-    commit.
+    """An :class:`~certbroker.audit.events.AuditLog` over any
+    :class:`~certbroker.audit.store.rows.BatchStore`, with group commit.
 
     ``commits`` counts committed transactions (batches), for tests and metrics;
     ``on_commit(entries, seconds)`` is called after each one (its errors never reach callers).
@@ -121,11 +98,11 @@ class BatchingAuditLog:
         after them in the same transaction (a bundle entry naming its items), its receipt last.
         All entries carry the same time. Malformed events raise before anything is queued.
         """
-        bodies = [_fields(event) for event in events]
+        bodies = [event_fields(event) for event in events]
         for fields in bodies:
             fields["entry_id"] = new_id()
         if link is not None:
-            closing = _fields(link([str(fields["entry_id"]) for fields in bodies]))
+            closing = event_fields(link([str(fields["entry_id"]) for fields in bodies]))
             closing["entry_id"] = new_id()
             bodies.append(closing)
         if not bodies:
@@ -153,7 +130,7 @@ class BatchingAuditLog:
 
 
 class SQLiteAuditLog(BatchingAuditLog):
-    """The default :class:`AuditLog`: an SQLite file in WAL mode with ``synchronous=FULL``.
+    """The default audit log: an SQLite file in WAL mode with ``synchronous=FULL``.
 
     Creates the file (mode 0600) and schema if needed and continues an existing chain.
     Raises ``Unavailable("AUDIT_UNAVAILABLE")`` if the file cannot be opened that way.
@@ -178,7 +155,7 @@ class SQLiteAuditLog(BatchingAuditLog):
 
 
 class PostgresAuditLog(BatchingAuditLog):
-    """The :class:`AuditLog` in PostgreSQL (``[audit] dsn``): one log for several brokers.
+    """The audit log in PostgreSQL (``[audit] dsn``): one log for several brokers.
 
     Connects, creates the schema if needed (:mod:`certbroker.audit.store.postgres`) and continues
     the chain.

@@ -28,10 +28,10 @@ import grpc
 from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 
-from certbroker.audit.events import display_width
 from certbroker.audit.integrity import checkpoint
 from certbroker.audit.verify.report import REWRITTEN
 from certbroker.cli import client
+from certbroker.cli.table import display_width
 from certbroker.v1 import audit_pb2, audit_pb2_grpc
 from certbroker.validation import CONTROL_CATEGORIES
 

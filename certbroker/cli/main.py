@@ -19,13 +19,13 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from certbroker import config
-from certbroker.audit import events as audit
+from certbroker import audit, config
 from certbroker.auth.authenticator import DevIdentityProvider
 from certbroker.cli import adapters as cli_adapters
 from certbroker.cli import audit_log as cli_audit_log
 from certbroker.cli import auditor as cli_auditor
 from certbroker.cli import client
+from certbroker.cli.table import format_table
 from certbroker.policy import model as policy
 
 DEFAULT_STATE = Path(".certbroker")
@@ -210,7 +210,7 @@ def cmd_audit_query(args: argparse.Namespace) -> int:
         for entry in entries:
             print(json.dumps(dataclasses.asdict(entry), ensure_ascii=False, sort_keys=True))
     else:
-        print(audit.format_table(entries))
+        print(format_table(entries))
         print(f"({len(entries)} entries)")
     return 0
 

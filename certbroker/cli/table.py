@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
+from certbroker.audit import AuditEntry, AuditEvent
 from certbroker.validation import CONTROL_CATEGORIES
-
-if TYPE_CHECKING:  # only for annotations: certbroker.audit.events re-exports format_table
-    from certbroker.audit.events import AuditEntry, AuditEvent
 
 _TABLE_COLUMNS: tuple[tuple[str, Callable[[AuditEntry], str]], ...] = (
     ("SEQ", lambda e: str(e.sequence)),

@@ -1,4 +1,4 @@
-"""Tests for the tamper-evident audit log (certbroker.audit.events, certbroker.audit.store.rows)."""
+"""Tests for the tamper-evident audit log (certbroker.audit: events, log, writer, store)."""
 
 from __future__ import annotations
 
@@ -21,20 +21,20 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
-from certbroker.audit.events import (
+from certbroker.audit import (
     AuditEvent,
     AuditLog,
     BatchingAuditLog,
     QueryFilter,
     Receipt,
     SQLiteAuditLog,
-    format_table,
     query,
-    verify,
 )
 from certbroker.audit.store.db import SQLITE_CHUNK
 from certbroker.audit.store.rows import StoredRow
 from certbroker.audit.store.sqlite import SQLiteStore
+from certbroker.audit.verify.chain import verify
+from certbroker.cli.table import format_table
 from certbroker.errors import Unavailable, to_status
 
 T = TypeVar("T")
@@ -439,7 +439,7 @@ def test_a_store_batch_is_one_transaction(tmp_path: Path) -> None:
 
 
 def test_batches_larger_than_one_insert_statement_are_stored_whole(tmp_path: Path) -> None:
-    # Rows go in as multi-row INSERTs of audit_db.SQLITE_CHUNK rows: full chunks and a rest.
+    # Rows go in as multi-row INSERTs of SQLITE_CHUNK rows: full chunks and a rest.
     path = tmp_path / "audit.db"
     sizes = [1, SQLITE_CHUNK, SQLITE_CHUNK + 1, 2 * SQLITE_CHUNK + 7]
 

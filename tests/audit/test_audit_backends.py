@@ -22,9 +22,10 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from certbroker.audit.events import QueryFilter, open_audit_log, query, verify
+from certbroker.audit import QueryFilter, open_audit_log, query
 from certbroker.audit.export import export, verify_db, verify_export
 from certbroker.audit.integrity import proofs as audit_proofs
+from certbroker.audit.verify.chain import verify
 from certbroker.audit.verify.report import (
     DELETED,
     EDITED,

@@ -16,17 +16,17 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from certbroker.audit.archive import archive_older_than
-from certbroker.audit.events import (
+from certbroker.audit import (
     BatchingAuditLog,
     PostgresAuditLog,
     Receipt,
     open_audit_log,
-    verify,
 )
+from certbroker.audit.archive import archive_older_than
 from certbroker.audit.export import verify_db
 from certbroker.audit.integrity import proofs as audit_proofs
 from certbroker.audit.store import postgres as audit_pg
+from certbroker.audit.verify.chain import verify
 from certbroker.config import PostgresLocation
 from certbroker.errors import Unavailable
 from tests.audit.pg_support import admin_url, fresh_schema, run_sql

@@ -9,13 +9,13 @@ from pathlib import Path
 import grpc
 import pytest
 
+from certbroker import audit
 from certbroker.adapters.demo import synthetic
-from certbroker.audit import events as audit
-from certbroker.audit.events import display_width
 from certbroker.audit.integrity import checkpoint
 from certbroker.cli import client
 from certbroker.cli import main as cli
 from certbroker.cli.auditor import table
+from certbroker.cli.table import display_width
 from tests.helpers import Env
 
 CASE = "GZ20260302-000001"

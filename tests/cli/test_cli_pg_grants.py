@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from certbroker.audit.events import open_audit_log
+from certbroker.audit import open_audit_log
 from certbroker.cli import main as cli
 from certbroker.config import PostgresLocation
 from tests.audit.pg_support import admin_url, fresh_schema, run_sql

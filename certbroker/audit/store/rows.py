@@ -1,9 +1,8 @@
 """The audit log's stored format: canonical body, hash chain, rows, and the shared append step.
 
-This module owns the on-disk format that :mod:`certbroker.audit.events` specifies for auditors
-(canonical
-body, hash chain, genesis hash) but not the event model: a body is a plain mapping of JSON
-values, so the chain code serves every event kind. It is backend-neutral: the SQL here runs on
+The entry format itself (canonical body, hash chain, genesis hash) is specified and implemented
+in :mod:`certbroker.audit.events`; a body here is a plain mapping of JSON values, so the chain
+code serves every event kind. It is backend-neutral: the SQL here runs on
 any :class:`~certbroker.audit.store.db.Connection` (SQLite or PostgreSQL), and the two stores
 (:mod:`certbroker.audit.store.sqlite`, :mod:`certbroker.audit.store.postgres`) only differ in how
 they open a connection
@@ -17,13 +16,22 @@ hash, where the live rows continue (:func:`archived_head`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
+# The format names were defined here before they moved to the entry model; re-exported so
+# `from certbroker.audit.store.rows import canonical_body` (and the others) keeps working.
+from certbroker.audit.events import (
+    AUDIT_UNAVAILABLE,
+    FORMAT_VERSION,
+    GENESIS_HASH,
+    canonical_body,
+    chain_hash,
+    epoch_time,
+    iso_time,
+)
 from certbroker.audit.integrity.tree import TreeWriter
 from certbroker.audit.store.db import (
     Connection,
@@ -55,15 +63,6 @@ __all__ = [
     "select_rows",
 ]
 
-GENESIS_HASH = "0" * 64
-"""``prev_hash`` of the first entry."""
-
-FORMAT_VERSION = 1
-"""Value of the ``v`` key in every body; bump it if the body's meaning ever changes."""
-
-AUDIT_UNAVAILABLE = "AUDIT_UNAVAILABLE"
-"""The reason code of every append that could not be stored."""
-
 INDEXED_COLUMNS = (
     "entry_id",
     "time",
@@ -79,34 +78,6 @@ the hash directly, so :func:`check_chain` compares each one with the hashed body
 ROW_COLUMNS = "seq, body, prev_hash, entry_hash, " + ", ".join(INDEXED_COLUMNS)
 _INSERT_COLUMNS = ("seq", *INDEXED_COLUMNS, "body", "prev_hash", "entry_hash")
 _INSERT_TYPES = ("bigint", *("text" for _ in INDEXED_COLUMNS), "text", "text", "text")
-
-
-def canonical_body(fields: Mapping[str, object]) -> str:
-    """The canonical JSON text of an entry body: sorted keys, no whitespace, raw UTF-8."""
-    return json.dumps(
-        fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
-
-
-def chain_hash(prev_hash: str, body: str) -> str:
-    """``SHA-256(prev_hash_hex + body)`` over UTF-8, as lowercase hex."""
-    return hashlib.sha256((prev_hash + body).encode("utf-8")).hexdigest()
-
-
-def iso_time(moment: datetime) -> str:
-    """An aware datetime as the stored time text: UTC, millisecond precision, ``Z`` suffix.
-
-    Fixed width, so text order is time order and range queries compare strings.
-    """
-    if moment.tzinfo is None or moment.utcoffset() is None:
-        raise ValueError("audit times must be timezone-aware")
-    text = moment.astimezone(UTC).isoformat(timespec="milliseconds")
-    return text.removesuffix("+00:00") + "Z"
-
-
-def epoch_time(seconds: float) -> str:
-    """:func:`iso_time` of a POSIX timestamp (what an injected clock returns)."""
-    return iso_time(datetime.fromtimestamp(seconds, tz=UTC))
 
 
 @dataclass(frozen=True)

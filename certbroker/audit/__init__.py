@@ -33,6 +33,7 @@ from certbroker.audit.events import (
 )
 from certbroker.audit.integrity.proofs import CheckpointSigner
 from certbroker.audit.log import (
+    BackendAuditLog,
     BatchingAuditLog,
     PostgresAuditLog,
     SQLiteAuditLog,
@@ -52,6 +53,7 @@ __all__ = [
     "AuditEntry",
     "AuditEvent",
     "AuditLog",
+    "BackendAuditLog",
     "BatchingAuditLog",
     "CheckpointSigner",
     "PostgresAuditLog",

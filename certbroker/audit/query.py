@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from certbroker.audit.events import AuditEntry, iso_time, parse_entry
-from certbroker.audit.store.db import connect_read
+from certbroker.audit.store.db import backend_for
 from certbroker.audit.store.rows import select_rows
 from certbroker.config import AuditLocation
 
@@ -54,6 +54,6 @@ def query(db: AuditLocation | str, flt: QueryFilter) -> list[AuditEntry]:
     equals = {column: value for column, value in candidates.items() if value is not None}
     since = None if flt.since is None else iso_time(flt.since)
     until = None if flt.until is None else iso_time(flt.until)
-    with contextlib.closing(connect_read(db)) as conn:
+    with contextlib.closing(backend_for(db).connect_read()) as conn:
         rows = select_rows(conn, equals=equals, since=since, until=until, limit=flt.limit)
     return [parse_entry(row.seq, row.body, row.prev_hash, row.entry_hash) for row in rows]

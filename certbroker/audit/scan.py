@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from certbroker.audit.events import AuditEntry, iso_time, parse_entry
-from certbroker.audit.store.db import connect_read, stream
+from certbroker.audit.store.db import backend_for
 from certbroker.config import AuditLocation
 
 
@@ -92,8 +92,9 @@ def scan(db: AuditLocation, criteria: Criteria, *, limit: int | None = None) -> 
     found: list[AuditEntry] = []
     if limit == 0:
         return found
-    with closing(connect_read(db)) as conn:
-        for seq, body, prev_hash, entry_hash in stream(conn, sql, params):
+    backend = backend_for(db)
+    with closing(backend.connect_read()) as conn:
+        for seq, body, prev_hash, entry_hash in backend.stream(conn, sql, params):
             entry = parse_entry(int(seq), str(body), str(prev_hash), str(entry_hash))
             if _matches(entry, criteria):
                 found.append(entry)

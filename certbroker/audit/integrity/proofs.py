@@ -12,7 +12,7 @@ What the Audit service and the CLI call:
   :func:`certbroker.audit.maintenance.checkpoint_task` on the broker's loop.
 - :func:`latest_checkpoint` ``(db)``: the newest stored one, or ``None``.
 
-``db`` is the log's :data:`~certbroker.audit.store.db.AuditLocation` (an SQLite path or a PostgreSQL
+``db`` is the log's :data:`~certbroker.config.AuditLocation` (an SQLite path or a PostgreSQL
 DSN + schema). All functions are blocking (run them in a thread from the event loop); proofs
 open the log read-only. Checkpoints are signed with the Ed25519 key of
 :class:`CheckpointSigner`: ``[audit] checkpoint_key`` or, by default,
@@ -32,6 +32,7 @@ from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from certbroker.audit.events import iso_time
 from certbroker.audit.integrity import checkpoint
 from certbroker.audit.integrity.merkle import (
     CompactRange,
@@ -40,8 +41,8 @@ from certbroker.audit.integrity.merkle import (
     perfect_subtree_hasher,
 )
 from certbroker.audit.integrity.tree import load_state, node_reader, root_at
-from certbroker.audit.store.db import Connection, connect_read, write_transaction
-from certbroker.audit.store.rows import iso_time
+from certbroker.audit.store.base import Connection
+from certbroker.audit.store.db import backend_for
 from certbroker.auth.keyfiles import ed25519_key_files
 from certbroker.config import AuditLocation
 
@@ -93,7 +94,7 @@ class CheckpointSigner:
 
 
 def _connect(db: AuditLocation) -> Connection:
-    return connect_read(db)
+    return backend_for(db).connect_read()
 
 
 def tree_size(db: AuditLocation) -> int:
@@ -169,7 +170,7 @@ def sign_checkpoint(
     Reads the tree state and inserts the checkpoint under the log's write lock, so the head
     signed is one that is committed. The writer of entries is not involved.
     """
-    with write_transaction(db) as conn:
+    with backend_for(db).write_transaction() as conn:
         stored, frontier = load_state(conn)
         if size is None or size == stored:
             size, root = stored, CompactRange(stored, frontier).root()

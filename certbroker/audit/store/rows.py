@@ -1,13 +1,11 @@
-"""The audit log's stored format: canonical body, hash chain, rows, and the shared append step.
+"""The audit log's rows: how entries sit in the ``audit_log`` table, read back and checked.
 
 The entry format itself (canonical body, hash chain, genesis hash) is specified and implemented
-in :mod:`certbroker.audit.events`; a body here is a plain mapping of JSON values, so the chain
-code serves every event kind. It is backend-neutral: the SQL here runs on
-any :class:`~certbroker.audit.store.db.Connection` (SQLite or PostgreSQL), and the two stores
-(:mod:`certbroker.audit.store.sqlite`, :mod:`certbroker.audit.store.postgres`) only differ in how
-they open a connection
-and take the write lock around :func:`append_rows`. The group-commit writer is in
-:mod:`certbroker.audit.writer`.
+in :mod:`certbroker.audit.events`; a body here is just its stored text, so the chain code serves
+every event kind. Backend-neutral: the SQL here runs on any
+:class:`~certbroker.audit.store.base.Connection` and asks ``conn.backend`` where SQLite and
+PostgreSQL differ. Appending (chain and Merkle tree in one transaction) is
+:mod:`certbroker.audit.append`.
 
 Archival (:mod:`certbroker.audit.archive`) removes the oldest rows after exporting them; the
 ``audit_archives`` table then holds the *watermark*: the last archived sequence and its chain
@@ -19,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 # The format names were defined here before they moved to the entry model; re-exported so
 # `from certbroker.audit.store.rows import canonical_body` (and the others) keeps working.
@@ -32,34 +30,24 @@ from certbroker.audit.events import (
     epoch_time,
     iso_time,
 )
-from certbroker.audit.integrity.tree import TreeWriter
-from certbroker.audit.store.db import (
-    Connection,
-    connect_readonly,
-    insert_many,
-    is_postgres,
-    sqlite_has_table,
-    stream,
-)
+from certbroker.audit.store.base import Connection
 
 __all__ = [
     "AUDIT_UNAVAILABLE",
     "FORMAT_VERSION",
     "GENESIS_HASH",
     "INDEXED_COLUMNS",
-    "BatchStore",
     "ChainResult",
-    "Head",
     "StoredRow",
-    "append_rows",
     "archived_head",
     "canonical_body",
     "chain_hash",
     "check_chain",
-    "connect_readonly",
     "epoch_time",
+    "insert_rows",
     "iso_time",
     "iter_rows",
+    "read_tail",
     "select_rows",
 ]
 
@@ -91,24 +79,12 @@ class StoredRow:
     columns: Mapping[str, str]
 
 
-class BatchStore(Protocol):
-    """What the group-commit writer needs from a store. Called from one thread only."""
-
-    def write_batch(self, bodies: Sequence[Mapping[str, object]]) -> list[StoredRow]:
-        """Append ``bodies`` in order, all in one durable transaction, or none of them."""
-        ...
-
-    def close(self) -> None:
-        """Release the store's connection."""
-        ...
-
-
 def archived_head(conn: Connection) -> tuple[int, str]:
     """(last archived sequence, its entry hash): where the live rows continue the chain.
 
     (0, genesis) when nothing was archived (or the SQLite file predates archival).
     """
-    if not is_postgres(conn) and not sqlite_has_table(conn, "audit_archives"):
+    if not conn.backend.has_table(conn, "audit_archives"):
         return 0, GENESIS_HASH
     row = conn.execute(
         "SELECT last_seq, last_entry_hash FROM audit_archives ORDER BY last_seq DESC LIMIT 1"
@@ -123,47 +99,10 @@ def read_tail(conn: Connection) -> tuple[int, str]:
     return archived_head(conn) if row is None else (int(row[0]), str(row[1]))
 
 
-@dataclass(frozen=True)
-class Head:
-    """What a writer committed last: the tail entry and the tree frontier of ``seq`` leaves."""
-
-    seq: int
-    entry_hash: str
-    frontier: tuple[bytes, ...]
-
-
-def append_rows(
-    conn: Connection, bodies: Sequence[Mapping[str, object]], known: Head | None = None
-) -> tuple[list[StoredRow], Head]:
-    """Chain ``bodies`` onto the stored tail and insert them with their Merkle leaves.
-
-    Call inside a transaction that already holds the log's write lock (the stores do), so
-    nobody can append between reading the tail and inserting: the chain cannot fork and the
-    sequence has no gaps or duplicates. Each body gets ``seq`` and ``v`` added. ``known`` is
-    the :class:`Head` the caller's previous batch returned: when the stored tail is still that
-    entry, nobody appended since and its frontier is reused instead of read back. Returns the
-    rows and the new head (for the caller to keep only once its transaction commits).
-    """
-    seq, prev = read_tail(conn)
-    if known is not None and (known.seq, known.entry_hash) == (seq, prev):
-        tree = TreeWriter(conn, (seq, list(known.frontier)))
-    else:
-        tree = TreeWriter(conn)
-        if tree.range.size != seq:
-            raise RuntimeError(f"merkle tree has {tree.range.size} leaves, log {seq} entries")
-    rows: list[StoredRow] = []
-    for fields in bodies:
-        seq += 1
-        body = canonical_body({**fields, "seq": seq, "v": FORMAT_VERSION})
-        entry_hash = chain_hash(prev, body)
-        columns = {name: str(fields[name]) for name in INDEXED_COLUMNS}
-        rows.append(StoredRow(seq, body, prev, entry_hash, columns))
-        tree.append(body)
-        prev = entry_hash
+def insert_rows(conn: Connection, rows: Sequence[StoredRow]) -> None:
+    """Insert chained ``rows`` into ``audit_log`` (in as few statements as the backend can)."""
     values = [(r.seq, *r.columns.values(), r.body, r.prev_hash, r.entry_hash) for r in rows]
-    insert_many(conn, "audit_log", _INSERT_COLUMNS, _INSERT_TYPES, values)
-    tree.flush()  # the tree's nodes commit with the entries, or not at all
-    return rows, Head(seq, prev, tree.range.frontier)
+    conn.backend.insert_many(conn, "audit_log", _INSERT_COLUMNS, _INSERT_TYPES, values)
 
 
 def _row(values: Sequence[Any]) -> StoredRow:
@@ -181,7 +120,7 @@ def iter_rows(conn: Connection, after: int = 0) -> Iterator[StoredRow]:
     """Every live row with ``seq > after`` in ``seq`` order, streamed from one query (one
     consistent snapshot even while others write)."""
     sql = f"SELECT {ROW_COLUMNS} FROM audit_log WHERE seq > ? ORDER BY seq"  # noqa: S608
-    for values in stream(conn, sql, (after,)):
+    for values in conn.backend.stream(conn, sql, (after,)):
         yield _row(values)
 
 

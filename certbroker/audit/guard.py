@@ -52,8 +52,7 @@ from typing import Any, cast
 import grpc
 
 from certbroker import errors
-from certbroker.audit.events import AUDIT_UNAVAILABLE, AuditEvent, AuditLog
-from certbroker.audit.log import Receipt
+from certbroker.audit.events import AUDIT_UNAVAILABLE, AuditEvent, AuditLog, Receipt
 
 __all__ = [
     "AuditedCall",

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import grpc
 
-from certbroker import config
+from certbroker import audit, config
 from certbroker.adapters.demo import synthetic
-from certbroker.audit import events as audit
 from certbroker.auth.authenticator import DevIdentityProvider
 from certbroker.cli import client
+from certbroker.cli.table import format_table
 from certbroker.contract import resident_id
 from certbroker.v1 import broker_pb2, broker_pb2_grpc
 
@@ -183,8 +183,8 @@ def _session(state_dir: Path, target: str) -> int:
 
     db = state_dir / "audit.sqlite"
     _title(f"The audit log ({db}): every lookup above, allowed or not")
-    print(audit.format_table(audit.query(db, audit.QueryFilter())))
-    report = audit.verify(db)
+    print(format_table(audit.query(db, audit.QueryFilter())))
+    report = audit.verify_chain(db)
     print(
         f"\n  certbroker audit verify: {'ok' if report.ok else 'TAMPERED'}, "
         f"{report.entries} entries"
@@ -238,7 +238,7 @@ def _tamper_demo(db: Path, surprise: Callable[[str], None]) -> None:
                 "UPDATE audit_log SET body = replace(body, '\"deny\"', '\"allow\"') "
                 "WHERE seq = (SELECT min(seq) FROM audit_log WHERE decision = 'deny')"
             )
-        report = audit.verify(copy)
+        report = audit.verify_chain(copy)
         shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"  after turning a 'deny' into 'allow' in a copy: "

@@ -19,13 +19,13 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from certbroker import config, policy
-from certbroker.audit import events as audit
+from certbroker import audit, config, policy
 from certbroker.auth.authenticator import DevIdentityProvider
 from certbroker.cli import adapters as cli_adapters
 from certbroker.cli import audit_log as cli_audit_log
 from certbroker.cli import auditor as cli_auditor
 from certbroker.cli import client
+from certbroker.cli.table import format_table
 
 DEFAULT_STATE = Path(".certbroker")
 
@@ -209,7 +209,7 @@ def cmd_audit_query(args: argparse.Namespace) -> int:
         for entry in entries:
             print(json.dumps(dataclasses.asdict(entry), ensure_ascii=False, sort_keys=True))
     else:
-        print(audit.format_table(entries))
+        print(format_table(entries))
         print(f"({len(entries)} entries)")
     return 0
 

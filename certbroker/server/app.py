@@ -28,8 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from certbroker import errors
-from certbroker.audit.events import BatchingAuditLog, open_audit_log
-from certbroker.audit.integrity.proofs import CheckpointSigner, checkpoint_task
+from certbroker.audit import BatchingAuditLog, CheckpointSigner, checkpoint_task, open_audit_log
 from certbroker.audit.service.servicer import AuditService
 from certbroker.auth.authenticator import (
     Authenticator,

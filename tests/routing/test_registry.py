@@ -19,9 +19,8 @@ from typing import Any
 import grpc
 import pytest
 
-from certbroker import errors
+from certbroker import audit, errors
 from certbroker.adapters.demo import synthetic
-from certbroker.audit import events as audit
 from certbroker.audit.events import AuditEvent, Receipt
 from certbroker.auth.authenticator import Authenticator, DevIdentityProvider
 from certbroker.cli import client

@@ -22,12 +22,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from certbroker.config import AuditLocation
 
 #: A stored Merkle tree node: (level, index, hash); level 0 holds the leaf hashes.
 Node = tuple[int, int, bytes]
+
+
+@dataclass(frozen=True)
+class UndecodableText:
+    """A stored text value whose bytes are not UTF-8, as :meth:`Backend.keep_undecodable_text`
+    returns it: neither a ``str`` nor a ``bytes``, so a reader expecting either notices."""
+
+    raw: bytes
 
 
 class Cursor(Protocol):
@@ -152,6 +161,14 @@ class Backend(Protocol):
 
     def has_table(self, conn: Connection, name: str) -> bool:
         """Whether the log has table ``name`` (an old SQLite file may lack newer tables)."""
+        ...
+
+    def keep_undecodable_text(self, conn: Connection) -> None:
+        """From now on, have reader ``conn`` return a text value that is not valid UTF-8 as
+        :class:`UndecodableText` instead of failing the whole query.
+
+        For the verifier, which reads rows an attacker may have written and must say which
+        row and column is bad rather than stop with a decoding error."""
         ...
 
     # --- the Merkle tree's tables (certbroker.audit.integrity.tree) --------------------------

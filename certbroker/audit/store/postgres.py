@@ -307,6 +307,10 @@ class PostgresBackend:
         ).fetchone()
         return bool(found)
 
+    def keep_undecodable_text(self, conn: Connection) -> None:
+        """Nothing to do: the server refuses text that is not valid in the database's
+        encoding, so every text value decodes."""
+
     def save_tree(
         self, conn: Connection, nodes: Sequence[Node], size: int, frontier: Sequence[bytes]
     ) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from certbroker.audit.store.base import Connection, Node
+from certbroker.audit.store.base import Connection, Node, UndecodableText
 
 SCHEMA_VERSION = 2
 """Stored in ``PRAGMA user_version`` so a later migration knows what it is looking at
@@ -168,6 +168,13 @@ class SQLiteBackend:
         ).fetchone()
         return row is not None
 
+    def keep_undecodable_text(self, conn: Connection) -> None:
+        """A ``text_factory`` that decodes itself: SQLite stores whatever bytes it is given as
+        TEXT, and the module's own decoding raises mid-query without naming the row."""
+        if not isinstance(conn, sqlite3.Connection):
+            raise TypeError(f"not an SQLite audit connection: {type(conn).__name__}")
+        conn.text_factory = _decode_text
+
     def save_tree(
         self, conn: Connection, nodes: Sequence[Node], size: int, frontier: Sequence[bytes]
     ) -> None:
@@ -194,6 +201,13 @@ class SQLiteBackend:
                 raise KeyError(f"merkle node ({level}, {index}) not stored")
             hashes.append(bytes(row[0]))
         return hashes
+
+
+def _decode_text(raw: bytes) -> str | UndecodableText:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return UndecodableText(raw)
 
 
 def sqlite_insert(conn: Connection, head: str, width: int, rows: Sequence[Sequence[Any]]) -> None:

@@ -168,6 +168,19 @@ def edit(line: bytes) -> bytes:
     return line.replace(b'"clerk-', b'"clerX-')
 
 
+def forge(ls: list[bytes], i: int) -> list[bytes]:
+    """A forged entry put in before entry ``i + 1``, chained onto the one before: it carries
+    that entry's number, so the real one follows it (an attacker with the file's rights)."""
+    prev = json.loads(ls[i - 1])["entry_hash"].encode() if i else b"0" * 64
+    data = edit(ls[i])[ls[i].index(b'"body":') + 7 : -2]
+    forged = b'{"seq":%d,"entry_hash":"%s","body":%s}\n' % (
+        i + 1,
+        hashlib.sha256(prev + data).hexdigest().encode(),
+        data,
+    )
+    return [*ls[:i], forged, *ls[i:]]
+
+
 def renumber(line: bytes, by: int = 1) -> bytes:
     """The line's sequence field changed; body and hashes untouched."""
     seq = json.loads(line)["seq"]
@@ -179,6 +192,7 @@ TAMPERS: dict[str, Tamper] = {
     "edited": lambda ls, i: [*ls[:i], edit(ls[i]), *ls[i + 1 :]],
     "deleted": lambda ls, i: [*ls[:i], *ls[i + 1 :]],
     "inserted": lambda ls, i: [*ls[:i], edit(ls[i]), *ls[i:]],
+    "forged": forge,
     "duplicated": lambda ls, i: [*ls[:i], ls[i], *ls[i:]],
     "reordered": lambda ls, i: [*ls[:i], ls[i + 1], ls[i], *ls[i + 2 :]],
     "moved-far": lambda ls, i: [*ls[:i], *ls[i + 1 : i + 40], ls[i], *ls[i + 40 :]],
@@ -214,6 +228,7 @@ EXPECTED = {
     "edited": EDITED,
     "deleted": DELETED,
     "inserted": INSERTED,
+    "forged": INSERTED,
     "duplicated": INSERTED,
     "reordered": REORDERED,
     "moved-far": REORDERED,
@@ -302,6 +317,27 @@ def test_an_intact_export_is_confirmed_without_the_sequential_walk(
     assert max(scanned) < sum(map(len, lines[: segment_starts(starts)[0] + 1]))
     monkeypatch.undo()
     assert report == sequential(path)
+
+
+def test_a_forged_entry_just_before_a_checkpointed_one_is_inserted_there(
+    in_process: None, tmp_path: Path
+) -> None:
+    # The forged entry chains, so the first thing amiss is the root at the checkpoint's size;
+    # the real entry right after it still makes it INSERTED, at its index (not REWRITTEN).
+    lines = build()
+    for mark in MARKS:
+        report = check_same(tampered(tmp_path, "forged", mark - 1, lines))
+        assert (report.code, report.first_bad) == (INSERTED, mark), report
+
+
+def test_entries_after_the_header_s_last_are_inserted(in_process: None, tmp_path: Path) -> None:
+    lines = build()
+    header = json.loads(lines[0])
+    header["to"] = N - 5
+    path = tmp_path / "longer.jsonl"
+    path.write_bytes(b"".join([json.dumps(header).encode() + b"\n", *lines[1:]]))
+    report = check_same(path)
+    assert (report.code, report.first_bad) == (INSERTED, N - 4), report
 
 
 def test_a_segment_export_and_its_tampering(in_process: None, tmp_path: Path) -> None:

@@ -278,6 +278,23 @@ def open_note(
     return checkpoint
 
 
+def read_unverified(note: str) -> Checkpoint:
+    """The checkpoint in a signed note, its signatures NOT checked: for a verifier that has no
+    public key but must still compare what a stored note says with the row it sits in.
+
+    The note must have the signed-note shape (text, blank line, signature lines) and a
+    checkpoint text; CheckpointError ``BAD_FORMAT`` otherwise. Never trust the result.
+    """
+    if not isinstance(note, str):
+        raise CheckpointError(BAD_FORMAT, "note is not text")
+    split = note.rfind("\n\n")
+    if split < 0 or len(note) > MAX_NOTE_BYTES:
+        raise CheckpointError(BAD_FORMAT, "not a signed note")
+    if not note.endswith("\n") or not note[split + 2 :].startswith(_SIG_PREFIX):
+        raise CheckpointError(BAD_FORMAT, "no signature lines, or last one not terminated")
+    return Checkpoint.parse_body(note[: split + 1])
+
+
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     """Read an unencrypted PKCS#8 PEM Ed25519 private key; ValueError if it is anything else."""
     return keyfiles.load_private_key(path)

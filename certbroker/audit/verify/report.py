@@ -6,23 +6,36 @@ chain and a :class:`~certbroker.audit.integrity.merkle.CompactRange`; at each si
 size it compares
 the recomputed root with the signed one. The first problem found is classified:
 
-======  ===============  =============================================================
-exit    problem          meaning (``first_bad`` = 1-based entry index)
-======  ===============  =============================================================
-0       (none)           intact
-3       MALFORMED        not an export file / unreadable
-10      EDITED           entry ``first_bad`` does not match its stored hash
-11      DELETED          entry ``first_bad`` is missing (later ones follow)
-12      INSERTED         an entry that does not belong is at ``first_bad``
-13      REORDERED        entry ``first_bad`` is found later in the log
-14      TRUNCATED        fewer entries than a signed checkpoint (or the export) covers;
-                         ``first_bad`` is the first missing one
-15      REWRITTEN        the log is internally consistent but its tree root disagrees with
-                         a signed checkpoint; ``first_bad`` is the first entry after the last
-                         checkpoint that still matched (the rewrite starts at or after it)
-16      WRONG_KEY        a checkpoint is not signed by the given public key
-17      BAD_CHECKPOINT   a checkpoint's signature does not verify / is malformed / other log
-======  ===============  =============================================================
+======  ======================  ======================================================
+exit    problem                 meaning (``first_bad`` = 1-based entry index)
+======  ======================  ======================================================
+0       (none)                  intact
+3       MALFORMED               not an export file / unreadable, or a stored value is
+                                not of its column's kind (``location`` names it)
+10      EDITED                  entry ``first_bad`` does not match its stored hash
+11      DELETED                 entry ``first_bad`` is missing (later ones follow)
+12      INSERTED                an entry that does not belong is at ``first_bad``
+13      REORDERED               entry ``first_bad`` is found later in the log
+14      TRUNCATED               fewer entries than a signed checkpoint (or the export)
+                                covers; ``first_bad`` is the first missing one
+15      REWRITTEN               the log is internally consistent but its tree root
+                                disagrees with a signed checkpoint; ``first_bad`` is the
+                                first entry after the last checkpoint that still matched
+                                (the rewrite starts at or after it)
+16      WRONG_KEY               a checkpoint is not signed by the given public key
+17      BAD_CHECKPOINT          a checkpoint's signature does not verify / is malformed /
+                                other log, or a stored checkpoint row disagrees with its
+                                signed note
+18      UNVERIFIED_CHECKPOINTS  everything else holds, but there are checkpoints and no
+                                public key to check them (``--chain-only`` asks for 0)
+19      BAD_TREE                a stored Merkle tree row disagrees with the entries;
+                                ``first_bad`` is the first entry under the bad node
+======  ======================  ======================================================
+
+Problems found before any entry is read (checkpoints) come first, then the walk's, then those
+of the stored rows that only the live database has (indexed columns, tree tables). Every
+report of a stored row names it in ``location``: ``table[key=value].column``, or ``line N``
+of an export.
 
 The walk can stop and resume: :func:`plan` does the checks before any entry,
 :func:`resume_entries` goes on from a :class:`Progress`. A large export is checked in byte
@@ -54,6 +67,8 @@ TRUNCATED: Final = 14
 REWRITTEN: Final = 15
 WRONG_KEY: Final = 16
 BAD_CHECKPOINT: Final = 17
+UNVERIFIED_CHECKPOINTS: Final = 18
+BAD_TREE: Final = 19
 NAMES: Final = {
     OK: "OK",
     MALFORMED: "MALFORMED",
@@ -65,12 +80,16 @@ NAMES: Final = {
     REWRITTEN: "REWRITTEN",
     WRONG_KEY: "WRONG_KEY",
     BAD_CHECKPOINT: "BAD_CHECKPOINT",
+    UNVERIFIED_CHECKPOINTS: "UNVERIFIED_CHECKPOINTS",
+    BAD_TREE: "BAD_TREE",
 }
 EXIT_CODES_HELP: Final = (
-    "exit codes: 0 intact, 2 usage/no such file, 3 malformed export, 10 edited entry, "
-    "11 deleted entry, 12 inserted entry, 13 reordered entries, 14 truncated tail, "
-    "15 rewritten log disagreeing with a signed checkpoint, 16 checkpoint signed by the wrong "
-    "key, 17 checkpoint signature invalid/malformed"
+    "exit codes: 0 intact, 2 usage/no such file, 3 malformed export or stored row, "
+    "10 edited entry, 11 deleted entry, 12 inserted entry, 13 reordered entries, "
+    "14 truncated tail, 15 rewritten log disagreeing with a signed checkpoint, 16 checkpoint "
+    "signed by the wrong key, 17 checkpoint signature invalid/malformed or its row altered, "
+    "18 checkpoints present but no public key to check them (see --chain-only), "
+    "19 stored Merkle tree disagrees with the entries"
 )
 
 Entry = tuple[int, bytes, bytes]
@@ -79,7 +98,11 @@ Entry = tuple[int, bytes, bytes]
 
 @dataclass(frozen=True)
 class IntegrityReport:
-    """Outcome of a verification: ``code`` is the exit code (see the module docstring)."""
+    """Outcome of a verification: ``code`` is the exit code (see the module docstring).
+
+    ``location`` names the stored row (and column) or export line at fault, when there is one;
+    ``chain_only`` says that checkpoints were deliberately not checked.
+    """
 
     code: int
     entries: int
@@ -87,6 +110,8 @@ class IntegrityReport:
     problem: str = ""
     checkpoints: int = 0
     notes: list[str] = field(default_factory=list)
+    location: str = ""
+    chain_only: bool = False
 
     @property
     def ok(self) -> bool:
@@ -99,17 +124,56 @@ class IntegrityReport:
         return NAMES[self.code]
 
 
+class Malformed(Exception):
+    """A stored value (or export line) that is not of its kind: the report is MALFORMED, at
+    ``location``; ``first_bad`` when the value belongs to an entry."""
+
+    def __init__(self, location: str, message: str, first_bad: int | None = None) -> None:
+        super().__init__(f"{location}: {message}")
+        self.location = location
+        self.message = message
+        self.first_bad = first_bad
+
+    def report(self, entries: int = 0, checkpoints: int = 0) -> IntegrityReport:
+        """The MALFORMED report."""
+        return IntegrityReport(
+            MALFORMED, entries, self.first_bad, str(self), checkpoints, location=self.location
+        )
+
+
+def open_note(
+    note: str, public_key: Ed25519PublicKey | None, location: str
+) -> checkpoint.Checkpoint | IntegrityReport:
+    """One signed checkpoint note of this log: verified with ``public_key``, or, without a key,
+    only read (its signature unchecked; the caller must not call the result signed).
+
+    A note that is not a checkpoint of this log is BAD_CHECKPOINT with or without a key: no
+    honest broker stores one."""
+    try:
+        if public_key is None:
+            head = checkpoint.read_unverified(note)
+            if head.origin != ORIGIN:
+                raise checkpoint.CheckpointError(
+                    checkpoint.WRONG_ORIGIN, f"checkpoint is for log {head.origin!r}"
+                )
+            return head
+        return checkpoint.open_note(note, public_key, KEY_NAME, origin=ORIGIN)
+    except checkpoint.CheckpointError as exc:
+        code = WRONG_KEY if exc.reason == checkpoint.WRONG_KEY else BAD_CHECKPOINT
+        return IntegrityReport(code, 0, None, f"{location}: {exc}", location=location)
+
+
 def open_checkpoints(
-    notes: Sequence[str], public_key: Ed25519PublicKey
+    notes: Sequence[str], public_key: Ed25519PublicKey | None, where: str = "checkpoints[{}]"
 ) -> tuple[list[checkpoint.Checkpoint], IntegrityReport | None]:
-    """Verify every note with ``public_key``; the first failure as a report."""
+    """Verify every note with ``public_key`` (None: read them unverified, see
+    :func:`open_note`); the first failure as a report. ``where`` names note ``n`` (from 0)."""
     heads: list[checkpoint.Checkpoint] = []
-    for number, note in enumerate(notes, 1):
-        try:
-            heads.append(checkpoint.open_note(note, public_key, KEY_NAME, origin=ORIGIN))
-        except checkpoint.CheckpointError as exc:
-            code = WRONG_KEY if exc.reason == checkpoint.WRONG_KEY else BAD_CHECKPOINT
-            return heads, IntegrityReport(code, 0, None, f"checkpoint #{number}: {exc}")
+    for number, note in enumerate(notes):
+        head = open_note(note, public_key, where.format(number))
+        if isinstance(head, IntegrityReport):
+            return heads, head
+        heads.append(head)
     return heads, None
 
 
@@ -241,6 +305,7 @@ def resume_entries(
     # argument checks per leaf cost a third of it. stack[i] is the frontier (leftmost first).
     stack = list(progress.frontier)
     it = iter(entries)
+    before = prev  # the hash before entry `position` (for _disagrees)
     sha256 = hashlib.sha256
     push = stack.append
     pop = stack.pop
@@ -250,7 +315,7 @@ def resume_entries(
         seq, body, stored = entry
         if seq != position or sha256(prev + body).hexdigest().encode("ascii") != stored:
             return _classify(position, prev, entry, it, position - start + 1)
-        prev = stored
+        before, prev = prev, stored
         h = sha256(leaf_prefix + body).digest()
         index = position - 1  # the new leaf's index; each trailing 1 bit is one merge
         while index & 1:
@@ -259,16 +324,32 @@ def resume_entries(
         push(h)
         if position in roots:
             if frontier_root(stack) != roots[position]:
-                msg = (
-                    f"entries {good + 1}..{position} are chained consistently but the tree "
-                    f"root disagrees with the signed checkpoint of size {position}"
-                )
-                rest = sum(1 for _ in it)
-                return IntegrityReport(
-                    REWRITTEN, position - start + 1 + rest, good + 1, msg, walk.checkpoints
-                )
+                return _disagrees(walk, position, good, before, it)
             good = position
     return finish(walk, position, good, expected_last)
+
+
+def _disagrees(
+    walk: Plan, position: int, good: int, before: bytes, rest: Iterator[Entry]
+) -> IntegrityReport:
+    """The report when entry ``position`` chained (from ``before``) but the tree root at
+    ``position`` disagrees with its signed checkpoint.
+
+    Usually a consistent rewrite. But a forged entry chained onto ``before`` and put in just
+    before the checkpointed entry ``position`` gets that far too; it is told apart as the
+    middle of the log tells it apart (:func:`_classify`): the real entry ``position``, still
+    chained from ``before``, comes next.
+    """
+    after = next(rest, None)
+    total = position - walk.start + 1 + (after is not None) + sum(1 for _ in rest)
+    if after is not None and _body_seq(after[1]) == position and _chains(before, after):
+        msg = f"entry {position} occurs twice (a forged one, chained in, precedes it)"
+        return IntegrityReport(INSERTED, total, position, msg, walk.checkpoints)
+    msg = (
+        f"entries {good + 1}..{position} are chained consistently but the tree "
+        f"root disagrees with the signed checkpoint of size {position}"
+    )
+    return IntegrityReport(REWRITTEN, total, good + 1, msg, walk.checkpoints)
 
 
 def finish(walk: Plan, position: int, good: int, expected_last: int | None) -> IntegrityReport:
@@ -281,6 +362,9 @@ def finish(walk: Plan, position: int, good: int, expected_last: int | None) -> I
         why = "a signed checkpoint covers" if covered > position else "the export header claims"
         msg = f"log ends at entry {position} but {why} {claimed} entries"
         return IntegrityReport(TRUNCATED, count, position + 1, msg, checkpoints)
+    if expected_last is not None and position > expected_last:
+        msg = f"the export header ends at entry {expected_last} but entries follow it"
+        return IntegrityReport(INSERTED, count, expected_last + 1, msg, checkpoints)
     notes = list(walk.notes)
     if position > good:
         notes.append(f"entries {good + 1}..{position} are not yet covered by a checkpoint")

@@ -41,7 +41,8 @@ from certbroker.audit.integrity.proofs import CheckpointSigner, checkpoints, sig
 from certbroker.audit.store.base import Connection
 from certbroker.audit.store.db import backend_for
 from certbroker.audit.store.rows import archived_head
-from certbroker.audit.verify.report import DELETED, EDITED, INSERTED, IntegrityReport
+from certbroker.audit.verify.live import archive_rows
+from certbroker.audit.verify.report import DELETED, EDITED, INSERTED, IntegrityReport, Malformed
 from certbroker.config import AuditLocation
 
 
@@ -199,8 +200,13 @@ def verify_with_archives(
     Entries are numbered across archives and the live log, so ``first_bad`` is the sequence
     of the first entry that fails wherever it is.
     """
-    with closing(backend_for(db).connect_read()) as conn:
-        records = archives(conn)
+    backend = backend_for(db)
+    with closing(backend.connect_read()) as conn:
+        backend.keep_undecodable_text(conn)  # a hostile row is MALFORMED, not a crash
+        try:
+            records = [ArchiveRecord(*row) for row in archive_rows(conn)]
+        except Malformed as exc:
+            return exc.report()
     entries = signed = 0
     prev_last, prev_hash = 0, GENESIS_HASH
     for record in records:

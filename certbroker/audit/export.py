@@ -18,6 +18,7 @@ verifier slices them out without re-encoding (see :mod:`certbroker.audit.events`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterator
@@ -29,24 +30,24 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from certbroker.audit.events import GENESIS_HASH
 from certbroker.audit.integrity import checkpoint
-from certbroker.audit.integrity.merkle import CompactRange, leaf_hash
+from certbroker.audit.integrity.merkle import CompactRange
 from certbroker.audit.integrity.proofs import ORIGIN, checkpoints
 from certbroker.audit.integrity.tree import frontier_at, load_state
-from certbroker.audit.store.base import Connection
 from certbroker.audit.store.db import backend_for
 from certbroker.audit.store.rows import archived_head
-from certbroker.audit.verify.chain import verify as verify_chain
+from certbroker.audit.verify.live import verify_db
 from certbroker.audit.verify.parallel import check_export
 from certbroker.audit.verify.report import (
-    EDITED,
     MALFORMED,
-    REWRITTEN,
+    UNVERIFIED_CHECKPOINTS,
     Entry,
     IntegrityReport,
-    check_entries,
+    Malformed,
     open_checkpoints,
 )
 from certbroker.config import AuditLocation
+
+__all__ = ["FORMAT", "export", "verify_db", "verify_export"]
 
 FORMAT: Final = 1
 _PREFIX: Final = b'{"seq":'
@@ -137,11 +138,20 @@ def _entries(lines: Iterator[bytes], first_line: int = 2) -> Iterator[Entry]:
                 continue
             yield int(line[7:comma]), line[h_end + 9 : -2], line[comma + hk : h_end]
         except ValueError as exc:
-            raise _Malformed(f"line {number}: {exc}") from None
+            raise _Malformed(number, str(exc)) from None
 
 
-class _Malformed(Exception):
-    pass
+class _Malformed(Malformed):
+    """Export line ``number`` is not an entry line."""
+
+    def __init__(self, number: int, message: str) -> None:
+        super().__init__(f"line {number}", message)
+        self.number = number
+
+    def at(self, start: int) -> IntegrityReport:
+        """The MALFORMED report, naming the entry the line holds in an export from ``start``."""
+        self.first_bad = start + self.number - 2
+        return self.report()
 
 
 def _header(line: bytes) -> dict[str, Any]:
@@ -158,89 +168,77 @@ def _header(line: bytes) -> dict[str, Any]:
         raise ValueError("header prev_hash is not 64 lowercase hex digits")
     if not all(isinstance(h, str) and _HEX64.fullmatch(h) for h in data["frontier"]):
         raise ValueError("header frontier holds something other than 64-hex hashes")
+    if not all(isinstance(n, str) for n in data["checkpoints"]):
+        raise ValueError("header checkpoints holds something other than note texts")
     return data
 
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-def verify_export(path: Path, public_key: Ed25519PublicKey) -> IntegrityReport:
-    """Verify an export file offline with only the checkpoint public key."""
+def verify_export(
+    path: Path, public_key: Ed25519PublicKey | None, *, chain_only: bool = False
+) -> IntegrityReport:
+    """Verify an export file offline with only the checkpoint public key.
+
+    Without a key (None) the entries, chain and header are checked, but if the header carries
+    checkpoints the report is UNVERIFIED_CHECKPOINTS, not intact (their notes, unverified,
+    are still compared with the entries to say whether they agree). ``chain_only``: the
+    checkpoints are not looked at, and the report says so.
+    """
     with path.open("rb") as f:
         try:
             head = _header(f.readline())
             frontier = [bytes.fromhex(h) for h in head["frontier"]]
             CompactRange(head["from"] - 1, frontier)  # validates the frontier's shape
         except (ValueError, TypeError) as exc:
-            return IntegrityReport(MALFORMED, 0, None, f"header: {exc}")
-        heads, bad = open_checkpoints([str(n) for n in head["checkpoints"]], public_key)
+            return IntegrityReport(MALFORMED, 0, None, f"header: {exc}", location="header")
+        notes: list[str] = [] if chain_only else head["checkpoints"]
+        key = None if chain_only else public_key
+        heads, bad = open_checkpoints(notes, key, "header checkpoints[{}]")
         if bad is not None:
             return bad
-        try:
-            return check_export(
-                f,
-                heads,
-                _entries,
-                start=head["from"],
-                prev_hash=str(head["prev_hash"]).encode("ascii"),
-                frontier=frontier,
-                expected_last=head["to"],
-            )
-        except _Malformed as exc:
-            return IntegrityReport(MALFORMED, 0, None, str(exc))
+        start = head["from"]
+        entries_at = f.tell() if f.seekable() else None  # a pipe is read once
 
+        def walk(checkpoints: list[checkpoint.Checkpoint]) -> IntegrityReport:
+            if entries_at is not None:
+                f.seek(entries_at)
+            try:
+                return check_export(
+                    f,
+                    checkpoints,
+                    _entries,
+                    start=start,
+                    prev_hash=str(head["prev_hash"]).encode("ascii"),
+                    frontier=frontier,
+                    expected_last=head["to"],
+                )
+            except _Malformed as exc:
+                return exc.at(start)
 
-def _db_entries(conn: Connection, after: int) -> Iterator[Entry]:
-    for seq, body, entry_hash in conn.backend.stream(
-        conn, "SELECT seq, body, entry_hash FROM audit_log WHERE seq > ? ORDER BY seq", (after,)
-    ):
-        yield int(seq), str(body).encode("utf-8"), str(entry_hash).encode("ascii")
-
-
-def verify_db(db: AuditLocation, public_key: Ed25519PublicKey | None) -> IntegrityReport:
-    """Verify the live database: chain, indexed columns, Merkle tables and, if a key is
-    given, every stored checkpoint (signature and root). Opens the log read-only.
-
-    After archival the live rows start past the watermark and chain from the last archived
-    hash; checkpoints of archived sizes are checked with the archives
-    (:func:`certbroker.audit.archive.verify_with_archives`).
-    """
-    backend = backend_for(db)
-    with closing(backend.connect_read()) as conn:
-        backend.snapshot(conn)
-        notes = [c.note for c in checkpoints(conn)]
-        heads: list[checkpoint.Checkpoint] = []
-        if public_key is not None:
-            heads, bad = open_checkpoints(notes, public_key)
-            if bad is not None:
-                return bad
-        archived, archived_hash = archived_head(conn)
-        try:
-            start_frontier = frontier_at(conn, archived)
-        except KeyError as exc:
-            msg = f"the Merkle nodes of the archived entries are missing: {exc}"
-            return IntegrityReport(REWRITTEN, 0, None, msg, len(heads))
-        report = check_entries(
-            _db_entries(conn, archived),
-            heads,
-            start=archived + 1,
-            prev_hash=archived_hash.encode("ascii"),
-            frontier=start_frontier,
-        )
-        if not report.ok:
+        report = walk(heads if key is not None else [])
+        if not report.ok or key is not None:
             return report
-        size, frontier = load_state(conn)
-        tree = CompactRange(archived, start_frontier)
-        for _, body, _ in _db_entries(conn, archived):
-            tree.append(leaf_hash(body))
-        if size != tree.size or CompactRange(size, frontier).root() != tree.root():
-            msg = "the stored Merkle tree does not match the entries"
-            return IntegrityReport(REWRITTEN, report.entries, None, msg, len(heads))
-    chain = verify_chain(db)  # also compares the indexed columns with the hashed bodies
-    if not chain.ok:
-        return IntegrityReport(EDITED, chain.entries, chain.first_bad, chain.problem, len(heads))
-    if archived:
-        report.notes.append(f"entries 1..{archived} are archived; verify them with --with-archives")
-    if public_key is None:
-        report.notes.append("no checkpoint public key given: checkpoints not checked")
-    return report
+        if chain_only:
+            msg = (
+                f"checkpoints NOT checked (--chain-only): {len(head['checkpoints'])} in the "
+                "header; a consistent rewrite would pass this check"
+            )
+            notes = [msg, *(n for n in report.notes if "covered by a checkpoint" not in n)]
+            return dataclasses.replace(report, notes=notes, chain_only=True)
+        if not heads:
+            return report
+        # No key: the entries hold up; say whether the (unverified) notes agree with them.
+        msg = f"{len(heads)} checkpoint(s) in the header, and no public key to check them"
+        claimed = walk(heads) if entries_at is not None else None
+        if claimed is None:
+            msg += "; not compared with the entries (read from a pipe)"
+        elif claimed.ok:
+            msg += "; their notes (unverified) agree with the entries"
+        else:
+            msg += f"; the notes (unverified) DISAGREE with the entries: {claimed.problem}"
+        msg += " (give --public-key, or --chain-only to check the chain alone)"
+        return IntegrityReport(
+            UNVERIFIED_CHECKPOINTS, report.entries, None, msg, 0, location="header checkpoints"
+        )

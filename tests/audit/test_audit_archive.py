@@ -28,7 +28,7 @@ from certbroker.audit.export import export, verify_db
 from certbroker.audit.integrity import merkle
 from certbroker.audit.integrity import proofs as audit_proofs
 from certbroker.audit.verify.chain import verify
-from certbroker.audit.verify.report import DELETED, EDITED, OK
+from certbroker.audit.verify.report import BAD_TREE, DELETED, EDITED, MALFORMED, OK
 from certbroker.auth.authenticator import DevIdentityProvider
 from certbroker.cli import client
 from certbroker.config import AuditLocation, PostgresLocation
@@ -117,6 +117,57 @@ def test_proofs_still_work_for_archived_entries(log: Log) -> None:
     assert merkle.verify_inclusion(leaf, 1, 10, path, audit_proofs.tree_root(log.location, 10))
     with (log.archive / "x.jsonl").open("wb") as out, pytest.raises(ValueError, match="archived"):
         export(log.location, out, 3, 7)
+
+
+def test_the_archived_part_of_the_tree_is_checked_too(log: Log) -> None:
+    audit_proofs.sign_checkpoint(log.location, log.signer, size=3)
+    archive(log, days=5, now_days=10)  # 1..5, with a checkpoint of size 5
+    # A leaf of an archived entry: its entry is gone, but its parent no longer adds up.
+    with attacker(log.location) as conn:
+        conn.execute("UPDATE merkle_nodes SET hash = ? WHERE level = 0 AND idx = 2", (bytes(32),))
+    report = verify_db(log.location, log.signer.public_key)
+    assert (report.code, report.first_bad, report.location) == (
+        BAD_TREE,
+        3,
+        "merkle_nodes[level=1,idx=1].hash",
+    ), report
+    # The whole tree rebuilt around it, and the checkpoint of size 5 taken away: the
+    # checkpoint of size 3 still tells.
+    with attacker(log.location) as conn:
+        leaves = [
+            bytes(h)
+            for (h,) in conn.execute(
+                "SELECT hash FROM merkle_nodes WHERE level = 0 ORDER BY idx"
+            ).fetchall()
+        ]
+        nodes: list[tuple[int, int, bytes]] = []
+        tree = merkle.CompactRange(on_node=lambda level, idx, h: nodes.append((level, idx, h)))
+        tree.extend(leaves)
+        conn.execute("DELETE FROM merkle_nodes")
+        for node in nodes:
+            conn.execute("INSERT INTO merkle_nodes (level, idx, hash) VALUES (?, ?, ?)", node)
+        if isinstance(log.location, Path):
+            conn.execute("UPDATE merkle_state SET frontier = ?", (b"".join(tree.frontier),))
+        conn.execute("DELETE FROM checkpoints WHERE size = 5")
+    report = verify_db(log.location, log.signer.public_key)
+    assert (report.code, report.location) == (BAD_TREE, "merkle_nodes"), report
+    assert "checkpoint of size 3" in report.problem
+
+
+def test_a_malformed_archive_row_is_named(log: Log) -> None:
+    archive(log, days=5, now_days=10)
+    with attacker(log.location) as conn:
+        if isinstance(log.location, Path):  # SQLite keeps any bytes as text
+            conn.execute("UPDATE audit_archives SET file_name = CAST(? AS TEXT)", (b"\xff",))
+            column = "file_name"
+        else:
+            conn.execute("UPDATE audit_archives SET last_entry_hash = 'not a hash'")
+            column = "last_entry_hash"
+    expected = (MALFORMED, f"audit_archives[last_seq=5].{column}")
+    report = verify_db(log.location, log.signer.public_key)
+    assert (report.code, report.location) == expected, report
+    report = verify_with_archives(log.location, log.signer.public_key, log.archive)
+    assert (report.code, report.location) == expected, report
 
 
 def test_nothing_old_enough_archives_nothing(log: Log) -> None:

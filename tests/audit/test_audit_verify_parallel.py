@@ -35,6 +35,7 @@ from certbroker.audit.verify.report import (
     REORDERED,
     REWRITTEN,
     TRUNCATED,
+    UNVERIFIED_CHECKPOINTS,
     WRONG_KEY,
     IntegrityReport,
     check_entries,
@@ -85,7 +86,9 @@ def sequential(path: Path, key: Ed25519PrivateKey = KEY) -> IntegrityReport:
     """The reference: the sequential walk verify_export did before the parallel path."""
     with path.open("rb") as f:
         head = _header(f.readline())
-        heads, bad = open_checkpoints([str(n) for n in head["checkpoints"]], key.public_key())
+        heads, bad = open_checkpoints(
+            head["checkpoints"], key.public_key(), "header checkpoints[{}]"
+        )
         if bad is not None:
             return bad
         try:
@@ -98,7 +101,7 @@ def sequential(path: Path, key: Ed25519PrivateKey = KEY) -> IntegrityReport:
                 expected_last=head["to"],
             )
         except _Malformed as exc:
-            return IntegrityReport(MALFORMED, 0, None, str(exc))
+            return exc.at(head["from"])
 
 
 def force_parallel(monkeypatch: pytest.MonkeyPatch, *, steal: bool = False) -> None:
@@ -338,6 +341,35 @@ def test_entries_after_the_header_s_last_are_inserted(in_process: None, tmp_path
     path.write_bytes(b"".join([json.dumps(header).encode() + b"\n", *lines[1:]]))
     report = check_same(path)
     assert (report.code, report.first_bad) == (INSERTED, N - 4), report
+
+
+def without_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_BYTES", 1 << 40)
+
+
+@pytest.mark.parametrize("mode", ["no-key", "chain-only"])
+def test_no_key_and_chain_only_give_the_sequential_report(
+    forced: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    lines = build()
+    intact = tmp_path / "intact.jsonl"
+    intact.write_bytes(b"".join(lines))
+    paths = [intact] + [
+        tampered(tmp_path, case, at, lines)
+        for case in ("edited", "forged", "rewritten", "truncated", "malformed")
+        for at in (1, 63, N - 3)
+    ]
+    got = [verify_export(p, None, chain_only=mode == "chain-only") for p in paths]
+    without_processes(monkeypatch)
+    assert got == [verify_export(p, None, chain_only=mode == "chain-only") for p in paths]
+    if mode == "no-key":  # the rewrite is not shown tampered, only not intact
+        assert {r.code for r in got[:1] + got[7:10]} == {UNVERIFIED_CHECKPOINTS}
+        assert "DISAGREE" in got[8].problem
+    else:
+        assert (got[0].ok, got[0].chain_only) == (True, True)
+        assert {r.code for r in got[7:10]} == {OK}
+    assert [r.code for r in got[1:7]] == [EDITED] * 3 + [INSERTED] * 3
+    assert [r.code for r in got[10:]] == [TRUNCATED] * 3 + [MALFORMED] * 3
 
 
 def test_a_segment_export_and_its_tampering(in_process: None, tmp_path: Path) -> None:

@@ -6,15 +6,20 @@
   codes).
 - :mod:`~certbroker.audit.verify.parallel` and :mod:`~certbroker.audit.verify.worker`: the same
   verdicts for a large export, on several cores.
+- :mod:`~certbroker.audit.verify.live`: :func:`verify_db`, the live database: the walk, and
+  every stored table (checkpoint rows, Merkle nodes and state, indexed columns) against the
+  entries and the signed notes, every row read strictly.
 
-Exports and the live database are verified through :mod:`certbroker.audit.export`, which sits
-on top of this package.
+Exports are verified through :mod:`certbroker.audit.export`, which sits on top of this package
+(and re-exports :func:`verify_db`).
 """
 
 from certbroker.audit.verify.chain import VerifyReport, verify
+from certbroker.audit.verify.live import verify_db
 from certbroker.audit.verify.parallel import check_export
 from certbroker.audit.verify.report import (
     BAD_CHECKPOINT,
+    BAD_TREE,
     DELETED,
     EDITED,
     EXIT_CODES_HELP,
@@ -25,13 +30,16 @@ from certbroker.audit.verify.report import (
     REORDERED,
     REWRITTEN,
     TRUNCATED,
+    UNVERIFIED_CHECKPOINTS,
     WRONG_KEY,
     IntegrityReport,
+    Malformed,
     check_entries,
 )
 
 __all__ = [
     "BAD_CHECKPOINT",
+    "BAD_TREE",
     "DELETED",
     "EDITED",
     "EXIT_CODES_HELP",
@@ -42,10 +50,13 @@ __all__ = [
     "REORDERED",
     "REWRITTEN",
     "TRUNCATED",
+    "UNVERIFIED_CHECKPOINTS",
     "WRONG_KEY",
     "IntegrityReport",
+    "Malformed",
     "VerifyReport",
     "check_entries",
     "check_export",
     "verify",
+    "verify_db",
 ]

@@ -1,0 +1,523 @@
+"""Verify the live database: the entries, and every stored table that proofs, exports and
+receipts are served from.
+
+The entries are walked by the one checker of :mod:`certbroker.audit.verify.report`. The rest
+of the store is not trusted because the entries are fine: the broker answers inclusion and
+consistency proofs from ``merkle_nodes``, exports pick checkpoints by the ``checkpoints.size``
+column, the writer continues the tree from ``merkle_state``. So each of them is checked against
+what it is derived from:
+
+``checkpoints``
+    each note opened (with the public key: its signature too), and the row's ``size``,
+    ``root_hash`` and ``time`` columns equal to what the note says (BAD_CHECKPOINT otherwise);
+    each signed root equal to the entries' (REWRITTEN) or, for archived sizes, to the stored
+    tree's (BAD_TREE).
+``audit_log``
+    beyond the chain: the ``prev_hash`` column, the indexed columns and the sequence inside
+    the body agree with the hashed body (EDITED).
+``merkle_nodes``
+    every leaf equal to its entry's leaf hash (archived leaves excepted: their entries are in
+    the archive files), every inner node the hash of the two below it, no node missing and
+    none beyond the tree (BAD_TREE).
+``merkle_state`` (SQLite)
+    the size and frontier of that tree (BAD_TREE).
+``audit_archives``
+    readable, as the live rows chain on from its last hash.
+
+Rows are read strictly: a value that is not of its column's kind (text that is not UTF-8, a
+hash that is not 32 bytes, a size that is not a non-negative integer...) is MALFORMED, with its
+location, never a crash.
+
+Without a public key, everything but the signatures is checked; if there are checkpoints, the
+report is UNVERIFIED_CHECKPOINTS rather than intact (the notes, unverified, are still compared
+with the entries, to say whether they agree). ``chain_only`` skips the checkpoints on purpose
+and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
+from typing import Final
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from certbroker.audit.events import GENESIS_HASH, iso_time
+from certbroker.audit.integrity.checkpoint import Checkpoint
+from certbroker.audit.integrity.merkle import HASH_SIZE, CompactRange, leaf_hash, node_hash
+from certbroker.audit.integrity.tree import frontier_positions
+from certbroker.audit.store.base import Connection, UndecodableText
+from certbroker.audit.store.db import backend_for
+from certbroker.audit.store.rows import INDEXED_COLUMNS
+from certbroker.audit.verify.report import (
+    BAD_CHECKPOINT,
+    BAD_TREE,
+    EDITED,
+    MALFORMED,
+    OK,
+    UNVERIFIED_CHECKPOINTS,
+    Entry,
+    IntegrityReport,
+    Malformed,
+    check_entries,
+    open_note,
+)
+from certbroker.config import AuditLocation
+from certbroker.errors import BrokerError
+
+_HEX64: Final = re.compile(r"[0-9a-f]{64}")
+
+
+def verify_db(
+    db: AuditLocation, public_key: Ed25519PublicKey | None, *, chain_only: bool = False
+) -> IntegrityReport:
+    """Verify the live database at ``db`` (see the module docstring); opens it read-only, in
+    one snapshot.
+
+    ``public_key`` None: the checkpoints are read but their signatures cannot be checked
+    (UNVERIFIED_CHECKPOINTS if there are any). ``chain_only``: the checkpoints are not looked
+    at (the key is then ignored), and the report says so.
+
+    After archival the live rows start past the watermark and chain from the last archived
+    hash; the archive files themselves are checked by
+    :func:`certbroker.audit.archive.verify_with_archives`. ``FileNotFoundError`` if there is no
+    log, ``Unavailable`` if PostgreSQL cannot be reached.
+    """
+    backend = backend_for(db)
+    with closing(backend.connect_read()) as conn:
+        try:
+            backend.snapshot(conn)
+            backend.keep_undecodable_text(conn)
+            return _verify(conn, None if chain_only else public_key, chain_only=chain_only)
+        except Malformed as exc:
+            return exc.report()
+        except (FileNotFoundError, BrokerError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a row no check above foresaw: still no crash
+            msg = f"the store could not be read: {type(exc).__name__}: {exc}"
+            return IntegrityReport(MALFORMED, 0, None, msg)
+
+
+def _verify(
+    conn: Connection, public_key: Ed25519PublicKey | None, *, chain_only: bool
+) -> IntegrityReport:
+    archived, archived_hash = _archived_head(conn)
+    heads: list[Checkpoint] = []
+    stored_checkpoints = 0
+    if chain_only:
+        (stored_checkpoints,) = conn.execute("SELECT count(*) FROM checkpoints").fetchone()
+    else:
+        opened = _checkpoints(conn, public_key)
+        if isinstance(opened, IntegrityReport):
+            return opened
+        heads = opened
+    signed = heads if public_key is not None else []
+    start = _nodes_at(conn, frontier_positions(archived), "the archived entries' frontier")
+    if isinstance(start, IntegrityReport):
+        return start
+    rows = _LiveRows(conn, archived, archived_hash)
+    report = check_entries(
+        rows,
+        [h for h in signed if h.size >= archived],  # smaller ones: against the stored tree
+        start=archived + 1,
+        prev_hash=archived_hash.encode("ascii"),
+        frontier=start,
+    )
+    if not report.ok:
+        return report
+    if rows.problem is not None:
+        return _with(rows.problem, report)
+    size = archived + report.entries
+    roots: dict[int, bytes] = {h.size: b"" for h in heads}  # filled by the tree check
+    frontier = _check_tree(conn, archived, size, roots)
+    if isinstance(frontier, IntegrityReport):
+        return _with(frontier, report)
+    bad = _check_state(conn, size, frontier)
+    if bad is not None:
+        return _with(bad, report)
+    for head in signed:
+        if head.size < archived and roots[head.size] != head.root_hash:
+            msg = (
+                f"the stored Merkle nodes of the archived entries disagree with the signed "
+                f"checkpoint of size {head.size}"
+            )
+            return _with(IntegrityReport(BAD_TREE, 0, None, msg, location="merkle_nodes"), report)
+    notes = list(report.notes)
+    if archived:
+        notes.append(f"entries 1..{archived} are archived; verify them with --with-archives")
+    if chain_only:
+        msg = (
+            f"checkpoints NOT checked (--chain-only): {stored_checkpoints} stored; a consistent "
+            "rewrite of the log would pass this check"
+        )
+        notes = [msg, *(n for n in notes if "covered by a checkpoint" not in n)]
+        return IntegrityReport(OK, report.entries, None, "", 0, notes, chain_only=True)
+    if public_key is None and heads:
+        return _unverified(heads, roots, report.entries)
+    if public_key is None:
+        notes.append("no checkpoint public key given, and no checkpoint is stored")
+    return IntegrityReport(OK, report.entries, None, "", report.checkpoints, notes)
+
+
+def _with(problem: IntegrityReport, walk: IntegrityReport) -> IntegrityReport:
+    """A problem found after the walk, with the walk's entry and checkpoint counts."""
+    return IntegrityReport(
+        problem.code,
+        walk.entries,
+        problem.first_bad,
+        problem.problem,
+        walk.checkpoints,
+        location=problem.location,
+    )
+
+
+def _unverified(
+    heads: Sequence[Checkpoint], roots: dict[int, bytes], entries: int
+) -> IntegrityReport:
+    """Every check but the signatures passed, and there are checkpoints: not intact, but say
+    whether their (unverified) notes agree with the entries (``roots``: the tree's root at
+    each of their sizes, absent beyond the tree)."""
+    disagree = [h.size for h in heads if roots.get(h.size) != h.root_hash]
+    msg = f"{len(heads)} stored checkpoint(s), and no public key to check their signatures"
+    if disagree:
+        msg += (
+            f"; the notes (unverified) DISAGREE with the entries at size(s) "
+            f"{', '.join(map(str, disagree))}: the log or the checkpoints were altered"
+        )
+    else:
+        msg += "; their notes (unverified) agree with the entries"
+    msg += " (give --public-key, or --chain-only to check the chain alone)"
+    return IntegrityReport(UNVERIFIED_CHECKPOINTS, entries, None, msg, 0, location="checkpoints")
+
+
+# --- reading values strictly --------------------------------------------------------------
+
+
+def _kind(value: object) -> str:
+    """What a stored value is, for a message."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, UndecodableText):
+        return f"text that is not UTF-8 ({value.raw[:16]!r})"
+    if isinstance(value, bytes | memoryview):
+        return f"a blob of {len(value)} bytes"
+    if isinstance(value, str):
+        return f"the text {value[:40]!r}"
+    return f"{type(value).__name__} {value!r}"[:60]
+
+
+def _text(value: object, where: str, first_bad: int | None = None) -> str:
+    if isinstance(value, str):
+        return value
+    raise Malformed(where, f"{_kind(value)} where text is stored", first_bad)
+
+
+def _integer(value: object, where: str, first_bad: int | None = None, minimum: int = 0) -> int:
+    if type(value) is int and value >= minimum:
+        return value
+    raise Malformed(where, f"{_kind(value)} where an integer >= {minimum} is stored", first_bad)
+
+
+def _hash(value: object, where: str, first_bad: int | None = None) -> bytes:
+    if isinstance(value, bytes | memoryview) and len(value) == HASH_SIZE:
+        return bytes(value)
+    raise Malformed(where, f"{_kind(value)} where a {HASH_SIZE}-byte hash is stored", first_bad)
+
+
+def _key(value: object) -> str:
+    """A row key for a location: as stored, whatever it is."""
+    return str(value) if type(value) is int else repr(value)
+
+
+# --- the tables ---------------------------------------------------------------------------
+
+
+ArchiveRow = tuple[int, int, str, str, str, str]
+"""An ``audit_archives`` row: first_seq, last_seq, last_entry_hash, file_name, file_sha256,
+time (the order of :class:`certbroker.audit.archive.ArchiveRecord`)."""
+
+
+def archive_rows(conn: Connection) -> list[ArchiveRow]:
+    """Every ``audit_archives`` row, oldest first, read strictly (:class:`Malformed` names a
+    bad value; call :meth:`~certbroker.audit.store.base.Backend.keep_undecodable_text` on
+    ``conn`` first). [] when the table is not there (an SQLite file from before archival)."""
+    if not conn.backend.has_table(conn, "audit_archives"):
+        return []
+    rows: list[ArchiveRow] = []
+    sql = (
+        "SELECT last_seq, first_seq, last_entry_hash, file_name, file_sha256, time "
+        "FROM audit_archives ORDER BY last_seq"
+    )
+    for last, first, last_hash, name, digest, when in conn.execute(sql).fetchall():
+        where = f"audit_archives[last_seq={_key(last)}]."
+        last_seq = _integer(last, where + "last_seq", minimum=1)
+        first_seq = _integer(first, where + "first_seq", minimum=1)
+        entry_hash = _text(last_hash, where + "last_entry_hash", last_seq)
+        if not _HEX64.fullmatch(entry_hash):  # the next entry chains from it
+            raise Malformed(where + "last_entry_hash", "not 64 lowercase hex digits", last_seq)
+        file_name = _text(name, where + "file_name")
+        file_sha256 = _text(digest, where + "file_sha256")
+        written = _text(when, where + "time")
+        rows.append((first_seq, last_seq, entry_hash, file_name, file_sha256, written))
+    return rows
+
+
+def _archived_head(conn: Connection) -> tuple[int, str]:
+    """(last archived sequence, its entry hash), where the live rows continue the chain;
+    (0, genesis) when nothing was archived."""
+    rows = archive_rows(conn)
+    return (rows[-1][1], rows[-1][2]) if rows else (0, GENESIS_HASH)
+
+
+def _checkpoints(
+    conn: Connection, public_key: Ed25519PublicKey | None
+) -> list[Checkpoint] | IntegrityReport:
+    """Every ``checkpoints`` row: its note opened (verified if there is a key) and its columns
+    equal to what the note says. The first problem as a report."""
+    heads = []
+    sql = "SELECT id, size, root_hash, time, note FROM checkpoints ORDER BY id"
+    for row_id, size, root_hash, when, note in conn.backend.stream(conn, sql):
+        where = f"checkpoints[id={_key(row_id)}]."
+        columns = (
+            _integer(size, where + "size"),
+            _hash(root_hash, where + "root_hash"),
+            _text(when, where + "time"),
+        )
+        head = open_note(_text(note, where + "note"), public_key, where + "note")
+        if isinstance(head, IntegrityReport):
+            return head
+        said = (head.size, head.root_hash, iso_time(head.time))
+        for column, stored, expected in zip(
+            ("size", "root_hash", "time"), columns, said, strict=True
+        ):
+            if stored != expected:
+                note_kind = "signed note" if public_key is not None else "note (unverified)"
+                msg = (
+                    f"{where}{column}: the row says {_shown(stored)} but its {note_kind} says "
+                    f"{_shown(expected)} (the row was altered)"
+                )
+                return IntegrityReport(BAD_CHECKPOINT, 0, None, msg, location=where + column)
+        heads.append(head)
+    return heads
+
+
+def _shown(value: object) -> str:
+    return value.hex() if isinstance(value, bytes) else repr(value)
+
+
+class _LiveRows:
+    """The live ``audit_log`` rows as the walk's entries, read strictly.
+
+    What the walk does not look at is compared on the way, and the first difference kept in
+    :attr:`problem` (EDITED): the ``prev_hash`` column, the sequence inside the body and the
+    indexed columns, all of which queries and reports read instead of the hashed body. It only
+    counts if the walk finds nothing earlier.
+    """
+
+    def __init__(self, conn: Connection, after: int, prev_hash: str) -> None:
+        self._conn = conn
+        self._after = after
+        self._prev = prev_hash
+        self.problem: IntegrityReport | None = None
+
+    def __iter__(self) -> Iterator[Entry]:
+        conn = self._conn
+        columns = ("seq", "body", "prev_hash", "entry_hash", *INDEXED_COLUMNS)
+        sql = f"SELECT {', '.join(columns)} FROM audit_log WHERE seq > ? ORDER BY seq"  # noqa: S608
+        prev = self._prev
+        for values in conn.backend.stream(conn, sql, (self._after,)):
+            seq = _integer(values[0], f"audit_log[seq={_key(values[0])}].seq")
+            where = f"audit_log[seq={seq}]."
+            text = [
+                _text(v, where + name, seq) for name, v in zip(columns[1:], values[1:], strict=True)
+            ]
+            body, prev_column, entry_hash = text[:3]
+            if self.problem is None:
+                self._compare(
+                    seq, prev, body, prev_column, dict(zip(INDEXED_COLUMNS, text[3:], strict=True))
+                )
+            prev = entry_hash
+            # UTF-8, not ASCII: a stored hash with other characters is a mismatch, not a crash.
+            yield seq, body.encode("utf-8"), entry_hash.encode("utf-8")
+
+    def _compare(
+        self, seq: int, prev: str, body: str, prev_column: str, indexed: dict[str, str]
+    ) -> None:
+        where = f"audit_log[seq={seq}]."
+        column, why = "", ""
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            column, why = "body", "body is not a JSON object"
+        elif prev_column != prev:
+            column, why = "prev_hash", "prev_hash does not match the previous entry's hash"
+        elif type(data.get("seq")) is not int or data["seq"] != seq:
+            column, why = "body", f"body carries sequence {data.get('seq')!r}"
+        else:
+            for name, value in indexed.items():
+                if data.get(name) != value:
+                    column, why = name, f"column {name} differs from the hashed body"
+                    break
+        if why:
+            msg = f"entry {seq}: {why} (entry edited)"
+            self.problem = IntegrityReport(EDITED, 0, seq, msg, location=where + column)
+
+
+def _level(conn: Connection, level: int) -> Iterator[tuple[int, bytes]]:
+    """The stored nodes of one level, in index order, read strictly."""
+    sql = "SELECT idx, hash FROM merkle_nodes WHERE level = ? ORDER BY idx"
+    for idx, digest in conn.backend.stream(conn, sql, (level,)):
+        where = f"merkle_nodes[level={level},idx={_key(idx)}]."
+        index = _integer(idx, where + "idx", minimum=-(2**63))
+        yield index, _hash(digest, where + "hash", _first_leaf(level, index))
+
+
+def _first_leaf(level: int, index: int) -> int | None:
+    """The first entry under node (level, index), or None if there is none."""
+    return (index << level) + 1 if index >= 0 else None
+
+
+def _leaves(conn: Connection, archived: int) -> Iterator[bytes | None]:
+    """The leaf hash level 0 must hold, per leaf: None for the archived ones (not here)."""
+    for _ in range(archived):
+        yield None
+    sql = "SELECT body FROM audit_log WHERE seq > ? ORDER BY seq"
+    for (body,) in conn.backend.stream(conn, sql, (archived,)):
+        yield leaf_hash(_text(body, "audit_log.body").encode("utf-8"))
+
+
+def _parents(below: Iterator[tuple[int, bytes]]) -> Iterator[bytes | None]:
+    """The nodes one level up from ``below`` (checked already, so in order and complete).
+
+    Pairs of the same iterator; an odd last node has no parent yet (it is in the frontier)."""
+    for (_, left), (_, right) in zip(below, below, strict=False):
+        yield node_hash(left, right)
+
+
+def _check_tree(
+    conn: Connection, archived: int, size: int, roots: dict[int, bytes]
+) -> IntegrityReport | tuple[bytes, ...]:
+    """Every stored node against what it must be: level 0 against the entries (the first
+    ``archived`` leaves only read: their entries are in the archive files), each level above
+    against the one below; a node missing, or beyond a tree of ``size`` leaves, is BAD_TREE.
+    Returns the checked tree's frontier.
+
+    On the way, the root at each size in ``roots`` that the tree reaches is filled in (and
+    the others removed), and ``roots[size]`` set: the leaves are streamed once anyway, where
+    asking the stored nodes would take O(log n) lookups per checkpoint."""
+    tree = CompactRange()
+    wanted = set(roots)
+    roots.clear()
+
+    def on_leaf(digest: bytes) -> None:
+        tree.append(digest)
+        if tree.size in wanted:
+            roots[tree.size] = tree.root()
+
+    if 0 in wanted:
+        roots[0] = tree.root()
+    levels = size.bit_length()
+    for level in range(levels):
+        expected = _leaves(conn, archived) if level == 0 else _parents(_level(conn, level - 1))
+        checked = on_leaf if level == 0 else None
+        bad = _compare_level(level, _level(conn, level), expected, size >> level, checked)
+        if bad is not None:
+            return bad
+    sql = (
+        "SELECT level, idx FROM merkle_nodes WHERE level < 0 OR level >= ? "
+        "ORDER BY level, idx LIMIT 1"
+    )
+    extra = conn.execute(sql, (levels,)).fetchone()
+    if extra is not None:
+        where = f"merkle_nodes[level={_key(extra[0])},idx={_key(extra[1])}]"
+        _integer(extra[0], where + ".level", minimum=-(2**63))
+        msg = f"{where}: a node beyond the tree of the {size} entries"
+        return IntegrityReport(BAD_TREE, 0, None, msg, location=where)
+    roots[size] = tree.root()
+    return tree.frontier
+
+
+def _compare_level(
+    level: int,
+    stored: Iterator[tuple[int, bytes]],
+    expected: Iterator[bytes | None],
+    count: int,
+    checked: Callable[[bytes], None] | None,
+) -> IntegrityReport | None:
+    """The ``count`` stored nodes of ``level`` against ``expected`` (None: cannot be known,
+    only read); ``checked`` is given each node that passed, in order."""
+    for index in range(count):
+        want = next(expected)
+        got = next(stored, None)
+        where = f"merkle_nodes[level={level},idx={index}]"
+        if got is None or got[0] > index:
+            msg = f"{where}: missing"
+            return IntegrityReport(BAD_TREE, 0, _first_leaf(level, index), msg, location=where)
+        if got[0] < index:  # a negative index, before the first node
+            where = f"merkle_nodes[level={level},idx={got[0]}]"
+            msg = f"{where}: a node outside the tree"
+            return IntegrityReport(BAD_TREE, 0, None, msg, location=where)
+        if want is not None and got[1] != want:
+            first = _first_leaf(level, index)
+            what = f"entry {first}'s leaf hash" if level == 0 else "the hash of the two below it"
+            msg = f"{where}.hash differs from {what} (proofs served from it are wrong)"
+            return IntegrityReport(BAD_TREE, 0, first, msg, location=f"{where}.hash")
+        if checked is not None:
+            checked(got[1])
+    extra = next(stored, None)
+    if extra is not None:
+        where = f"merkle_nodes[level={level},idx={extra[0]}]"
+        msg = f"{where}: a node beyond the tree of the {count << level} entries"
+        return IntegrityReport(BAD_TREE, 0, None, msg, location=where)
+    return None
+
+
+def _check_state(conn: Connection, size: int, frontier: Sequence[bytes]) -> IntegrityReport | None:
+    """``merkle_state``, where the backend keeps it (SQLite): the writer continues the tree
+    from its size and frontier, so they must be those of the checked tree (``size`` leaves,
+    ``frontier``)."""
+    if not conn.backend.has_table(conn, "merkle_state"):
+        return None
+    rows = conn.execute("SELECT id, size, frontier FROM merkle_state ORDER BY id").fetchall()
+    if not rows:
+        if size == 0:
+            return None
+        msg = f"merkle_state: no row, though the tree has {size} leaves"
+        return IntegrityReport(BAD_TREE, 0, None, msg, location="merkle_state")
+    for row_id, size_column, cached in rows:
+        where = f"merkle_state[id={_key(row_id)}]."
+        if row_id != 1:
+            msg = f"{where[:-1]}: a row other than the one (id 1) the writer keeps"
+            return IntegrityReport(BAD_TREE, 0, None, msg, location=where[:-1])
+        stored_size = _integer(size_column, where + "size")
+        if not isinstance(cached, bytes | memoryview) or len(cached) % HASH_SIZE:
+            raise Malformed(where + "frontier", f"{_kind(cached)}, not {HASH_SIZE}-byte hashes")
+        if stored_size != size:
+            msg = f"{where}size: {stored_size}, but the tree has {size} leaves"
+            return IntegrityReport(BAD_TREE, 0, None, msg, location=where + "size")
+        if bytes(cached) != b"".join(frontier):
+            msg = f"{where}frontier is not the frontier of the stored tree (appends would fork)"
+            return IntegrityReport(BAD_TREE, 0, None, msg, location=where + "frontier")
+    return None
+
+
+def _nodes_at(
+    conn: Connection, positions: Sequence[tuple[int, int]], what: str
+) -> list[bytes] | IntegrityReport:
+    """The stored nodes at ``positions`` (level, index), read strictly; BAD_TREE if one is
+    missing."""
+    hashes = []
+    for level, index in positions:
+        where = f"merkle_nodes[level={level},idx={index}]"
+        row = conn.execute(
+            "SELECT hash FROM merkle_nodes WHERE level = ? AND idx = ?", (level, index)
+        ).fetchone()
+        if row is None:
+            msg = f"{where}: missing ({what} needs it)"
+            return IntegrityReport(BAD_TREE, 0, _first_leaf(level, index), msg, location=where)
+        hashes.append(_hash(row[0], where + ".hash", _first_leaf(level, index)))
+    return hashes

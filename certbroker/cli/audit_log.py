@@ -27,7 +27,11 @@ from certbroker.audit.integrity import checkpoint
 from certbroker.audit.integrity import proofs as audit_proofs
 from certbroker.audit.store.db import backend_for
 from certbroker.audit.store.postgres import grant_statements
-from certbroker.audit.verify.report import EXIT_CODES_HELP, IntegrityReport
+from certbroker.audit.verify.report import (
+    EXIT_CODES_HELP,
+    UNVERIFIED_CHECKPOINTS,
+    IntegrityReport,
+)
 from certbroker.config import AuditLocation, PostgresLocation
 from certbroker.errors import BrokerError
 
@@ -119,8 +123,10 @@ def _print(report: IntegrityReport, what: str, as_json: bool = False) -> int:
                     "problem_name": report.name,
                     "entries": report.entries,
                     "first_bad": report.first_bad,
+                    "location": report.location or None,
                     "problem": report.problem,
                     "checkpoints": report.checkpoints,
+                    "chain_only": report.chain_only,
                     "notes": report.notes,
                     "verified": what,
                 },
@@ -130,6 +136,12 @@ def _print(report: IntegrityReport, what: str, as_json: bool = False) -> int:
         return report.code
     for note in report.notes:
         print(f"note: {note}")
+    if report.ok and report.chain_only:
+        print(
+            f"ok (chain only): {report.entries} entries, hash chain and Merkle tree intact; "
+            f"signed checkpoints NOT checked ({what})"
+        )
+        return 0
     if report.ok:
         print(
             f"ok: {report.entries} entries, hash chain intact, "
@@ -137,7 +149,10 @@ def _print(report: IntegrityReport, what: str, as_json: bool = False) -> int:
         )
         return 0
     where = "" if report.first_bad is None else f" first bad entry at index {report.first_bad}:"
-    print(f"TAMPERED ({report.name}):{where} {report.problem}")
+    at = f" [{report.location}]" if report.location not in report.problem else ""
+    # Without the key nothing is shown to be tampered with; it is just not shown intact.
+    verdict = "NOT VERIFIED" if report.code == UNVERIFIED_CHECKPOINTS else "TAMPERED"
+    print(f"{verdict} ({report.name}):{where} {report.problem}{at}")
     return report.code
 
 
@@ -153,25 +168,32 @@ def _public_key(args: argparse.Namespace, found: Target | None) -> Ed25519Public
 
 
 def integrity_verify(args: argparse.Namespace) -> int:
-    """Verify an export (offline), the live database, or the live database and its archives."""
+    """Verify an export (offline), the live database, or the live database and its archives.
+
+    Without a public key (none given, none at the default place) checkpoints cannot be checked:
+    exit 18 if there are any, unless ``--chain-only`` asks for the chain alone."""
+    if args.chain_only and (args.public_key is not None or args.with_archives is not None):
+        print(
+            "error: --chain-only checks no checkpoint: drop --public-key / --with-archives",
+            file=sys.stderr,
+        )
+        return 2
     found = None
     if args.export is None:  # the live log (an export is verified offline, on its own)
         found = _existing(args)
         if found is None:
             return 2
     try:
-        key = _public_key(args, found)
+        key = None if args.chain_only else _public_key(args, found)
     except (OSError, ValueError) as exc:
         print(f"error: --public-key: {exc}", file=sys.stderr)
         return 2
     if args.export is not None:
-        if key is None:
-            print("error: --export needs --public-key", file=sys.stderr)
-            return 2
         if not args.export.exists():
             print(f"error: no export at {args.export}", file=sys.stderr)
             return 2
-        return _print(verify_export(args.export, key), f"export {args.export}", args.json)
+        report = verify_export(args.export, key, chain_only=args.chain_only)
+        return _print(report, f"export {args.export}", args.json)
     assert found is not None
     what = backend_for(found.location).display
     try:
@@ -182,7 +204,8 @@ def integrity_verify(args: argparse.Namespace) -> int:
             directory = args.with_archives or found.archive_dir
             report = audit_archive.verify_with_archives(found.location, key, directory)
             return _print(report, f"{what} and the archives in {directory}", args.json)
-        return _print(verify_db(found.location, key), what, args.json)
+        report = verify_db(found.location, key, chain_only=args.chain_only)
+        return _print(report, what, args.json)
     except BrokerError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
@@ -301,6 +324,13 @@ def add_integrity_parsers(
         "--public-key",
         type=Path,
         help="checkpoint public key PEM (default <state-dir>/checkpoint-key/public-key.pem)",
+    )
+    s.add_argument(
+        "--chain-only",
+        action="store_true",
+        help="check the entries, hash chain and Merkle tree but NOT the signed checkpoints "
+        "(exit 0 then does not mean a rewrite would have been caught); without it, a log with "
+        "checkpoints and no public key exits 18",
     )
     s.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
     s.set_defaults(func=integrity_verify)

@@ -324,26 +324,21 @@ class _LiveRows:
 
     def __iter__(self) -> Iterator[Entry]:
         conn = self._conn
-        columns = ("seq", "body", "prev_hash", "entry_hash", *INDEXED_COLUMNS)
-        sql = f"SELECT {', '.join(columns)} FROM audit_log WHERE seq > ? ORDER BY seq"  # noqa: S608
+        sql = f"SELECT {', '.join(_ROW_COLUMNS)} FROM audit_log WHERE seq > ? ORDER BY seq"  # noqa: S608
         prev = self._prev
         for values in conn.backend.stream(conn, sql, (self._after,)):
-            seq = _integer(values[0], f"audit_log[seq={_key(values[0])}].seq")
-            where = f"audit_log[seq={seq}]."
-            text = [
-                _text(v, where + name, seq) for name, v in zip(columns[1:], values[1:], strict=True)
-            ]
-            body, prev_column, entry_hash = text[:3]
+            seq, body, prev_column, entry_hash, *indexed = values
+            # The common case tested in one go; _refuse names the bad value (it raises).
+            if type(seq) is not int or any(type(v) is not str for v in values[1:]):
+                _refuse(values)
             if self.problem is None:
-                self._compare(
-                    seq, prev, body, prev_column, dict(zip(INDEXED_COLUMNS, text[3:], strict=True))
-                )
+                self._compare(seq, prev, body, prev_column, indexed)
             prev = entry_hash
             # UTF-8, not ASCII: a stored hash with other characters is a mismatch, not a crash.
             yield seq, body.encode("utf-8"), entry_hash.encode("utf-8")
 
     def _compare(
-        self, seq: int, prev: str, body: str, prev_column: str, indexed: dict[str, str]
+        self, seq: int, prev: str, body: str, prev_column: str, indexed: Sequence[str]
     ) -> None:
         where = f"audit_log[seq={seq}]."
         column, why = "", ""
@@ -358,7 +353,7 @@ class _LiveRows:
         elif type(data.get("seq")) is not int or data["seq"] != seq:
             column, why = "body", f"body carries sequence {data.get('seq')!r}"
         else:
-            for name, value in indexed.items():
+            for name, value in zip(INDEXED_COLUMNS, indexed, strict=True):
                 if data.get(name) != value:
                     column, why = name, f"column {name} differs from the hashed body"
                     break
@@ -367,10 +362,24 @@ class _LiveRows:
             self.problem = IntegrityReport(EDITED, 0, seq, msg, location=where + column)
 
 
+_ROW_COLUMNS: Final = ("seq", "body", "prev_hash", "entry_hash", *INDEXED_COLUMNS)
+
+
+def _refuse(values: Sequence[object]) -> None:
+    """Raise :class:`Malformed` for the first value of an ``audit_log`` row (in
+    :data:`_ROW_COLUMNS` order) that is not of its kind."""
+    seq = _integer(values[0], f"audit_log[seq={_key(values[0])}].seq")
+    for name, value in zip(_ROW_COLUMNS[1:], values[1:], strict=True):
+        _text(value, f"audit_log[seq={seq}].{name}", seq)
+
+
 def _level(conn: Connection, level: int) -> Iterator[tuple[int, bytes]]:
     """The stored nodes of one level, in index order, read strictly."""
     sql = "SELECT idx, hash FROM merkle_nodes WHERE level = ? ORDER BY idx"
     for idx, digest in conn.backend.stream(conn, sql, (level,)):
+        if type(idx) is int and type(digest) is bytes and len(digest) == HASH_SIZE:
+            yield idx, digest  # the common case; below, the location of a bad value
+            continue
         where = f"merkle_nodes[level={level},idx={_key(idx)}]."
         index = _integer(idx, where + "idx", minimum=-(2**63))
         yield index, _hash(digest, where + "hash", _first_leaf(level, index))
@@ -387,7 +396,7 @@ def _leaves(conn: Connection, archived: int) -> Iterator[bytes | None]:
         yield None
     sql = "SELECT body FROM audit_log WHERE seq > ? ORDER BY seq"
     for (body,) in conn.backend.stream(conn, sql, (archived,)):
-        yield leaf_hash(_text(body, "audit_log.body").encode("utf-8"))
+        yield leaf_hash(str(body).encode("utf-8"))  # text: the walk read it strictly
 
 
 def _parents(below: Iterator[tuple[int, bytes]]) -> Iterator[bytes | None]:

@@ -28,9 +28,11 @@ reason of the contract (:data:`certbroker.contract.reasons.ADAPTER_REASONS`), an
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
+from dataclasses import dataclass
 
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from certbroker import errors
@@ -122,27 +124,74 @@ def accept(
 def check_record(record: records_pb2.Record, record_type: str, limits: RecordLimits) -> None:
     """Raise :class:`BadReply` unless ``record`` (as the adapter sent it, unknown fields
     included) is within ``limits``: its size, every string value and every repeated field."""
-    if record.ByteSize() > limits.max_record_bytes:
+    size = record.ByteSize()
+    if size > limits.max_record_bytes:
         raise BadReply("RECORD_TOO_LARGE")
-    _check_message(getattr(record, record_type), limits, "")
+    # A string of N characters takes at least N bytes on the wire, an item of a repeated field
+    # at least one: a record smaller than a limit cannot break it. Typical records are a few
+    # hundred bytes, so usually only the repeated fields are counted (from the descriptors,
+    # without walking every value: a full walk cost tens of microseconds a record).
+    inner = getattr(record, record_type)
+    if size > limits.max_string_chars:
+        _check_all(inner, limits, "")
+    elif size > limits.max_repeated:
+        _check_counts(inner, _shape(inner.DESCRIPTOR), limits.max_repeated, "")
 
 
-def _check_message(message: Message, limits: RecordLimits, prefix: str) -> None:
-    # The contract's messages nest two levels at most; unknown fields are not listed here.
+@dataclass(frozen=True)
+class _Shape:
+    """Where a message type's repeated fields are: its own, and its nested messages' ones."""
+
+    repeated: tuple[tuple[str, _Shape | None], ...]  # (name, the items' shape if messages)
+    nested: tuple[tuple[str, _Shape], ...]  # singular message fields holding repeated fields
+
+    def __bool__(self) -> bool:
+        return bool(self.repeated or self.nested)
+
+
+@functools.cache
+def _shape(desc: Descriptor) -> _Shape:
+    repeated: list[tuple[str, _Shape | None]] = []
+    nested: list[tuple[str, _Shape]] = []
+    for field in desc.fields:
+        sub = _shape(field.message_type) if field.message_type is not None else None
+        if field.is_repeated:
+            repeated.append((field.name, sub or None))
+        elif sub:
+            nested.append((field.name, sub))
+    return _Shape(tuple(repeated), tuple(nested))
+
+
+def _check_counts(message: Message, shape: _Shape, most: int, prefix: str) -> None:
+    for name, items in shape.repeated:
+        values = getattr(message, name)
+        if len(values) > most:
+            raise BadReply("TOO_MANY_ITEMS", prefix + name)
+        if items is not None:
+            for item in values:
+                _check_counts(item, items, most, f"{prefix}{name}.")
+    for name, sub in shape.nested:
+        if message.HasField(name):
+            _check_counts(getattr(message, name), sub, most, f"{prefix}{name}.")
+
+
+def _check_all(message: Message, limits: RecordLimits, prefix: str) -> None:
+    # Every value that is set (unknown fields are not listed here).
+    most = limits.max_string_chars
     for field, value in message.ListFields():
-        path = prefix + field.name
+        kind = field.type
         if field.is_repeated:
             if len(value) > limits.max_repeated:
-                raise BadReply("TOO_MANY_ITEMS", path)
-            items = value
-        else:
-            items = (value,)
-        if field.type in _STRINGS:
-            if any(len(item) > limits.max_string_chars for item in items):
-                raise BadReply("STRING_TOO_LONG", path)
-        elif field.type == FieldDescriptor.TYPE_MESSAGE:
-            for item in items:
-                _check_message(item, limits, path + ".")
+                raise BadReply("TOO_MANY_ITEMS", prefix + field.name)
+            if kind == FieldDescriptor.TYPE_MESSAGE:
+                for item in value:
+                    _check_all(item, limits, f"{prefix}{field.name}.")
+            elif kind in _STRINGS and max(map(len, value), default=0) > most:
+                raise BadReply("STRING_TOO_LONG", prefix + field.name)
+        elif kind == FieldDescriptor.TYPE_MESSAGE:
+            _check_all(value, limits, f"{prefix}{field.name}.")
+        elif kind in _STRINGS and len(value) > most:
+            raise BadReply("STRING_TOO_LONG", prefix + field.name)
 
 
 def forwarded_reason(reason: str) -> str | None:

@@ -44,6 +44,7 @@ from certbroker.metrics import Metrics
 from certbroker.routing.breaker import BreakerBoard
 from certbroker.routing.channels import channel_credentials
 from certbroker.routing.decision_token import DecisionSigner
+from certbroker.routing.registry.endpoints import EndpointGuard, broker_ports
 from certbroker.routing.registry.servicer import RegistryService
 from certbroker.routing.registry.store import RegistryStore
 from certbroker.routing.router import Fetched, Router, build_router
@@ -220,6 +221,8 @@ async def start(
     registry = RegistryStore(
         config.state_dir / "registry.sqlite", lease_s=config.lease_s, clock=lease_clock
     )
+    # Where departments may register adapters; the ports bound below are added once known.
+    endpoints = EndpointGuard(policies, broker_ports(config))
     router = build_router(
         config.adapters,
         departments,
@@ -229,6 +232,7 @@ async def start(
         breakers=breakers,
         credentials=credentials,
         timeout_s=config.adapter_timeout_s,
+        endpoint_allowed=endpoints.allows,
     )
     audit = open_audit_log(
         config.audit_location,
@@ -257,7 +261,8 @@ async def start(
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)] if reuse_port else None)
     broker_pb2_grpc.add_CertificateBrokerServicer_to_server(guarded(service), server)
     registry_pb2_grpc.add_RegistryServicer_to_server(
-        guarded(RegistryService(auth, policies, registry, breakers, audit)), server
+        guarded(RegistryService(auth, policies, registry, breakers, audit, endpoints=endpoints)),
+        server,
     )
     audit_pb2_grpc.add_AuditServicer_to_server(
         guarded(
@@ -277,8 +282,10 @@ async def start(
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot bind gRPC port {config.host}:{config.port}")
+    endpoints.refuse_ports(broker_ports(config, port))
     await server.start()
     metrics_http, metrics_port = metrics.serve(config.host, config.metrics_port)
+    endpoints.refuse_ports(broker_ports(config, metrics_port))
     for name in ("", service_name, registry_name, audit_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(

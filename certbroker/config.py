@@ -74,6 +74,9 @@ DEFAULT_POLICY_DIR = Path(str(resources.files("certbroker") / "policies"))
 
 #: Upper bound of ``[server] workers``: each worker holds its own connections and caches.
 MAX_WORKERS = 64
+#: ``[server] log_format`` and ``log_level`` values (certbroker.logs).
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class ConfigError(ValueError):
@@ -156,6 +159,11 @@ class Config:
     # Worker processes sharing the gRPC port (SO_REUSEPORT; certbroker.server.workers); 1 = one
     # process.
     workers: int = 1
+    # On SIGTERM: health NOT_SERVING, no new calls, in-flight calls get this long to finish
+    # (with their audit entries) before they are cancelled. Twice the default adapter timeout.
+    shutdown_grace_s: float = 10.0
+    log_format: str = "text"  # one of LOG_FORMATS: "json" = one JSON object per line
+    log_level: str = "info"  # one of LOG_LEVELS; "debug" also logs every successful call
     # Verified-token cache: a token is re-verified after this long at the latest (0 = no cache).
     token_cache_max_age_s: float = 300.0
     token_cache_max_entries: int = 10_000
@@ -214,6 +222,9 @@ _ENV: Mapping[str, tuple[str, type]] = {
     "CERTBROKER_BREAKER_RESET_S": ("breaker_reset_s", float),
     "CERTBROKER_METRICS_ENABLED": ("metrics_enabled", bool),
     "CERTBROKER_WORKERS": ("workers", int),
+    "CERTBROKER_SHUTDOWN_GRACE_S": ("shutdown_grace_s", float),
+    "CERTBROKER_LOG_FORMAT": ("log_format", str),
+    "CERTBROKER_LOG_LEVEL": ("log_level", str),
     "CERTBROKER_AUDIT_BATCH_WAIT_MS": ("audit_batch_wait_ms", float),
     "CERTBROKER_TOKEN_CACHE_MAX_AGE_S": ("token_cache_max_age_s", float),
     "CERTBROKER_RECORD_CACHE_MAX_ENTRIES": ("record_cache_max_entries", int),
@@ -227,6 +238,9 @@ _SECTIONS: Mapping[str, Mapping[str, tuple[str, type]]] = {
         "state_dir": ("state_dir", Path),
         "metrics_enabled": ("metrics_enabled", bool),
         "workers": ("workers", int),
+        "shutdown_grace_s": ("shutdown_grace_s", float),
+        "log_format": ("log_format", str),
+        "log_level": ("log_level", str),
     },
     "policy": {"dir": ("policy_dir", Path)},
     "audit": {
@@ -366,10 +380,20 @@ def load(
     _check_routing(config)
     if not 1 <= config.workers <= MAX_WORKERS:
         raise ConfigError(f"server.workers must be between 1 and {MAX_WORKERS}")
+    _check_server(config)
     _check_audit(config)
     _check_caches(config)
     _check_batching(config)
     return config
+
+
+def _check_server(config: Config) -> None:
+    if not 0 <= config.shutdown_grace_s < float("inf"):  # also refuses NaN
+        raise ConfigError("server.shutdown_grace_s must be >= 0 seconds")
+    if config.log_format not in LOG_FORMATS:
+        raise ConfigError(f"server.log_format must be one of {LOG_FORMATS}")
+    if config.log_level not in LOG_LEVELS:
+        raise ConfigError(f"server.log_level must be one of {LOG_LEVELS}")
 
 
 def _check_batching(config: Config) -> None:

@@ -88,7 +88,8 @@ class AuditService(audit_pb2_grpc.AuditServicer):
     """Serves auditors from the audit log at ``db``, which ``log`` appends to; ``signer`` signs
     checkpoints on demand. ``db`` is passed unchanged to the reading modules.
 
-    Errors are raised as ``BrokerError`` and mapped to a status by the server's interceptor.
+    Errors are raised as ``BrokerError`` and mapped to a status by the server
+    (:func:`certbroker.server.calls.guarded`).
     """
 
     def __init__(

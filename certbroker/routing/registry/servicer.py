@@ -68,7 +68,8 @@ class _Trace:
 class RegistryService(registry_pb2_grpc.RegistryServicer):
     """Register / Heartbeat / Deregister / ListAdapters over a :class:`RegistryStore`.
 
-    Errors are raised as ``BrokerError`` and mapped to a status by the server's interceptor.
+    Errors are raised as ``BrokerError`` and mapped to a status by the server
+    (:func:`certbroker.server.calls.guarded`).
     """
 
     def __init__(

@@ -18,9 +18,9 @@ still closed, and the failure is raised at the end.
 The drain (SIGTERM or SIGINT in :func:`serve`): every health service -- the overall "" and each
 service name -- goes NOT_SERVING, so load balancers watching health move on; the server stops
 accepting calls; the calls in flight get ``[server] shutdown_grace_s`` to finish, each with its
-audit entry, and only calls still running after that are cancelled. Health ``Watch`` streams,
-which never end by themselves, are cut once our own calls are done, so they do not hold the
-stop for the whole grace period.
+audit entry, and only calls still running after that are cancelled. Health ``Watch`` streams
+end once they sent NOT_SERVING (:mod:`certbroker.server.health`), so they do not hold the stop
+for the whole grace period.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ from certbroker.routing.registry.store import RegistryStore
 from certbroker.routing.router import Fetched, Router, build_router
 from certbroker.server import ports
 from certbroker.server.calls import Calls, guarded
+from certbroker.server.health import Health
 from certbroker.server.policy_holder import PolicyHolder
 from certbroker.v1 import (
     audit_pb2,
@@ -137,7 +138,7 @@ class Broker:
     signer: DecisionSigner
     checkpoint_signer: CheckpointSigner
     auth: Authenticator
-    health: Any  # grpc_health's aio HealthServicer (untyped)
+    health: Health
     calls: Calls
     #: Closes every part :func:`start` opened, in reverse order (module docstring).
     _parts: _Parts = field(repr=False)
@@ -186,7 +187,10 @@ class Broker:
             self.calls.active,
             grace,
         )
+        # Health Watch streams end once they sent NOT_SERVING (certbroker.server.health), so
+        # the server's one stop below waits only for the calls in flight.
         await self.health.enter_graceful_shutdown()
+        self._parts.server_stopped = True
         stopping = asyncio.ensure_future(self.server.stop(grace))  # no new calls from here
         try:
             if not await self.calls.wait_idle(grace):
@@ -195,8 +199,6 @@ class Broker:
                     self.calls.active,
                     grace,
                 )
-            # What may still be open: health Watch streams, which end only when cut.
-            await self.server.stop(0)
         finally:
             await stopping
 
@@ -208,6 +210,14 @@ class _Parts:
 
     stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
     failures: list[Exception] = field(default_factory=list)
+    server_stopped: bool = False  # Broker.stop drained the gRPC server
+
+    def handed_over(self) -> _Parts:
+        """These parts, to be closed by someone else: the start succeeded, so leaving
+        ``async with self.stack`` must close nothing. The closers keep referring to ``self``
+        (its failures, ``server_stopped``), so the new owner gets ``self`` with a new stack."""
+        self.stack = self.stack.pop_all()
+        return self
 
     def on_close(self, what: str, close: Callable[[], Awaitable[object]]) -> None:
         """Close ``what`` with ``close()``. A failure is logged and kept in :attr:`failures`,
@@ -364,9 +374,15 @@ async def start(
         parts.on_close("metrics endpoint", close_metrics)
 
         server = grpc.aio.server(options=ports.server_options(reuse_port))
-        # Stopping a server that never started is a no-op; one that did is stopped at once
-        # here (Broker.stop has drained it first).
-        parts.on_close("gRPC server", lambda: server.stop(0))
+
+        async def stop_server() -> None:
+            # After a failed start (after server.start(), or not: a server never started has
+            # nothing to stop, and that returns at once). Broker.stop drains it instead: one
+            # stop per server, as grpcio can crash on a stop while another is running.
+            if not parts.server_stopped:
+                await server.stop(0)
+
+        parts.on_close("gRPC server", stop_server)
         broker_service = CertificateBrokerService(
             auth,
             policies,
@@ -391,7 +407,7 @@ async def start(
             ),
             server,
         )
-        health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        health_servicer = Health()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -447,7 +463,7 @@ async def start(
             auth=auth,
             health=health_servicer,
             calls=calls,
-            _parts=_Parts(parts.stack.pop_all(), parts.failures),  # closed by Broker.stop
+            _parts=parts.handed_over(),  # closed by Broker.stop
         )
     raise AssertionError("unreachable")  # pragma: no cover - the block returns or raises
 

@@ -38,9 +38,13 @@ Read when scraped (:meth:`Metrics.watch`, callbacks of the running broker):
 ``certbroker_registry_live_instances``      per department: registered adapter instances whose
                                             lease has not lapsed
 ``certbroker_audit_tree_size``              entries in the audit log's Merkle tree
-``certbroker_audit_last_checkpoint_``       when the newest signed checkpoint was signed
-``timestamp_seconds``                       (epoch seconds; absent before the first one)
+``certbroker_audit_last_checkpoint``        when the newest signed checkpoint was signed
+``_timestamp_seconds``                      (epoch seconds; absent before the first one)
 ``certbroker_rpcs_in_flight``               calls of the broker's services being served
+
+The audit readings query the log (a read-only connection per scrape, SQLite or PostgreSQL):
+the log is shared by workers and other brokers, and the checkpoints may be signed by any of
+them or by ``certbroker audit checkpoint``, so only the log itself is current.
 ``process_*``                               the process: ``process_resident_memory_bytes``,
                                             ``process_cpu_seconds_total``, ``process_open_fds``
                                             and the rest of prometheus_client's ProcessCollector

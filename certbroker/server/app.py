@@ -368,7 +368,8 @@ async def start(
             ) from exc
 
         async def close_metrics() -> None:
-            metrics_http.shutdown()
+            # shutdown() waits for the server thread's poll loop (up to half a second).
+            await asyncio.to_thread(metrics_http.shutdown)
             metrics_http.server_close()
 
         parts.on_close("metrics endpoint", close_metrics)

@@ -79,6 +79,9 @@ DEFAULT_POLICY_DIR = Path(str(resources.files("certbroker") / "policies"))
 
 #: Upper bound of ``[server] workers``: each worker holds its own connections and caches.
 MAX_WORKERS = 64
+#: ``[server] log_format`` and ``log_level`` values (certbroker.logs).
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 #: Route modes: the in-process demo adapter, one fixed gRPC endpoint, or the instances that
 #: departments registered with the Registry.
@@ -297,6 +300,38 @@ class Config:
             "metrics_enabled",
             "false only to measure what metrics cost: /metrics is then empty",
             env="CERTBROKER_METRICS_ENABLED",
+        ).meta,
+    )
+    # On SIGTERM: health NOT_SERVING, no new calls, in-flight calls get this long to finish (with
+    # their audit entries) before they are cancelled. Twice the default adapter timeout.
+    shutdown_grace_s: float = field(
+        default=10.0,
+        metadata=Key(
+            "server",
+            "shutdown_grace_s",
+            "on SIGTERM, in-flight calls get this long to finish before they are cancelled",
+            env="CERTBROKER_SHUTDOWN_GRACE_S",
+            ge=0,
+        ).meta,
+    )
+    log_format: str = field(
+        default="text",
+        metadata=Key(
+            "server",
+            "log_format",
+            "text, or json: one JSON object per line for log shippers",
+            env="CERTBROKER_LOG_FORMAT",
+            choices=LOG_FORMATS,
+        ).meta,
+    )
+    log_level: str = field(
+        default="info",
+        metadata=Key(
+            "server",
+            "log_level",
+            "debug also logs every successful call",
+            env="CERTBROKER_LOG_LEVEL",
+            choices=LOG_LEVELS,
         ).meta,
     )
     # [policy]

@@ -171,6 +171,8 @@ def _sample(setting: Setting) -> Any:
         return value if key.le is None or value <= key.le else default - step
     if setting.kind is Path:
         return Path("sub/file")
+    if key.choices:
+        return next(c for c in key.choices if c != default)
     return "hall_7" if key.pattern is not None else "example.org"
 
 

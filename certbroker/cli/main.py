@@ -19,7 +19,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from certbroker import audit, config, policy
+from certbroker import audit, config, logs, policy
 from certbroker.auth.authenticator import DevIdentityProvider
 from certbroker.cli import adapters as cli_adapters
 from certbroker.cli import audit_log as cli_audit_log
@@ -29,13 +29,19 @@ from certbroker.cli.table import format_table
 
 DEFAULT_STATE = Path(".certbroker")
 
+log = logging.getLogger("certbroker.cli")
+
 
 def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the broker until SIGTERM/SIGINT (then drain and exit 0); exit 1 if it cannot start
+    (a port in use, an unreadable key) or a part failed to close."""
+    from certbroker.errors import BrokerError
     from certbroker.server import app as server
+    from certbroker.server import workers
 
     cfg = config.load(
         args.config,
@@ -44,22 +50,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         host=args.host,
         workers=args.workers,
+        shutdown_grace_s=args.shutdown_grace_s,
+        log_format=args.log_format,
+        log_level=args.log_level,
     )
-    if cfg.workers > 1:  # a supervisor and N worker processes sharing the port
-        from certbroker.server import workers
+    logs.configure(cfg.log_format, cfg.log_level)
+    try:
+        if cfg.workers > 1:  # a supervisor and N worker processes sharing the port
+            return workers.run(cfg)
 
-        return workers.run(cfg)
+        def ready(b: server.Broker) -> None:
+            print(
+                f"certbroker serving on {cfg.host}:{b.port} (metrics on :{b.metrics_port}); "
+                f"state in {cfg.state_dir}; policy {b.policies.current.version[:12]}",
+                flush=True,
+            )
+            print(f"READY port={b.port} metrics_port={b.metrics_port}", flush=True)
 
-    def ready(b: server.Broker) -> None:
-        print(
-            f"certbroker serving on {cfg.host}:{b.port} (metrics on :{b.metrics_port}); "
-            f"state in {cfg.state_dir}; policy {b.policies.current.version[:12]}",
-            flush=True,
-        )
-        print(f"READY port={b.port} metrics_port={b.metrics_port}", flush=True)
-
-    asyncio.run(server.serve(cfg, ready))
+        asyncio.run(server.serve(cfg, ready))
+    except (server.StartError, server.StopError, workers.WorkerError, BrokerError, OSError) as exc:
+        serve_error(cfg, str(exc))
+        return 1
     return 0
+
+
+def serve_error(cfg: config.Config, message: str) -> None:
+    """Why ``serve`` stopped: a log record when the log is JSON (every stderr line stays one
+    JSON object), else the CLI's usual ``error: ...`` line."""
+    if cfg.log_format == "json":
+        log.error("%s", message)
+    else:
+        print(f"error: {message}", file=sys.stderr)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -248,6 +269,22 @@ def parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         help="worker processes sharing the port (default 1); metrics on metrics-port + i",
+    )
+    s.add_argument(
+        "--shutdown-grace-s",
+        type=float,
+        metavar="SECONDS",
+        help="on SIGTERM, how long in-flight calls may take to finish (default 10)",
+    )
+    s.add_argument(
+        "--log-format",
+        choices=config.LOG_FORMATS,
+        help="text (default) or json: one JSON object per line",
+    )
+    s.add_argument(
+        "--log-level",
+        choices=config.LOG_LEVELS,
+        help="default info; debug also logs every successful call",
     )
     s.set_defaults(func=cmd_serve)
 

@@ -87,7 +87,7 @@ class AuditService(audit_pb2_grpc.AuditServicer):
     checkpoints on demand. ``db`` is passed unchanged to the reading modules.
 
     Every RPC runs inside :class:`~certbroker.audit.guard.AuditedCall`; errors are raised as
-    ``BrokerError`` and mapped to a status by the server (:func:`certbroker.server.app.guarded`).
+    ``BrokerError`` and mapped to a status by the server (:func:`certbroker.server.calls.guarded`).
     """
 
     def __init__(

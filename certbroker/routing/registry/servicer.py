@@ -73,7 +73,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
     """Register / Heartbeat / Deregister / ListAdapters over a :class:`RegistryStore`.
 
     Every method runs inside :class:`~certbroker.audit.guard.AuditedCall`; errors are raised as
-    ``BrokerError`` and mapped to a status by the server (:func:`certbroker.server.app.guarded`).
+    ``BrokerError`` and mapped to a status by the server (:func:`certbroker.server.calls.guarded`).
     ``endpoints`` decides where a department's instances may be (by default: the catalogue's
     endpoints over ``policies``, with no broker port known to refuse).
     """

@@ -88,6 +88,7 @@ class IssuerConfig:
     audience: str
     public_keys: tuple[Path, ...] = ()
     jwks: Path | None = None
+    max_token_lifetime_s: float = 12 * 3600.0  # longest exp - iat accepted from this issuer
 
 
 #: Route modes: the in-process demo adapter, one fixed gRPC endpoint, or the instances that
@@ -159,6 +160,13 @@ class Config:
     # Verified-token cache: a token is re-verified after this long at the latest (0 = no cache).
     token_cache_max_age_s: float = 300.0
     token_cache_max_entries: int = 10_000
+    dev_idp_max_token_lifetime_s: float = 12 * 3600.0  # the dev IdP's cap on exp - iat
+    # Calls refused before a caller is known (no/bad token, undecodable request): each peer
+    # (IP address; IPv6 /64) gets this many per second, bursts up to unauthenticated_burst,
+    # then RESOURCE_EXHAUSTED; they are audited as one summary entry per peer per interval.
+    unauthenticated_rate_per_s: float = 5.0
+    unauthenticated_burst: int = 20
+    unauthenticated_summary_interval_s: float = 10.0
     # Record cache bounds (each record type's TTL comes from policies/catalogue.yaml).
     record_cache_max_entries: int = 10_000
     record_cache_max_bytes: int = 64 * 1024 * 1024
@@ -216,6 +224,7 @@ _ENV: Mapping[str, tuple[str, type]] = {
     "CERTBROKER_WORKERS": ("workers", int),
     "CERTBROKER_AUDIT_BATCH_WAIT_MS": ("audit_batch_wait_ms", float),
     "CERTBROKER_TOKEN_CACHE_MAX_AGE_S": ("token_cache_max_age_s", float),
+    "CERTBROKER_UNAUTHENTICATED_RATE_PER_S": ("unauthenticated_rate_per_s", float),
     "CERTBROKER_RECORD_CACHE_MAX_ENTRIES": ("record_cache_max_entries", int),
     "CERTBROKER_RECORD_CACHE_MAX_BYTES": ("record_cache_max_bytes", int),
 }
@@ -240,6 +249,7 @@ _SECTIONS: Mapping[str, Mapping[str, tuple[str, type]]] = {
         "checkpoint_interval_s": ("checkpoint_interval_s", float),
         "max_batch": ("audit_max_batch", int),
         "batch_wait_ms": ("audit_batch_wait_ms", float),
+        "unauthenticated_summary_interval_s": ("unauthenticated_summary_interval_s", float),
     },
     "datasets": {"dir": ("dataset_dir", Path)},
     "auth": {
@@ -247,6 +257,9 @@ _SECTIONS: Mapping[str, Mapping[str, tuple[str, type]]] = {
         "dev_idp": ("dev_idp", bool),
         "token_cache_max_age_s": ("token_cache_max_age_s", float),
         "token_cache_max_entries": ("token_cache_max_entries", int),
+        "dev_idp_max_token_lifetime_s": ("dev_idp_max_token_lifetime_s", float),
+        "unauthenticated_rate_per_s": ("unauthenticated_rate_per_s", float),
+        "unauthenticated_burst": ("unauthenticated_burst", int),
     },
     "cache": {
         "max_entries": ("record_cache_max_entries", int),
@@ -369,7 +382,21 @@ def load(
     _check_audit(config)
     _check_caches(config)
     _check_batching(config)
+    _check_callers(config)
     return config
+
+
+def _check_callers(config: Config) -> None:
+    lifetimes = [config.dev_idp_max_token_lifetime_s]
+    lifetimes += [i.max_token_lifetime_s for i in config.issuers]
+    if not all(0 < s < float("inf") for s in lifetimes):  # `not <` also refuses NaN
+        raise ConfigError("auth: max_token_lifetime_s must be > 0 and finite")
+    if not 0 < config.unauthenticated_rate_per_s < float("inf"):
+        raise ConfigError("auth.unauthenticated_rate_per_s must be > 0")
+    if config.unauthenticated_burst < 1:
+        raise ConfigError("auth.unauthenticated_burst must be at least 1")
+    if not 0 < config.unauthenticated_summary_interval_s < float("inf"):
+        raise ConfigError("audit.unauthenticated_summary_interval_s must be > 0")
 
 
 def _check_batching(config: Config) -> None:
@@ -419,13 +446,19 @@ def _check_routing(config: Config) -> None:
 def _issuer(where: str, item: Any, base: Path) -> IssuerConfig:
     if not isinstance(item, dict) or not {"issuer", "audience"} <= set(item):
         raise ConfigError(f"{where}: needs issuer and audience")
-    unknown = set(item) - {"issuer", "audience", "public_keys", "jwks"}
+    unknown = set(item) - {"issuer", "audience", "public_keys", "jwks", "max_token_lifetime_s"}
     if unknown:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    lifetime = _convert(
+        f"{where}.max_token_lifetime_s",
+        item.get("max_token_lifetime_s", IssuerConfig.max_token_lifetime_s),
+        float,
+        base,
+    )
     keys = tuple(
         _convert(f"{where}.public_keys", p, Path, base) for p in item.get("public_keys", [])
     )
     jwks = _convert(f"{where}.jwks", item["jwks"], Path, base) if "jwks" in item else None
     if not keys and jwks is None:
         raise ConfigError(f"{where}: needs public_keys or jwks")
-    return IssuerConfig(str(item["issuer"]), str(item["audience"]), keys, jwks)
+    return IssuerConfig(str(item["issuer"]), str(item["audience"]), keys, jwks, lifetime)

@@ -101,3 +101,40 @@ def test_audit_backend_and_archival_settings(tmp_path: Path) -> None:
 def test_bad_audit_settings_are_refused(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config.load(None, env=env)
+
+
+def test_caller_hardening_settings(tmp_path: Path) -> None:
+    cfg = config.load(None, env={})
+    assert cfg.dev_idp_max_token_lifetime_s == 12 * 3600
+    assert (cfg.unauthenticated_rate_per_s, cfg.unauthenticated_burst) == (5.0, 20)
+    assert cfg.unauthenticated_summary_interval_s == 10.0
+    path = tmp_path / "broker.toml"
+    path.write_text(
+        "[auth]\ndev_idp_max_token_lifetime_s = 3600\nunauthenticated_rate_per_s = 2.5\n"
+        "unauthenticated_burst = 4\n"
+        "[audit]\nunauthenticated_summary_interval_s = 30\n"
+        '[[auth.issuers]]\nissuer = "https://idp.example"\naudience = "certbroker"\n'
+        'public_keys = ["a.pem"]\nmax_token_lifetime_s = 28800\n'
+    )
+    cfg = config.load(path, env={"CERTBROKER_UNAUTHENTICATED_RATE_PER_S": "3"})
+    assert cfg.dev_idp_max_token_lifetime_s == 3600
+    assert (cfg.unauthenticated_rate_per_s, cfg.unauthenticated_burst) == (3.0, 4)
+    assert cfg.unauthenticated_summary_interval_s == 30
+    assert cfg.issuers[0].max_token_lifetime_s == 28800
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[auth]\ndev_idp_max_token_lifetime_s = 0\n",
+        "[auth]\nunauthenticated_rate_per_s = 0\n",
+        "[auth]\nunauthenticated_burst = 0\n",
+        "[audit]\nunauthenticated_summary_interval_s = -1\n",
+        '[[auth.issuers]]\nissuer = "a"\naudience = "b"\njwks = "j"\nmax_token_lifetime_s = -5\n',
+    ],
+)
+def test_bad_caller_hardening_settings(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError):
+        config.load(path, env={})

@@ -131,11 +131,18 @@ def authenticator(config: Config, metrics: Metrics | None = None) -> Authenticat
 
     def trusted() -> list[TrustedIssuer]:
         issuers: list[TrustedIssuer] = [
-            load_issuer(i.issuer, i.audience, pem_files=i.public_keys, jwks_file=i.jwks)
+            load_issuer(
+                i.issuer,
+                i.audience,
+                pem_files=i.public_keys,
+                jwks_file=i.jwks,
+                max_lifetime_s=i.max_token_lifetime_s,
+            )
             for i in config.issuers
         ]
         if config.dev_idp:
-            issuers.append(DevIdentityProvider(config.state_dir).trusted_issuer())
+            dev = DevIdentityProvider(config.state_dir)
+            issuers.append(dev.trusted_issuer(config.dev_idp_max_token_lifetime_s))
         return issuers
 
     return Authenticator(

@@ -9,7 +9,9 @@ A department acts only for itself; operators act for every department (so
 What a department may register comes from the policy set in force: only the record types
 ``policies/`` says it serves. Every refusal of that kind -- and every PERMISSION_DENIED here --
 is audited, as is every successful Register and Deregister. Heartbeats and listings are not
-(they change nothing, and heartbeats would flood the log).
+(they change nothing, and heartbeats would flood the log), nor are malformed requests of a
+known caller; calls refused before the caller is known (no or bad token) are counted in their
+peer's summary (:mod:`certbroker.audit.refusals`).
 
 Audit entries have ``kind = "registry"`` and reuse the lookup entry's fields::
 
@@ -40,6 +42,7 @@ from google.protobuf import timestamp_pb2
 from certbroker import errors
 from certbroker.audit.events import AuditEvent, AuditLog
 from certbroker.audit.guard import AuditedCall, Result, invocation_metadata
+from certbroker.audit.refusals import RefusalLedger
 from certbroker.auth.authenticator import Authenticator, DepartmentPrincipal
 from certbroker.policy import PolicySet, PolicySource
 from certbroker.routing.breaker import BreakerBoard
@@ -71,6 +74,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
 
     Every method runs inside :class:`~certbroker.audit.guard.AuditedCall`; errors are raised as
     ``BrokerError`` and mapped to a status by the server (:func:`certbroker.server.app.guarded`).
+    ``refusals`` counts calls refused before the caller is known.
     """
 
     def __init__(
@@ -80,8 +84,11 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         store: RegistryStore,
         breakers: BreakerBoard,
         audit: AuditLog,
+        *,
+        refusals: RefusalLedger | None = None,
     ) -> None:
         self._auth = auth
+        self._refusals = refusals
         self._policies = policies
         self._store = store
         self._breakers = breakers
@@ -93,7 +100,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         trace = _Trace("register")
 
         async def register() -> str:
-            async with self._audited(trace) as call:
+            async with self._audited(trace, context) as call:
                 principal = self._principal(context, trace)
                 department = trace.department = check.department(request.department)
                 trace.record_types = check.record_types(request.record_types)
@@ -138,7 +145,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         self, request: registry_pb2.HeartbeatRequest, context: _Context
     ) -> registry_pb2.HeartbeatResponse:
         trace = _Trace("heartbeat")
-        async with self._audited(trace):
+        async with self._audited(trace, context):
             principal = self._principal(context, trace)
             self._owned(principal, request.instance_id, trace)
             renewed = await asyncio.to_thread(self._store.heartbeat, trace.instance_id)
@@ -152,7 +159,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         trace = _Trace("deregister")
 
         async def deregister() -> None:
-            async with self._audited(trace) as call:
+            async with self._audited(trace, context) as call:
                 principal = self._principal(context, trace)
                 self._owned(principal, request.instance_id, trace)
                 removed = await asyncio.to_thread(self._store.remove, trace.instance_id)
@@ -169,7 +176,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         self, request: registry_pb2.ListAdaptersRequest, context: _Context
     ) -> registry_pb2.ListAdaptersResponse:
         trace = _Trace("list")
-        async with self._audited(trace):
+        async with self._audited(trace, context):
             principal = self._principal(context, trace)
             wanted = check.department(request.department, required=False)
             if not principal.is_operator:
@@ -233,8 +240,13 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             breaker_state=str(self._breakers.state(instance.department)),
         )
 
-    def _audited(self, trace: _Trace) -> AuditedCall:
-        return AuditedCall(self._audit, lambda result: self._entry(trace, result))
+    def _audited(self, trace: _Trace, context: _Context) -> AuditedCall:
+        return AuditedCall(
+            self._audit,
+            lambda result: self._entry(trace, result),
+            refusals=self._refusals,
+            context=context,
+        )
 
     def _entry(self, trace: _Trace, result: Result) -> AuditEvent | None:
         """The call's entry: every PERMISSION_DENIED and every successful change; nothing for

@@ -3,7 +3,10 @@
 The server carries the CertificateBroker, Registry and Audit services, the standard health
 service and server reflection (so ``grpcurl`` works). Each of our servicers is registered
 :func:`guarded`, which maps exceptions to gRPC status (unary and server-streaming alike) —
-the only place where that mapping happens.
+the only place where that mapping happens — with tolerant request decoding
+(:mod:`certbroker.server.decoding`): bytes that are not the request message are refused
+INVALID_ARGUMENT ``MALFORMED_REQUEST``, counted like every refusal of an unknown caller by the
+broker's :class:`~certbroker.audit.refusals.RefusalLedger`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from grpc_status import rpc_status
 from certbroker import errors
 from certbroker.audit.events import BatchingAuditLog, open_audit_log
 from certbroker.audit.integrity.proofs import CheckpointSigner, checkpoint_task
+from certbroker.audit.refusals import RefusalLedger, malformed_request
 from certbroker.audit.service.servicer import AuditService
 from certbroker.auth.authenticator import (
     Authenticator,
@@ -48,6 +52,7 @@ from certbroker.routing.decision_token import DecisionSigner
 from certbroker.routing.registry.servicer import RegistryService
 from certbroker.routing.registry.store import RegistryStore
 from certbroker.routing.router import Fetched, Router, build_router
+from certbroker.server.decoding import UNDECODABLE, register
 from certbroker.server.policy_holder import PolicyHolder
 from certbroker.v1 import (
     audit_pb2,
@@ -72,21 +77,24 @@ class _Guarded:
     job but runs on every call: about 4 % of cache-hit throughput here.)
     """
 
-    def __init__(self, servicer: object) -> None:
+    def __init__(self, servicer: object, refusals: RefusalLedger | None) -> None:
         self._servicer = servicer
+        self._refusals = refusals
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._servicer, name)
         if inspect.isasyncgenfunction(method):
-            return _guard_stream(method)
+            return _guard_stream(method, self._refusals)
         if inspect.iscoroutinefunction(method):
-            return _guard_call(method)
+            return _guard_call(method, self._refusals)
         return method
 
 
-def guarded(servicer: _S) -> _S:
-    """``servicer`` as registered: every RPC method error-mapped (see :class:`_Guarded`)."""
-    return cast(_S, _Guarded(servicer))
+def guarded(servicer: _S, refusals: RefusalLedger | None = None) -> _S:
+    """``servicer`` as registered: every RPC method error-mapped (see :class:`_Guarded`), and a
+    request that did not decode (:data:`~certbroker.server.decoding.UNDECODABLE`) refused as
+    ``MALFORMED_REQUEST`` before the method runs, counted by ``refusals``."""
+    return cast(_S, _Guarded(servicer, refusals))
 
 
 async def _abort(context: Any, exc: Exception) -> None:
@@ -94,12 +102,22 @@ async def _abort(context: Any, exc: Exception) -> None:
     await context.abort_with_status(rpc_status.to_status(status))
 
 
-def _guard_call(method: Callable[[Any, Any], Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+def _malformed(context: Any, refusals: RefusalLedger | None) -> errors.BrokerError:
+    """The error for a request that did not decode (RESOURCE_EXHAUSTED past the peer's rate)."""
+    error = malformed_request()
+    return error if refusals is None else refusals.refuse(context.peer(), error)
+
+
+def _guard_call(
+    method: Callable[[Any, Any], Awaitable[Any]], refusals: RefusalLedger | None
+) -> Callable[..., Awaitable[Any]]:
     """A coroutine RPC: unary, or streaming by writing to the context."""
 
     @functools.wraps(method)
     async def guarded(request: Any, context: Any) -> Any:
         try:
+            if request is UNDECODABLE:
+                raise _malformed(context, refusals)
             return await method(request, context)
         except grpc.aio.AbortError:
             raise
@@ -109,12 +127,16 @@ def _guard_call(method: Callable[[Any, Any], Awaitable[Any]]) -> Callable[..., A
     return guarded
 
 
-def _guard_stream(method: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable[..., Any]:
+def _guard_stream(
+    method: Callable[[Any, Any], AsyncIterator[Any]], refusals: RefusalLedger | None
+) -> Callable[..., Any]:
     """A server-streaming RPC written as an async generator."""
 
     @functools.wraps(method)
     async def guarded(request: Any, context: Any) -> AsyncIterator[Any]:
         try:
+            if request is UNDECODABLE:
+                raise _malformed(context, refusals)
             async for message in method(request, context):
                 yield message
         except grpc.aio.AbortError:
@@ -172,6 +194,7 @@ class Broker:
     checkpoint_signer: CheckpointSigner
     _checkpoints: asyncio.Task[None] | None  # None: another worker process signs them
     auth: Authenticator
+    refusals: RefusalLedger  # calls refused before their caller was known
 
     def reload(self) -> None:
         """SIGHUP: re-read the issuer keys (emptying the token cache), then reload the
@@ -190,6 +213,7 @@ class Broker:
             self._checkpoints.cancel()
         await self.server.stop(grace)
         await self.router.aclose()
+        await self.refusals.aclose()  # the last summaries, while the log is still open
         await self.audit.aclose()
         await asyncio.to_thread(self.registry.close)
         self._metrics_http.shutdown()
@@ -253,6 +277,13 @@ async def start(
         max_bytes=config.record_cache_max_bytes,
         sizeof=fetched_size,
     )
+    refusals = RefusalLedger(
+        audit,
+        rate_per_s=config.unauthenticated_rate_per_s,
+        burst=config.unauthenticated_burst,
+        interval_s=config.unauthenticated_summary_interval_s,
+        policy_version=lambda: policies.current.version,
+    )
     service = CertificateBrokerService(
         auth,
         policies,
@@ -261,18 +292,26 @@ async def start(
         metrics,
         adapter_timeout_s=config.adapter_timeout_s,
         record_cache=record_cache,
+        refusals=refusals,
+    )
+    registry_service = RegistryService(auth, policies, registry, breakers, audit, refusals=refusals)
+    audit_service = AuditService(
+        auth,
+        policies,
+        audit,
+        config.audit_location,
+        signer=checkpoint_signer,
+        refusals=refusals,
     )
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)] if reuse_port else None)
-    broker_pb2_grpc.add_CertificateBrokerServicer_to_server(guarded(service), server)
-    registry_pb2_grpc.add_RegistryServicer_to_server(
-        guarded(RegistryService(auth, policies, registry, breakers, audit)), server
-    )
-    audit_pb2_grpc.add_AuditServicer_to_server(
-        guarded(
-            AuditService(auth, policies, audit, config.audit_location, signer=checkpoint_signer)
-        ),
+    add_broker = broker_pb2_grpc.add_CertificateBrokerServicer_to_server
+    register(add_broker, guarded(service, refusals), server)
+    register(
+        registry_pb2_grpc.add_RegistryServicer_to_server,
+        guarded(registry_service, refusals),
         server,
     )
+    register(audit_pb2_grpc.add_AuditServicer_to_server, guarded(audit_service, refusals), server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_name = broker_pb2.DESCRIPTOR.services_by_name["CertificateBroker"].full_name
@@ -286,6 +325,7 @@ async def start(
     if port == 0:
         raise OSError(f"cannot bind gRPC port {config.host}:{config.port}")
     await server.start()
+    refusals.start()
     metrics_http, metrics_port = metrics.serve(config.host, config.metrics_port)
     for name in ("", service_name, registry_name, audit_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -321,6 +361,7 @@ async def start(
         if checkpoints
         else None,
         auth,
+        refusals,
     )
 
 

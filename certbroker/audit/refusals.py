@@ -158,6 +158,7 @@ class RefusalLedger:
         self._unwritten: list[_Summary] = []  # summaries a failed write left for the next try
         self._malformed = 0  # undecodable requests since the last log line
         self._task: asyncio.Task[None] | None = None
+        self._flushing: asyncio.Future[bool] | None = None  # the periodic write under way
 
     def refuse(self, peer: str, error: errors.BrokerError) -> errors.BrokerError:
         """Count one refused call from ``peer`` (a ``context.peer()`` string) and return the
@@ -207,7 +208,10 @@ class RefusalLedger:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._interval_s)
-            await self.flush()
+            # Shielded: stopping the task must not cut a write short (its summaries are
+            # already taken from the counts); aclose waits for it instead.
+            self._flushing = asyncio.ensure_future(self.flush())
+            await asyncio.shield(self._flushing)
 
     async def aclose(self) -> None:
         """Stop the periodic task and write what is counted (shutdown: before the log closes)."""
@@ -216,6 +220,9 @@ class RefusalLedger:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._flushing is not None:
+            await self._flushing  # a write under way finishes (or keeps its summaries)
+            self._flushing = None
         await self.flush()
 
     async def flush(self) -> bool:

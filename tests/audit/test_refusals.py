@@ -190,6 +190,26 @@ def test_the_periodic_task_writes_summaries_and_close_writes_the_rest() -> None:
     asyncio.run(scenario())
 
 
+def test_closing_during_a_periodic_write_loses_nothing() -> None:
+    class SlowLog(FakeLog):
+        async def append_many(self, events: Sequence[AuditEvent], *, link: Any = None) -> list[Any]:
+            await asyncio.sleep(0.2)  # stopped while this write is under way
+            return await super().append_many(events)
+
+    log = SlowLog()
+    refusals = RefusalLedger(log, interval_s=0.01)
+
+    async def scenario() -> None:
+        refusals.refuse("ipv4:10.0.0.1:1", missing())
+        refusals.start()
+        await asyncio.sleep(0.05)  # the periodic write has begun
+        refusals.refuse("ipv4:10.0.0.2:1", missing())
+        await refusals.aclose()
+
+    asyncio.run(scenario())
+    assert sorted(e.subject_id for e in log.events) == ["ipv4:10.0.0.1", "ipv4:10.0.0.2"]
+
+
 @pytest.mark.parametrize(
     ("peer", "key"),
     [

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test serve proto proto-check lint imports typecheck unit bench clean
+.PHONY: demo test serve proto proto-check docs docs-check lint imports typecheck unit bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ proto: $(STAMP)
 proto-check: $(STAMP)
 	$(BIN)/python scripts/protogen.py --check
 
+## The README's configuration reference, generated from the declarations in certbroker/config.py.
+docs: $(STAMP)
+	$(BIN)/python scripts/docgen.py
+
+docs-check: $(STAMP)
+	$(BIN)/python scripts/docgen.py --check
+
 lint: $(STAMP)
 	$(BIN)/ruff check certbroker tests scripts bench
 	$(BIN)/ruff format --check certbroker tests scripts bench
@@ -39,7 +46,7 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -n auto
 
-test: proto-check lint imports typecheck unit
+test: proto-check docs-check lint imports typecheck unit
 
 ## Benchmarks with real broker/adapter processes (several minutes); a table per scenario.
 ## `make bench BENCH_ARGS=--write` also records the results in docs/benchmarks.md.

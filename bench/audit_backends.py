@@ -34,7 +34,7 @@ import grpc
 from bench.harness import BenchError, Options, Processes, Result
 from bench.policies import POLICY_DIR_ENV, uncached_policies
 from certbroker.adapters.demo import synthetic
-from certbroker.audit.events import verify
+from certbroker.audit.verify.chain import verify
 from certbroker.auth.authenticator import DevIdentityProvider
 from certbroker.cli import client
 from certbroker.config import PostgresLocation

@@ -15,9 +15,8 @@ offline on its own. Archiving one segment (:func:`archive_older_than`):
 If the transaction fails, the file is removed again and the live log is unchanged. The live
 log then starts at ``b + 1``, chaining from the recorded last hash (see
 :func:`certbroker.audit.store.rows.archived_head`). :func:`verify_with_archives` checks every
-archive
-file offline, its sha256 against the table, that each continues the previous one, and the live
-remainder; a break is reported with the first bad index and the usual exit codes
+archive file offline, its sha256 against the table, that each continues the previous one, and
+the live remainder; a break is reported with the first bad index and the usual exit codes
 (:mod:`certbroker.audit.verify.report`).
 """
 
@@ -36,10 +35,12 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from certbroker.audit.events import GENESIS_HASH, iso_time
 from certbroker.audit.export import export, verify_db, verify_export
 from certbroker.audit.integrity.proofs import CheckpointSigner, checkpoints, sign_checkpoint
-from certbroker.audit.store.db import Connection, connect_read, snapshot, write_transaction
-from certbroker.audit.store.rows import GENESIS_HASH, archived_head, iso_time
+from certbroker.audit.store.base import Connection
+from certbroker.audit.store.db import backend_for
+from certbroker.audit.store.rows import archived_head
 from certbroker.audit.verify.report import DELETED, EDITED, INSERTED, IntegrityReport
 from certbroker.config import AuditLocation
 
@@ -73,8 +74,9 @@ def archives(conn: Connection) -> list[ArchiveRecord]:
 def _segment(db: AuditLocation, cutoff: str) -> tuple[int, int]:
     """(first, last) of the oldest live entries all older than ``cutoff``; last < first if
     there are none."""
-    with closing(connect_read(db)) as conn:
-        snapshot(conn)
+    backend = backend_for(db)
+    with closing(backend.connect_read()) as conn:
+        backend.snapshot(conn)
         archived, _ = archived_head(conn)
         (newer,) = conn.execute(
             "SELECT min(seq) FROM audit_log WHERE time >= ?", (cutoff,)
@@ -105,7 +107,7 @@ def archive_older_than(
     first, last = _segment(db, cutoff)
     if last < first:
         return None
-    with closing(connect_read(db)) as conn:
+    with closing(backend_for(db).connect_read()) as conn:
         covered = any(c.size == last for c in checkpoints(conn, last, last))
     if not covered:  # the file must carry a signed head of exactly its last entry
         sign_checkpoint(db, signer, size=last, clock=clock)
@@ -163,7 +165,7 @@ def _fsync_dir(directory: Path) -> None:
 
 def _commit(db: AuditLocation, record: ArchiveRecord) -> None:
     """Record the archive and delete its rows, in one transaction under the write lock."""
-    with write_transaction(db) as conn:
+    with backend_for(db).write_transaction() as conn:
         archived, _ = archived_head(conn)
         if archived != record.first_seq - 1:  # another archiver got there first
             raise RuntimeError(f"archive watermark moved to {archived} while exporting")
@@ -197,7 +199,7 @@ def verify_with_archives(
     Entries are numbered across archives and the live log, so ``first_bad`` is the sequence
     of the first entry that fails wherever it is.
     """
-    with closing(connect_read(db)) as conn:
+    with closing(backend_for(db).connect_read()) as conn:
         records = archives(conn)
     entries = signed = 0
     prev_last, prev_hash = 0, GENESIS_HASH

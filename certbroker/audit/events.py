@@ -1,9 +1,13 @@
-"""Tamper-evident audit log of lookup decisions: no audit, no answer.
+"""The audit entry model: what one entry says, how it is encoded and chained (the format spec).
 
-The servicer awaits ``log.append(event)`` for every lookup (allowed, denied or failed) before
-the response leaves the broker. If the entry cannot be written durably, ``append`` raises
-:class:`certbroker.errors.Unavailable` with reason ``AUDIT_UNAVAILABLE`` and the lookup fails with
-UNAVAILABLE. Entries say who asked for what and what was decided; never record contents.
+Every lookup (allowed, denied or failed) is appended to the audit log as an entry before the
+response leaves the broker (:class:`AuditLog`): no audit, no answer. If the entry cannot be
+written durably, ``append`` raises :class:`certbroker.errors.Unavailable` with reason
+:data:`AUDIT_UNAVAILABLE` and the lookup fails with UNAVAILABLE. Entries say who asked for what
+and what was decided; never record contents.
+
+This module is the bottom of :mod:`certbroker.audit`: it imports nothing else of the package,
+and the store, the writer, the log and the readers all build on it.
 
 Entry format (enough for an auditor to re-implement verification)
 -----------------------------------------------------------------
@@ -43,49 +47,48 @@ Compatibility: the last five keys were added without changing ``v``; entries wri
 lack them, and readers take a missing one as empty ("", [], {} or false). The chain and its
 verification are over the stored text and do not depend on which keys a body has.
 
-Canonical encoding: ``json.dumps(body, sort_keys=True, separators=(",", ":"),
-ensure_ascii=False)``, i.e. keys sorted (all are ASCII), no whitespace, non-ASCII characters
-written raw, the text taken as UTF-8.
+Canonical encoding (:func:`canonical_body`): ``json.dumps(body, sort_keys=True,
+separators=(",", ":"), ensure_ascii=False)``, i.e. keys sorted (all are ASCII), no whitespace,
+non-ASCII characters written raw, the text taken as UTF-8.
 
-Chain: ``entry_hash = hex(SHA-256(UTF-8(prev_hash + body)))`` in lowercase, where ``prev_hash``
-is the previous entry's ``entry_hash`` and, for entry 1, 64 ``"0"`` characters. The hash is over
-the body text exactly as stored (SQLite table ``audit_log``, column ``body``), so a verifier need
-not re-encode anything. Walking the rows in ``seq`` order, entry at position *n* is intact when
-its ``seq`` column and body ``seq`` are *n*, its ``prev_hash`` column equals the previous
-``entry_hash``, the recomputed hash equals its ``entry_hash`` column, and the columns kept for
-indexing (``entry_id, time, clerk, subject_id, matter_code, record_type, decision``) equal the
-body's values.
+Chain (:func:`chain_hash`): ``entry_hash = hex(SHA-256(UTF-8(prev_hash + body)))`` in
+lowercase, where ``prev_hash`` is the previous entry's ``entry_hash`` and, for entry 1, 64
+``"0"`` characters (:data:`GENESIS_HASH`). The hash is over the body text exactly as stored
+(table ``audit_log``, column ``body``), so a verifier need not re-encode anything. Walking the
+rows in ``seq`` order, entry at position *n* is intact when its ``seq`` column and body ``seq``
+are *n*, its ``prev_hash`` column equals the previous ``entry_hash``, the recomputed hash equals
+its ``entry_hash`` column, and the columns kept for indexing (``entry_id, time, clerk,
+subject_id, matter_code, record_type, decision``) equal the body's values.
 
 What a chain cannot show by itself: entries cut from the *end*, or a rewrite of every entry
 from some point on. Both are caught by comparing with a head hash kept elsewhere (a
-:class:`Receipt`, or :attr:`VerifyReport.head_hash` published earlier) -- or a signed checkpoint:
+:class:`Receipt`, or :attr:`~certbroker.audit.verify.chain.VerifyReport.head_hash` published
+earlier) -- or a signed checkpoint:
 
 Merkle tree: the entries are also the leaves of an RFC 9162 Merkle tree
-(:mod:`certbroker.audit.integrity.merkle`).
-Leaf *i* (0-based) is entry ``seq = i + 1`` and its leaf hash is ``SHA-256(0x00 || UTF-8(body))``
-over the ``body`` column text exactly as stored (the same text the chain covers; in an export,
-the bytes after ``"body":`` on the entry's line). The tree's frontier and perfect-subtree nodes
-are stored in the same transaction as the entries (:mod:`certbroker.audit.integrity.tree`); signed
-checkpoints and proofs are in :mod:`certbroker.audit.integrity.proofs`, export and verification
-with named
-problems and exit codes in :mod:`certbroker.audit.export` / :mod:`certbroker.audit.verify.report`.
-The chain is kept: old logs verify unchanged and it locates an edited entry exactly.
+(:mod:`certbroker.audit.integrity.merkle`). Leaf *i* (0-based) is entry ``seq = i + 1`` and its
+leaf hash is ``SHA-256(0x00 || UTF-8(body))`` over the ``body`` column text exactly as stored
+(the same text the chain covers; in an export, the bytes after ``"body":`` on the entry's
+line). The tree's frontier and perfect-subtree nodes are stored in the same transaction as the
+entries (:mod:`certbroker.audit.integrity.tree`); signed checkpoints and proofs are in
+:mod:`certbroker.audit.integrity.proofs`, export and verification with named problems and exit
+codes in :mod:`certbroker.audit.export` / :mod:`certbroker.audit.verify.report`. The chain is
+kept: old logs verify unchanged and it locates an edited entry exactly.
 
 Write path
 ----------
 ``append`` only queues the entry (with its id and time) and awaits a future. One dedicated
 writer thread (:mod:`certbroker.audit.writer`) takes everything queued (up to ``max_batch``) and
-writes it in ONE transaction, one fsync: take the log's write lock, read the stored tail,
-insert the chained rows and tree nodes, COMMIT. Reading the tail under the lock keeps one chain
-with several writer processes: SQLite's ``BEGIN IMMEDIATE`` on one file
-(:mod:`certbroker.audit.store.sqlite`), or an advisory transaction lock on one PostgreSQL schema
-(:mod:`certbroker.audit.store.postgres`, ``[audit] dsn``; append-only enforced by the database
-there).
-Every caller in the batch then gets its :class:`Receipt`; if the transaction fails, all of them
-get ``Unavailable`` and nothing of the batch is stored. The event loop never waits on I/O.
-``append_many`` queues several entries as one unit (``max_batch`` counts callers, not entries):
-they are consecutive and share a transaction, so a bundle's items and its bundle entry are
-stored together or not at all.
+writes it in ONE transaction, one fsync (:mod:`certbroker.audit.append`): take the log's write
+lock, read the stored tail, insert the chained rows and tree nodes, COMMIT. Reading the tail
+under the lock keeps one chain with several writer processes: SQLite's ``BEGIN IMMEDIATE`` on
+one file (:mod:`certbroker.audit.store.sqlite`), or an advisory transaction lock on one
+PostgreSQL schema (:mod:`certbroker.audit.store.postgres`, ``[audit] dsn``; append-only enforced
+by the database there). Every caller in the batch then gets its :class:`Receipt`; if the
+transaction fails, all of them get ``Unavailable`` and nothing of the batch is stored. The
+event loop never waits on I/O. ``append_many`` queues several entries as one unit
+(``max_batch`` counts callers, not entries): they are consecutive and share a transaction, so a
+bundle's items and its bundle entry are stored together or not at all.
 
 Archival (:mod:`certbroker.audit.archive`) moves the oldest entries to signed export files; the
 live log then starts after them, chaining from the last archived hash.
@@ -93,60 +96,43 @@ live log then starts after them, chaining from the last archived hash.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
-
-from certbroker.audit.log import (
-    BatchingAuditLog,
-    PostgresAuditLog,
-    Receipt,
-    SQLiteAuditLog,
-    open_audit_log,
-)
-from certbroker.audit.store.db import connect_read
-from certbroker.audit.store.rows import (
-    AUDIT_UNAVAILABLE,
-    GENESIS_HASH,
-    StoredRow,
-    canonical_body,
-    chain_hash,
-    iso_time,
-    select_rows,
-)
-from certbroker.audit.verify.chain import VerifyReport, verify
-from certbroker.cli.table import display_width, format_table
-from certbroker.config import AuditLocation, PostgresLocation
 
 __all__ = [
     "AUDIT_UNAVAILABLE",
+    "DECISIONS",
+    "FORMAT_VERSION",
     "GENESIS_HASH",
     "AuditEntry",
     "AuditEvent",
-    "AuditLocation",
     "AuditLog",
-    "BatchingAuditLog",
-    "PostgresAuditLog",
-    "PostgresLocation",
-    "QueryFilter",
     "Receipt",
-    "SQLiteAuditLog",
-    "VerifyReport",
     "canonical_body",
     "chain_hash",
-    "display_width",
-    "format_table",
-    "open_audit_log",
-    "query",
-    "verify",
+    "epoch_time",
+    "event_fields",
+    "iso_time",
+    "parse_entry",
 ]
 
+AUDIT_UNAVAILABLE = "AUDIT_UNAVAILABLE"
+"""The reason code of every append that could not be stored."""
+
+GENESIS_HASH = "0" * 64
+"""``prev_hash`` of the first entry."""
+
+FORMAT_VERSION = 1
+"""Value of the ``v`` key in every body; bump it if the body's meaning ever changes."""
+
 DECISIONS = frozenset({"allow", "deny", ""})
+
 _LIST_FIELDS = frozenset({"roles", "withheld_fields", "item_entry_ids"})
 #: Keys added after format version 1 was first written, and what their absence means.
 _LATER_FIELDS: Mapping[str, Any] = {
@@ -156,6 +142,34 @@ _LATER_FIELDS: Mapping[str, Any] = {
     "outcome_counts": {},
     "from_cache": False,
 }
+
+
+def canonical_body(fields: Mapping[str, object]) -> str:
+    """The canonical JSON text of an entry body: sorted keys, no whitespace, raw UTF-8."""
+    return json.dumps(
+        fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+
+
+def chain_hash(prev_hash: str, body: str) -> str:
+    """``SHA-256(prev_hash_hex + body)`` over UTF-8, as lowercase hex."""
+    return hashlib.sha256((prev_hash + body).encode("utf-8")).hexdigest()
+
+
+def iso_time(moment: datetime) -> str:
+    """An aware datetime as the stored time text: UTC, millisecond precision, ``Z`` suffix.
+
+    Fixed width, so text order is time order and range queries compare strings.
+    """
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError("audit times must be timezone-aware")
+    text = moment.astimezone(UTC).isoformat(timespec="milliseconds")
+    return text.removesuffix("+00:00") + "Z"
+
+
+def epoch_time(seconds: float) -> str:
+    """:func:`iso_time` of a POSIX timestamp (what an injected clock returns)."""
+    return iso_time(datetime.fromtimestamp(seconds, tz=UTC))
 
 
 @dataclass(frozen=True)
@@ -200,6 +214,15 @@ class AuditEntry:
     entry_hash: str
 
 
+@dataclass(frozen=True)
+class Receipt:
+    """Proof the entry is durably stored: its id, chain hash and sequence number."""
+
+    entry_id: str
+    entry_hash: str
+    sequence: int
+
+
 class AuditLog(Protocol):
     """The plug point the server depends on."""
 
@@ -230,8 +253,10 @@ _STR_FIELDS = tuple(
 )
 
 
-def _event_fields(event: AuditEvent) -> dict[str, object]:
-    """The event as body fields, checked: a malformed event must not reach the log."""
+def event_fields(event: AuditEvent) -> dict[str, object]:
+    """The event as body fields (JSON values), checked: a malformed event must not reach the
+    log. ``TypeError``/``ValueError`` name the bad field. The caller adds ``entry_id`` and
+    ``time``; the store adds ``seq`` and ``v``."""
     # Every lookup comes through here: the fields straight from the instance, then the checks
     # by kind, rather than a walk of dataclasses.fields() per call.
     fields: dict[str, Any] = dict(vars(event))
@@ -268,51 +293,16 @@ def _counts(value: object) -> dict[str, int]:
     return counts
 
 
-@dataclass(frozen=True)
-class QueryFilter:
-    """Conditions for :func:`query`; ``None`` means any. All given conditions must hold.
+def parse_entry(sequence: int, body: str, prev_hash: str, entry_hash: str) -> AuditEntry:
+    """The entry stored as ``body`` (at ``sequence``, with its chain hashes), read back.
 
-    ``decision=""`` selects entries where no decision was reached. ``since`` is inclusive,
-    ``until`` exclusive; both must be timezone-aware and compare at millisecond precision.
-    ``limit`` keeps the newest matches.
+    Keys added after format version 1 (see the module docstring) read as empty when missing.
+    Does not check the chain; ``ValueError`` if the body is not an entry (run verify).
     """
-
-    clerk: str | None = None
-    subject_id: str | None = None
-    matter_code: str | None = None
-    record_type: str | None = None
-    decision: str | None = None
-    since: datetime | None = None
-    until: datetime | None = None
-    limit: int = 1000
-
-
-def query(db: AuditLocation | str, flt: QueryFilter) -> list[AuditEntry]:
-    """Entries matching ``flt`` in the live log at ``db`` (SQLite path or PostgreSQL): the
-    newest ``flt.limit`` of them, oldest first. Read-only.
-
-    Reads bodies as stored without checking the chain; run :func:`verify` for that.
-    """
-    if flt.limit < 0:
-        raise ValueError("limit must not be negative")
-    candidates = {
-        "clerk": flt.clerk,
-        "subject_id": flt.subject_id,
-        "matter_code": flt.matter_code,
-        "record_type": flt.record_type,
-        "decision": flt.decision,
-    }
-    equals = {column: value for column, value in candidates.items() if value is not None}
-    since = None if flt.since is None else iso_time(flt.since)
-    until = None if flt.until is None else iso_time(flt.until)
-    with contextlib.closing(connect_read(db)) as conn:
-        rows = select_rows(conn, equals=equals, since=since, until=until, limit=flt.limit)
-    return [_entry(row) for row in rows]
-
-
-def _entry(row: StoredRow) -> AuditEntry:
     try:
-        data = _parse_body(row.body)
+        data = json.loads(body)
+        if not isinstance(data, dict):
+            raise ValueError("body is not a JSON object")
         kwargs: dict[str, Any] = {}
         for field in dataclasses.fields(AuditEvent):
             value = data[field.name] if field.name in data else _LATER_FIELDS[field.name]
@@ -320,14 +310,7 @@ def _entry(row: StoredRow) -> AuditEntry:
         kwargs["latency_ms"] = float(kwargs["latency_ms"])
         event = AuditEvent(**kwargs)
         return AuditEntry(
-            row.seq, str(data["entry_id"]), str(data["time"]), event, row.prev_hash, row.entry_hash
+            sequence, str(data["entry_id"]), str(data["time"]), event, prev_hash, entry_hash
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"audit entry {row.seq} is malformed; run verify") from exc
-
-
-def _parse_body(body: str) -> dict[str, Any]:
-    data = json.loads(body)
-    if not isinstance(data, dict):
-        raise ValueError("body is not a JSON object")
-    return data
+        raise ValueError(f"audit entry {sequence} is malformed; run verify") from exc

@@ -27,12 +27,14 @@ from typing import IO, Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from certbroker.audit.events import GENESIS_HASH
 from certbroker.audit.integrity import checkpoint
 from certbroker.audit.integrity.merkle import CompactRange, leaf_hash
 from certbroker.audit.integrity.proofs import ORIGIN, checkpoints
 from certbroker.audit.integrity.tree import frontier_at, load_state
-from certbroker.audit.store.db import Connection, connect_read, snapshot, stream
-from certbroker.audit.store.rows import GENESIS_HASH, archived_head
+from certbroker.audit.store.base import Connection
+from certbroker.audit.store.db import backend_for
+from certbroker.audit.store.rows import archived_head
 from certbroker.audit.verify.chain import verify as verify_chain
 from certbroker.audit.verify.parallel import check_export
 from certbroker.audit.verify.report import (
@@ -60,8 +62,9 @@ def export(
     ``first`` defaults to the first live entry (1, or the one after the archived ones),
     ``last`` to the end. Reads one consistent snapshot.
     """
-    with closing(connect_read(db)) as conn:
-        snapshot(conn)  # one read snapshot for header and entries
+    backend = backend_for(db)
+    with closing(backend.connect_read()) as conn:
+        backend.snapshot(conn)  # one read snapshot for header and entries
         size, _ = load_state(conn)
         archived, archived_hash = archived_head(conn)
         first = archived + 1 if first is None else first
@@ -85,7 +88,7 @@ def export(
             "checkpoints": [c.note for c in checkpoints(conn, first - 1, last)],
         }
         out.write(json.dumps(header, sort_keys=True, separators=(",", ":")).encode() + b"\n")
-        rows = stream(
+        rows = backend.stream(
             conn,
             "SELECT seq, entry_hash, body FROM audit_log WHERE seq BETWEEN ? AND ? ORDER BY seq",
             (first, last),
@@ -188,7 +191,7 @@ def verify_export(path: Path, public_key: Ed25519PublicKey) -> IntegrityReport:
 
 
 def _db_entries(conn: Connection, after: int) -> Iterator[Entry]:
-    for seq, body, entry_hash in stream(
+    for seq, body, entry_hash in conn.backend.stream(
         conn, "SELECT seq, body, entry_hash FROM audit_log WHERE seq > ? ORDER BY seq", (after,)
     ):
         yield int(seq), str(body).encode("utf-8"), str(entry_hash).encode("ascii")
@@ -202,8 +205,9 @@ def verify_db(db: AuditLocation, public_key: Ed25519PublicKey | None) -> Integri
     hash; checkpoints of archived sizes are checked with the archives
     (:func:`certbroker.audit.archive.verify_with_archives`).
     """
-    with closing(connect_read(db)) as conn:
-        snapshot(conn)
+    backend = backend_for(db)
+    with closing(backend.connect_read()) as conn:
+        backend.snapshot(conn)
         notes = [c.note for c in checkpoints(conn)]
         heads: list[checkpoint.Checkpoint] = []
         if public_key is not None:

@@ -63,8 +63,7 @@ from typing import Any, cast
 import grpc
 
 from certbroker import errors
-from certbroker.audit.events import AUDIT_UNAVAILABLE, AuditEvent, AuditLog
-from certbroker.audit.log import Receipt
+from certbroker.audit.events import AUDIT_UNAVAILABLE, AuditEvent, AuditLog, Receipt
 from certbroker.audit.refusals import RefusalLedger
 
 __all__ = [

@@ -1,46 +1,35 @@
 """The audit log objects the server appends to: group commit over an SQLite or PostgreSQL store.
 
-:func:`open_audit_log` picks the backend from the location (``Config.audit_location``). The
-event model (:class:`certbroker.audit.events.AuditEvent` and its checks) stays in
-:mod:`certbroker.audit.events`,
-which re-exports everything here; this module reaches it only at call time, so importing
-either module first works.
+:func:`open_audit_log` picks the backend from the location (``Config.audit_location``) through
+:func:`certbroker.audit.store.db.backend_for`; :class:`SQLiteAuditLog` and
+:class:`PostgresAuditLog` name one directly. The event model and its checks are
+:mod:`certbroker.audit.events`.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Self, TypedDict, Unpack
+from typing import Self, TypedDict, Unpack
 
-from certbroker.audit.store.db import as_location
-from certbroker.audit.store.rows import AUDIT_UNAVAILABLE, BatchStore, epoch_time
-from certbroker.audit.store.sqlite import SQLiteStore
-from certbroker.audit.writer import CommitHook, GroupCommitWriter
+from certbroker.audit.append import ChainStore
+from certbroker.audit.events import (
+    AUDIT_UNAVAILABLE,
+    AuditEvent,
+    Receipt,
+    epoch_time,
+    event_fields,
+)
+from certbroker.audit.store.base import Backend
+from certbroker.audit.store.db import backend_for
+from certbroker.audit.store.postgres import PostgresBackend
+from certbroker.audit.store.sqlite import SQLiteBackend
+from certbroker.audit.writer import BatchStore, CommitHook, GroupCommitWriter
 from certbroker.config import AuditLocation, PostgresLocation
 from certbroker.errors import BrokerError, Unavailable
 from certbroker.ids import new_id
-
-if TYPE_CHECKING:
-    from certbroker.audit.events import AuditEvent
-
-
-def _fields(event: AuditEvent) -> dict[str, object]:
-    # certbroker.audit.events imports this module at its top, so its names are reached at call time
-    # (and kept: an import statement on every append costs more than the call).
-    global _event_fields  # noqa: PLW0603 - set once, on first use
-    if _event_fields is None:
-        from certbroker.audit.events import _event_fields as checked
-
-        _event_fields = checked
-    return _event_fields(event)
-
-
-_event_fields: Callable[[AuditEvent], dict[str, object]] | None = None
 
 
 class WriterOptions(TypedDict, total=False):
@@ -68,22 +57,9 @@ def _writer(store: BatchStore, options: WriterOptions) -> GroupCommitWriter:
     )
 
 
-def _busy_timeout(options: WriterOptions) -> float:
-    return options.get("busy_timeout", 10.0)
-
-
-@dataclass(frozen=True)
-class Receipt:
-    """Proof the entry is durably stored: its id, chain hash and sequence number."""
-
-    entry_id: str
-    entry_hash: str
-    sequence: int
-
-
 class BatchingAuditLog:
-    """An :class:`AuditLog` over any :class:`~certbroker.audit.store.rows.BatchStore`, with group
-    commit.
+    """An :class:`~certbroker.audit.events.AuditLog` over any
+    :class:`~certbroker.audit.writer.BatchStore`, with group commit.
 
     ``commits`` counts committed transactions (batches), for tests and metrics;
     ``on_commit(entries, seconds)`` is called after each one (its errors never reach callers).
@@ -121,11 +97,11 @@ class BatchingAuditLog:
         after them in the same transaction (a bundle entry naming its items), its receipt last.
         All entries carry the same time. Malformed events raise before anything is queued.
         """
-        bodies = [_fields(event) for event in events]
+        bodies = [event_fields(event) for event in events]
         for fields in bodies:
             fields["entry_id"] = new_id()
         if link is not None:
-            closing = _fields(link([str(fields["entry_id"]) for fields in bodies]))
+            closing = event_fields(link([str(fields["entry_id"]) for fields in bodies]))
             closing["entry_id"] = new_id()
             bodies.append(closing)
         if not bodies:
@@ -152,64 +128,62 @@ class BatchingAuditLog:
         await self.aclose()
 
 
-class SQLiteAuditLog(BatchingAuditLog):
-    """The default :class:`AuditLog`: an SQLite file in WAL mode with ``synchronous=FULL``.
+class BackendAuditLog(BatchingAuditLog):
+    """The broker's :class:`BatchingAuditLog`: the log of one store backend
+    (:class:`~certbroker.audit.append.ChainStore` over its writer session).
+
+    Opening creates the log if needed and continues an existing chain. Raises
+    ``Unavailable("AUDIT_UNAVAILABLE")`` if that fails. ``settings`` are the writer
+    connection's durability settings as the database reports them.
+    """
+
+    def __init__(self, backend: Backend, **options: Unpack[WriterOptions]) -> None:
+        self.backend = backend
+        store = _open(backend, options.get("busy_timeout", 10.0))
+        try:
+            self.settings = store.settings()
+        except BaseException:
+            store.close()
+            raise
+        super().__init__(store, **options)
+
+
+def _open(backend: Backend, busy_timeout: float) -> ChainStore:
+    try:
+        return ChainStore.open(backend, busy_timeout=busy_timeout)
+    except BrokerError:
+        raise
+    except Exception as exc:  # sqlite3, psycopg or OS errors: say which store, never a DSN
+        raise Unavailable(
+            AUDIT_UNAVAILABLE, f"cannot open the audit log ({backend.display})"
+        ) from exc
+
+
+class SQLiteAuditLog(BackendAuditLog):
+    """The default audit log: an SQLite file in WAL mode with ``synchronous=FULL``.
 
     Creates the file (mode 0600) and schema if needed and continues an existing chain.
-    Raises ``Unavailable("AUDIT_UNAVAILABLE")`` if the file cannot be opened that way.
     ``busy_timeout`` is how long a batch waits for another process's write lock.
     """
 
     def __init__(self, path: Path, **options: Unpack[WriterOptions]) -> None:
         self.path = Path(path)
-        try:
-            store = SQLiteStore(self.path, busy_timeout=_busy_timeout(options))
-        except (OSError, sqlite3.Error) as exc:
-            raise Unavailable(AUDIT_UNAVAILABLE, "cannot open the audit log") from exc
-        try:
-            # Read back from the writer connection itself, before the writer thread owns it.
-            self.pragmas: dict[str, object] = {
-                name: store.pragma(name) for name in ("journal_mode", "synchronous")
-            }
-        except BaseException:
-            store.close()
-            raise
-        super().__init__(store, **options)
+        super().__init__(SQLiteBackend(self.path), **options)
 
 
-class PostgresAuditLog(BatchingAuditLog):
-    """The :class:`AuditLog` in PostgreSQL (``[audit] dsn``): one log for several brokers.
+class PostgresAuditLog(BackendAuditLog):
+    """The audit log in PostgreSQL (``[audit] dsn``): one log for several brokers.
 
-    Connects, creates the schema if needed (:mod:`certbroker.audit.store.postgres`) and continues
-    the chain.
-    Raises ``Unavailable("AUDIT_UNAVAILABLE")`` if that fails. ``busy_timeout`` is how long a
-    batch waits for another broker's lock.
+    Connects, creates the schema if needed (:mod:`certbroker.audit.store.postgres`) and
+    continues the chain. ``busy_timeout`` is how long a batch waits for another broker's lock.
     """
 
     def __init__(self, location: PostgresLocation, **options: Unpack[WriterOptions]) -> None:
-        from certbroker.audit.store.postgres import PostgresStore
-
         self.location = location
-        try:
-            store = PostgresStore(location, lock_timeout=_busy_timeout(options))
-        except BrokerError:
-            raise
-        except Exception as exc:  # psycopg errors: say which store, never the DSN
-            raise Unavailable(
-                AUDIT_UNAVAILABLE, f"cannot open the audit log ({location.display})"
-            ) from exc
-        try:
-            self.settings = {name: store.setting(name) for name in ("synchronous_commit",)}
-        except BaseException:
-            store.close()
-            raise
-        super().__init__(store, **options)
+        super().__init__(PostgresBackend(location), **options)
 
 
-def open_audit_log(db: AuditLocation | str, **options: Unpack[WriterOptions]) -> BatchingAuditLog:
-    """The audit log at ``db``: :class:`SQLiteAuditLog` for a path, :class:`PostgresAuditLog`
-    for a :class:`~certbroker.audit.store.db.PostgresLocation` (``Config.audit_location``)."""
-    location = as_location(db)
-    if isinstance(location, PostgresLocation):
-        return PostgresAuditLog(location, **options)
-    return SQLiteAuditLog(location, **options)
+def open_audit_log(db: AuditLocation | str, **options: Unpack[WriterOptions]) -> BackendAuditLog:
+    """The audit log at ``db`` (``Config.audit_location``: an SQLite path or a
+    :class:`~certbroker.config.PostgresLocation`), its backend chosen from the location."""
+    return BackendAuditLog(backend_for(db), **options)

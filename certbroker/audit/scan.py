@@ -1,14 +1,12 @@
 """Keyset-paged, read-only scans of the audit log for the auditor service.
 
-:func:`certbroker.audit.events.query` keeps the *newest* matches and filters only the indexed
-columns;
-auditors page *forward* (oldest first, after a sequence number) and also filter on office and
-case number. This module reads the same log read-only (SQLite ``mode=ro`` or a PostgreSQL
-read-only transaction, :func:`certbroker.audit.store.db.connect_read`), filters the indexed columns
-in
-SQL and the rest on the parsed entries, and stops as soon as it has enough.
-Bodies are parsed by :mod:`certbroker.audit.events`'s own reader, so missing later keys read as
-empty.
+:func:`certbroker.audit.query.query` keeps the *newest* matches and filters only the indexed
+columns; auditors page *forward* (oldest first, after a sequence number) and also filter on
+office and case number. This module reads the same log read-only (SQLite ``mode=ro`` or a
+PostgreSQL read-only transaction, :meth:`~certbroker.audit.store.base.Backend.connect_read`),
+filters the indexed columns in SQL and the rest on the parsed entries, and stops as soon as it
+has enough. Bodies are read by :func:`certbroker.audit.events.parse_entry`, so missing later
+keys read as empty.
 """
 
 from __future__ import annotations
@@ -17,9 +15,8 @@ from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
 
-from certbroker.audit import events as audit
-from certbroker.audit.store.db import connect_read, stream
-from certbroker.audit.store.rows import StoredRow, iso_time
+from certbroker.audit.events import AuditEntry, iso_time, parse_entry
+from certbroker.audit.store.db import backend_for
 from certbroker.config import AuditLocation
 
 
@@ -74,7 +71,7 @@ def _sql(criteria: Criteria) -> tuple[str, list[object]]:
     return sql, params
 
 
-def _matches(entry: audit.AuditEntry, criteria: Criteria) -> bool:
+def _matches(entry: AuditEntry, criteria: Criteria) -> bool:
     event = entry.event
     if criteria.office is not None and event.office != criteria.office:
         return False
@@ -83,9 +80,7 @@ def _matches(entry: audit.AuditEntry, criteria: Criteria) -> bool:
     return not criteria.kinds or event.kind in criteria.kinds
 
 
-def scan(
-    db: AuditLocation, criteria: Criteria, *, limit: int | None = None
-) -> list[audit.AuditEntry]:
+def scan(db: AuditLocation, criteria: Criteria, *, limit: int | None = None) -> list[AuditEntry]:
     """Entries matching ``criteria`` in sequence order, at most ``limit`` (None = all).
 
     Raises ``FileNotFoundError`` if there is no log yet and ``ValueError`` for a malformed
@@ -94,13 +89,13 @@ def scan(
     if limit is not None and limit < 0:
         raise ValueError("limit must not be negative")
     sql, params = _sql(criteria)
-    found: list[audit.AuditEntry] = []
+    found: list[AuditEntry] = []
     if limit == 0:
         return found
-    with closing(connect_read(db)) as conn:
-        for seq, body, prev_hash, entry_hash in stream(conn, sql, params):
-            row = StoredRow(int(seq), str(body), str(prev_hash), str(entry_hash), {})
-            entry = audit._entry(row)  # the log's own body reader (compatibility rules)
+    backend = backend_for(db)
+    with closing(backend.connect_read()) as conn:
+        for seq, body, prev_hash, entry_hash in backend.stream(conn, sql, params):
+            entry = parse_entry(int(seq), str(body), str(prev_hash), str(entry_hash))
             if _matches(entry, criteria):
                 found.append(entry)
                 if limit is not None and len(found) >= limit:
@@ -108,6 +103,6 @@ def scan(
     return found
 
 
-def entry_time(entry: audit.AuditEntry) -> datetime:
+def entry_time(entry: AuditEntry) -> datetime:
     """The entry's time as an aware UTC datetime."""
     return datetime.fromisoformat(entry.time)

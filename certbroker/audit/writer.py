@@ -1,8 +1,8 @@
 """The group-commit writer: one thread appending queued audit bodies to a store, batch by batch.
 
-Store-agnostic (any :class:`~certbroker.audit.store.rows.BatchStore`: SQLite or PostgreSQL).
-Callers on
-any event loop ``await write(...)``; the event loop never touches the disk or the network.
+Store-agnostic (any :class:`BatchStore`; the broker's is
+:class:`certbroker.audit.append.ChainStore`, on SQLite or PostgreSQL). Callers on any event loop
+``await write(...)``; the event loop never touches the disk or the network.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from certbroker.audit.store.rows import AUDIT_UNAVAILABLE, BatchStore, StoredRow
+from certbroker.audit.events import AUDIT_UNAVAILABLE
+from certbroker.audit.store.rows import StoredRow
 from certbroker.config import MAX_WAIT_S
 from certbroker.errors import Unavailable
 
@@ -24,6 +26,23 @@ log = logging.getLogger(__name__)
 
 CommitHook = Callable[[int, float], None]
 """``on_commit(entries, seconds)``: called after each committed batch (e.g. for metrics)."""
+
+
+class BatchStore(Protocol):
+    """What the group-commit writer needs from a store. Called from one thread only.
+
+    A store may also offer ``exclusive()``, a context manager that makes it the next writer
+    of a log shared with other processes (``WriterSession.exclusive`` in
+    :mod:`certbroker.audit.store.base`); the writer then holds it while it collects a batch.
+    """
+
+    def write_batch(self, bodies: Sequence[Mapping[str, object]]) -> list[StoredRow]:
+        """Append ``bodies`` in order, all in one durable transaction, or none of them."""
+        ...
+
+    def close(self) -> None:
+        """Release the store's connection."""
+        ...
 
 
 @dataclass

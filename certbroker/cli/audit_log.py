@@ -24,7 +24,8 @@ from certbroker.audit import archive as audit_archive
 from certbroker.audit.export import export, verify_db, verify_export
 from certbroker.audit.integrity import checkpoint
 from certbroker.audit.integrity import proofs as audit_proofs
-from certbroker.audit.store import db as audit_db
+from certbroker.audit.store.db import backend_for
+from certbroker.audit.store.postgres import grant_statements
 from certbroker.audit.verify.report import EXIT_CODES_HELP, IntegrityReport
 from certbroker.cli import jsonout
 from certbroker.config import AuditLocation, PostgresLocation
@@ -72,8 +73,8 @@ def target(args: argparse.Namespace) -> Target:
         location = Path(args.db)
     elif args.dsn:
         location = PostgresLocation(args.dsn, args.schema or cfg.audit_schema)
-    elif args.schema and isinstance(location, PostgresLocation):
-        location = PostgresLocation(location.dsn, args.schema)
+    elif args.schema and cfg.audit_dsn:  # the configured PostgreSQL log, another schema
+        location = PostgresLocation(cfg.audit_dsn, args.schema)
     return Target(
         location, cfg.state_dir, cfg.checkpoint_key, cfg.archive_directory, cfg.archive_after_days
     )
@@ -95,9 +96,10 @@ def _existing(args: argparse.Namespace) -> Target | None:
     """The target, or None after printing why it cannot be used (no log, unreachable)."""
     try:
         found = target(args)
-        if audit_db.exists(found.location):
+        backend = backend_for(found.location)
+        if backend.exists():
             return found
-        print(f"error: no audit log at {audit_db.describe(found.location)}", file=sys.stderr)
+        print(f"error: no audit log at {backend.display}", file=sys.stderr)
     except (BrokerError, ValueError) as exc:  # ConfigError is a ValueError
         print(f"error: {_message(exc)}", file=sys.stderr)
     return None
@@ -170,7 +172,7 @@ def integrity_verify(args: argparse.Namespace) -> int:
             return 2
         return _print(verify_export(args.export, key), f"export {args.export}", args.json)
     assert found is not None
-    what = audit_db.describe(found.location)
+    what = backend_for(found.location).display
     try:
         if args.with_archives is not None:
             if key is None:
@@ -261,13 +263,12 @@ def integrity_pg_grants(args: argparse.Namespace) -> int:
     if not config.SCHEMA_RE.fullmatch(schema):
         print(f"error: --schema {schema!r}: lowercase letters, digits and _ only", file=sys.stderr)
         return 2
-    # Imported here: psycopg (the postgres extra) is needed only for PostgreSQL commands.
-    try:
-        from certbroker.audit.store.postgres import grant_statements
+    try:  # psycopg (the postgres extra) quotes the names; an SQLite-only install lacks it
+        statements = grant_statements(schema, role, archiver=args.archiver)
     except ImportError as exc:
         print(f"error: the PostgreSQL driver is not installed ({exc})", file=sys.stderr)
         return 2
-    for statement in grant_statements(schema, role, archiver=args.archiver):
+    for statement in statements:
         print(f"{statement};")
     return 0
 

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import sys
-import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,12 +27,11 @@ import grpc
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 
-from certbroker.audit.events import display_width
 from certbroker.audit.integrity import checkpoint
 from certbroker.audit.verify.report import REWRITTEN
 from certbroker.cli import client, jsonout
+from certbroker.cli.table import printable, render_table
 from certbroker.v1 import audit_pb2, audit_pb2_grpc
-from certbroker.validation import CONTROL_CATEGORIES
 
 StateOption = Callable[[argparse.ArgumentParser], None]
 _Use = Callable[[audit_pb2_grpc.AuditStub, tuple[tuple[str, str]]], int]
@@ -70,30 +68,6 @@ def _range(args: argparse.Namespace) -> audit_pb2.TimeRange | None:
         except ValueError:
             raise ValueError(f"--{name}: not an ISO 8601 time: {value!r}") from None
     return client.time_range(moments["since"], moments["until"])
-
-
-def _cell(text: str) -> str:
-    # Values come from callers' tokens and requests: escape control and format characters so a
-    # crafted value cannot break the table or send escape sequences to the auditor's terminal.
-    out = [
-        ch.encode("unicode_escape").decode("ascii")
-        if unicodedata.category(ch) in CONTROL_CATEGORIES
-        else ch
-        for ch in text
-    ]
-    return "".join(out) or "-"
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """An aligned text table (header, rule, rows), padded by display width; "" shows as "-"."""
-    cells = [list(header), *([_cell(c) for c in row] for row in rows)]
-    widths = [max(display_width(line[i]) for line in cells) for i in range(len(header))]
-
-    def render(line: Sequence[str]) -> str:
-        padded = [c + " " * (w - display_width(c)) for c, w in zip(line, widths, strict=True)]
-        return "  ".join(padded).rstrip()
-
-    return "\n".join(render(line) for line in [cells[0], ["-" * w for w in widths], *cells[1:]])
 
 
 def _when(stamp: timestamp_pb2.Timestamp) -> str:
@@ -156,8 +130,8 @@ def cmd_report(args: argparse.Namespace) -> int:
                 )
                 for a in reply.accesses
             ]
-            print(f"accesses to the records of {_cell(reply.subject_id)}:")
-            print(table(header, rows))
+            print(f"accesses to the records of {printable(reply.subject_id)}:")
+            print(render_table(header, rows))
             print(f"({len(rows)} accesses)")
             return 0
 
@@ -180,7 +154,7 @@ def cmd_anomalies(args: argparse.Namespace) -> int:
                 (f.rule, f.clerk, _sequences(list(f.sequences)), f.description)
                 for f in reply.findings
             ]
-            print(table(("RULE", "CLERK", "ENTRIES", "DESCRIPTION"), rows))
+            print(render_table(("RULE", "CLERK", "ENTRIES", "DESCRIPTION"), rows))
             print(f"({len(rows)} findings)")
             return 0
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import grpc
 
-from certbroker import config
+from certbroker import audit, config
 from certbroker.adapters.demo import synthetic
-from certbroker.audit import events as audit
 from certbroker.auth.authenticator import DevIdentityProvider
 from certbroker.cli import client
+from certbroker.cli.table import format_table
 from certbroker.contract import resident_id
 from certbroker.v1 import broker_pb2, broker_pb2_grpc
 
@@ -199,10 +199,10 @@ def _audit_story(state_dir: Path, surprises: list[str]) -> int:
         "the summary of the unauthenticated calls from this address"
     )
     entries = audit.query(db, audit.QueryFilter())
-    print(audit.format_table(entries))
+    print(format_table(entries))
     if not any(e.event.kind == "unauthenticated" for e in entries):
         surprises.append("the forged-token call is in no summary entry")
-    report = audit.verify(db)
+    report = audit.verify_chain(db)
     print(
         f"\n  certbroker audit verify: {'ok' if report.ok else 'TAMPERED'}, "
         f"{report.entries} entries"
@@ -256,7 +256,7 @@ def _tamper_demo(db: Path, surprise: Callable[[str], None]) -> None:
                 "UPDATE audit_log SET body = replace(body, '\"deny\"', '\"allow\"') "
                 "WHERE seq = (SELECT min(seq) FROM audit_log WHERE decision = 'deny')"
             )
-        report = audit.verify(copy)
+        report = audit.verify_chain(copy)
         shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"  after turning a 'deny' into 'allow' in a copy: "

@@ -17,13 +17,13 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from certbroker import config, policy
-from certbroker.audit import events as audit
+from certbroker import audit, config, policy
 from certbroker.auth.authenticator import DevIdentityProvider
 from certbroker.cli import adapters as cli_adapters
 from certbroker.cli import audit_log as cli_audit_log
 from certbroker.cli import auditor as cli_auditor
 from certbroker.cli import client, jsonout
+from certbroker.cli.table import format_table
 
 DEFAULT_STATE = Path(".certbroker")
 
@@ -207,7 +207,7 @@ def cmd_audit_query(args: argparse.Namespace) -> int:
         for entry in entries:
             print(jsonout.dumps(dataclasses.asdict(entry), sort_keys=True))
     else:
-        print(audit.format_table(entries))
+        print(format_table(entries))
         print(f"({len(entries)} entries)")
     return 0
 

@@ -1,15 +1,17 @@
-"""The audit log as a terminal table (``certbroker audit query``): aligned, escaped, CJK-aware."""
+"""Aligned text tables for terminals: CJK-aware widths, escaped values.
+
+The one renderer of the CLI's tables: :func:`render_table` for any rows (the auditor commands,
+:mod:`certbroker.cli.auditor`), :func:`format_table` for audit log entries (``certbroker audit
+query``, the demo).
+"""
 
 from __future__ import annotations
 
 import unicodedata
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
+from certbroker.audit import AuditEntry, AuditEvent
 from certbroker.validation import CONTROL_CATEGORIES
-
-if TYPE_CHECKING:  # only for annotations: certbroker.audit.events re-exports format_table
-    from certbroker.audit.events import AuditEntry, AuditEvent
 
 _TABLE_COLUMNS: tuple[tuple[str, Callable[[AuditEntry], str]], ...] = (
     ("SEQ", lambda e: str(e.sequence)),
@@ -42,26 +44,25 @@ def display_width(text: str) -> int:
     return width
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
+    """``text`` safe for a terminal cell: control and format characters escaped
+    (``\\x1b`` ...), and ``-`` for an empty value."""
     # Values come from callers' tokens and requests: escape control and format characters so
-    # a crafted value cannot break the table or send escape sequences to the auditor's terminal.
-    out = []
-    for ch in text:
-        if unicodedata.category(ch) in CONTROL_CATEGORIES:
-            out.append(ch.encode("unicode_escape").decode("ascii"))
-        else:
-            out.append(ch)
+    # a crafted value cannot break the table or send escape sequences to the user's terminal.
+    out = [
+        ch.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(ch) in CONTROL_CATEGORIES
+        else ch
+        for ch in text
+    ]
     return "".join(out) or "-"
 
 
-def format_table(entries: Sequence[AuditEntry]) -> str:
-    """Entries as an aligned text table (header, rule, one line per entry), for terminals.
-
-    Aligns by display width, so CJK names line up; empty values show as ``-``.
-    """
-    header = [name for name, _ in _TABLE_COLUMNS]
-    rows = [[_printable(cell(entry)) for _, cell in _TABLE_COLUMNS] for entry in entries]
-    widths = [max(display_width(line[i]) for line in [header, *rows]) for i in range(len(header))]
+def render_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """An aligned text table (header, rule, one line per row), padded by display width so CJK
+    text lines up; every cell goes through :func:`printable` (empty shows as ``-``)."""
+    lines = [list(header), *([printable(cell) for cell in row] for row in rows)]
+    widths = [max(display_width(line[i]) for line in lines) for i in range(len(header))]
 
     def render(cells: Sequence[str]) -> str:
         padded = [
@@ -71,4 +72,10 @@ def format_table(entries: Sequence[AuditEntry]) -> str:
         return "  ".join(padded).rstrip()
 
     rule = ["-" * width for width in widths]
-    return "\n".join(render(line) for line in [header, rule, *rows])
+    return "\n".join(render(line) for line in [lines[0], rule, *lines[1:]])
+
+
+def format_table(entries: Sequence[AuditEntry]) -> str:
+    """Audit entries as an aligned text table, one line per entry (:func:`render_table`)."""
+    header = [name for name, _ in _TABLE_COLUMNS]
+    return render_table(header, [[cell(entry) for _, cell in _TABLE_COLUMNS] for entry in entries])

@@ -31,8 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from certbroker import errors
-from certbroker.audit.events import BatchingAuditLog, open_audit_log
-from certbroker.audit.integrity.proofs import CheckpointSigner, checkpoint_task
+from certbroker.audit import BatchingAuditLog, CheckpointSigner, checkpoint_task, open_audit_log
 from certbroker.audit.refusals import RefusalLedger, malformed_request
 from certbroker.audit.service.servicer import AuditService
 from certbroker.auth.authenticator import (
@@ -49,6 +48,7 @@ from certbroker.metrics import Metrics
 from certbroker.routing.breaker import BreakerBoard
 from certbroker.routing.channels import channel_credentials
 from certbroker.routing.decision_token import DecisionSigner
+from certbroker.routing.registry.endpoints import EndpointGuard, broker_ports
 from certbroker.routing.registry.servicer import RegistryService
 from certbroker.routing.registry.store import RegistryStore
 from certbroker.routing.router import Fetched, Router, build_router
@@ -252,6 +252,8 @@ async def start(
     registry = RegistryStore(
         config.state_dir / "registry.sqlite", lease_s=config.lease_s, clock=lease_clock
     )
+    # Where departments may register adapters; the ports bound below are added once known.
+    endpoints = EndpointGuard(policies, broker_ports(config))
     router = build_router(
         config.adapters,
         departments,
@@ -261,6 +263,7 @@ async def start(
         breakers=breakers,
         credentials=credentials,
         timeout_s=config.adapter_timeout_s,
+        endpoint_allowed=endpoints.allows,
     )
     audit = open_audit_log(
         config.audit_location,
@@ -294,7 +297,9 @@ async def start(
         record_cache=record_cache,
         refusals=refusals,
     )
-    registry_service = RegistryService(auth, policies, registry, breakers, audit, refusals=refusals)
+    registry_service = RegistryService(
+        auth, policies, registry, breakers, audit, endpoints=endpoints, refusals=refusals
+    )
     audit_service = AuditService(
         auth,
         policies,
@@ -324,9 +329,11 @@ async def start(
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot bind gRPC port {config.host}:{config.port}")
+    endpoints.refuse_ports(broker_ports(config, port))
     await server.start()
     refusals.start()
     metrics_http, metrics_port = metrics.serve(config.host, config.metrics_port)
+    endpoints.refuse_ports(broker_ports(config, metrics_port))
     for name in ("", service_name, registry_name, audit_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(

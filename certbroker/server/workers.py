@@ -122,7 +122,7 @@ def reserve_port(host: str, port: int) -> Iterator[int]:
 
 async def prepare(config: Config) -> None:
     """Create the shared state once (keys, audit schema, registry file) before any worker."""
-    from certbroker.audit.events import open_audit_log
+    from certbroker.audit import open_audit_log
     from certbroker.audit.integrity.proofs import CheckpointSigner
     from certbroker.auth.authenticator import DevIdentityProvider
     from certbroker.routing.decision_token import DecisionSigner

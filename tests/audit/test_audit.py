@@ -1,4 +1,4 @@
-"""Tests for the tamper-evident audit log (certbroker.audit.events, certbroker.audit.store.rows)."""
+"""Tests for the tamper-evident audit log (certbroker.audit: events, log, writer, append, store)."""
 
 from __future__ import annotations
 
@@ -21,20 +21,20 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
-from certbroker.audit.events import (
+from certbroker.audit import (
     AuditEvent,
     AuditLog,
     BatchingAuditLog,
     QueryFilter,
     Receipt,
     SQLiteAuditLog,
-    format_table,
     query,
-    verify,
 )
-from certbroker.audit.store.db import SQLITE_CHUNK
+from certbroker.audit.append import ChainStore
 from certbroker.audit.store.rows import StoredRow
-from certbroker.audit.store.sqlite import SQLiteStore
+from certbroker.audit.store.sqlite import SQLITE_CHUNK, SQLiteBackend
+from certbroker.audit.verify.chain import verify
+from certbroker.cli.table import format_table
 from certbroker.errors import Unavailable, to_status
 
 T = TypeVar("T")
@@ -178,7 +178,7 @@ def test_writer_connection_is_wal_with_synchronous_full(tmp_path: Path) -> None:
 
     async def main() -> dict[str, object]:
         async with SQLiteAuditLog(path) as log:
-            return log.pragmas
+            return log.settings
 
     assert run(main()) == {"journal_mode": "wal", "synchronous": 2}
     with closing(sqlite3.connect(path)) as conn:  # WAL is a property of the file
@@ -360,7 +360,7 @@ def test_a_writer_lock_held_too_long_elsewhere_fails_closed(tmp_path: Path) -> N
 class GatedStore:
     """A BatchStore wrapper that holds the first batch until the test opens the gate."""
 
-    def __init__(self, inner: SQLiteStore) -> None:
+    def __init__(self, inner: ChainStore) -> None:
         self.inner = inner
         self.entered = threading.Event()
         self.gate = threading.Event()
@@ -378,7 +378,7 @@ class GatedStore:
 
 def test_a_failed_batch_fails_every_caller_in_it(tmp_path: Path) -> None:
     path = tmp_path / "audit.db"
-    store = GatedStore(SQLiteStore(path))
+    store = GatedStore(ChainStore.open(SQLiteBackend(path)))
     with closing(sqlite3.connect(path, isolation_level=None)) as conn:
         conn.execute(
             "CREATE TRIGGER poison BEFORE INSERT ON audit_log WHEN NEW.clerk = 'poison' "
@@ -410,7 +410,7 @@ def test_a_failed_batch_fails_every_caller_in_it(tmp_path: Path) -> None:
 
 def test_a_store_batch_is_one_transaction(tmp_path: Path) -> None:
     path = tmp_path / "audit.db"
-    store = SQLiteStore(path)
+    store = ChainStore.open(SQLiteBackend(path))
 
     def body(clerk: str) -> dict[str, object]:
         return {
@@ -439,7 +439,7 @@ def test_a_store_batch_is_one_transaction(tmp_path: Path) -> None:
 
 
 def test_batches_larger_than_one_insert_statement_are_stored_whole(tmp_path: Path) -> None:
-    # Rows go in as multi-row INSERTs of audit_db.SQLITE_CHUNK rows: full chunks and a rest.
+    # Rows go in as multi-row INSERTs of SQLITE_CHUNK rows: full chunks and a rest.
     path = tmp_path / "audit.db"
     sizes = [1, SQLITE_CHUNK, SQLITE_CHUNK + 1, 2 * SQLITE_CHUNK + 7]
 
@@ -490,7 +490,7 @@ def test_write_failure_raises_unavailable_and_leaves_no_partial_entry(tmp_path: 
 
 def test_cancelled_caller_still_gets_its_entry_written(tmp_path: Path) -> None:
     path = tmp_path / "audit.db"
-    store = GatedStore(SQLiteStore(path))
+    store = GatedStore(ChainStore.open(SQLiteBackend(path)))
 
     async def main() -> None:
         async with BatchingAuditLog(store) as log:

@@ -22,11 +22,12 @@ import pytest
 
 from certbroker import config
 from certbroker.adapters.demo import synthetic
+from certbroker.audit import open_audit_log
 from certbroker.audit.archive import ArchiveRecord, archive_older_than, verify_with_archives
-from certbroker.audit.events import open_audit_log, verify
 from certbroker.audit.export import export, verify_db
 from certbroker.audit.integrity import merkle
 from certbroker.audit.integrity import proofs as audit_proofs
+from certbroker.audit.verify.chain import verify
 from certbroker.audit.verify.report import DELETED, EDITED, OK
 from certbroker.auth.authenticator import DevIdentityProvider
 from certbroker.cli import client

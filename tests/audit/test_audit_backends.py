@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,12 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from certbroker.audit.events import QueryFilter, open_audit_log, query, verify
+from certbroker.audit import QueryFilter, open_audit_log, query
 from certbroker.audit.export import export, verify_db, verify_export
 from certbroker.audit.integrity import proofs as audit_proofs
+from certbroker.audit.integrity.tree import load_state
+from certbroker.audit.store import PostgresBackend, SQLiteBackend, backend_for
+from certbroker.audit.verify.chain import verify
 from certbroker.audit.verify.report import (
     DELETED,
     EDITED,
@@ -89,6 +93,81 @@ def test_the_log_verifies_and_reads_back_on_both_backends(log: Log) -> None:
     latest = audit_proofs.latest_checkpoint(log.location)
     assert latest is not None
     assert latest.size == N
+
+
+# --- one backend interface, chosen once from the location ------------------------------------
+
+
+def test_the_backend_is_chosen_from_the_location(tmp_path: Path) -> None:
+    path = tmp_path / "audit.sqlite"
+    assert backend_for(path) == SQLiteBackend(path)
+    assert backend_for(str(path)) == SQLiteBackend(path)  # a str is an SQLite path
+    pg = PostgresLocation("postgresql://nobody@127.0.0.1:1/none", "certbroker")
+    assert backend_for(pg) == PostgresBackend(pg)  # nothing connects until asked
+    with pytest.raises(TypeError, match="not an audit location"):
+        backend_for(42)  # type: ignore[arg-type]
+
+
+def test_every_connection_knows_its_backend(log: Log) -> None:
+    backend = backend_for(log.location)
+    assert backend.exists()
+    with closing(backend.connect_read()) as conn:
+        assert conn.backend == backend
+        assert conn.backend.has_table(conn, "audit_archives")
+        assert not conn.backend.has_table(conn, "no_such_table")
+        size, _ = load_state(conn)
+    assert size == N
+    with backend.write_transaction() as conn:
+        assert conn.backend == backend
+
+
+SQLITE_ONLY = """
+import asyncio, io, sys
+from pathlib import Path
+
+sys.modules["psycopg"] = None  # as if the postgres extra were not installed: import fails
+
+from certbroker import audit
+from certbroker.audit.archive import verify_with_archives
+from certbroker.audit.export import export, verify_db
+from certbroker.audit.integrity import proofs
+
+db, state = Path(sys.argv[1]), Path(sys.argv[2])
+event = audit.AuditEvent(
+    "lookup", "clerk-1", "hall-07", ("clerk",), "s", "M", "C", "id_card_read", "household",
+    "allow", "rule", (), "OK", "OK", "v", "dept", 1.0, "dec-1",
+)
+
+
+async def main() -> None:
+    async with audit.open_audit_log(db) as log:
+        await log.append_many([event] * 3)
+
+
+asyncio.run(main())
+signer = proofs.CheckpointSigner.load(state)
+proofs.sign_checkpoint(db, signer)
+assert proofs.inclusion_proof(db, 2, 3)[1]
+assert audit.verify_chain(db).ok
+assert [e.sequence for e in audit.query(db, audit.QueryFilter())] == [1, 2, 3]
+assert export(db, io.BytesIO()) == (1, 3)
+assert verify_db(db, signer.public_key).ok
+assert verify_with_archives(db, signer.public_key, state / "archive").ok
+assert "psycopg" not in {name.partition(".")[0] for name in sys.modules if sys.modules[name]}
+print("ok")
+"""
+
+
+def test_an_sqlite_only_install_never_imports_psycopg(tmp_path: Path) -> None:
+    """psycopg is imported where a PostgreSQL server is talked to, never with the package."""
+    done = subprocess.run(
+        [sys.executable, "-c", SQLITE_ONLY, str(tmp_path / "audit.sqlite"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout) == (0, "ok\n"), done.stderr
 
 
 # --- the live database --------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from certbroker.audit.events import SQLiteAuditLog
+from certbroker.audit import SQLiteAuditLog
 from certbroker.audit.export import export, verify_db, verify_export
 from certbroker.audit.integrity import checkpoint, merkle
 from certbroker.audit.integrity import proofs as audit_proofs

@@ -16,17 +16,18 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from certbroker.audit.archive import archive_older_than
-from certbroker.audit.events import (
+from certbroker.audit import (
     BatchingAuditLog,
     PostgresAuditLog,
     Receipt,
     open_audit_log,
-    verify,
 )
+from certbroker.audit.append import ChainStore
+from certbroker.audit.archive import archive_older_than
 from certbroker.audit.export import verify_db
 from certbroker.audit.integrity import proofs as audit_proofs
 from certbroker.audit.store import postgres as audit_pg
+from certbroker.audit.verify.chain import verify
 from certbroker.config import PostgresLocation
 from certbroker.errors import Unavailable
 from tests.audit.pg_support import admin_url, fresh_schema, run_sql
@@ -195,13 +196,13 @@ def test_several_logs_in_one_process_append_one_chain(pg: PostgresLocation) -> N
 
 def test_two_stores_creating_the_schema_at_once_both_work(pg: PostgresLocation) -> None:
     barrier = threading.Barrier(4)
-    stores: list[audit_pg.PostgresStore] = []
+    stores: list[ChainStore] = []
     errors: list[BaseException] = []
 
     def open_one() -> None:
         barrier.wait(30)
         try:
-            stores.append(audit_pg.PostgresStore(pg))
+            stores.append(ChainStore.open(audit_pg.PostgresBackend(pg)))
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -223,8 +224,9 @@ def test_two_stores_creating_the_schema_at_once_both_work(pg: PostgresLocation) 
 
 
 def test_a_lost_connection_fails_that_batch_and_the_next_reconnects(pg: PostgresLocation) -> None:
-    store = audit_pg.PostgresStore(pg)
-    pid = store.backend_pid()
+    session = audit_pg.PostgresBackend(pg).open_writer()
+    pid = session.backend_pid()
+    store = ChainStore(session)
 
     async def go() -> list[int]:
         async with BatchingAuditLog(store) as log:

@@ -21,8 +21,9 @@ import grpc
 import pytest
 
 from certbroker.adapters.demo import synthetic
-from certbroker.audit.events import QueryFilter, query, verify
+from certbroker.audit import QueryFilter, query
 from certbroker.audit.integrity import proofs as audit_proofs
+from certbroker.audit.verify.chain import verify
 from certbroker.auth.authenticator import DevIdentityProvider
 from certbroker.cli import client
 from certbroker.config import PostgresLocation

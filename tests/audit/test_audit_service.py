@@ -13,8 +13,8 @@ import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
+from certbroker import audit
 from certbroker.adapters.demo import synthetic
-from certbroker.audit import events as audit
 from certbroker.audit.events import AuditEvent
 from certbroker.cli import client
 from certbroker.v1 import audit_pb2, audit_pb2_grpc

@@ -15,8 +15,8 @@ from typing import Any
 import grpc
 import pytest
 
+from certbroker import audit
 from certbroker.adapters.demo import synthetic
-from certbroker.audit import events as audit
 from certbroker.audit.events import AuditEvent
 from certbroker.audit.export import export, verify_export
 from certbroker.audit.integrity import checkpoint, merkle

@@ -37,6 +37,7 @@ from certbroker.audit.integrity.checkpoint import (
     verify_note,
 )
 from certbroker.audit.integrity.merkle import EMPTY_ROOT, leaf_hash
+from certbroker.auth.keyfiles import ed25519_key_files
 
 # golang.org/x/mod/sumdb/note's documented example (note.go, note_test.go): Ed25519 is
 # deterministic, so producing this exact note proves wire compatibility with Go's note package.
@@ -326,6 +327,31 @@ def test_generate_key_is_0600_even_with_permissive_umask(tmp_path: Path) -> None
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "k.pem").stat().st_mode) == 0o600
+
+
+def test_state_directory_keys_are_written_by_the_same_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The checkpoint key and the state directory's keys (IdP, decision tokens) are written by
+    # one function: 0600 from creation, never half a key left behind after a failed write.
+    files = ed25519_key_files(tmp_path / "state-key")
+    assert stat.S_IMODE(files.signing_key_path.stat().st_mode) == 0o600
+    assert load_public_key(files.public_key_path) == files.public_key
+
+    def no_disk(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_disk)
+    for create in (
+        lambda: ed25519_key_files(tmp_path / "full"),
+        lambda: generate_key(tmp_path / "full.pem"),
+    ):
+        with pytest.raises(OSError, match="No space"):
+            create()
+    assert not (tmp_path / "full" / "signing-key.pem").exists()
+    assert not (tmp_path / "full.pem").exists()
+    monkeypatch.undo()
+    assert ed25519_key_files(tmp_path / "full").private_key is not None  # a clean retry
 
 
 def test_loading_non_ed25519_keys_fails(tmp_path: Path) -> None:

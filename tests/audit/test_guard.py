@@ -17,8 +17,7 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
-from certbroker import errors
-from certbroker.audit import events as audit
+from certbroker import audit, errors
 from certbroker.audit.events import AuditEvent
 from certbroker.audit.guard import AuditedCall, Batch, Result, invocation_metadata, outcome
 
@@ -123,7 +122,7 @@ def test_the_entry_is_written_before_the_answer(tmp_path: Path) -> None:
     assert entry.event.latency_ms >= 0
     assert finished == ["OK"]
     assert len(appended) == 1
-    assert audit.verify(path).ok
+    assert audit.verify_chain(path).ok
 
 
 def test_a_broker_error_is_raised_after_its_one_entry(tmp_path: Path) -> None:

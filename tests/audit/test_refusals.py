@@ -17,9 +17,8 @@ from typing import Any, cast
 import grpc
 import pytest
 
-from certbroker import errors
-from certbroker.audit import events as audit
-from certbroker.audit.events import AuditEvent, Receipt
+from certbroker import audit, errors
+from certbroker.audit import AuditEvent, Receipt
 from certbroker.audit.refusals import (
     MALFORMED_REQUEST,
     OTHER_PEERS,
@@ -268,7 +267,7 @@ def test_two_hundred_calls_without_metadata_are_one_entry(
     (summary,) = entries(env)
     assert (summary.event.kind, summary.event.subject_id) == ("unauthenticated", "ipv4:127.0.0.1")
     assert dict(summary.event.outcome_counts) == {"TOKEN_MISSING": 200}
-    assert audit.verify(env.state_dir / "audit.sqlite").ok
+    assert audit.verify_chain(env.state_dir / "audit.sqlite").ok
 
 
 def test_every_service_counts_its_unknown_callers(

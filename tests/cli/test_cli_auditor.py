@@ -9,13 +9,12 @@ from pathlib import Path
 import grpc
 import pytest
 
+from certbroker import audit
 from certbroker.adapters.demo import synthetic
-from certbroker.audit import events as audit
-from certbroker.audit.events import display_width
 from certbroker.audit.integrity import checkpoint
 from certbroker.cli import client
 from certbroker.cli import main as cli
-from certbroker.cli.auditor import table
+from certbroker.cli.table import display_width, render_table
 from tests.helpers import Env
 
 CASE = "GZ20260302-000001"
@@ -175,7 +174,7 @@ def test_prove_a_lookup_receipt(
 
 
 def test_table_escapes_control_characters_and_pads_by_display_width() -> None:
-    text = table(("NAME", "OFFICE"), [("李敏", "hall\x1b[31m"), ("", "x")])
+    text = render_table(("NAME", "OFFICE"), [("李敏", "hall\x1b[31m"), ("", "x")])
     header, rule, first, second = text.splitlines()
     assert "\x1b" not in text
     assert "\\x1b[31m" in first

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from certbroker.audit.events import AuditEvent, SQLiteAuditLog
+from certbroker.audit import AuditEvent, SQLiteAuditLog
 from certbroker.cli import jsonout
 from certbroker.cli import main as cli
 from certbroker.v1 import audit_pb2

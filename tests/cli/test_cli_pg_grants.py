@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from certbroker.audit.events import open_audit_log
+from certbroker.audit import open_audit_log
 from certbroker.cli import main as cli
 from certbroker.config import PostgresLocation
 from tests.audit.pg_support import admin_url, fresh_schema, run_sql
@@ -113,6 +114,17 @@ def test_a_broken_configuration_is_a_usage_error(
     code, out, err = pg_grants(capsys, "--role", "r", "--config", str(toml))
     assert (code, out) == (2, "")
     assert "audit.schema" in err
+
+
+def test_without_the_postgresql_driver_it_says_so(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The command needs psycopg only to quote the names: an SQLite-only install gets a usage
+    # error naming the missing driver, not a traceback.
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    code, out, err = pg_grants(capsys, "--role", "certbroker_app")
+    assert (code, out) == (2, "")
+    assert "PostgreSQL driver is not installed" in err
 
 
 def test_role_is_required(capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from certbroker.audit import events as audit
+from certbroker import audit
 from tests.audit.test_audit_writer import _event
 from tests.helpers import ROOT
 

@@ -21,12 +21,12 @@ from typing import Any
 import grpc
 import pytest
 
-from certbroker import config
+from certbroker import audit, config
 from certbroker.adapters.demo import synthetic
-from certbroker.audit import events as audit
 from certbroker.audit.store.rows import canonical_body, chain_hash
 from certbroker.auth.authenticator import DevIdentityProvider
 from certbroker.cli import client
+from certbroker.cli.table import format_table
 from certbroker.config import AdapterRoute
 from certbroker.contract import resident_id
 from certbroker.v1 import broker_pb2, broker_pb2_grpc
@@ -148,7 +148,7 @@ def test_property_transfer_bundle_for_a_couple(env: Env, couple: tuple[str, str]
     assert (linking.event.outcome, linking.event.status) == ("OK", "OK")
     assert linking.sequence > max(stored[i].sequence for i in item_ids)  # after the items
     assert linking.entry_hash == reply.receipt.entry_hash
-    assert audit.verify(db).ok
+    assert audit.verify_chain(db).ok
 
     assert env.broker.broker is not None
     url = f"http://127.0.0.1:{env.broker.broker.metrics_port}/metrics"
@@ -256,7 +256,7 @@ def test_one_item_denied_by_policy_while_the_others_succeed(
         assert entry.event.bundle_id == reply.bundle_id
     linking = stored[reply.receipt.entry_id].event
     assert dict(linking.outcome_counts) == {"OK": 4, "POLICY_DENIED": 2}
-    assert audit.verify(broker.config.audit_file).ok
+    assert audit.verify_chain(broker.config.audit_file).ok
 
 
 # --- refused bundles ------------------------------------------------------------------------
@@ -306,7 +306,7 @@ def test_bad_input_fails_the_whole_call_and_is_audited(
     assert (ev.kind, ev.outcome, ev.status) == ("bundle", reason, "INVALID_ARGUMENT")
     assert (ev.item_entry_ids, dict(ev.outcome_counts), ev.subject_id) == ((), {}, "")
     assert "\n" not in ev.case_number
-    assert audit.verify(db).ok
+    assert audit.verify_chain(db).ok
 
 
 def test_unauthenticated_bundle_is_refused_and_counted(env: Env, couple: tuple[str, str]) -> None:
@@ -349,7 +349,7 @@ def test_no_audit_no_answer(env: Env, couple: tuple[str, str], refuse_when: str)
     reply = bundle(env.stub, token, [(couple[0], "seller")])  # and the broker recovers
     assert len(reply.items) == 3
     assert len(entries(env.state_dir / "audit.sqlite")) == 4
-    assert audit.verify(env.state_dir / "audit.sqlite").ok
+    assert audit.verify_chain(env.state_dir / "audit.sqlite").ok
 
 
 # --- the audit log's side of bundles -------------------------------------------------------
@@ -408,8 +408,8 @@ def test_append_many_links_items_in_one_transaction(tmp_path: Path) -> None:
     assert [e.event for e in stored[:3]] == items
     assert stored[3].event.item_entry_ids == tuple(r.entry_id for r in receipts[:3])
     assert dict(stored[3].event.outcome_counts) == {"OK": 3}
-    assert "[bundle of 3]" in audit.format_table(stored)
-    assert audit.verify(path).ok
+    assert "[bundle of 3]" in format_table(stored)
+    assert audit.verify_chain(path).ok
 
 
 def test_entries_written_before_bundles_still_read_and_verify(tmp_path: Path) -> None:
@@ -432,7 +432,7 @@ def test_entries_written_before_bundles_still_read_and_verify(tmp_path: Path) ->
         conn.commit()
     (entry,) = audit.query(path, audit.QueryFilter())
     assert entry.event == _event()
-    assert audit.verify(path).ok
+    assert audit.verify_chain(path).ok
 
 
 # --- departments as real processes --------------------------------------------------------
@@ -550,7 +550,7 @@ def test_killed_and_hung_adapter_processes(
         ("seller", "property"): "OK",
     }
     assert hung.items[0].error.metadata["department"] == "public_security"
-    assert audit.verify(routed.broker.config.audit_file).ok
+    assert audit.verify_chain(routed.broker.config.audit_file).ok
 
 
 # --- the CLI -----------------------------------------------------------------------------

@@ -12,8 +12,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from certbroker import audit
 from certbroker.adapters.demo import synthetic
-from certbroker.audit import events as audit
 from certbroker.cli import client
 from certbroker.contract import fields as record_fields
 from certbroker.contract import resident_id
@@ -112,7 +112,7 @@ def test_receipt_is_the_audit_entry(env: Env, couple: tuple[str, str]) -> None:
         .fetchone()[0]
     )
     assert response.record.marriage.spouse_name not in body
-    assert audit.verify(env.state_dir / "audit.sqlite").ok
+    assert audit.verify_chain(env.state_dir / "audit.sqlite").ok
 
 
 def test_field_subset_and_fields_the_matter_does_not_need(
@@ -227,7 +227,7 @@ def test_bad_input_is_invalid_argument(env: Env, change: dict[str, Any], reason:
     assert entry.event.outcome == reason
     assert entry.event.decision == ""
     assert "\n" not in entry.event.case_number
-    assert audit.verify(env.state_dir / "audit.sqlite").ok
+    assert audit.verify_chain(env.state_dir / "audit.sqlite").ok
 
 
 def test_too_many_fields(env: Env) -> None:
@@ -277,7 +277,7 @@ def test_no_audit_no_answer(env: Env, couple: tuple[str, str]) -> None:
     db.close()
     assert len(entries(env)) == 1  # nothing half-written
     lookup(env, token, "household", couple[0])  # and the broker recovers
-    assert audit.verify(env.state_dir / "audit.sqlite").ok
+    assert audit.verify_chain(env.state_dir / "audit.sqlite").ok
 
 
 def test_unexpected_errors_are_generic_internal(env: Env, couple: tuple[str, str]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
-from certbroker.audit import events as audit
+from certbroker import audit
 from certbroker.cli import client
 from certbroker.v1 import broker_pb2
 from tests.cache_support import reload_policies, running, sample, spy, write_policies
@@ -132,7 +132,7 @@ def test_cache_hits_are_audited_and_say_so(cenv: Env, couple: tuple[str, str]) -
         ).fetchone()[0]
     assert json.loads(body)["from_cache"] is True
     assert second.record.marriage.spouse_name not in body  # still no record contents
-    assert audit.verify(cenv.state_dir / "audit.sqlite").ok
+    assert audit.verify_chain(cenv.state_dir / "audit.sqlite").ok
 
 
 def test_ttl_zero_record_types_are_never_cached(cenv: Env, couple: tuple[str, str]) -> None:

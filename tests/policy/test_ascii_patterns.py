@@ -96,6 +96,11 @@ def rules(tmp_path: Path, case_number: str, extra: str = "") -> policy.PolicySet
 
 
 _UNICODE_CLASSES = re.compile(r"\\[dDwWsSb]")
+#: Patterns that mean to match other scripts too, and why.
+_UNICODE_ON_PURPOSE = {
+    # Redacts resident-ID-like runs from log lines: matching more digits is the safe side.
+    "certbroker.routing.replies._ID_LIKE",
+}
 
 
 def test_every_compiled_pattern_of_the_broker_is_ascii() -> None:
@@ -112,6 +117,7 @@ def test_every_compiled_pattern_of_the_broker_is_ascii() -> None:
                 and isinstance(value.pattern, str)
                 and _UNICODE_CLASSES.search(value.pattern)
                 and not value.flags & re.ASCII
+                and f"{name}.{attr}" not in _UNICODE_ON_PURPOSE
             ):
                 offenders.append(f"{name}.{attr}")
     assert offenders == []

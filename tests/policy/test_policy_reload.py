@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from certbroker import config, policy
-from certbroker.audit import events as audit
+from certbroker import audit, config, policy
 from certbroker.metrics import Metrics
 from certbroker.server.policy_holder import PolicyHolder
 from tests.helpers import BrokerThread, make_config
@@ -74,7 +73,7 @@ def test_accepted_and_rejected_reloads_are_entries(broker: BrokerThread, policy_
     assert head == f"old={second};new="
     assert "rules.yaml:" in errors
     assert rejected.sequence > accepted.sequence
-    assert audit.verify(db).ok
+    assert audit.verify_chain(db).ok
 
 
 def test_a_reload_that_cannot_be_audited_changes_nothing(tmp_path: Path, policy_dir: Path) -> None:

@@ -9,9 +9,8 @@ from typing import Any
 import grpc
 import pytest
 
-from certbroker import errors
+from certbroker import audit, errors
 from certbroker.adapters.demo import synthetic
-from certbroker.audit import events as audit
 from certbroker.auth.authenticator import DevIdentityProvider
 from certbroker.cli import client
 from certbroker.config import AdapterRoute

@@ -14,9 +14,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from certbroker import config
+from certbroker import audit, config
 from certbroker.adapters.demo import synthetic
-from certbroker.audit import events as audit
 from certbroker.auth.authenticator import DevIdentityProvider, jwk_thumbprint
 from certbroker.cli import client
 from certbroker.config import AdapterRoute, ConfigError

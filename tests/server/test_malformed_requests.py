@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from certbroker.audit import events as audit
+from certbroker import audit
 from certbroker.cli import client
 from certbroker.v1 import broker_pb2
 from tests.helpers import Env, make_config, running_env

@@ -37,9 +37,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
-import os
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -51,6 +49,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from certbroker.audit.integrity.merkle import HASH_SIZE, MAX_TREE_SIZE
+from certbroker.auth import keyfiles
 
 BAD_FORMAT: Final = "BAD_FORMAT"
 WRONG_KEY: Final = "WRONG_KEY"
@@ -281,10 +280,7 @@ def open_note(
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     """Read an unencrypted PKCS#8 PEM Ed25519 private key; ValueError if it is anything else."""
-    key = serialization.load_pem_private_key(path.read_bytes(), None)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"{path}: not an Ed25519 private key")
-    return key
+    return keyfiles.load_private_key(path)
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
@@ -296,34 +292,13 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
 
 
 def generate_key(private_path: Path, public_path: Path | None = None) -> Ed25519PrivateKey:
-    """Create a new checkpoint signing key: private PEM mode 0600, public PEM beside it.
+    """Create a new checkpoint signing key: private PEM mode 0600, public PEM beside it
+    (:func:`certbroker.auth.keyfiles.create_key_files`).
 
     Never overwrites a private key (FileExistsError): losing the key that signed earlier
     checkpoints would make them unverifiable for anyone not holding the public key already.
     ``public_path`` defaults to ``private_path`` with suffix ``.pub.pem``.
     """
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    # O_EXCL: never clobber; mode 0600 at creation, so the key is never readable by others.
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):
-            private_path.unlink()
-        raise
-    public_pem = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
     if public_path is None:
         public_path = private_path.with_suffix(".pub.pem")
-    # Write-then-rename: an auditor's tool reading the file never sees half a key.
-    partial = public_path.with_name(f".{public_path.name}.{os.getpid()}")
-    partial.write_bytes(public_pem)
-    partial.replace(public_path)
-    return key
+    return keyfiles.create_key_files(private_path, public_path)

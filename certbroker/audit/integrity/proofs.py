@@ -8,11 +8,11 @@ What the Audit service and the CLI call:
 - :func:`consistency_proof` ``(db, old, new)``: RFC 9162 PROOF that tree ``old`` is a prefix.
 - :func:`sign_checkpoint` ``(db, signer)``: sign the current tree head (a C2SP checkpoint note,
   :mod:`certbroker.audit.integrity.checkpoint`) and store it in the ``checkpoints`` table; on
-  demand, or every
-  ``[audit] checkpoint_interval_s`` from :func:`checkpoint_task` on the broker's loop.
+  demand, or every ``[audit] checkpoint_interval_s`` from
+  :func:`certbroker.audit.maintenance.checkpoint_task` on the broker's loop.
 - :func:`latest_checkpoint` ``(db)``: the newest stored one, or ``None``.
 
-``db`` is the log's :data:`~certbroker.audit.store.db.AuditLocation` (an SQLite path or a PostgreSQL
+``db`` is the log's :data:`~certbroker.config.AuditLocation` (an SQLite path or a PostgreSQL
 DSN + schema). All functions are blocking (run them in a thread from the event loop); proofs
 open the log read-only. Checkpoints are signed with the Ed25519 key of
 :class:`CheckpointSigner`: ``[audit] checkpoint_key`` or, by default,
@@ -22,19 +22,17 @@ open the log read-only. Checkpoints are signed with the Ed25519 key of
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import math
 import time
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from certbroker.audit.events import iso_time
 from certbroker.audit.integrity import checkpoint
 from certbroker.audit.integrity.merkle import (
     CompactRange,
@@ -43,15 +41,10 @@ from certbroker.audit.integrity.merkle import (
     perfect_subtree_hasher,
 )
 from certbroker.audit.integrity.tree import load_state, node_reader, root_at
-from certbroker.audit.store.db import Connection, connect_read, write_transaction
-from certbroker.audit.store.rows import iso_time
+from certbroker.audit.store.base import Connection
+from certbroker.audit.store.db import backend_for
 from certbroker.auth.keyfiles import ed25519_key_files
 from certbroker.config import AuditLocation
-
-if TYPE_CHECKING:
-    from certbroker.config import ArchiveSchedule
-
-log = logging.getLogger(__name__)
 
 ORIGIN: Final = "certbroker/audit"
 """The checkpoint origin line: which log a checkpoint is about."""
@@ -101,7 +94,7 @@ class CheckpointSigner:
 
 
 def _connect(db: AuditLocation) -> Connection:
-    return connect_read(db)
+    return backend_for(db).connect_read()
 
 
 def tree_size(db: AuditLocation) -> int:
@@ -177,7 +170,7 @@ def sign_checkpoint(
     Reads the tree state and inserts the checkpoint under the log's write lock, so the head
     signed is one that is committed. The writer of entries is not involved.
     """
-    with write_transaction(db) as conn:
+    with backend_for(db).write_transaction() as conn:
         stored, frontier = load_state(conn)
         if size is None or size == stored:
             size, root = stored, CompactRange(stored, frontier).root()
@@ -193,43 +186,3 @@ def sign_checkpoint(
             (size, head.root_hash, when, note),
         )
     return StoredCheckpoint(size, head.root_hash, when, note)
-
-
-async def checkpoint_task(
-    db: AuditLocation,
-    signer: CheckpointSigner,
-    interval_s: float,
-    *,
-    archive: ArchiveSchedule | None = None,
-) -> None:
-    """Sign a checkpoint every ``interval_s`` seconds until cancelled; failures are logged.
-
-    A new checkpoint is only signed when the tree grew (or none exists yet). With ``archive``
-    (``[audit] archive_after_days``), old entries are also moved to archive files, at most
-    every ``archive.every_s`` seconds (:mod:`certbroker.audit.archive`).
-    """
-    last_archive = -math.inf
-    while True:
-        await asyncio.sleep(interval_s)
-        try:
-            latest = await asyncio.to_thread(latest_checkpoint, db)
-            size = await asyncio.to_thread(tree_size, db)
-            if latest is None or latest.size != size:
-                await asyncio.to_thread(sign_checkpoint, db, signer)
-        except Exception:
-            log.exception("signing an audit checkpoint failed")
-        if archive is not None and time.monotonic() - last_archive >= archive.every_s:
-            last_archive = time.monotonic()
-            # audit_archive signs checkpoints with this module: import it here, not above.
-            from certbroker.audit.archive import archive_older_than
-
-            try:
-                await asyncio.to_thread(
-                    archive_older_than,
-                    db,
-                    signer,
-                    archive.directory,
-                    archive.after_days,
-                )
-            except Exception:
-                log.exception("archiving old audit entries failed")

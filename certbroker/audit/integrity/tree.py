@@ -9,17 +9,20 @@ never disagree with a committed log:
     Every perfect subtree reported by ``CompactRange``'s ``on_node`` (level 0 = leaf hashes),
     so inclusion and consistency proofs at ANY tree size take O(log n) lookups through
     :func:`certbroker.audit.integrity.merkle.perfect_subtree_hasher` and never load the leaves.
-    Append-only: a
-    node, once complete, never changes. Archival keeps them (they hold hashes only).
+    Append-only: a node, once complete, never changes. Archival keeps them (they hold hashes
+    only).
 ``merkle_state`` (SQLite only; one row, ``id = 1``)
     ``size`` = number of leaves, ``frontier`` = the
-    :class:`~certbroker.audit.integrity.merkle.CompactRange`
-    frontier, its 32-byte hashes concatenated (leftmost first): a cache, so an append reads
-    no node. PostgreSQL has no such row to update (its audit tables are append-only): there
-    the size is the number of stored leaves and the frontier is read from ``merkle_nodes``
-    in one query (:func:`load_state`).
+    :class:`~certbroker.audit.integrity.merkle.CompactRange` frontier, its 32-byte hashes
+    concatenated (leftmost first): a cache, so an append reads no node. PostgreSQL has no such
+    row to update (its audit tables are append-only): there the size is the number of stored
+    leaves and the frontier is read from ``merkle_nodes`` in one query.
 
-A SQLite log written before these tables existed is backfilled on first open by the writer.
+The tables are created with the rest of the schema by each backend, and how nodes and the
+cached frontier are written and read is the backend's business
+(:meth:`~certbroker.audit.store.base.Backend.save_tree`, ``load_tree``, ``read_nodes``); this
+module is the tree logic on top. A log written before these tables existed is completed on the
+writer's first open (:func:`backfill`).
 """
 
 from __future__ import annotations
@@ -32,23 +35,7 @@ from certbroker.audit.integrity.merkle import (
     leaf_hash,
     perfect_subtree_hasher,
 )
-from certbroker.audit.store.db import Connection, insert_many, is_postgres, sqlite_insert
-
-TREE_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS merkle_state (
-        id       INTEGER PRIMARY KEY CHECK (id = 1),
-        size     INTEGER NOT NULL,
-        frontier BLOB NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS merkle_nodes (
-        level INTEGER NOT NULL,
-        idx   INTEGER NOT NULL,
-        hash  BLOB NOT NULL,
-        PRIMARY KEY (level, idx)
-    ) WITHOUT ROWID""",
-)
-"""The SQLite tables; :mod:`certbroker.audit.store.postgres` has the PostgreSQL ones."""
-_INSERT_NODE_SQLITE = "INSERT OR REPLACE INTO merkle_nodes (level, idx, hash)"
+from certbroker.audit.store.base import Connection, Node
 
 
 def body_leaf(body: str) -> bytes:
@@ -65,7 +52,7 @@ class TreeWriter:
 
     def __init__(self, conn: Connection, state: tuple[int, list[bytes]] | None = None) -> None:
         self._conn = conn
-        self._nodes: list[tuple[int, int, bytes]] = []
+        self._nodes: list[Node] = []
         size, frontier = load_state(conn) if state is None else state
         self.range = CompactRange(size, list(frontier), on_node=self._on_node)
 
@@ -77,23 +64,11 @@ class TreeWriter:
         self.range.append(body_leaf(body))
 
     def flush(self) -> None:
-        """Write the new nodes (and on SQLite the state); still inside the caller's
+        """Write the new nodes (and the backend's cached state); still inside the caller's
         transaction."""
-        if is_postgres(self._conn):
-            # A plain INSERT: a node that already exists means the tree and the log disagree,
-            # and the primary key then fails the batch (fail closed) instead of rewriting it.
-            columns = ("level", "idx", "hash")
-            insert_many(
-                self._conn, "merkle_nodes", columns, ("integer", "bigint", "bytea"), self._nodes
-            )
-            self._nodes.clear()
-            return
-        sqlite_insert(self._conn, _INSERT_NODE_SQLITE, 3, self._nodes)
+        conn = self._conn
+        conn.backend.save_tree(conn, self._nodes, self.range.size, self.range.frontier)
         self._nodes.clear()
-        self._conn.execute(
-            "INSERT OR REPLACE INTO merkle_state (id, size, frontier) VALUES (1, ?, ?)",
-            (self.range.size, b"".join(self.range.frontier)),
-        )
 
 
 def frontier_positions(size: int) -> list[tuple[int, int]]:
@@ -113,36 +88,15 @@ def frontier_at(conn: Connection, size: int) -> list[bytes]:
 
     KeyError if a node is missing.
     """
-    positions = frontier_positions(size)
-    if not positions:
-        return []
-    if not is_postgres(conn):
-        node = node_reader(conn)
-        return [node(level, index) for level, index in positions]
-    # One round trip for all of them: this runs on every PostgreSQL append.
-    rows = conn.execute(
-        "SELECT level, idx, hash FROM merkle_nodes WHERE (level, idx) IN "
-        "(SELECT * FROM unnest(?::integer[], ?::bigint[]))",
-        ([level for level, _ in positions], [index for _, index in positions]),
-    ).fetchall()
-    found = {(int(level), int(index)): bytes(digest) for level, index, digest in rows}
-    missing = [p for p in positions if p not in found]
-    if missing:
-        raise KeyError(f"merkle nodes {missing} not stored")
-    return [found[p] for p in positions]
+    return conn.backend.read_nodes(conn, frontier_positions(size))
 
 
 def load_state(conn: Connection) -> tuple[int, list[bytes]]:
     """The stored tree size and frontier ((0, []) for an empty or pre-Merkle log)."""
-    if is_postgres(conn):
-        (top,) = conn.execute("SELECT max(idx) FROM merkle_nodes WHERE level = 0").fetchone()
-        size = 0 if top is None else int(top) + 1
+    size, cached = conn.backend.load_tree(conn)
+    if cached is None:  # the backend keeps no frontier: read it from the nodes
         return size, frontier_at(conn, size)
-    row = conn.execute("SELECT size, frontier FROM merkle_state WHERE id = 1").fetchone()
-    if row is None:
-        return 0, []
-    blob = bytes(row[1])
-    return int(row[0]), [blob[i : i + HASH_SIZE] for i in range(0, len(blob), HASH_SIZE)]
+    return size, [cached[i : i + HASH_SIZE] for i in range(0, len(cached), HASH_SIZE)]
 
 
 def backfill(conn: Connection) -> int:
@@ -163,12 +117,8 @@ def node_reader(conn: Connection) -> Callable[[int, int], bytes]:
     """``node(level, index)`` from ``merkle_nodes``; KeyError if it is not stored."""
 
     def node(level: int, index: int) -> bytes:
-        row = conn.execute(
-            "SELECT hash FROM merkle_nodes WHERE level = ? AND idx = ?", (level, index)
-        ).fetchone()
-        if row is None:
-            raise KeyError(f"merkle node ({level}, {index}) not stored")
-        return bytes(row[0])
+        (digest,) = conn.backend.read_nodes(conn, ((level, index),))
+        return digest
 
     return node
 

@@ -1,7 +1,7 @@
-"""The PostgreSQL audit store: several broker processes appending to ONE verifiable log.
+"""The PostgreSQL audit backend: several broker processes appending to ONE verifiable log.
 
 Chosen by ``[audit] dsn`` (and ``schema``, default ``certbroker``). Same canonical body, chain
-hash and Merkle leaves as SQLite (:func:`certbroker.audit.store.rows.append_rows` writes both), so
+hash and Merkle leaves as SQLite (:func:`certbroker.audit.append.append_rows` writes both), so
 every reader, proof, export and verifier works unchanged on either backend.
 
 One chain, many writers
@@ -19,36 +19,34 @@ Append-only, enforced by the database
     DELETE of ``audit_log`` rows at or below the archived watermark (the highest
     ``audit_archives.last_seq``), which is how :mod:`certbroker.audit.archive` moves rows to an
     archive file. There is no mutable state: the tree's size and frontier are read from
-    ``merkle_nodes`` (:mod:`certbroker.audit.integrity.tree`). PUBLIC gets no privileges; the
-    broker's own
-    role should get exactly :func:`grant_statements` (SELECT and INSERT; the archiver also
-    DELETE on ``audit_log`` and INSERT on ``audit_archives``). Owners and superusers can still
-    disable triggers: what catches them is the chain, the tree and the signed checkpoints.
+    ``merkle_nodes`` (:meth:`PostgresBackend.load_tree`). PUBLIC gets no privileges; the
+    broker's own role should get exactly :func:`grant_statements` (SELECT and INSERT; the
+    archiver also DELETE on ``audit_log`` and INSERT on ``audit_archives``). Owners and
+    superusers can still disable triggers: what catches them is the chain, the tree and the
+    signed checkpoints.
 Schema
     Created idempotently by the first writer, under the same advisory lock, so two brokers
     starting at once do not race. A role without CREATE rights works once it exists.
 
-psycopg 3 (the ``postgres`` extra) is imported here only, and this module only when a
-PostgreSQL location is used.
+psycopg 3 (the ``postgres`` extra) is imported inside the functions that talk to the server,
+never at module level: this module is imported with the rest of the package, and an
+SQLite-only install needs nothing beyond the standard library.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
-import logging
-from collections.abc import Iterator, Mapping, Sequence
-from typing import LiteralString
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, LiteralString
 
-import psycopg
-from psycopg import sql
-
-from certbroker.audit.store.db import PgConnection
-from certbroker.audit.store.rows import AUDIT_UNAVAILABLE, Head, StoredRow, append_rows
+from certbroker.audit.events import AUDIT_UNAVAILABLE
+from certbroker.audit.store.base import Connection, Cursor, Node
 from certbroker.config import PostgresLocation
 from certbroker.errors import Unavailable
-
-log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = "1"
 _TABLES = ("audit_log", "merkle_nodes", "checkpoints", "audit_archives", "audit_meta")
@@ -121,38 +119,227 @@ def lock_key(schema: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+_CURSOR_NAMES = itertools.count(1)  # server-side cursor names must be unique per session
+
+
+@functools.lru_cache(maxsize=256)
+def _pg_sql(sql: str) -> str:
+    # Our SQL never has "?" or "%" inside string literals, so a plain replace is exact.
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class PgConnection:
+    """A psycopg 3 connection seen through :class:`~.base.Connection` (``?`` → ``%s``).
+
+    ``raw`` is the psycopg connection itself, for transaction control and PostgreSQL-only
+    calls. Its transactions are explicit: psycopg opens one at the first statement and the
+    owner commits or rolls back.
+    """
+
+    def __init__(self, raw: Any, backend: PostgresBackend) -> None:
+        self.raw = raw
+        self.backend = backend
+        self.schema = backend.location.schema
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Cursor:
+        """Run one statement; ``?`` placeholders bind ``parameters`` in order."""
+        if parameters:
+            cursor: Cursor = self.raw.execute(_pg_sql(sql), list(parameters))
+        else:
+            cursor = self.raw.execute(sql)
+        return cursor
+
+    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> None:
+        """Run one statement per parameter row (psycopg pipelines them: one round trip)."""
+        rows = [list(p) for p in parameters]
+        if rows:
+            with self.raw.cursor() as cursor:
+                cursor.executemany(_pg_sql(sql), rows)
+
+    def stream(self, sql: str, parameters: Sequence[Any] = ()) -> Iterator[Any]:
+        """Rows of a query through a server-side cursor: a large log is never held in memory.
+
+        Needs the open transaction that readers always have (see
+        :meth:`PostgresBackend.connect_read`).
+        """
+        with self.raw.cursor(name=f"certbroker_audit_{next(_CURSOR_NAMES)}") as cursor:
+            cursor.itersize = 2000
+            cursor.execute(_pg_sql(sql), list(parameters) if parameters else None)
+            yield from cursor
+
+    def commit(self) -> None:
+        """Commit the open transaction."""
+        self.raw.commit()
+
+    def rollback(self) -> None:
+        """Roll back the open transaction (a no-op on a broken connection)."""
+        if not self.raw.closed:
+            self.raw.rollback()
+
+    def close(self) -> None:
+        """Close the connection; an open transaction is rolled back."""
+        self.raw.close()
+
+
+def _own(conn: Connection) -> PgConnection:
+    """``conn`` as the PostgreSQL connection it is: only this backend's connections reach its
+    methods (they are called as ``conn.backend.method(conn, ...)``)."""
+    if not isinstance(conn, PgConnection):
+        raise TypeError(f"not a PostgreSQL audit connection: {type(conn).__name__}")
+    return conn
+
+
+@dataclass(frozen=True)
+class PostgresBackend:
+    """The audit log in a PostgreSQL schema (:class:`~.base.Backend`)."""
+
+    location: PostgresLocation
+
+    @property
+    def display(self) -> str:
+        """Host, database and schema (the DSN may hold a password)."""
+        return self.location.display
+
+    def _connect(self, *, read_only: bool, lock_timeout: float = 10.0) -> PgConnection:
+        """A session on the log's schema; ``Unavailable`` if the server cannot be reached.
+
+        Readers get one REPEATABLE READ, READ ONLY snapshot for every statement they run
+        (export, verify); writers ``synchronous_commit = on``.
+        """
+        import psycopg
+        from psycopg import sql
+
+        try:
+            raw = psycopg.connect(self.location.dsn, autocommit=False, connect_timeout=10)
+        except psycopg.Error as exc:
+            raise Unavailable(
+                AUDIT_UNAVAILABLE, f"cannot connect to the audit store ({self.display})"
+            ) from exc
+        try:
+            if read_only:
+                raw.read_only = True
+                raw.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            search_path = sql.Identifier(self.location.schema).as_string(raw)
+            raw.execute(
+                "SELECT set_config('search_path', %s, false), "
+                "set_config('synchronous_commit', 'on', false), "
+                "set_config('lock_timeout', %s, false)",
+                (search_path, f"{max(1, int(lock_timeout * 1000))}ms"),
+            )
+            if not read_only:
+                raw.commit()  # session settings survive only a committed transaction
+        except BaseException:
+            raw.close()
+            raise
+        return PgConnection(raw, self)
+
+    def exists(self) -> bool:
+        """Whether the schema holds an audit log."""
+        with contextlib.closing(self._connect(read_only=True)) as conn:
+            return _has_log(conn)
+
+    def connect_read(self) -> PgConnection:
+        """A REPEATABLE READ, READ ONLY connection; FileNotFoundError if there is no log."""
+        conn = self._connect(read_only=True)
+        try:
+            if not _has_log(conn):
+                raise FileNotFoundError(f"no audit log in {self.display}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @contextlib.contextmanager
+    def write_transaction(self, *, busy_timeout: float = 10.0) -> Iterator[Connection]:
+        """A writer connection in a transaction holding the log's lock; commits at the end."""
+        import psycopg
+
+        conn = self._connect(read_only=False, lock_timeout=busy_timeout)
+        try:
+            if not _has_log(conn):
+                raise FileNotFoundError(f"no audit log in {self.display}")
+            take_lock(conn)
+            yield conn
+            conn.commit()
+        except BaseException:
+            with contextlib.suppress(psycopg.Error):
+                conn.rollback()
+            raise
+        finally:
+            conn.close()
+
+    def open_writer(self, *, busy_timeout: float = 10.0) -> PostgresWriter:
+        """The writer connection; creates the schema if needed."""
+        return PostgresWriter(self, lock_timeout=busy_timeout)
+
+    # --- dialect -----------------------------------------------------------------------------
+
+    def snapshot(self, conn: Connection) -> None:
+        """Nothing to do: readers already run in a REPEATABLE READ, READ ONLY transaction."""
+
+    def stream(self, conn: Connection, sql: str, parameters: Sequence[Any] = ()) -> Iterator[Any]:
+        """Through a server-side cursor (:meth:`PgConnection.stream`)."""
+        return _own(conn).stream(sql, parameters)
+
+    def insert_many(
+        self,
+        conn: Connection,
+        table: str,
+        columns: Sequence[str],
+        types: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+    ) -> None:
+        """ONE statement over column arrays (``INSERT ... SELECT * FROM unnest(...)``, ``types``
+        the arrays' element types): per-statement overhead, not bytes, dominates an audit
+        batch here."""
+        if not rows:
+            return
+        arrays = [list(column) for column in zip(*rows, strict=True)]
+        # %b: binary parameters; text arrays in text format are escaped element by element.
+        casts = ", ".join(f"%b::{kind}[]" for kind in types)
+        sql = f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({casts})"  # noqa: S608
+        _own(conn).raw.execute(sql, arrays)
+
+    def has_table(self, conn: Connection, name: str) -> bool:
+        """Looked up with ``to_regclass`` in the log's schema."""
+        (found,) = conn.execute(
+            "SELECT to_regclass(?) IS NOT NULL", (f'"{self.location.schema}".{name}',)
+        ).fetchone()
+        return bool(found)
+
+    def save_tree(
+        self, conn: Connection, nodes: Sequence[Node], size: int, frontier: Sequence[bytes]
+    ) -> None:
+        """The nodes only, as a plain INSERT: a node that already exists means the tree and
+        the log disagree, and the primary key then fails the batch (fail closed) instead of
+        rewriting it. Size and frontier are not kept: the tables are append-only."""
+        columns = ("level", "idx", "hash")
+        self.insert_many(conn, "merkle_nodes", columns, ("integer", "bigint", "bytea"), nodes)
+
+    def load_tree(self, conn: Connection) -> tuple[int, bytes | None]:
+        """The size is the number of stored leaves; no frontier cache (``None``)."""
+        (top,) = conn.execute("SELECT max(idx) FROM merkle_nodes WHERE level = 0").fetchone()
+        return (0 if top is None else int(top) + 1), None
+
+    def read_nodes(self, conn: Connection, positions: Sequence[tuple[int, int]]) -> list[bytes]:
+        """One round trip for all of them: this runs on every append."""
+        if not positions:
+            return []
+        rows = conn.execute(
+            "SELECT level, idx, hash FROM merkle_nodes WHERE (level, idx) IN "
+            "(SELECT * FROM unnest(?::integer[], ?::bigint[]))",
+            ([level for level, _ in positions], [index for _, index in positions]),
+        ).fetchall()
+        found = {(int(level), int(index)): bytes(digest) for level, index, digest in rows}
+        missing = [p for p in positions if p not in found]
+        if missing:
+            raise KeyError(f"merkle nodes {missing} not stored")
+        return [found[p] for p in positions]
+
+
 def take_lock(conn: PgConnection) -> None:
     """Take the log's write lock for the rest of the current transaction."""
     conn.execute("SELECT pg_advisory_xact_lock(?)", (lock_key(conn.schema),))
-
-
-def _connect(
-    location: PostgresLocation, *, read_only: bool, lock_timeout: float = 10.0
-) -> PgConnection:
-    try:
-        raw = psycopg.connect(location.dsn, autocommit=False, connect_timeout=10)
-    except psycopg.Error as exc:
-        raise Unavailable(
-            AUDIT_UNAVAILABLE, f"cannot connect to the audit store ({location.display})"
-        ) from exc
-    try:
-        if read_only:
-            # One snapshot for every statement a reader runs (export, verify), and no writes.
-            raw.read_only = True
-            raw.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        search_path = sql.Identifier(location.schema).as_string(raw)
-        raw.execute(
-            "SELECT set_config('search_path', %s, false), "
-            "set_config('synchronous_commit', 'on', false), "
-            "set_config('lock_timeout', %s, false)",
-            (search_path, f"{max(1, int(lock_timeout * 1000))}ms"),
-        )
-        if not read_only:
-            raw.commit()  # session settings survive only a committed transaction
-    except BaseException:
-        raw.close()
-        raise
-    return PgConnection(raw, location.schema)
 
 
 def _has_log(conn: PgConnection) -> bool:
@@ -162,26 +349,10 @@ def _has_log(conn: PgConnection) -> bool:
     return bool(found)
 
 
-def connect_reader(location: PostgresLocation) -> PgConnection:
-    """A REPEATABLE READ, READ ONLY connection to the log; FileNotFoundError if there is none."""
-    conn = _connect(location, read_only=True)
-    try:
-        if not _has_log(conn):
-            raise FileNotFoundError(f"no audit log in {location.display}")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def schema_exists(location: PostgresLocation) -> bool:
-    """Whether the schema holds an audit log."""
-    with contextlib.closing(_connect(location, read_only=True)) as conn:
-        return _has_log(conn)
-
-
 def ensure_schema(conn: PgConnection) -> None:
     """Create the schema, tables and triggers if they are not there (idempotent, race-free)."""
+    from psycopg import sql
+
     ident = sql.Identifier(conn.schema)
     try:
         take_lock(conn)  # two brokers starting at once: the second waits, then finds it done
@@ -219,7 +390,11 @@ def grant_statements(schema: str, role: str, *, archiver: bool = False) -> list[
     """The GRANTs for a dedicated broker role: SELECT and INSERT only (no UPDATE, DELETE or
     TRUNCATE anywhere). ``archiver=True`` adds what ``audit archive`` needs: INSERT on
     ``audit_archives`` and DELETE on ``audit_log`` (which the triggers still limit to
-    archived rows). Run them as the schema's owner after the schema exists."""
+    archived rows). Run them as the schema's owner after the schema exists.
+
+    ``ImportError`` without psycopg (it quotes the identifiers)."""
+    from psycopg import sql
+
     s, r = sql.Identifier(schema), sql.Identifier(role)
     statements = [
         sql.SQL("GRANT USAGE ON SCHEMA {s} TO {r}").format(s=s, r=r),
@@ -236,43 +411,21 @@ def grant_statements(schema: str, role: str, *, archiver: bool = False) -> list[
     return [statement.as_string(None) for statement in statements]
 
 
-@contextlib.contextmanager
-def write_transaction(
-    location: PostgresLocation, *, lock_timeout: float = 10.0
-) -> Iterator[PgConnection]:
-    """A writer connection in a transaction holding the log's lock; commits at the end."""
-    conn = _connect(location, read_only=False, lock_timeout=lock_timeout)
-    try:
-        if not _has_log(conn):
-            raise FileNotFoundError(f"no audit log in {location.display}")
-        take_lock(conn)
-        yield conn
-        conn.commit()
-    except BaseException:
-        with contextlib.suppress(psycopg.Error):
-            conn.rollback()
-        raise
-    finally:
-        conn.close()
-
-
-class PostgresStore:
-    """The writer side of a PostgreSQL audit log (a
-    :class:`~certbroker.audit.store.rows.BatchStore`).
+class PostgresWriter:
+    """The writer side of a PostgreSQL audit log (:class:`~.base.WriterSession`).
 
     Opening connects and creates the schema if needed. The connection is used by the single
     writer thread; if it breaks (server restart), the failing batch fails closed and the next
     batch reconnects.
     """
 
-    def __init__(self, location: PostgresLocation, *, lock_timeout: float = 10.0) -> None:
-        self.location = location
+    def __init__(self, backend: PostgresBackend, *, lock_timeout: float = 10.0) -> None:
+        self._backend = backend
         self._lock_timeout = lock_timeout
-        self._head: Head | None = None  # what this store committed last (see append_rows)
         self._conn: PgConnection | None = self._open()
 
     def _open(self) -> PgConnection:
-        conn = _connect(self.location, read_only=False, lock_timeout=self._lock_timeout)
+        conn = self._backend._connect(read_only=False, lock_timeout=self._lock_timeout)
         try:
             ensure_schema(conn)
         except BaseException:
@@ -280,37 +433,41 @@ class PostgresStore:
             raise
         return conn
 
-    def backend_pid(self) -> int:
-        """The server process of the writer connection (pg_stat_activity, for operators)."""
-        return int(self._connection().raw.info.backend_pid)
-
-    def setting(self, name: str) -> str:
-        """A server setting as the writer connection sees it (``synchronous_commit``...)."""
-        conn = self._connection()
-        (value,) = conn.execute("SELECT current_setting(?)", (name,)).fetchone()
-        conn.rollback()
-        return str(value)
-
     def _connection(self) -> PgConnection:
         if self._conn is None or self._conn.raw.closed:
             self._conn = self._open()
         return self._conn
 
-    def write_batch(self, bodies: Sequence[Mapping[str, object]]) -> list[StoredRow]:
-        """Append ``bodies`` as consecutive entries in ONE transaction, under the log's lock."""
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """The writer connection in a transaction under the log's advisory lock."""
         conn = self._connection()
         try:
             take_lock(conn)
-            rows, head = append_rows(conn, bodies, self._head)
+            yield conn
             conn.commit()
         except BaseException:
-            self._head = None
             self._abort(conn)
             raise
-        self._head = head
-        return rows
+
+    def exclusive(self) -> contextlib.AbstractContextManager[object]:
+        """Nothing to hold: PostgreSQL hands its advisory lock on in request order."""
+        return contextlib.nullcontext()
+
+    def settings(self) -> dict[str, object]:
+        """``synchronous_commit`` as the writer connection sees it."""
+        conn = self._connection()
+        (value,) = conn.execute("SELECT current_setting('synchronous_commit')").fetchone()
+        conn.rollback()
+        return {"synchronous_commit": str(value)}
+
+    def backend_pid(self) -> int:
+        """The server process of the writer connection (pg_stat_activity, for operators)."""
+        return int(self._connection().raw.info.backend_pid)
 
     def _abort(self, conn: PgConnection) -> None:
+        import psycopg
+
         with contextlib.suppress(psycopg.Error):  # broken: closed below, reopened next batch
             conn.rollback()
         if conn.raw.broken or conn.raw.closed:

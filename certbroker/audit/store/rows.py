@@ -1,14 +1,11 @@
-"""The audit log's stored format: canonical body, hash chain, rows, and the shared append step.
+"""The audit log's rows: how entries sit in the ``audit_log`` table, read back and checked.
 
-This module owns the on-disk format that :mod:`certbroker.audit.events` specifies for auditors
-(canonical
-body, hash chain, genesis hash) but not the event model: a body is a plain mapping of JSON
-values, so the chain code serves every event kind. It is backend-neutral: the SQL here runs on
-any :class:`~certbroker.audit.store.db.Connection` (SQLite or PostgreSQL), and the two stores
-(:mod:`certbroker.audit.store.sqlite`, :mod:`certbroker.audit.store.postgres`) only differ in how
-they open a connection
-and take the write lock around :func:`append_rows`. The group-commit writer is in
-:mod:`certbroker.audit.writer`.
+The entry format itself (canonical body, hash chain, genesis hash) is specified and implemented
+in :mod:`certbroker.audit.events`; a body here is just its stored text, so the chain code serves
+every event kind. Backend-neutral: the SQL here runs on any
+:class:`~certbroker.audit.store.base.Connection` and asks ``conn.backend`` where SQLite and
+PostgreSQL differ. Appending (chain and Merkle tree in one transaction) is
+:mod:`certbroker.audit.append`.
 
 Archival (:mod:`certbroker.audit.archive`) removes the oldest rows after exporting them; the
 ``audit_archives`` table then holds the *watermark*: the last archived sequence and its chain
@@ -17,52 +14,42 @@ hash, where the live rows continue (:func:`archived_head`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
-from certbroker.audit.integrity.tree import TreeWriter
-from certbroker.audit.store.db import (
-    Connection,
-    connect_readonly,
-    insert_many,
-    is_postgres,
-    sqlite_has_table,
-    stream,
+# The format names were defined here before they moved to the entry model; re-exported so
+# `from certbroker.audit.store.rows import canonical_body` (and the others) keeps working.
+from certbroker.audit.events import (
+    AUDIT_UNAVAILABLE,
+    FORMAT_VERSION,
+    GENESIS_HASH,
+    canonical_body,
+    chain_hash,
+    epoch_time,
+    iso_time,
 )
+from certbroker.audit.store.base import Connection
 
 __all__ = [
     "AUDIT_UNAVAILABLE",
     "FORMAT_VERSION",
     "GENESIS_HASH",
     "INDEXED_COLUMNS",
-    "BatchStore",
     "ChainResult",
-    "Head",
     "StoredRow",
-    "append_rows",
     "archived_head",
     "canonical_body",
     "chain_hash",
     "check_chain",
-    "connect_readonly",
     "epoch_time",
+    "insert_rows",
     "iso_time",
     "iter_rows",
+    "read_tail",
     "select_rows",
 ]
-
-GENESIS_HASH = "0" * 64
-"""``prev_hash`` of the first entry."""
-
-FORMAT_VERSION = 1
-"""Value of the ``v`` key in every body; bump it if the body's meaning ever changes."""
-
-AUDIT_UNAVAILABLE = "AUDIT_UNAVAILABLE"
-"""The reason code of every append that could not be stored."""
 
 INDEXED_COLUMNS = (
     "entry_id",
@@ -81,34 +68,6 @@ _INSERT_COLUMNS = ("seq", *INDEXED_COLUMNS, "body", "prev_hash", "entry_hash")
 _INSERT_TYPES = ("bigint", *("text" for _ in INDEXED_COLUMNS), "text", "text", "text")
 
 
-def canonical_body(fields: Mapping[str, object]) -> str:
-    """The canonical JSON text of an entry body: sorted keys, no whitespace, raw UTF-8."""
-    return json.dumps(
-        fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
-
-
-def chain_hash(prev_hash: str, body: str) -> str:
-    """``SHA-256(prev_hash_hex + body)`` over UTF-8, as lowercase hex."""
-    return hashlib.sha256((prev_hash + body).encode("utf-8")).hexdigest()
-
-
-def iso_time(moment: datetime) -> str:
-    """An aware datetime as the stored time text: UTC, millisecond precision, ``Z`` suffix.
-
-    Fixed width, so text order is time order and range queries compare strings.
-    """
-    if moment.tzinfo is None or moment.utcoffset() is None:
-        raise ValueError("audit times must be timezone-aware")
-    text = moment.astimezone(UTC).isoformat(timespec="milliseconds")
-    return text.removesuffix("+00:00") + "Z"
-
-
-def epoch_time(seconds: float) -> str:
-    """:func:`iso_time` of a POSIX timestamp (what an injected clock returns)."""
-    return iso_time(datetime.fromtimestamp(seconds, tz=UTC))
-
-
 @dataclass(frozen=True)
 class StoredRow:
     """One row as stored. ``columns`` holds the :data:`INDEXED_COLUMNS` values."""
@@ -120,24 +79,12 @@ class StoredRow:
     columns: Mapping[str, str]
 
 
-class BatchStore(Protocol):
-    """What the group-commit writer needs from a store. Called from one thread only."""
-
-    def write_batch(self, bodies: Sequence[Mapping[str, object]]) -> list[StoredRow]:
-        """Append ``bodies`` in order, all in one durable transaction, or none of them."""
-        ...
-
-    def close(self) -> None:
-        """Release the store's connection."""
-        ...
-
-
 def archived_head(conn: Connection) -> tuple[int, str]:
     """(last archived sequence, its entry hash): where the live rows continue the chain.
 
     (0, genesis) when nothing was archived (or the SQLite file predates archival).
     """
-    if not is_postgres(conn) and not sqlite_has_table(conn, "audit_archives"):
+    if not conn.backend.has_table(conn, "audit_archives"):
         return 0, GENESIS_HASH
     row = conn.execute(
         "SELECT last_seq, last_entry_hash FROM audit_archives ORDER BY last_seq DESC LIMIT 1"
@@ -152,47 +99,10 @@ def read_tail(conn: Connection) -> tuple[int, str]:
     return archived_head(conn) if row is None else (int(row[0]), str(row[1]))
 
 
-@dataclass(frozen=True)
-class Head:
-    """What a writer committed last: the tail entry and the tree frontier of ``seq`` leaves."""
-
-    seq: int
-    entry_hash: str
-    frontier: tuple[bytes, ...]
-
-
-def append_rows(
-    conn: Connection, bodies: Sequence[Mapping[str, object]], known: Head | None = None
-) -> tuple[list[StoredRow], Head]:
-    """Chain ``bodies`` onto the stored tail and insert them with their Merkle leaves.
-
-    Call inside a transaction that already holds the log's write lock (the stores do), so
-    nobody can append between reading the tail and inserting: the chain cannot fork and the
-    sequence has no gaps or duplicates. Each body gets ``seq`` and ``v`` added. ``known`` is
-    the :class:`Head` the caller's previous batch returned: when the stored tail is still that
-    entry, nobody appended since and its frontier is reused instead of read back. Returns the
-    rows and the new head (for the caller to keep only once its transaction commits).
-    """
-    seq, prev = read_tail(conn)
-    if known is not None and (known.seq, known.entry_hash) == (seq, prev):
-        tree = TreeWriter(conn, (seq, list(known.frontier)))
-    else:
-        tree = TreeWriter(conn)
-        if tree.range.size != seq:
-            raise RuntimeError(f"merkle tree has {tree.range.size} leaves, log {seq} entries")
-    rows: list[StoredRow] = []
-    for fields in bodies:
-        seq += 1
-        body = canonical_body({**fields, "seq": seq, "v": FORMAT_VERSION})
-        entry_hash = chain_hash(prev, body)
-        columns = {name: str(fields[name]) for name in INDEXED_COLUMNS}
-        rows.append(StoredRow(seq, body, prev, entry_hash, columns))
-        tree.append(body)
-        prev = entry_hash
+def insert_rows(conn: Connection, rows: Sequence[StoredRow]) -> None:
+    """Insert chained ``rows`` into ``audit_log`` (in as few statements as the backend can)."""
     values = [(r.seq, *r.columns.values(), r.body, r.prev_hash, r.entry_hash) for r in rows]
-    insert_many(conn, "audit_log", _INSERT_COLUMNS, _INSERT_TYPES, values)
-    tree.flush()  # the tree's nodes commit with the entries, or not at all
-    return rows, Head(seq, prev, tree.range.frontier)
+    conn.backend.insert_many(conn, "audit_log", _INSERT_COLUMNS, _INSERT_TYPES, values)
 
 
 def _row(values: Sequence[Any]) -> StoredRow:
@@ -210,7 +120,7 @@ def iter_rows(conn: Connection, after: int = 0) -> Iterator[StoredRow]:
     """Every live row with ``seq > after`` in ``seq`` order, streamed from one query (one
     consistent snapshot even while others write)."""
     sql = f"SELECT {ROW_COLUMNS} FROM audit_log WHERE seq > ? ORDER BY seq"  # noqa: S608
-    for values in stream(conn, sql, (after,)):
+    for values in conn.backend.stream(conn, sql, (after,)):
         yield _row(values)
 
 

@@ -1,12 +1,14 @@
-"""The SQLite audit store (the embedded default): WAL, ``synchronous=FULL``, one writer connection.
+"""The SQLite audit backend (the embedded default): WAL, ``synchronous=FULL``, one writer.
 
-The rows, chain and tree are written by the backend-neutral
-:func:`certbroker.audit.store.rows.append_rows`;
-this module owns the SQLite schema, the file's permissions, and the write lock (``BEGIN
-IMMEDIATE``). Unlike PostgreSQL (:mod:`certbroker.audit.store.postgres`) the file has no
-append-only triggers:
-anyone who can write the file can also drop a trigger, so for SQLite the protection is the
-chain, the Merkle tree and the signed checkpoints, which ``audit verify`` checks.
+This module owns what is particular to SQLite: the schema, the file's permissions (0600, entries
+name citizens), read-only connections (``mode=ro``), the write lock (``BEGIN IMMEDIATE``, with a
+lock file in front of it, see :class:`SQLiteWriter`), multi-row INSERTs and the Merkle tree's
+cached frontier (``merkle_state``). The rows, chain and tree are written by the backend-neutral
+:func:`certbroker.audit.append.append_rows`.
+
+Unlike PostgreSQL (:mod:`certbroker.audit.store.postgres`) the file has no append-only
+triggers: anyone who can write the file can also drop a trigger, so for SQLite the protection
+is the chain, the Merkle tree and the signed checkpoints, which ``audit verify`` checks.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from certbroker.audit.integrity.tree import TREE_SCHEMA, backfill
-from certbroker.audit.store.db import rollback
-from certbroker.audit.store.rows import Head, StoredRow, append_rows
+from certbroker.audit.store.base import Connection, Node
 
 SCHEMA_VERSION = 2
 """Stored in ``PRAGMA user_version`` so a later migration knows what it is looking at
@@ -46,7 +48,19 @@ SCHEMA = (
     "CREATE INDEX IF NOT EXISTS audit_log_clerk ON audit_log (clerk)",
     "CREATE INDEX IF NOT EXISTS audit_log_subject ON audit_log (subject_id)",
     "CREATE INDEX IF NOT EXISTS audit_log_time ON audit_log (time)",
-    *TREE_SCHEMA,
+    # The Merkle tree (certbroker.audit.integrity.tree). merkle_state is a cache of the size and
+    # frontier, one row, so an append reads no node.
+    """CREATE TABLE IF NOT EXISTS merkle_state (
+        id       INTEGER PRIMARY KEY CHECK (id = 1),
+        size     INTEGER NOT NULL,
+        frontier BLOB NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS merkle_nodes (
+        level INTEGER NOT NULL,
+        idx   INTEGER NOT NULL,
+        hash  BLOB NOT NULL,
+        PRIMARY KEY (level, idx)
+    ) WITHOUT ROWID""",
     # Signed checkpoints of the Merkle tree (certbroker.audit.integrity.proofs); the note is what
     # auditors get.
     """CREATE TABLE IF NOT EXISTS checkpoints (
@@ -68,30 +82,181 @@ SCHEMA = (
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
 
+#: Rows per multi-row INSERT: bounds the distinct statements (and host parameters).
+SQLITE_CHUNK = 64
 
-class SQLiteStore:
-    """The writer side of an SQLite audit file: WAL, ``synchronous=FULL``, one connection.
+
+class SQLiteConnection(sqlite3.Connection):
+    """An ``sqlite3`` connection that knows its backend (:class:`~.base.Connection`).
+
+    A subclass rather than a wrapper: the writer's hot path calls ``execute`` directly.
+    """
+
+    backend: SQLiteBackend
+
+
+@dataclass(frozen=True)
+class SQLiteBackend:
+    """The audit log in the SQLite file ``location`` (:class:`~.base.Backend`)."""
+
+    location: Path
+
+    @property
+    def display(self) -> str:
+        """The file's path."""
+        return str(self.location)
+
+    def exists(self) -> bool:
+        """Whether the file exists."""
+        return self.location.is_file()
+
+    def _connect(self, *, uri: str | None = None, **options: Any) -> SQLiteConnection:
+        """A connection to the file (or to ``uri``) that knows this backend."""
+        if uri is None:
+            conn = sqlite3.connect(self.location, factory=SQLiteConnection, **options)
+        else:
+            conn = sqlite3.connect(uri, factory=SQLiteConnection, uri=True, **options)
+        conn.backend = self
+        return conn
+
+    def connect_read(self) -> SQLiteConnection:
+        """Open the file read-only (``mode=ro``): readers can never modify the log."""
+        if not self.location.is_file():
+            raise FileNotFoundError(f"audit log {self.location} does not exist")
+        return self._connect(uri=f"{self.location.resolve().as_uri()}?mode=ro")
+
+    @contextlib.contextmanager
+    def write_transaction(self, *, busy_timeout: float = 10.0) -> Iterator[Connection]:
+        """A connection in a ``BEGIN IMMEDIATE`` transaction; commits when the block ends."""
+        if not self.location.is_file():
+            raise FileNotFoundError(f"audit log {self.location} does not exist")
+        with (
+            contextlib.closing(self._connect(timeout=busy_timeout, isolation_level=None)) as conn,
+            _immediate(conn),
+        ):
+            yield conn
+
+    def open_writer(self, *, busy_timeout: float = 10.0) -> SQLiteWriter:
+        """The writer connection: creates the file (0600) and schema, WAL, ``synchronous=FULL``."""
+        return SQLiteWriter(self, busy_timeout=busy_timeout)
+
+    # --- dialect -----------------------------------------------------------------------------
+
+    def snapshot(self, conn: Connection) -> None:
+        """``BEGIN``: a read transaction, one snapshot until the connection is closed."""
+        conn.execute("BEGIN")
+
+    def stream(self, conn: Connection, sql: str, parameters: Sequence[Any] = ()) -> Iterator[Any]:
+        """An SQLite cursor already fetches row by row."""
+        return iter(conn.execute(sql, parameters))
+
+    def insert_many(
+        self,
+        conn: Connection,
+        table: str,
+        columns: Sequence[str],
+        types: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+    ) -> None:
+        """Multi-row ``INSERT ... VALUES`` statements (:func:`sqlite_insert`); no types needed."""
+        sqlite_insert(conn, f"INSERT INTO {table} ({', '.join(columns)})", len(columns), rows)
+
+    def has_table(self, conn: Connection, name: str) -> bool:
+        """Looked up in ``sqlite_master``: a file written by an older version may lack it."""
+        row = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+        ).fetchone()
+        return row is not None
+
+    def save_tree(
+        self, conn: Connection, nodes: Sequence[Node], size: int, frontier: Sequence[bytes]
+    ) -> None:
+        """The nodes (replacing equal ones) and the one ``merkle_state`` row, upserted."""
+        sqlite_insert(conn, "INSERT OR REPLACE INTO merkle_nodes (level, idx, hash)", 3, nodes)
+        conn.execute(
+            "INSERT OR REPLACE INTO merkle_state (id, size, frontier) VALUES (1, ?, ?)",
+            (size, b"".join(frontier)),
+        )
+
+    def load_tree(self, conn: Connection) -> tuple[int, bytes | None]:
+        """From the ``merkle_state`` cache; (0, b"") for an empty or pre-Merkle log."""
+        row = conn.execute("SELECT size, frontier FROM merkle_state WHERE id = 1").fetchone()
+        return (0, b"") if row is None else (int(row[0]), bytes(row[1]))
+
+    def read_nodes(self, conn: Connection, positions: Sequence[tuple[int, int]]) -> list[bytes]:
+        """One indexed lookup per node: cheap in-process, no round trips to save."""
+        hashes = []
+        for level, index in positions:
+            row = conn.execute(
+                "SELECT hash FROM merkle_nodes WHERE level = ? AND idx = ?", (level, index)
+            ).fetchone()
+            if row is None:
+                raise KeyError(f"merkle node ({level}, {index}) not stored")
+            hashes.append(bytes(row[0]))
+        return hashes
+
+
+def sqlite_insert(conn: Connection, head: str, width: int, rows: Sequence[Sequence[Any]]) -> None:
+    """Run ``head`` (``INSERT [OR ...] INTO t (cols)``) over ``rows`` as multi-row VALUES.
+
+    One statement per :data:`SQLITE_CHUNK` rows rather than ``executemany``'s one step per row:
+    the module releases and re-takes the GIL around every step, and on the audit writer thread
+    each re-take waits for the busy event loop thread, all while holding the write lock.
+    """
+    group = "(" + ", ".join("?" * width) + ")"
+    for start in range(0, len(rows), SQLITE_CHUNK):
+        chunk = rows[start : start + SQLITE_CHUNK]
+        values = ", ".join([group] * len(chunk))
+        conn.execute(f"{head} VALUES {values}", [v for row in chunk for v in row])
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    """Roll back an open transaction, if any; never raises (so it cannot mask the error that
+    led here: a failed COMMIT may already have rolled back)."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+@contextlib.contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back if the block raises.
+
+    IMMEDIATE takes the write lock before the first read, so no other writer (thread or
+    process) can append between reading the tail and inserting: the chain always continues
+    from the row that really is last, and the sequence cannot fork.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        rollback(conn)
+        raise
+
+
+class SQLiteWriter:
+    """The writer side of an SQLite audit file (:class:`~.base.WriterSession`): one connection.
 
     Opening creates the file (mode 0600: entries name citizens) and the schema. The connection
     is handed to a single writer thread afterwards (hence ``check_same_thread=False``).
     """
 
-    def __init__(self, path: Path, *, busy_timeout: float = 10.0) -> None:
+    def __init__(self, backend: SQLiteBackend, *, busy_timeout: float = 10.0) -> None:
+        path = backend.location
         if not path.exists():
             # Create it ourselves so it never exists world-readable; SQLite gives its -wal and
             # -shm files the same permissions as the database.
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         # isolation_level=None: we issue BEGIN/COMMIT ourselves; the module's implicit
         # transactions would start with a deferred BEGIN, which is wrong for a chain.
-        self._conn = sqlite3.connect(
-            path,
+        self._conn = backend._connect(
             timeout=busy_timeout,
             isolation_level=None,
             check_same_thread=False,
-            # Multi-row INSERTs (audit_db.sqlite_insert): one statement per chunk size.
+            # Multi-row INSERTs (sqlite_insert): one statement per chunk size.
             cached_statements=256,
         )
-        self._head: Head | None = None  # what this store committed last
         # Writers take this lock file before asking SQLite for its write lock. SQLite's own
         # wait for a busy database sleeps 1 ms growing to 100 ms between tries, so two worker
         # processes' writers would mostly sleep (see _take_lock). It is released when its
@@ -118,43 +283,22 @@ class SQLiteStore:
         conn.execute("PRAGMA synchronous = FULL")
         if str(mode).lower() != "wal":
             raise sqlite3.OperationalError(f"journal_mode is {mode!r}, WAL required")
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _immediate(conn):
             for statement in SCHEMA:
                 conn.execute(statement)
-            backfill(conn)  # a log written before the Merkle tables: add its leaves
-            conn.execute("COMMIT")
-        except BaseException:
-            rollback(conn)
-            raise
 
-    def pragma(self, name: str) -> object:
-        """Read a pragma on the writer connection (``journal_mode``, ``synchronous``...)."""
-        if not name.isidentifier():
-            raise ValueError(f"bad pragma name {name!r}")
-        return self._conn.execute(f"PRAGMA {name}").fetchone()[0]
+    def settings(self) -> dict[str, object]:
+        """``journal_mode`` and ``synchronous`` as the writer connection reports them."""
+        return {
+            name: self._conn.execute(f"PRAGMA {name}").fetchone()[0]
+            for name in ("journal_mode", "synchronous")
+        }
 
-    def write_batch(self, bodies: Sequence[Mapping[str, object]]) -> list[StoredRow]:
-        """Append ``bodies`` as consecutive entries in ONE transaction (one fsync).
-
-        Each body gets ``seq`` and ``v`` added, then is chained onto the stored tail. Either all
-        rows commit or, on any error, the transaction is rolled back and the error propagates.
-        """
-        conn = self._conn
-        with self.exclusive():
-            # IMMEDIATE takes the write lock before we read the tail, so no other writer
-            # (thread or process) can append between our read and our inserts: the chain
-            # always continues from the row that really is last, and the sequence cannot fork.
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                rows, head = append_rows(conn, bodies, self._head)
-                conn.execute("COMMIT")
-            except BaseException:
-                self._head = None
-                rollback(conn)
-                raise
-        self._head = head
-        return rows
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """The writer connection in ``BEGIN IMMEDIATE``, behind the lock file."""
+        with self.exclusive(), _immediate(self._conn):
+            yield self._conn
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:

@@ -1,10 +1,8 @@
 """Chain verification of a stored audit log (:func:`verify`), on either backend.
 
-Kept apart from :mod:`certbroker.audit.events` (the event model and the writer) because it needs no
-event
-model: it recomputes the hash chain over the stored rows
-(:func:`certbroker.audit.store.rows.check_chain`).
-:func:`certbroker.audit.export.verify_db` adds the Merkle tree and signed checkpoints on top.
+It needs no event model: it recomputes the hash chain over the stored rows
+(:func:`certbroker.audit.store.rows.check_chain`). :func:`certbroker.audit.export.verify_db`
+adds the Merkle tree and signed checkpoints on top.
 """
 
 from __future__ import annotations
@@ -12,7 +10,7 @@ from __future__ import annotations
 from contextlib import closing
 from dataclasses import dataclass
 
-from certbroker.audit.store.db import connect_read, snapshot
+from certbroker.audit.store.db import backend_for
 from certbroker.audit.store.rows import archived_head, check_chain, iter_rows
 from certbroker.config import AuditLocation
 from certbroker.errors import BrokerError
@@ -44,8 +42,9 @@ def verify(db: AuditLocation) -> VerifyReport:
     cannot be reached); an unreadable database is reported as not ok with ``first_bad=None``.
     """
     try:
-        with closing(connect_read(db)) as conn:
-            snapshot(conn)
+        backend = backend_for(db)
+        with closing(backend.connect_read()) as conn:
+            backend.snapshot(conn)
             archived, prev = archived_head(conn)
             rows = iter_rows(conn, archived)
             result = check_chain(rows, start=archived + 1, prev_hash=prev)

@@ -7,7 +7,9 @@ A department acts only for itself; operators act for every department (so
 ``certbroker adapters register|deregister`` can manage a department's instances).
 
 What a department may register comes from the policy set in force: only the record types
-``policies/`` says it serves. Every refusal of that kind -- and every PERMISSION_DENIED here --
+``policies/`` says it serves, only at the endpoints its catalogue entry declares and never at one
+of the broker's own ports (:mod:`certbroker.routing.registry.endpoints`, PERMISSION_DENIED
+``ENDPOINT_NOT_ALLOWED``). Every refusal of that kind -- and every PERMISSION_DENIED here --
 is audited, as is every successful Register and Deregister. Heartbeats and listings are not
 (they change nothing, and heartbeats would flood the log), nor are malformed requests of a
 known caller; calls refused before the caller is known (no or bad token) are counted in their
@@ -47,6 +49,7 @@ from certbroker.auth.authenticator import Authenticator, DepartmentPrincipal
 from certbroker.policy import PolicySet, PolicySource
 from certbroker.routing.breaker import BreakerBoard
 from certbroker.routing.registry import validation as check
+from certbroker.routing.registry.endpoints import EndpointGuard
 from certbroker.routing.registry.store import Instance, RegistryStore
 from certbroker.v1 import registry_pb2, registry_pb2_grpc
 
@@ -74,6 +77,8 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
 
     Every method runs inside :class:`~certbroker.audit.guard.AuditedCall`; errors are raised as
     ``BrokerError`` and mapped to a status by the server (:func:`certbroker.server.app.guarded`).
+    ``endpoints`` decides where a department's instances may be (by default: the catalogue's
+    endpoints over ``policies``, with no broker port known to refuse).
     ``refusals`` counts calls refused before the caller is known.
     """
 
@@ -85,6 +90,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         breakers: BreakerBoard,
         audit: AuditLog,
         *,
+        endpoints: EndpointGuard | None = None,
         refusals: RefusalLedger | None = None,
     ) -> None:
         self._auth = auth
@@ -93,6 +99,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         self._store = store
         self._breakers = breakers
         self._audit = audit
+        self._endpoints = endpoints or EndpointGuard(policies)
 
     async def Register(
         self, request: registry_pb2.RegisterRequest, context: _Context
@@ -123,6 +130,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
                             department=department,
                             record_type=record_type,
                         )
+                self._endpoints.check(department, trace.endpoint, policy)
                 instance, previous = await asyncio.to_thread(
                     self._store.register,
                     department,

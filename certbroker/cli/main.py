@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -16,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from certbroker import audit, config, logs, policy
@@ -24,7 +22,7 @@ from certbroker.auth.authenticator import DevIdentityProvider
 from certbroker.cli import adapters as cli_adapters
 from certbroker.cli import audit_log as cli_audit_log
 from certbroker.cli import auditor as cli_auditor
-from certbroker.cli import client
+from certbroker.cli import client, jsonout
 from certbroker.cli.table import format_table
 
 DEFAULT_STATE = Path(".certbroker")
@@ -113,7 +111,7 @@ def _call(args: argparse.Namespace, token: str, method: str, request: Message) -
 
 
 def _print_json(message: Message) -> None:
-    print(json_format.MessageToJson(message, preserving_proto_field_name=True, ensure_ascii=False))
+    print(jsonout.message(message, indent=2))
 
 
 def cmd_lookup(args: argparse.Namespace) -> int:
@@ -228,7 +226,7 @@ def cmd_audit_query(args: argparse.Namespace) -> int:
     entries = audit.query(path, flt)
     if args.json:
         for entry in entries:
-            print(json.dumps(dataclasses.asdict(entry), ensure_ascii=False, sort_keys=True))
+            print(jsonout.dumps(dataclasses.asdict(entry), sort_keys=True))
     else:
         print(format_table(entries))
         print(f"({len(entries)} entries)")

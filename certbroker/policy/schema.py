@@ -37,12 +37,14 @@ evaluates rules in file-name order, then in order within a file::
         masks: {marriage: {spouse_resident_id: last4}}   # optional; mask names are
                                      # certbroker.contract.fields.MASKS, strings only
         conditions:                  # every key optional; all present must pass
-          offices: ["gz-*-hall-*"]   # fnmatch globs on clerk.office, any may match
+          offices: ["gz-*-hall-*"]   # office patterns, any may match: '-' separates
+                                     # segments, '*' is exactly one non-empty segment
           hours:                     # one window, or a list of windows (any may match)
             {days: [mon, tue, wed, thu, fri, sat], from: "08:30", to: "17:30",
              utc_offset: "+08:00"}   # "to" is exclusive and may be "24:00"
           consent: [id_card_read, signed_form, delegated_agent]
-          case_number: true          # or {pattern: '^GZ\\d{8}-\\d{6}$'} (full match)
+          case_number: true          # or {pattern: '^GZ\\d{8}-\\d{6}$'} (full match, ASCII:
+                                     # \\d is [0-9]; add `unicode: true` for Unicode classes)
 
 Files are read as composed node trees (``yaml.compose`` with ``SafeLoader``), which keep line
 numbers; nothing is constructed from tags, and times are read as written, so an unquoted
@@ -70,11 +72,12 @@ from certbroker.policy.model import (
     RecordLimits,
 )
 from certbroker.policy.reader import Located, Reader, describe
-from certbroker.policy.rule import Conditions
+from certbroker.policy.rule import Conditions, office_pattern_problem
 
-_TIME = re.compile(r"(\d{1,2}):(\d{2})")
-_OFFSET = re.compile(r"([+-])(\d{2}):(\d{2})")
-_PORTS = re.compile(r"(\d{1,5})(?:-(\d{1,5}))?")
+# ASCII: int() reads other scripts' digits too ("１７:３０" would be half past five).
+_TIME = re.compile(r"(\d{1,2}):(\d{2})", re.ASCII)
+_OFFSET = re.compile(r"([+-])(\d{2}):(\d{2})", re.ASCII)
+_PORTS = re.compile(r"(\d{1,5})(?:-(\d{1,5}))?", re.ASCII)
 # A DNS name pattern: labels of letters, digits and hyphens, where * and ? are globs. Lowercase:
 # names are matched case-insensitively, as lowercase.
 _NAME_PATTERN = re.compile(r"[a-z0-9*?-]+(\.[a-z0-9*?-]+)*")
@@ -347,6 +350,10 @@ def _conditions(r: Reader, node: yaml.Node, rule: str) -> Conditions:
     what = f"{rule} conditions"
     m = r.mapping(node, what, optional=("offices", "hours", "consent", "case_number")) or {}
     offices = (r.strings(m["offices"], f"{what} offices") or []) if "offices" in m else []
+    for office, at in offices:
+        problem = office_pattern_problem(office)
+        if problem is not None:
+            r.errors.append(f"{at}: {what} offices: {office!r}: {problem}")
     consent = (r.strings(m["consent"], f"{what} consent") or []) if "consent" in m else []
     for method, at in consent:
         if method not in CONSENT_METHODS:
@@ -368,7 +375,7 @@ def _conditions(r: Reader, node: yaml.Node, rule: str) -> Conditions:
     if "case_number" in m:
         required, pattern = _case_number(r, m["case_number"], f"{what} case_number")
     return Conditions(
-        offices=tuple(o for o, _ in offices),
+        offices=tuple(o for o, _ in offices if office_pattern_problem(o) is None),
         hours=tuple(hours),
         consent=tuple(c for c, _ in consent if c in CONSENT_METHODS),
         case_number_required=required,
@@ -431,12 +438,15 @@ def _case_number(r: Reader, node: yaml.Node, what: str) -> tuple[bool, re.Patter
     if not isinstance(node, yaml.MappingNode):
         r.error(node, f"{what}: expected true, false or {{pattern: REGEX}}, got {describe(node)}")
         return False, None
-    m = r.mapping(node, what, optional=("pattern",)) or {}
+    m = r.mapping(node, what, optional=("pattern", "unicode")) or {}
     text = r.string(m["pattern"], f"{what} pattern") if "pattern" in m else None
+    unicode = bool(r.boolean(m["unicode"], f"{what} unicode")) if "unicode" in m else False
     if text is None:
         return True, None
     try:
-        return True, re.compile(text)
+        # ASCII unless the policy asks otherwise: \d, \w and case folding must not let
+        # full-width or other scripts' characters satisfy a format meant for ASCII.
+        return True, re.compile(text, 0 if unicode else re.ASCII)
     except re.error as exc:
         r.error(m["pattern"], f"{what} pattern: invalid regular expression: {exc}")
         return True, None

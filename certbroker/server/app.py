@@ -4,7 +4,9 @@ The server carries the CertificateBroker, Registry and Audit services, the stand
 service and server reflection (so ``grpcurl`` works). Each of our servicers is registered
 :func:`~certbroker.server.calls.guarded`, which maps exceptions to gRPC status (unary and
 server-streaming alike) -- the only place where that mapping happens -- and counts and logs
-each call.
+each call. Requests are decoded tolerantly (:mod:`certbroker.server.decoding`): bytes that are
+not the request message are refused INVALID_ARGUMENT ``MALFORMED_REQUEST``, counted like every
+refusal of an unknown caller by the broker's :class:`~certbroker.audit.refusals.RefusalLedger`.
 
 Start and stop
 --------------
@@ -43,6 +45,7 @@ from grpc_reflection.v1alpha import reflection
 
 from certbroker.audit import BatchingAuditLog, CheckpointSigner, checkpoint_task, open_audit_log
 from certbroker.audit.integrity.proofs import latest_checkpoint, tree_size
+from certbroker.audit.refusals import RefusalLedger
 from certbroker.audit.service.servicer import AuditService
 from certbroker.auth.authenticator import (
     Authenticator,
@@ -64,6 +67,7 @@ from certbroker.routing.registry.store import RegistryStore
 from certbroker.routing.router import Fetched, Router, build_router
 from certbroker.server import ports
 from certbroker.server.calls import Calls, guarded
+from certbroker.server.decoding import register
 from certbroker.server.health import Health
 from certbroker.server.policy_holder import PolicyHolder
 from certbroker.v1 import (
@@ -101,11 +105,18 @@ def authenticator(config: Config, metrics: Metrics | None = None) -> Authenticat
 
     def trusted() -> list[TrustedIssuer]:
         issuers: list[TrustedIssuer] = [
-            load_issuer(i.issuer, i.audience, pem_files=i.public_keys, jwks_file=i.jwks)
+            load_issuer(
+                i.issuer,
+                i.audience,
+                pem_files=i.public_keys,
+                jwks_file=i.jwks,
+                max_lifetime_s=i.max_token_lifetime_s,
+            )
             for i in config.issuers
         ]
         if config.dev_idp:
-            issuers.append(DevIdentityProvider(config.state_dir).trusted_issuer())
+            dev = DevIdentityProvider(config.state_dir)
+            issuers.append(dev.trusted_issuer(config.dev_idp_max_token_lifetime_s))
         return issuers
 
     return Authenticator(
@@ -136,6 +147,7 @@ class Broker:
     auth: Authenticator
     health: Health
     calls: Calls
+    refusals: RefusalLedger  # calls refused before their caller was known
     #: Closes every part :func:`start` opened, in reverse order (module docstring).
     _parts: _Parts = field(repr=False)
     _stopping: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
@@ -349,6 +361,16 @@ async def start(
         )
         parts.on_close("audit log", audit.aclose)
         policies.audit = audit  # reloads are audited from here on
+        refusals = RefusalLedger(
+            audit,
+            rate_per_s=config.unauthenticated_rate_per_s,
+            burst=config.unauthenticated_burst,
+            interval_s=config.unauthenticated_summary_interval_s,
+            policy_version=lambda: policies.current.version,
+        )
+        # Closed before the audit log (the stack unwinds in reverse): the last summaries are
+        # written after the drain, while the log is still open.
+        parts.on_close("refusal summaries", refusals.aclose)
         checkpoint_signer = _checkpoint_signer(config)
         auth = authenticator(config, metrics)
         record_cache: RecordCache[Fetched] = RecordCache(
@@ -392,24 +414,33 @@ async def start(
             metrics,
             adapter_timeout_s=config.adapter_timeout_s,
             record_cache=record_cache,
+            refusals=refusals,
         )
-        broker_pb2_grpc.add_CertificateBrokerServicer_to_server(
-            guarded(broker_service, calls), server
+        registry_service = RegistryService(
+            auth, policies, registry, breakers, audit, endpoints=endpoints, refusals=refusals
         )
-        registry_pb2_grpc.add_RegistryServicer_to_server(
-            guarded(
-                RegistryService(auth, policies, registry, breakers, audit, endpoints=endpoints),
-                calls,
-            ),
+        audit_service = AuditService(
+            auth,
+            policies,
+            audit,
+            config.audit_location,
+            signer=checkpoint_signer,
+            refusals=refusals,
+        )
+        # Tolerant decoding (certbroker.server.decoding): undecodable bytes reach guarded().
+        register(
+            broker_pb2_grpc.add_CertificateBrokerServicer_to_server,
+            guarded(broker_service, calls, refusals),
             server,
         )
-        audit_pb2_grpc.add_AuditServicer_to_server(
-            guarded(
-                AuditService(
-                    auth, policies, audit, config.audit_location, signer=checkpoint_signer
-                ),
-                calls,
-            ),
+        register(
+            registry_pb2_grpc.add_RegistryServicer_to_server,
+            guarded(registry_service, calls, refusals),
+            server,
+        )
+        register(
+            audit_pb2_grpc.add_AuditServicer_to_server,
+            guarded(audit_service, calls, refusals),
             server,
         )
         health_servicer = Health()
@@ -427,6 +458,7 @@ async def start(
             raise ports.PortInUse(f"cannot bind gRPC port {config.host}:{config.port}")
         endpoints.refuse_ports(broker_ports(config, port))
         await server.start()
+        refusals.start()
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         if checkpoints:
@@ -469,6 +501,7 @@ async def start(
             auth=auth,
             health=health_servicer,
             calls=calls,
+            refusals=refusals,
             _parts=parts.handed_over(),  # closed by Broker.stop
         )
     raise AssertionError("unreachable")  # pragma: no cover - the block returns or raises

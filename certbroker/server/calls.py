@@ -31,6 +31,8 @@ import grpc
 from grpc_status import rpc_status
 
 from certbroker import errors, logs
+from certbroker.audit.refusals import RefusalLedger, malformed_request
+from certbroker.server.decoding import UNDECODABLE
 
 log = logging.getLogger(__name__)
 
@@ -145,23 +147,26 @@ class _Call:
 class _Guarded:
     """A servicer whose RPC methods run as described in the module docstring."""
 
-    def __init__(self, servicer: object, calls: Calls) -> None:
+    def __init__(self, servicer: object, calls: Calls, refusals: RefusalLedger | None) -> None:
         self._servicer = servicer
         self._calls = calls
+        self._refusals = refusals
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._servicer, name)
         if inspect.isasyncgenfunction(method):
-            return _guard_stream(method, self._calls)
+            return _guard_stream(method, self._calls, self._refusals)
         if inspect.iscoroutinefunction(method):
-            return _guard_call(method, self._calls)
+            return _guard_call(method, self._calls, self._refusals)
         return method
 
 
-def guarded(servicer: _S, calls: Calls) -> _S:
+def guarded(servicer: _S, calls: Calls, refusals: RefusalLedger | None = None) -> _S:
     """``servicer`` as registered: every RPC method error-mapped, counted in ``calls`` and
-    logged (module docstring)."""
-    return cast(_S, _Guarded(servicer, calls))
+    logged (module docstring); a request that did not decode
+    (:data:`~certbroker.server.decoding.UNDECODABLE`) is refused ``MALFORMED_REQUEST`` before
+    the method runs, counted by ``refusals`` like every refusal of an unknown caller."""
+    return cast(_S, _Guarded(servicer, calls, refusals))
 
 
 async def _abort(context: Any, exc: Exception) -> None:
@@ -169,8 +174,14 @@ async def _abort(context: Any, exc: Exception) -> None:
     await context.abort_with_status(rpc_status.to_status(status))
 
 
+def _malformed(context: Any, refusals: RefusalLedger | None) -> errors.BrokerError:
+    """The error for a request that did not decode (RESOURCE_EXHAUSTED past the peer's rate)."""
+    error = malformed_request()
+    return error if refusals is None else refusals.refuse(context.peer(), error)
+
+
 def _guard_call(
-    method: Callable[[Any, Any], Awaitable[Any]], calls: Calls
+    method: Callable[[Any, Any], Awaitable[Any]], calls: Calls, refusals: RefusalLedger | None
 ) -> Callable[..., Awaitable[Any]]:
     """A coroutine RPC: unary, or streaming by writing to the context."""
     rpc = method.__name__
@@ -179,6 +190,8 @@ def _guard_call(
     async def guarded(request: Any, context: Any) -> Any:
         call = calls.begin(rpc)
         try:
+            if request is UNDECODABLE:
+                raise _malformed(context, refusals)
             response = await method(request, context)
             call.answered(response)
             return response
@@ -194,7 +207,7 @@ def _guard_call(
 
 
 def _guard_stream(
-    method: Callable[[Any, Any], AsyncIterator[Any]], calls: Calls
+    method: Callable[[Any, Any], AsyncIterator[Any]], calls: Calls, refusals: RefusalLedger | None
 ) -> Callable[..., Any]:
     """A server-streaming RPC written as an async generator."""
     rpc = method.__name__
@@ -203,6 +216,8 @@ def _guard_stream(
     async def guarded(request: Any, context: Any) -> AsyncIterator[Any]:
         call = calls.begin(rpc)
         try:
+            if request is UNDECODABLE:
+                raise _malformed(context, refusals)
             async for message in method(request, context):
                 yield message
             call.answered(None)

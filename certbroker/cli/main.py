@@ -8,7 +8,6 @@ import dataclasses
 import logging
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -233,18 +232,6 @@ def cmd_audit_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    """``certbroker bench ARGS`` = ``python -m bench ARGS``, run in the source checkout (the
-    benchmark is not part of the installed package)."""
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "bench" / "__main__.py").is_file():
-        print(
-            "error: the benchmark needs the source checkout (its bench/ directory)", file=sys.stderr
-        )
-        return 2
-    return subprocess.call([sys.executable, "-m", "bench", *args.bench_args], cwd=root)
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="certbroker", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -353,11 +340,6 @@ def parser() -> argparse.ArgumentParser:
 
     cli_adapters.add_parsers(sub)
 
-    s = sub.add_parser(
-        "bench", add_help=False, help="run the benchmark: `python -m bench`, same flags (--help)"
-    )
-    s.set_defaults(func=cmd_bench)
-
     pol = sub.add_parser("policy", help="check, test and reload policies").add_subparsers(
         dest="policy_command", required=True
     )
@@ -397,10 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     p = parser()
-    args, rest = p.parse_known_args(argv)
-    if rest and args.func is not cmd_bench:  # only the benchmark passes flags through
-        p.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.bench_args = rest
+    args = p.parse_args(argv)
     try:
         return int(args.func(args))
     except (config.ConfigError, policy.PolicyError) as exc:

@@ -16,8 +16,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-#: Repository root: children run from here so ``python -m certbroker.adapters`` and ``broker``
-# resolve.
+#: Repository root: children run from here so ``python -m certbroker ...`` and
+# ``python -m bench.*`` resolve.
 ROOT = Path(__file__).resolve().parents[1]
 #: Seconds a child process gets to print its READY line.
 START_TIMEOUT_S = 60.0

@@ -16,7 +16,7 @@ from pathlib import Path
 from bench.harness import BenchError
 from certbroker import config, policy
 
-#: The broker's environment variable for its policy directory (see broker/config.py).
+#: The broker's environment variable for its policy directory (see certbroker/config.py).
 POLICY_DIR_ENV = "CERTBROKER_POLICY_DIR"
 _TTL = re.compile(r"(cache_ttl_s:\s*)\d+")
 

@@ -79,6 +79,9 @@ DEFAULT_POLICY_DIR = Path(str(resources.files("certbroker") / "policies"))
 
 #: Upper bound of ``[server] workers``: each worker holds its own connections and caches.
 MAX_WORKERS = 64
+#: ``[server] log_format`` and ``log_level`` values (certbroker.logs).
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 #: Route modes: the in-process demo adapter, one fixed gRPC endpoint, or the instances that
 #: departments registered with the Registry.
@@ -177,6 +180,11 @@ def key_of(f: Field[Any]) -> Key:
     return key
 
 
+#: Default longest lifetime (``exp - iat``) of a token, per issuer: 12 h, a working day and more.
+MAX_TOKEN_LIFETIME_S = 12 * 3600.0
+#: No issuer may be allowed tokens living longer than a week.
+MAX_TOKEN_LIFETIME_CAP_S = 7 * 24 * 3600.0
+
 #: Each section of plain values, described in one line (the docs' ``[section]`` comment).
 SECTIONS: Mapping[str, str] = {
     "server": "the gRPC server: address, processes, metrics",
@@ -205,6 +213,16 @@ class IssuerConfig:
     jwks: Path | None = field(
         default=None,
         metadata=Key("auth.issuers", "jwks", "and/or a JWKS file (one of the two is needed)").meta,
+    )
+    max_token_lifetime_s: float = field(
+        default=MAX_TOKEN_LIFETIME_S,
+        metadata=Key(
+            "auth.issuers",
+            "max_token_lifetime_s",
+            "longest exp - iat of its tokens; longer: TOKEN_LIFETIME_TOO_LONG",
+            gt=0,
+            le=MAX_TOKEN_LIFETIME_CAP_S,
+        ).meta,
     )
 
 
@@ -297,6 +315,38 @@ class Config:
             "metrics_enabled",
             "false only to measure what metrics cost: /metrics is then empty",
             env="CERTBROKER_METRICS_ENABLED",
+        ).meta,
+    )
+    # On SIGTERM: health NOT_SERVING, no new calls, in-flight calls get this long to finish (with
+    # their audit entries) before they are cancelled. Twice the default adapter timeout.
+    shutdown_grace_s: float = field(
+        default=10.0,
+        metadata=Key(
+            "server",
+            "shutdown_grace_s",
+            "on SIGTERM, in-flight calls get this long to finish before they are cancelled",
+            env="CERTBROKER_SHUTDOWN_GRACE_S",
+            ge=0,
+        ).meta,
+    )
+    log_format: str = field(
+        default="text",
+        metadata=Key(
+            "server",
+            "log_format",
+            "text, or json: one JSON object per line for log shippers",
+            env="CERTBROKER_LOG_FORMAT",
+            choices=LOG_FORMATS,
+        ).meta,
+    )
+    log_level: str = field(
+        default="info",
+        metadata=Key(
+            "server",
+            "log_level",
+            "debug also logs every successful call",
+            env="CERTBROKER_LOG_LEVEL",
+            choices=LOG_LEVELS,
         ).meta,
     )
     # [policy]
@@ -428,6 +478,18 @@ class Config:
             le=MAX_WAIT_S * 1000,
         ).meta,
     )
+    # Calls refused before a caller is known get no entry each (anyone could fill the log):
+    # one summary entry per address per interval, and at shutdown.
+    unauthenticated_summary_interval_s: float = field(
+        default=10.0,
+        metadata=Key(
+            "audit",
+            "unauthenticated_summary_interval_s",
+            "one entry per address for the calls refused before a caller was known",
+            gt=0,
+            le=3600,
+        ).meta,
+    )
     # [auth]
     leeway_s: int = field(
         default=30,
@@ -457,6 +519,38 @@ class Config:
     token_cache_max_entries: int = field(
         default=10_000,
         metadata=Key("auth", "token_cache_max_entries", "verified tokens kept", ge=1).meta,
+    )
+    dev_idp_max_token_lifetime_s: float = field(
+        default=MAX_TOKEN_LIFETIME_S,
+        metadata=Key(
+            "auth",
+            "dev_idp_max_token_lifetime_s",
+            "longest exp - iat of the dev IdP's tokens",
+            gt=0,
+            le=MAX_TOKEN_LIFETIME_CAP_S,
+        ).meta,
+    )
+    # Calls refused before a caller is known (no or bad token, undecodable request), per peer
+    # (IP address; IPv6 by /64): then RESOURCE_EXHAUSTED UNAUTHENTICATED_RATE_LIMITED.
+    unauthenticated_rate_per_s: float = field(
+        default=5.0,
+        metadata=Key(
+            "auth",
+            "unauthenticated_rate_per_s",
+            "per address: calls refused before a caller is known, a second on average",
+            env="CERTBROKER_UNAUTHENTICATED_RATE_PER_S",
+            gt=0,
+            le=1_000_000,
+        ).meta,
+    )
+    unauthenticated_burst: int = field(
+        default=20,
+        metadata=Key(
+            "auth",
+            "unauthenticated_burst",
+            "and at once; past that RESOURCE_EXHAUSTED UNAUTHENTICATED_RATE_LIMITED",
+            ge=1,
+        ).meta,
     )
     issuers: tuple[IssuerConfig, ...] = field(
         default=(),
@@ -860,7 +954,16 @@ def _issuer(where: str, item: Any, base: Path) -> IssuerConfig:
     jwks = _toml_value(Path, f"{where}.jwks", item["jwks"], base) if "jwks" in item else None
     if not public_keys and jwks is None:
         raise ConfigError(f"{where}: needs public_keys or jwks")
-    return IssuerConfig(issuer, audience, public_keys, jwks)
+    lifetime = MAX_TOKEN_LIFETIME_S
+    if "max_token_lifetime_s" in item:
+        lifetime = _toml_value(
+            float, f"{where}.max_token_lifetime_s", item["max_token_lifetime_s"], base
+        )
+        declared = next(f for f in fields(IssuerConfig) if f.name == "max_token_lifetime_s")
+        problem = key_of(declared).problem(lifetime)
+        if problem is not None:
+            raise ConfigError(f"{where}.max_token_lifetime_s: {problem}")
+    return IssuerConfig(issuer, audience, public_keys, jwks, lifetime)
 
 
 def _check_together(config: Config) -> None:

@@ -46,6 +46,13 @@ class Unauthenticated(BrokerError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class UnknownCaller(Unauthenticated):
+    """UNAUTHENTICATED before any principal is known: the authenticator refused the call's
+    token (``TOKEN_*``). Such refusals are not audited one by one but counted per peer and
+    summarized (:mod:`certbroker.audit.refusals`); an ``Unauthenticated`` raised once the
+    caller is known (a department refusing a call, say) is audited like any other error."""
+
+
 class PermissionDenied(BrokerError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
@@ -60,6 +67,12 @@ class Unavailable(BrokerError):
 
 class DeadlineExceeded(BrokerError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class ResourceExhausted(BrokerError):
+    """A caller went past a limit (``UNAUTHENTICATED_RATE_LIMITED``); trying later may work."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class Internal(BrokerError):

@@ -2,7 +2,9 @@
 
 Labels are low-cardinality by construction: record types, departments, matters, decisions and
 status code names come from the policy catalogue or gRPC, never from callers. No subject IDs,
-no clerks, no tokens.
+no clerks, no tokens. No label value is empty: "" (no decision reached, no department known)
+is exported as ``none``. Counters and histograms have no ``_created`` series (a timestamp
+per series that only doubles what is stored; :func:`prometheus_client.disable_created_metrics`).
 
 ``Metrics(enabled=False)`` records nothing: every instrument is a shared no-op and the registry
 stays empty. The benchmark uses it to measure what the metrics cost.
@@ -27,15 +29,58 @@ Instruments (names as scraped; counters gain ``_total``):
 ``certbroker_bundle_items``                 items per answered LookupMatter
 ``certbroker_policy_reloads``               policy reload attempts by result
 =========================================== ==================================================
+
+Read when scraped (:meth:`Metrics.watch`, callbacks of the running broker):
+
+=========================================== ==================================================
+``certbroker_policy_info``                  1, with the policy version in force as ``version``
+``certbroker_circuit_breaker_state``        per department: 0 closed, 1 half-open, 2 open
+``certbroker_registry_live_instances``      per department: registered adapter instances whose
+                                            lease has not lapsed
+``certbroker_audit_tree_size``              entries in the audit log's Merkle tree
+``certbroker_audit_last_checkpoint``        when the newest signed checkpoint was signed
+``_timestamp_seconds``                      (epoch seconds; absent before the first one)
+``certbroker_rpcs_in_flight``               calls of the broker's services being served
+
+The audit readings query the log (a read-only connection per scrape, SQLite or PostgreSQL):
+the log is shared by workers and other brokers, and the checkpoints may be signed by any of
+them or by ``certbroker audit checkpoint``, so only the log itself is current.
+``process_*``                               the process: ``process_resident_memory_bytes``,
+                                            ``process_cpu_seconds_total``, ``process_open_fds``
+                                            and the rest of prometheus_client's ProcessCollector
+=========================================== ==================================================
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    start_http_server,
+)
+from prometheus_client.metrics_core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+# Process-wide in prometheus_client (it has no per-registry switch); every registry here is
+# the broker's, and ``_created`` only repeats what the server's own start time already says.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+#: What an empty label value is exported as: Prometheus treats an empty value as the label
+#: being absent, which silently merges series.
+EMPTY_LABEL: Final = "none"
+#: ``certbroker_circuit_breaker_state`` values by breaker state name.
+BREAKER_STATES: Final = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # Policy decisions are pure computation: microseconds, not milliseconds.
@@ -97,11 +142,13 @@ class _Children(Generic[_Child]):
 
     def labels(self, *labelvalues: Any, **labelkwargs: Any) -> _Child:
         if labelkwargs:  # rare: the keyword form is not memoised
-            child: _Child = self._metric.labels(*labelvalues, **labelkwargs)
+            child: _Child = self._metric.labels(
+                *map(_label, labelvalues), **{k: _label(v) for k, v in labelkwargs.items()}
+            )
             return child
         found = self._children.get(labelvalues)
         if found is None:
-            found = self._children[labelvalues] = self._metric.labels(*labelvalues)
+            found = self._children[labelvalues] = self._metric.labels(*map(_label, labelvalues))
         return found
 
     def inc(self, amount: float = 1) -> None:
@@ -109,6 +156,105 @@ class _Children(Generic[_Child]):
 
     def observe(self, amount: float) -> None:
         raise ValueError("a labelled histogram is observed through labels()")
+
+
+def _label(value: Any) -> Any:
+    return EMPTY_LABEL if value == "" else value
+
+
+@dataclass(frozen=True)
+class BrokerState:
+    """Callbacks that read a running broker's state when ``/metrics`` is scraped (on the
+    metrics server's thread: each must be thread-safe, and may block briefly, e.g. to read
+    the audit log). A callback that raises leaves its series out of that scrape (logged)."""
+
+    policy_version: Callable[[], str]
+    #: department -> breaker state name (a key of :data:`BREAKER_STATES`)
+    breaker_states: Callable[[], Mapping[str, str]]
+    #: department -> registered instances whose lease is live
+    live_instances: Callable[[], Mapping[str, int]]
+    audit_tree_size: Callable[[], int]
+    #: epoch seconds of the newest signed checkpoint, None before the first
+    last_checkpoint: Callable[[], float | None]
+    rpcs_in_flight: Callable[[], int]
+
+
+class _StateCollector(Collector):
+    """The :class:`BrokerState` gauges, computed at scrape time."""
+
+    def __init__(self, state: BrokerState) -> None:
+        self._state = state
+
+    def collect(self) -> Iterable[Metric]:
+        state = self._state
+        yield from _read("policy version", lambda: _policy(state.policy_version()))
+        yield from _read("breaker states", lambda: _breakers(state.breaker_states()))
+        yield from _read("registry", lambda: _instances(state.live_instances()))
+        yield from _read(
+            "audit tree size",
+            lambda: GaugeMetricFamily(
+                "certbroker_audit_tree_size",
+                "Entries in the audit log's Merkle tree.",
+                value=state.audit_tree_size(),
+            ),
+        )
+        yield from _read("last checkpoint", lambda: _checkpoint(state.last_checkpoint()))
+        yield from _read(
+            "calls in flight",
+            lambda: GaugeMetricFamily(
+                "certbroker_rpcs_in_flight",
+                "Calls of the broker's services being served now.",
+                value=state.rpcs_in_flight(),
+            ),
+        )
+
+
+def _read(what: str, family: Callable[[], Metric | None]) -> Iterable[Metric]:
+    try:
+        found = family()
+    except Exception:  # a scrape shows what it can; the failure is in the log
+        log.exception("metrics: reading the %s failed", what)
+        return
+    if found is not None:
+        yield found
+
+
+def _policy(version: str) -> Metric:
+    info = InfoMetricFamily("certbroker_policy", "The policy set in force.")
+    info.add_metric([], {"version": _label(version)})
+    return info
+
+
+def _breakers(states: Mapping[str, str]) -> Metric:
+    gauge = GaugeMetricFamily(
+        "certbroker_circuit_breaker_state",
+        "Circuit breaker of each department: 0 closed, 1 half-open, 2 open.",
+        labels=["department"],
+    )
+    for department, state in sorted(states.items()):
+        gauge.add_metric([_label(department)], BREAKER_STATES[state])
+    return gauge
+
+
+def _instances(counts: Mapping[str, int]) -> Metric:
+    gauge = GaugeMetricFamily(
+        "certbroker_registry_live_instances",
+        "Registered adapter instances of each department whose lease is live.",
+        labels=["department"],
+    )
+    for department, count in sorted(counts.items()):
+        gauge.add_metric([_label(department)], count)
+    return gauge
+
+
+def _checkpoint(signed_at: float | None) -> Metric | None:
+    if signed_at is None:
+        return None
+    return GaugeMetricFamily(
+        "certbroker_audit_last_checkpoint_timestamp_seconds",
+        "When the newest signed audit checkpoint was signed (epoch seconds).",
+        value=signed_at,
+    )
 
 
 @dataclass
@@ -236,6 +382,14 @@ class Metrics:
     def observe_token_cache(self, hit: bool) -> None:
         """One bearer token looked up in the token cache."""
         (self.token_cache_hits if hit else self.token_cache_misses).inc()
+
+    def watch(self, state: BrokerState) -> None:
+        """Export the running broker's ``state`` and the process's own metrics (RSS, CPU,
+        open files: ``process_*``) from now on; nothing when not ``enabled``."""
+        if not self.enabled:
+            return
+        ProcessCollector(registry=self.registry)
+        self.registry.register(_StateCollector(state))
 
     def serve(self, host: str, port: int) -> tuple[WSGIServer, int]:
         """Expose /metrics over HTTP; returns the server and its bound port (port 0 = any)."""

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from certbroker import config
-from certbroker.routing.router import Fetched, RecordSource
+from certbroker.policy import RecordLimits
+from certbroker.routing.router import DEFAULT_LIMITS, Fetched, RecordSource
 from tests.helpers import BrokerThread, Env, make_config, running_env
 
 #: A role for the tests: at the 24-hour hall it gets marriage records WITHOUT the window
@@ -106,6 +107,7 @@ class SpySource:
         fields: Sequence[str],
         decision_id: str,
         timeout_s: float,
+        limits: RecordLimits = DEFAULT_LIMITS,
     ) -> Fetched:
         self.calls.append((subject_id, tuple(fields), decision_id))
         if self.release is not None:
@@ -113,7 +115,9 @@ class SpySource:
                 if self.release():
                     break
                 await asyncio.sleep(0.01)
-        return await self.inner.fetch(record_type, subject_id, fields, decision_id, timeout_s)
+        return await self.inner.fetch(
+            record_type, subject_id, fields, decision_id, timeout_s, limits
+        )
 
     async def aclose(self) -> None:
         await self.inner.aclose()

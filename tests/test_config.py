@@ -171,6 +171,8 @@ def _sample(setting: Setting) -> Any:
         return value if key.le is None or value <= key.le else default - step
     if setting.kind is Path:
         return Path("sub/file")
+    if key.choices:
+        return next(c for c in key.choices if c != default)
     return "hall_7" if key.pattern is not None else "example.org"
 
 
@@ -341,3 +343,28 @@ def test_readme_is_in_sync_and_drift_is_caught(tmp_path: Path) -> None:
     assert docgen.main(["--check"], readme) == 0
     readme.write_text("no markers\n")
     assert docgen.main(["--check"], readme) == 2
+
+
+def test_caller_hardening_settings(tmp_path: Path) -> None:
+    cfg = config.load(None, env={})
+    assert cfg.dev_idp_max_token_lifetime_s == 12 * 3600
+    assert (cfg.unauthenticated_rate_per_s, cfg.unauthenticated_burst) == (5.0, 20)
+    assert cfg.unauthenticated_summary_interval_s == 10.0
+    path = tmp_path / "broker.toml"
+    path.write_text(
+        "[auth]\ndev_idp_max_token_lifetime_s = 3600\nunauthenticated_rate_per_s = 2.5\n"
+        "unauthenticated_burst = 4\n"
+        "[audit]\nunauthenticated_summary_interval_s = 30\n"
+        '[[auth.issuers]]\nissuer = "https://idp.example"\naudience = "certbroker"\n'
+        'public_keys = ["a.pem"]\nmax_token_lifetime_s = 28800\n'
+    )
+    cfg = config.load(path, env={"CERTBROKER_UNAUTHENTICATED_RATE_PER_S": "3"})
+    assert cfg.dev_idp_max_token_lifetime_s == 3600
+    assert (cfg.unauthenticated_rate_per_s, cfg.unauthenticated_burst) == (3.0, 4)
+    assert cfg.unauthenticated_summary_interval_s == 30
+    assert cfg.issuers[0].max_token_lifetime_s == 28800
+    path.write_text(
+        '[[auth.issuers]]\nissuer = "a"\naudience = "b"\njwks = "j"\nmax_token_lifetime_s = -5\n'
+    )
+    with pytest.raises(ConfigError, match="max_token_lifetime_s"):
+        config.load(path, env={})

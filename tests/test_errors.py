@@ -16,6 +16,7 @@ def test_every_error_names_its_status() -> None:
         errors.NotFound: grpc.StatusCode.NOT_FOUND,
         errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
         errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+        errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
         errors.Internal: grpc.StatusCode.INTERNAL,
     }
     for cls, code in expected.items():

@@ -3,7 +3,8 @@ generic SQL adapter (:mod:`certbroker.adapters.sql`) and examples
 (:mod:`certbroker.adapters.examples`).
 
 Code here imports only the standard library, grpc/protobuf, PyJWT/cryptography,
-prometheus-client, the ``certbroker`` contract and ``adapters.*`` (psycopg, optionally, for the
-SQL adapter's PostgreSQL) -- never ``broker``: a department must be able to run its adapter
-without the broker's code.
+prometheus-client, the contract (``certbroker.v1``, ``certbroker.contract``) and
+``certbroker.adapters.*`` (psycopg, optionally, for the SQL adapter's PostgreSQL) -- never the
+broker's own packages (an import-linter contract in ``pyproject.toml``): a department must be
+able to run its adapter without the broker's code.
 """

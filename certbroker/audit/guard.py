@@ -26,6 +26,17 @@ anything leave:
   of the answer or the error (not even a denial's reason leaves unaudited), and the
   ``undo_unless_audited`` callbacks run, so a change whose entry is missing does not stay.
 
+A call refused before any caller is known -- the block raised
+:class:`certbroker.errors.UnknownCaller` (no token, a malformed, forged or otherwise refused
+one) -- gets no entry of its own when the guard is given a ``refusals`` ledger
+(:class:`certbroker.audit.refusals.RefusalLedger`, as every servicer of a running broker is):
+``describe`` is not asked, the ledger counts the call for the caller's peer and writes one
+summary entry per peer per interval, and the caller gets its refusal as it is, or
+RESOURCE_EXHAUSTED ``UNAUTHENTICATED_RATE_LIMITED`` past the peer's rate. Otherwise anyone
+could grow the log, one entry per call, without being anyone. Every call of a known caller,
+allowed or refused, still has its own entry before its answer. (Without a ledger, such a call
+is described like any other.)
+
 ``describe`` may return ``None`` for outcomes a servicer deliberately leaves out of the log
 (the Registry's heartbeats and its refusals of unauthenticated or malformed calls); nothing is
 written then and the answer or error leaves as it is. It may also return a :class:`Batch`: several
@@ -53,6 +64,7 @@ import grpc
 
 from certbroker import errors
 from certbroker.audit.events import AUDIT_UNAVAILABLE, AuditEvent, AuditLog, Receipt
+from certbroker.audit.refusals import RefusalLedger
 
 __all__ = [
     "AuditedCall",
@@ -106,7 +118,9 @@ class AuditedCall:
     """One audited call (see the module docstring): an async context manager around the work.
 
     ``log`` is the audit log (``None``: none attached yet, so every call fails closed);
-    ``describe`` builds the entry when the block ends. Optional observers, for metrics:
+    ``describe`` builds the entry when the block ends. ``refusals`` counts the call instead
+    when its caller turns out to be unknown, under the peer of ``context`` (the call's
+    servicer context; see the module docstring). Optional observers, for metrics:
     ``on_append(seconds)`` after a successful write, with the time it took, and
     ``on_finish(status, seconds)`` once per call with the status the caller gets
     ("UNAVAILABLE" when the entry could not be written) and the time since the guard was
@@ -118,11 +132,15 @@ class AuditedCall:
         log: AuditLog | None,
         describe: Describe,
         *,
+        refusals: RefusalLedger | None = None,
+        context: grpc.aio.ServicerContext[Any, Any] | None = None,
         on_append: Callable[[float], object] | None = None,
         on_finish: Callable[[str, float], object] | None = None,
     ) -> None:
         self._log = log
         self._describe = describe
+        self._refusals = refusals
+        self._context = context
         self._on_append = on_append
         self._on_finish = on_finish
         self._undo: list[Callable[[], Awaitable[object]]] = []
@@ -169,6 +187,9 @@ class AuditedCall:
             await self._run_undo()
             return
         failure = None if exc is None else errors.as_broker_error(exc)
+        if isinstance(failure, errors.UnknownCaller) and self._refusals is not None:
+            await self._refuse_unknown(failure)
+            return  # the refusal propagates as it is
         result = Result(failure, self.elapsed_ms())
         started = time.perf_counter()
         try:
@@ -190,6 +211,17 @@ class AuditedCall:
         if failure is not exc:
             raise failure from exc  # the generic INTERNAL, never the unexpected exception
         # else: the BrokerError propagates as it is, now naming its entry
+
+    async def _refuse_unknown(self, failure: errors.UnknownCaller) -> None:
+        """Count a call refused before its caller was known (no entry of its own); raise
+        the rate limit's error instead of the refusal when the peer is past its rate."""
+        assert self._refusals is not None
+        peer = self._context.peer() if self._context is not None else ""
+        answer = self._refusals.refuse(peer, failure)
+        await self._run_undo()  # nothing of the call is in the log
+        self._finish(answer.code.name)
+        if answer is not failure:
+            raise answer from None
 
     async def _write(self, entry: AuditEvent | Batch) -> list[Receipt]:
         if self._log is None:

@@ -1,20 +1,32 @@
 """Authentication: JWT verification against trusted issuers, with a cache of verified tokens.
 
 Clerks (CertificateBroker) and departments or operators (Registry) send
-``authorization: Bearer <JWT>``; the issuers and their keys live in :mod:`certbroker.auth.issuers`.
-The
-unverified header and claims are read only to pick the issuer and key; PyJWT then verifies
-signature, audience, issuer and required claims, and we check the times against an injected
-clock. Every failure is ``Unauthenticated`` with a reason code; no message or log line ever
-contains the token. The principals it yields live in :mod:`certbroker.auth.principals`, the
-development
-IdP in :mod:`certbroker.auth.dev_idp`; both are re-exported here.
+``authorization: Bearer <JWT>``; the issuers and their keys live in
+:mod:`certbroker.auth.issuers`. The unverified header and claims are read only to pick the
+issuer and key; PyJWT then verifies signature, audience, issuer and required claims, and we
+check the times against an injected clock. Every failure is
+:class:`certbroker.errors.UnknownCaller` (UNAUTHENTICATED: no principal is known) with a reason
+code; no message or log line ever contains the token.
+
+What a verified token says is checked too, since it ends up in audit entries, logs and
+auditors' terminals: ``sub``, ``office`` and each role are at most 64 characters of
+:data:`SAFE_CLAIM` (ASCII letters, digits and ``_ . : @ / + | -``), at most
+:data:`MAX_ROLES` roles; ``name`` is at most 64 printable characters (no control, format --
+bidi overrides, zero-width --, surrogate, private-use or unassigned character, no line
+separator). Any other value is ``TOKEN_BAD_CLAIM``. A token lives at most its issuer's
+``max_lifetime_s`` (``exp - iat``, default 12 h), else ``TOKEN_LIFETIME_TOO_LONG``; ``iat`` is
+a required claim, since without it the lifetime cannot be known (a token without it is
+``TOKEN_MISSING_CLAIM``, claim ``iat``), and ``exp`` must come after it (``TOKEN_BAD_CLAIM``).
+
+The principals it yields live in :mod:`certbroker.auth.principals`, the development IdP in
+:mod:`certbroker.auth.dev_idp`; both are re-exported here.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -26,6 +38,7 @@ from jwt.types import Options
 from certbroker.auth.dev_idp import DevIdentityProvider
 from certbroker.auth.issuers import (
     ALLOWED_ALGS,
+    DEFAULT_MAX_LIFETIME_S,
     PublicKey,
     TrustedIssuer,
     VerifyingKey,
@@ -40,15 +53,18 @@ from certbroker.auth.principals import (
     DepartmentPrincipal,
 )
 from certbroker.cache import TokenCache
-from certbroker.errors import PermissionDenied, Unauthenticated
+from certbroker.errors import PermissionDenied, UnknownCaller
 from certbroker.metrics import Metrics
 
 __all__ = [
     "ALLOWED_ALGS",
+    "DEFAULT_MAX_LIFETIME_S",
     "DEPARTMENT_ID",
     "DEPARTMENT_ROLE",
+    "MAX_CLAIM_CHARS",
     "OPERATOR_ROLE",
     "REQUIRED_CLAIMS",
+    "SAFE_CLAIM",
     "Authenticator",
     "Clerk",
     "DepartmentPrincipal",
@@ -74,6 +90,14 @@ TOKEN_CACHE_MAX_AGE_S = 300.0
 TOKEN_CACHE_MAX_ENTRIES = 10_000
 # Far above any real clerk token; stops a caller from making us parse megabytes of JSON.
 MAX_TOKEN_CHARS = 8192
+#: Longest ``sub``, ``office``, role or ``name`` accepted (characters).
+MAX_CLAIM_CHARS = 64
+#: Most roles one token may carry.
+MAX_ROLES = 32
+#: ``sub``, ``office`` and roles: identifiers, ASCII only (explicit classes, so no other
+#: script's letters or digits), nothing that could break a table, a log line or a
+#: ``key=value;...`` summary (no space, quote, ``;``, ``,`` or ``=``).
+SAFE_CLAIM = re.compile(rf"[A-Za-z0-9_.:@/+|-]{{1,{MAX_CLAIM_CHARS}}}")
 
 # PyJWT exception -> (reason, message), first match wins: InvalidSignatureError is a DecodeError.
 _PYJWT_ERRORS: tuple[tuple[type[Exception], str, str], ...] = (
@@ -92,8 +116,8 @@ _DECODE_OPTIONS: Options = {
 }
 
 
-def _bad_claim(claim: str) -> Unauthenticated:
-    return Unauthenticated("TOKEN_BAD_CLAIM", f"token claim {claim} is invalid", claim=claim)
+def _bad_claim(claim: str) -> UnknownCaller:
+    return UnknownCaller("TOKEN_BAD_CLAIM", f"token claim {claim} is invalid", claim=claim)
 
 
 def _number(claims: Mapping[str, Any], claim: str) -> float:
@@ -108,6 +132,26 @@ def _text(claims: Mapping[str, Any], claim: str) -> str:
     value = claims[claim]
     if not isinstance(value, str) or not value.strip():
         raise _bad_claim(claim)
+    return value
+
+
+def _identifier(claims: Mapping[str, Any], claim: str) -> str:
+    """``sub`` or ``office``: a short ASCII identifier (:data:`SAFE_CLAIM`)."""
+    value = claims[claim]
+    if not isinstance(value, str) or not SAFE_CLAIM.fullmatch(value):
+        raise _bad_claim(claim)
+    return value
+
+
+def _display_name(claims: Mapping[str, Any]) -> str:
+    """The optional ``name``: at most :data:`MAX_CLAIM_CHARS` printable characters."""
+    value = claims.get("name", "")
+    # str.isprintable() is False for every character of Unicode categories C* (control,
+    # format -- bidi overrides, zero-width --, surrogate, private use, unassigned) and Z*
+    # except the ASCII space (line and paragraph separators included): what a name needs
+    # to show as it is, everywhere it is shown.
+    if not isinstance(value, str) or len(value) > MAX_CLAIM_CHARS or not value.isprintable():
+        raise _bad_claim("name")
     return value
 
 
@@ -178,14 +222,14 @@ class Authenticator:
         # What _logged does, inline: every lookup starts here, so no closure per call.
         try:
             clerk = self._verify(_bearer_token(metadata))
-        except Unauthenticated as exc:
+        except UnknownCaller as exc:
             _log_rejected(exc)
             raise
         log.debug("authenticated: sub=%s iss=%s", clerk.sub, clerk.issuer)
         return clerk
 
     def verify(self, token: str) -> Clerk:
-        """Verify a compact-JWS clerk token, or raise :class:`Unauthenticated` with a reason."""
+        """Verify a compact-JWS clerk token, or raise :class:`UnknownCaller` with a reason."""
         return self._logged(lambda: self._verify(token))
 
     def verify_department(
@@ -194,7 +238,7 @@ class Authenticator:
         """Verify a Registry caller's bearer token: a department credential (role "department"
         and a ``dept`` claim) or an operator token (role "operator").
 
-        ``Unauthenticated`` for a token that does not verify or lacks a usable ``dept``;
+        ``UnknownCaller`` for a token that does not verify or lacks a usable ``dept``;
         ``PermissionDenied("ROLE_NOT_ALLOWED")`` for a valid token with neither role (a clerk's).
         """
         principal = self.registry_principal(metadata)
@@ -214,7 +258,7 @@ class Authenticator:
     def _logged(self, check: Callable[[], _P]) -> _P:
         try:
             principal = check()
-        except Unauthenticated as exc:
+        except UnknownCaller as exc:
             _log_rejected(exc)
             raise
         log.debug("authenticated: sub=%s iss=%s", principal.sub, principal.issuer)
@@ -231,9 +275,8 @@ class Authenticator:
         if (cached := self._cached(self._clerks, token)) is not None:
             return cached
         claims, trusted = self._claims(token, REQUIRED_CLAIMS)
-        if not isinstance(name := claims.get("name", ""), str):
-            raise _bad_claim("name")
-        sub, office = _text(claims, "sub"), _text(claims, "office")
+        sub, office = _identifier(claims, "sub"), _identifier(claims, "office")
+        name = _display_name(claims)
         clerk = Clerk(sub, _roles(claims), office, issuer=trusted.issuer, name=name)
         if self._cache_on:
             self._clerks.put(token, clerk, _number(claims, "exp"))
@@ -252,38 +295,40 @@ class Authenticator:
         roles = _roles(claims)
         dept = claims.get("dept")
         if dept is None and DEPARTMENT_ROLE in roles:
-            raise Unauthenticated("TOKEN_MISSING_CLAIM", "token lacks claim dept", claim="dept")
+            raise UnknownCaller("TOKEN_MISSING_CLAIM", "token lacks claim dept", claim="dept")
         if dept is not None and not (isinstance(dept, str) and DEPARTMENT_ID.fullmatch(dept)):
             raise _bad_claim("dept")
-        principal = DepartmentPrincipal(_text(claims, "sub"), roles, dept or "", trusted.issuer)
+        principal = DepartmentPrincipal(
+            _identifier(claims, "sub"), roles, dept or "", trusted.issuer
+        )
         return principal, _number(claims, "exp")
 
     def _claims(self, token: str, required: Sequence[str]) -> tuple[dict[str, Any], TrustedIssuer]:
         """Verified claims (signature, alg, iss, aud, ``required``, times) and their issuer."""
         # `from None` below: a chained PyJWT exception could carry token bytes into a traceback.
         if len(token) > MAX_TOKEN_CHARS:
-            raise Unauthenticated("TOKEN_MALFORMED", "token is too large")
+            raise UnknownCaller("TOKEN_MALFORMED", "token is too large")
         try:  # Unverified reads only pick the issuer and key; nothing in them is trusted yet.
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})
         except jwt.PyJWTError:
-            raise Unauthenticated("TOKEN_MALFORMED", "token is not a well-formed JWS") from None
+            raise UnknownCaller("TOKEN_MALFORMED", "token is not a well-formed JWS") from None
         alg = header.get("alg")
         if alg not in ALLOWED_ALGS:
-            raise Unauthenticated("TOKEN_ALG_NOT_ALLOWED", "token algorithm is not allowed")
+            raise UnknownCaller("TOKEN_ALG_NOT_ALLOWED", "token algorithm is not allowed")
         if unverified.get("iss") is None:
-            raise Unauthenticated("TOKEN_MISSING_CLAIM", "token lacks claim iss", claim="iss")
+            raise UnknownCaller("TOKEN_MISSING_CLAIM", "token lacks claim iss", claim="iss")
         trusted = self._issuers.get(_text(unverified, "iss"))
         if trusted is None:
-            raise Unauthenticated("TOKEN_UNKNOWN_ISSUER", "token issuer is not trusted")
+            raise UnknownCaller("TOKEN_UNKNOWN_ISSUER", "token issuer is not trusted")
         kid = header.get("kid")  # PyJWT has checked it is a string if present
         if kid is None and len(trusted.keys) == 1:  # only then is it clear which key is meant
             kid = next(iter(trusted.keys))
         vkey = trusted.keys.get(kid) if isinstance(kid, str) else None
         if vkey is None:
-            raise Unauthenticated("TOKEN_UNKNOWN_KID", "token key id is not known for its issuer")
+            raise UnknownCaller("TOKEN_UNKNOWN_KID", "token key id is not known for its issuer")
         if alg != vkey.alg:
-            raise Unauthenticated("TOKEN_ALG_NOT_ALLOWED", "token algorithm does not fit its key")
+            raise UnknownCaller("TOKEN_ALG_NOT_ALLOWED", "token algorithm does not fit its key")
         options: Options = {**_DECODE_OPTIONS, "require": list(required)}
         try:
             claims: dict[str, Any] = jwt.decode(
@@ -296,28 +341,38 @@ class Authenticator:
             )
         except jwt.MissingRequiredClaimError as exc:
             missing = exc.claim
-            raise Unauthenticated(
+            raise UnknownCaller(
                 "TOKEN_MISSING_CLAIM", f"token lacks claim {missing}", claim=missing
             ) from None
         except (InvalidSubjectError, InvalidJTIError) as exc:
             raise _bad_claim("sub" if isinstance(exc, InvalidSubjectError) else "jti") from None
         except jwt.PyJWTError as exc:
             reason, message = next((r, m) for t, r, m in _PYJWT_ERRORS if isinstance(exc, t))
-            raise Unauthenticated(reason, message) from None
-        self._check_times(claims)
+            raise UnknownCaller(reason, message) from None
+        self._check_times(claims, trusted.max_lifetime_s)
         return claims, trusted
 
-    def _check_times(self, claims: Mapping[str, Any]) -> None:
+    def _check_times(self, claims: Mapping[str, Any], max_lifetime_s: float) -> None:
         # The same comparisons PyJWT makes, against the injected clock.
         now, leeway = self._clock(), self._leeway
-        if _number(claims, "exp") <= now - leeway:
-            raise Unauthenticated("TOKEN_EXPIRED", "token has expired")
+        exp, iat = _number(claims, "exp"), _number(claims, "iat")
+        if exp <= now - leeway:
+            raise UnknownCaller("TOKEN_EXPIRED", "token has expired")
         nbf = _number(claims, "nbf") if "nbf" in claims else None
-        if _number(claims, "iat") > now + leeway or (nbf is not None and nbf > now + leeway):
-            raise Unauthenticated("TOKEN_NOT_YET_VALID", "token is not valid yet")
+        if iat > now + leeway or (nbf is not None and nbf > now + leeway):
+            raise UnknownCaller("TOKEN_NOT_YET_VALID", "token is not valid yet")
+        if exp <= iat:
+            raise _bad_claim("exp")
+        # A stolen token is good until it expires: the issuer's cap bounds how long that is,
+        # whatever lifetime the token claims for itself.
+        if exp - iat > max_lifetime_s:
+            raise UnknownCaller(
+                "TOKEN_LIFETIME_TOO_LONG",
+                f"token lives longer than its issuer's maximum of {max_lifetime_s:g} s",
+            )
 
 
-def _log_rejected(exc: Unauthenticated) -> None:
+def _log_rejected(exc: UnknownCaller) -> None:
     # Reason and claim name only: no part of the token ever reaches the log.
     log.info("token rejected: %s %s", exc.reason, exc.metadata or "")
 
@@ -331,7 +386,11 @@ def _index(issuers: Sequence[TrustedIssuer]) -> dict[str, TrustedIssuer]:
 
 def _roles(claims: Mapping[str, Any]) -> tuple[str, ...]:
     roles = claims["roles"]
-    if not isinstance(roles, list) or not all(isinstance(r, str) and r.strip() for r in roles):
+    if (
+        not isinstance(roles, list)
+        or len(roles) > MAX_ROLES
+        or not all(isinstance(r, str) and SAFE_CLAIM.fullmatch(r) for r in roles)
+    ):
         raise _bad_claim("roles")
     return tuple(roles)
 
@@ -339,11 +398,11 @@ def _roles(claims: Mapping[str, Any]) -> tuple[str, ...]:
 def _bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
     values = [value for key, value in metadata or () if key.lower() == "authorization"]
     if len(values) != 1:
-        raise Unauthenticated("TOKEN_MISSING", "need exactly one authorization metadata entry")
+        raise UnknownCaller("TOKEN_MISSING", "need exactly one authorization metadata entry")
     value = values[0]
     if isinstance(value, bytes):
         value = value.decode("ascii", errors="replace")
     parts = value.split()
     if len(parts) != 2 or parts[0].lower() != "bearer":  # RFC 7235: scheme is case-insensitive
-        raise Unauthenticated("TOKEN_MISSING", "authorization metadata is not a Bearer token")
+        raise UnknownCaller("TOKEN_MISSING", "authorization metadata is not a Bearer token")
     return parts[1]

@@ -9,7 +9,12 @@ from pathlib import Path
 
 import jwt
 
-from certbroker.auth.issuers import TrustedIssuer, VerifyingKey, jwk_thumbprint
+from certbroker.auth.issuers import (
+    DEFAULT_MAX_LIFETIME_S,
+    TrustedIssuer,
+    VerifyingKey,
+    jwk_thumbprint,
+)
 from certbroker.auth.keyfiles import ed25519_key_files
 from certbroker.auth.principals import DEPARTMENT_ROLE, OPERATOR_ROLE
 
@@ -57,11 +62,13 @@ class DevIdentityProvider:
         return self._sign(claims)
 
     def issue_department(
-        self, dept: str, *, sub: str = "", ttl_s: int = 24 * 3600, now: float | None = None
+        self, dept: str, *, sub: str = "", ttl_s: int = 12 * 3600, now: float | None = None
     ) -> str:
         """Sign a department credential (role "department", claim ``dept``) for the Registry.
 
-        ``sub`` names the adapter deployment; it defaults to ``adapter:<dept>``.
+        ``sub`` names the adapter deployment; it defaults to ``adapter:<dept>``. The default
+        lifetime is the broker's default cap (12 h): adapters re-read their credential file on
+        every call, so a fresh one can be put in place before the old one expires.
         """
         if not dept or ttl_s <= 0:
             raise ValueError("need a department id and ttl_s > 0")
@@ -92,6 +99,7 @@ class DevIdentityProvider:
     def _sign(self, claims: Mapping[str, object]) -> str:
         return jwt.encode(dict(claims), self._key, algorithm="EdDSA", headers={"kid": self._kid})
 
-    def trusted_issuer(self) -> TrustedIssuer:
-        """The issuer entry that makes an :class:`Authenticator` accept this IdP's tokens."""
-        return TrustedIssuer(self.ISSUER, self.AUDIENCE, {self._kid: self._vkey})
+    def trusted_issuer(self, max_lifetime_s: float = DEFAULT_MAX_LIFETIME_S) -> TrustedIssuer:
+        """The issuer entry that makes an :class:`Authenticator` accept this IdP's tokens (those
+        living at most ``max_lifetime_s``)."""
+        return TrustedIssuer(self.ISSUER, self.AUDIENCE, {self._kid: self._vkey}, max_lifetime_s)

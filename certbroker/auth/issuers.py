@@ -22,6 +22,9 @@ from jwt.utils import base64url_encode
 # A tuple, not a set: `x in tuple` is safe for unhashable JSON values like lists.
 ALLOWED_ALGS = ("ES256", "RS256", "EdDSA")
 PublicKey: TypeAlias = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+#: Longest lifetime (``exp - iat``) a token of an issuer may have unless configured otherwise:
+#: a working day and then some, so a clerk's token cannot outlive the shift by much.
+DEFAULT_MAX_LIFETIME_S = 12 * 3600.0
 
 
 def _natural_alg(key: object) -> str | None:
@@ -69,15 +72,22 @@ def jwk_thumbprint(key: PublicKey) -> str:
 
 @dataclass(frozen=True)
 class TrustedIssuer:
-    """An identity provider whose clerk tokens we accept, with its keys by kid."""
+    """An identity provider whose clerk tokens we accept, with its keys by kid.
+
+    ``max_lifetime_s`` caps ``exp - iat`` of its tokens (longer-lived ones are refused with
+    ``TOKEN_LIFETIME_TOO_LONG``).
+    """
 
     issuer: str
     audience: str
     keys: Mapping[str, VerifyingKey] = field(hash=False)
+    max_lifetime_s: float = DEFAULT_MAX_LIFETIME_S
 
     def __post_init__(self) -> None:
         if not self.issuer or not self.audience or not self.keys:
             raise ValueError("a trusted issuer needs an issuer, an audience and at least one key")
+        if not 0 < self.max_lifetime_s < float("inf"):  # also refuses NaN
+            raise ValueError("a trusted issuer's max_lifetime_s must be > 0 and finite")
         # A read-only copy: a caller mutating its dict later must not change whom we trust.
         object.__setattr__(self, "keys", MappingProxyType(dict(self.keys)))
 
@@ -117,12 +127,14 @@ def load_issuer(
     *,
     pem_files: Sequence[Path] = (),
     jwks_file: Path | None = None,
+    max_lifetime_s: float = DEFAULT_MAX_LIFETIME_S,
 ) -> TrustedIssuer:
     """Build a :class:`TrustedIssuer` from PEM public keys and/or a JWKS file.
 
     PEM keys get their RFC 7638 thumbprint as kid; JWKS keys use their ``kid`` (else the
     thumbprint) and ``alg`` (else inferred from kty/crv). ValueError on any key we would not use
     (symmetric, private, other algorithms or curves, RSA < 2048 bits) and on duplicate kids.
+    ``max_lifetime_s`` caps its tokens' lifetime (:class:`TrustedIssuer`).
     """
     pairs: list[tuple[str, VerifyingKey]] = []
     for path in pem_files:
@@ -139,4 +151,4 @@ def load_issuer(
     for kid, vkey in pairs:
         if keys.setdefault(kid, vkey) is not vkey:
             raise ValueError(f"issuer {issuer}: duplicate kid {kid!r}")
-    return TrustedIssuer(issuer, audience, keys)
+    return TrustedIssuer(issuer, audience, keys, max_lifetime_s)

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import sys
 from collections.abc import Callable
 
 import grpc
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
-from certbroker.cli import client
+from certbroker.cli import client, jsonout
 from certbroker.v1 import registry_pb2, registry_pb2_grpc
 
 SCHEMA_VERSION = "certbroker.v1"
@@ -56,8 +55,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         )
         if args.json:
             for item in reply.adapters:
-                as_dict = json_format.MessageToDict(item, preserving_proto_field_name=True)
-                print(json.dumps(as_dict, ensure_ascii=False, sort_keys=True))
+                print(jsonout.message(item, sort_keys=True))
             return 0
         header = (
             "INSTANCE",

@@ -12,7 +12,6 @@ prints SQL for an operator to run.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from certbroker.audit.verify.report import (
     UNVERIFIED_CHECKPOINTS,
     IntegrityReport,
 )
+from certbroker.cli import jsonout
 from certbroker.config import AuditLocation, PostgresLocation
 from certbroker.errors import BrokerError
 
@@ -116,7 +116,7 @@ def _message(exc: Exception) -> str:
 def _print(report: IntegrityReport, what: str, as_json: bool = False) -> int:
     if as_json:  # one object for scripts: the same facts as the text, exit code unchanged
         print(
-            json.dumps(
+            jsonout.dumps(
                 {
                     "ok": report.ok,
                     "code": report.code,
@@ -130,7 +130,6 @@ def _print(report: IntegrityReport, what: str, as_json: bool = False) -> int:
                     "notes": report.notes,
                     "verified": what,
                 },
-                ensure_ascii=False,
             )
         )
         return report.code

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 
 from certbroker.audit.integrity import checkpoint
 from certbroker.audit.verify.report import REWRITTEN
-from certbroker.cli import client
+from certbroker.cli import client, jsonout
 from certbroker.cli.table import printable, render_table
 from certbroker.v1 import audit_pb2, audit_pb2_grpc
 
@@ -75,8 +75,7 @@ def _when(stamp: timestamp_pb2.Timestamp) -> str:
 
 
 def _print_json(message: Message) -> None:
-    as_dict = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    print(json.dumps(as_dict, ensure_ascii=False, indent=2, sort_keys=True))
+    print(jsonout.message(message, indent=2, sort_keys=True))
 
 
 def _sequences(values: Sequence[int]) -> str:

@@ -64,13 +64,16 @@ def run(state_dir: Path) -> int:
     _title("Starting certbroker (SQLite audit, in-process department adapters, shipped policies)")
     proc, port = _start(state_dir)
     try:
-        return _session(state_dir, f"127.0.0.1:{port}")
+        surprises = _session(state_dir, f"127.0.0.1:{port}")
     finally:
+        # Stopping the broker also writes its last summary of unauthenticated calls.
         proc.terminate()
         proc.wait(10)
+    return _audit_story(state_dir, surprises)
 
 
-def _session(state_dir: Path, target: str) -> int:
+def _session(state_dir: Path, target: str) -> list[str]:
+    """The counter session; returns what did not behave as shown."""
     idp = DevIdentityProvider(state_dir)
     clerk = idp.issue("clerk-0417", ["window_clerk"], OFFICE, name="李敏")
     seller, spouse = synthetic.sample_couple(config.load(None, state_dir=state_dir).datasets)
@@ -90,6 +93,11 @@ def _session(state_dir: Path, target: str) -> int:
                 print(f"  details: {extra}")
             if "audit_entry_id" in err.metadata:
                 print(f"  (audited as entry {err.metadata['audit_entry_id']})")
+            elif err.code == "UNAUTHENTICATED":
+                # No caller is known, so no entry of its own (anyone could fill the log):
+                # counted in this address's summary, written every interval and at shutdown.
+                print("  (not an entry of its own: counted in this address's summary of")
+                print("   unauthenticated calls, one audit entry per address per interval)")
             got = err.code
         else:
             print("\n".join(client.record_lines(response)))
@@ -180,10 +188,20 @@ def _session(state_dir: Path, target: str) -> int:
         expect="UNAUTHENTICATED",
     )
     channel.close()
+    return surprises
 
+
+def _audit_story(state_dir: Path, surprises: list[str]) -> int:
+    """The audit log after the session: the table, its verification and a tampered copy."""
     db = state_dir / "audit.sqlite"
-    _title(f"The audit log ({db}): every lookup above, allowed or not")
-    print(format_table(audit.query(db, audit.QueryFilter())))
+    _title(
+        f"The audit log ({db}): every lookup above by a known clerk, allowed or not, and "
+        "the summary of the unauthenticated calls from this address"
+    )
+    entries = audit.query(db, audit.QueryFilter())
+    print(format_table(entries))
+    if not any(e.event.kind == "unauthenticated" for e in entries):
+        surprises.append("the forged-token call is in no summary entry")
     report = audit.verify_chain(db)
     print(
         f"\n  certbroker audit verify: {'ok' if report.ok else 'TAMPERED'}, "

@@ -5,29 +5,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from certbroker import audit, config, policy
+from certbroker import audit, config, logs, policy
 from certbroker.auth.authenticator import DevIdentityProvider
 from certbroker.cli import adapters as cli_adapters
 from certbroker.cli import audit_log as cli_audit_log
 from certbroker.cli import auditor as cli_auditor
-from certbroker.cli import client
+from certbroker.cli import client, jsonout
 from certbroker.cli.table import format_table
 
 DEFAULT_STATE = Path(".certbroker")
+
+log = logging.getLogger("certbroker.cli")
 
 
 def _split(value: str) -> list[str]:
@@ -35,7 +34,11 @@ def _split(value: str) -> list[str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the broker until SIGTERM/SIGINT (then drain and exit 0); exit 1 if it cannot start
+    (a port in use, an unreadable key) or a part failed to close."""
+    from certbroker.errors import BrokerError
     from certbroker.server import app as server
+    from certbroker.server import workers
 
     cfg = config.load(
         args.config,
@@ -44,22 +47,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         host=args.host,
         workers=args.workers,
+        shutdown_grace_s=args.shutdown_grace_s,
+        log_format=args.log_format,
+        log_level=args.log_level,
     )
-    if cfg.workers > 1:  # a supervisor and N worker processes sharing the port
-        from certbroker.server import workers
+    logs.configure(cfg.log_format, cfg.log_level)
+    try:
+        if cfg.workers > 1:  # a supervisor and N worker processes sharing the port
+            return workers.run(cfg)
 
-        return workers.run(cfg)
+        def ready(b: server.Broker) -> None:
+            print(
+                f"certbroker serving on {cfg.host}:{b.port} (metrics on :{b.metrics_port}); "
+                f"state in {cfg.state_dir}; policy {b.policies.current.version[:12]}",
+                flush=True,
+            )
+            print(f"READY port={b.port} metrics_port={b.metrics_port}", flush=True)
 
-    def ready(b: server.Broker) -> None:
-        print(
-            f"certbroker serving on {cfg.host}:{b.port} (metrics on :{b.metrics_port}); "
-            f"state in {cfg.state_dir}; policy {b.policies.current.version[:12]}",
-            flush=True,
-        )
-        print(f"READY port={b.port} metrics_port={b.metrics_port}", flush=True)
-
-    asyncio.run(server.serve(cfg, ready))
+        asyncio.run(server.serve(cfg, ready))
+    except (server.StartError, server.StopError, workers.WorkerError, BrokerError, OSError) as exc:
+        serve_error(cfg, str(exc))
+        return 1
     return 0
+
+
+def serve_error(cfg: config.Config, message: str) -> None:
+    """Why ``serve`` stopped: a log record when the log is JSON (every stderr line stays one
+    JSON object), else the CLI's usual ``error: ...`` line."""
+    if cfg.log_format == "json":
+        log.error("%s", message)
+    else:
+        print(f"error: {message}", file=sys.stderr)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -92,7 +110,7 @@ def _call(args: argparse.Namespace, token: str, method: str, request: Message) -
 
 
 def _print_json(message: Message) -> None:
-    print(json_format.MessageToJson(message, preserving_proto_field_name=True, ensure_ascii=False))
+    print(jsonout.message(message, indent=2))
 
 
 def cmd_lookup(args: argparse.Namespace) -> int:
@@ -207,23 +225,11 @@ def cmd_audit_query(args: argparse.Namespace) -> int:
     entries = audit.query(path, flt)
     if args.json:
         for entry in entries:
-            print(json.dumps(dataclasses.asdict(entry), ensure_ascii=False, sort_keys=True))
+            print(jsonout.dumps(dataclasses.asdict(entry), sort_keys=True))
     else:
         print(format_table(entries))
         print(f"({len(entries)} entries)")
     return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    """``certbroker bench ARGS`` = ``python -m bench ARGS``, run in the source checkout (the
-    benchmark is not part of the installed package)."""
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "bench" / "__main__.py").is_file():
-        print(
-            "error: the benchmark needs the source checkout (its bench/ directory)", file=sys.stderr
-        )
-        return 2
-    return subprocess.call([sys.executable, "-m", "bench", *args.bench_args], cwd=root)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -248,6 +254,22 @@ def parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         help="worker processes sharing the port (default 1); metrics on metrics-port + i",
+    )
+    s.add_argument(
+        "--shutdown-grace-s",
+        type=float,
+        metavar="SECONDS",
+        help="on SIGTERM, how long in-flight calls may take to finish (default 10)",
+    )
+    s.add_argument(
+        "--log-format",
+        choices=config.LOG_FORMATS,
+        help="text (default) or json: one JSON object per line",
+    )
+    s.add_argument(
+        "--log-level",
+        choices=config.LOG_LEVELS,
+        help="default info; debug also logs every successful call",
     )
     s.set_defaults(func=cmd_serve)
 
@@ -318,11 +340,6 @@ def parser() -> argparse.ArgumentParser:
 
     cli_adapters.add_parsers(sub)
 
-    s = sub.add_parser(
-        "bench", add_help=False, help="run the benchmark: `python -m bench`, same flags (--help)"
-    )
-    s.set_defaults(func=cmd_bench)
-
     pol = sub.add_parser("policy", help="check, test and reload policies").add_subparsers(
         dest="policy_command", required=True
     )
@@ -362,10 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     p = parser()
-    args, rest = p.parse_known_args(argv)
-    if rest and args.func is not cmd_bench:  # only the benchmark passes flags through
-        p.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.bench_args = rest
+    args = p.parse_args(argv)
     try:
         return int(args.func(args))
     except (config.ConfigError, policy.PolicyError) as exc:

@@ -70,7 +70,10 @@ class _Plan:
 
 
 def keep_fields(message: Message, allowed: Iterable[str]) -> None:
-    """Clear, in place, every field of ``message`` whose path is not in ``allowed``."""
+    """Clear, in place, every field of ``message`` whose path is not in ``allowed``, and every
+    field the contract does not know (unknown fields of nested messages too): no path names
+    those, so none is ever allowed."""
+    message.DiscardUnknownFields()  # recursive
     _apply(message, _plan(_descriptor(message), frozenset(allowed), ""))
 
 

@@ -20,7 +20,9 @@ naming the department), so the answer still leaves before the caller gives up.
 
 No audit, no answer (:class:`certbroker.audit.guard.AuditedCall`): if the entries cannot be
 written (they are written together, all or none), the call fails UNAVAILABLE and no record
-leaves. A refused call (unauthenticated, invalid) is audited by a bundle entry without items.
+leaves. A refused call (invalid, or denied) is audited by a bundle entry without items; one
+refused before its caller is known (no or bad token) is counted in its peer's summary
+(:mod:`certbroker.audit.refusals`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import grpc
 from certbroker import errors, validation
 from certbroker.audit.events import AuditEvent, AuditLog, Receipt
 from certbroker.audit.guard import AuditedCall, Batch, Result, invocation_metadata, outcome
+from certbroker.audit.refusals import RefusalLedger
 from certbroker.auth.authenticator import Authenticator, Clerk
 from certbroker.ids import new_id
 from certbroker.lookup.pipeline import (
@@ -112,8 +115,10 @@ class BundleRunner:
         *,
         cap_s: float,
         now: Callable[[], dt.datetime],
+        refusals: RefusalLedger | None = None,
     ) -> None:
         self._auth = auth
+        self._refusals = refusals
         self._items = items
         self._audit = audit
         self._metrics = metrics
@@ -133,6 +138,8 @@ class BundleRunner:
         async with AuditedCall(
             self._audit,
             lambda result: self._entries(request, policy, call, result),
+            refusals=self._refusals,
+            context=context,
             on_append=self._metrics.audit_append.observe,
             on_finish=lambda status, _seconds: self._finished(call, policy, status),
         ) as audited:

@@ -26,7 +26,7 @@ from certbroker.cache import RecordCache, record_key
 from certbroker.contract import fields as record_fields
 from certbroker.ids import new_id
 from certbroker.metrics import Metrics
-from certbroker.policy import Decision, PolicySet, Request
+from certbroker.policy import Decision, PolicySet, RecordLimits, Request
 from certbroker.routing.router import Fetched, Router, adapter_timeout
 from certbroker.v1 import broker_pb2, records_pb2
 
@@ -169,13 +169,13 @@ class ItemPipeline:
         only as ``decision`` allows, masked. Source errors arrive as ``BrokerError``s naming
         the department; ``trace.from_cache`` says whether the department was called for it."""
         record_type = decision.record_type
-        ttl_s = policy.record_types[record_type].cache_ttl_s
+        known = policy.record_types[record_type]
         key = record_key(record_type, trace.subject_id, decision.fields)
         try:
             fetched, served = await self._cache.get_or_fetch(
                 key,
-                ttl_s,
-                lambda: self._fetch_source(decision, trace, timeout_s),
+                known.cache_ttl_s,
+                lambda: self._fetch_source(decision, trace, timeout_s, known.limits),
                 wait_s=timeout_s,
             )
         except TimeoutError:  # joined another request's fetch, which outlasted our budget
@@ -195,16 +195,24 @@ class ItemPipeline:
         response.as_of.seconds, response.as_of.nanos = fetched.as_of_timestamp
         return response
 
-    async def _fetch_source(self, decision: Decision, trace: Trace, timeout_s: float) -> Fetched:
+    async def _fetch_source(
+        self, decision: Decision, trace: Trace, timeout_s: float, limits: RecordLimits
+    ) -> Fetched:
         """One call to the department, with its metrics; the answer cut to the released
-        fields, so a cache entry never holds more than its key names."""
+        fields (fields unknown to the contract dropped), so a cache entry never holds more
+        than its key names. The source refuses a record over ``limits``."""
         record_type = decision.record_type
         source = self._router.source(record_type)
         started = time.perf_counter()
         status = "OK"
         try:
             fetched = await source.fetch(
-                record_type, trace.subject_id, decision.fields, trace.decision_id, timeout_s
+                record_type,
+                trace.subject_id,
+                decision.fields,
+                trace.decision_id,
+                timeout_s,
+                limits,
             )
         except errors.BrokerError as exc:
             status = exc.code.name
@@ -220,6 +228,7 @@ class ItemPipeline:
             self._metrics.observe_adapter_call(record_type, status, time.perf_counter() - started)
         kept = records_pb2.Record()
         kept.CopyFrom(fetched.record)
+        kept.DiscardUnknownFields()  # the source dropped them already; a cache entry never has any
         record_fields.keep_fields(getattr(kept, record_type), decision.fields)
         return Fetched(kept, fetched.as_of)
 
@@ -249,9 +258,11 @@ def release_into(
     out: records_pb2.Record, record: records_pb2.Record, record_type: str, decision: Decision
 ) -> None:
     """Defence in depth: whatever the department (or the cache) holds, release into ``out``
-    (e.g. the response's own record field) only what the decision allows, masked. ``record``
-    is copied, never changed: it may be a cache entry shared by requests."""
+    (e.g. the response's own record field) only what the decision allows, masked, and no field
+    the contract does not know. ``record`` is copied, never changed: it may be a cache entry
+    shared by requests."""
     out.CopyFrom(record)
+    out.DiscardUnknownFields()
     inner = getattr(out, record_type)
     record_fields.keep_fields(inner, decision.fields)
     record_fields.apply_masks(inner, decision.masks)

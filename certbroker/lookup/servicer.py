@@ -3,10 +3,12 @@
 Lookup, in order: authenticate the clerk, validate the request, decide by policy, fetch from
 the record cache or the department, minimize and mask, then append the audit entry (saying
 whether the record came from the cache), and only then answer. Every lookup that reaches the
-servicer -- allowed, denied or failed -- produces exactly one audit entry; if that entry cannot
-be written durably, the caller gets UNAVAILABLE and no record. The entry is written by
-:class:`certbroker.audit.guard.AuditedCall`, as for every audited call of the broker.
-ListMatters is not audited: it answers from the policy catalogue alone, about no citizen.
+servicer from a known clerk -- allowed, denied or failed -- produces exactly one audit entry;
+if that entry cannot be written durably, the caller gets UNAVAILABLE and no record. The entry
+is written by :class:`certbroker.audit.guard.AuditedCall`, as for every audited call of the
+broker; a call refused before its caller is known (no or bad token) is counted in its peer's
+summary instead (``refusals``, :mod:`certbroker.audit.refusals`). ListMatters is not audited:
+it answers from the policy catalogue alone, about no citizen (its refusals are counted too).
 
 The decide/fetch/minimize steps live in :mod:`certbroker.lookup.pipeline`, shared with matter
 bundles (:mod:`certbroker.lookup.bundle`), which run the same steps for every item of a
@@ -23,6 +25,7 @@ import grpc
 from certbroker import validation
 from certbroker.audit.events import AuditEvent, AuditLog
 from certbroker.audit.guard import AuditedCall, Result, invocation_metadata, outcome
+from certbroker.audit.refusals import RefusalLedger
 from certbroker.auth.authenticator import Authenticator
 from certbroker.cache import RecordCache
 from certbroker.lookup.bundle import BundleRunner
@@ -49,6 +52,7 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
     ``adapter_timeout_s`` caps how long departments get per call (single lookup or whole
     bundle); a caller's earlier deadline shortens it. ``record_cache`` is shared by Lookup and
     LookupMatter (default: :class:`certbroker.cache.RecordCache` with its default bounds).
+    ``refusals`` counts calls refused before the clerk is known (:mod:`certbroker.audit.guard`).
     """
 
     def __init__(
@@ -62,8 +66,10 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
         adapter_timeout_s: float = 5.0,
         now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         record_cache: RecordCache[Fetched] | None = None,
+        refusals: RefusalLedger | None = None,
     ) -> None:
         self._auth = auth
+        self._refusals = refusals
         self._policies = policies
         self._audit = audit
         self._metrics = metrics
@@ -71,7 +77,7 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
         self._now = now
         self._items = ItemPipeline(router, metrics, record_cache)
         self._bundles = BundleRunner(
-            auth, self._items, audit, metrics, cap_s=adapter_timeout_s, now=now
+            auth, self._items, audit, metrics, cap_s=adapter_timeout_s, now=now, refusals=refusals
         )
 
     async def Lookup(
@@ -88,7 +94,12 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
             self._metrics.observe_lookup("Lookup", status, seconds)
 
         async with AuditedCall(
-            self._audit, entry, on_append=self._metrics.audit_append.observe, on_finish=finished
+            self._audit,
+            entry,
+            refusals=self._refusals,
+            context=context,
+            on_append=self._metrics.audit_append.observe,
+            on_finish=finished,
         ) as call:
             response = await self._lookup(request, context, policy, trace)
         fill_receipt(response.receipt, call.receipt)
@@ -127,7 +138,9 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
         request: broker_pb2.ListMattersRequest,
         context: grpc.aio.ServicerContext[object, object],
     ) -> broker_pb2.ListMattersResponse:
-        clerk = self._auth.authenticate(invocation_metadata(context))
+        # Not audited (nothing to describe), but guarded: a refused caller is still counted.
+        async with AuditedCall(self._audit, _not_audited, refusals=self._refusals, context=context):
+            clerk = self._auth.authenticate(invocation_metadata(context))
         policy = self._policies.current
         reply = broker_pb2.ListMattersResponse(policy_version=policy.version)
         for view in matters_for(policy, clerk):
@@ -144,3 +157,7 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
                     masked_fields=view.masks.get(record_type, ()),
                 )
         return reply
+
+
+def _not_audited(_result: Result) -> None:
+    """ListMatters' entry: none (see the module docstring)."""

@@ -44,15 +44,21 @@ def _unique(items: Iterable[tuple[Located, T]], kind: str, errors: list[str]) ->
 
 
 def _build(s: Sections, version: str, errors: list[str]) -> PolicySet:
-    dept_names = _unique(s.departments, "department id", errors)
+    dept_specs = _unique(((d.id, d) for d in s.departments), "department id", errors)
+    dept_names = {d: spec.name for d, spec in dept_specs.items()}
     record_types = {}
     for spec in _unique(((x.name, x) for x in s.record_types), "record type", errors).values():
         rt = _record_type(spec, dept_names, errors)
         if rt is not None:
             record_types[rt.name] = rt
     departments = {
-        d: Department(d, name, tuple(rt for rt, x in record_types.items() if x.department == d))
-        for d, name in dept_names.items()
+        d: Department(
+            d,
+            spec.name,
+            tuple(rt for rt, x in record_types.items() if x.department == d),
+            spec.endpoints,
+        )
+        for d, spec in dept_specs.items()
     }
     matters = {}
     for (code, at), name, needs in _unique(
@@ -104,7 +110,7 @@ def _record_type(
                 f"contract (has: {', '.join(paths)})"
             )
     fields = tuple(p for p, _ in spec.fields if p in paths)
-    return RecordType(name, department, fields, spec.cache_ttl_s)
+    return RecordType(name, department, fields, spec.cache_ttl_s, spec.limits)
 
 
 def _field_lists(

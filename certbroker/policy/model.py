@@ -31,6 +31,8 @@ included), so a decision can be replayed and tested. Its semantics, in order:
 
 from __future__ import annotations
 
+import fnmatch
+import ipaddress
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -70,6 +72,60 @@ class PolicyError(Exception):
         super().__init__("\n".join(self.errors) or "invalid policy")
 
 
+#: Ceiling of a record type's ``max_record_bytes``: the broker's adapter channels refuse larger
+#: replies as they arrive (``certbroker.routing.channels``), before anything is parsed.
+MAX_RECORD_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RecordLimits:
+    """Bounds on what a department may answer for one record (catalogue ``limits``).
+
+    ``max_string_chars``: characters (code points) of any one string value;
+    ``max_record_bytes``: the record's wire size as the adapter sent it;
+    ``max_repeated``: items of any one repeated field (``members``, ``holdings``, ...).
+    A record over any of them is refused (UNAVAILABLE ``ADAPTER_BAD_RESPONSE``).
+    """
+
+    max_string_chars: int = 1024
+    max_record_bytes: int = 64 * 1024
+    max_repeated: int = 64
+
+
+#: An IP address of an endpoint, as :func:`ipaddress.ip_address` gives it.
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class EndpointRule:
+    """Where a department's adapters may be registered (one entry of its ``endpoints``).
+
+    An endpoint matches when its host does -- an IP address inside one of ``networks``, or a
+    DNS name matching one of ``names`` (case-insensitive globs, ``*.mca.gz.gov.cn``) -- and its
+    port lies in one of the ``ports`` ranges and in none of the ``except_ports`` ranges (both
+    inclusive). Names match names only: an address never matches a name pattern, nor a name a
+    network (the broker does not resolve names; a name pattern trusts the department's DNS).
+    """
+
+    networks: tuple[IPNetwork, ...] = ()
+    names: tuple[str, ...] = ()
+    ports: tuple[tuple[int, int], ...] = ()
+    except_ports: tuple[tuple[int, int], ...] = ()
+
+    def allows(self, host: IPAddress | str, port: int) -> bool:
+        """Whether ``host:port`` (a parsed address, or a lowercase DNS name) matches."""
+        if not any(lo <= port <= hi for lo, hi in self.ports) or any(
+            lo <= port <= hi for lo, hi in self.except_ports
+        ):
+            return False
+        if isinstance(host, str):
+            return any(fnmatch.fnmatchcase(host, pattern) for pattern in self.names)
+        if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
+            host = host.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1: one address, one answer
+        return any(host in network for network in self.networks)
+
+
 @dataclass(frozen=True)
 class RecordType:
     """A kind of record (a ``Record`` oneof case) and the fields the policy knows, in order."""
@@ -78,15 +134,22 @@ class RecordType:
     department: str
     fields: tuple[str, ...]
     cache_ttl_s: int = 0
+    limits: RecordLimits = RecordLimits()
 
 
 @dataclass(frozen=True)
 class Department:
-    """A department and the record types it serves."""
+    """A department, the record types it serves and where its adapters may be registered
+    (``endpoints``; none: nowhere, the Registry refuses every registration of it)."""
 
     id: str
     name: str
     record_types: tuple[str, ...]
+    endpoints: tuple[EndpointRule, ...] = ()
+
+    def allows_endpoint(self, host: IPAddress | str, port: int) -> bool:
+        """Whether one of :attr:`endpoints` matches ``host:port`` (see :class:`EndpointRule`)."""
+        return any(rule.allows(host, port) for rule in self.endpoints)
 
 
 @dataclass(frozen=True)

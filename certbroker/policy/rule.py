@@ -4,11 +4,19 @@
 :meth:`Rule.failure` checks a rule's conditions in a fixed order (office, hours, consent, case
 number) and says which failed and how far the request got, so that a denial can name the
 candidate rule that came closest.
+
+Office patterns: an office code is segments separated by ``-`` (``gz-haizhu-hall-01``); a
+pattern is the same, where a segment ``*`` matches exactly one non-empty segment of the code
+and any other segment matches itself, case-sensitively (``gz-*-hall-*`` matches
+``gz-haizhu-hall-01``, not ``gz--hall-`` nor ``gz-x-24h-01-hall-9``). No other wildcard
+exists. Every pattern here matches ASCII only: office segments are explicit ASCII classes, and
+case-number patterns are compiled with ``re.ASCII`` (``\\d`` is ``[0-9]``, not full-width or
+other scripts' digits) unless the policy says ``unicode: true``
+(:mod:`certbroker.policy.schema`).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -41,11 +49,17 @@ class Catalogued(Protocol):
 class Conditions:
     """What must hold for a rule to allow; an empty condition does not restrict."""
 
-    offices: tuple[str, ...] = ()  # fnmatch globs on clerk.office
+    offices: tuple[str, ...] = ()  # office patterns (module docstring); any may match
     hours: tuple[Hours, ...] = ()  # any window may match
     consent: tuple[str, ...] = ()  # accepted consent methods
     case_number_required: bool = False
     case_number_pattern: re.Pattern[str] | None = None  # full match; implies required
+
+    def __post_init__(self) -> None:
+        for pattern in self.offices:
+            problem = office_pattern_problem(pattern)
+            if problem is not None:
+                raise ValueError(f"office pattern {pattern!r}: {problem}")
 
     @property
     def needs_case_number(self) -> bool:
@@ -147,10 +161,33 @@ class Request:
     now: datetime
 
 
+#: One segment of an office code: the characters a token's office may hold
+#: (:data:`certbroker.auth.authenticator.SAFE_CLAIM`) but the separator; explicit ASCII.
+_SEGMENT = r"[A-Za-z0-9_.:@/+|]+"
+_LITERAL_SEGMENT = re.compile(_SEGMENT)
+#: The segment that matches any one segment.
+WILDCARD = "*"
+
+
+def office_pattern_problem(pattern: str) -> str | None:
+    """Why ``pattern`` is not an office pattern (module docstring), or None if it is one."""
+    for segment in pattern.split("-"):
+        if segment != WILDCARD and not _LITERAL_SEGMENT.fullmatch(segment):
+            return (
+                "segments (separated by '-') must each be '*' or non-empty ASCII letters, "
+                "digits or _ . : @ / + |"
+            )
+    return None
+
+
 @functools.lru_cache(maxsize=256)
-def office_matcher(globs: tuple[str, ...]) -> Callable[[str], re.Match[str] | None]:
-    """One compiled regex for "any of these globs matches", as ``fnmatch.fnmatchcase``."""
-    return re.compile("|".join(fnmatch.translate(g) for g in globs)).match
+def office_matcher(patterns: tuple[str, ...]) -> Callable[[str], re.Match[str] | None]:
+    """One compiled regex for "any of these office patterns matches the whole office"."""
+    alternatives = (
+        "-".join(_SEGMENT if s == WILDCARD else re.escape(s) for s in p.split("-"))
+        for p in patterns
+    )
+    return re.compile("(?:" + "|".join(alternatives) + ")", re.ASCII).fullmatch
 
 
 def clip(text: str, limit: int = 64) -> str:

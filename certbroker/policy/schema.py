@@ -5,12 +5,22 @@ merges the sections of all files of a set, checks that ids are unique and refere
 evaluates rules in file-name order, then in order within a file::
 
     departments:
-      - {id: public_security, name: 公安局}
+      - id: public_security
+        name: 公安局
+        endpoints:                 # where its adapters may be registered; none = nowhere
+          - hosts: ["10.20.0.0/16", "::1", "*.gaj.gz.gov.cn"]  # CIDR ranges, addresses,
+                                   # DNS name globs (case-insensitive)
+            ports: [443, "7000-7999"]   # ports and inclusive ranges, 1..65535
+            except_ports: [7432]   # optional: never these ports (or ranges)
     record_types:                  # record types are the contract's Record oneof cases
       - name: household
         department: public_security
         cache_ttl_s: 600           # optional, default 0 = never cached
         fields: [name, birth_date] # contract field paths (certbroker.contract.fields.field_paths)
+        limits:                    # optional, each key too: what an adapter's answer may hold
+          max_string_chars: 1024   # characters of one string value (default 1024)
+          max_record_bytes: 65536  # the record's wire size (default 64 KiB, at most 1 MiB)
+          max_repeated: 64         # items of one repeated field (default 64)
     matters:
       - code: BDC-ZY-001
         name: 不动产转移登记
@@ -27,12 +37,14 @@ evaluates rules in file-name order, then in order within a file::
         masks: {marriage: {spouse_resident_id: last4}}   # optional; mask names are
                                      # certbroker.contract.fields.MASKS, strings only
         conditions:                  # every key optional; all present must pass
-          offices: ["gz-*-hall-*"]   # fnmatch globs on clerk.office, any may match
+          offices: ["gz-*-hall-*"]   # office patterns, any may match: '-' separates
+                                     # segments, '*' is exactly one non-empty segment
           hours:                     # one window, or a list of windows (any may match)
             {days: [mon, tue, wed, thu, fri, sat], from: "08:30", to: "17:30",
              utc_offset: "+08:00"}   # "to" is exclusive and may be "24:00"
           consent: [id_card_read, signed_form, delegated_agent]
-          case_number: true          # or {pattern: '^GZ\\d{8}-\\d{6}$'} (full match)
+          case_number: true          # or {pattern: '^GZ\\d{8}-\\d{6}$'} (full match, ASCII:
+                                     # \\d is [0-9]; add `unicode: true` for Unicode classes)
 
 Files are read as composed node trees (``yaml.compose`` with ``SafeLoader``), which keep line
 numbers; nothing is constructed from tags, and times are read as written, so an unquoted
@@ -41,6 +53,7 @@ numbers; nothing is constructed from tags, and times are read as written, so an 
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,12 +63,24 @@ import yaml
 
 from certbroker.contract import fields as contract
 from certbroker.policy.hours import DAYS, Hours
-from certbroker.policy.model import CONSENT_METHODS, RESERVED_RULE_IDS
+from certbroker.policy.model import (
+    CONSENT_METHODS,
+    MAX_RECORD_BYTES,
+    RESERVED_RULE_IDS,
+    EndpointRule,
+    IPNetwork,
+    RecordLimits,
+)
 from certbroker.policy.reader import Located, Reader, describe
-from certbroker.policy.rule import Conditions
+from certbroker.policy.rule import Conditions, office_pattern_problem
 
-_TIME = re.compile(r"(\d{1,2}):(\d{2})")
-_OFFSET = re.compile(r"([+-])(\d{2}):(\d{2})")
+# ASCII: int() reads other scripts' digits too ("１７:３０" would be half past five).
+_TIME = re.compile(r"(\d{1,2}):(\d{2})", re.ASCII)
+_OFFSET = re.compile(r"([+-])(\d{2}):(\d{2})", re.ASCII)
+_PORTS = re.compile(r"(\d{1,5})(?:-(\d{1,5}))?", re.ASCII)
+# A DNS name pattern: labels of letters, digits and hyphens, where * and ? are globs. Lowercase:
+# names are matched case-insensitively, as lowercase.
+_NAME_PATTERN = re.compile(r"[a-z0-9*?-]+(\.[a-z0-9*?-]+)*")
 
 
 @dataclass
@@ -64,6 +89,14 @@ class RecordTypeSpec:
     department: Located | None
     fields: list[Located]
     cache_ttl_s: int
+    limits: RecordLimits = field(default_factory=RecordLimits)
+
+
+@dataclass
+class DepartmentSpec:
+    id: Located
+    name: str
+    endpoints: tuple[EndpointRule, ...]
 
 
 @dataclass
@@ -80,7 +113,7 @@ class RuleSpec:
 
 @dataclass
 class Sections:
-    departments: list[tuple[Located, str]] = field(default_factory=list)
+    departments: list[DepartmentSpec] = field(default_factory=list)
     record_types: list[RecordTypeSpec] = field(default_factory=list)
     matters: list[tuple[Located, str, list[tuple[Located, list[Located]]]]] = field(
         default_factory=list
@@ -121,10 +154,61 @@ def _named(
 
 
 def _read_department(r: Reader, item: yaml.Node, out: Sections) -> None:
-    got = _named(r, item, "department", "id", required=("name",))
+    got = _named(r, item, "department", "id", required=("name",), optional=("endpoints",))
     if got:
         m, ident = got
-        out.departments.append((ident, _text(r, m, "name", f"department {ident[0]}")))
+        what = f"department {ident[0]}"
+        endpoints = _endpoints(r, m["endpoints"], f"{what} endpoints") if "endpoints" in m else ()
+        out.departments.append(DepartmentSpec(ident, _text(r, m, "name", what), endpoints))
+
+
+def _endpoints(r: Reader, node: yaml.Node, what: str) -> tuple[EndpointRule, ...]:
+    rules = []
+    for entry in r.sequence(node, what) or []:
+        m = r.mapping(entry, what, required=("hosts", "ports"), optional=("except_ports",))
+        if m is None:
+            continue
+        networks: list[IPNetwork] = []
+        names: list[str] = []
+        for host, at in (r.strings(m["hosts"], f"{what} hosts") or []) if "hosts" in m else []:
+            try:
+                networks.append(ipaddress.ip_network(host, strict=True))
+                continue
+            except ValueError:
+                pass
+            if _NAME_PATTERN.fullmatch(host.lower()) and "/" not in host:
+                names.append(host.lower())
+            else:
+                r.errors.append(
+                    f"{at}: {what} hosts: {host!r} is not an IP address, a CIDR range (host bits "
+                    "zero) or a DNS name pattern"
+                )
+        ports = []
+        for port_node in (r.sequence(m["ports"], f"{what} ports") or []) if "ports" in m else []:
+            ports.extend(_port_range(r, port_node, f"{what} ports"))
+        if "ports" in m and not ports:
+            r.error(m["ports"], f"{what} ports: must list at least one port or range")
+        excepted = []
+        if "except_ports" in m:
+            for port_node in r.sequence(m["except_ports"], f"{what} except_ports") or []:
+                excepted.extend(_port_range(r, port_node, f"{what} except_ports"))
+        rules.append(EndpointRule(tuple(networks), tuple(names), tuple(ports), tuple(excepted)))
+    return tuple(rules)
+
+
+def _port_range(r: Reader, node: yaml.Node, what: str) -> list[tuple[int, int]]:
+    """``443`` or ``"7000-7999"`` as an inclusive range; [] (error recorded) when malformed."""
+    text = r.string(node, what, as_written=True)
+    if text is None:
+        return []
+    match = _PORTS.fullmatch(text.strip())
+    if match is not None:
+        lo = int(match[1])
+        hi = int(match[2]) if match[2] is not None else lo
+        if 1 <= lo <= hi <= 65535:
+            return [(lo, hi)]
+    r.error(node, f"{what}: expected a port or a range LOW-HIGH within 1..65535, got {text!r}")
+    return []
 
 
 def _read_role(r: Reader, item: yaml.Node, out: Sections) -> None:
@@ -136,7 +220,12 @@ def _read_role(r: Reader, item: yaml.Node, out: Sections) -> None:
 
 def _read_record_type(r: Reader, item: yaml.Node, out: Sections) -> None:
     got = _named(
-        r, item, "record type", "name", required=("department", "fields"), optional=("cache_ttl_s",)
+        r,
+        item,
+        "record type",
+        "name",
+        required=("department", "fields"),
+        optional=("cache_ttl_s", "limits"),
     )
     if not got:
         return
@@ -153,8 +242,31 @@ def _read_record_type(r: Reader, item: yaml.Node, out: Sections) -> None:
             None if dept is None else (dept, r.at(m["department"])),
             fields or [],
             max(ttl or 0, 0),
+            _limits(r, m["limits"], f"{what} limits") if "limits" in m else RecordLimits(),
         )
     )
+
+
+#: Each ``limits`` key and its largest value.
+_LIMIT_CEILINGS = {
+    "max_string_chars": MAX_RECORD_BYTES,
+    "max_record_bytes": MAX_RECORD_BYTES,
+    "max_repeated": 100_000,
+}
+
+
+def _limits(r: Reader, node: yaml.Node, what: str) -> RecordLimits:
+    m = r.mapping(node, what, optional=tuple(_LIMIT_CEILINGS)) or {}
+    values: dict[str, int] = {}
+    for key, value_node in m.items():
+        value = r.integer(value_node, f"{what} {key}")
+        if value is None:
+            continue
+        if not 1 <= value <= _LIMIT_CEILINGS[key]:
+            r.error(value_node, f"{what} {key}: must be 1..{_LIMIT_CEILINGS[key]}")
+            continue
+        values[key] = value
+    return RecordLimits(**values)
 
 
 def _read_matter(r: Reader, item: yaml.Node, out: Sections) -> None:
@@ -238,6 +350,10 @@ def _conditions(r: Reader, node: yaml.Node, rule: str) -> Conditions:
     what = f"{rule} conditions"
     m = r.mapping(node, what, optional=("offices", "hours", "consent", "case_number")) or {}
     offices = (r.strings(m["offices"], f"{what} offices") or []) if "offices" in m else []
+    for office, at in offices:
+        problem = office_pattern_problem(office)
+        if problem is not None:
+            r.errors.append(f"{at}: {what} offices: {office!r}: {problem}")
     consent = (r.strings(m["consent"], f"{what} consent") or []) if "consent" in m else []
     for method, at in consent:
         if method not in CONSENT_METHODS:
@@ -259,7 +375,7 @@ def _conditions(r: Reader, node: yaml.Node, rule: str) -> Conditions:
     if "case_number" in m:
         required, pattern = _case_number(r, m["case_number"], f"{what} case_number")
     return Conditions(
-        offices=tuple(o for o, _ in offices),
+        offices=tuple(o for o, _ in offices if office_pattern_problem(o) is None),
         hours=tuple(hours),
         consent=tuple(c for c, _ in consent if c in CONSENT_METHODS),
         case_number_required=required,
@@ -322,12 +438,15 @@ def _case_number(r: Reader, node: yaml.Node, what: str) -> tuple[bool, re.Patter
     if not isinstance(node, yaml.MappingNode):
         r.error(node, f"{what}: expected true, false or {{pattern: REGEX}}, got {describe(node)}")
         return False, None
-    m = r.mapping(node, what, optional=("pattern",)) or {}
+    m = r.mapping(node, what, optional=("pattern", "unicode")) or {}
     text = r.string(m["pattern"], f"{what} pattern") if "pattern" in m else None
+    unicode = bool(r.boolean(m["unicode"], f"{what} unicode")) if "unicode" in m else False
     if text is None:
         return True, None
     try:
-        return True, re.compile(text)
+        # ASCII unless the policy asks otherwise: \d, \w and case folding must not let
+        # full-width or other scripts' characters satisfy a format meant for ASCII.
+        return True, re.compile(text, 0 if unicode else re.ASCII)
     except re.error as exc:
         r.error(m["pattern"], f"{what} pattern: invalid regular expression: {exc}")
         return True, None

@@ -4,6 +4,10 @@ One channel per endpoint, reused for every call (a channel is a connection pool;
 call would pay a TCP and TLS handshake each time). All channels share one set of credentials:
 plaintext, TLS verifying the adapters against ``[routing] tls_ca``, or mutual TLS presenting
 ``tls_cert``/``tls_key`` as well.
+
+``Fetch`` is called raw: the reply arrives as bytes, at most :data:`MAX_REPLY_BYTES` of them,
+and :mod:`certbroker.routing.replies` parses and checks it. (With gRPC's own deserializer a
+reply that does not parse became ``None`` and an ``AttributeError`` in routing.)
 """
 
 from __future__ import annotations
@@ -12,19 +16,31 @@ import asyncio
 import logging
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import grpc
 from google.rpc import status_pb2
 
 from certbroker.config import ConfigError
 from certbroker.errors import reason_of
-from certbroker.v1 import adapter_pb2_grpc
-
-if TYPE_CHECKING:  # a typing-only name of mypy-protobuf: the stub of an aio channel
-    from certbroker.v1.adapter_pb2_grpc import DepartmentAdapterAsyncStub
+from certbroker.policy import MAX_RECORD_BYTES
+from certbroker.v1 import adapter_pb2
 
 log = logging.getLogger(__name__)
+
+#: The DepartmentAdapter Fetch method, as it goes on the wire.
+FETCH_METHOD = "/{}/Fetch".format(
+    adapter_pb2.DESCRIPTOR.services_by_name["DepartmentAdapter"].full_name
+)
+#: Largest reply the broker reads (bytes): the largest record a catalogue may allow, with room
+#: for the rest of the reply. gRPC refuses a larger one as it arrives (RESOURCE_EXHAUSTED),
+#: before it is held in memory or parsed; routing reports ``ADAPTER_BAD_RESPONSE``.
+MAX_REPLY_BYTES = MAX_RECORD_BYTES + 64 * 1024
+#: What gRPC says when a reply is over :data:`MAX_REPLY_BYTES` (RESOURCE_EXHAUSTED).
+TOO_LARGE_DETAILS = "Received message larger than max"
+
+#: ``Fetch`` on one endpoint: a FetchRequest in, the reply's bytes out.
+FetchCall = grpc.aio.UnaryUnaryMultiCallable[adapter_pb2.FetchRequest, bytes]
 
 #: Seconds in-flight calls get when a channel to a deregistered endpoint is closed.
 CLOSE_GRACE_S = 10.0
@@ -35,6 +51,7 @@ CLOSE_GRACE_S = 10.0
 _CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.max_receive_message_length", MAX_REPLY_BYTES),
 )
 
 
@@ -61,7 +78,7 @@ def channel_credentials(
 
 
 class AdapterChannels:
-    """Channels (and stubs) by endpoint.
+    """Channels (and their raw ``Fetch`` callables) by endpoint.
 
     With ``keep`` (the endpoints still registered), opening a channel to a new endpoint also
     closes the channels to endpoints no longer in ``keep``, after :data:`CLOSE_GRACE_S` for
@@ -76,11 +93,12 @@ class AdapterChannels:
     ) -> None:
         self._credentials = credentials
         self._keep = keep
-        self._stubs: dict[str, tuple[grpc.aio.Channel, DepartmentAdapterAsyncStub]] = {}
+        self._stubs: dict[str, tuple[grpc.aio.Channel, FetchCall]] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
-    def stub(self, endpoint: str) -> DepartmentAdapterAsyncStub:
-        """The stub for ``endpoint``, opening its channel on first use."""
+    def fetch(self, endpoint: str) -> FetchCall:
+        """``Fetch`` on ``endpoint`` (a FetchRequest in, the reply's raw bytes out), opening
+        its channel on first use."""
         found = self._stubs.get(endpoint)
         if found is not None:
             return found[1]
@@ -90,9 +108,13 @@ class AdapterChannels:
             channel = grpc.aio.insecure_channel(endpoint, options=_CHANNEL_OPTIONS)
         else:
             channel = grpc.aio.secure_channel(endpoint, self._credentials, options=_CHANNEL_OPTIONS)
-        stub = adapter_pb2_grpc.DepartmentAdapterStub(channel)
-        self._stubs[endpoint] = (channel, stub)
-        return stub
+        call = channel.unary_unary(
+            FETCH_METHOD,
+            request_serializer=adapter_pb2.FetchRequest.SerializeToString,
+            response_deserializer=None,  # bytes: routing.replies parses and checks them
+        )
+        self._stubs[endpoint] = (channel, call)
+        return call
 
     def _prune(self, keep: set[str]) -> None:
         for endpoint in [e for e in self._stubs if e not in keep]:

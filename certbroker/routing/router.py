@@ -15,9 +15,16 @@ Remote calls (:class:`RemoteSource`), in order:
    UNAVAILABLE ``CIRCUIT_OPEN`` (:mod:`certbroker.routing.breaker`).
 3. **Instances.** Live endpoints in a stable order, rotated round-robin per call; the call goes
    to the first and, on UNAVAILABLE only (nothing reached the adapter, or it is shutting down),
-   once more to the next one with what is left of the budget.
+   once more to the next one with what is left of the budget. Registered endpoints the policy
+   in force no longer allows are left out (:mod:`certbroker.routing.registry.endpoints`).
 4. **Decision token.** Every Fetch carries ``x-certbroker-decision``
-(:mod:`certbroker.routing.decision_token`).
+   (:mod:`certbroker.routing.decision_token`).
+5. **The reply.** Checked before anything in it is cached or released
+   (:mod:`certbroker.routing.replies`): a reply that is not a well-formed answer to this request
+   within the record type's limits is UNAVAILABLE ``ADAPTER_BAD_RESPONSE`` and counts against
+   the breaker; fields unknown to the contract are dropped. An adapter's refusal reaches the
+   caller as ``ADAPTER_UNAVAILABLE`` with its reason only if the contract knows that reason;
+   its other text is logged here, cleaned.
 """
 
 from __future__ import annotations
@@ -38,12 +45,15 @@ import grpc
 from certbroker import errors
 from certbroker.adapters import sdk
 from certbroker.config import AdapterRoute
+from certbroker.policy import RecordLimits
+from certbroker.routing import replies
 from certbroker.routing.breaker import BreakerBoard, CircuitBreaker, Outcome
-from certbroker.routing.channels import AdapterChannels, adapter_reason
+from certbroker.routing.channels import TOO_LARGE_DETAILS, AdapterChannels, adapter_reason
 from certbroker.routing.decision_token import METADATA_KEY, DecisionSigner
 from certbroker.v1 import adapter_pb2, records_pb2
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "AdapterChannels",
     "Fetched",
     "GrpcSource",
@@ -75,11 +85,16 @@ class Fetched:
         return calendar.timegm(self.as_of.utctimetuple()), self.as_of.microsecond * 1000
 
 
+#: The catalogue's defaults, for callers without a policy at hand (tools, tests).
+DEFAULT_LIMITS = RecordLimits()
+
+
 class RecordSource(Protocol):
     """Anything that can fetch one record type's records for the broker.
 
     ``timeout_s`` is the remaining budget: the fetch, retries included, answers or fails with
-    DEADLINE_EXCEEDED ``ADAPTER_TIMEOUT`` within it.
+    DEADLINE_EXCEEDED ``ADAPTER_TIMEOUT`` within it. ``limits`` are the record type's in the
+    policy in force: a record over them is UNAVAILABLE ``ADAPTER_BAD_RESPONSE``.
     """
 
     async def fetch(
@@ -89,6 +104,7 @@ class RecordSource(Protocol):
         fields: Sequence[str],
         decision_id: str,
         timeout_s: float,
+        limits: RecordLimits = DEFAULT_LIMITS,
     ) -> Fetched: ...
 
     async def aclose(self) -> None: ...
@@ -115,6 +131,7 @@ class InProcessSource:
         fields: Sequence[str],
         decision_id: str,
         timeout_s: float,
+        limits: RecordLimits = DEFAULT_LIMITS,
     ) -> Fetched:
         if timeout_s <= 0:
             raise adapter_timeout(self._department)
@@ -125,6 +142,10 @@ class InProcessSource:
             raise errors.for_code(exc.code)(
                 exc.reason, f"{self._department}: {exc.message}", department=self._department
             ) from None
+        try:  # the same limits as a remote department's: one rule for every source
+            replies.check_record(record, record_type, limits)
+        except replies.BadReply as bad:
+            raise replies.bad_response(self._department, bad) from None
         return Fetched(record, dt.datetime.now(dt.UTC))
 
     async def aclose(self) -> None:
@@ -168,6 +189,7 @@ class RemoteSource:
         fields: Sequence[str],
         decision_id: str,
         timeout_s: float,
+        limits: RecordLimits = DEFAULT_LIMITS,
     ) -> Fetched:
         if timeout_s <= 0:
             raise adapter_timeout(self._department)
@@ -175,7 +197,7 @@ class RemoteSource:
         outcome = Outcome.NEUTRAL  # cancelled (caller gone, bundle deadline): no news
         try:
             fetched = await self._call(
-                record_type, subject_id, fields, decision_id, time.monotonic() + timeout_s
+                record_type, subject_id, fields, decision_id, time.monotonic() + timeout_s, limits
             )
             outcome = Outcome.SUCCESS
             return fetched
@@ -194,6 +216,7 @@ class RemoteSource:
         fields: Sequence[str],
         decision_id: str,
         deadline: float,
+        limits: RecordLimits,
     ) -> Fetched:
         dept = self._department
         endpoints = list(self._endpoints(record_type))
@@ -223,41 +246,65 @@ class RemoteSource:
             if remaining <= 0:
                 raise adapter_timeout(dept)
             try:
-                reply = await self._channels.stub(endpoint).Fetch(
+                data: bytes = await self._channels.fetch(endpoint)(
                     request, timeout=remaining, metadata=metadata
                 )
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAVAILABLE and attempt == 0 and len(order) > 1:
                     log.warning("%s instance %s unavailable, trying %s", dept, endpoint, order[1])
                     continue
-                raise self._translate(exc, record_type) from None
-            if reply.record.WhichOneof("record") != record_type:
-                raise errors.Unavailable(
-                    "ADAPTER_BAD_RESPONSE",
-                    f"{dept} answered with the wrong record type",
-                    department=dept,
+                raise self._translate(exc, record_type, endpoint) from None
+            try:
+                record, as_of = replies.accept(
+                    replies.parse(data),
+                    record_type=record_type,
+                    subject_id=subject_id,
+                    limits=limits,
                 )
-            return Fetched(reply.record, reply.as_of.ToDatetime(dt.UTC))
+            except replies.BadReply as bad:
+                log.warning("%s instance %s: bad %s response: %s", dept, endpoint, record_type, bad)
+                raise replies.bad_response(dept, bad) from None
+            return Fetched(record, as_of)
         raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 
-    def _translate(self, exc: grpc.aio.AioRpcError, record_type: str) -> errors.BrokerError:
+    def _translate(
+        self, exc: grpc.aio.AioRpcError, record_type: str, endpoint: str
+    ) -> errors.BrokerError:
         dept = self._department
-        if exc.code() == grpc.StatusCode.NOT_FOUND:
+        code = exc.code()
+        if code == grpc.StatusCode.NOT_FOUND:
             return errors.NotFound(
                 "SUBJECT_NOT_FOUND",
                 f"{dept} holds no {record_type} record for this citizen",
                 department=dept,
             )
-        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return adapter_timeout(dept)
-        # Anything else is the department's problem, not the caller's input: UNAVAILABLE.
-        details = {"adapter_status": exc.code().name}
-        reason = adapter_reason(exc)
-        if reason:  # e.g. DECISION_TOKEN_INVALID: tells the operator what to fix
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and TOO_LARGE_DETAILS in (
+            exc.details() or ""
+        ):
+            log.warning("%s instance %s: %s reply over the size limit", dept, endpoint, record_type)
+            return replies.bad_response(dept, replies.BadReply("REPLY_TOO_LARGE"))
+        # Anything else is the department's problem, not the caller's input: UNAVAILABLE. What
+        # the adapter said is its own free text: logged here, cleaned; the caller gets its
+        # reason only if the contract knows it (e.g. DECISION_TOKEN_INVALID: what to fix).
+        said = adapter_reason(exc)
+        log.warning(
+            "%s instance %s refused a %s fetch: %s reason=%s details=%s",
+            dept,
+            endpoint,
+            record_type,
+            code.name,
+            replies.for_log(said),
+            replies.for_log(exc.details() or ""),
+        )
+        details = {"adapter_status": code.name}
+        reason = replies.forwarded_reason(said)
+        if reason:
             details["adapter_reason"] = reason
         return errors.Unavailable(
             "ADAPTER_UNAVAILABLE",
-            f"department {dept} is unavailable ({exc.code().name})",
+            f"department {dept} is unavailable ({code.name})",
             department=dept,
             **details,
         )
@@ -341,8 +388,20 @@ class LiveEndpoints(Protocol):
     def endpoints(self) -> set[str]: ...
 
 
-def _live(registry: LiveEndpoints, department: str) -> Callable[[str], Sequence[str]]:
-    return lambda record_type: registry.live_endpoints(department, record_type)
+#: Whether (department, endpoint) may be dialled under the policy in force.
+EndpointFilter = Callable[[str, str], bool]
+
+
+def _live(
+    registry: LiveEndpoints, department: str, allowed: EndpointFilter | None
+) -> Callable[[str], Sequence[str]]:
+    if allowed is None:
+        return lambda record_type: registry.live_endpoints(department, record_type)
+    # Registered under an older policy (or before endpoints were checked), no longer allowed:
+    # never dialled, whatever the store still holds.
+    return lambda record_type: [
+        e for e in registry.live_endpoints(department, record_type) if allowed(department, e)
+    ]
 
 
 def build_router(
@@ -355,11 +414,13 @@ def build_router(
     breakers: BreakerBoard | None = None,
     credentials: grpc.ChannelCredentials | None = None,
     timeout_s: float = 0.0,
+    endpoint_allowed: EndpointFilter | None = None,
 ) -> Router:
     """Build sources: ``departments`` maps record type → department id (from the policy set).
 
     Remote routes get ``signer``'s decision tokens, ``breakers``' per-department breaker and
-    ``credentials`` (TLS) for their channels; "registry" routes need ``registry``.
+    ``credentials`` (TLS) for their channels; "registry" routes need ``registry``, and dial
+    only the registered endpoints ``endpoint_allowed(department, endpoint)`` accepts.
     ``timeout_s`` is the configured adapter timeout (see :class:`RemoteSource`).
     """
     sources: dict[str, RecordSource] = {}
@@ -385,7 +446,7 @@ def build_router(
             shared = shared or AdapterChannels(credentials, keep=registry.endpoints)
             sources[record_type] = RemoteSource(
                 department,
-                _live(registry, department),
+                _live(registry, department, endpoint_allowed),
                 shared,
                 signer=signer,
                 breaker=breaker,

@@ -2,8 +2,10 @@
 
 Runs in a fresh interpreter (multiprocessing "spawn"): the ordinary broker bound with
 SO_REUSEPORT, reporting :class:`Ready` (or :class:`Failed`) to the supervisor over a pipe. It
-stops on SIGTERM or when that pipe closes (the supervisor is gone), reloads policies on SIGHUP,
-and keeps its in-memory registry in step with the shared registry file.
+stops on SIGTERM or when that pipe closes (the supervisor is gone) the way a broker on its own
+does (health NOT_SERVING, in-flight calls finish within ``[server] shutdown_grace_s``; see
+:mod:`certbroker.server.app`), reloads policies on SIGHUP, and keeps its in-memory registry in
+step with the shared registry file.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Final
 
+from certbroker import logs
 from certbroker.config import Config
 
 if TYPE_CHECKING:
@@ -25,8 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: How long workers get to finish in-flight calls on stop before they are killed.
-STOP_GRACE_S: Final = 20.0
+#: How long a stopping worker may take beyond its grace period (``[server]
+#: shutdown_grace_s``) to close its parts, before the supervisor kills it.
+CLOSE_MARGIN_S: Final = 10.0
 #: How often a worker looks for registry changes made through another worker.
 REGISTRY_FOLLOW_S: Final = 1.0
 
@@ -66,10 +70,12 @@ def worker_main(spec: WorkerSpec, parent: Connection) -> None:
     # SIGHUP's default action is to exit. Until the reload handler is in place, one is only
     # remembered: the policy files may have changed after this worker read them.
     signal.signal(signal.SIGHUP, _remember_hup)
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s %(levelname)s [worker {spec.index} pid %(process)d] "
+    logs.configure(
+        spec.config.log_format,
+        spec.config.log_level,
+        text_format=f"%(asctime)s %(levelname)s [worker {spec.index} pid %(process)d] "
         "%(name)s: %(message)s",
+        static={"worker": spec.index},
     )
     sys.exit(asyncio.run(_serve_worker(spec, parent)))
 
@@ -122,7 +128,7 @@ async def _serve_worker(spec: WorkerSpec, parent: Connection) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await follower
         loop.remove_reader(parent.fileno())
-        await broker.stop(grace=STOP_GRACE_S / 2)
+        await broker.stop()  # drained within [server] shutdown_grace_s
     return 0
 
 

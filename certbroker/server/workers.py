@@ -10,14 +10,19 @@ What the parent does:
 
 * prepares the shared state once, before any worker exists: key files, the audit log's schema
   (SQLite file or PostgreSQL schema), the registry file -- so workers never race to create them;
-* holds the port: a configured port is checked free first (a plain bind), then reserved with an
+* holds the port before anything else (:func:`certbroker.server.ports.hold`): a configured port
+  is checked free first (a bind without SO_REUSEPORT, which fails while anything serves there,
+  a broker on its own or the workers of another ``serve --workers``), then reserved with an
   SO_REUSEPORT socket that never listens; port 0 picks a free port that way and tells every
-  worker. The reservation lives as long as the parent, so a restarted worker gets the same port;
+  worker. The reservation lives as long as the parent, so a restarted worker gets the same
+  port, and nothing but this parent's workers can join them on it;
 * starts the workers and waits for each to report ready, then writes the pid file (its own pid:
   ``certbroker policy reload`` signals the parent), prints one ``WORKER index=I pid=P port=...
   metrics_port=M policy=V`` line per worker and ``READY port=P metrics_port=M0 workers=N``;
-* forwards SIGHUP (policy reload) to every worker; SIGTERM/SIGINT stop all workers (SIGTERM,
-  then SIGKILL after :data:`STOP_GRACE_S`) and the parent exits 0;
+* forwards SIGHUP (policy reload) to every worker; SIGTERM/SIGINT stop all workers: each gets
+  SIGTERM and drains as a broker on its own does (health NOT_SERVING, no new calls, in-flight
+  calls finish within ``[server] shutdown_grace_s``), and is killed only if it has not exited
+  :data:`~certbroker.server.worker_process.CLOSE_MARGIN_S` after that; the parent exits 0;
 * restarts a worker that dies after it was ready (a crash, an OOM kill), printing a new
   ``WORKER`` line with ``restarts=K``. A worker that fails to *start*, or more than
   :data:`MAX_RESTARTS` deaths within :data:`RESTART_WINDOW_S`, stops everything: exit 1.
@@ -51,8 +56,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import socket
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -61,8 +64,14 @@ from multiprocessing.process import BaseProcess
 from typing import Final
 
 from certbroker.config import Config, ConfigError
-from certbroker.errors import BrokerError
-from certbroker.server.worker_process import STOP_GRACE_S, Failed, Ready, WorkerSpec, worker_main
+from certbroker.server import ports
+from certbroker.server.worker_process import (
+    CLOSE_MARGIN_S,
+    Failed,
+    Ready,
+    WorkerSpec,
+    worker_main,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,34 +99,16 @@ def worker_metrics_port(metrics_port: int, index: int) -> int:
 def reserve_port(host: str, port: int) -> Iterator[int]:
     """Hold ``host:port`` for the workers (0 = pick a free port); yields the port number.
 
-    A configured port is first bound without SO_REUSEPORT, which fails if anything at all
-    holds it (even another broker that would otherwise share it silently). The port is then
-    held by an SO_REUSEPORT socket that never listens: it receives no connections but keeps
-    the number ours, e.g. for a worker that restarts while no other is bound.
+    :func:`certbroker.server.ports.hold`: refused if anything serves there already (even
+    another broker that would otherwise share it silently); while held, only sockets with
+    SO_REUSEPORT -- this parent's workers -- can bind it.
     """
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-    except socket.gaierror as exc:
-        raise WorkerError(f"cannot resolve {host!r}: {exc}") from exc
-    if port:
-        with socket.socket(family, kind, proto) as probe:
-            try:
-                probe.bind(address)
-            except OSError as exc:
-                raise WorkerError(f"cannot bind gRPC port {host}:{port}: {exc}") from exc
-    holder = socket.socket(family, kind, proto)
-    try:
-        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        holder.bind(address)
-    except OSError as exc:
-        holder.close()
-        raise WorkerError(f"cannot reserve gRPC port {host}:{port}: {exc}") from exc
-    try:
-        yield int(holder.getsockname()[1])
-    finally:
-        holder.close()
+    with contextlib.ExitStack() as stack:
+        try:
+            held = stack.enter_context(ports.hold(host, port))
+        except ports.PortInUse as exc:
+            raise WorkerError(str(exc)) from exc
+        yield held
 
 
 async def prepare(config: Config) -> None:
@@ -301,7 +292,7 @@ class Supervisor:
             if process.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
+        deadline = time.monotonic() + self.config.shutdown_grace_s + CLOSE_MARGIN_S
         while any(s.process is not None for s in self._slots):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -355,12 +346,11 @@ def run(config: Config, out: Callable[[str], None] = _print) -> int:
         )
 
     async def main() -> int:
-        await prepare(config)
+        # The port first: a second broker on it is refused before it creates any state.
         with reserve_port(config.host, config.port) as port:
+            await prepare(config)
             return await Supervisor(config, config.workers, port, out).run()
 
-    try:
-        return asyncio.run(main())
-    except (WorkerError, BrokerError, OSError) as exc:  # before any worker ran: nothing to stop
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    # Raises WorkerError, BrokerError or OSError if the start fails before any worker ran
+    # (nothing to stop then); `certbroker serve` reports it and exits 1.
+    return asyncio.run(main())

@@ -26,7 +26,7 @@ from certbroker.v1 import records_pb2 as certbroker_dot_v1_dot_records__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63\x65rtbroker/v1/adapter.proto\x12\rcertbroker.v1\x1a\x1b\x63\x65rtbroker/v1/records.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\\\n\x0c\x46\x65tchRequest\x12\x13\n\x0brecord_type\x18\x01 \x01(\t\x12\x12\n\nsubject_id\x18\x02 \x01(\t\x12\x0e\n\x06\x66ields\x18\x03 \x03(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x04 \x01(\t\"u\n\rFetchResponse\x12%\n\x06record\x18\x01 \x01(\x0b\x32\x15.certbroker.v1.Record\x12)\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ndepartment\x18\x03 \x01(\t2W\n\x11\x44\x65partmentAdapter\x12\x42\n\x05\x46\x65tch\x12\x1b.certbroker.v1.FetchRequest\x1a\x1c.certbroker.v1.FetchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63\x65rtbroker/v1/adapter.proto\x12\rcertbroker.v1\x1a\x1b\x63\x65rtbroker/v1/records.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\\\n\x0c\x46\x65tchRequest\x12\x13\n\x0brecord_type\x18\x01 \x01(\t\x12\x12\n\nsubject_id\x18\x02 \x01(\t\x12\x0e\n\x06\x66ields\x18\x03 \x03(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x04 \x01(\t\"\x89\x01\n\rFetchResponse\x12%\n\x06record\x18\x01 \x01(\x0b\x32\x15.certbroker.v1.Record\x12)\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ndepartment\x18\x03 \x01(\t\x12\x12\n\nsubject_id\x18\x04 \x01(\t2W\n\x11\x44\x65partmentAdapter\x12\x42\n\x05\x46\x65tch\x12\x1b.certbroker.v1.FetchRequest\x1a\x1c.certbroker.v1.FetchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FETCHREQUEST']._serialized_start=108
   _globals['_FETCHREQUEST']._serialized_end=200
-  _globals['_FETCHRESPONSE']._serialized_start=202
-  _globals['_FETCHRESPONSE']._serialized_end=319
-  _globals['_DEPARTMENTADAPTER']._serialized_start=321
-  _globals['_DEPARTMENTADAPTER']._serialized_end=408
+  _globals['_FETCHRESPONSE']._serialized_start=203
+  _globals['_FETCHRESPONSE']._serialized_end=340
+  _globals['_DEPARTMENTADAPTER']._serialized_start=342
+  _globals['_DEPARTMENTADAPTER']._serialized_end=429
 # @@protoc_insertion_point(module_scope)

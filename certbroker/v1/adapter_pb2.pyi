@@ -54,12 +54,23 @@ Global___FetchRequest: _TypeAlias = FetchRequest  # noqa: Y015
 
 @_typing.final
 class FetchResponse(_message.Message):
+    """What the broker accepts (anything else is UNAVAILABLE ADAPTER_BAD_RESPONSE, counted by the
+    department's circuit breaker): `record` of the requested type within the record type's limits
+    (policies/ catalogue `limits`), `as_of` set, `subject_id` echoed. Fields unknown to the broker's
+    contract are dropped, never released or cached.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RECORD_FIELD_NUMBER: _builtins.int
     AS_OF_FIELD_NUMBER: _builtins.int
     DEPARTMENT_FIELD_NUMBER: _builtins.int
+    SUBJECT_ID_FIELD_NUMBER: _builtins.int
     department: _builtins.str
+    subject_id: _builtins.str
+    """The request's subject_id, echoed: binds the record to the citizen it was asked for. A
+    response without it, or with another citizen's, is refused. The SDK fills it in.
+    """
     @_builtins.property
     def record(self) -> _records_pb2.Record: ...
     @_builtins.property
@@ -70,10 +81,11 @@ class FetchResponse(_message.Message):
         record: _records_pb2.Record | None = ...,
         as_of: _timestamp_pb2.Timestamp | None = ...,
         department: _builtins.str = ...,
+        subject_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "record", b"record"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "department", b"department", "record", b"record"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "department", b"department", "record", b"record", "subject_id", b"subject_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

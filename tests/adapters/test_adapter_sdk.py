@@ -286,12 +286,15 @@ def request(
     )
 
 
-def test_service_returns_the_filtered_record_with_as_of_and_department(run: Callable) -> None:
+def test_service_returns_the_filtered_record_with_as_of_department_and_subject(
+    run: Callable,
+) -> None:
     before = dt.datetime.now(dt.UTC)
     adapters = [FakeAdapter("marriage"), FakeAdapter("household")]
     response = run(fetch(adapters, request("household", fields=["name", "members"])))
     assert isinstance(response, adapter_pb2.FetchResponse)
     assert response.department == "test_department"
+    assert response.subject_id == SUBJECT  # echoed: the broker binds the record to it
     assert present_paths(response.record.household) == {"name", "members"}
     assert response.record.household.members[0].resident_id == SPOUSE
     as_of = response.as_of.ToDatetime(tzinfo=dt.UTC)

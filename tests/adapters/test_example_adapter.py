@@ -1,4 +1,5 @@
-"""The ~30-line example adapter (adapters/examples/hukou_minimal.py) is complete and works."""
+"""The ~30-line example adapter (certbroker/adapters/examples/hukou_minimal.py) is complete and
+works."""
 
 from __future__ import annotations
 

@@ -130,12 +130,20 @@ def test_non_auditor_is_refused_on_every_rpc_and_audited(env: Env) -> None:
         assert last.event.outcome == "ROLE_NOT_ALLOWED"
 
 
-def test_unauthenticated_call_is_audited(env: Env) -> None:
+def test_unauthenticated_call_is_counted_in_the_peer_summary(env: Env) -> None:
     with pytest.raises(grpc.RpcError) as info:
         stub(env).Anomalies(audit_pb2.AnomaliesRequest(), timeout=30)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    last = entries(env)[-1]
-    assert (last.event.kind, last.event.clerk, last.event.decision) == ("audit_query", "", "")
+    assert entries(env) == []  # nobody to name: no entry of its own
+    assert env.broker.broker is not None
+    env.broker.call(env.broker.broker.refusals.flush())
+    (summary,) = entries(env)
+    assert (summary.event.kind, summary.event.clerk, summary.event.decision) == (
+        "unauthenticated",
+        "",
+        "",
+    )
+    assert dict(summary.event.outcome_counts) == {"TOKEN_MISSING": 1}
 
 
 def test_auditor_calls_are_audited_with_the_filter(env: Env) -> None:

@@ -223,6 +223,9 @@ def test_demo_runs_a_whole_counter_session(tmp_path: Path, dataset_dir: Path) ->
     assert "certbroker audit verify: ok" in out.stdout
     assert "TAMPERED" in out.stdout  # the tampered copy is caught
     assert "UNEXPECTED" not in out.stdout
+    # The forged-token call has no entry of its own: it is counted in the summary.
+    assert "counted in this address's summary" in out.stdout
+    assert "unauthenticated.summary" in out.stdout
 
 
 def _audit_target(*argv: str) -> cli_audit_log.Target:

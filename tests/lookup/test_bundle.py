@@ -309,15 +309,20 @@ def test_bad_input_fails_the_whole_call_and_is_audited(
     assert audit.verify_chain(db).ok
 
 
-def test_unauthenticated_bundle_is_refused_and_audited(env: Env, couple: tuple[str, str]) -> None:
+def test_unauthenticated_bundle_is_refused_and_counted(env: Env, couple: tuple[str, str]) -> None:
     err = refused(lambda: bundle(env.stub, None, [(couple[0], "seller")]))
     assert (err.code, err.reason) == ("UNAUTHENTICATED", "TOKEN_MISSING")
+    assert "audit_entry_id" not in err.metadata
+    assert entries(env.state_dir / "audit.sqlite") == {}  # no bundle entry of its own
+    assert env.broker.broker is not None
+    env.broker.call(env.broker.broker.refusals.flush())
     (entry,) = entries(env.state_dir / "audit.sqlite").values()
-    assert (entry.event.kind, entry.event.clerk, entry.event.outcome) == (
-        "bundle",
+    assert (entry.event.kind, entry.event.clerk, entry.event.subject_id) == (
+        "unauthenticated",
         "",
-        "TOKEN_MISSING",
+        "ipv4:127.0.0.1",
     )
+    assert dict(entry.event.outcome_counts) == {"TOKEN_MISSING": 1}
 
 
 @pytest.mark.parametrize(

@@ -444,7 +444,7 @@ def test_case_number_required_without_pattern(tmp_path: Path) -> None:
       - id: any-case
         roles: [window_clerk]
         matters: [BDC-ZY-001]
-        conditions: {case_number: true, offices: [gz-*]}
+        conditions: {case_number: true, offices: [gz-*-*-*]}
     """,
     )
     assert ps.decide(req(case_number="anything")).allowed
@@ -455,19 +455,19 @@ def test_case_number_required_without_pattern(tmp_path: Path) -> None:
     assert (view.consent_required, view.consent_methods) == (False, ())
 
 
-def test_office_globs_are_case_sensitive(tmp_path: Path) -> None:
+def test_office_patterns_are_case_sensitive(tmp_path: Path) -> None:
     ps = small_set(
         tmp_path,
         """\
       - id: haizhu
         roles: [window_clerk]
         matters: [BDC-ZY-001]
-        conditions: {offices: ["gz-haizhu-*", "gz-liwan-hall-0?"]}
+        conditions: {offices: ["gz-haizhu-*-*", "gz-liwan-hall-*"]}
     """,
     )
     assert ps.decide(req(Clerk("c", ("window_clerk",), "gz-liwan-hall-03"))).allowed
     assert not ps.decide(req(Clerk("c", ("window_clerk",), "GZ-HAIZHU-hall-01"))).allowed
-    assert not ps.decide(req(Clerk("c", ("window_clerk",), "gz-liwan-hall-10"))).allowed
+    assert not ps.decide(req(Clerk("c", ("window_clerk",), "gz-liwan-HALL-10"))).allowed
 
 
 # ---- what a set remembers of itself ----
@@ -502,26 +502,55 @@ def test_the_memo_is_bounded(shipped: policy.PolicySet, monkeypatch: pytest.Monk
 
 
 @pytest.mark.parametrize(
-    ("globs", "office"),
+    ("patterns", "office", "allowed"),
     [
-        (("gz-*-hall-*",), "gz-haizhu-hall-01"),
-        (("gz-*-hall-*",), "gz-haizhu-24h-01"),
-        (("gz-*-hall-*", "gz-*-24h-*"), "gz-haizhu-24h-01"),
-        (("hall-[0-9]",), "hall-7"),
-        (("hall-[!0-9]",), "hall-7"),
-        (("a?c",), "abc"),
-        (("a?c",), "a\nc"),
-        (("exact",), "exactly"),
-        (("*",), ""),
+        (("gz-*-hall-*",), "gz-haizhu-hall-01", True),
+        (("gz-*-hall-*",), "gz-haizhu-24h-01", False),
+        (("gz-*-hall-*", "gz-*-24h-*"), "gz-haizhu-24h-01", True),
+        # A wildcard is exactly one non-empty segment: not none, not several.
+        (("gz-*-hall-*",), "gz--hall-", False),
+        (("gz-*-hall-*",), "gz-x-24h-01-hall-9", False),
+        (("gz-*-hall-*",), "gz-haizhu-hall-01-annex", False),
+        (("gz-*-hall-*",), "gz-haizhu-hall-01\n", False),
+        (("gz-*",), "gz-haizhu-hall-01", False),
+        (("gz-*",), "gz-haizhu", True),
+        (("*",), "", False),
+        (("*",), "hall3", True),
+        (("exact",), "exactly", False),
+        (("exact",), "exact", True),
+        (("a.c",), "abc", False),  # literal segments are literal, "." included
+        # Only ASCII segments: other scripts' letters and digits are no segment.
+        (("gz-*-hall-*",), "gz-海珠-hall-01", False),
+        (("gz-*-hall-*",), "gz-haizhu-hall-\uff10\uff11", False),
     ],
 )
-def test_office_globs_match_as_fnmatch(globs: tuple[str, ...], office: str) -> None:
-    import fnmatch
-
+def test_office_wildcards_match_one_segment(
+    patterns: tuple[str, ...], office: str, allowed: bool
+) -> None:
     rule = policy.Rule(
-        id="r", roles=("x",), matters=("m",), conditions=policy.Conditions(offices=globs)
+        id="r", roles=("x",), matters=("m",), conditions=policy.Conditions(offices=patterns)
     )
-    assert rule.office_allows(office) == any(fnmatch.fnmatchcase(office, g) for g in globs)
+    assert rule.office_allows(office) is allowed
+
+
+@pytest.mark.parametrize(
+    "pattern", ["gz--hall", "gz-hall*", "hall-0?", "hall-[0-9]", "gz-*-", "", "gz-海珠-*", "a b"]
+)
+def test_office_patterns_other_than_segments_and_wildcards_are_refused(
+    tmp_path: Path, pattern: str
+) -> None:
+    with pytest.raises(ValueError, match="office pattern"):
+        policy.Conditions(offices=(pattern,))
+    with pytest.raises(policy.PolicyError, match="offices"):
+        small_set(
+            tmp_path,
+            f"""\
+      - id: r
+        roles: [window_clerk]
+        matters: [BDC-ZY-001]
+        conditions: {{offices: ["{pattern}"]}}
+    """,
+        )
 
 
 # ---- consent methods, package layering ----

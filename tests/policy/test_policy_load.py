@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shutil
 import textwrap
@@ -338,6 +339,29 @@ BROKEN_FILES = {
         "vehicle",
         "unknown record type 'vehicle'",
     ),
+    "bad-endpoint-host": (
+        """\
+        departments:
+          - id: tax_bureau
+            name: 税务局
+            endpoints:
+              - hosts: ["10.0.0.0/8", "10.0.0.0/33"]
+                ports: [443]
+        """,
+        "10.0.0.0/33",
+        "'10.0.0.0/33' is not an IP address, a CIDR range",
+    ),
+    "endpoint-without-ports": (
+        """\
+        departments:
+          - id: tax_bureau
+            name: 税务局
+            endpoints:
+              - {hosts: ["*.tax.example.cn"]}
+        """,
+        "tax.example.cn",
+        "missing required key 'ports'",
+    ),
 }
 
 
@@ -380,6 +404,48 @@ def test_check_reports_file_and_line(policy_dir: Path, case: str) -> None:
             "cache_ttl_s: ten",
             "cache_ttl_s: ten",
             "expected an integer",
+        ),
+        (
+            "catalogue.yaml",
+            "max_repeated: 500",
+            "max_repeated: 0",
+            "max_repeated: 0",
+            "limits max_repeated: must be 1..100000",
+        ),
+        (
+            "catalogue.yaml",
+            "max_repeated: 500",
+            "max_record_bytes: 2097152",
+            "max_record_bytes: 2097152",
+            "limits max_record_bytes: must be 1..1048576",
+        ),
+        (
+            "catalogue.yaml",
+            "max_repeated: 500",
+            "max_items: 500",
+            "max_items: 500",
+            "unknown key 'max_items'",
+        ),
+        (
+            "catalogue.yaml",
+            '"::1", "localhost"]',
+            '"::1", "localhost", "127.0.0.1/8"]',
+            "127.0.0.1/8",
+            "'127.0.0.1/8' is not an IP address, a CIDR range (host bits zero)",
+        ),
+        (
+            "catalogue.yaml",
+            'ports: ["1024-65535"]',
+            'ports: ["65535-1024"]',
+            "65535-1024",
+            "expected a port or a range LOW-HIGH within 1..65535, got '65535-1024'",
+        ),
+        (
+            "catalogue.yaml",
+            "- 3306         # MySQL",
+            "- 70000        # MySQL",
+            "70000",
+            "except_ports: expected a port or a range",
         ),
         (
             "matters.yaml",
@@ -428,6 +494,72 @@ def test_check_reports_every_file(policy_dir: Path) -> None:
 def test_check_shipped_set_is_valid() -> None:
     assert policy.check(sorted(POLICY_DIR.glob("*.yaml"))) == []
     assert policy.check([POLICY_DIR]) == []
+
+
+# ---- the catalogue's limits and endpoints ----
+
+
+def test_record_type_limits_default_and_override(policy_dir: Path) -> None:
+    shipped = policy.load(POLICY_DIR).record_types
+    assert shipped["marriage"].limits == policy.RecordLimits(1024, 65536, 64)
+    assert shipped["household"].limits == policy.RecordLimits(1024, 65536, 500)
+    edit(
+        policy_dir / "catalogue.yaml",
+        "    limits:\n      max_repeated: 500",
+        "    limits: {max_string_chars: 64, max_record_bytes: 4096}",
+    )
+    loaded = policy.load(policy_dir).record_types["household"].limits
+    assert loaded == policy.RecordLimits(max_string_chars=64, max_record_bytes=4096)
+
+
+def test_department_endpoints(policy_dir: Path) -> None:
+    write(
+        policy_dir / "zz-tax.yaml",
+        """\
+        departments:
+          - id: tax_bureau
+            name: 税务局
+            endpoints:
+              - hosts: ["10.20.0.0/16", "2001:db8::/32", "*.Tax.example.cn", "tax-gw"]
+                ports: [443, "7000-7999"]
+                except_ports: ["7100-7199", 7432]
+          - id: archive
+            name: 档案馆
+        """,
+    )
+    departments = policy.load(policy_dir).departments
+    tax = departments["tax_bureau"]
+    allowed = [
+        ("10.20.3.4", 443),
+        ("10.20.3.4", 7000),
+        ("10.20.3.4", 7999),
+        ("2001:db8::7", 7200),
+        ("::ffff:10.20.0.1", 443),  # the same address, as IPv6
+        ("a.tax.example.cn", 443),  # names as the Registry passes them: lowercase
+        ("tax-gw", 7000),
+    ]
+    refused = [
+        ("10.21.0.1", 443),  # outside the range
+        ("10.20.3.4", 444),  # port outside
+        ("10.20.3.4", 7150),  # excepted range
+        ("10.20.3.4", 7432),  # excepted port
+        ("tax.example.cn", 443),  # "*." needs a label before
+        ("a.tax.example.cn.evil.com", 443),
+        ("tax-gw.evil.com", 443),
+        ("127.0.0.1", 443),
+    ]
+
+    def host(text: str) -> policy.model.IPAddress | str:
+        try:
+            return ipaddress.ip_address(text)
+        except ValueError:
+            return text
+
+    assert [(h, p) for h, p in allowed if not tax.allows_endpoint(host(h), p)] == []
+    assert [(h, p) for h, p in refused if tax.allows_endpoint(host(h), p)] == []
+    # No endpoints declared: nowhere.
+    assert departments["archive"].endpoints == ()
+    assert not departments["archive"].allows_endpoint(ipaddress.ip_address("127.0.0.1"), 7000)
 
 
 def test_check_unreadable_and_empty_input(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ end-to-end tests run real adapter processes that register themselves (``--regist
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import re
 import subprocess
@@ -25,6 +26,7 @@ from certbroker.audit.events import AuditEvent, Receipt
 from certbroker.auth.authenticator import Authenticator, DevIdentityProvider
 from certbroker.cli import client
 from certbroker.config import AdapterRoute
+from certbroker.contract import resident_id
 from certbroker.routing.breaker import BreakerBoard
 from certbroker.routing.registry.servicer import RegistryService
 from certbroker.routing.registry.store import RegistryStore
@@ -104,10 +106,27 @@ class Reg:
             )
 
 
-def start_reg(tmp_path: Path, dataset_dir: Path, clock: FakeClock) -> Reg:
+#: civil_affairs' endpoints in the shipped (demo) catalogue, and a rule allowing any endpoint.
+LOOPBACK_ENDPOINTS = "    name: 民政局（婚姻登记）\n    endpoints: *loopback\n"
+ANYWHERE = """    name: 民政局（婚姻登记）
+    endpoints:
+      - {hosts: ["0.0.0.0/0", "::/0", "*"], ports: ["1-65535"]}
+"""
+
+
+def start_reg(
+    tmp_path: Path, dataset_dir: Path, clock: FakeClock, *, anywhere: bool = False
+) -> Reg:
+    """A broker routing marriage through the Registry; with ``anywhere``, its policy lets
+    civil_affairs register any endpoint (the shipped demo catalogue: loopback only)."""
     routes = {rt: AdapterRoute() for rt in synthetic.DATASETS}
     routes["marriage"] = AdapterRoute("registry")
     uncached = uncached_policies(tmp_path)  # every lookup reaches a registered instance
+    if anywhere:
+        catalogue = uncached / "catalogue.yaml"
+        text = catalogue.read_text(encoding="utf-8")
+        assert LOOPBACK_ENDPOINTS in text
+        catalogue.write_text(text.replace(LOOPBACK_ENDPOINTS, ANYWHERE), encoding="utf-8")
     cfg = make_config(tmp_path, dataset_dir, adapters=routes, lease_s=15, policy_dir=uncached)
     broker = BrokerThread(cfg, lease_clock=clock)
     channel = grpc.insecure_channel(broker.target)
@@ -123,6 +142,15 @@ def start_reg(tmp_path: Path, dataset_dir: Path, clock: FakeClock) -> Reg:
 @pytest.fixture
 def reg(tmp_path: Path, dataset_dir: Path) -> Iterator[Reg]:
     env = start_reg(tmp_path, dataset_dir, FakeClock())
+    yield env
+    env.channel.close()
+    env.broker.stop()
+
+
+@pytest.fixture
+def open_reg(tmp_path: Path, dataset_dir: Path) -> Iterator[Reg]:
+    """:func:`reg` on a policy that lets civil_affairs register any endpoint."""
+    env = start_reg(tmp_path, dataset_dir, FakeClock(), anywhere=True)
     yield env
     env.channel.close()
     env.broker.stop()
@@ -181,7 +209,7 @@ def test_registering_the_same_endpoint_again_keeps_the_instance(reg: Reg) -> Non
     assert again.instance_id == first.instance_id
     (listed,) = reg.listed()
     assert listed.live
-    other = reg.register(endpoint="adapter-2.civil.example:7004")
+    other = reg.register(endpoint="localhost:7004")
     assert other.instance_id != first.instance_id
     assert len(reg.listed()) == 2
 
@@ -348,9 +376,73 @@ def test_register_validates_every_input(reg: Reg, fields: dict[str, Any], reason
     "endpoint",
     ["127.0.0.1:7004", "localhost:1", "[::1]:65535", "adapter-2.civil.example.cn:443"],
 )
-def test_register_accepts_dialable_endpoints(reg: Reg, endpoint: str) -> None:
+def test_register_accepts_dialable_endpoints(open_reg: Reg, endpoint: str) -> None:
+    open_reg.register(endpoint=endpoint)
+    assert open_reg.listed()[0].endpoint == endpoint
+
+
+# --- where adapters may be ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "127.0.0.1:5432",  # PostgreSQL
+        "127.0.0.1:6379",  # Redis
+        "localhost:2375",  # the Docker API
+        "127.0.0.1:80",  # a privileged port
+        "[::ffff:127.0.0.1]:5432",  # loopback, spelled as IPv6
+        "10.0.0.2:7004",  # not loopback
+        "db.internal.example:7004",  # a name the catalogue does not list
+        "LOCALHOST:6379",
+    ],
+)
+def test_an_endpoint_the_catalogue_does_not_allow_is_refused_and_audited(
+    reg: Reg, endpoint: str
+) -> None:
+    err = failure(lambda: reg.register(endpoint=endpoint))
+    assert (err.code, err.reason) == ("PERMISSION_DENIED", "ENDPOINT_NOT_ALLOWED")
+    assert err.metadata["department"] == "civil_affairs"
+    assert reg.listed() == []
+    (entry,) = reg.registry_entries()
+    assert err.metadata["audit_entry_id"] == entry.entry_id
+    event = entry.event
+    assert (event.decision, event.outcome, event.status) == (
+        "deny",
+        "ENDPOINT_NOT_ALLOWED",
+        "PERMISSION_DENIED",
+    )
+    assert (event.rule_id, event.subject_id) == ("registry.register", endpoint)
+
+
+@pytest.mark.parametrize("endpoint", ["127.0.0.1:7004", "[::1]:45000", "localhost:60999"])
+def test_loopback_is_allowed_by_the_shipped_catalogue(reg: Reg, endpoint: str) -> None:
     reg.register(endpoint=endpoint)
-    assert reg.listed()[0].endpoint == endpoint
+    assert [a.endpoint for a in reg.listed()] == [endpoint]
+
+
+def test_the_brokers_own_ports_are_refused_on_any_host(open_reg: Reg) -> None:
+    """Even where the catalogue allows every endpoint: gRPC and metrics ports, any host."""
+    broker = open_reg.broker.broker
+    assert broker is not None
+    for port in (broker.port, broker.metrics_port):
+        for host in ("127.0.0.1", "localhost", "broker.example.cn"):
+            err = failure(lambda: open_reg.register(endpoint=f"{host}:{port}"))  # noqa: B023
+            assert (err.code, err.reason) == ("PERMISSION_DENIED", "ENDPOINT_NOT_ALLOWED")
+    assert open_reg.listed() == []
+    assert len(open_reg.registry_entries()) == 6  # every refusal audited
+
+
+def test_an_endpoint_the_policy_does_not_allow_is_never_dialled(reg: Reg) -> None:
+    """Registered before endpoints were checked (or under a wider policy): not routed to."""
+    broker = reg.broker.broker
+    assert broker is not None
+    broker.registry.register("civil_affairs", ["marriage"], "127.0.0.1:5432", "certbroker.v1")
+    assert [a.live for a in reg.listed()] == [True]
+    with pytest.raises(grpc.RpcError) as info:
+        reg.lookup(resident_id.make("440105", dt.date(1985, 3, 1), 1))
+    err = client.call_error(info.value)
+    assert (err.code, err.reason) == ("UNAVAILABLE", "NO_LIVE_INSTANCE")
 
 
 @pytest.mark.parametrize("instance_id", ["", "xyz", "A" * 32, "0" * 33])
@@ -473,7 +565,7 @@ def test_no_audit_no_change(tmp_path: Path) -> None:
         request = registry_pb2.RegisterRequest(
             department="civil_affairs",
             record_types=["marriage"],
-            endpoint="10.0.0.2:1",
+            endpoint="127.0.0.1:7005",
             schema_version="certbroker.v1",
         )
         err = await attempt(service.Register(request, context))

@@ -1,21 +1,31 @@
-"""certbroker.metrics: the instruments, a disabled Metrics, and the counters of a real broker
-moving as lookups go through it (read from its registry and scraped over HTTP)."""
+"""certbroker.metrics: the instruments, a disabled Metrics, the counters of a real broker
+moving as lookups go through it (read from its registry and scraped over HTTP), and the state
+a running ``certbroker serve`` exports."""
 
 from __future__ import annotations
 
+import socket
+import time
 import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
 
+from certbroker import config
 from certbroker.adapters.demo import synthetic
+from certbroker.auth.authenticator import DevIdentityProvider
 from certbroker.cli import client
 from certbroker.metrics import Metrics
+from certbroker.server.policy_holder import PolicyHolder
+from certbroker.v1 import broker_pb2_grpc, registry_pb2, registry_pb2_grpc
 from tests.cache_support import sample, spy
 from tests.helpers import Env
+from tests.server import serving
 
 TRANSFER, CASE = "BDC-ZY-001", "GZ20261121-000777"
+OFFICE = "gz-haizhu-24h-01"
+CHECKPOINT = "certbroker_audit_last_checkpoint_timestamp_seconds"
 
 
 def exercise(metrics: Metrics) -> None:
@@ -131,3 +141,94 @@ def test_labelled_children_are_looked_up_once() -> None:
         "status": "OK",
     }
     assert metrics.registry.get_sample_value("certbroker_lookups_total", labels) == 2.0
+
+
+def test_empty_label_values_are_exported_as_none() -> None:
+    metrics = Metrics()
+    metrics.lookups.labels("invalid", "", "", "UNAUTHENTICATED").inc()  # no decision, no dept
+    metrics.lookups.labels(record_type="x", decision="", department="", status="OK").inc()
+    values = {
+        value
+        for family in metrics.registry.collect()
+        for s in family.samples
+        for value in s.labels.values()
+    }
+    assert "" not in values
+    assert "none" in values
+
+
+def test_a_running_broker_exports_its_state(tmp_path: Path, dataset_dir: Path) -> None:
+    """Scraped from a real ``certbroker serve``: the policy in force, the breakers, the
+    registered adapters, the audit tree and its checkpoints, the process; no ``_created``
+    series and no empty label value."""
+    with socket.socket() as probe:  # a port nothing listens on: the marriage adapter is down
+        probe.bind(("127.0.0.1", 0))
+        down = probe.getsockname()[1]
+    toml = tmp_path / "broker.toml"
+    toml.write_text("[audit]\ncheckpoint_interval_s = 0.2\n")
+    env = {"CERTBROKER_ADAPTER_MARRIAGE": f"grpc://127.0.0.1:{down}"}
+    env["CERTBROKER_BREAKER_FAILURES"] = "1"
+    s = serving.serve(
+        tmp_path,
+        dataset_dir,
+        *("--config", str(toml), "--port", "0", "--metrics-port", "0"),
+        env=env,
+    )
+    try:
+        idp = DevIdentityProvider(s.state_dir)
+        subject, _ = synthetic.sample_couple(dataset_dir)
+        with grpc.insecure_channel(s.target) as channel:
+            with pytest.raises(grpc.RpcError) as failed:  # one failure opens civil affairs'
+                broker_pb2_grpc.CertificateBrokerStub(channel).Lookup(
+                    client.lookup_request("marriage", subject, TRANSFER, CASE),
+                    metadata=client.bearer(idp.issue("clerk-m", ["window_clerk"], OFFICE)),
+                    timeout=30,
+                )
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+            registry_pb2_grpc.RegistryStub(channel).Register(
+                registry_pb2.RegisterRequest(
+                    department="public_security",
+                    record_types=["household"],
+                    endpoint="127.0.0.1:7001",
+                    schema_version="certbroker.v1",
+                ),
+                metadata=client.bearer(idp.issue_department("public_security")),
+                timeout=30,
+            )
+
+        def checkpointed() -> bool:
+            return bool(serving.scrape(s.metrics_port).get(CHECKPOINT))
+
+        serving.wait_until("a signed checkpoint", checkpointed)
+        samples = serving.scrape(s.metrics_port)
+    finally:
+        assert s.stop() == 0
+
+    def one(name: str, **labels: str) -> float:
+        (value,) = [v for found, v in samples[name] if found == labels]
+        return value
+
+    version = PolicyHolder(config.DEFAULT_POLICY_DIR, Metrics(enabled=False)).current.version
+    assert one("certbroker_policy_info", version=version) == 1
+    departments = {"civil_affairs", "public_security", "natural_resources"}
+    states = {labels["department"]: v for labels, v in samples["certbroker_circuit_breaker_state"]}
+    assert departments <= states.keys()
+    assert states["civil_affairs"] == 2  # open
+    assert states["public_security"] == 0  # closed
+    live = {labels["department"]: v for labels, v in samples["certbroker_registry_live_instances"]}
+    assert live["public_security"] == 1
+    assert live["civil_affairs"] == 0
+    assert one("certbroker_audit_tree_size") == 2  # the failed lookup and the registration
+    assert time.time() - 120 < one(CHECKPOINT) <= time.time() + 1
+    assert one("certbroker_rpcs_in_flight") == 0
+    assert one("process_resident_memory_bytes") > 1_000_000
+    assert one("process_cpu_seconds_total") > 0
+    assert one("process_open_fds") > 0
+    assert not [name for name in samples if name.endswith("_created")]
+    empty = [
+        (name, labels)
+        for name, found in samples.items()
+        for labels, _ in found
+        if "" in labels.values()
+    ]
+    assert empty == []

@@ -9,7 +9,7 @@ a field the broker's decision did not allow.
 
 The same adapter object then runs either in the broker's process (:func:`fetch_record`) or as
 the department's own gRPC server. ``sdk.main(build)`` gives it a whole process (see
-``adapters/examples/hukou_minimal.py``, about 30 lines):
+``certbroker/adapters/examples/hukou_minimal.py``, about 30 lines):
 
 * verification of the broker's decision token on every call, and filtering to its fields
   (:class:`DecisionTokenVerifier`, ``--broker-public-key``);
@@ -19,7 +19,8 @@ the department's own gRPC server. ``sdk.main(build)`` gives it a whole process (
 * TLS and mutual TLS (:func:`server_credentials`, ``--tls-cert``/``--tls-key``/``--tls-client-ca``);
 * Prometheus metrics (:class:`AdapterMetrics`, ``--metrics-port``).
 
-The parts live in ``adapters.sdk_*`` modules; import them from here.
+The parts live in the modules of this package (``core``, ``token``, ``service``, ``registry``,
+``app``, ``metrics``); import them from here.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 :class:`AdapterService` turns a call into: decision token check (when a verifier is configured),
 request validation, the adapter's blocking ``fetch`` in a worker thread, field filtering,
-``as_of``/``department``, a rich error status, one log line and metrics.
+``as_of``/``department``, the ``subject_id`` echo the broker requires, a rich error status, one
+log line and metrics.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class AdapterService(adapter_pb2_grpc.DepartmentAdapterServicer):
         context: grpc.aio.ServicerContext[adapter_pb2.FetchRequest, adapter_pb2.FetchResponse],
     ) -> adapter_pb2.FetchResponse:
         """Check the decision token and the request, fetch the record in a worker thread,
-        stamp as_of/department."""
+        stamp as_of/department and echo the subject_id."""
         started = time.perf_counter()
         adapter = self._adapters.get(request.record_type)
         error: AdapterError | None = None
@@ -127,8 +128,13 @@ class AdapterService(adapter_pb2_grpc.DepartmentAdapterServicer):
         if error is None and adapter is not None:
             as_of = timestamp_pb2.Timestamp()
             as_of.FromDatetime(self._clock())
+            # subject_id echoed: the broker refuses a record not bound to the citizen it asked
+            # about (a response without the echo included).
             return adapter_pb2.FetchResponse(
-                record=record, as_of=as_of, department=adapter.department
+                record=record,
+                as_of=as_of,
+                department=adapter.department,
+                subject_id=request.subject_id,
             )
         assert error is not None
         department = {"department": adapter.department} if adapter else {}

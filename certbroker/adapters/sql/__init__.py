@@ -34,7 +34,7 @@ The configuration (every key is checked; errors name the file and the key)::
 record's own fields (at most one row) or the items of one list field (``holdings.*`` or
 ``members.*``, one item per row). The database is opened read-only (SQLite ``mode=ro``;
 PostgreSQL ``default_transaction_read_only``). Worked examples over the demo datasets:
-``adapters/sql/examples/*.toml``.
+``certbroker/adapters/sql/examples/*.toml``.
 """
 
 from certbroker.adapters.sql.adapter import AmbiguousRecord, SourceValueError, SqlAdapter

@@ -159,7 +159,7 @@ def inclusion_request(request: audit_pb2.InclusionProofRequest) -> InclusionQuer
 def sequence_of(db: AuditDB, entry_id: str) -> int | None:
     """Blocking. The sequence number of the entry with ``entry_id`` (an indexed column)."""
     # The proof modules have no lookup by entry id; this is the one place that reads the
-    # store directly, through the read-only connection and audit_store's indexed select.
+    # store directly, through the read-only connection and store.rows' indexed select.
     with closing(connect_read(db)) as conn:
         rows = select_rows(conn, equals={"entry_id": entry_id}, since=None, until=None, limit=1)
     return rows[0].seq if rows else None

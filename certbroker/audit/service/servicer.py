@@ -1,17 +1,19 @@
 """The ``certbroker.v1.Audit`` servicer: Query, CitizenReport and Anomalies for auditors.
 
 Only callers whose JWT ``roles`` contain "auditor" are served; anyone else gets
-PERMISSION_DENIED ``ROLE_NOT_ALLOWED``. EVERY call -- allowed, refused, invalid or
-unauthenticated -- is first written to the audit log (no audit, no answer), and then sees the
-log as it was just before its own entry. Audit entries of these calls reuse the lookup fields::
+PERMISSION_DENIED ``ROLE_NOT_ALLOWED``. EVERY call of a known caller -- allowed, refused or
+invalid -- is first written to the audit log (no audit, no answer), and then sees the log as
+it was just before its own entry; a call refused before its caller is known (no or bad token)
+is counted in its peer's summary (:mod:`certbroker.audit.refusals`). Audit entries of these
+calls reuse the lookup fields::
 
     kind             "audit_query"
     rule_id          "audit.<rpc>": audit.query | audit.citizen_report | audit.anomalies | ...
-    clerk, office, roles   the caller (from the verified token), "" if unauthenticated
+    clerk, office, roles   the caller (from the verified token)
     subject_id, matter_code, case_number, record_type   the filter's values (validated only)
     decision_id      the rest of the filter, "key=value" pairs joined by ";" (clerk, office,
                      decision, since, until, page_token, page_size), validated values only
-    decision         "allow" | "deny" (role refused) | "" (unauthenticated or invalid)
+    decision         "allow" | "deny" (role refused) | "" (invalid)
     outcome, status  "OK" or the error reason and gRPC code name
 
 Fields released (``CitizenAccess.fields``) are not stored in the entry; they are derived from
@@ -44,6 +46,7 @@ from certbroker.audit import anomalies
 from certbroker.audit.events import AuditEvent, AuditLog, Receipt
 from certbroker.audit.guard import AuditedCall, Result, invocation_metadata
 from certbroker.audit.integrity.proofs import CheckpointSigner
+from certbroker.audit.refusals import RefusalLedger
 from certbroker.audit.scan import Criteria, scan
 from certbroker.audit.service import proofs
 from certbroker.audit.service.messages import entry_message, released_fields, time_range, timestamp
@@ -84,10 +87,11 @@ class _Call:
 
 class AuditService(audit_pb2_grpc.AuditServicer):
     """Serves auditors from the audit log at ``db``, which ``log`` appends to; ``signer`` signs
-    checkpoints on demand. ``db`` is passed unchanged to the reading modules.
+    checkpoints on demand. ``db`` is passed unchanged to the reading modules. ``refusals``
+    counts calls refused before the caller is known (:mod:`certbroker.audit.guard`).
 
     Every RPC runs inside :class:`~certbroker.audit.guard.AuditedCall`; errors are raised as
-    ``BrokerError`` and mapped to a status by the server (:func:`certbroker.server.app.guarded`).
+    ``BrokerError`` and mapped to a status by the server (:func:`certbroker.server.calls.guarded`).
     """
 
     def __init__(
@@ -99,8 +103,10 @@ class AuditService(audit_pb2_grpc.AuditServicer):
         *,
         signer: CheckpointSigner,
         thresholds: anomalies.Thresholds | None = None,
+        refusals: RefusalLedger | None = None,
     ) -> None:
         self._auth = auth
+        self._refusals = refusals
         self._policies = policies
         self._log = log
         self._db = db
@@ -144,7 +150,12 @@ class AuditService(audit_pb2_grpc.AuditServicer):
     ) -> tuple[U, Receipt]:
         """Run ``work`` for an authenticated auditor (or only ``parse``, to record what a
         refused caller asked for) inside the call's :class:`AuditedCall`."""
-        async with AuditedCall(self._log, lambda result: self._event(call, result)) as audited:
+        async with AuditedCall(
+            self._log,
+            lambda result: self._event(call, result),
+            refusals=self._refusals,
+            context=context,
+        ) as audited:
             call.clerk = self._auth.authenticate(invocation_metadata(context))
             if AUDITOR_ROLE not in call.clerk.roles:
                 with contextlib.suppress(errors.BrokerError):

@@ -18,7 +18,7 @@ missing final newline, a file that changed size) answers ``ok=False`` and the pa
 re-walks from that range with the exact sequential checker, so every verdict, first bad index
 and message is the sequential one.
 
-Standard library only, and runnable as a script (``python -I -S audit_verify_worker.py``:
+Standard library only, and runnable as a script (``python -I -S`` on this file's path:
 job as JSON on stdin, one JSON message a line on stdout, see :func:`main`), so a worker
 process starts in milliseconds without importing the broker, and reads the export through a
 file descriptor it inherits rather than by re-opening a path.

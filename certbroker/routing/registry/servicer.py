@@ -7,9 +7,13 @@ A department acts only for itself; operators act for every department (so
 ``certbroker adapters register|deregister`` can manage a department's instances).
 
 What a department may register comes from the policy set in force: only the record types
-``policies/`` says it serves. Every refusal of that kind -- and every PERMISSION_DENIED here --
+``policies/`` says it serves, only at the endpoints its catalogue entry declares and never at one
+of the broker's own ports (:mod:`certbroker.routing.registry.endpoints`, PERMISSION_DENIED
+``ENDPOINT_NOT_ALLOWED``). Every refusal of that kind -- and every PERMISSION_DENIED here --
 is audited, as is every successful Register and Deregister. Heartbeats and listings are not
-(they change nothing, and heartbeats would flood the log).
+(they change nothing, and heartbeats would flood the log), nor are malformed requests of a
+known caller; calls refused before the caller is known (no or bad token) are counted in their
+peer's summary (:mod:`certbroker.audit.refusals`).
 
 Audit entries have ``kind = "registry"`` and reuse the lookup entry's fields::
 
@@ -40,10 +44,12 @@ from google.protobuf import timestamp_pb2
 from certbroker import errors
 from certbroker.audit.events import AuditEvent, AuditLog
 from certbroker.audit.guard import AuditedCall, Result, invocation_metadata
+from certbroker.audit.refusals import RefusalLedger
 from certbroker.auth.authenticator import Authenticator, DepartmentPrincipal
 from certbroker.policy import PolicySet, PolicySource
 from certbroker.routing.breaker import BreakerBoard
 from certbroker.routing.registry import validation as check
+from certbroker.routing.registry.endpoints import EndpointGuard
 from certbroker.routing.registry.store import Instance, RegistryStore
 from certbroker.v1 import registry_pb2, registry_pb2_grpc
 
@@ -70,7 +76,10 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
     """Register / Heartbeat / Deregister / ListAdapters over a :class:`RegistryStore`.
 
     Every method runs inside :class:`~certbroker.audit.guard.AuditedCall`; errors are raised as
-    ``BrokerError`` and mapped to a status by the server (:func:`certbroker.server.app.guarded`).
+    ``BrokerError`` and mapped to a status by the server (:func:`certbroker.server.calls.guarded`).
+    ``endpoints`` decides where a department's instances may be (by default: the catalogue's
+    endpoints over ``policies``, with no broker port known to refuse).
+    ``refusals`` counts calls refused before the caller is known.
     """
 
     def __init__(
@@ -80,12 +89,17 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         store: RegistryStore,
         breakers: BreakerBoard,
         audit: AuditLog,
+        *,
+        endpoints: EndpointGuard | None = None,
+        refusals: RefusalLedger | None = None,
     ) -> None:
         self._auth = auth
+        self._refusals = refusals
         self._policies = policies
         self._store = store
         self._breakers = breakers
         self._audit = audit
+        self._endpoints = endpoints or EndpointGuard(policies)
 
     async def Register(
         self, request: registry_pb2.RegisterRequest, context: _Context
@@ -93,7 +107,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         trace = _Trace("register")
 
         async def register() -> str:
-            async with self._audited(trace) as call:
+            async with self._audited(trace, context) as call:
                 principal = self._principal(context, trace)
                 department = trace.department = check.department(request.department)
                 trace.record_types = check.record_types(request.record_types)
@@ -116,6 +130,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
                             department=department,
                             record_type=record_type,
                         )
+                self._endpoints.check(department, trace.endpoint, policy)
                 instance, previous = await asyncio.to_thread(
                     self._store.register,
                     department,
@@ -138,7 +153,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         self, request: registry_pb2.HeartbeatRequest, context: _Context
     ) -> registry_pb2.HeartbeatResponse:
         trace = _Trace("heartbeat")
-        async with self._audited(trace):
+        async with self._audited(trace, context):
             principal = self._principal(context, trace)
             self._owned(principal, request.instance_id, trace)
             renewed = await asyncio.to_thread(self._store.heartbeat, trace.instance_id)
@@ -152,7 +167,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         trace = _Trace("deregister")
 
         async def deregister() -> None:
-            async with self._audited(trace) as call:
+            async with self._audited(trace, context) as call:
                 principal = self._principal(context, trace)
                 self._owned(principal, request.instance_id, trace)
                 removed = await asyncio.to_thread(self._store.remove, trace.instance_id)
@@ -169,7 +184,7 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
         self, request: registry_pb2.ListAdaptersRequest, context: _Context
     ) -> registry_pb2.ListAdaptersResponse:
         trace = _Trace("list")
-        async with self._audited(trace):
+        async with self._audited(trace, context):
             principal = self._principal(context, trace)
             wanted = check.department(request.department, required=False)
             if not principal.is_operator:
@@ -233,8 +248,13 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             breaker_state=str(self._breakers.state(instance.department)),
         )
 
-    def _audited(self, trace: _Trace) -> AuditedCall:
-        return AuditedCall(self._audit, lambda result: self._entry(trace, result))
+    def _audited(self, trace: _Trace, context: _Context) -> AuditedCall:
+        return AuditedCall(
+            self._audit,
+            lambda result: self._entry(trace, result),
+            refusals=self._refusals,
+            context=context,
+        )
 
     def _entry(self, trace: _Trace, result: Result) -> AuditEvent | None:
         """The call's entry: every PERMISSION_DENIED and every successful change; nothing for

@@ -59,6 +59,15 @@ def endpoint(value: str) -> str:
     """``host:port`` the broker can dial: a DNS name, an IPv4 address or ``[IPv6]``, and a
     port 1..65535. No scheme, path or unspecified address (0.0.0.0 / [::] name no host)."""
     _text("endpoint", value)
+    parse_endpoint(value)
+    return value
+
+
+def parse_endpoint(
+    value: str,
+) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address | str, int]:
+    """``host:port`` as (address, or lowercase DNS name; port): what the department catalogue's
+    ``endpoints`` are matched against. ``InvalidArgument`` as :func:`endpoint` raises it."""
     host, port = _split(value)
     if host is None or not _PORT.fullmatch(port) or int(port) > 65535:
         raise InvalidArgument(
@@ -70,7 +79,7 @@ def endpoint(value: str) -> str:
         raise InvalidArgument(
             "BAD_ENDPOINT", "endpoint must name a reachable host", argument="endpoint"
         )
-    return value
+    return (host.lower() if isinstance(host, str) else host), int(port)
 
 
 def _split(value: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address | str | None, str]:

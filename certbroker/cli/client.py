@@ -219,6 +219,8 @@ def _summary(response: broker_pb2.LookupResponse, limit: int = 2) -> str:
     data = json_format.MessageToDict(
         getattr(response.record, case), preserving_proto_field_name=True
     )
+    if not data:
+        return "(nothing on record)"
     parts = [
         f"{len(v)} {k}" if isinstance(v, list) else f"{k}={v}"
         for k, v in list(data.items())[:limit]

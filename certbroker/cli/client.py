@@ -97,6 +97,19 @@ def lookup_matter_request(
     )
 
 
+def lookup_package_request(
+    package_code: str,
+    case_number: str,
+    subjects: Sequence[tuple[str, str]],
+    consent: str = "id_card_read",
+    consent_reference: str = "",
+) -> broker_pb2.LookupMatterRequest:
+    """A LookupMatter request for a package of matters (一件事) instead of one matter."""
+    request = lookup_matter_request("", case_number, subjects, consent, consent_reference)
+    request.package_code = package_code
+    return request
+
+
 def stub(target: str) -> tuple[grpc.Channel, broker_pb2_grpc.CertificateBrokerStub]:
     channel = grpc.insecure_channel(target)
     return channel, broker_pb2_grpc.CertificateBrokerStub(channel)
@@ -206,6 +219,8 @@ def _summary(response: broker_pb2.LookupResponse, limit: int = 2) -> str:
     data = json_format.MessageToDict(
         getattr(response.record, case), preserving_proto_field_name=True
     )
+    if not data:
+        return "(nothing on record)"
     parts = [
         f"{len(v)} {k}" if isinstance(v, list) else f"{k}={v}"
         for k, v in list(data.items())[:limit]
@@ -214,12 +229,16 @@ def _summary(response: broker_pb2.LookupResponse, limit: int = 2) -> str:
     return ", ".join(parts) + (f", +{more} more" if more > 0 else "")
 
 
-def bundle_lines(response: broker_pb2.LookupMatterResponse) -> list[str]:
-    """One compact line per item (record summary or error), then the bundle's receipt."""
-    relation_width = max((len(i.relation) for i in response.items), default=0)
-    type_width = max((len(i.record_type) for i in response.items), default=0)
+def all_items(response: broker_pb2.LookupMatterResponse) -> list[broker_pb2.BundleItem]:
+    """Every item of a LookupMatter reply: its ``items``, or a package's, matter by matter."""
+    return [*response.items, *(item for group in response.matters for item in group.items)]
+
+
+def _item_lines(
+    items: Sequence[broker_pb2.BundleItem], relation_width: int, type_width: int
+) -> list[str]:
     lines = []
-    for item in response.items:
+    for item in items:
         head = (
             f"  {item.relation:<{relation_width}}  {item.subject_id}  "
             f"{item.record_type:<{type_width}}"
@@ -227,6 +246,8 @@ def bundle_lines(response: broker_pb2.LookupMatterResponse) -> list[str]:
         if item.WhichOneof("result") == "response":
             r = item.response
             tail = f"  #{r.receipt.sequence}"
+            if r.from_cache:
+                tail = "  (shared)" + tail
             if r.masked_fields:
                 tail = f"  (masked: {', '.join(r.masked_fields)})" + tail
             lines.append(f"{head}  OK  {_summary(r)}{tail}")
@@ -234,8 +255,23 @@ def bundle_lines(response: broker_pb2.LookupMatterResponse) -> list[str]:
             e = item.error
             entry = e.metadata.get("audit_entry_id", "")
             lines.append(f"{head}  {e.code} {e.reason}: {e.message}  (entry {entry[:8]})")
+    return lines
+
+
+def bundle_lines(response: broker_pb2.LookupMatterResponse) -> list[str]:
+    """One compact line per item (record summary or error), then the bundle's receipt. A
+    package's items come under a heading per member matter; ``(shared)`` marks a record this
+    item did not fetch itself (another member's fetch of it, or the cache)."""
+    items = all_items(response)
+    relation_width = max((len(i.relation) for i in items), default=0)
+    type_width = max((len(i.record_type) for i in items), default=0)
+    lines = _item_lines(response.items, relation_width, type_width)
+    for group in response.matters:
+        lines.append(f"  [{group.matter_code} {group.name}]")
+        lines.extend(_item_lines(group.items, relation_width, type_width))
+    what = f"package {response.package_code}, bundle" if response.package_code else "bundle"
     lines.append(
-        f"  bundle {response.bundle_id}: {len(response.items)} items, audit receipt "
+        f"  {what} {response.bundle_id}: {len(items)} items, audit receipt "
         f"#{response.receipt.sequence} sha256:{response.receipt.entry_hash[:16]}…"
     )
     return lines

@@ -26,6 +26,7 @@ from certbroker.contract import resident_id
 from certbroker.v1 import broker_pb2, broker_pb2_grpc
 
 TRANSFER, PENSION = "BDC-ZY-001", "SB-YL-001"
+HOME_PACKAGE = "YJS-ESF-001"  # 二手房交易一件事: the transfer, the utilities, the 户口
 OFFICE = "gz-haizhu-24h-01"  # the Haizhu 24-hour hall: the demo works at any hour
 
 
@@ -76,7 +77,9 @@ def _session(state_dir: Path, target: str) -> list[str]:
     """The counter session; returns what did not behave as shown."""
     idp = DevIdentityProvider(state_dir)
     clerk = idp.issue("clerk-0417", ["window_clerk"], OFFICE, name="李敏")
-    seller, spouse = synthetic.sample_couple(config.load(None, state_dir=state_dir).datasets)
+    datasets = config.load(None, state_dir=state_dir).datasets
+    seller, spouse = synthetic.sample_couple(datasets)
+    buyer = next(c for c in synthetic.sample_citizens(datasets, 3) if c not in (seller, spouse))
     case = f"GZ{dt.date.today():%Y%m%d}-000123"
     channel, stub = client.stub(target)
     surprises: list[str] = []
@@ -126,6 +129,8 @@ def _session(state_dir: Path, target: str) -> list[str]:
     for m in matters.matters:
         needs = ", ".join(n.record_type for n in m.needs)
         print(f"  {m.code}  {m.name}  needs: {needs}")
+    for p in matters.packages:
+        print(f"  {p.code} {p.name} (一件事, a package): {' + '.join(p.matter_codes)}")
 
     _title(
         f"Property transfer (不动产转移登记), case {case}: the seller {seller} "
@@ -144,6 +149,12 @@ def _session(state_dir: Path, target: str) -> list[str]:
         "spouse as co-owner, every record the matter needs, fetched in parallel"
     )
     _bundle(stub, clerk, case, [(seller, "seller"), (spouse, "co_owner")], surprises.append)
+
+    _title(
+        f"二手房交易一件事 ({HOME_PACKAGE}): the transfer, the utilities (水电气过户) and the 户口 "
+        "(购房入户) as one call for the seller and the buyer"
+    )
+    _package(stub, clerk, case, [(seller, "seller"), (buyer, "buyer")], surprises.append)
 
     _title("What policy refuses")
     show(
@@ -243,6 +254,66 @@ def _bundle(
     failed = [i for i in response.items if i.WhichOneof("result") != "response"]
     if failed or len(response.items) != 3 * len(subjects):
         surprise(f"bundle: {len(failed)} of {len(response.items)} items failed")
+
+
+def _package(
+    stub: broker_pb2_grpc.CertificateBrokerStub,
+    token: str,
+    case: str,
+    subjects: Sequence[tuple[str, str]],
+    surprise: Callable[[str], None],
+) -> None:
+    """One LookupMatter call for the second-hand home package: the items grouped by matter,
+    then what was fetched once and audited per matter."""
+    request = client.lookup_package_request(
+        HOME_PACKAGE, case, subjects, consent_reference="READER-07/0417"
+    )
+    print(f"\n-> {HOME_PACKAGE} for {len(subjects)} citizens")
+    try:
+        response = stub.LookupMatter(request, metadata=client.bearer(token), timeout=10)
+    except grpc.RpcError as exc:
+        print(f"  refused: {client.call_error(exc)}")
+        surprise(f"package refused: {client.call_error(exc)}")
+        return
+    print("\n".join(client.bundle_lines(response)))
+    by_record: dict[tuple[str, str], list[tuple[str, broker_pb2.BundleItem]]] = {}
+    for group in response.matters:
+        for item in group.items:
+            key = (item.relation, item.record_type)
+            by_record.setdefault(key, []).append((group.matter_code, item))
+    print("\n  Fetched once, audited per matter (each matter saw only its own fields):")
+    for (relation, record_type), uses in by_record.items():
+        if len(uses) < 2:
+            continue
+        audited = ", ".join(
+            f"#{i.response.receipt.sequence} {code} ({len(_fields(i))} fields)"
+            for code, i in uses
+            if i.WhichOneof("result") == "response"
+        )
+        lead = uses[0][1]
+        once = "from the cache" if lead.response.from_cache else "1 department call"
+        print(f"  {relation:<6} {record_type:<9} {once} -> {audited}")
+    items = client.all_items(response)
+    failed = [i for i in items if i.WhichOneof("result") != "response"]
+    if failed or len(items) != 7 * len(subjects):  # 3 + 2 + 2 items per citizen
+        surprise(f"package: {len(failed)} of {len(items)} items failed")
+    # Only the first matter's item of a record may have called the department (an earlier
+    # lookup's cache entry may have served even that one).
+    if any(i.response.from_cache is False for uses in by_record.values() for _, i in uses[1:]):
+        surprise("package: a record several matters need was fetched more than once")
+
+
+def _fields(item: broker_pb2.BundleItem) -> set[str]:
+    """The field paths an item's record holds (``holdings.address``: in any holding)."""
+    record = getattr(item.response.record, item.record_type)
+    paths: set[str] = set()
+    for field, value in record.ListFields():
+        if field.message_type is not None and field.is_repeated:
+            for element in value:
+                paths.update(f"{field.name}.{f.name}" for f, _ in element.ListFields())
+        else:
+            paths.add(field.name)
+    return paths
 
 
 def _tamper_demo(db: Path, surprise: Callable[[str], None]) -> None:

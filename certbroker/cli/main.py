@@ -147,18 +147,25 @@ def cmd_lookup_matter(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: --subject: {exc}", file=sys.stderr)
         return 2
-    request = client.lookup_matter_request(
-        args.matter, args.case, subjects, args.consent, args.consent_ref
-    )
+    if args.package:
+        request = client.lookup_package_request(
+            args.package, args.case, subjects, args.consent, args.consent_ref
+        )
+    else:
+        request = client.lookup_matter_request(
+            args.matter, args.case, subjects, args.consent, args.consent_ref
+        )
     response = _call(args, token, "LookupMatter", request)
     if response is None:
         return 1
     if args.json:
         _print_json(response)
     else:
-        print(f"matter {args.matter}, case {args.case or '-'}:")
+        what = f"package {args.package}" if args.package else f"matter {args.matter}"
+        print(f"{what}, case {args.case or '-'}:")
         print("\n".join(client.bundle_lines(response)))
-    return 0 if all(i.WhichOneof("result") == "response" for i in response.items) else 3
+    items = client.all_items(response)
+    return 0 if all(i.WhichOneof("result") == "response" for i in items) else 3
 
 
 def cmd_token_issue(args: argparse.Namespace) -> int:
@@ -296,11 +303,17 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_lookup)
 
     s = sub.add_parser(
-        "lookup-matter", help="every record a matter needs for one or more citizens, at once"
+        "lookup-matter",
+        help="every record a matter (or a package of matters) needs for one or more citizens, "
+        "at once",
     )
     s.add_argument("--target", default="127.0.0.1:50051")
     s.add_argument("--token", help="clerk JWT (default: $CERTBROKER_TOKEN)")
-    s.add_argument("--matter", required=True, help="matter code (事项编码)")
+    what = s.add_mutually_exclusive_group(required=True)
+    what.add_argument("--matter", help="matter code (事项编码)")
+    what.add_argument(
+        "--package", help="package code (一件事, e.g. YJS-ESF-001): all its matters at once"
+    )
     s.add_argument("--case", default="", help="case number (办件号)")
     s.add_argument(
         "--subject",

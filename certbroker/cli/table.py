@@ -29,8 +29,8 @@ _TABLE_COLUMNS: tuple[tuple[str, Callable[[AuditEntry], str]], ...] = (
 
 
 def _record_type_cell(event: AuditEvent) -> str:
-    if event.kind == "bundle":  # a bundle has no record type of its own; say what it holds
-        return f"[bundle of {len(event.item_entry_ids)}]"
+    if event.kind in ("bundle", "package"):  # no record type of its own; say what it holds
+        return f"[{event.kind} of {len(event.item_entry_ids)}]"
     return event.record_type
 
 

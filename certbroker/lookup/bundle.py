@@ -23,6 +23,17 @@ written (they are written together, all or none), the call fails UNAVAILABLE and
 leaves. A refused call (invalid, or denied) is audited by a bundle entry without items; one
 refused before its caller is known (no or bad token) is counted in its peer's summary
 (:mod:`certbroker.audit.refusals`).
+
+Packages (一件事, ``package_code`` instead of ``matter_code``): several matters handled as one,
+e.g. 二手房交易一件事 (the transfer registration, the utilities, the 户口). The items are every
+(member matter, subject, record type), each decided under its own matter exactly as above;
+a member matter the clerk may not handle has its items denied (audited) while the others
+proceed, as any denied item of a bundle. A record that several allowed members need -- one
+(record type, subject) -- is fetched once, for the union of their released fields
+(:meth:`certbroker.lookup.pipeline.ItemPipeline.fetch_shared`), and each member's item gets it
+cut to its own decision. Every item keeps its own entry (matter × subject × record type); the
+closing entry is of kind ``"package"`` (matter code = the package code) and links them all, in
+the same transaction. The answer groups the items by member matter (``matters``).
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from certbroker import errors, validation
 from certbroker.audit.events import AuditEvent, AuditLog, Receipt
@@ -54,7 +66,7 @@ from certbroker.lookup.pipeline import (
     safe_consent,
 )
 from certbroker.metrics import Metrics
-from certbroker.policy import Decision, PolicySet
+from certbroker.policy import Decision, Matter, PolicySet
 from certbroker.routing.router import adapter_timeout
 from certbroker.v1 import broker_pb2
 
@@ -97,10 +109,12 @@ class _Call:
     bundle_id: str
     started: float
     clerk: Clerk | None = None
-    matter_code: str = ""
+    matter_code: str = ""  # the matter, or the package's code
     case_number: str = ""
     consent: str = ""
     items: list[_Item] = field(default_factory=list)
+    package: bool = False  # a package of matters was asked for (package_code)
+    matters: list[Matter] = field(default_factory=list)  # the matter, or the package's members
 
 
 class BundleRunner:
@@ -194,41 +208,47 @@ class BundleRunner:
         policy: PolicySet,
         call: _Call,
     ) -> None:
-        """Authenticate and validate; fill ``call.items`` (subject-major, catalogue order)."""
+        """Authenticate and validate; fill ``call.items`` (matter-major in package order, then
+        subject-major, catalogue order)."""
+        call.package = bool(request.package_code)
         call.clerk = self._auth.authenticate(invocation_metadata(context))
-        validation.text("matter_code", request.matter_code, required=True)
+        code, matters = _matters(request, policy)
         validation.text("case_number", request.case_number, required=False)
         validation.text("consent.reference", request.consent.reference, required=False)
         consent = consent_name(request.consent.method)
-        matter = policy.matters.get(request.matter_code)
-        if matter is None:
-            raise errors.InvalidArgument("UNKNOWN_MATTER", "unknown matter", argument="matter_code")
         subjects = validate_subjects(request.subjects)
-        call.matter_code, call.case_number, call.consent = matter.code, request.case_number, consent
-        for subject_id, relation in subjects:
-            for record_type in matter.needs:
-                item = broker_pb2.LookupRequest(
-                    record_type=record_type,
-                    subject_id=subject_id,
-                    matter_code=matter.code,
-                    case_number=request.case_number,
-                    consent=request.consent,
-                )
-                trace = Trace(
-                    clerk=call.clerk,
-                    subject_id=subject_id,
-                    bundle_id=call.bundle_id,
-                    relation=relation,
-                )
-                call.items.append(_Item(item, trace))
+        call.matter_code, call.case_number, call.consent = code, request.case_number, consent
+        call.matters = matters
+        for matter in matters:
+            for subject_id, relation in subjects:
+                for record_type in matter.needs:
+                    item = broker_pb2.LookupRequest(
+                        record_type=record_type,
+                        subject_id=subject_id,
+                        matter_code=matter.code,
+                        case_number=request.case_number,
+                        consent=request.consent,
+                    )
+                    trace = Trace(
+                        clerk=call.clerk,
+                        subject_id=subject_id,
+                        bundle_id=call.bundle_id,
+                        relation=relation,
+                    )
+                    call.items.append(_Item(item, trace))
 
     async def _fetch_all(self, call: _Call, policy: PolicySet, deadline: float) -> None:
-        """Fetch every allowed item in parallel; whatever is not back by ``deadline`` is
-        cancelled and becomes DEADLINE_EXCEEDED."""
+        """Fetch every allowed record in parallel, once per (record type, subject) however many
+        matters of a package need it; whatever is not back by ``deadline`` is cancelled and
+        becomes DEADLINE_EXCEEDED."""
         loop = asyncio.get_running_loop()
         allowed = [i for i in call.items if i.decision is not None and i.failure is None]
+        records: dict[tuple[str, str], list[_Item]] = {}
+        for item in allowed:  # in item order: a record's first item leads its fetch
+            records.setdefault((item.request.record_type, item.trace.subject_id), []).append(item)
         tasks = [
-            asyncio.create_task(self._fetch(i, policy, deadline, call.started)) for i in allowed
+            asyncio.create_task(self._fetch(group, policy, deadline, call.started))
+            for group in records.values()
         ]
         try:
             if tasks:
@@ -247,15 +267,25 @@ class BundleRunner:
                 item.failure = adapter_timeout(item.trace.department)
                 item.latency_ms = _elapsed_ms(call.started)
 
-    async def _fetch(self, item: _Item, policy: PolicySet, deadline: float, started: float) -> None:
-        assert item.decision is not None
+    async def _fetch(
+        self, group: list[_Item], policy: PolicySet, deadline: float, started: float
+    ) -> None:
+        """One record for the items that need it (one item, or one per package member)."""
+        decided = [(item.decision, item.trace) for item in group if item.decision is not None]
+        assert len(decided) == len(group)
         remaining = max(0.0, deadline - asyncio.get_running_loop().time())
         try:
-            item.response = await self._items.fetch(policy, item.decision, item.trace, remaining)
-        except Exception as exc:  # noqa: BLE001 - one item failing never fails the others
-            item.failure = errors.as_broker_error(exc)
+            responses = await self._items.fetch_shared(policy, decided, remaining)
+        except Exception as exc:  # noqa: BLE001 - one record failing never fails the others
+            failure = errors.as_broker_error(exc)
+            for item in group:
+                item.failure = failure
+        else:
+            for item, response in zip(group, responses, strict=True):
+                item.response = response
         finally:
-            item.latency_ms = _elapsed_ms(started)
+            for item in group:
+                item.latency_ms = _elapsed_ms(started)
 
     def _count(self, call: _Call, policy: PolicySet, status: str) -> None:
         """Count every item in ``certbroker_lookups``: with ``status``, or its own when ""."""
@@ -278,7 +308,7 @@ class BundleRunner:
         clerk = call.clerk
         counts = collections.Counter(outcome(i.failure)[0] for i in call.items)
         return AuditEvent(
-            kind="bundle",
+            kind="package" if call.package else "bundle",
             clerk=clerk.sub if clerk else "",
             office=clerk.office if clerk else "",
             roles=clerk.roles if clerk else (),
@@ -304,10 +334,41 @@ class BundleRunner:
     def _observe(self, call: _Call, policy: PolicySet, status: str) -> None:
         """The call's latency: by matter, and with Lookup's by method and status."""
         elapsed = time.perf_counter() - call.started
-        self._metrics.bundle_latency.labels(label(call.matter_code, policy.matters)).observe(
-            elapsed
-        )
+        known = policy.packages if call.package else policy.matters
+        self._metrics.bundle_latency.labels(label(call.matter_code, known)).observe(elapsed)
         self._metrics.observe_lookup("LookupMatter", status, elapsed)
+
+
+def _matters(
+    request: broker_pb2.LookupMatterRequest, policy: PolicySet
+) -> tuple[str, list[Matter]]:
+    """The code asked for (a matter's or a package's) and the matters it stands for. Exactly
+    one of ``matter_code`` and ``package_code``: both is MATTER_AND_PACKAGE, neither
+    MISSING_ARGUMENT (argument ``matter_code``, as before packages), an unknown one
+    UNKNOWN_MATTER / UNKNOWN_PACKAGE (all INVALID_ARGUMENT)."""
+    validation.text("matter_code", request.matter_code, required=False)
+    validation.text("package_code", request.package_code, required=False)
+    if request.matter_code and request.package_code:
+        raise errors.InvalidArgument(
+            "MATTER_AND_PACKAGE",
+            "give matter_code or package_code, not both",
+            argument="package_code",
+        )
+    if request.package_code:
+        package = policy.packages.get(request.package_code)
+        if package is None:
+            raise errors.InvalidArgument(
+                "UNKNOWN_PACKAGE", "unknown package", argument="package_code"
+            )
+        return package.code, [policy.matters[code] for code in package.matters]
+    if not request.matter_code:
+        raise errors.InvalidArgument(
+            "MISSING_ARGUMENT", "matter_code or package_code is required", argument="matter_code"
+        )
+    matter = policy.matters.get(request.matter_code)
+    if matter is None:
+        raise errors.InvalidArgument("UNKNOWN_MATTER", "unknown matter", argument="matter_code")
+    return matter.code, [matter]
 
 
 def validate_subjects(
@@ -358,12 +419,20 @@ def validate_subjects(
 def _answer(
     call: _Call, receipts: Sequence[Receipt], bundle_receipt: Receipt
 ) -> broker_pb2.LookupMatterResponse:
+    """The reply: the items in order, or for a package grouped by member matter."""
     reply = broker_pb2.LookupMatterResponse(bundle_id=call.bundle_id)
+    groups: dict[str, RepeatedCompositeFieldContainer[broker_pb2.BundleItem]] = {}
+    if call.package:
+        reply.package_code = call.matter_code
+        for matter in call.matters:
+            groups[matter.code] = reply.matters.add(matter_code=matter.code, name=matter.name).items
     for item, receipt in zip(call.items, receipts, strict=True):
-        out = reply.items.add(
+        target = groups.get(item.request.matter_code, reply.items)
+        out = target.add(
             subject_id=item.request.subject_id,
             relation=item.trace.relation,
             record_type=item.request.record_type,
+            matter_code=item.request.matter_code,
         )
         if item.failure is None and item.response is not None:
             out.response.CopyFrom(item.response)

@@ -2,7 +2,8 @@
 
 Both RPCs run every item through the same :class:`ItemPipeline`: decide by policy
 (:meth:`~ItemPipeline.authorize`), fetch from the record cache or the department and minimize
-and mask (:meth:`~ItemPipeline.fetch`), then describe it for the audit log (:func:`event`).
+and mask (:meth:`~ItemPipeline.fetch`; :meth:`~ItemPipeline.fetch_shared` for one record that
+several matters of a package need), then describe it for the audit log (:func:`event`).
 Keeping one copy is what guarantees that a record released inside a bundle is released exactly
 as a single lookup would release it (and shares its cache).
 """
@@ -10,10 +11,11 @@ as a single lookup would release it (and shares its cache).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import math
 import time
-from collections.abc import Container
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,20 +170,59 @@ class ItemPipeline:
         """The allowed record within ``timeout_s``, from the cache or the department, released
         only as ``decision`` allows, masked. Source errors arrive as ``BrokerError``s naming
         the department; ``trace.from_cache`` says whether the department was called for it."""
-        record_type = decision.record_type
+        (response,) = await self.fetch_shared(policy, [(decision, trace)], timeout_s)
+        return response
+
+    async def fetch_shared(
+        self,
+        policy: PolicySet,
+        items: Sequence[tuple[Decision, Trace]],
+        timeout_s: float,
+    ) -> list[broker_pb2.LookupResponse]:
+        """One record -- one (record type, subject) -- that several allowed decisions need (the
+        member matters of a package), fetched once; one response per item, in order, each
+        released only as its own decision allows (:func:`release_into`).
+
+        The department is asked once, for the union of the decisions' fields (in catalogue
+        order), under the first item's decision id: the decision token names that id and the
+        union, and that item's trace says whether the department was called. The others say
+        ``from_cache`` (they did not call the department themselves). The cache key is the
+        union, so a later single lookup shares the entry only if released exactly those
+        fields. A failure fails every item. With one item this is :meth:`fetch`.
+        """
+        lead, lead_trace = items[0]
+        record_type = lead.record_type
+        assert all(
+            d.record_type == record_type and t.subject_id == lead_trace.subject_id for d, t in items
+        ), "one record: one record type, one subject"
         known = policy.record_types[record_type]
-        key = record_key(record_type, trace.subject_id, decision.fields)
+        wanted = {f for d, _ in items for f in d.fields}
+        fields = tuple(f for f in known.fields if f in wanted)
+        # The fetch runs under the lead item's decision, widened to the union: what the
+        # department is asked for (and the token allows) is exactly what some item may see.
+        asked = lead if fields == lead.fields else dataclasses.replace(lead, fields=fields)
+        key = record_key(record_type, lead_trace.subject_id, fields)
         try:
             fetched, served = await self._cache.get_or_fetch(
                 key,
                 known.cache_ttl_s,
-                lambda: self._fetch_source(decision, trace, timeout_s, known.limits),
+                lambda: self._fetch_source(asked, lead_trace, timeout_s, known.limits),
                 wait_s=timeout_s,
             )
         except TimeoutError:  # joined another request's fetch, which outlasted our budget
-            raise adapter_timeout(decision.department) from None
+            raise adapter_timeout(lead.department) from None
         self._metrics.observe_record_cache(record_type, served)
-        trace.from_cache = served.shared
+        responses = []
+        for index, (decision, trace) in enumerate(items):
+            trace.from_cache = served.shared or index > 0
+            responses.append(self._respond(decision, trace, fetched))
+        return responses
+
+    def _respond(
+        self, decision: Decision, trace: Trace, fetched: Fetched
+    ) -> broker_pb2.LookupResponse:
+        """The response of one item: ``fetched`` released as ``decision`` allows, masked."""
+        record_type = decision.record_type
         response = broker_pb2.LookupResponse(
             withheld_fields=decision.withheld,
             masked_fields=sorted(decision.masks),

@@ -1,4 +1,5 @@
-"""The ``certbroker.v1.CertificateBroker`` servicer: Lookup, ListMatters and LookupMatter.
+"""The ``certbroker.v1.CertificateBroker`` servicer: Lookup, ListMatters (matters and packages of
+matters) and LookupMatter (one matter, or a package).
 
 Lookup, in order: authenticate the clerk, validate the request, decide by policy, fetch from
 the record cache or the department, minimize and mask, then append the audit entry (saying
@@ -39,7 +40,7 @@ from certbroker.lookup.pipeline import (
     fill_receipt,
 )
 from certbroker.metrics import Metrics
-from certbroker.policy import PolicySet, PolicySource, matters_for
+from certbroker.policy import PolicySet, PolicySource, matters_for, packages_for
 from certbroker.routing.router import Fetched, Router
 from certbroker.v1 import broker_pb2, broker_pb2_grpc
 
@@ -156,6 +157,13 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
                     fields=names,
                     masked_fields=view.masks.get(record_type, ()),
                 )
+        for package in packages_for(policy, clerk):
+            reply.packages.add(
+                code=package.package.code,
+                name=package.package.name,
+                matter_codes=package.package.matters,
+                unavailable_matter_codes=package.unavailable,
+            )
         return reply
 
 

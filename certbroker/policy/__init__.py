@@ -6,6 +6,7 @@ for how they are layered; none of them imports this one)::
     policies = load(policy_dir)              # PolicySet, or PolicyError with every problem
     decision = policies.decide(Request(...))  # Decision: allowed, rule, fields, masks, ...
     views = matters_for(policies, clerk)     # what the clerk may handle (ListMatters)
+    packs = packages_for(policies, clerk)    # ... and the packages of matters (一件事)
     problems = check([policy_dir])            # "path:line: message" strings, [] when valid
     report = run_tests(policy_dir)            # the policy unit tests (TestReport)
 """
@@ -23,6 +24,7 @@ from certbroker.policy.model import (
     Department,
     EndpointRule,
     Matter,
+    Package,
     PolicyError,
     PolicySet,
     PolicySource,
@@ -40,7 +42,7 @@ from certbroker.policy.rule import (
     Rule,
 )
 from certbroker.policy.testing import TestReport, run_tests
-from certbroker.policy.views import MatterView, matters_for
+from certbroker.policy.views import MatterView, PackageView, matters_for, packages_for
 
 __all__ = [
     "CASE_NUMBER_REQUIRED",
@@ -61,6 +63,8 @@ __all__ = [
     "Hours",
     "Matter",
     "MatterView",
+    "Package",
+    "PackageView",
     "PolicyError",
     "PolicySet",
     "PolicySource",
@@ -73,5 +77,6 @@ __all__ = [
     "check",
     "load",
     "matters_for",
+    "packages_for",
     "run_tests",
 ]

@@ -20,6 +20,7 @@ from certbroker.contract import fields as contract
 from certbroker.policy.model import (
     Department,
     Matter,
+    Package,
     PolicyError,
     PolicySet,
     RecordType,
@@ -27,7 +28,7 @@ from certbroker.policy.model import (
     Rule,
 )
 from certbroker.policy.reader import Located, Reader
-from certbroker.policy.schema import RecordTypeSpec, RuleSpec, Sections, read_file
+from certbroker.policy.schema import PackageSpec, RecordTypeSpec, RuleSpec, Sections, read_file
 
 T = TypeVar("T")
 
@@ -73,6 +74,10 @@ def _build(s: Sections, version: str, errors: list[str]) -> PolicySet:
         _rule(spec, record_types, matters, roles, errors)
         for spec in _unique(((x.id, x) for x in s.rules), "rule id", errors).values()
     )
+    packages = {
+        code: _package(spec, matters, errors)
+        for code, spec in _unique(((p.code, p) for p in s.packages), "package code", errors).items()
+    }
     # Read-only views: one PolicySet is shared by every request until a reload replaces it.
     return PolicySet(
         version=version,
@@ -81,7 +86,21 @@ def _build(s: Sections, version: str, errors: list[str]) -> PolicySet:
         matters=MappingProxyType(matters),
         roles=MappingProxyType(roles),
         rules=rules,
+        packages=MappingProxyType(packages),
     )
+
+
+def _package(spec: PackageSpec, matters: dict[str, Matter], errors: list[str]) -> Package:
+    """A package whose members are known matters. Its code must not be a matter code: audit
+    entries and metrics name either in the same place (``matter_code``), so one code, one
+    meaning. An empty ``matters`` list is reported by the schema, at the list."""
+    code, at = spec.code
+    if code in matters:
+        errors.append(f"{at}: package {code}: code is already a matter code")
+    for member, member_at in spec.matters:
+        if member not in matters:
+            errors.append(f"{member_at}: package {code}: unknown matter {member!r}")
+    return Package(code, spec.name, tuple(m for m, _ in spec.matters if m in matters))
 
 
 def _record_type(

@@ -162,6 +162,17 @@ class Matter:
 
 
 @dataclass(frozen=True)
+class Package:
+    """A package of matters handled as one (一件事, e.g. 二手房交易一件事): one ``LookupMatter``
+    call fetches what all ``matters`` (member matter codes, in catalogue order) need, each item
+    decided under its own matter."""
+
+    code: str
+    name: str
+    matters: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Role:
     """A clerk role as named in JWT claims."""
 
@@ -199,6 +210,8 @@ class PolicySet:
     matters: Mapping[str, Matter]
     roles: Mapping[str, Role] = field(default_factory=dict)
     rules: tuple[Rule, ...] = ()
+    #: Packages of matters (一件事) by code; their codes never collide with matter codes.
+    packages: Mapping[str, Package] = field(default_factory=dict)
     # What the set derives from itself alone, kept for the next request: the candidate rules
     # of (roles, matter, record type) and the decision a passing rule gives for a set of
     # requested fields. Conditions (office, hours, consent, case number) are still checked on

@@ -27,6 +27,10 @@ evaluates rules in file-name order, then in order within a file::
         needs: {household: [name], marriage: [marital_status, spouse_resident_id]}
     roles:
       - {id: window_clerk, name: 综合受理窗口}
+    packages:                      # 一件事: several matters handled as one (LookupMatter)
+      - code: YJS-ESF-001
+        name: 二手房交易一件事
+        matters: [BDC-ZY-001, SDQ-GH-001, HJ-QY-001]   # member matter codes, in order
     rules:
       - id: window-clerk-hall
         description: optional text
@@ -112,6 +116,15 @@ class RuleSpec:
 
 
 @dataclass
+class PackageSpec:
+    """A ``packages`` entry as written: its code, name and member matter codes (unresolved)."""
+
+    code: Located
+    name: str
+    matters: list[Located]
+
+
+@dataclass
 class Sections:
     departments: list[DepartmentSpec] = field(default_factory=list)
     record_types: list[RecordTypeSpec] = field(default_factory=list)
@@ -120,6 +133,7 @@ class Sections:
     )
     roles: list[tuple[Located, str]] = field(default_factory=list)
     rules: list[RuleSpec] = field(default_factory=list)
+    packages: list[PackageSpec] = field(default_factory=list)
 
 
 def read_file(r: Reader, data: bytes, out: Sections) -> None:
@@ -127,7 +141,9 @@ def read_file(r: Reader, data: bytes, out: Sections) -> None:
     if root is None:
         return  # empty file, or a syntax error already recorded
     top = r.mapping(
-        root, "policy file", optional=("departments", "record_types", "matters", "roles", "rules")
+        root,
+        "policy file",
+        optional=("departments", "record_types", "matters", "roles", "rules", "packages"),
     )
     if top is None:
         return
@@ -324,12 +340,23 @@ def _read_rule(r: Reader, item: yaml.Node, out: Sections) -> None:
     )
 
 
+def _read_package(r: Reader, item: yaml.Node, out: Sections) -> None:
+    got = _named(r, item, "package", "code", required=("name", "matters"))
+    if got:
+        m, code = got
+        what = f"package {code[0]}"
+        # An empty list is reported here (path:line of the list); unknown codes by the loader.
+        members = (r.strings(m["matters"], f"{what} matters") or []) if "matters" in m else []
+        out.packages.append(PackageSpec(code, _text(r, m, "name", what), members))
+
+
 _ITEM_READERS = {
     "departments": _read_department,
     "record_types": _read_record_type,
     "matters": _read_matter,
     "roles": _read_role,
     "rules": _read_rule,
+    "packages": _read_package,
 }
 
 

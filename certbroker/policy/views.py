@@ -1,4 +1,5 @@
-"""What a clerk may handle, for ``ListMatters``: each matter as one clerk sees it.
+"""What a clerk may handle, for ``ListMatters``: each matter, and each package of matters, as one
+clerk sees it.
 
 Built on the policy model (:mod:`certbroker.policy.model`), from a :class:`PolicySet` and a
 clerk (:func:`matters_for`); request-time conditions (hours, consent, case number) are not
@@ -11,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from certbroker.auth.authenticator import Clerk
-from certbroker.policy.model import CONSENT_METHODS, Matter, PolicySet
+from certbroker.policy.model import CONSENT_METHODS, Matter, Package, PolicySet
 from certbroker.policy.rule import Conditions
 
 
@@ -37,6 +38,30 @@ def matters_for(policies: PolicySet, clerk: Clerk) -> list[MatterView]:
     request-time and ignored), with the fields and masks the first such rule gives."""
     views = (_view(policies, matter, clerk) for matter in policies.matters.values())
     return [view for view in views if view is not None]
+
+
+@dataclass(frozen=True)
+class PackageView:
+    """A package (一件事) as one clerk may handle it: ``matters`` are the members the clerk has
+    a rule for at their office (as :func:`matters_for` decides), ``unavailable`` the others,
+    whose items a package lookup by this clerk returns denied. Both in the package's order."""
+
+    package: Package
+    matters: tuple[str, ...]
+    unavailable: tuple[str, ...]
+
+
+def packages_for(policies: PolicySet, clerk: Clerk) -> list[PackageView]:
+    """Packages of which the clerk may handle at least one member matter (see
+    :class:`PackageView`), in catalogue order."""
+    handled = {view.matter.code for view in matters_for(policies, clerk)}
+    out = []
+    for package in policies.packages.values():
+        matters = tuple(m for m in package.matters if m in handled)
+        if matters:
+            unavailable = tuple(m for m in package.matters if m not in handled)
+            out.append(PackageView(package, matters, unavailable))
+    return out
 
 
 def _view(policies: PolicySet, matter: Matter, clerk: Clerk) -> MatterView | None:

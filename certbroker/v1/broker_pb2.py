@@ -26,7 +26,7 @@ from certbroker.v1 import records_pb2 as certbroker_dot_v1_dot_records__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x65rtbroker/v1/broker.proto\x12\rcertbroker.v1\x1a\x1b\x63\x65rtbroker/v1/records.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"J\n\x07\x43onsent\x12,\n\x06method\x18\x01 \x01(\x0e\x32\x1c.certbroker.v1.ConsentMethod\x12\x11\n\treference\x18\x02 \x01(\t\"\x9b\x01\n\rLookupRequest\x12\x13\n\x0brecord_type\x18\x01 \x01(\t\x12\x12\n\nsubject_id\x18\x02 \x01(\t\x12\x13\n\x0bmatter_code\x18\x03 \x01(\t\x12\x13\n\x0b\x63\x61se_number\x18\x04 \x01(\t\x12\'\n\x07\x63onsent\x18\x05 \x01(\x0b\x32\x16.certbroker.v1.Consent\x12\x0e\n\x06\x66ields\x18\x06 \x03(\t\"F\n\x0c\x41uditReceipt\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x12\n\nentry_hash\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x03\"\x8e\x02\n\x0eLookupResponse\x12%\n\x06record\x18\x01 \x01(\x0b\x32\x15.certbroker.v1.Record\x12\x17\n\x0fwithheld_fields\x18\x02 \x03(\t\x12\x15\n\rmasked_fields\x18\x03 \x03(\t\x12\x12\n\ndepartment\x18\x04 \x01(\t\x12)\n\x05\x61s_of\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nfrom_cache\x18\x06 \x01(\x08\x12,\n\x07receipt\x18\x07 \x01(\x0b\x32\x1b.certbroker.v1.AuditReceipt\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x08 \x01(\t\x12\x0f\n\x07rule_id\x18\t \x01(\t\"\x14\n\x12ListMattersRequest\"G\n\tFieldNeed\x12\x13\n\x0brecord_type\x18\x01 \x01(\t\x12\x0e\n\x06\x66ields\x18\x02 \x03(\t\x12\x15\n\rmasked_fields\x18\x03 \x03(\t\"\xa2\x01\n\x06Matter\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\'\n\x05needs\x18\x03 \x03(\x0b\x32\x18.certbroker.v1.FieldNeed\x12\x1c\n\x14\x63\x61se_number_required\x18\x04 \x01(\x08\x12\x35\n\x0f\x63onsent_methods\x18\x05 \x03(\x0e\x32\x1c.certbroker.v1.ConsentMethod\"U\n\x13ListMattersResponse\x12&\n\x07matters\x18\x01 \x03(\x0b\x32\x15.certbroker.v1.Matter\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\"5\n\rBundleSubject\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12\x10\n\x08relation\x18\x02 \x01(\t\"\x98\x01\n\x13LookupMatterRequest\x12\x13\n\x0bmatter_code\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61se_number\x18\x02 \x01(\t\x12\'\n\x07\x63onsent\x18\x03 \x01(\x0b\x32\x16.certbroker.v1.Consent\x12.\n\x08subjects\x18\x04 \x03(\x0b\x32\x1c.certbroker.v1.BundleSubject\"\xa5\x01\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x38\n\x08metadata\x18\x04 \x03(\x0b\x32&.certbroker.v1.ItemError.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xaf\x01\n\nBundleItem\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12\x10\n\x08relation\x18\x02 \x01(\t\x12\x13\n\x0brecord_type\x18\x03 \x01(\t\x12\x31\n\x08response\x18\x04 \x01(\x0b\x32\x1d.certbroker.v1.LookupResponseH\x00\x12)\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x18.certbroker.v1.ItemErrorH\x00\x42\x08\n\x06result\"\x81\x01\n\x14LookupMatterResponse\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12(\n\x05items\x18\x02 \x03(\x0b\x32\x19.certbroker.v1.BundleItem\x12,\n\x07receipt\x18\x03 \x01(\x0b\x32\x1b.certbroker.v1.AuditReceipt*\x94\x01\n\rConsentMethod\x12\x1e\n\x1a\x43ONSENT_METHOD_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43ONSENT_METHOD_ID_CARD_READ\x10\x01\x12\x1e\n\x1a\x43ONSENT_METHOD_SIGNED_FORM\x10\x02\x12\"\n\x1e\x43ONSENT_METHOD_DELEGATED_AGENT\x10\x03\x32\x89\x02\n\x11\x43\x65rtificateBroker\x12\x45\n\x06Lookup\x12\x1c.certbroker.v1.LookupRequest\x1a\x1d.certbroker.v1.LookupResponse\x12T\n\x0bListMatters\x12!.certbroker.v1.ListMattersRequest\x1a\".certbroker.v1.ListMattersResponse\x12W\n\x0cLookupMatter\x12\".certbroker.v1.LookupMatterRequest\x1a#.certbroker.v1.LookupMatterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x65rtbroker/v1/broker.proto\x12\rcertbroker.v1\x1a\x1b\x63\x65rtbroker/v1/records.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"J\n\x07\x43onsent\x12,\n\x06method\x18\x01 \x01(\x0e\x32\x1c.certbroker.v1.ConsentMethod\x12\x11\n\treference\x18\x02 \x01(\t\"\x9b\x01\n\rLookupRequest\x12\x13\n\x0brecord_type\x18\x01 \x01(\t\x12\x12\n\nsubject_id\x18\x02 \x01(\t\x12\x13\n\x0bmatter_code\x18\x03 \x01(\t\x12\x13\n\x0b\x63\x61se_number\x18\x04 \x01(\t\x12\'\n\x07\x63onsent\x18\x05 \x01(\x0b\x32\x16.certbroker.v1.Consent\x12\x0e\n\x06\x66ields\x18\x06 \x03(\t\"F\n\x0c\x41uditReceipt\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x12\n\nentry_hash\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x03\"\x8e\x02\n\x0eLookupResponse\x12%\n\x06record\x18\x01 \x01(\x0b\x32\x15.certbroker.v1.Record\x12\x17\n\x0fwithheld_fields\x18\x02 \x03(\t\x12\x15\n\rmasked_fields\x18\x03 \x03(\t\x12\x12\n\ndepartment\x18\x04 \x01(\t\x12)\n\x05\x61s_of\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nfrom_cache\x18\x06 \x01(\x08\x12,\n\x07receipt\x18\x07 \x01(\x0b\x32\x1b.certbroker.v1.AuditReceipt\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x08 \x01(\t\x12\x0f\n\x07rule_id\x18\t \x01(\t\"\x14\n\x12ListMattersRequest\"G\n\tFieldNeed\x12\x13\n\x0brecord_type\x18\x01 \x01(\t\x12\x0e\n\x06\x66ields\x18\x02 \x03(\t\x12\x15\n\rmasked_fields\x18\x03 \x03(\t\"\xa2\x01\n\x06Matter\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\'\n\x05needs\x18\x03 \x03(\x0b\x32\x18.certbroker.v1.FieldNeed\x12\x1c\n\x14\x63\x61se_number_required\x18\x04 \x01(\x08\x12\x35\n\x0f\x63onsent_methods\x18\x05 \x03(\x0e\x32\x1c.certbroker.v1.ConsentMethod\"c\n\rMatterPackage\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cmatter_codes\x18\x03 \x03(\t\x12 \n\x18unavailable_matter_codes\x18\x04 \x03(\t\"\x85\x01\n\x13ListMattersResponse\x12&\n\x07matters\x18\x01 \x03(\x0b\x32\x15.certbroker.v1.Matter\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12.\n\x08packages\x18\x03 \x03(\x0b\x32\x1c.certbroker.v1.MatterPackage\"5\n\rBundleSubject\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12\x10\n\x08relation\x18\x02 \x01(\t\"\xae\x01\n\x13LookupMatterRequest\x12\x13\n\x0bmatter_code\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61se_number\x18\x02 \x01(\t\x12\'\n\x07\x63onsent\x18\x03 \x01(\x0b\x32\x16.certbroker.v1.Consent\x12.\n\x08subjects\x18\x04 \x03(\x0b\x32\x1c.certbroker.v1.BundleSubject\x12\x14\n\x0cpackage_code\x18\x05 \x01(\t\"\xa5\x01\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x38\n\x08metadata\x18\x04 \x03(\x0b\x32&.certbroker.v1.ItemError.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc4\x01\n\nBundleItem\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12\x10\n\x08relation\x18\x02 \x01(\t\x12\x13\n\x0brecord_type\x18\x03 \x01(\t\x12\x31\n\x08response\x18\x04 \x01(\x0b\x32\x1d.certbroker.v1.LookupResponseH\x00\x12)\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x18.certbroker.v1.ItemErrorH\x00\x12\x13\n\x0bmatter_code\x18\x06 \x01(\tB\x08\n\x06result\"Z\n\x0bMatterItems\x12\x13\n\x0bmatter_code\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12(\n\x05items\x18\x03 \x03(\x0b\x32\x19.certbroker.v1.BundleItem\"\xc4\x01\n\x14LookupMatterResponse\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12(\n\x05items\x18\x02 \x03(\x0b\x32\x19.certbroker.v1.BundleItem\x12,\n\x07receipt\x18\x03 \x01(\x0b\x32\x1b.certbroker.v1.AuditReceipt\x12\x14\n\x0cpackage_code\x18\x04 \x01(\t\x12+\n\x07matters\x18\x05 \x03(\x0b\x32\x1a.certbroker.v1.MatterItems*\x94\x01\n\rConsentMethod\x12\x1e\n\x1a\x43ONSENT_METHOD_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43ONSENT_METHOD_ID_CARD_READ\x10\x01\x12\x1e\n\x1a\x43ONSENT_METHOD_SIGNED_FORM\x10\x02\x12\"\n\x1e\x43ONSENT_METHOD_DELEGATED_AGENT\x10\x03\x32\x89\x02\n\x11\x43\x65rtificateBroker\x12\x45\n\x06Lookup\x12\x1c.certbroker.v1.LookupRequest\x1a\x1d.certbroker.v1.LookupResponse\x12T\n\x0bListMatters\x12!.certbroker.v1.ListMattersRequest\x1a\".certbroker.v1.ListMattersResponse\x12W\n\x0cLookupMatter\x12\".certbroker.v1.LookupMatterRequest\x1a#.certbroker.v1.LookupMatterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ITEMERROR_METADATAENTRY']._loaded_options = None
   _globals['_ITEMERROR_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_CONSENTMETHOD']._serialized_start=1722
-  _globals['_CONSENTMETHOD']._serialized_end=1870
+  _globals['_CONSENTMETHOD']._serialized_start=2074
+  _globals['_CONSENTMETHOD']._serialized_end=2222
   _globals['_CONSENT']._serialized_start=107
   _globals['_CONSENT']._serialized_end=181
   _globals['_LOOKUPREQUEST']._serialized_start=184
@@ -51,20 +51,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FIELDNEED']._serialized_end=779
   _globals['_MATTER']._serialized_start=782
   _globals['_MATTER']._serialized_end=944
-  _globals['_LISTMATTERSRESPONSE']._serialized_start=946
-  _globals['_LISTMATTERSRESPONSE']._serialized_end=1031
-  _globals['_BUNDLESUBJECT']._serialized_start=1033
-  _globals['_BUNDLESUBJECT']._serialized_end=1086
-  _globals['_LOOKUPMATTERREQUEST']._serialized_start=1089
-  _globals['_LOOKUPMATTERREQUEST']._serialized_end=1241
-  _globals['_ITEMERROR']._serialized_start=1244
-  _globals['_ITEMERROR']._serialized_end=1409
-  _globals['_ITEMERROR_METADATAENTRY']._serialized_start=1362
-  _globals['_ITEMERROR_METADATAENTRY']._serialized_end=1409
-  _globals['_BUNDLEITEM']._serialized_start=1412
-  _globals['_BUNDLEITEM']._serialized_end=1587
-  _globals['_LOOKUPMATTERRESPONSE']._serialized_start=1590
-  _globals['_LOOKUPMATTERRESPONSE']._serialized_end=1719
-  _globals['_CERTIFICATEBROKER']._serialized_start=1873
-  _globals['_CERTIFICATEBROKER']._serialized_end=2138
+  _globals['_MATTERPACKAGE']._serialized_start=946
+  _globals['_MATTERPACKAGE']._serialized_end=1045
+  _globals['_LISTMATTERSRESPONSE']._serialized_start=1048
+  _globals['_LISTMATTERSRESPONSE']._serialized_end=1181
+  _globals['_BUNDLESUBJECT']._serialized_start=1183
+  _globals['_BUNDLESUBJECT']._serialized_end=1236
+  _globals['_LOOKUPMATTERREQUEST']._serialized_start=1239
+  _globals['_LOOKUPMATTERREQUEST']._serialized_end=1413
+  _globals['_ITEMERROR']._serialized_start=1416
+  _globals['_ITEMERROR']._serialized_end=1581
+  _globals['_ITEMERROR_METADATAENTRY']._serialized_start=1534
+  _globals['_ITEMERROR_METADATAENTRY']._serialized_end=1581
+  _globals['_BUNDLEITEM']._serialized_start=1584
+  _globals['_BUNDLEITEM']._serialized_end=1780
+  _globals['_MATTERITEMS']._serialized_start=1782
+  _globals['_MATTERITEMS']._serialized_end=1872
+  _globals['_LOOKUPMATTERRESPONSE']._serialized_start=1875
+  _globals['_LOOKUPMATTERRESPONSE']._serialized_end=2071
+  _globals['_CERTIFICATEBROKER']._serialized_start=2225
+  _globals['_CERTIFICATEBROKER']._serialized_end=2490
 # @@protoc_insertion_point(module_scope)

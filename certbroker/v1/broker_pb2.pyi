@@ -268,23 +268,68 @@ class Matter(_message.Message):
 Global___Matter: _TypeAlias = Matter  # noqa: Y015
 
 @_typing.final
+class MatterPackage(_message.Message):
+    """A package of matters handled as one (一件事), for LookupMatter's `package_code`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    MATTER_CODES_FIELD_NUMBER: _builtins.int
+    UNAVAILABLE_MATTER_CODES_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    name: _builtins.str
+    """e.g. 二手房交易一件事"""
+    @_builtins.property
+    def matter_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """its member matters, in order"""
+
+    @_builtins.property
+    def unavailable_matter_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Members this clerk has no rule for (at their office): a package lookup returns their
+        items denied, the others as usual.
+        """
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        name: _builtins.str = ...,
+        matter_codes: _abc.Iterable[_builtins.str] | None = ...,
+        unavailable_matter_codes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "matter_codes", b"matter_codes", "name", b"name", "unavailable_matter_codes", b"unavailable_matter_codes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MatterPackage: _TypeAlias = MatterPackage  # noqa: Y015
+
+@_typing.final
 class ListMattersResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MATTERS_FIELD_NUMBER: _builtins.int
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    PACKAGES_FIELD_NUMBER: _builtins.int
     policy_version: _builtins.str
     @_builtins.property
     def matters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Matter]: ...
+    @_builtins.property
+    def packages(self) -> _containers.RepeatedCompositeFieldContainer[Global___MatterPackage]:
+        """Packages of which this clerk may handle at least one member matter."""
+
     def __init__(
         self,
         *,
         matters: _abc.Iterable[Global___Matter] | None = ...,
         policy_version: _builtins.str = ...,
+        packages: _abc.Iterable[Global___MatterPackage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["matters", b"matters", "policy_version", b"policy_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["matters", b"matters", "packages", b"packages", "policy_version", b"policy_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -324,8 +369,13 @@ class LookupMatterRequest(_message.Message):
     CASE_NUMBER_FIELD_NUMBER: _builtins.int
     CONSENT_FIELD_NUMBER: _builtins.int
     SUBJECTS_FIELD_NUMBER: _builtins.int
+    PACKAGE_CODE_FIELD_NUMBER: _builtins.int
     matter_code: _builtins.str
     case_number: _builtins.str
+    package_code: _builtins.str
+    """A package of matters (一件事) instead of one matter: exactly one of matter_code and
+    package_code (INVALID_ARGUMENT MATTER_AND_PACKAGE / MISSING_ARGUMENT / UNKNOWN_PACKAGE).
+    """
     @_builtins.property
     def consent(self) -> Global___Consent: ...
     @_builtins.property
@@ -337,10 +387,11 @@ class LookupMatterRequest(_message.Message):
         case_number: _builtins.str = ...,
         consent: Global___Consent | None = ...,
         subjects: _abc.Iterable[Global___BundleSubject] | None = ...,
+        package_code: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["consent", b"consent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["case_number", b"case_number", "consent", b"consent", "matter_code", b"matter_code", "subjects", b"subjects"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["case_number", b"case_number", "consent", b"consent", "matter_code", b"matter_code", "package_code", b"package_code", "subjects", b"subjects"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -412,9 +463,12 @@ class BundleItem(_message.Message):
     RECORD_TYPE_FIELD_NUMBER: _builtins.int
     RESPONSE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    MATTER_CODE_FIELD_NUMBER: _builtins.int
     subject_id: _builtins.str
     relation: _builtins.str
     record_type: _builtins.str
+    matter_code: _builtins.str
+    """the matter the item was decided under"""
     @_builtins.property
     def response(self) -> Global___LookupResponse:
         """carries its own audit receipt"""
@@ -429,10 +483,11 @@ class BundleItem(_message.Message):
         record_type: _builtins.str = ...,
         response: Global___LookupResponse | None = ...,
         error: Global___ItemError | None = ...,
+        matter_code: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "response", b"response", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "record_type", b"record_type", "relation", b"relation", "response", b"response", "result", b"result", "subject_id", b"subject_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "matter_code", b"matter_code", "record_type", b"record_type", "relation", b"relation", "response", b"response", "result", b"result", "subject_id", b"subject_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["response", "error"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
@@ -441,29 +496,69 @@ class BundleItem(_message.Message):
 Global___BundleItem: _TypeAlias = BundleItem  # noqa: Y015
 
 @_typing.final
+class MatterItems(_message.Message):
+    """The items of one member matter of a package lookup, each minimised to that matter's needs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MATTER_CODE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    matter_code: _builtins.str
+    name: _builtins.str
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___BundleItem]:
+        """subject-major, in the matter's record type order"""
+
+    def __init__(
+        self,
+        *,
+        matter_code: _builtins.str = ...,
+        name: _builtins.str = ...,
+        items: _abc.Iterable[Global___BundleItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "matter_code", b"matter_code", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MatterItems: _TypeAlias = MatterItems  # noqa: Y015
+
+@_typing.final
 class LookupMatterResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     BUNDLE_ID_FIELD_NUMBER: _builtins.int
     ITEMS_FIELD_NUMBER: _builtins.int
     RECEIPT_FIELD_NUMBER: _builtins.int
+    PACKAGE_CODE_FIELD_NUMBER: _builtins.int
+    MATTERS_FIELD_NUMBER: _builtins.int
     bundle_id: _builtins.str
+    package_code: _builtins.str
+    """A package lookup: its code, and its items grouped by member matter (in the package's
+    order); `items` is then empty. A single-matter lookup leaves both empty.
+    """
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___BundleItem]: ...
     @_builtins.property
     def receipt(self) -> Global___AuditReceipt:
         """the bundle's own entry, linking the item entries"""
 
+    @_builtins.property
+    def matters(self) -> _containers.RepeatedCompositeFieldContainer[Global___MatterItems]: ...
     def __init__(
         self,
         *,
         bundle_id: _builtins.str = ...,
         items: _abc.Iterable[Global___BundleItem] | None = ...,
         receipt: Global___AuditReceipt | None = ...,
+        package_code: _builtins.str = ...,
+        matters: _abc.Iterable[Global___MatterItems] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_id", b"bundle_id", "items", b"items", "receipt", b"receipt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_id", b"bundle_id", "items", b"items", "matters", b"matters", "package_code", b"package_code", "receipt", b"receipt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

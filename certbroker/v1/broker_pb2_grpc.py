@@ -77,6 +77,8 @@ class CertificateBrokerServicer:
     def LookupMatter(self, request, context):
         """One matter, one case, one or more subjects: every record the matter needs for every
         subject, fetched in parallel. One item failing never fails the others.
+        Or a package of matters (一件事, `package_code`): every record each member matter needs,
+        each item decided under its own matter, a record several members need fetched once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -43,6 +43,8 @@ class CertificateBrokerStub:
     LookupMatter: _grpc.UnaryUnaryMultiCallable[_broker_pb2.LookupMatterRequest, _broker_pb2.LookupMatterResponse]
     """One matter, one case, one or more subjects: every record the matter needs for every
     subject, fetched in parallel. One item failing never fails the others.
+    Or a package of matters (一件事, `package_code`): every record each member matter needs,
+    each item decided under its own matter, a record several members need fetched once.
     """
 
 @_typing.type_check_only
@@ -60,6 +62,8 @@ class CertificateBrokerAsyncStub(CertificateBrokerStub):
     LookupMatter: _aio.UnaryUnaryMultiCallable[_broker_pb2.LookupMatterRequest, _broker_pb2.LookupMatterResponse]  # type: ignore[assignment]
     """One matter, one case, one or more subjects: every record the matter needs for every
     subject, fetched in parallel. One item failing never fails the others.
+    Or a package of matters (一件事, `package_code`): every record each member matter needs,
+    each item decided under its own matter, a record several members need fetched once.
     """
 
 class CertificateBrokerServicer(metaclass=_abc_1.ABCMeta):
@@ -92,6 +96,8 @@ class CertificateBrokerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_broker_pb2.LookupMatterResponse, _abc.Awaitable[_broker_pb2.LookupMatterResponse]]:
         """One matter, one case, one or more subjects: every record the matter needs for every
         subject, fetched in parallel. One item failing never fails the others.
+        Or a package of matters (一件事, `package_code`): every record each member matter needs,
+        each item decided under its own matter, a record several members need fetched once.
         """
 
 def add_CertificateBrokerServicer_to_server(servicer: CertificateBrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

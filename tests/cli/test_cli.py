@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -226,6 +227,14 @@ def test_demo_runs_a_whole_counter_session(tmp_path: Path, dataset_dir: Path) ->
     # The forged-token call has no entry of its own: it is counted in the summary.
     assert "counted in this address's summary" in out.stdout
     assert "unauthenticated.summary" in out.stdout
+    # The second-hand home package: one call, grouped by matter, each shared record fetched
+    # once and audited once per matter that needs it.
+    assert "YJS-ESF-001 二手房交易一件事 (一件事, a package)" in out.stdout
+    for heading in ("[BDC-ZY-001 不动产转移登记]", "[SDQ-GH-001 ", "[HJ-QY-001 "):
+        assert heading in out.stdout
+    assert "Fetched once, audited per matter" in out.stdout
+    assert re.search(r"buyer\s+household\s+1 department call -> #\d+ BDC-ZY-001", out.stdout)
+    assert "[package of 14]" in out.stdout
 
 
 def _audit_target(*argv: str) -> cli_audit_log.Target:

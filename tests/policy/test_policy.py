@@ -74,7 +74,7 @@ def test_shipped_catalogue(shipped: policy.PolicySet) -> None:
         assert shipped.departments[rt.department].record_types == (name,)
     assert shipped.record_types["property"].cache_ttl_s == 0
     assert shipped.record_types["household"].cache_ttl_s > 0
-    assert set(shipped.matters) == {"BDC-ZY-001", "SB-YL-001", "JY-RX-001"}
+    assert {"BDC-ZY-001", "SB-YL-001", "JY-RX-001"} <= set(shipped.matters)
     assert set(shipped.matters["BDC-ZY-001"].needs) == {"household", "marriage", "property"}
     assert set(shipped.matters["SB-YL-001"].needs) == {"social_security", "household"}
     assert set(shipped.matters["JY-RX-001"].needs) == {"household", "property"}
@@ -164,7 +164,9 @@ def test_24h_hall_serves_every_hour_of_the_week(shipped: policy.PolicySet, hour:
     for code, matter in shipped.matters.items():
         for record_type in matter.needs:
             d = shipped.decide(req(HALL_24H, record_type, code, now=now))
-            assert (d.allowed, d.rule_id) == (True, "window-clerk-24h"), (code, record_type)
+            # window-clerk-24h, or a rule of another policy file for the 24-hour hall
+            assert d.allowed, (code, record_type)
+            assert d.rule_id.startswith("window-clerk-24h"), (code, record_type)
 
 
 # ---- deny ----
@@ -332,7 +334,7 @@ def test_check_request_clips_long_names(shipped: policy.PolicySet) -> None:
 
 def test_matters_for_window_clerk_in_24h_hall(shipped: policy.PolicySet) -> None:
     views = {v.matter.code: v for v in policy.matters_for(shipped, HALL_24H)}
-    assert set(views) == {"BDC-ZY-001", "SB-YL-001", "JY-RX-001"}
+    assert set(views) == set(shipped.matters)  # the general window handles every matter
     transfer = views["BDC-ZY-001"]
     assert transfer.fields == shipped.matters["BDC-ZY-001"].needs
     assert dict(transfer.masks) == {"marriage": ("spouse_resident_id",)}

@@ -1,7 +1,8 @@
 """Typed reading of composed YAML nodes with ``path:line`` errors (policy files, policy tests).
 
-Nodes come from ``yaml.compose`` with ``SafeLoader`` (libyaml's ``CSafeLoader`` if present): nothing is constructed from tags, and
-every value keeps the line it was written on, so each complaint can say where.
+Nodes come from ``yaml.compose`` with ``SafeLoader`` (libyaml's ``CSafeLoader`` if present):
+nothing is constructed from tags, and every value keeps the line it was written on, so each
+complaint can say where.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -121,6 +122,20 @@ def requests(policy: PolicySet, now: Sequence[dt.datetime]) -> list[Request]:
         )
         for role, matter, rt, office, consent, moment, case in combos
     ]
+
+
+def sample(batch: Sequence[Request], size: int) -> list[Request]:
+    """About ``size`` of ``batch`` (all of it if smaller), evenly spread: every n-th request
+    for an n coprime with 48 (= 2 case numbers x 2 times x 4 consents x 3 offices, the inner
+    dimensions of :func:`requests`), so the sample holds every combination of those.
+
+    The hall's policy set has hundreds of casbin lines, which pycasbin's Enforcer tries one by
+    one (milliseconds a request): all the combinations of its 30-odd matters would take minutes.
+    """
+    stride = max(1, len(batch) // size)
+    while stride > 1 and math.gcd(stride, 48) != 1:
+        stride += 1
+    return list(batch[::stride])
 
 
 def casbin_args(request: Request) -> tuple[Any, ...]:

@@ -302,7 +302,18 @@ def test_unexpected_errors_are_generic_internal(env: Env, couple: tuple[str, str
 def test_list_matters_per_role(env: Env) -> None:
     reply = env.stub.ListMatters(broker_pb2.ListMattersRequest(), metadata=env.md(env.token()))
     codes = {m.code: m for m in reply.matters}
-    assert {PROPERTY_TRANSFER, PENSION, ENROLMENT} <= set(codes)
+    # The 24-hour hall: the core matters, three hall matters (rules-hall.yaml) and the package's
+    # member matters (packages.yaml).
+    assert set(codes) == {
+        PROPERTY_TRANSFER,
+        PENSION,
+        ENROLMENT,
+        "SB-ZG-001",
+        "BDC-CX-001",
+        "MZ-GL-001",
+        "SDQ-GH-001",
+        "HJ-QY-001",
+    }
     transfer = codes[PROPERTY_TRANSFER]
     assert transfer.name == "不动产转移登记"
     needs = {n.record_type: n for n in transfer.needs}
@@ -314,7 +325,10 @@ def test_list_matters_per_role(env: Env) -> None:
         broker_pb2.ListMattersRequest(),
         metadata=env.md(env.token(roles=("social_security_clerk",), office="gz-yuexiu-hall-01")),
     )
-    assert [m.code for m in ss.matters] == [PENSION]
+    assert {m.code for m in ss.matters} == {
+        PENSION,
+        *("SB-ZY-001", "SB-CB-001", "SB-ZG-001", "SB-SY-001", "SB-SZ-001", "SB-LX-001"),
+    }
     auditor = env.stub.ListMatters(
         broker_pb2.ListMattersRequest(), metadata=env.md(env.token(roles=("auditor",)))
     )

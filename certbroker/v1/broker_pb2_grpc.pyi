@@ -44,6 +44,10 @@ class CertificateBrokerStub:
     """One matter, one case, one or more subjects: every record the matter needs for every
     subject, fetched in parallel. One item failing never fails the others.
     """
+    DescribeRecordType: _grpc.UnaryUnaryMultiCallable[_broker_pb2.DescribeRecordTypeRequest, _broker_pb2.DescribeRecordTypeResponse]
+    """The schema of record types (fields, types, Chinese labels), so counter software can
+    render any record, catalogue-declared ones included. Not audited (no citizen involved).
+    """
 
 @_typing.type_check_only
 class CertificateBrokerAsyncStub(CertificateBrokerStub):
@@ -60,6 +64,10 @@ class CertificateBrokerAsyncStub(CertificateBrokerStub):
     LookupMatter: _aio.UnaryUnaryMultiCallable[_broker_pb2.LookupMatterRequest, _broker_pb2.LookupMatterResponse]  # type: ignore[assignment]
     """One matter, one case, one or more subjects: every record the matter needs for every
     subject, fetched in parallel. One item failing never fails the others.
+    """
+    DescribeRecordType: _aio.UnaryUnaryMultiCallable[_broker_pb2.DescribeRecordTypeRequest, _broker_pb2.DescribeRecordTypeResponse]  # type: ignore[assignment]
+    """The schema of record types (fields, types, Chinese labels), so counter software can
+    render any record, catalogue-declared ones included. Not audited (no citizen involved).
     """
 
 class CertificateBrokerServicer(metaclass=_abc_1.ABCMeta):
@@ -92,6 +100,16 @@ class CertificateBrokerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_broker_pb2.LookupMatterResponse, _abc.Awaitable[_broker_pb2.LookupMatterResponse]]:
         """One matter, one case, one or more subjects: every record the matter needs for every
         subject, fetched in parallel. One item failing never fails the others.
+        """
+
+    @_abc_1.abstractmethod
+    def DescribeRecordType(
+        self,
+        request: _broker_pb2.DescribeRecordTypeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.DescribeRecordTypeResponse, _abc.Awaitable[_broker_pb2.DescribeRecordTypeResponse]]:
+        """The schema of record types (fields, types, Chinese labels), so counter software can
+        render any record, catalogue-declared ones included. Not audited (no citizen involved).
         """
 
 def add_CertificateBrokerServicer_to_server(servicer: CertificateBrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -44,6 +44,7 @@ from certbroker.adapters.sdk.core import (
     check_fields,
     fetch_record,
     rich_status,
+    schema_of,
     to_record,
 )
 from certbroker.adapters.sdk.metrics import AdapterMetrics
@@ -99,5 +100,6 @@ __all__ = [
     "serve",
     "server_credentials",
     "thumbprint",
+    "schema_of",
     "to_record",
 ]

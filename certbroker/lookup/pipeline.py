@@ -214,7 +214,8 @@ class ItemPipeline:
                 trace.decision_id,
                 timeout_s,
                 known.limits,
-                known.schema,
+                # Only for a declared type: sources written before declared types keep working.
+                **({"schema": known.schema} if known.schema is not None else {}),
             )
         except errors.BrokerError as exc:
             status = exc.code.name

@@ -24,6 +24,7 @@ import datetime as dt
 import decimal
 import functools
 import hashlib
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -358,7 +359,7 @@ def coerce(spec: FieldSpec, raw: Any, path: str = "") -> Any:
     return got
 
 
-def _coerce(kind: str, raw: Any) -> Any:  # noqa: PLR0911, PLR0912 - one branch per type
+def _coerce(kind: str, raw: Any) -> Any:
     if kind in ("string", "enum"):
         if isinstance(raw, str):
             return raw
@@ -370,7 +371,7 @@ def _coerce(kind: str, raw: Any) -> Any:  # noqa: PLR0911, PLR0912 - one branch 
             return None
         if isinstance(raw, int):
             return raw if -(2**63) <= raw < 2**63 else None
-        if isinstance(raw, float | decimal.Decimal) and raw == raw and raw == int(raw):
+        if isinstance(raw, float | decimal.Decimal) and math.isfinite(raw) and raw == int(raw):
             return int(raw)
         if isinstance(raw, str) and re.fullmatch(r"-?\d{1,18}", raw.strip(), re.ASCII):
             return int(raw)

@@ -160,7 +160,6 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
                 )
         return reply
 
-
     async def DescribeRecordType(
         self,
         request: broker_pb2.DescribeRecordTypeRequest,

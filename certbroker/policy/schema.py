@@ -300,15 +300,19 @@ def _declarations(
             r.error(m["type"], f"{where}: unknown type {kind!r} ({', '.join(generic.FIELD_TYPES)})")
             kind = None
         personal = r.boolean(m["personal"], f"{where} personal") if "personal" in m else False
-        masks = [x for x, _ in r.strings(m["masks"], f"{where} masks") or []] if "masks" in m else []
+        masks = (
+            [x for x, _ in r.strings(m["masks"], f"{where} masks") or []] if "masks" in m else []
+        )
         for mask in masks:
             if mask not in contract.MASKS:
                 r.error(m["masks"], f"{where}: unknown mask {mask!r} ({', '.join(contract.MASKS)})")
         if masks and kind is not None and kind not in generic.MASKABLE_TYPES:
             r.error(m["masks"], f"{where}: masks apply to string fields only")
-        values = [x for x, _ in r.strings(m["values"], f"{where} values") or []] if (
-            "values" in m
-        ) else []
+        values = (
+            [x for x, _ in r.strings(m["values"], f"{where} values") or []]
+            if ("values" in m)
+            else []
+        )
         if (kind == "enum") != bool(values):
             at = m.get("values", m["type"])
             r.error(at, f"{where}: an enum needs its values; only an enum has values")

@@ -479,6 +479,7 @@ def build_router(
             timeout_s=timeout_s,
             endpoint_allowed=endpoint_allowed,
         )
+
     for record_type, route in routes.items():
         department = departments.get(record_type, record_type)
         breaker = breakers.breaker(department) if breakers else None
@@ -546,8 +547,14 @@ def declared_source(
             log.error("%s: cannot serve %s in process: %s", config, record_type, exc)
             return None
         if adapter.record_type != record_type or adapter.department != department:
-            log.error("%s: serves %s of %s, not %s of %s", config, adapter.record_type,
-                      adapter.department, record_type, department)
+            log.error(
+                "%s: serves %s of %s, not %s of %s",
+                config,
+                adapter.record_type,
+                adapter.department,
+                record_type,
+                department,
+            )
             adapter.close()
             return None
         return InProcessSource(adapter, department)

@@ -33,9 +33,7 @@ def ensure_datasets(dataset_dir: Path) -> None:
         (dataset_dir / f"{rt}.sqlite").is_file() and declared.config_path(dataset_dir, rt).is_file()
         for rt in declared.DECLARED
     ):
-        declared.generate(
-            dataset_dir, citizens=_citizens(dataset_dir), seed=synthetic.DEFAULT_SEED
-        )
+        declared.generate(dataset_dir, citizens=_citizens(dataset_dir), seed=synthetic.DEFAULT_SEED)
 
 
 def _citizens(dataset_dir: Path) -> int:

@@ -55,6 +55,12 @@ _SCHEMAS = {
             PRIMARY KEY (resident_id, position));
     """,
 }
+#: Loan kind -> balance range in fen.
+_BALANCES = {
+    "住房贷款": (10**7, 2 * 10**8),
+    "信用卡": (0, 5 * 10**6),
+    "个人消费贷款": (10**6, 10**7),
+}
 _LENDERS = ("中国工商银行广州分行", "中国建设银行广州分行", "招商银行广州分行", "广州农村商业银行")
 
 
@@ -94,7 +100,7 @@ def _stored(path: Path) -> str | None:
 def _rng(seed: int, record_type: str, rid: str) -> random.Random:
     # One generator per (type, citizen): a citizen's rows do not depend on anyone else's.
     digest = hashlib.sha256(f"{seed}:{record_type}:{rid}".encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
+    return random.Random(int.from_bytes(digest[:8], "big"))  # noqa: S311 - synthetic data
 
 
 def _write(dataset_dir: Path, record_type: str, marker: str, people: Population, seed: int) -> None:
@@ -173,11 +179,15 @@ def _credit(db: sqlite3.Connection, people: Population, seed: int) -> None:
         rng = _rng(seed, "credit", person.rid)
         loans: list[tuple[str, str, str, int]] = []
         for _ in range(owners.get(person.rid, 0)):
-            loans.append(("住房贷款", rng.choice(_LENDERS), _yuan(rng.randrange(10**7, 2 * 10**8)), 0))
+            loans.append(
+                ("住房贷款", rng.choice(_LENDERS), _yuan(rng.randrange(10**7, 2 * 10**8)), 0)
+            )
         if rng.random() < 0.3:
             loans.append(("信用卡", rng.choice(_LENDERS), _yuan(rng.randrange(0, 5 * 10**6)), 0))
         if rng.random() < 0.1:
-            loans.append(("个人消费贷款", rng.choice(_LENDERS), _yuan(rng.randrange(10**6, 10**7)), 0))
+            loans.append(
+                ("个人消费贷款", rng.choice(_LENDERS), _yuan(rng.randrange(10**6, 10**7)), 0)
+            )
         overdue = rng.random() < 0.05 and bool(loans)
         if overdue:
             kind, lender, balance, _ = loans[-1]

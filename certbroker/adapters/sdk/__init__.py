@@ -97,9 +97,9 @@ __all__ = [
     "main",
     "options_from_args",
     "rich_status",
+    "schema_of",
     "serve",
     "server_credentials",
     "thumbprint",
-    "schema_of",
     "to_record",
 ]

@@ -81,8 +81,11 @@ def generate(dataset_dir: Path, *, citizens: int, seed: int) -> None:
     for record_type in DECLARED:
         _write(dataset_dir, record_type, marker, people, seed)
         examples = resources.files("certbroker.adapters.sql") / "examples"
+        target = config_path(dataset_dir, record_type)
+        temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         with resources.as_file(examples / f"{record_type}.toml") as example:
-            shutil.copyfile(example, config_path(dataset_dir, record_type))
+            shutil.copyfile(example, temp)
+        os.replace(temp, target)  # a concurrent reader never sees half a configuration
 
 
 def _stored(path: Path) -> str | None:

@@ -408,3 +408,31 @@ def test_hostile_answers_for_a_declared_type_are_refused(world: Any, mode: str) 
     finally:
         deregister(env, instance)
         server.stop(0)
+
+
+def test_the_embedded_default_serves_the_shipped_declared_types(env: Env) -> None:
+    """GJJ-TQ-001 with the demo data: housing_fund and credit from the in-process SQL adapter."""
+    from certbroker.adapters.demo import synthetic
+
+    husband, _wife = synthetic.sample_couple(env.dataset_dir)
+    token = env.token(("window_clerk",), "gz-haizhu-hall-01")
+    # Opening hours apply to this rule: any weekday hour would do, the test cannot pick one.
+    request = client.lookup_matter_request(
+        "GJJ-TQ-001", CASE, [(husband, "applicant")], "id_card_read", ""
+    )
+    reply = env.stub.LookupMatter(request, metadata=env.md(token), timeout=60)
+    by_type = {item.record_type: item for item in reply.items}
+    assert set(by_type) == {"property", "marriage", "housing_fund", "credit"}
+    for record_type in ("housing_fund", "credit"):
+        item = by_type[record_type]
+        if item.WhichOneof("result") == "error":  # outside hall hours, or no such record
+            assert item.error.reason in {"POLICY_DENIED", "SUBJECT_NOT_FOUND"}, item.error
+            continue
+        assert item.response.record.generic.record_type == record_type
+        data = generic.to_dict(item.response.record.generic)
+        if record_type == "credit":
+            assert "name" not in data
+            assert "report_number" not in data
+        else:
+            assert data["account_number"].startswith("*")
+            assert "opened_on" not in data

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -14,8 +15,10 @@ from grpc_status import rpc_status
 from certbroker.audit.integrity import checkpoint, merkle
 from certbroker.audit.integrity.proofs import KEY_NAME, ORIGIN
 from certbroker.audit.verify.report import BAD_CHECKPOINT, REWRITTEN, WRONG_KEY
+from certbroker.contract import generic
+from certbroker.contract.fields import GENERIC_CASE
 from certbroker.errors import reason_of
-from certbroker.v1 import audit_pb2, audit_pb2_grpc, broker_pb2, broker_pb2_grpc
+from certbroker.v1 import audit_pb2, audit_pb2_grpc, broker_pb2, broker_pb2_grpc, records_pb2
 
 
 @dataclass(frozen=True)
@@ -180,20 +183,68 @@ def check_inclusion(signed: checkpoint.Checkpoint, proof: audit_pb2.InclusionPro
         )
 
 
-def record_lines(response: broker_pb2.LookupResponse) -> list[str]:
-    """The record, one `field: value` line each, then what was withheld and the receipt."""
-    case = response.record.WhichOneof("record") or ""
-    data = (
-        json_format.MessageToDict(getattr(response.record, case), preserving_proto_field_name=True)
-        if case
-        else {}
+def record_data(
+    record: records_pb2.Record, labels: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The record's values by field name: a typed record as protobuf JSON, a generic one
+    (catalogue-declared type) with its values in their declared types as text, keys shown as
+    ``label (name)`` when ``labels`` (field path → Chinese label, from DescribeRecordType)
+    has them."""
+    case = record.WhichOneof("record") or ""
+    if not case:
+        return {}
+    if case == GENERIC_CASE:
+        return _labelled(generic.to_dict(record.generic), labels or {}, "")
+    data: dict[str, Any] = json_format.MessageToDict(
+        getattr(record, case), preserving_proto_field_name=True
     )
+    return data
+
+
+def _labelled(data: Mapping[str, Any], labels: Mapping[str, str], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, raw in data.items():
+        path = prefix + name
+        key = f"{labels[path]} ({name})" if labels.get(path) else name
+        value = raw
+        if isinstance(raw, dict):
+            value = _labelled(raw, labels, path + ".")
+        elif isinstance(raw, list):
+            value = [_labelled(v, labels, path + ".") for v in raw]
+        elif isinstance(raw, bool):
+            value = "是" if raw else "否"
+        elif isinstance(raw, datetime):
+            value = f"{raw:%Y-%m-%d %H:%M:%S} UTC"
+        elif raw is None:
+            value = "（无）"
+        out[key] = value
+    return out
+
+
+def labels_of(reply: broker_pb2.DescribeRecordTypeResponse) -> dict[str, str]:
+    """Field path → label of every field DescribeRecordType described."""
+    out: dict[str, str] = {}
+    todo = [f for rt in reply.record_types for f in rt.fields]
+    while todo:
+        field = todo.pop()
+        out[field.path] = field.label
+        todo.extend(field.fields)
+    return out
+
+
+def record_lines(
+    response: broker_pb2.LookupResponse, labels: Mapping[str, str] | None = None
+) -> list[str]:
+    """The record, one `field: value` line each, then what was withheld and the receipt."""
+    data = record_data(response.record, labels)
     lines = []
     for name, value in data.items():
         if isinstance(value, list) and value and isinstance(value[0], dict):
             lines.append(f"  {name}:")
             for item in value:
                 lines.append("    - " + ", ".join(f"{k}={v}" for k, v in item.items()))
+        elif isinstance(value, dict):
+            lines.append(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in value.items()))
         else:
             lines.append(f"  {name}: {value}")
     if response.masked_fields:
@@ -213,12 +264,9 @@ def record_lines(response: broker_pb2.LookupResponse) -> list[str]:
 
 def _summary(response: broker_pb2.LookupResponse, limit: int = 2) -> str:
     """A few released values of the record, on one line (lists shown as counts)."""
-    case = response.record.WhichOneof("record") or ""
-    if not case:
+    if not response.record.WhichOneof("record"):
         return "(empty record)"
-    data = json_format.MessageToDict(
-        getattr(response.record, case), preserving_proto_field_name=True
-    )
+    data = record_data(response.record)
     if not data:
         return "(nothing on record)"
     parts = [

@@ -23,6 +23,7 @@ from certbroker.cli import audit_log as cli_audit_log
 from certbroker.cli import auditor as cli_auditor
 from certbroker.cli import client, jsonout
 from certbroker.cli.table import format_table
+from certbroker.v1 import broker_pb2
 
 DEFAULT_STATE = Path(".certbroker")
 
@@ -132,8 +133,18 @@ def cmd_lookup(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(response)
     else:
+        labels: dict[str, str] = {}
+        if response.record.HasField("generic"):
+            # A catalogue-declared type: its labels come from the schema in force.
+            described = _call(
+                args,
+                token,
+                "DescribeRecordType",
+                broker_pb2.DescribeRecordTypeRequest(record_type=args.record_type),
+            )
+            labels = client.labels_of(described) if described is not None else {}
         print(f"{args.record_type} record of {args.subject}:")
-        print("\n".join(client.record_lines(response)))
+        print("\n".join(client.record_lines(response, labels)))
     return 0
 
 

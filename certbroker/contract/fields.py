@@ -19,6 +19,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
+from certbroker.contract import generic
 from certbroker.v1 import records_pb2
 
 # Messages whose fields are addressed with a dot rather than taken whole.
@@ -35,11 +36,32 @@ def _expanded(field: FieldDescriptor) -> bool:
     return field.type == FieldDescriptor.TYPE_MESSAGE and _message_type(field).name in _EXPANDED
 
 
-#: record type name -> message class, from the ``Record`` oneof (its case names are the types).
+#: The ``Record`` oneof case holding every catalogue-declared record type
+#: (:mod:`certbroker.contract.generic`); not itself a record type.
+GENERIC_CASE = "generic"
+
+#: record type name -> message class, from the ``Record`` oneof (its case names are the types,
+#: :data:`GENERIC_CASE` apart): the well-known, typed records.
 RECORD_TYPES: dict[str, type[Message]] = {
     f.name: getattr(records_pb2, _message_type(f).name)
     for f in records_pb2.Record.DESCRIPTOR.oneofs_by_name["record"].fields
+    if f.name != GENERIC_CASE
 }
+
+
+def case_of(record_type: str) -> str:
+    """The ``Record`` oneof case that holds records of ``record_type``: its own name for a
+    typed record, :data:`GENERIC_CASE` for a catalogue-declared one."""
+    return record_type if record_type in RECORD_TYPES else GENERIC_CASE
+
+
+def record_type_of(record: records_pb2.Record) -> str:
+    """The record type a ``Record`` holds ("" if none): the oneof case, or the declared name
+    inside a generic record."""
+    case = record.WhichOneof("record")
+    if case == GENERIC_CASE:
+        return record.generic.record_type
+    return case or ""
 
 
 def _descriptor(message: Message) -> Descriptor:
@@ -139,6 +161,25 @@ def _mask(message: Message, parts: tuple[str, ...], fn: Callable[[str], str]) ->
         getattr(message, name).extend(values)
     elif message.HasField(name):
         setattr(message, name, fn(getattr(message, name)))
+
+
+def keep_record(record: records_pb2.Record, allowed: Iterable[str]) -> None:
+    """:func:`keep_fields` on the record a ``Record`` holds, typed or generic
+    (:func:`certbroker.contract.generic.keep_fields`)."""
+    case = record.WhichOneof("record")
+    if case == GENERIC_CASE:
+        generic.keep_fields(record.generic, allowed)
+    elif case is not None:
+        keep_fields(getattr(record, case), allowed)
+
+
+def mask_record(record: records_pb2.Record, masks: Mapping[str, str]) -> None:
+    """:func:`apply_masks` on the record a ``Record`` holds, typed or generic."""
+    case = record.WhichOneof("record")
+    if case == GENERIC_CASE:
+        generic.apply_masks(record.generic, masks, MASKS)
+    elif case is not None:
+        apply_masks(getattr(record, case), masks)
 
 
 # --- dicts to messages ---------------------------------------------------------------------

@@ -28,7 +28,7 @@ from certbroker.cache import RecordCache, record_key
 from certbroker.contract import fields as record_fields
 from certbroker.ids import new_id
 from certbroker.metrics import Metrics
-from certbroker.policy import Decision, PolicySet, RecordLimits, Request
+from certbroker.policy import Decision, PolicySet, RecordType, Request
 from certbroker.routing.router import Fetched, Router, adapter_timeout
 from certbroker.v1 import broker_pb2, records_pb2
 
@@ -206,7 +206,7 @@ class ItemPipeline:
             fetched, served = await self._cache.get_or_fetch(
                 key,
                 known.cache_ttl_s,
-                lambda: self._fetch_source(asked, lead_trace, timeout_s, known.limits),
+                lambda: self._fetch_source(asked, lead_trace, timeout_s, known),
                 wait_s=timeout_s,
             )
         except TimeoutError:  # joined another request's fetch, which outlasted our budget
@@ -237,13 +237,14 @@ class ItemPipeline:
         return response
 
     async def _fetch_source(
-        self, decision: Decision, trace: Trace, timeout_s: float, limits: RecordLimits
+        self, decision: Decision, trace: Trace, timeout_s: float, known: RecordType
     ) -> Fetched:
         """One call to the department, with its metrics; the answer cut to the released
         fields (fields unknown to the contract dropped), so a cache entry never holds more
-        than its key names. The source refuses a record over ``limits``."""
+        than its key names. The source refuses a record over the record type's limits, or
+        (a catalogue-declared type) one that does not match its schema."""
         record_type = decision.record_type
-        source = self._router.source(record_type)
+        source = self._router.source(record_type, decision.department)
         started = time.perf_counter()
         status = "OK"
         try:
@@ -253,7 +254,9 @@ class ItemPipeline:
                 decision.fields,
                 trace.decision_id,
                 timeout_s,
-                limits,
+                known.limits,
+                # Only for a declared type: sources written before declared types keep working.
+                **({"schema": known.schema} if known.schema is not None else {}),
             )
         except errors.BrokerError as exc:
             status = exc.code.name
@@ -270,7 +273,7 @@ class ItemPipeline:
         kept = records_pb2.Record()
         kept.CopyFrom(fetched.record)
         kept.DiscardUnknownFields()  # the source dropped them already; a cache entry never has any
-        record_fields.keep_fields(getattr(kept, record_type), decision.fields)
+        record_fields.keep_record(kept, decision.fields)
         return Fetched(kept, fetched.as_of)
 
     def count(self, record_type: str, policy: PolicySet, trace: Trace, status: str) -> None:
@@ -304,9 +307,10 @@ def release_into(
     shared by requests."""
     out.CopyFrom(record)
     out.DiscardUnknownFields()
-    inner = getattr(out, record_type)
-    record_fields.keep_fields(inner, decision.fields)
-    record_fields.apply_masks(inner, decision.masks)
+    if record_fields.record_type_of(out) != record_type:  # never: sources check it; cheap
+        raise errors.Internal("INTERNAL", "internal error")
+    record_fields.keep_record(out, decision.fields)
+    record_fields.mask_record(out, decision.masks)
 
 
 def fill_receipt(target: broker_pb2.AuditReceipt, receipt: Receipt) -> None:

@@ -8,8 +8,9 @@ servicer from a known clerk -- allowed, denied or failed -- produces exactly one
 if that entry cannot be written durably, the caller gets UNAVAILABLE and no record. The entry
 is written by :class:`certbroker.audit.guard.AuditedCall`, as for every audited call of the
 broker; a call refused before its caller is known (no or bad token) is counted in its peer's
-summary instead (``refusals``, :mod:`certbroker.audit.refusals`). ListMatters is not audited:
-it answers from the policy catalogue alone, about no citizen (its refusals are counted too).
+summary instead (``refusals``, :mod:`certbroker.audit.refusals`). ListMatters and
+DescribeRecordType are not audited: they answer from the policy catalogue alone, about no
+citizen (their refusals are counted too).
 
 The decide/fetch/minimize steps live in :mod:`certbroker.lookup.pipeline`, shared with matter
 bundles (:mod:`certbroker.lookup.bundle`), which run the same steps for every item of a
@@ -30,6 +31,7 @@ from certbroker.audit.refusals import RefusalLedger
 from certbroker.auth.authenticator import Authenticator
 from certbroker.cache import RecordCache
 from certbroker.lookup.bundle import BundleRunner
+from certbroker.lookup.describe import describe
 from certbroker.lookup.pipeline import (
     ItemPipeline,
     Trace,
@@ -165,6 +167,18 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
                 unavailable_matter_codes=package.unavailable,
             )
         return reply
+
+    async def DescribeRecordType(
+        self,
+        request: broker_pb2.DescribeRecordTypeRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> broker_pb2.DescribeRecordTypeResponse:
+        """The schema of one record type, or of all (see certbroker.lookup.describe)."""
+        # Like ListMatters: not audited (the catalogue alone, about no citizen), but guarded.
+        async with AuditedCall(self._audit, _not_audited, refusals=self._refusals, context=context):
+            self._auth.authenticate(invocation_metadata(context))
+            validation.text("record_type", request.record_type, required=False)
+        return describe(self._policies.current, request.record_type)
 
 
 def _not_audited(_result: Result) -> None:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from google.protobuf.descriptor import FieldDescriptor
 
 from certbroker.contract import fields as contract
+from certbroker.contract import generic
 from certbroker.policy.model import (
     Department,
     Matter,
@@ -107,12 +108,6 @@ def _record_type(
     spec: RecordTypeSpec, departments: dict[str, str], errors: list[str]
 ) -> RecordType | None:
     name, at = spec.name
-    if name not in contract.RECORD_TYPES:
-        errors.append(
-            f"{at}: unknown record type {name!r} "
-            f"(the contract has: {', '.join(contract.RECORD_TYPES)})"
-        )
-        return None
     department = ""
     if spec.department is not None:
         department, dept_at = spec.department
@@ -121,6 +116,14 @@ def _record_type(
                 f"{dept_at}: record type {name}: unknown department {department!r} "
                 f"(declared: {', '.join(departments) or 'none'})"
             )
+    if spec.declared is not None:
+        return _declared_type(spec, spec.declared, department, errors)
+    if name not in contract.RECORD_TYPES:
+        errors.append(
+            f"{at}: unknown record type {name!r} (the contract has: "
+            f"{', '.join(contract.RECORD_TYPES)}; declare the fields of any other, with types)"
+        )
+        return None
     paths = contract.field_paths(name)
     for path, path_at in spec.fields:
         if path not in paths:
@@ -130,6 +133,35 @@ def _record_type(
             )
     fields = tuple(p for p, _ in spec.fields if p in paths)
     return RecordType(name, department, fields, spec.cache_ttl_s, spec.limits)
+
+
+def _declared_type(
+    spec: RecordTypeSpec,
+    declared: tuple[generic.FieldSpec, ...],
+    department: str,
+    errors: list[str],
+) -> RecordType | None:
+    """A catalogue-declared record type (its fields declared with types)."""
+    name, at = spec.name
+    if name in contract.RECORD_TYPES or name == contract.GENERIC_CASE:
+        errors.append(
+            f"{at}: record type {name}: a contract type; its fields are the contract's paths, "
+            "listed by name, not declared"
+        )
+        return None
+    if generic.NAME.fullmatch(name) is None:
+        errors.append(f"{at}: record type {name!r}: names are [a-z][a-z0-9_]*, at most 64")
+        return None
+    if not declared:
+        errors.append(f"{at}: record type {name}: declares no field")
+        return None
+    schema = generic.RecordSchema(name, declared, spec.label)
+    if not schema.paths:
+        errors.append(f"{at}: record type {name}: declares groups without any field")
+        return None
+    return RecordType(
+        name, department, schema.paths, spec.cache_ttl_s, spec.limits, schema, spec.label
+    )
 
 
 def _field_lists(
@@ -183,9 +215,16 @@ def _rule(
             errors.append(f"{at}: {what} masks: unknown record type {rt!r}")
             continue
         for (path, path_at), mask in entries:
+            schema = record_types[rt].schema
             if path not in record_types[rt].fields:
                 errors.append(f"{path_at}: {what} masks: unknown field {path!r} of {rt}")
-            elif not _is_string_path(rt, path):
+            elif schema is not None and mask not in schema.specs[path].masks:
+                allowed = ", ".join(schema.specs[path].masks) or "none"
+                errors.append(
+                    f"{path_at}: {what} masks: the catalogue lets {rt}.{path} be masked by "
+                    f"{allowed}, not {mask}"
+                )
+            elif schema is None and not _is_string_path(rt, path):
                 errors.append(
                     f"{path_at}: {what} masks: {rt}.{path} is not a text field; "
                     "masks apply to strings only"

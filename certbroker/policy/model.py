@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol
 
+from certbroker.contract.generic import RecordSchema
 from certbroker.errors import InvalidArgument
 from certbroker.policy.hours import DAYS as DAYS  # noqa: PLC0414 - re-exported
 from certbroker.policy.hours import Hours as Hours  # noqa: PLC0414 - re-exported
@@ -132,13 +133,20 @@ class EndpointRule:
 
 @dataclass(frozen=True)
 class RecordType:
-    """A kind of record (a ``Record`` oneof case) and the fields the policy knows, in order."""
+    """A kind of record and the fields the policy knows, in order.
+
+    A contract type (a ``Record`` oneof case) has ``schema`` None; a catalogue-declared type has
+    its declared :class:`~certbroker.contract.generic.RecordSchema` (its records travel as
+    ``Record.generic``, checked against it), and ``fields`` are the schema's field paths.
+    """
 
     name: str
     department: str
     fields: tuple[str, ...]
     cache_ttl_s: int = 0
     limits: RecordLimits = RecordLimits()
+    schema: RecordSchema | None = None
+    label: str = ""
 
 
 @dataclass(frozen=True)

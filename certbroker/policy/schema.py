@@ -21,6 +21,20 @@ evaluates rules in file-name order, then in order within a file::
           max_string_chars: 1024   # characters of one string value (default 1024)
           max_record_bytes: 65536  # the record's wire size (default 64 KiB, at most 1 MiB)
           max_repeated: 64         # items of one repeated field (default 64)
+      - name: housing_fund         # a record type the contract does not have: declared here,
+        label: 住房公积金           # its fields with their types (served as Record.generic)
+        department: housing_fund_center
+        fields:
+          - {name: account_number, type: string, label: 个人公积金账号, personal: true,
+             masks: [last4]}       # masks a rule may apply (string fields only)
+          - {name: account_status, type: enum, label: 账户状态, values: [正常, 封存, 销户]}
+          - {name: balance, type: decimal, label: 账户余额（元）}
+          - name: deposits         # group | repeated_group: fields of their own (paths
+            type: repeated_group   # deposits.month, deposits.amount), nested at most 4 deep
+            label: 缴存记录
+            fields:
+              - {name: month, type: date, label: 缴存月份}
+        # types: string, integer, decimal, boolean, date, timestamp, enum, group, repeated_group
     matters:
       - code: BDC-ZY-001
         name: 不动产转移登记
@@ -66,6 +80,7 @@ from datetime import timedelta
 import yaml
 
 from certbroker.contract import fields as contract
+from certbroker.contract import generic
 from certbroker.policy.hours import DAYS, Hours
 from certbroker.policy.model import (
     CONSENT_METHODS,
@@ -94,6 +109,9 @@ class RecordTypeSpec:
     fields: list[Located]
     cache_ttl_s: int
     limits: RecordLimits = field(default_factory=RecordLimits)
+    #: Declared fields (a catalogue-declared type), None for a contract type's path list.
+    declared: tuple[generic.FieldSpec, ...] | None = None
+    label: str = ""
 
 
 @dataclass
@@ -241,7 +259,7 @@ def _read_record_type(r: Reader, item: yaml.Node, out: Sections) -> None:
         "record type",
         "name",
         required=("department", "fields"),
-        optional=("cache_ttl_s", "limits"),
+        optional=("cache_ttl_s", "limits", "label"),
     )
     if not got:
         return
@@ -251,7 +269,15 @@ def _read_record_type(r: Reader, item: yaml.Node, out: Sections) -> None:
     ttl = r.integer(m["cache_ttl_s"], f"{what} cache_ttl_s") if "cache_ttl_s" in m else 0
     if ttl is not None and ttl < 0:
         r.error(m["cache_ttl_s"], f"{what} cache_ttl_s: must be 0 or more")
-    fields = r.strings(m["fields"], f"{what} fields") if "fields" in m else None
+    fields: list[Located] | None = None
+    declared: tuple[generic.FieldSpec, ...] | None = None
+    if "fields" in m:
+        node = m["fields"]
+        items = node.value if isinstance(node, yaml.SequenceNode) else []
+        if items and all(isinstance(i, yaml.MappingNode) for i in items):
+            declared = _declarations(r, node, f"{what} fields", 1)
+        else:
+            fields = r.strings(node, f"{what} fields")
     out.record_types.append(
         RecordTypeSpec(
             name,
@@ -259,8 +285,77 @@ def _read_record_type(r: Reader, item: yaml.Node, out: Sections) -> None:
             fields or [],
             max(ttl or 0, 0),
             _limits(r, m["limits"], f"{what} limits") if "limits" in m else RecordLimits(),
+            declared,
+            _text(r, m, "label", what),
         )
     )
+
+
+_DECLARATION_KEYS = ("label", "personal", "masks", "values", "fields")
+
+
+def _declarations(
+    r: Reader, node: yaml.Node, what: str, depth: int
+) -> tuple[generic.FieldSpec, ...]:
+    """The field declarations of a catalogue-declared record type (or of one of its groups)."""
+    out: list[generic.FieldSpec] = []
+    seen: set[str] = set()
+    for item in r.sequence(node, what) or []:
+        got = _named(r, item, "field", "name", required=("type",), optional=_DECLARATION_KEYS)
+        if not got:
+            continue
+        m, (name, _at) = got
+        where = f"{what}: field {name}"
+        if generic.NAME.fullmatch(name) is None:
+            r.error(m["name"], f"{where}: names are [a-z][a-z0-9_]*, at most 64 characters")
+        if name in seen:
+            r.error(m["name"], f"{where}: declared twice")
+        seen.add(name)
+        kind = r.string(m["type"], f"{where} type") if "type" in m else None
+        if kind is not None and kind not in generic.FIELD_TYPES:
+            r.error(m["type"], f"{where}: unknown type {kind!r} ({', '.join(generic.FIELD_TYPES)})")
+            kind = None
+        personal = r.boolean(m["personal"], f"{where} personal") if "personal" in m else False
+        masks = (
+            [x for x, _ in r.strings(m["masks"], f"{where} masks") or []] if "masks" in m else []
+        )
+        for mask in masks:
+            if mask not in contract.MASKS:
+                r.error(m["masks"], f"{where}: unknown mask {mask!r} ({', '.join(contract.MASKS)})")
+        if masks and kind is not None and kind not in generic.MASKABLE_TYPES:
+            r.error(m["masks"], f"{where}: masks apply to string fields only")
+        values = (
+            [x for x, _ in r.strings(m["values"], f"{where} values") or []]
+            if ("values" in m)
+            else []
+        )
+        if (kind == "enum") != bool(values):
+            at = m.get("values", m["type"])
+            r.error(at, f"{where}: an enum needs its values; only an enum has values")
+        subfields: tuple[generic.FieldSpec, ...] = ()
+        if kind in generic.GROUP_CASES:
+            if "fields" not in m:
+                r.error(m["type"], f"{where}: a {kind} needs fields")
+            elif depth >= generic.MAX_DEPTH:
+                r.error(m["fields"], f"{where}: groups nest at most {generic.MAX_DEPTH} deep")
+            else:
+                subfields = _declarations(r, m["fields"], f"{where} fields", depth + 1)
+        elif "fields" in m:
+            r.error(m["fields"], f"{where}: only a group or repeated_group has fields")
+        if kind is None:
+            continue
+        out.append(
+            generic.FieldSpec(
+                name,
+                kind,
+                label=_text(r, m, "label", where),
+                personal=bool(personal),
+                masks=tuple(masks),
+                values=tuple(values),
+                fields=subfields,
+            )
+        )
+    return tuple(out)
 
 
 #: Each ``limits`` key and its largest value.

@@ -14,7 +14,10 @@ cached or released, :func:`accept` checks it against the contract and the reques
 * the record is within its record type's :class:`~certbroker.policy.RecordLimits`
   (``RECORD_TOO_LARGE``, ``STRING_TOO_LONG``, ``TOO_MANY_ITEMS``, naming the field path);
 * fields the broker's contract does not know (an adapter on a newer schema, or one smuggling
-  data) are dropped, in nested messages too.
+  data) are dropped, in nested messages too;
+* a record of a catalogue-declared type (``Record.generic``) holds only fields its catalogue
+  schema declares, each of its declared type and a valid value of it (``UNDECLARED_FIELD``,
+  ``DUPLICATE_FIELD``, ``WRONG_TYPE``, ``BAD_VALUE``; :func:`certbroker.contract.generic.check`).
 
 A reply that fails is :func:`bad_response`: UNAVAILABLE ``ADAPTER_BAD_RESPONSE`` naming the
 department and the ``problem`` (and ``field``), which counts against the department's circuit
@@ -36,6 +39,8 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from certbroker import errors
+from certbroker.contract import fields as record_fields
+from certbroker.contract import generic
 from certbroker.contract.reasons import ADAPTER_REASONS
 from certbroker.policy import RecordLimits
 from certbroker.v1 import adapter_pb2, records_pb2
@@ -97,12 +102,13 @@ def accept(
     subject_id: str,
     limits: RecordLimits,
     now: dt.datetime | None = None,
+    schema: generic.RecordSchema | None = None,
 ) -> tuple[records_pb2.Record, dt.datetime]:
     """The reply's record (unknown fields dropped) and ``as_of``, if it answers the request
     within ``limits``; else :class:`BadReply` (see the module docstring). ``now`` (aware)
-    defaults to the current time."""
+    defaults to the current time; ``schema`` is the catalogue's of a declared record type."""
     record = reply.record
-    if record.WhichOneof("record") != record_type:
+    if record_fields.record_type_of(record) != record_type:
         raise BadReply("WRONG_RECORD_TYPE")
     if not reply.subject_id:
         raise BadReply("SUBJECT_MISSING")
@@ -116,17 +122,36 @@ def accept(
         raise BadReply("AS_OF_INVALID") from None
     if as_of > (now or dt.datetime.now(dt.UTC)) + AS_OF_MAX_AHEAD:
         raise BadReply("AS_OF_INVALID")
-    check_record(record, record_type, limits)
+    check_record(record, record_type, limits, schema)
     record.DiscardUnknownFields()  # recursive: nested messages' unknown fields go too
     return record, as_of
 
 
-def check_record(record: records_pb2.Record, record_type: str, limits: RecordLimits) -> None:
+def check_record(
+    record: records_pb2.Record,
+    record_type: str,
+    limits: RecordLimits,
+    schema: generic.RecordSchema | None = None,
+) -> None:
     """Raise :class:`BadReply` unless ``record`` (as the adapter sent it, unknown fields
-    included) is within ``limits``: its size, every string value and every repeated field."""
+    included) is within ``limits``: its size, every string value and every repeated field; and,
+    for a catalogue-declared type (``schema``), unless it matches its schema."""
     size = record.ByteSize()
     if size > limits.max_record_bytes:
         raise BadReply("RECORD_TOO_LARGE")
+    if record.WhichOneof("record") == record_fields.GENERIC_CASE or schema is not None:
+        if schema is None or record.WhichOneof("record") != record_fields.GENERIC_CASE:
+            raise BadReply("WRONG_RECORD_TYPE")  # a typed record type sent as generic, or back
+        try:
+            generic.check(
+                record.generic,
+                schema,
+                max_string_chars=limits.max_string_chars,
+                max_repeated=limits.max_repeated,
+            )
+        except generic.SchemaViolation as bad:
+            raise BadReply(bad.problem, bad.path) from None
+        return
     # A string of N characters takes at least N bytes on the wire, an item of a repeated field
     # at least one: a record smaller than a limit cannot break it. Typical records are a few
     # hundred bytes, so usually only the repeated fields are counted (from the descriptors,

@@ -45,6 +45,7 @@ import grpc
 from certbroker import errors
 from certbroker.adapters import sdk
 from certbroker.config import AdapterRoute
+from certbroker.contract.generic import RecordSchema
 from certbroker.policy import RecordLimits
 from certbroker.routing import replies
 from certbroker.routing.breaker import BreakerBoard, CircuitBreaker, Outcome
@@ -94,7 +95,8 @@ class RecordSource(Protocol):
 
     ``timeout_s`` is the remaining budget: the fetch, retries included, answers or fails with
     DEADLINE_EXCEEDED ``ADAPTER_TIMEOUT`` within it. ``limits`` are the record type's in the
-    policy in force: a record over them is UNAVAILABLE ``ADAPTER_BAD_RESPONSE``.
+    policy in force: a record over them is UNAVAILABLE ``ADAPTER_BAD_RESPONSE``; so is a record
+    of a catalogue-declared type that does not match ``schema``, the catalogue's.
     """
 
     async def fetch(
@@ -105,6 +107,7 @@ class RecordSource(Protocol):
         decision_id: str,
         timeout_s: float,
         limits: RecordLimits = DEFAULT_LIMITS,
+        schema: RecordSchema | None = None,
     ) -> Fetched: ...
 
     async def aclose(self) -> None: ...
@@ -132,6 +135,7 @@ class InProcessSource:
         decision_id: str,
         timeout_s: float,
         limits: RecordLimits = DEFAULT_LIMITS,
+        schema: RecordSchema | None = None,
     ) -> Fetched:
         if timeout_s <= 0:
             raise adapter_timeout(self._department)
@@ -143,7 +147,7 @@ class InProcessSource:
                 exc.reason, f"{self._department}: {exc.message}", department=self._department
             ) from None
         try:  # the same limits as a remote department's: one rule for every source
-            replies.check_record(record, record_type, limits)
+            replies.check_record(record, record_type, limits, schema)
         except replies.BadReply as bad:
             raise replies.bad_response(self._department, bad) from None
         return Fetched(record, dt.datetime.now(dt.UTC))
@@ -190,6 +194,7 @@ class RemoteSource:
         decision_id: str,
         timeout_s: float,
         limits: RecordLimits = DEFAULT_LIMITS,
+        schema: RecordSchema | None = None,
     ) -> Fetched:
         if timeout_s <= 0:
             raise adapter_timeout(self._department)
@@ -197,7 +202,13 @@ class RemoteSource:
         outcome = Outcome.NEUTRAL  # cancelled (caller gone, bundle deadline): no news
         try:
             fetched = await self._call(
-                record_type, subject_id, fields, decision_id, time.monotonic() + timeout_s, limits
+                record_type,
+                subject_id,
+                fields,
+                decision_id,
+                time.monotonic() + timeout_s,
+                limits,
+                schema,
             )
             outcome = Outcome.SUCCESS
             return fetched
@@ -217,6 +228,7 @@ class RemoteSource:
         decision_id: str,
         deadline: float,
         limits: RecordLimits,
+        schema: RecordSchema | None = None,
     ) -> Fetched:
         dept = self._department
         endpoints = list(self._endpoints(record_type))
@@ -260,6 +272,7 @@ class RemoteSource:
                     record_type=record_type,
                     subject_id=subject_id,
                     limits=limits,
+                    schema=schema,
                 )
             except replies.BadReply as bad:
                 log.warning("%s instance %s: bad %s response: %s", dept, endpoint, record_type, bad)
@@ -356,25 +369,47 @@ def adapter_timeout(department: str) -> errors.BrokerError:
     )
 
 
+#: Builds the source of a catalogue-declared record type for its department (or None: no route).
+DeclaredSources = Callable[[str, str], "RecordSource | None"]
+
+
 class Router:
-    """Record type → source, built once from the configuration."""
+    """Record type → source: the configured routes, built once from the configuration, and the
+    catalogue-declared record types' sources, built on their first lookup by ``declared``
+    (record type, department) and kept per (record type, department), so a policy reload that
+    declares a type routes it without a restart."""
 
     def __init__(
-        self, sources: Mapping[str, RecordSource], *, channels: AdapterChannels | None = None
+        self,
+        sources: Mapping[str, RecordSource],
+        *,
+        channels: AdapterChannels | None = None,
+        declared: DeclaredSources | None = None,
     ) -> None:
         self._sources = dict(sources)
         self._channels = channels
+        self._declared = declared
+        self._declared_sources: dict[tuple[str, str], RecordSource] = {}
 
-    def source(self, record_type: str) -> RecordSource:
-        try:
-            return self._sources[record_type]
-        except KeyError:
+    def source(self, record_type: str, department: str = "") -> RecordSource:
+        """The source of ``record_type``; ``department`` (the policy's, for the call) routes a
+        catalogue-declared type. UNAVAILABLE ``NO_ROUTE`` when there is none."""
+        found = self._sources.get(record_type)
+        if found is None and self._declared is not None and department:
+            key = (record_type, department)
+            found = self._declared_sources.get(key)
+            if found is None:
+                found = self._declared(record_type, department)
+                if found is not None:
+                    self._declared_sources[key] = found
+        if found is None:
             raise errors.Unavailable(
                 "NO_ROUTE", f"no department adapter is configured for {record_type}"
-            ) from None
+            )
+        return found
 
     async def aclose(self) -> None:
-        for source in self._sources.values():
+        for source in [*self._sources.values(), *self._declared_sources.values()]:
             await source.aclose()
         if self._channels is not None:
             await self._channels.aclose()
@@ -422,10 +457,29 @@ def build_router(
     ``credentials`` (TLS) for their channels; "registry" routes need ``registry``, and dial
     only the registered endpoints ``endpoint_allowed(department, endpoint)`` accepts.
     ``timeout_s`` is the configured adapter timeout (see :class:`RemoteSource`).
+
+    Catalogue-declared record types (no route of their own: the configuration names contract
+    types only) are routed on their first lookup (:func:`declared_source`).
     """
     sources: dict[str, RecordSource] = {}
     datasets_ready = False
-    shared: AdapterChannels | None = None
+    # One pool for every registry route (declared types included); channels to deregistered
+    # endpoints are closed.
+    shared = AdapterChannels(credentials, keep=registry.endpoints) if registry else None
+
+    def declared(record_type: str, department: str) -> RecordSource | None:
+        return declared_source(
+            record_type,
+            department,
+            dataset_dir,
+            registry=registry,
+            channels=shared,
+            signer=signer,
+            breaker=breakers.breaker(department) if breakers else None,
+            timeout_s=timeout_s,
+            endpoint_allowed=endpoint_allowed,
+        )
+
     for record_type, route in routes.items():
         department = departments.get(record_type, record_type)
         breaker = breakers.breaker(department) if breakers else None
@@ -442,8 +496,7 @@ def build_router(
         if route.mode == "registry":
             if registry is None:
                 raise ValueError(f"{record_type}: mode 'registry' needs the registry")
-            # One pool for every registry route; channels to deregistered endpoints are closed.
-            shared = shared or AdapterChannels(credentials, keep=registry.endpoints)
+            assert shared is not None  # made above whenever there is a registry
             sources[record_type] = RemoteSource(
                 department,
                 _live(registry, department, endpoint_allowed),
@@ -462,4 +515,56 @@ def build_router(
         sources[record_type] = InProcessSource(
             demo.open_adapter(record_type, dataset_dir), department
         )
-    return Router(sources, channels=shared)
+    return Router(sources, channels=shared, declared=declared)
+
+
+def declared_source(
+    record_type: str,
+    department: str,
+    dataset_dir: Path,
+    *,
+    registry: LiveEndpoints | None,
+    channels: AdapterChannels | None,
+    signer: DecisionSigner | None,
+    breaker: CircuitBreaker | None,
+    timeout_s: float,
+    endpoint_allowed: EndpointFilter | None,
+) -> RecordSource | None:
+    """The source of a catalogue-declared record type: the SQL adapter configured by
+    ``<dataset_dir>/<record_type>.toml`` in process when that file exists (the embedded demo
+    path: ``certbroker.adapters.demo.ensure_datasets`` writes the shipped declared types' data
+    and configurations there), else the instances ``department`` registered with the Registry.
+    None without either (the lookup is UNAVAILABLE ``NO_ROUTE``)."""
+    config = dataset_dir / f"{record_type}.toml"
+    if config.is_file():
+        # Only the embedded path needs the SQL adapter.
+        from certbroker.adapters.sql.adapter import SqlAdapter
+        from certbroker.adapters.sql.config import ConfigError
+
+        try:
+            adapter = SqlAdapter.from_file(config)
+        except (ConfigError, OSError) as exc:
+            log.error("%s: cannot serve %s in process: %s", config, record_type, exc)
+            return None
+        if adapter.record_type != record_type or adapter.department != department:
+            log.error(
+                "%s: serves %s of %s, not %s of %s",
+                config,
+                adapter.record_type,
+                adapter.department,
+                record_type,
+                department,
+            )
+            adapter.close()
+            return None
+        return InProcessSource(adapter, department)
+    if registry is None or channels is None:
+        return None
+    return RemoteSource(
+        department,
+        _live(registry, department, endpoint_allowed),
+        channels,
+        signer=signer,
+        breaker=breaker,
+        full_budget_s=timeout_s,
+    )

@@ -563,3 +563,140 @@ class LookupMatterResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LookupMatterResponse: _TypeAlias = LookupMatterResponse  # noqa: Y015
+
+@_typing.final
+class DescribeRecordTypeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORD_TYPE_FIELD_NUMBER: _builtins.int
+    record_type: _builtins.str
+    """empty = every record type of the policy in force"""
+    def __init__(
+        self,
+        *,
+        record_type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["record_type", b"record_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DescribeRecordTypeRequest: _TypeAlias = DescribeRecordTypeRequest  # noqa: Y015
+
+@_typing.final
+class FieldSchema(_message.Message):
+    """One field of a record type. For a group or repeated group, `fields` are its own fields."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    PERSONAL_FIELD_NUMBER: _builtins.int
+    MASKS_FIELD_NUMBER: _builtins.int
+    ENUM_VALUES_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """the field's name at its level"""
+    path: _builtins.str
+    """its field path ("deposits.amount"); a group's own name"""
+    type: _builtins.str
+    """string | integer | decimal | boolean | date | timestamp | enum |"""
+    label: _builtins.str
+    """group | repeated_group (typed records: the closest of these)
+    Chinese label for display (catalogue-declared types)
+    """
+    personal: _builtins.bool
+    """personal data (个人信息)"""
+    @_builtins.property
+    def masks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """masks a rule may apply to it"""
+
+    @_builtins.property
+    def enum_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """enum only"""
+
+    @_builtins.property
+    def fields(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldSchema]:
+        """group and repeated_group only"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        path: _builtins.str = ...,
+        type: _builtins.str = ...,
+        label: _builtins.str = ...,
+        personal: _builtins.bool = ...,
+        masks: _abc.Iterable[_builtins.str] | None = ...,
+        enum_values: _abc.Iterable[_builtins.str] | None = ...,
+        fields: _abc.Iterable[Global___FieldSchema] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enum_values", b"enum_values", "fields", b"fields", "label", b"label", "masks", b"masks", "name", b"name", "path", b"path", "personal", b"personal", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FieldSchema: _TypeAlias = FieldSchema  # noqa: Y015
+
+@_typing.final
+class RecordTypeSchema(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    DEPARTMENT_FIELD_NUMBER: _builtins.int
+    GENERIC_FIELD_NUMBER: _builtins.int
+    CACHE_TTL_S_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    label: _builtins.str
+    department: _builtins.str
+    generic: _builtins.bool
+    """served as Record.generic (catalogue-declared), else a typed Record case"""
+    cache_ttl_s: _builtins.int
+    @_builtins.property
+    def fields(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldSchema]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        label: _builtins.str = ...,
+        department: _builtins.str = ...,
+        generic: _builtins.bool = ...,
+        cache_ttl_s: _builtins.int = ...,
+        fields: _abc.Iterable[Global___FieldSchema] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_ttl_s", b"cache_ttl_s", "department", b"department", "fields", b"fields", "generic", b"generic", "label", b"label", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordTypeSchema: _TypeAlias = RecordTypeSchema  # noqa: Y015
+
+@_typing.final
+class DescribeRecordTypeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORD_TYPES_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    policy_version: _builtins.str
+    @_builtins.property
+    def record_types(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordTypeSchema]: ...
+    def __init__(
+        self,
+        *,
+        record_types: _abc.Iterable[Global___RecordTypeSchema] | None = ...,
+        policy_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy_version", b"policy_version", "record_types", b"record_types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DescribeRecordTypeResponse: _TypeAlias = DescribeRecordTypeResponse  # noqa: Y015

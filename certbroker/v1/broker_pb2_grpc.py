@@ -52,6 +52,11 @@ class CertificateBrokerStub:
                 request_serializer=certbroker_dot_v1_dot_broker__pb2.LookupMatterRequest.SerializeToString,
                 response_deserializer=certbroker_dot_v1_dot_broker__pb2.LookupMatterResponse.FromString,
                 _registered_method=True)
+        self.DescribeRecordType = channel.unary_unary(
+                '/certbroker.v1.CertificateBroker/DescribeRecordType',
+                request_serializer=certbroker_dot_v1_dot_broker__pb2.DescribeRecordTypeRequest.SerializeToString,
+                response_deserializer=certbroker_dot_v1_dot_broker__pb2.DescribeRecordTypeResponse.FromString,
+                _registered_method=True)
 
 
 class CertificateBrokerServicer:
@@ -84,6 +89,14 @@ class CertificateBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DescribeRecordType(self, request, context):
+        """The schema of record types (fields, types, Chinese labels), so counter software can
+        render any record, catalogue-declared ones included. Not audited (no citizen involved).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CertificateBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -101,6 +114,11 @@ def add_CertificateBrokerServicer_to_server(servicer, server):
                     servicer.LookupMatter,
                     request_deserializer=certbroker_dot_v1_dot_broker__pb2.LookupMatterRequest.FromString,
                     response_serializer=certbroker_dot_v1_dot_broker__pb2.LookupMatterResponse.SerializeToString,
+            ),
+            'DescribeRecordType': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeRecordType,
+                    request_deserializer=certbroker_dot_v1_dot_broker__pb2.DescribeRecordTypeRequest.FromString,
+                    response_serializer=certbroker_dot_v1_dot_broker__pb2.DescribeRecordTypeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -187,6 +205,33 @@ class CertificateBroker:
             '/certbroker.v1.CertificateBroker/LookupMatter',
             certbroker_dot_v1_dot_broker__pb2.LookupMatterRequest.SerializeToString,
             certbroker_dot_v1_dot_broker__pb2.LookupMatterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeRecordType(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/certbroker.v1.CertificateBroker/DescribeRecordType',
+            certbroker_dot_v1_dot_broker__pb2.DescribeRecordTypeRequest.SerializeToString,
+            certbroker_dot_v1_dot_broker__pb2.DescribeRecordTypeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,10 @@ class CertificateBrokerStub:
     Or a package of matters (一件事, `package_code`): every record each member matter needs,
     each item decided under its own matter, a record several members need fetched once.
     """
+    DescribeRecordType: _grpc.UnaryUnaryMultiCallable[_broker_pb2.DescribeRecordTypeRequest, _broker_pb2.DescribeRecordTypeResponse]
+    """The schema of record types (fields, types, Chinese labels), so counter software can
+    render any record, catalogue-declared ones included. Not audited (no citizen involved).
+    """
 
 @_typing.type_check_only
 class CertificateBrokerAsyncStub(CertificateBrokerStub):
@@ -64,6 +68,10 @@ class CertificateBrokerAsyncStub(CertificateBrokerStub):
     subject, fetched in parallel. One item failing never fails the others.
     Or a package of matters (一件事, `package_code`): every record each member matter needs,
     each item decided under its own matter, a record several members need fetched once.
+    """
+    DescribeRecordType: _aio.UnaryUnaryMultiCallable[_broker_pb2.DescribeRecordTypeRequest, _broker_pb2.DescribeRecordTypeResponse]  # type: ignore[assignment]
+    """The schema of record types (fields, types, Chinese labels), so counter software can
+    render any record, catalogue-declared ones included. Not audited (no citizen involved).
     """
 
 class CertificateBrokerServicer(metaclass=_abc_1.ABCMeta):
@@ -98,6 +106,16 @@ class CertificateBrokerServicer(metaclass=_abc_1.ABCMeta):
         subject, fetched in parallel. One item failing never fails the others.
         Or a package of matters (一件事, `package_code`): every record each member matter needs,
         each item decided under its own matter, a record several members need fetched once.
+        """
+
+    @_abc_1.abstractmethod
+    def DescribeRecordType(
+        self,
+        request: _broker_pb2.DescribeRecordTypeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.DescribeRecordTypeResponse, _abc.Awaitable[_broker_pb2.DescribeRecordTypeResponse]]:
+        """The schema of record types (fields, types, Chinese labels), so counter software can
+        render any record, catalogue-declared ones included. Not audited (no citizen involved).
         """
 
 def add_CertificateBrokerServicer_to_server(servicer: CertificateBrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

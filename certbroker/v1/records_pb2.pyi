@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -404,8 +405,147 @@ class MarriageRecord(_message.Message):
 Global___MarriageRecord: _TypeAlias = MarriageRecord  # noqa: Y015
 
 @_typing.final
+class GenericRecord(_message.Message):
+    """A record of a type declared in the policy catalogue alone (no message of its own here):
+    征信 (credit), 住房公积金 (housing_fund), ... Its fields are the catalogue's declarations,
+    each value carrying its declared type. Field paths as for the typed records: top-level
+    fields by name (`balance`), fields of a group or of each item of a repeated group with a dot
+    (`deposits.amount`). DescribeRecordType gives each declared type's schema (types, Chinese
+    labels), so counter software can render any record.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORD_TYPE_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    record_type: _builtins.str
+    """the catalogue name, e.g. "housing_fund" """
+    @_builtins.property
+    def fields(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldValue]:
+        """in declaration order; a field withheld by policy is absent"""
+
+    def __init__(
+        self,
+        *,
+        record_type: _builtins.str = ...,
+        fields: _abc.Iterable[Global___FieldValue] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "record_type", b"record_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenericRecord: _TypeAlias = GenericRecord  # noqa: Y015
+
+@_typing.final
+class FieldValue(_message.Message):
+    """One field of a GenericRecord (or of a group). Presence as for the typed records: a field
+    withheld by policy is absent; a field released without a value is present with no `value`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    STRING_VALUE_FIELD_NUMBER: _builtins.int
+    INTEGER_VALUE_FIELD_NUMBER: _builtins.int
+    DECIMAL_VALUE_FIELD_NUMBER: _builtins.int
+    BOOLEAN_VALUE_FIELD_NUMBER: _builtins.int
+    DATE_VALUE_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_VALUE_FIELD_NUMBER: _builtins.int
+    ENUM_VALUE_FIELD_NUMBER: _builtins.int
+    GROUP_VALUE_FIELD_NUMBER: _builtins.int
+    GROUP_LIST_VALUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """the field's own name at its level (not the dotted path)"""
+    string_value: _builtins.str
+    integer_value: _builtins.int
+    decimal_value: _builtins.str
+    """decimal text, e.g. "-12.50" (no exponent, no float rounding)"""
+    boolean_value: _builtins.bool
+    date_value: _builtins.str
+    """YYYY-MM-DD"""
+    enum_value: _builtins.str
+    """one of the declared values"""
+    @_builtins.property
+    def timestamp_value(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def group_value(self) -> Global___FieldGroup:
+        """a nested group"""
+
+    @_builtins.property
+    def group_list_value(self) -> Global___FieldGroupList:
+        """a repeated group"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        string_value: _builtins.str = ...,
+        integer_value: _builtins.int = ...,
+        decimal_value: _builtins.str = ...,
+        boolean_value: _builtins.bool = ...,
+        date_value: _builtins.str = ...,
+        timestamp_value: _timestamp_pb2.Timestamp | None = ...,
+        enum_value: _builtins.str = ...,
+        group_value: Global___FieldGroup | None = ...,
+        group_list_value: Global___FieldGroupList | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["boolean_value", b"boolean_value", "date_value", b"date_value", "decimal_value", b"decimal_value", "enum_value", b"enum_value", "group_list_value", b"group_list_value", "group_value", b"group_value", "integer_value", b"integer_value", "string_value", b"string_value", "timestamp_value", b"timestamp_value", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boolean_value", b"boolean_value", "date_value", b"date_value", "decimal_value", b"decimal_value", "enum_value", b"enum_value", "group_list_value", b"group_list_value", "group_value", b"group_value", "integer_value", b"integer_value", "name", b"name", "string_value", b"string_value", "timestamp_value", b"timestamp_value", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_value: _TypeAlias = _typing.Literal["string_value", "integer_value", "decimal_value", "boolean_value", "date_value", "timestamp_value", "enum_value", "group_value", "group_list_value"]  # noqa: Y015
+    _WhichOneofArgType_value: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_value) -> _WhichOneofReturnType_value | None: ...
+
+Global___FieldValue: _TypeAlias = FieldValue  # noqa: Y015
+
+@_typing.final
+class FieldGroup(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIELDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def fields(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldValue]: ...
+    def __init__(
+        self,
+        *,
+        fields: _abc.Iterable[Global___FieldValue] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FieldGroup: _TypeAlias = FieldGroup  # noqa: Y015
+
+@_typing.final
+class FieldGroupList(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldGroup]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___FieldGroup] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FieldGroupList: _TypeAlias = FieldGroupList  # noqa: Y015
+
+@_typing.final
 class Record(_message.Message):
-    """One record; the oneof case name is the record type name used in policies/."""
+    """One record; the oneof case name is the record type name used in policies/, except
+    `generic`, which holds every catalogue-declared type (its name in `generic.record_type`).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -413,6 +553,7 @@ class Record(_message.Message):
     SOCIAL_SECURITY_FIELD_NUMBER: _builtins.int
     PROPERTY_FIELD_NUMBER: _builtins.int
     MARRIAGE_FIELD_NUMBER: _builtins.int
+    GENERIC_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def household(self) -> Global___HouseholdRecord: ...
     @_builtins.property
@@ -421,6 +562,8 @@ class Record(_message.Message):
     def property(self) -> Global___PropertyRecord: ...
     @_builtins.property
     def marriage(self) -> Global___MarriageRecord: ...
+    @_builtins.property
+    def generic(self) -> Global___GenericRecord: ...
     def __init__(
         self,
         *,
@@ -428,12 +571,13 @@ class Record(_message.Message):
         social_security: Global___SocialSecurityRecord | None = ...,
         property: Global___PropertyRecord | None = ...,
         marriage: Global___MarriageRecord | None = ...,
+        generic: Global___GenericRecord | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["household", b"household", "marriage", b"marriage", "property", b"property", "record", b"record", "social_security", b"social_security"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["generic", b"generic", "household", b"household", "marriage", b"marriage", "property", b"property", "record", b"record", "social_security", b"social_security"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["household", b"household", "marriage", b"marriage", "property", b"property", "record", b"record", "social_security", b"social_security"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generic", b"generic", "household", b"household", "marriage", b"marriage", "property", b"property", "record", b"record", "social_security", b"social_security"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_record: _TypeAlias = _typing.Literal["household", "social_security", "property", "marriage"]  # noqa: Y015
+    _WhichOneofReturnType_record: _TypeAlias = _typing.Literal["household", "social_security", "property", "marriage", "generic"]  # noqa: Y015
     _WhichOneofArgType_record: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_record) -> _WhichOneofReturnType_record | None: ...
 

@@ -27,7 +27,11 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> policy.PolicySet:
 def test_the_catalogue_has_hall_scale(synthetic: policy.PolicySet) -> None:
     assert len(synthetic.matters) == hall.MATTERS == 1000
     assert len(synthetic.roles) == hall.ROLES == 50
-    assert set(synthetic.record_types) == {"household", "social_security", "property", "marriage"}
+    assert len(synthetic.record_types) == hall.RECORD_TYPES_WANTED == 60
+    assert {"household", "social_security", "property", "marriage"} < set(synthetic.record_types)
+    declared = [rt for rt in synthetic.record_types.values() if rt.schema is not None]
+    assert len(declared) == 56  # credit, housing fund and the generated ones
+    assert all(any(rt in m.needs for m in synthetic.matters.values()) for rt in ("rt_00", "rt_53"))
     # Rules in about the shipped set's proportion (18 for 32 matters).
     assert 0.4 <= len(synthetic.rules) / len(synthetic.matters) <= 1.0
     assert all(synthetic.matters[code] for rule in synthetic.rules for code in rule.matters)

@@ -171,6 +171,7 @@ def valid_requests(couple: tuple[str, str]) -> dict[str, Message]:
     return {
         "Lookup": client.lookup_request("household", subject, "BDC-ZY-001", CASE),
         "ListMatters": broker_pb2.ListMattersRequest(),
+        "DescribeRecordType": broker_pb2.DescribeRecordTypeRequest(record_type="housing_fund"),
         "LookupMatter": client.lookup_matter_request("BDC-ZY-001", CASE, [(subject, "seller")]),
         "Query": audit_pb2.QueryRequest(clerk="clerk-001", page_size=5),
         "CitizenReport": audit_pb2.CitizenReportRequest(subject_id=subject),

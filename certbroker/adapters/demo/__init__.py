@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from certbroker.adapters.demo import synthetic
+from certbroker.adapters.demo import declared, synthetic
 from certbroker.adapters.demo.household import HouseholdAdapter
 from certbroker.adapters.demo.marriage import MarriageAdapter
 from certbroker.adapters.demo.property import PropertyAdapter
@@ -24,9 +24,22 @@ ADAPTERS: dict[str, Callable[[Path], Adapter]] = {
 
 def ensure_datasets(dataset_dir: Path) -> None:
     """Generate the default synthetic datasets unless all four are already in ``dataset_dir``
-    (whatever their seed and size: a test may have generated a smaller population)."""
+    (whatever their seed and size: a test may have generated a smaller population), and the
+    catalogue-declared demo types' datasets and SQL adapter configurations
+    (:mod:`certbroker.adapters.demo.declared`) unless they are there."""
     if not all(synthetic.dataset_path(dataset_dir, rt).is_file() for rt in synthetic.DATASETS):
         synthetic.generate(dataset_dir)
+    if not all(
+        (dataset_dir / f"{rt}.sqlite").is_file() and declared.config_path(dataset_dir, rt).is_file()
+        for rt in declared.DECLARED
+    ):
+        declared.generate(dataset_dir, citizens=_citizens(dataset_dir), seed=synthetic.DEFAULT_SEED)
+
+
+def _citizens(dataset_dir: Path) -> int:
+    """The population size the four datasets were generated for (a test's may be smaller)."""
+    meta = synthetic.stored_meta(synthetic.dataset_path(dataset_dir, "household")) or {}
+    return int(meta.get("citizens", synthetic.DEFAULT_CITIZENS))
 
 
 def open_adapter(record_type: str, dataset_dir: Path) -> Adapter:

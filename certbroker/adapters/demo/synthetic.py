@@ -128,6 +128,11 @@ def _meta(record_type: str, citizens: int, seed: int) -> dict[str, str]:
     }
 
 
+def stored_meta(path: Path) -> dict[str, str] | None:
+    """The ``meta`` table of a dataset (seed, citizens, ...), None if it is not one."""
+    return _stored_meta(path)
+
+
 def _stored_meta(path: Path) -> dict[str, str] | None:
     if not path.is_file():
         return None

@@ -44,6 +44,7 @@ from certbroker.adapters.sdk.core import (
     check_fields,
     fetch_record,
     rich_status,
+    schema_of,
     to_record,
 )
 from certbroker.adapters.sdk.metrics import AdapterMetrics
@@ -96,6 +97,7 @@ __all__ = [
     "main",
     "options_from_args",
     "rich_status",
+    "schema_of",
     "serve",
     "server_credentials",
     "thumbprint",

@@ -26,7 +26,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from certbroker.contract import fields as record_fields
-from certbroker.contract import resident_id
+from certbroker.contract import generic, resident_id
 from certbroker.v1 import records_pb2
 
 #: ErrorInfo domain of every error an adapter reports; the reasons are part of the contract.
@@ -71,6 +71,10 @@ class Adapter(Protocol):
     #: Record type served, a ``Record`` oneof case name, e.g. ``"household"``.
     record_type: str
 
+    # A catalogue-declared record type's adapter also has ``schema``, a
+    # certbroker.contract.generic.RecordSchema (see schema_of): not declared here, so that the
+    # adapters of the typed records need not have it.
+
     def fetch(self, subject_id: str, fields: Sequence[str]) -> Mapping[str, Any]:
         """The citizen's record as a dict shaped like the record message.
 
@@ -114,12 +118,31 @@ class SqliteSource:
             self._conn.close()
 
 
-def check_fields(record_type: str, fields: Iterable[str]) -> tuple[str, ...]:
+def schema_of(adapter: Adapter) -> generic.RecordSchema | None:
+    """The adapter's declared schema (its ``schema`` attribute) if it serves a
+    catalogue-declared record type, else None; ``ValueError`` if the schema is not one of
+    ``adapter.record_type`` or a typed record type has one."""
+    schema = getattr(adapter, "schema", None)
+    if schema is None:
+        return None
+    if not isinstance(schema, generic.RecordSchema) or schema.record_type != adapter.record_type:
+        raise ValueError(f"{adapter.record_type}: schema is not a RecordSchema of it")
+    if adapter.record_type in record_fields.RECORD_TYPES:
+        raise ValueError(f"{adapter.record_type} is a typed record type: it has no schema")
+    return schema
+
+
+def check_fields(
+    record_type: str, fields: Iterable[str], schema: generic.RecordSchema | None = None
+) -> tuple[str, ...]:
     """The requested field paths, de-duplicated; raises :class:`InvalidRequest` on an unknown
-    record type or field."""
-    if record_type not in record_fields.RECORD_TYPES:
+    record type or field. ``schema``: that of a catalogue-declared record type."""
+    if schema is not None:
+        known = set(schema.paths)
+    elif record_type not in record_fields.RECORD_TYPES:
         raise InvalidRequest("UNKNOWN_RECORD_TYPE", f"unknown record type {record_type!r}")
-    known = set(record_fields.field_paths(record_type))
+    else:
+        known = set(record_fields.field_paths(record_type))
     wanted = tuple(dict.fromkeys(fields))
     unknown = [f for f in wanted if f not in known]
     if unknown:
@@ -128,19 +151,32 @@ def check_fields(record_type: str, fields: Iterable[str]) -> tuple[str, ...]:
 
 
 def to_record(
-    record_type: str, data: Mapping[str, Any], fields: Sequence[str]
+    record_type: str,
+    data: Mapping[str, Any],
+    fields: Sequence[str],
+    schema: generic.RecordSchema | None = None,
 ) -> records_pb2.Record:
     """The typed ``Record`` holding exactly the asked ``fields`` of ``data``.
 
     A field not asked for is absent whatever ``data`` holds. A scalar asked for but missing or
     ``None`` in ``data`` is present with its empty value, so a caller can tell "withheld" (absent)
-    from "asked, and empty" (present, ``""``/``0``/``false``).
+    from "asked, and empty" (present, ``""``/``0``/``false``). With ``schema`` (a
+    catalogue-declared type), the record is ``Record.generic``, values converted to their
+    declared types (:func:`certbroker.contract.generic.build`; a value asked for but missing is
+    present without a value).
     """
-    return _build(record_type, data, check_fields(record_type, fields))
+    return _build(record_type, data, check_fields(record_type, fields, schema), schema)
 
 
-def _build(record_type: str, data: Mapping[str, Any], wanted: Sequence[str]) -> records_pb2.Record:
+def _build(
+    record_type: str,
+    data: Mapping[str, Any],
+    wanted: Sequence[str],
+    schema: generic.RecordSchema | None = None,
+) -> records_pb2.Record:
     # ``wanted`` is already checked (check_fields).
+    if schema is not None:
+        return records_pb2.Record(generic=generic.build(schema, data, wanted))
     message = record_fields.RECORD_TYPES[record_type]()
     # json_format.ParseDict with None entries dropped, set directly for plain records.
     record_fields.from_dict(data, message)
@@ -178,8 +214,9 @@ def fetch_record(adapter: Adapter, subject_id: str, fields: Sequence[str]) -> re
     problem = resident_id.problem(subject_id)
     if problem is not None:
         raise InvalidRequest("BAD_SUBJECT_ID", f"subject_id is not a valid resident ID: {problem}")
-    wanted = check_fields(adapter.record_type, fields)
-    return _build(adapter.record_type, adapter.fetch(subject_id, wanted), wanted)
+    schema = schema_of(adapter)
+    wanted = check_fields(adapter.record_type, fields, schema)
+    return _build(adapter.record_type, adapter.fetch(subject_id, wanted), wanted, schema)
 
 
 def rich_status(error: AdapterError, **metadata: str) -> grpc.Status:

@@ -28,6 +28,7 @@ from certbroker.adapters.sdk.core import (
     InvalidRequest,
     fetch_record,
     rich_status,
+    schema_of,
 )
 from certbroker.adapters.sdk.metrics import AdapterMetrics
 from certbroker.adapters.sdk.token import (
@@ -69,8 +70,11 @@ class AdapterService(adapter_pb2_grpc.DepartmentAdapterServicer):
     ) -> None:
         self._adapters: dict[str, Adapter] = {}
         for adapter in adapters:
-            if adapter.record_type not in record_fields.RECORD_TYPES:
-                raise ValueError(f"unknown record type {adapter.record_type!r}")
+            if adapter.record_type not in record_fields.RECORD_TYPES and schema_of(adapter) is None:
+                raise ValueError(
+                    f"unknown record type {adapter.record_type!r} (a catalogue-declared type's "
+                    "adapter needs its schema)"
+                )
             if adapter.record_type in self._adapters:
                 raise ValueError(f"two adapters for record type {adapter.record_type!r}")
             self._adapters[adapter.record_type] = adapter

@@ -8,7 +8,7 @@ The configuration (every key is checked; errors name the file and the key)::
 
     [adapter]
     department = "natural_resources"          # the department serving the records
-    record_type = "property"                  # household | social_security | property | marriage
+    record_type = "property"                  # a contract type, or a declared one ([schema])
     # Optional: the citizen is known iff this returns a row. Without it the first [[query]]
     # decides (no row: SUBJECT_NOT_FOUND) -- so a query of a list needs it to tell "known,
     # owns nothing" from "unknown".
@@ -29,6 +29,18 @@ The configuration (every key is checked; errors name the file and the key)::
     addr = "holdings.address"
     area = "holdings.area_sqm"
     co_owners = { field = "holdings.co_owner_names", split = "|" }   # text -> list
+
+A record type declared in the policy catalogue alone (no contract message, e.g.
+``housing_fund``) adds a ``[schema]`` table declaring its fields as the catalogue does (types
+only; labels, masks and enum values stay in the catalogue), and maps columns to those paths::
+
+    [schema]
+    balance = "decimal"
+    deposits = { type = "repeated_group", fields = { month = "date", amount = "decimal" } }
+
+A query then fills the record's own fields, or one group's (a ``group``: one row at most; a
+``repeated_group``: one item per row); values are coerced to the declared types. The broker
+checks every answer against the catalogue. Example: ``examples/housing_fund.toml``.
 
 ``:subject_id`` is the only parameter (bound, never interpolated). A query fills either the
 record's own fields (at most one row) or the items of one list field (``holdings.*`` or

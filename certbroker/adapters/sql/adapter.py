@@ -25,6 +25,7 @@ from certbroker.adapters.sdk.core import RecordNotFound
 from certbroker.adapters.sql import config as config_mod
 from certbroker.adapters.sql.config import Column, ConfigError, Query, SqlConfig
 from certbroker.adapters.sql.database import Database, Result, first_line, open_database
+from certbroker.contract import generic
 
 log = logging.getLogger("certbroker.adapters.sql")
 
@@ -55,6 +56,8 @@ class SqlAdapter:
         self.config = config
         self.department = config.department
         self.record_type = config.record_type
+        #: A catalogue-declared record type's fields (the SDK builds Record.generic with it).
+        self.schema = config.schema
         self._db = database or open_database(
             config.url, base_dir=config.base_dir, statement_timeout_ms=config.statement_timeout_ms
         )
@@ -117,8 +120,12 @@ class SqlAdapter:
                     raise AmbiguousRecord(f"query[{query.index}] returned {len(rows)} rows")
                 if rows:
                     record.update(self._item(query, rows[0]))
-            else:
+            elif query.repeated:
                 record[query.group] = [self._item(query, row) for row in rows]
+            else:  # a declared (single) group: one row at most, like the record's own fields
+                if len(rows) > 1:
+                    raise AmbiguousRecord(f"query[{query.index}] returned {len(rows)} rows")
+                record[query.group] = self._item(query, rows[0]) if rows else None
         return record
 
     def _item(self, query: Query, row: Sequence[Any]) -> dict[str, Any]:
@@ -141,6 +148,15 @@ def _position(columns: Sequence[str], name: str) -> int | None:
 def _convert(value: Any, column: Column) -> Any:
     if value is None:
         return None
+    if column.spec is not None:  # a catalogue-declared type's field: its declared type
+        try:
+            return generic.coerce(column.spec, value, column.field)
+        except generic.ValueTypeError:
+            raise SourceValueError(
+                f"column {column.column!r} ({type(value).__name__}) cannot fill field "
+                f"{column.field!r} ({column.spec.type})"
+            ) from None
+    assert column.descriptor is not None  # a contract type's field
     if column.descriptor.is_repeated:
         if isinstance(value, str) and column.split is not None:
             items: list[Any] = [v.strip() for v in value.split(column.split)]
@@ -154,6 +170,7 @@ def _convert(value: Any, column: Column) -> Any:
 
 
 def _scalar(value: Any, column: Column) -> Any:
+    assert column.descriptor is not None
     cpp = column.descriptor.cpp_type
     if cpp == FieldDescriptor.CPPTYPE_STRING:
         if isinstance(value, str):

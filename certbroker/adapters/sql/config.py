@@ -18,6 +18,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from certbroker.adapters.sql.params import SUBJECT_PARAM, param_names
 from certbroker.contract import fields as record_fields
+from certbroker.contract import generic
 
 
 class ConfigError(ValueError):
@@ -43,9 +44,10 @@ class Column:
     field: str
     group: str
     name: str
-    descriptor: FieldDescriptor
+    descriptor: FieldDescriptor | None  # None for a catalogue-declared type's field (``spec``)
     path: str
     split: str | None = None
+    spec: generic.FieldSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class Query:
     sql: str
     columns: tuple[Column, ...]
     group: str
+    #: Whether ``group`` is a list (one item per row) or, for a declared ``group``, one item.
+    repeated: bool = True
 
     @property
     def paths(self) -> frozenset[str]:
@@ -75,6 +79,8 @@ class SqlConfig:
     exists: str | None
     queries: tuple[Query, ...]
     statement_timeout_ms: int
+    #: The declared fields of a catalogue-declared record type (``[schema]``), else None.
+    schema: generic.RecordSchema | None = None
 
     @property
     def base_dir(self) -> Path:
@@ -82,7 +88,7 @@ class SqlConfig:
         return self.path.parent
 
 
-_TOP = {"adapter", "database", "query"}
+_TOP = {"adapter", "database", "query", "schema"}
 _ADAPTER = {"department", "record_type", "exists"}
 _DATABASE = {"url", "statement_timeout_ms"}
 _QUERY = {"sql", "columns"}
@@ -109,9 +115,20 @@ def parse(data: Mapping[str, Any], path: Path) -> SqlConfig:
     _only(database, _DATABASE, path, "database.")
     department = _text(adapter, "department", path, "adapter.")
     record_type = _text(adapter, "record_type", path, "adapter.")
-    if record_type not in record_fields.RECORD_TYPES:
+    schema = None
+    if "schema" in data:
+        if record_type in record_fields.RECORD_TYPES:
+            raise ConfigError(path, "schema", f"{record_type} is a contract type: no [schema]")
+        if generic.NAME.fullmatch(record_type) is None:
+            raise ConfigError(path, "adapter.record_type", "names are [a-z][a-z0-9_]*")
+        schema = generic.RecordSchema(record_type, _schema(data["schema"], path, "schema", 1))
+    elif record_type not in record_fields.RECORD_TYPES:
         known = ", ".join(sorted(record_fields.RECORD_TYPES))
-        raise ConfigError(path, "adapter.record_type", f"unknown {record_type!r} (one of {known})")
+        raise ConfigError(
+            path,
+            "adapter.record_type",
+            f"unknown {record_type!r} (one of {known}, or declare its fields in [schema])",
+        )
     url = check_url(_text(database, "url", path, "database."), path)
     timeout = database.get("statement_timeout_ms", 5000)
     if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0:
@@ -123,13 +140,81 @@ def parse(data: Mapping[str, Any], path: Path) -> SqlConfig:
     raw_queries = data.get("query")
     if not isinstance(raw_queries, list) or not raw_queries:
         raise ConfigError(path, "query", "need at least one [[query]] table")
-    # The C (upb) and Python descriptor classes are one type at run time; the stubs differ.
-    message = cast(Descriptor, record_fields.RECORD_TYPES[record_type]().DESCRIPTOR)
-    queries = tuple(
-        _query(q, i, message, record_type, path) for i, q in enumerate(raw_queries, start=1)
-    )
+    if schema is not None:
+        queries = tuple(
+            _declared_query(q, i, schema, path) for i, q in enumerate(raw_queries, start=1)
+        )
+    else:
+        # The C (upb) and Python descriptor classes are one type at run time; the stubs differ.
+        message = cast(Descriptor, record_fields.RECORD_TYPES[record_type]().DESCRIPTOR)
+        queries = tuple(
+            _query(q, i, message, record_type, path) for i, q in enumerate(raw_queries, start=1)
+        )
     _no_overlap(queries, path)
-    return SqlConfig(path, department, record_type, url, exists, queries, timeout)
+    return SqlConfig(path, department, record_type, url, exists, queries, timeout, schema)
+
+
+def _schema(raw: Any, path: Path, key: str, depth: int) -> tuple[generic.FieldSpec, ...]:
+    """``[schema]``: field name = type, or ``{ type = "group" | "repeated_group", fields =
+    { ... } }`` for a group; declaration order is the table's."""
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(path, key, "need a table of field = type")
+    out = []
+    for name, value in raw.items():
+        where = f"{key}.{name}"
+        if generic.NAME.fullmatch(name) is None:
+            raise ConfigError(path, where, "field names are [a-z][a-z0-9_]*")
+        if isinstance(value, str):
+            if value not in generic.SCALAR_CASES:
+                known = ", ".join(generic.SCALAR_CASES)
+                raise ConfigError(path, where, f"unknown type {value!r} ({known}, or a group)")
+            out.append(generic.FieldSpec(name, value))
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(path, where, 'a type, or { type = "group", fields = { ... } }')
+        _only(value, {"type", "fields"}, path, where + ".")
+        kind = value.get("type")
+        if kind not in generic.GROUP_CASES:
+            raise ConfigError(path, where + ".type", "must be group or repeated_group")
+        if depth >= 2:
+            raise ConfigError(path, where, "the SQL adapter maps groups one level deep")
+        fields = _schema(value.get("fields"), path, where + ".fields", depth + 1)
+        out.append(generic.FieldSpec(name, str(kind), fields=fields))
+    return tuple(out)
+
+
+def _declared_query(raw: Any, index: int, schema: generic.RecordSchema, path: Path) -> Query:
+    """A ``[[query]]`` of a catalogue-declared record type: its columns map to declared field
+    paths, all of the record's own fields or all of one group's."""
+    where = f"query[{index}]."
+    if not isinstance(raw, dict):
+        raise ConfigError(path, f"query[{index}]", "must be a table")
+    _only(raw, _QUERY, path, where)
+    sql = _text(raw, "sql", path, where)
+    _check_sql(sql, path, where + "sql")
+    raw_columns = raw.get("columns")
+    if not isinstance(raw_columns, dict) or not raw_columns:
+        raise ConfigError(path, where + "columns", "need a table of column = field mappings")
+    columns = []
+    for name, spec in raw_columns.items():
+        key = f"{where}columns.{name}"
+        if not isinstance(spec, str):
+            raise ConfigError(path, key, "must be a declared field path")
+        declared = schema.specs.get(spec)
+        if declared is None or declared.is_group:
+            known = ", ".join(schema.paths)
+            raise ConfigError(path, key, f"{spec!r} is not a declared field path ({known})")
+        group, _, inner = spec.rpartition(".")
+        columns.append(Column(name, spec, group, inner, None, spec, spec=declared))
+    groups = {c.group for c in columns}
+    if len(groups) > 1:
+        shown = " and ".join(sorted(g or "the record's own fields" for g in groups))
+        raise ConfigError(
+            path, where + "columns", f"one query fills one level: not both {shown} (split it)"
+        )
+    group = groups.pop()
+    repeated = not group or schema.specs[group].type == "repeated_group"
+    return Query(index, sql, tuple(columns), group, repeated)
 
 
 def check_url(url: str, path: Path) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from certbroker import validation
 from certbroker.auth.authenticator import DEPARTMENT_ID
 from certbroker.contract.fields import RECORD_TYPES
+from certbroker.contract.generic import NAME
 from certbroker.errors import InvalidArgument
 
 #: The contract versions this broker speaks (``RegisterRequest.schema_version``).
@@ -37,15 +38,16 @@ def department(value: str, *, required: bool = True) -> str:
 
 
 def record_types(values: Sequence[str]) -> tuple[str, ...]:
-    """At least one record type of the contract, none twice."""
+    """At least one record type, none twice: each one of the contract, or a name a catalogue
+    may declare (``[a-z][a-z0-9_]*``; the servicer then checks the policy in force knows it)."""
     if not values:
         raise InvalidArgument(
             "MISSING_ARGUMENT", "record_types needs at least one", argument="record_types"
         )
-    if any(v not in RECORD_TYPES for v in values):
+    if any(v not in RECORD_TYPES and NAME.fullmatch(v) is None for v in values):
         raise InvalidArgument(
             "UNKNOWN_RECORD_TYPE",
-            f"record_types: each must be one of {', '.join(RECORD_TYPES)}",
+            f"record_types: each must be one of {', '.join(RECORD_TYPES)} or a declared type",
             argument="record_types",
         )
     if len(set(values)) != len(values):

@@ -301,14 +301,16 @@ async def start(
     lease_clock: Callable[[], float] = time.time,
     breaker_clock: Callable[[], float] = time.monotonic,
     audit_clock: Callable[[], float] = time.time,
+    decision_clock: Callable[[], datetime] | None = None,
     reuse_port: bool = False,
     checkpoints: bool = True,
 ) -> Broker:
     """Start a broker on ``config``'s ports (0 = any free port) and return it.
 
     ``lease_clock`` (epoch seconds) drives registry leases, ``breaker_clock`` (monotonic
-    seconds) the circuit breakers, ``audit_clock`` (epoch seconds) the audit entries' times;
-    tests pass fakes to step through time.
+    seconds) the circuit breakers, ``audit_clock`` (epoch seconds) the audit entries' times,
+    ``decision_clock`` (an aware datetime; default the wall clock) the "now" that opening hours
+    are decided at; tests pass fakes to step through time.
 
     ``reuse_port`` binds with SO_REUSEPORT so the worker processes of one supervisor share the
     port (:mod:`certbroker.server.ports`); without it, a port anything else serves on is
@@ -415,6 +417,7 @@ async def start(
             adapter_timeout_s=config.adapter_timeout_s,
             record_cache=record_cache,
             refusals=refusals,
+            **({"now": decision_clock} if decision_clock is not None else {}),
         )
         registry_service = RegistryService(
             auth, policies, registry, breakers, audit, endpoints=endpoints, refusals=refusals

@@ -410,29 +410,43 @@ def test_hostile_answers_for_a_declared_type_are_refused(world: Any, mode: str) 
         server.stop(0)
 
 
-def test_the_embedded_default_serves_the_shipped_declared_types(env: Env) -> None:
-    """GJJ-TQ-001 with the demo data: housing_fund and credit from the in-process SQL adapter."""
-    from certbroker.adapters.demo import synthetic
-
-    husband, _wife = synthetic.sample_couple(env.dataset_dir)
-    token = env.token(("window_clerk",), "gz-haizhu-hall-01")
-    # Opening hours apply to this rule: any weekday hour would do, the test cannot pick one.
-    request = client.lookup_matter_request(
-        "GJJ-TQ-001", CASE, [(husband, "applicant")], "id_card_read", ""
-    )
-    reply = env.stub.LookupMatter(request, metadata=env.md(token), timeout=60)
-    by_type = {item.record_type: item for item in reply.items}
-    assert set(by_type) == {"property", "marriage", "housing_fund", "credit"}
-    for record_type in ("housing_fund", "credit"):
-        item = by_type[record_type]
-        if item.WhichOneof("result") == "error":  # outside hall hours, or no such record
-            assert item.error.reason in {"POLICY_DENIED", "SUBJECT_NOT_FOUND"}, item.error
-            continue
-        assert item.response.record.generic.record_type == record_type
-        data = generic.to_dict(item.response.record.generic)
-        if record_type == "credit":
-            assert "name" not in data
-            assert "report_number" not in data
-        else:
-            assert data["account_number"].startswith("*")
-            assert "opened_on" not in data
+def test_the_embedded_default_serves_the_shipped_declared_types(
+    tmp_path: Path, dataset_dir: Path
+) -> None:
+    """GJJ-TQ-001 with the demo data: housing_fund and credit from the in-process SQL adapter,
+    decided on a Wednesday morning (the rule keeps the staffed hall's opening hours)."""
+    wednesday_10 = dt.datetime(2026, 11, 18, 10, 0, tzinfo=dt.timezone(dt.timedelta(hours=8)))
+    cfg = make_config(tmp_path, dataset_dir)
+    with running_env(cfg, dataset_dir, decision_clock=lambda: wednesday_10) as env:
+        token = env.token(("window_clerk",), "gz-haizhu-hall-01")
+        found: dict[str, dict[str, object]] = {}
+        # Citizens with a housing-fund account and a credit report in the demo data.
+        with closing(sqlite3.connect(env.dataset_dir / "housing_fund.sqlite")) as db:
+            db.execute("ATTACH DATABASE ? AS credit", (str(env.dataset_dir / "credit.sqlite"),))
+            both = [
+                row[0]
+                for row in db.execute(
+                    "SELECT a.resident_id FROM accounts a JOIN credit.reports r"
+                    " USING (resident_id) ORDER BY a.resident_id LIMIT 3"
+                )
+            ]
+        assert both, "the demo data has citizens with both records"
+        for husband in both:
+            request = client.lookup_matter_request(
+                "GJJ-TQ-001", CASE, [(husband, "applicant")], "id_card_read", ""
+            )
+            reply = env.stub.LookupMatter(request, metadata=env.md(token), timeout=60)
+            by_type = {item.record_type: item for item in reply.items}
+            assert set(by_type) == {"property", "marriage", "housing_fund", "credit"}
+            for record_type in ("housing_fund", "credit"):
+                item = by_type[record_type]
+                assert item.WhichOneof("result") == "response", item.error
+                assert item.response.record.generic.record_type == record_type
+                found.setdefault(record_type, generic.to_dict(item.response.record.generic))
+        assert set(found) == {"housing_fund", "credit"}, found  # both served, in process
+        assert "name" not in found["credit"]  # not a field the matter needs
+        assert "report_number" not in found["credit"]
+        account = found["housing_fund"]["account_number"]
+        assert isinstance(account, str)
+        assert account.startswith("*")  # masked last4
+        assert "opened_on" not in found["housing_fund"]

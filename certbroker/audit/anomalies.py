@@ -20,8 +20,11 @@ entries behind it. Rules (``Finding.rule``):
     A clerk looked up the same citizen under at least :attr:`Thresholds.repeated_cases`
     distinct case numbers (unrelated cases), one finding per (clerk, citizen).
 ``DENIAL_BURST``
-    At least :attr:`Thresholds.denial_burst` denials of one clerk within
-    :attr:`Thresholds.burst_window`; overlapping windows merge into one finding.
+    At least :attr:`Thresholds.denial_burst` denied calls of one clerk within
+    :attr:`Thresholds.burst_window`; overlapping windows merge into one finding. The denied
+    items of one ``LookupMatter`` call (a bundle or a package: same ``bundle_id``) count as one
+    call: a package with one member matter the clerk may not handle denies that matter's items
+    for every subject at once, which is one act at the counter, not a burst.
 """
 
 from __future__ import annotations
@@ -159,12 +162,17 @@ def repeated_subject(entries: Sequence[AuditEntry], thresholds: Thresholds) -> l
 
 
 def denial_bursts(entries: Sequence[AuditEntry], thresholds: Thresholds) -> list[Finding]:
-    """Runs of at least ``denial_burst`` denials of one clerk within ``burst_window``."""
+    """Runs of at least ``denial_burst`` denied calls of one clerk within ``burst_window``
+    (the denied items of one bundle count once; the finding names all their entries)."""
     findings = []
     denied = [e for e in entries if e.event.decision == "deny"]
     for clerk, group in sorted(_by_clerk(denied).items()):
-        timed: list[tuple[datetime, AuditEntry]] = sorted(
-            ((entry_time(e), e) for e in group), key=lambda pair: (pair[0], pair[1].sequence)
+        calls: dict[str, list[AuditEntry]] = defaultdict(list)
+        for entry in group:
+            calls[entry.event.bundle_id or f"seq:{entry.sequence}"].append(entry)
+        timed: list[tuple[datetime, list[AuditEntry]]] = sorted(
+            ((min(entry_time(e) for e in call), call) for call in calls.values()),
+            key=lambda pair: (pair[0], pair[1][0].sequence),
         )
         marked = [False] * len(timed)
         start = 0
@@ -174,16 +182,18 @@ def denial_bursts(entries: Sequence[AuditEntry], thresholds: Thresholds) -> list
             if end - start + 1 >= thresholds.denial_burst:
                 for i in range(start, end + 1):
                     marked[i] = True
-        runs: list[list[AuditEntry]] = [[]]
-        for flag, (_, entry) in zip(marked, timed, strict=True):
+        runs: list[list[list[AuditEntry]]] = [[]]
+        for flag, (_, call) in zip(marked, timed, strict=True):
             if flag:
-                runs[-1].append(entry)
+                runs[-1].append(call)
             elif runs[-1]:
                 runs.append([])
         for run in runs:
             if run:
                 text = f"{len(run)} denials within {thresholds.burst_window}"
-                findings.append(Finding(DENIAL_BURST, clerk, text, _seqs(run)))
+                findings.append(
+                    Finding(DENIAL_BURST, clerk, text, _seqs([e for call in run for e in call]))
+                )
     return findings
 
 

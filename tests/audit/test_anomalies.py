@@ -115,3 +115,17 @@ def test_denial_burst_within_the_window(rules: policy.PolicySet) -> None:
     burst = [log.add(MONDAY_10 + timedelta(hours=1, minutes=i), decision="deny") for i in range(5)]
     assert rules_fired(log, rules) == {("DENIAL_BURST", "c1"): burst}
     assert spread[0] not in burst
+
+
+def test_the_denied_items_of_one_bundle_are_one_denied_call(rules: policy.PolicySet) -> None:
+    log = Log()
+    # One package call: a member matter the clerk may not handle, for three subjects and two
+    # record types -- six denied items of one act at the counter.
+    one_call = [
+        log.add(MONDAY_10, decision="deny", bundle_id="b1", subject_id=f"S{i % 3}")
+        for i in range(6)
+    ]
+    assert rules_fired(log, rules) == {}
+    # Four more denied calls within the window make five: the finding names every entry.
+    more = [log.add(MONDAY_10 + timedelta(minutes=i + 1), decision="deny") for i in range(4)]
+    assert rules_fired(log, rules) == {("DENIAL_BURST", "c1"): one_call + more}

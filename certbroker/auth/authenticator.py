@@ -35,6 +35,7 @@ import jwt
 from jwt.exceptions import InvalidJTIError, InvalidSubjectError
 from jwt.types import Options
 
+from certbroker.auth.controls import Controls
 from certbroker.auth.dev_idp import DevIdentityProvider
 from certbroker.auth.issuers import (
     ALLOWED_ALGS,
@@ -195,6 +196,9 @@ class Authenticator:
         self._principals: TokenCache[DepartmentPrincipal] = TokenCache(
             token_max_entries, token_max_age_s, clock
         )
+        #: The security officers' controls, enforced by :meth:`enforce`; set by the server
+        #: once the store is open (``None``: none in force).
+        self.controls: Controls | None = None
 
     def reload_keys(self) -> bool:
         """Re-read the issuers' keys (when built from a loader) and empty the token cache.
@@ -216,6 +220,18 @@ class Authenticator:
         self._issuers = fresh
         log.info("issuer keys reloaded: %d issuer(s)", len(fresh))
         return True
+
+    def enforce(self, clerk: Clerk) -> None:
+        """Refuse ``clerk`` if a security officer's control stops it (disabled clerk or office,
+        revoked token; :mod:`certbroker.auth.controls`). Called by every servicer right after
+        :meth:`authenticate`, once the clerk is known, so the refusal is audited under it."""
+        if self.controls is not None:
+            self.controls.check_clerk(clerk)
+
+    def enforce_subject(self, clerk: Clerk, subject_id: str) -> None:
+        """Refuse a lookup of a frozen citizen's records (``SUBJECT_FROZEN``)."""
+        if self.controls is not None:
+            self.controls.check_subject(clerk, subject_id)
 
     def authenticate(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> Clerk:
         """Verify the ``authorization: Bearer <JWT>`` entry of gRPC invocation metadata."""
@@ -277,7 +293,16 @@ class Authenticator:
         claims, trusted = self._claims(token, REQUIRED_CLAIMS)
         sub, office = _identifier(claims, "sub"), _identifier(claims, "office")
         name = _display_name(claims)
-        clerk = Clerk(sub, _roles(claims), office, issuer=trusted.issuer, name=name)
+        jti = claims.get("jti")  # PyJWT has checked it is a string if present
+        clerk = Clerk(
+            sub,
+            _roles(claims),
+            office,
+            issuer=trusted.issuer,
+            name=name,
+            jti=jti if isinstance(jti, str) else "",
+            issued_at=_number(claims, "iat"),
+        )
         if self._cache_on:
             self._clerks.put(token, clerk, _number(claims, "exp"))
         return clerk

@@ -17,6 +17,7 @@ from certbroker.auth.issuers import (
 )
 from certbroker.auth.keyfiles import ed25519_key_files
 from certbroker.auth.principals import DEPARTMENT_ROLE, OPERATOR_ROLE
+from certbroker.ids import new_id
 
 __all__ = ["DevIdentityProvider"]
 
@@ -94,6 +95,8 @@ class DevIdentityProvider:
             "roles": roles,
             "iat": iat,
             "exp": iat + ttl_s,
+            # A unique id per token, so a security officer can revoke this one token.
+            "jti": new_id(),
         }
 
     def _sign(self, claims: Mapping[str, object]) -> str:

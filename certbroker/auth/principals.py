@@ -7,7 +7,7 @@ re-exported there).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["DEPARTMENT_ID", "DEPARTMENT_ROLE", "OPERATOR_ROLE", "Clerk", "DepartmentPrincipal"]
 
@@ -21,6 +21,10 @@ class Clerk:
     office: str
     issuer: str = ""
     name: str = ""
+    #: The token's ``jti`` ("" when the issuer sets none) and ``iat``: what revocation matches.
+    #: Not compared: two tokens of one clerk name the same caller.
+    jti: str = field(default="", compare=False)
+    issued_at: float = field(default=0.0, compare=False)
 
 
 DEPARTMENT_ROLE = "department"

@@ -162,6 +162,9 @@ class BundleRunner:
             now = self._now()  # one instant for every decision: opening hours cannot split a bundle
             for item in call.items:
                 try:
+                    # A frozen citizen's items are refused one by one, like a policy denial.
+                    assert item.trace.clerk is not None
+                    self._auth.enforce_subject(item.trace.clerk, item.trace.subject_id)
                     item.decision = self._items.authorize(
                         policy, item.request, call.consent, (), now, item.trace
                     )
@@ -212,6 +215,7 @@ class BundleRunner:
         subject-major, catalogue order)."""
         call.package = bool(request.package_code)
         call.clerk = self._auth.authenticate(invocation_metadata(context))
+        self._auth.enforce(call.clerk)  # a security officer's controls refuse the whole call
         code, matters = _matters(request, policy)
         validation.text("case_number", request.case_number, required=False)
         validation.text("consent.reference", request.consent.reference, required=False)

@@ -116,6 +116,7 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
         trace: Trace,
     ) -> broker_pb2.LookupResponse:
         trace.clerk = self._auth.authenticate(invocation_metadata(context))
+        self._auth.enforce(trace.clerk)  # a security officer's controls, audited under the clerk
         validation.text("record_type", request.record_type, required=True)
         validation.text("matter_code", request.matter_code, required=True)
         validation.text("case_number", request.case_number, required=False)
@@ -123,6 +124,7 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
         consent = consent_name(request.consent.method)
         wanted = validation.field_names(request.fields)
         trace.subject_id = validation.subject_id(request.subject_id)
+        self._auth.enforce_subject(trace.clerk, trace.subject_id)  # frozen: SUBJECT_FROZEN
         decision = self._items.authorize(policy, request, consent, wanted, self._now(), trace)
         budget = fetch_budget(context, self._timeout_s)
         return await self._items.fetch(policy, decision, trace, budget)

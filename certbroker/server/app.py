@@ -43,6 +43,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from certbroker.admin.servicer import AdminService
 from certbroker.audit import BatchingAuditLog, CheckpointSigner, checkpoint_task, open_audit_log
 from certbroker.audit.integrity.proofs import latest_checkpoint, tree_size
 from certbroker.audit.refusals import RefusalLedger
@@ -53,6 +54,7 @@ from certbroker.auth.authenticator import (
     TrustedIssuer,
     load_issuer,
 )
+from certbroker.auth.controls import Controls, SqliteControlStore
 from certbroker.cache import RecordCache
 from certbroker.config import Config
 from certbroker.lookup.pipeline import fetched_size
@@ -71,6 +73,8 @@ from certbroker.server.decoding import register
 from certbroker.server.health import Health
 from certbroker.server.policy_holder import PolicyHolder
 from certbroker.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
     audit_pb2,
     audit_pb2_grpc,
     broker_pb2,
@@ -86,6 +90,7 @@ SERVICE_NAMES: Final = (
     broker_pb2.DESCRIPTOR.services_by_name["CertificateBroker"].full_name,
     registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
     audit_pb2.DESCRIPTOR.services_by_name["Audit"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
 )
 
 
@@ -375,6 +380,12 @@ async def start(
         parts.on_close("refusal summaries", refusals.aclose)
         checkpoint_signer = _checkpoint_signer(config)
         auth = authenticator(config, metrics)
+        # The security officers' controls: durable in the state dir, reloaded here, enforced
+        # by every servicer through the authenticator (certbroker.auth.controls).
+        control_store = SqliteControlStore(config.state_dir / "controls.sqlite")
+        parts.on_close("controls", lambda: asyncio.to_thread(control_store.close))
+        controls = Controls(control_store)
+        auth.controls = controls
         record_cache: RecordCache[Fetched] = RecordCache(
             max_entries=config.record_cache_max_entries,
             max_bytes=config.record_cache_max_bytes,
@@ -430,6 +441,7 @@ async def start(
             signer=checkpoint_signer,
             refusals=refusals,
         )
+        admin_service = AdminService(auth, policies, audit, controls, refusals=refusals)
         # Tolerant decoding (certbroker.server.decoding): undecodable bytes reach guarded().
         register(
             broker_pb2_grpc.add_CertificateBrokerServicer_to_server,
@@ -444,6 +456,11 @@ async def start(
         register(
             audit_pb2_grpc.add_AuditServicer_to_server,
             guarded(audit_service, calls, refusals),
+            server,
+        )
+        register(
+            admin_pb2_grpc.add_AdminServicer_to_server,
+            guarded(admin_service, calls, refusals),
             server,
         )
         health_servicer = Health()

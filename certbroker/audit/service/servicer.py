@@ -157,6 +157,7 @@ class AuditService(audit_pb2_grpc.AuditServicer):
             context=context,
         ) as audited:
             call.clerk = self._auth.authenticate(invocation_metadata(context))
+            self._auth.enforce(call.clerk)  # a disabled or revoked auditor is refused too
             if AUDITOR_ROLE not in call.clerk.roles:
                 with contextlib.suppress(errors.BrokerError):
                     parse()  # record what was asked for, as far as it validates

@@ -1,0 +1,1 @@
+"""The ``certbroker.v1.Admin`` service: security officers stop a misuse now."""

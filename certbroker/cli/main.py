@@ -19,6 +19,7 @@ from google.protobuf.message import Message
 from certbroker import audit, config, logs, policy
 from certbroker.auth.authenticator import DevIdentityProvider
 from certbroker.cli import adapters as cli_adapters
+from certbroker.cli import admin as cli_admin
 from certbroker.cli import audit_log as cli_audit_log
 from certbroker.cli import auditor as cli_auditor
 from certbroker.cli import client, jsonout
@@ -376,6 +377,8 @@ def parser() -> argparse.ArgumentParser:
     s = pol.add_parser("reload", help="ask the running broker to reload (SIGHUP)")
     state(s)
     s.set_defaults(func=cmd_policy_reload)
+
+    cli_admin.add_parsers(sub)
 
     aud = sub.add_parser("audit", help="verify and query the audit log").add_subparsers(
         dest="audit_command", required=True

@@ -218,3 +218,28 @@ def test_controls_survive_a_restart(tmp_path: Path, dataset_dir: Path, subject: 
         assert [(c.kind, c.target, c.ticket) for c in listing.controls] == [
             ("clerk", "clerk-001", "SEC-2026-0042")
         ]
+
+
+def test_freeze_refuses_a_bundles_items_of_that_citizen_only(env: Env, dataset_dir: Path) -> None:
+    frozen, other = synthetic.sample_couple(dataset_dir)
+    admin(env).FreezeSubject(
+        admin_pb2.FreezeSubjectRequest(subject_id=frozen, why=WHY), metadata=officer(env)
+    )
+    request = client.lookup_matter_request(MATTER, CASE, [(frozen, "seller"), (other, "buyer")])
+    reply = env.stub.LookupMatter(request, metadata=env.md(env.token()), timeout=30)
+    by_subject = {(i.subject_id, i.error.reason or "OK") for i in reply.items}
+    assert {reason for s, reason in by_subject if s == frozen} == {"SUBJECT_FROZEN"}
+    assert "SUBJECT_FROZEN" not in {reason for s, reason in by_subject if s == other}
+
+
+def test_disabled_clerk_is_refused_a_whole_bundle(env: Env, dataset_dir: Path) -> None:
+    subject, _ = synthetic.sample_couple(dataset_dir)
+    admin(env).DisableClerk(
+        admin_pb2.DisableClerkRequest(sub="clerk-001", why=WHY), metadata=officer(env)
+    )
+    request = client.lookup_matter_request(MATTER, CASE, [(subject, "seller")])
+    with pytest.raises(grpc.RpcError) as info:
+        env.stub.LookupMatter(request, metadata=env.md(env.token()), timeout=30)
+    assert client.call_error(info.value).reason == "CLERK_DISABLED"
+    last = entries(env)[-1].event
+    assert (last.kind, last.clerk, last.outcome) == ("bundle", "clerk-001", "CLERK_DISABLED")

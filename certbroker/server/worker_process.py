@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 #: How long a stopping worker may take beyond its grace period (``[server]
 #: shutdown_grace_s``) to close its parts, before the supervisor kills it.
 CLOSE_MARGIN_S: Final = 10.0
-#: How often a worker looks for registry changes made through another worker.
+#: How often a worker looks for registry and control changes made through another worker.
 REGISTRY_FOLLOW_S: Final = 1.0
 
 
@@ -111,7 +111,7 @@ async def _serve_worker(spec: WorkerSpec, parent: Connection) -> int:
         stop.set()
 
     loop.add_reader(parent.fileno(), parent_gone)
-    follower = asyncio.create_task(_follow_registry(broker), name="registry-follower")
+    follower = asyncio.create_task(_follow_shared_state(broker), name="shared-state-follower")
     try:
         parent.send(
             Ready(
@@ -132,11 +132,20 @@ async def _serve_worker(spec: WorkerSpec, parent: Connection) -> int:
     return 0
 
 
-async def _follow_registry(broker: Broker) -> None:
-    """Pick up registry changes other workers wrote to the shared file."""
+async def _follow_shared_state(broker: Broker) -> None:
+    """Pick up what other workers wrote to the files the workers share: registry changes, and
+    the security officers' controls (a clerk disabled through one worker is refused by all,
+    within a second; each worker enforces from memory, so it must re-read)."""
+    controls = broker.auth.controls
     while True:
         await asyncio.sleep(REGISTRY_FOLLOW_S)
         try:
             await asyncio.to_thread(broker.registry.refresh)
         except Exception:
             log.exception("re-reading the registry file failed")
+        if controls is None:
+            continue
+        try:
+            await asyncio.to_thread(controls.refresh)
+        except Exception:
+            log.exception("re-reading the controls file failed")

@@ -32,7 +32,13 @@ from certbroker import config
 from certbroker.adapters.demo import synthetic
 from certbroker.auth.authenticator import DevIdentityProvider
 from certbroker.cli import client
-from certbroker.v1 import broker_pb2_grpc, registry_pb2, registry_pb2_grpc
+from certbroker.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    broker_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+)
 from tests.helpers import start_adapter
 
 CLI = [sys.executable, "-m", "certbroker"]
@@ -447,3 +453,38 @@ def test_an_adapter_registered_through_one_worker_is_routed_by_all(
     finally:
         stop_served(served)
         adapter.stop()
+
+
+def test_a_clerk_disabled_through_one_worker_is_refused_by_all(
+    served: Served, dataset_dir: Path
+) -> None:
+    clerk = Clerk(served.state_dir, dataset_dir)
+    officer = DevIdentityProvider(served.state_dir).issue("sec-01", ["security_officer"], "sec")
+    with grpc.insecure_channel(served.target) as channel:  # one connection: one worker
+        admin_pb2_grpc.AdminStub(channel).DisableClerk(
+            admin_pb2.DisableClerkRequest(
+                sub="clerk-w",
+                why=admin_pb2.Justification(reason="browsing neighbours", ticket="SEC-7"),
+            ),
+            metadata=client.bearer(officer),
+            timeout=30,
+        )
+    calls = iter(range(10**6))
+    rounds: list[bool] = []
+
+    def all_refuse() -> bool:
+        # Fresh connections, spread over the workers by the kernel: each must refuse the
+        # disabled clerk (the worker that did not take the change reads it from the shared
+        # file). Three rounds of eight in a row: 24 connections all landing on one worker while
+        # the other still answered would be a 1 in 2**23 chance.
+        chans = channels(served.target, 8)
+        try:
+            codes = {clerk.lookup(chan, next(calls)) for chan in chans}
+        finally:
+            for chan in chans:
+                chan.close()
+        rounds.append(codes == {grpc.StatusCode.PERMISSION_DENIED})
+        return rounds[-3:] == [True, True, True]
+
+    wait_until("every worker refusing the disabled clerk", all_refuse)
+    assert any("CLERK_DISABLED" in e for e in clerk.errors)

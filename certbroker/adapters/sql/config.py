@@ -9,7 +9,7 @@ checks (the SQL runs, the mapped columns exist) happen when the adapter starts.
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -183,9 +183,9 @@ def _schema(raw: Any, path: Path, key: str, depth: int) -> tuple[generic.FieldSp
     return tuple(out)
 
 
-def _declared_query(raw: Any, index: int, schema: generic.RecordSchema, path: Path) -> Query:
-    """A ``[[query]]`` of a catalogue-declared record type: its columns map to declared field
-    paths, all of the record's own fields or all of one group's."""
+def _query_table(raw: Any, index: int, path: Path) -> tuple[str, str, dict[str, Any]]:
+    """The parts every ``[[query]]`` has, checked: its key prefix for messages, its SQL and its
+    (non-empty) table of column mappings."""
     where = f"query[{index}]."
     if not isinstance(raw, dict):
         raise ConfigError(path, f"query[{index}]", "must be a table")
@@ -195,6 +195,24 @@ def _declared_query(raw: Any, index: int, schema: generic.RecordSchema, path: Pa
     raw_columns = raw.get("columns")
     if not isinstance(raw_columns, dict) or not raw_columns:
         raise ConfigError(path, where + "columns", "need a table of column = field mappings")
+    return where, sql, raw_columns
+
+
+def _one_level(columns: Sequence[Column], path: Path, where: str) -> str:
+    """The one level (the record's own fields "", or a group) that a query's columns fill."""
+    groups = {c.group for c in columns}
+    if len(groups) > 1:
+        shown = " and ".join(sorted(g or "the record's own fields" for g in groups))
+        raise ConfigError(
+            path, where + "columns", f"one query fills one level: not both {shown} (split it)"
+        )
+    return groups.pop()
+
+
+def _declared_query(raw: Any, index: int, schema: generic.RecordSchema, path: Path) -> Query:
+    """A ``[[query]]`` of a catalogue-declared record type: its columns map to declared field
+    paths, all of the record's own fields or all of one group's."""
+    where, sql, raw_columns = _query_table(raw, index, path)
     columns = []
     for name, spec in raw_columns.items():
         key = f"{where}columns.{name}"
@@ -206,13 +224,7 @@ def _declared_query(raw: Any, index: int, schema: generic.RecordSchema, path: Pa
             raise ConfigError(path, key, f"{spec!r} is not a declared field path ({known})")
         group, _, inner = spec.rpartition(".")
         columns.append(Column(name, spec, group, inner, None, spec, spec=declared))
-    groups = {c.group for c in columns}
-    if len(groups) > 1:
-        shown = " and ".join(sorted(g or "the record's own fields" for g in groups))
-        raise ConfigError(
-            path, where + "columns", f"one query fills one level: not both {shown} (split it)"
-        )
-    group = groups.pop()
+    group = _one_level(columns, path, where)
     repeated = not group or schema.specs[group].type == "repeated_group"
     return Query(index, sql, tuple(columns), group, repeated)
 
@@ -227,26 +239,13 @@ def check_url(url: str, path: Path) -> str:
 
 
 def _query(raw: Any, index: int, message: Descriptor, rt: str, path: Path) -> Query:
-    where = f"query[{index}]."
-    if not isinstance(raw, dict):
-        raise ConfigError(path, f"query[{index}]", "must be a table")
-    _only(raw, _QUERY, path, where)
-    sql = _text(raw, "sql", path, where)
-    _check_sql(sql, path, where + "sql")
-    raw_columns = raw.get("columns")
-    if not isinstance(raw_columns, dict) or not raw_columns:
-        raise ConfigError(path, where + "columns", "need a table of column = field mappings")
+    where, sql, raw_columns = _query_table(raw, index, path)
     columns = tuple(
         _column(name, spec, message, rt, path, f"{where}columns.{name}")
         for name, spec in raw_columns.items()
     )
-    groups = {c.group for c in columns}
-    if len(groups) > 1:
-        shown = " and ".join(sorted(g or "the record's own fields" for g in groups))
-        raise ConfigError(
-            path, where + "columns", f"one query fills one level: not both {shown} (split it)"
-        )
-    return Query(index, sql, columns, groups.pop())
+    group = _one_level(columns, path, where)
+    return Query(index, sql, columns, group)
 
 
 def _column(name: str, spec: Any, message: Descriptor, rt: str, path: Path, key: str) -> Column:

@@ -232,6 +232,27 @@ def _audit_story(state_dir: Path, surprises: list[str]) -> int:
     return 0
 
 
+def _lookup_matter(
+    stub: broker_pb2_grpc.CertificateBrokerStub,
+    token: str,
+    request: broker_pb2.LookupMatterRequest,
+    code: str,
+    citizens: int,
+    surprise: Callable[[str], None],
+) -> broker_pb2.LookupMatterResponse | None:
+    """One LookupMatter call (a matter's bundle or a package), its items printed; ``None``
+    (and a surprise) when the broker refuses it."""
+    print(f"\n-> {code} for {citizens} citizens")
+    try:
+        response = stub.LookupMatter(request, metadata=client.bearer(token), timeout=10)
+    except grpc.RpcError as exc:
+        print(f"  refused: {client.call_error(exc)}")
+        surprise(f"{code} refused: {client.call_error(exc)}")
+        return None
+    print("\n".join(client.bundle_lines(response)))
+    return response
+
+
 def _bundle(
     stub: broker_pb2_grpc.CertificateBrokerStub,
     token: str,
@@ -243,14 +264,9 @@ def _bundle(
     request = client.lookup_matter_request(
         TRANSFER, case, subjects, consent_reference="READER-07/0417"
     )
-    print(f"\n-> {TRANSFER} for {len(subjects)} citizens")
-    try:
-        response = stub.LookupMatter(request, metadata=client.bearer(token), timeout=10)
-    except grpc.RpcError as exc:
-        print(f"  refused: {client.call_error(exc)}")
-        surprise(f"bundle refused: {client.call_error(exc)}")
+    response = _lookup_matter(stub, token, request, TRANSFER, len(subjects), surprise)
+    if response is None:
         return
-    print("\n".join(client.bundle_lines(response)))
     failed = [i for i in response.items if i.WhichOneof("result") != "response"]
     if failed or len(response.items) != 3 * len(subjects):
         surprise(f"bundle: {len(failed)} of {len(response.items)} items failed")
@@ -268,14 +284,9 @@ def _package(
     request = client.lookup_package_request(
         HOME_PACKAGE, case, subjects, consent_reference="READER-07/0417"
     )
-    print(f"\n-> {HOME_PACKAGE} for {len(subjects)} citizens")
-    try:
-        response = stub.LookupMatter(request, metadata=client.bearer(token), timeout=10)
-    except grpc.RpcError as exc:
-        print(f"  refused: {client.call_error(exc)}")
-        surprise(f"package refused: {client.call_error(exc)}")
+    response = _lookup_matter(stub, token, request, HOME_PACKAGE, len(subjects), surprise)
+    if response is None:
         return
-    print("\n".join(client.bundle_lines(response)))
     by_record: dict[tuple[str, str], list[tuple[str, broker_pb2.BundleItem]]] = {}
     for group in response.matters:
         for item in group.items:

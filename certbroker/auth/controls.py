@@ -8,11 +8,12 @@ roles still allowed). :class:`Controls` holds them in memory and enforces them o
 a lookup is authorized); it changes them through a :class:`ControlStore` first, so a change is
 durable before it is in force and in force for the very next call on this broker.
 
-The store is a :class:`typing.Protocol` so that a PostgreSQL store can replace the SQLite one
-(:class:`SqliteControlStore`, ``controls.sqlite`` in the state dir). Every change bumps the
-store's :meth:`~ControlStore.version`; :meth:`Controls.refresh` reloads when it moved -- the seam
-for propagation across a cluster (a broker polls the shared store's version; not done yet: a
-change made on one broker reaches another one on its restart or next ``refresh``).
+The store is a :class:`typing.Protocol`: the SQLite one (:class:`SqliteControlStore`,
+``controls.sqlite`` in the state dir) or, in a cluster of brokers, PostgreSQL
+(:mod:`certbroker.cluster.controls`). Every change bumps the store's
+:meth:`~ControlStore.version`; :meth:`Controls.refresh` reloads when it moved (worker processes
+poll it every second; the brokers of a cluster on each change notice, see
+:mod:`certbroker.cluster.follow`).
 
 Tokens without a ``jti`` (other issuers may not set one) cannot be revoked one by one; they are
 still refused by ``tokens_before`` (their ``iat`` is required) and the clerk and office controls.
@@ -235,14 +236,22 @@ class Controls:
 
     def put(self, control: Control) -> None:
         """Store ``control`` durably, then put it in force (the next call sees it)."""
-        self.version = self._store.put(control)
+        self._follow(self._store.put(control))
         self._by_key[(control.kind, control.target)] = control
 
     def remove(self, kind: str, target: str) -> Control | None:
         """Lift the control of ``kind`` on ``target``; the lifted one, if any was stored."""
-        removed, self.version = self._store.remove(kind, target)
+        removed, version = self._store.remove(kind, target)
+        self._follow(version)
         self._by_key.pop((kind, target), None)
         return removed
+
+    def _follow(self, version: int) -> None:
+        # Our own change is the next version: memory holds everything up to it. Any other gap
+        # means another worker or broker changed the store in between, which memory does not
+        # hold yet: leave the version behind so that the next refresh reloads.
+        if version == self.version + 1:
+            self.version = version
 
     def find(self, kind: str, target: str) -> Control | None:
         """The stored control of ``kind`` on ``target``, if any (in force or not)."""

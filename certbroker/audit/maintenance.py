@@ -24,6 +24,9 @@ from certbroker.config import ArchiveSchedule, AuditLocation
 
 log = logging.getLogger(__name__)
 
+#: How many times per interval a process that does not sign asks whether it may.
+STANDBY_ASKS = 4
+
 
 async def checkpoint_task(
     db: AuditLocation,
@@ -41,13 +44,19 @@ async def checkpoint_task(
 
     ``may_sign`` (blocking, asked in a worker thread before each round) says whether this
     process signs now: of the brokers sharing one PostgreSQL log, only the holder of the
-    signer's lease does (:mod:`certbroker.cluster.lease`); the others skip the round.
+    signer's lease does (:mod:`certbroker.cluster.lease`); the others skip the round and ask
+    again after a quarter of the interval.
     """
     last_archive = -math.inf
+    wait = interval_s
     while True:
-        await asyncio.sleep(interval_s)
+        await asyncio.sleep(wait)
         if may_sign is not None and not await asyncio.to_thread(may_sign):
+            # A standby asks four times an interval, so that it takes over within one
+            # interval of the signer's death whatever the phase of the two schedules.
+            wait = interval_s / STANDBY_ASKS
             continue
+        wait = interval_s
         try:
             latest = await asyncio.to_thread(latest_checkpoint, db)
             size = await asyncio.to_thread(tree_size, db)

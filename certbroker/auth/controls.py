@@ -67,9 +67,40 @@ class Control:
         """A clerk disabled until a time past is no longer disabled; everything else is."""
         return self.until is None or now < self.until
 
+    def row(self) -> tuple[object, ...]:
+        """The stored row (every store's column order: kind, target, reason, ticket, officer,
+        created, until, before, except_roles as a JSON array)."""
+        return (
+            self.kind,
+            self.target,
+            self.reason,
+            self.ticket,
+            self.officer,
+            self.created,
+            self.until,
+            self.before,
+            json.dumps(list(self.except_roles)),
+        )
+
+    @classmethod
+    def from_row(cls, row: Sequence[object]) -> Control:
+        """The control of a stored row (:meth:`row`)."""
+        kind, target, reason, ticket, officer, created, until, before, roles = row
+        return cls(
+            kind=str(kind),
+            target=str(target),
+            reason=str(reason),
+            ticket=str(ticket),
+            officer=str(officer),
+            created=float(str(created)),
+            until=None if until is None else float(str(until)),
+            before=None if before is None else float(str(before)),
+            except_roles=tuple(json.loads(str(roles))),
+        )
+
 
 class ControlStore(Protocol):
-    """Where the controls are kept durably (SQLite here; PostgreSQL could implement it)."""
+    """Where the controls are kept durably (SQLite here; PostgreSQL: certbroker.cluster)."""
 
     def load(self) -> list[Control]:
         """Every stored control."""
@@ -132,7 +163,7 @@ class SqliteControlStore:
                 "SELECT kind, target, reason, ticket, officer, created, until, before,"
                 " except_roles FROM controls ORDER BY created, kind, target"
             ).fetchall()
-        return [_control(row) for row in rows]
+        return [Control.from_row(row) for row in rows]
 
     def put(self, control: Control) -> int:
         with self._lock:
@@ -141,17 +172,7 @@ class SqliteControlStore:
                 self._db.execute(
                     "INSERT OR REPLACE INTO controls (kind, target, reason, ticket, officer,"
                     " created, until, before, except_roles) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        control.kind,
-                        control.target,
-                        control.reason,
-                        control.ticket,
-                        control.officer,
-                        control.created,
-                        control.until,
-                        control.before,
-                        json.dumps(list(control.except_roles)),
-                    ),
+                    control.row(),
                 )
                 version = self._bump()
             except BaseException:
@@ -180,7 +201,7 @@ class SqliteControlStore:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
-        return (None if row is None else _control(row)), version
+        return (None if row is None else Control.from_row(row)), version
 
     def version(self) -> int:
         with self._lock:
@@ -197,21 +218,6 @@ class SqliteControlStore:
     def _current(self) -> int:
         row = self._db.execute("SELECT version FROM controls_version WHERE id = 1").fetchone()
         return int(row[0])
-
-
-def _control(row: Sequence[object]) -> Control:
-    kind, target, reason, ticket, officer, created, until, before, roles = row
-    return Control(
-        kind=str(kind),
-        target=str(target),
-        reason=str(reason),
-        ticket=str(ticket),
-        officer=str(officer),
-        created=float(str(created)),
-        until=None if until is None else float(str(until)),
-        before=None if before is None else float(str(before)),
-        except_roles=tuple(json.loads(str(roles))),
-    )
 
 
 class Controls:

@@ -9,7 +9,6 @@ the next call at any broker is refused.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from certbroker.auth.controls import Control
@@ -32,7 +31,7 @@ class PostgresControlStore:
             rows = conn.execute(
                 f"SELECT {_COLUMNS} FROM cluster_controls ORDER BY created, kind, target"  # noqa: S608
             ).fetchall()
-            return [_control(row) for row in rows]
+            return [Control.from_row(row) for row in rows]
 
         return self._session.run(work)
 
@@ -49,17 +48,7 @@ class PostgresControlStore:
                     " ticket = excluded.ticket, officer = excluded.officer,"
                     " created = excluded.created, until = excluded.until,"
                     " before = excluded.before, except_roles = excluded.except_roles",
-                    (
-                        control.kind,
-                        control.target,
-                        control.reason,
-                        control.ticket,
-                        control.officer,
-                        control.created,
-                        control.until,
-                        control.before,
-                        json.dumps(list(control.except_roles)),
-                    ),
+                    control.row(),
                 )
                 version = self._db.bump(conn, "controls")
             self._db.settle(conn, "controls", version)
@@ -82,7 +71,7 @@ class PostgresControlStore:
                     return None, self._db.version(conn, "controls")
                 version = self._db.bump(conn, "controls")
             self._db.settle(conn, "controls", version)
-            return _control(row), version
+            return Control.from_row(row), version
 
         return self._session.run(work)
 
@@ -92,18 +81,3 @@ class PostgresControlStore:
 
     def close(self) -> None:
         self._session.close()
-
-
-def _control(row: Any) -> Control:
-    kind, target, reason, ticket, officer, created, until, before, roles = row
-    return Control(
-        kind=kind,
-        target=target,
-        reason=reason,
-        ticket=ticket,
-        officer=officer,
-        created=float(created),
-        until=None if until is None else float(until),
-        before=None if before is None else float(before),
-        except_roles=tuple(json.loads(roles)),
-    )

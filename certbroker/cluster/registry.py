@@ -13,7 +13,6 @@ must agree to well within a lease (NTP; docs/cluster.md).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from certbroker.cluster.pg import ClusterDb, Session
@@ -42,10 +41,7 @@ class PostgresRegistryBackend:
             version = self._db.version(conn, "registry")
             rows = conn.execute(f"SELECT {_COLUMNS} FROM cluster_instances").fetchall()  # noqa: S608
             self.seen = version
-            return {
-                row[0]: Instance(row[0], row[1], tuple(json.loads(row[2])), *row[3:])
-                for row in rows
-            }
+            return {row[0]: Instance.from_row(row) for row in rows}
 
         return self._session.run(work)
 
@@ -66,15 +62,7 @@ class PostgresRegistryBackend:
             " schema_version = excluded.schema_version,"
             " registered_at = excluded.registered_at,"
             " lease_expires_at = excluded.lease_expires_at",
-            (
-                instance.instance_id,
-                instance.department,
-                json.dumps(list(instance.record_types)),
-                instance.endpoint,
-                instance.schema_version,
-                instance.registered_at,
-                instance.lease_expires_at,
-            ),
+            instance.row(),
         )
 
     def forget(self, before: float) -> None:

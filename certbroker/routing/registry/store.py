@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 #: A lapsed instance is deleted this long after its lease ended (its adapter is long gone).
 FORGET_AFTER_S = 24 * 3600
@@ -60,6 +60,23 @@ class Instance:
     def live(self, now: float) -> bool:
         """In routing: the lease has not lapsed."""
         return now < self.lease_expires_at
+
+    def row(self) -> tuple[object, ...]:
+        """The stored row (every backend's column order; record types as a JSON array)."""
+        return (
+            self.instance_id,
+            self.department,
+            json.dumps(list(self.record_types)),
+            self.endpoint,
+            self.schema_version,
+            self.registered_at,
+            self.lease_expires_at,
+        )
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> Instance:
+        """The instance of a stored row (:meth:`row`)."""
+        return cls(row[0], row[1], tuple(json.loads(row[2])), *row[3:])
 
 
 class RegistryBackend(Protocol):
@@ -120,9 +137,7 @@ class SqliteRegistryBackend:
             "SELECT instance_id, department, record_types, endpoint, schema_version,"
             " registered_at, lease_expires_at FROM instances"
         ).fetchall()
-        return {
-            row[0]: Instance(row[0], row[1], tuple(json.loads(row[2])), *row[3:]) for row in rows
-        }
+        return {row[0]: Instance.from_row(row) for row in rows}
 
     def changed(self) -> bool:
         version = self._db.execute("PRAGMA data_version").fetchone()[0]
@@ -132,16 +147,7 @@ class SqliteRegistryBackend:
         # Autocommit: one statement, one transaction (UNIQUE (department, endpoint) makes
         # INSERT OR REPLACE drop a twin of another id).
         self._db.execute(
-            "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                instance.instance_id,
-                instance.department,
-                json.dumps(list(instance.record_types)),
-                instance.endpoint,
-                instance.schema_version,
-                instance.registered_at,
-                instance.lease_expires_at,
-            ),
+            "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)", instance.row()
         )
 
     def forget(self, before: float) -> None:

@@ -48,7 +48,7 @@ WHY = admin_pb2.Justification(reason="benchmark", ticket="BENCH-1")
 def run(options: Options) -> Result:
     """Start two brokers on one schema, change controls back and forth, kill the signer."""
     changes = options.count(full=50, smoke=4)
-    kills = 3 if not options.smoke else 1
+    kills = 5 if not options.smoke else 1
     with tempfile.TemporaryDirectory(prefix="certbroker-bench-") as tmp, postgres() as pg:
         if pg is None:
             raise BenchError("no PostgreSQL server to run a cluster on")

@@ -48,7 +48,8 @@ async def checkpoint_task(
     again after a quarter of the interval.
     """
     last_archive = -math.inf
-    wait = interval_s
+    # A process that may not be the signer asks early: it may be the one to take over.
+    wait = interval_s if may_sign is None else interval_s / STANDBY_ASKS
     while True:
         await asyncio.sleep(wait)
         if may_sign is not None and not await asyncio.to_thread(may_sign):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from certbroker import errors
 from certbroker.cluster.pg import ClusterDb
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,6 @@ class SignerLease:
         """Whether this broker signs now: keeps the lock if it had it, else tries to take it.
         False (never raises) while PostgreSQL cannot be reached."""
         import psycopg
-
-        from certbroker import errors
 
         try:
             if self._conn is None or self._conn.closed:

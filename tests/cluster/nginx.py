@@ -59,12 +59,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def require_nginx() -> None:
+    """Skip the test (fail it under ``CI=true``) when Debian's nginx is not installed."""
+    if not NGINX.exists():
+        _unavailable(f"{NGINX} is missing (apt-get install nginx)")
+
+
 class Nginx:
     """nginx proxying gRPC on ``127.0.0.1:port`` to ``upstreams`` (``host:port`` each)."""
 
     def __init__(self, directory: Path, upstreams: Sequence[str]) -> None:
-        if not NGINX.exists():
-            _unavailable(f"{NGINX} is missing (apt-get install nginx)")
+        require_nginx()
         self.dir = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()

@@ -17,6 +17,7 @@ nginx. One test walks the whole story, in order, because its last step kills a b
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import subprocess
@@ -47,7 +48,7 @@ from certbroker.v1 import (
     registry_pb2_grpc,
 )
 from tests.audit.pg_support import fresh_schema
-from tests.cluster.nginx import Nginx
+from tests.cluster.nginx import Nginx, require_nginx
 from tests.helpers import ROOT, start_process
 from tests.server.serving import Serve, serve, wait_until
 
@@ -121,66 +122,61 @@ class Clerk:
 def test_two_brokers_behind_nginx_share_registry_controls_log_and_signing(
     pg: PostgresLocation, tmp_path: Path, dataset_dir: Path
 ) -> None:
+    require_nginx()
     keys = tmp_path / "keys"
     idp = DevIdentityProvider(keys)
     DecisionSigner(keys)
     checkpoint_key = proofs.CheckpointSigner.load(tmp_path, tmp_path / "checkpoint.pem")
     config = broker_config(tmp_path, pg)
-    brokers = [start_broker(tmp_path, dataset_dir, keys, config, n) for n in ("a", "b")]
-    a, b = brokers
-    nginx = Nginx(tmp_path / "nginx", [a.target, b.target])
     credential = tmp_path / "dept.jwt"
     credential.write_text(idp.issue_department("public_security"))
-    adapter = start_process(
-        [
-            "-m",
-            "certbroker.adapters.examples.hukou_minimal",
-            "--db",
-            str(synthetic.dataset_path(dataset_dir, "household")),
-            "--port",
-            "0",
-            "--broker-public-key",
-            str(keys / "broker-key" / "public-key.pem"),
-            "--register",
-            nginx.target,
-            "--credential-file",
-            str(credential),
-        ],
-        tmp_path / "adapter.log",
-        "household",
-    )
     subject, other = synthetic.sample_couple(dataset_dir)
     clerk_token = idp.issue("clerk-7", ("window_clerk",), OFFICE)
     officer_token = idp.issue("sec-1", ("security_officer",), "security-office")
-    via = {
-        name: Clerk(target, clerk_token)
-        for name, target in (("a", a.target), ("b", b.target), ("nginx", nginx.target))
-    }
-    officer = {
-        name: Clerk(target, officer_token)
-        for name, target in (("a", a.target), ("b", b.target), ("nginx", nginx.target))
-    }
     operator = idp.issue_operator("ops-1")
     receipts: list[str] = []
     cases = iter(f"GZ20261203-{n:06d}" for n in range(1, 10_000))
+    codes: dict[int, int] = {}  # exit status by pid, once stopped
 
     def served(clerk: Clerk, who: str = subject) -> None:
         reply = clerk.lookup(who, next(cases))
         assert reply.record.household.name
         receipts.append(reply.receipt.entry_id)
 
-    try:
+    with contextlib.ExitStack() as stack:  # whatever started is stopped, in reverse order
+        brokers: list[Serve] = []
+        for name in ("a", "b"):
+            broker = start_broker(tmp_path, dataset_dir, keys, config, name)
+            brokers.append(broker)
+            stack.callback(lambda s=broker: codes.__setitem__(s.proc.pid, s.stop()))
+        a, b = brokers
+        nginx = Nginx(tmp_path / "nginx", [a.target, b.target])
+        stack.callback(nginx.stop)
+        adapter = start_process(
+            [
+                *("-m", "certbroker.adapters.examples.hukou_minimal", "--port", "0"),
+                *("--db", str(synthetic.dataset_path(dataset_dir, "household"))),
+                *("--broker-public-key", str(keys / "broker-key" / "public-key.pem")),
+                *("--register", nginx.target, "--credential-file", str(credential)),
+            ],
+            tmp_path / "adapter.log",
+            "household",
+        )
+        stack.callback(adapter.stop)
+        targets = {"a": a.target, "b": b.target, "nginx": nginx.target}
+        via = {name: Clerk(target, clerk_token) for name, target in targets.items()}
+        officer = {name: Clerk(target, officer_token) for name, target in targets.items()}
+        for clerk in (*via.values(), *officer.values()):
+            stack.callback(clerk.close)
+
         # 1. Registered through nginx (before the adapter's READY): both brokers route to it.
         endpoint = f"127.0.0.1:{adapter.port}"
         for broker in brokers:
-            listing = Clerk(broker.target, operator)
-            try:
-                assert listing.instances() == [endpoint], broker.target
-            finally:
-                listing.close()
+            listing = stack.enter_context(contextlib.closing(Clerk(broker.target, operator)))
+            assert listing.instances() == [endpoint], broker.target
         for _ in range(8):
             served(via["nginx"])
-        lookups = [u for status, u, uri in nginx.access() if uri.endswith("/Lookup")]
+        lookups = [u for _, u, uri in nginx.access() if uri.endswith("/Lookup")]
         assert set(lookups) == {a.target, b.target}  # both brokers answered lookups
 
         # 2. Disabled through A: refused on the very next call at B (and at A); enabled again
@@ -214,10 +210,8 @@ def test_two_brokers_behind_nginx_share_registry_controls_log_and_signing(
         db = ClusterDb(pg, "test")
         with psycopg.connect(pg.dsn, autocommit=True) as conn:
             wait_until("a checkpoint signer", lambda: signer_of(conn, db) is not None)
-            holder = signer_of(conn, db)
-            assert holder is not None
-            victim = a if f":{a.proc.pid}" in holder else b
-            survivor = b if victim is a else a
+            holder = signer_of(conn, db) or ""
+            victim, survivor = (a, b) if f":{a.proc.pid}" in holder else (b, a)
             assert f":{victim.proc.pid}" in holder
             victim.proc.send_signal(signal.SIGKILL)
             victim.wait()
@@ -228,6 +222,7 @@ def test_two_brokers_behind_nginx_share_registry_controls_log_and_signing(
                 lambda: f":{survivor.proc.pid}" in (signer_of(conn, db) or ""),
             )
         after_kill = [u for _, u, uri in nginx.access()[-6:] if uri.endswith("/Lookup")]
+        assert after_kill
         assert all(u.endswith(survivor.target) for u in after_kill), after_kill
         # The survivor signs the log including the calls made after the kill.
         total = len(query(pg, QueryFilter(limit=100_000)))
@@ -235,12 +230,6 @@ def test_two_brokers_behind_nginx_share_registry_controls_log_and_signing(
             "a checkpoint over the whole log",
             lambda: (c := proofs.latest_checkpoint(pg)) is not None and c.size >= total,
         )
-    finally:
-        for clerk in (*via.values(), *officer.values()):
-            clerk.close()
-        adapter.stop()
-        nginx.stop()
-        codes = {s.proc.pid: s.stop() for s in brokers}
     assert codes[survivor.proc.pid] == 0, survivor.stderr[-3000:]
 
     # Every receipt a client received is in the one shared log, which verifies.
@@ -252,14 +241,8 @@ def test_two_brokers_behind_nginx_share_registry_controls_log_and_signing(
     where = ["--dsn", pg.dsn, "--schema", pg.schema]
     out = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "certbroker",
-            "audit",
-            "verify",
-            *where,
-            "--public-key",
-            str(checkpoint_key.public_key_path),
+            *(sys.executable, "-m", "certbroker", "audit", "verify", *where),
+            *("--public-key", str(checkpoint_key.public_key_path)),
         ],
         cwd=ROOT,
         capture_output=True,

@@ -54,11 +54,17 @@ class NatsPublisher:
         self._timeout = timeout_s
         self._nc: Any = None
         self._js: Any = None
+        # A round publishes its notices concurrently: one of them connects, the others wait.
+        self._connecting = asyncio.Lock()
 
     async def _jetstream(self) -> Any:
-        if self._nc is not None and self._nc.is_connected:
-            return self._js
-        await self.aclose()
+        async with self._connecting:
+            if self._nc is not None and self._nc.is_connected:
+                return self._js
+            await self.aclose()
+            return await self._connect()
+
+    async def _connect(self) -> Any:
         import nats
         from nats.js.api import StorageType, StreamConfig
         from nats.js.errors import NotFoundError
@@ -93,6 +99,10 @@ class NatsPublisher:
         if nc is not None:
             with contextlib.suppress(Exception):
                 await nc.close()
+            # close() cancels the client's reader and flusher tasks; let them finish here,
+            # not after the loop is closed.
+            for _ in range(3):
+                await asyncio.sleep(0)
 
 
 class OutboxRelay:

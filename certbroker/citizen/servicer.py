@@ -51,9 +51,10 @@ from certbroker.auth.citizens import CITIZEN_ROLE, Citizen, CitizenAuthenticator
 from certbroker.auth.controls import Control, Controls
 from certbroker.citizen.notices import record_label, visible_at
 from certbroker.config import AuditLocation
+from certbroker.lookup.pipeline import fill_receipt
 from certbroker.policy import PolicySource
 from certbroker.policy.model import PolicySet
-from certbroker.v1 import broker_pb2, citizen_pb2, citizen_pb2_grpc
+from certbroker.v1 import citizen_pb2, citizen_pb2_grpc
 
 __all__ = ["DEFAULT_PAGE_SIZE", "MAX_DISPUTE_CHARS", "MAX_PAGE_SIZE", "CitizenService"]
 
@@ -129,7 +130,7 @@ class CitizenService(citizen_pb2_grpc.CitizenServicer):
             _fill(reply.accesses.add(), policy, entry, entry.entry_id in disputed)
         if more and page:
             reply.next_page_token = str(page[-1].sequence)
-        _receipt(reply.receipt, audited)
+        fill_receipt(reply.receipt, audited.receipt)
         return reply
 
     async def Dispute(
@@ -155,7 +156,7 @@ class CitizenService(citizen_pb2_grpc.CitizenServicer):
                 frozen = await self._freeze(audited, citizen, entry)
             call.details["frozen"] = frozen
         reply = citizen_pb2.DisputeResponse(frozen=frozen)
-        _receipt(reply.receipt, audited)
+        fill_receipt(reply.receipt, audited.receipt)
         return reply
 
     # -- the machinery ----------------------------------------------------------------------
@@ -319,10 +320,3 @@ def released_field_names(policy: PolicySet, entry: AuditEntry) -> list[str]:
     the auditors' citizen report does (:func:`certbroker.audit.service.messages.released_fields`);
     the one place to prefer names recorded in the entry once entries carry them."""
     return released_fields(policy, entry)
-
-
-def _receipt(target: broker_pb2.AuditReceipt, audited: AuditedCall) -> None:
-    receipt = audited.receipt
-    target.entry_id = receipt.entry_id
-    target.entry_hash = receipt.entry_hash
-    target.sequence = receipt.sequence

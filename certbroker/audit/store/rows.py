@@ -77,7 +77,6 @@ OUTBOX_DDL: tuple[LiteralString, ...] = (
         sent       TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS audit_outbox_unsent ON audit_outbox (due) WHERE sent IS NULL",
-    "CREATE INDEX IF NOT EXISTS audit_outbox_subject ON audit_outbox (subject_id)",
 )
 
 ROW_COLUMNS = "seq, body, prev_hash, entry_hash, " + ", ".join(INDEXED_COLUMNS)

@@ -1051,8 +1051,6 @@ def _issuer(where: str, item: Any, base: Path) -> IssuerConfig:
 
 def _check_together(config: Config) -> None:
     """The rules that tie two settings together (each value alone was checked as it was read)."""
-    if bool(config.citizen_issuer) != (config.citizen_public_key is not None):
-        raise ConfigError("citizen.issuer and citizen.public_key go together")
     if config.audit_dsn and config.audit_path is not None:
         raise ConfigError("audit: set either path (SQLite) or dsn (PostgreSQL), not both")
     if config.record_cache_max_entries > config.record_cache_max_bytes:

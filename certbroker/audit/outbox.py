@@ -67,9 +67,11 @@ class NoticeOutbox:
         self._notice = notice
 
     def prepare(self, conn: Connection) -> None:
-        """Create the table if needed (in the writer's first transaction, under its lock)."""
-        for statement in OUTBOX_DDL:
-            conn.execute(statement)
+        """Create the table if a log written before it lacks it (in the writer's first
+        transaction, under its lock). Only then: a PostgreSQL broker role may not CREATE."""
+        if not conn.backend.has_table(conn, "audit_outbox"):
+            for statement in OUTBOX_DDL:
+                conn.execute(statement)
 
     def rows_appended(
         self,

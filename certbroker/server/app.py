@@ -145,6 +145,9 @@ def citizen_authenticator(config: Config, auth: Authenticator) -> CitizenAuthent
     """The citizens' authenticator of ``config`` (``[citizen]`` issuer, and the dev IdP's
     citizen issuer while ``[auth] dev_idp`` is on); None when no citizen issuer is trusted."""
 
+    if bool(config.citizen_issuer) != (config.citizen_public_key is not None):
+        raise StartError("citizen.issuer and citizen.public_key go together")
+
     def trusted() -> list[TrustedIssuer]:
         issuers: list[TrustedIssuer] = []
         if config.citizen_issuer and config.citizen_public_key is not None:

@@ -39,6 +39,14 @@ evaluates rules in file-name order, then in order within a file::
       - code: BDC-ZY-001
         name: 不动产转移登记
         needs: {household: [name], marriage: [marital_status, spouse_resident_id]}
+      - code: GA-ZC-001            # a covert matter: citizens see its accesses only after
+        name: 刑事案件侦查           # disclosure_delay_days (1..3650); auditors always
+        covert: true
+        disclosure_delay_days: 180
+        needs: {household: [name]}
+    citizen:                       # the citizens' own view (Citizen service); a mapping
+      show_clerk: number           # office (default: the hall only) | number (clerk's too)
+      freeze_on_dispute: true      # a dispute freezes the citizen's records (default false)
     roles:
       - {id: window_clerk, name: 综合受理窗口}
     packages:                      # 一件事: several matters handled as one (LookupMatter)

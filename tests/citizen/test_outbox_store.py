@@ -119,3 +119,13 @@ def test_a_broker_role_with_the_documented_grants_writes_and_marks_notices() -> 
             admin.execute(f"DROP OWNED BY {name}".encode())
             admin.execute(f"DROP ROLE IF EXISTS {name}".encode())
             admin.close()
+
+
+def test_the_outbox_benchmark_runs_in_smoke_mode() -> None:
+    from bench import outbox
+    from bench.harness import Options
+
+    result = outbox.run(Options(smoke=True))
+    sqlite_rows = [row for row in result.rows if row[0] == "SQLite"]
+    assert [row[1] for row in sqlite_rows] == ["1", "32"]
+    assert all(float(cell) >= 0 for row in sqlite_rows for cell in row[2:6])

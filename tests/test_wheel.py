@@ -15,6 +15,8 @@ import venv
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from certbroker.adapters.demo import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +43,7 @@ def _clean_env(home: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.timeout(600)  # builds a wheel and a venv: minutes when the machine is busy
 def test_wheel_alone_serves_and_plays_the_demo(tmp_path: Path) -> None:
     source = _tracked_copy(tmp_path / "src")
     dist = tmp_path / "dist"

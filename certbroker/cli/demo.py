@@ -19,11 +19,14 @@ import grpc
 
 from certbroker import audit, config
 from certbroker.adapters.demo import synthetic
+from certbroker.audit.outbox import read_notices
+from certbroker.audit.store.db import backend_for
 from certbroker.auth.authenticator import DevIdentityProvider
+from certbroker.citizen.notices import render
 from certbroker.cli import client
 from certbroker.cli.table import format_table
 from certbroker.contract import resident_id
-from certbroker.v1 import broker_pb2, broker_pb2_grpc
+from certbroker.v1 import broker_pb2, broker_pb2_grpc, citizen_pb2, citizen_pb2_grpc
 
 TRANSFER, PENSION = "BDC-ZY-001", "SB-YL-001"
 HOME_PACKAGE = "YJS-ESF-001"  # 二手房交易一件事: the transfer, the utilities, the 户口
@@ -66,6 +69,7 @@ def run(state_dir: Path) -> int:
     proc, port = _start(state_dir)
     try:
         surprises = _session(state_dir, f"127.0.0.1:{port}")
+        surprises += _citizen_scene(state_dir, f"127.0.0.1:{port}")
     finally:
         # Stopping the broker also writes its last summary of unauthenticated calls.
         proc.terminate()
@@ -199,6 +203,56 @@ def _session(state_dir: Path, target: str) -> list[str]:
         expect="UNAUTHENTICATED",
     )
     channel.close()
+    return surprises
+
+
+def _citizen_scene(state_dir: Path, target: str) -> list[str]:
+    """The property transfer from the co-owner's phone: who accessed my records (the Citizen
+    service, with a citizen token of the dev IdP's citizen issuer) and the notice of one access,
+    kept in the outbox since the embedded broker has no message broker configured."""
+    surprises: list[str] = []
+    seller, spouse = synthetic.sample_couple(config.load(None, state_dir=state_dir).datasets)
+    _title(
+        f"The co-owner {spouse} opens the provincial app: who looked at my records? "
+        "(certbroker citizen accesses)"
+    )
+    token = DevIdentityProvider(state_dir).issue_citizen(spouse)
+    channel = grpc.insecure_channel(target)
+    try:
+        reply = citizen_pb2_grpc.CitizenStub(channel).MyAccesses(
+            citizen_pb2.MyAccessesRequest(), metadata=client.bearer(token), timeout=10
+        )
+    except grpc.RpcError as exc:
+        surprises.append(f"MyAccesses refused: {client.call_error(exc)}")
+        return surprises
+    finally:
+        channel.close()
+    for a in reply.accesses:
+        when = a.time.ToDatetime().strftime("%H:%M:%S")
+        fields = ", ".join(a.fields) or "-"
+        print(
+            f"  {when} {a.decision:<5} {a.record_label} by {a.office} (clerk {a.clerk or '-'}) "
+            f"for {a.matter_name} {a.case_number}: {fields}"
+        )
+    print(
+        f"  ({len(reply.accesses)} accesses; this view is itself audit entry "
+        f"#{reply.receipt.sequence})"
+    )
+    if not reply.accesses:
+        surprises.append("the co-owner sees no access")
+    if seller in str(reply):
+        surprises.append("the co-owner's view names the seller")
+    notices = list(read_notices(backend_for(state_dir / "audit.sqlite"), spouse))
+    marriage = [n for n in notices if n["record_type"] == "marriage"]
+    if len(notices) != len(reply.accesses) or not marriage:
+        surprises.append(f"{len(notices)} notices for {len(reply.accesses)} accesses")
+        return surprises
+    _title("The notice on the co-owner's phone (one per access, written with its audit entry)")
+    print(f"  {render(marriage[-1])}")
+    print(
+        "  (kept in the outbox: no message broker is configured. With [notify] nats_url the "
+        "relay\n   publishes every notice to NATS JetStream; `certbroker notify tail` shows them.)"
+    )
     return surprises
 
 

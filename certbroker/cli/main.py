@@ -22,6 +22,7 @@ from certbroker.cli import adapters as cli_adapters
 from certbroker.cli import admin as cli_admin
 from certbroker.cli import audit_log as cli_audit_log
 from certbroker.cli import auditor as cli_auditor
+from certbroker.cli import citizen as cli_citizen
 from certbroker.cli import client, jsonout
 from certbroker.cli.table import format_table
 from certbroker.v1 import broker_pb2
@@ -187,6 +188,9 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
         return 0
     if args.operator:
         print(idp.issue_operator(args.sub or "operator", ttl_s=args.ttl))
+        return 0
+    if args.citizen:  # the dev citizen issuer's token (the provincial app's, in production)
+        print(idp.issue_citizen(args.citizen, sub=args.sub or "", ttl_s=args.ttl))
         return 0
     if not (args.sub and args.roles and args.office):
         print("error: a clerk token needs --sub, --roles and --office", file=sys.stderr)
@@ -356,6 +360,7 @@ def parser() -> argparse.ArgumentParser:
     kind = s.add_mutually_exclusive_group()
     kind.add_argument("--department", help="department credential for this department id")
     kind.add_argument("--operator", action="store_true", help="operator token (Registry admin)")
+    kind.add_argument("--citizen", help="citizen token (Citizen service) for this resident ID")
     s.add_argument("--sub", help="clerk id (operator id, or the adapter deployment's name)")
     s.add_argument("--roles", help="comma-separated roles (clerk tokens)")
     s.add_argument("--office", help="office / hall id (clerk tokens)")
@@ -379,6 +384,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_policy_reload)
 
     cli_admin.add_parsers(sub)
+    cli_citizen.add_parsers(sub)
 
     aud = sub.add_parser("audit", help="verify and query the audit log").add_subparsers(
         dest="audit_command", required=True

@@ -46,6 +46,7 @@ from grpc_reflection.v1alpha import reflection
 from certbroker.admin.servicer import AdminService
 from certbroker.audit import BatchingAuditLog, CheckpointSigner, checkpoint_task, open_audit_log
 from certbroker.audit.integrity.proofs import latest_checkpoint, tree_size
+from certbroker.audit.outbox import NoticeOutbox
 from certbroker.audit.refusals import RefusalLedger
 from certbroker.audit.service.servicer import AuditService
 from certbroker.auth.authenticator import (
@@ -54,8 +55,12 @@ from certbroker.auth.authenticator import (
     TrustedIssuer,
     load_issuer,
 )
+from certbroker.auth.citizens import CitizenAuthenticator
 from certbroker.auth.controls import Controls
 from certbroker.cache import RecordCache
+from certbroker.citizen.notices import notices_of
+from certbroker.citizen.relay import NatsPublisher, OutboxRelay
+from certbroker.citizen.servicer import CitizenService
 from certbroker.cluster.shared import shared_state_for
 from certbroker.config import Config
 from certbroker.lookup.pipeline import fetched_size
@@ -80,6 +85,8 @@ from certbroker.v1 import (
     audit_pb2_grpc,
     broker_pb2,
     broker_pb2_grpc,
+    citizen_pb2,
+    citizen_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
 )
@@ -92,6 +99,7 @@ SERVICE_NAMES: Final = (
     registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
     audit_pb2.DESCRIPTOR.services_by_name["Audit"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+    citizen_pb2.DESCRIPTOR.services_by_name["Citizen"].full_name,
 )
 
 
@@ -134,6 +142,38 @@ def authenticator(config: Config, metrics: Metrics | None = None) -> Authenticat
     )
 
 
+def citizen_authenticator(config: Config, auth: Authenticator) -> CitizenAuthenticator | None:
+    """The citizens' authenticator of ``config`` (``[citizen]`` issuer, and the dev IdP's
+    citizen issuer while ``[auth] dev_idp`` is on); None when no citizen issuer is trusted."""
+
+    if bool(config.citizen_issuer) != (config.citizen_public_key is not None):
+        raise StartError("citizen.issuer and citizen.public_key go together")
+
+    def trusted() -> list[TrustedIssuer]:
+        issuers: list[TrustedIssuer] = []
+        if config.citizen_issuer and config.citizen_public_key is not None:
+            issuers.append(
+                load_issuer(
+                    config.citizen_issuer,
+                    config.citizen_audience,
+                    pem_files=(config.citizen_public_key,),
+                )
+            )
+        if config.dev_idp:
+            dev = DevIdentityProvider(config.state_dir)
+            issuers.append(dev.citizen_trusted_issuer(config.dev_idp_max_token_lifetime_s))
+        return issuers
+
+    if not trusted():
+        return None
+    return CitizenAuthenticator(
+        trusted,
+        is_clerk_issuer=auth.trusts,
+        id_claim=config.citizen_id_claim,
+        leeway_s=config.leeway_s,
+    )
+
+
 @dataclass(kw_only=True)
 class Broker:
     """A running broker: its bound ports and the pieces tests and the CLI reach into."""
@@ -158,17 +198,26 @@ class Broker:
     _parts: _Parts = field(repr=False)
     _stopping: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
 
+    citizen_auth: CitizenAuthenticator | None = None
+    #: The notice relay, when ``[notify] nats_url`` is set (and this process checkpoints).
+    relay: OutboxRelay | None = None
+
     def reload(self) -> None:
         """SIGHUP: re-read the issuer keys (emptying the token cache), then reload the
         policies (an audited reload, scheduled on the running loop)."""
-        self.auth.reload_keys()
+        self._reload_keys()
         self.policies.reload_soon()
 
     async def reload_now(self) -> None:
         """:meth:`reload`, finished before it returns (a worker catching up on a SIGHUP that
         came while it started)."""
-        self.auth.reload_keys()
+        self._reload_keys()
         await self.policies.reload()
+
+    def _reload_keys(self) -> None:
+        self.auth.reload_keys()
+        if self.citizen_auth is not None:
+            self.citizen_auth.reload_keys()
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain (health NOT_SERVING, no new calls, in-flight calls get ``grace`` seconds;
@@ -367,6 +416,8 @@ async def start(
             max_wait_s=config.audit_batch_wait_ms / 1000,
             clock=audit_clock,
             on_commit=metrics.observe_audit_commit,
+            # Every access's notice, in its entry's transaction (certbroker.audit.outbox).
+            hook=NoticeOutbox(notices_of(lambda: policies.current)),
         )
         parts.on_close("audit log", audit.aclose)
         policies.audit = audit  # reloads are audited from here on
@@ -442,6 +493,10 @@ async def start(
             refusals=refusals,
         )
         admin_service = AdminService(auth, policies, audit, controls, refusals=refusals)
+        citizen_auth = citizen_authenticator(config, auth)
+        citizen_service = CitizenService(
+            citizen_auth, policies, audit, config.audit_location, controls, refusals=refusals
+        )
         # Tolerant decoding (certbroker.server.decoding): undecodable bytes reach guarded().
         register(
             broker_pb2_grpc.add_CertificateBrokerServicer_to_server,
@@ -461,6 +516,11 @@ async def start(
         register(
             admin_pb2_grpc.add_AdminServicer_to_server,
             guarded(admin_service, calls, refusals),
+            server,
+        )
+        register(
+            citizen_pb2_grpc.add_CitizenServicer_to_server,
+            guarded(citizen_service, calls, refusals),
             server,
         )
         health_servicer = Health()
@@ -496,6 +556,14 @@ async def start(
                 ),
                 "checkpoint task",
             )
+        relay = None
+        if checkpoints and config.nats_url:  # one relay per log, beside the checkpoints
+            relay = OutboxRelay(
+                audit.backend,
+                NatsPublisher(config.nats_url, config.notify_stream, config.notify_subject),
+                interval_s=config.notify_interval_s,
+            )
+            _background(parts, relay.run(), "notice relay")
         log.info(
             "certbroker serving on %s:%d (metrics :%d), policy %s",
             config.host,
@@ -520,6 +588,8 @@ async def start(
             health=health_servicer,
             calls=calls,
             refusals=refusals,
+            citizen_auth=citizen_auth,
+            relay=relay,
             _parts=parts.handed_over(),  # closed by Broker.stop
         )
     raise AssertionError("unreachable")  # pragma: no cover - the block returns or raises

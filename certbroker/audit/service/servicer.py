@@ -295,7 +295,8 @@ class AuditService(audit_pb2_grpc.AuditServicer):
 
         def parse() -> Criteria:
             since, until = time_range(call.summary, request.HasField("time"), request.time)
-            return Criteria(kinds=("lookup",), since=since, until=until)
+            # "citizen" entries: the disputes (CITIZEN_DISPUTE); the other rules read lookups.
+            return Criteria(kinds=("lookup", "citizen"), since=since, until=until)
 
         criteria, receipt = await self._admit(call, context, parse)
         criteria = replace(criteria, before=receipt.sequence)

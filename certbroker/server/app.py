@@ -57,6 +57,7 @@ from certbroker.auth.authenticator import (
 from certbroker.auth.controls import Controls, SqliteControlStore
 from certbroker.cache import RecordCache
 from certbroker.config import Config
+from certbroker.evidence.document import Issuer
 from certbroker.lookup.pipeline import fetched_size
 from certbroker.lookup.servicer import CertificateBrokerService
 from certbroker.metrics import BrokerState, Metrics
@@ -153,6 +154,7 @@ class Broker:
     health: Health
     calls: Calls
     refusals: RefusalLedger  # calls refused before their caller was known
+    evidence: Issuer  # signs evidence documents (certbroker.evidence)
     #: Closes every part :func:`start` opened, in reverse order (module docstring).
     _parts: _Parts = field(repr=False)
     _stopping: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
@@ -161,12 +163,23 @@ class Broker:
         """SIGHUP: re-read the issuer keys (emptying the token cache), then reload the
         policies (an audited reload, scheduled on the running loop)."""
         self.auth.reload_keys()
+        self._reload_evidence_key()
         self.policies.reload_soon()
+
+    def _reload_evidence_key(self) -> None:
+        # After `certbroker keys rotate --evidence`; a ring that cannot be read keeps the key.
+        try:
+            self.evidence.reload()
+        except (OSError, ValueError):
+            log.exception(
+                "cannot reload the evidence key; still signing with %s", self.evidence.kid
+            )
 
     async def reload_now(self) -> None:
         """:meth:`reload`, finished before it returns (a worker catching up on a SIGHUP that
         came while it started)."""
         self.auth.reload_keys()
+        self._reload_evidence_key()
         await self.policies.reload()
 
     async def stop(self, grace: float | None = None) -> None:
@@ -255,6 +268,13 @@ def _checkpoint_signer(config: Config) -> CheckpointSigner:
         raise StartError(f"cannot load the checkpoint signing key {where}: {exc}") from exc
 
 
+def _evidence_issuer(config: Config) -> Issuer:
+    try:
+        return Issuer(config.state_dir)
+    except (OSError, ValueError) as exc:
+        raise StartError(f"cannot load the evidence key ring in {config.state_dir}: {exc}") from exc
+
+
 def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
@@ -335,6 +355,7 @@ async def start(
     policies = PolicyHolder(config.policy_dir, metrics)
     departments = {name: rt.department for name, rt in policies.current.record_types.items()}
     signer = DecisionSigner(config.state_dir)
+    evidence = _evidence_issuer(config)
     breakers = BreakerBoard(
         failures=config.breaker_failures, reset_s=config.breaker_reset_s, clock=breaker_clock
     )
@@ -428,6 +449,7 @@ async def start(
             adapter_timeout_s=config.adapter_timeout_s,
             record_cache=record_cache,
             refusals=refusals,
+            evidence=evidence,
             **({"now": decision_clock} if decision_clock is not None else {}),
         )
         registry_service = RegistryService(
@@ -440,6 +462,7 @@ async def start(
             config.audit_location,
             signer=checkpoint_signer,
             refusals=refusals,
+            evidence_keys=lambda: (evidence.jwks(), evidence.kid),
         )
         admin_service = AdminService(auth, policies, audit, controls, refusals=refusals)
         # Tolerant decoding (certbroker.server.decoding): undecodable bytes reach guarded().
@@ -522,6 +545,7 @@ async def start(
             health=health_servicer,
             calls=calls,
             refusals=refusals,
+            evidence=evidence,
             _parts=parts.handed_over(),  # closed by Broker.stop
         )
     raise AssertionError("unreachable")  # pragma: no cover - the block returns or raises

@@ -23,6 +23,7 @@ from certbroker.cli import admin as cli_admin
 from certbroker.cli import audit_log as cli_audit_log
 from certbroker.cli import auditor as cli_auditor
 from certbroker.cli import client, jsonout
+from certbroker.cli import evidence as cli_evidence
 from certbroker.cli.table import format_table
 from certbroker.v1 import broker_pb2
 
@@ -115,6 +116,13 @@ def _print_json(message: Message) -> None:
     print(jsonout.message(message, indent=2))
 
 
+def _save_evidence(args: argparse.Namespace, evidence: str) -> None:
+    """Write the evidence document the call asked for (``--evidence FILE``)."""
+    if args.evidence is not None:
+        args.evidence.write_text(evidence + "\n", encoding="ascii")
+        print(f"evidence written to {args.evidence}", file=sys.stderr)
+
+
 def cmd_lookup(args: argparse.Namespace) -> int:
     token = _clerk_token(args)
     if token is None:
@@ -128,9 +136,11 @@ def cmd_lookup(args: argparse.Namespace) -> int:
         args.consent_ref,
         _split(args.fields),
     )
+    request.evidence = args.evidence is not None
     response = _call(args, token, "Lookup", request)
     if response is None:
         return 1
+    _save_evidence(args, response.evidence)
     if args.json:
         _print_json(response)
     else:
@@ -167,9 +177,11 @@ def cmd_lookup_matter(args: argparse.Namespace) -> int:
         request = client.lookup_matter_request(
             args.matter, args.case, subjects, args.consent, args.consent_ref
         )
+    request.evidence = args.evidence is not None
     response = _call(args, token, "LookupMatter", request)
     if response is None:
         return 1
+    _save_evidence(args, response.evidence)
     if args.json:
         _print_json(response)
     else:
@@ -312,6 +324,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--fields", default="", help="comma-separated subset of fields")
     s.add_argument("--timeout", type=float, default=10.0)
     s.add_argument("--json", action="store_true")
+    s.add_argument(
+        "--evidence", type=Path, metavar="FILE", help="ask for a signed evidence document; write it"
+    )
     s.set_defaults(func=cmd_lookup)
 
     s = sub.add_parser(
@@ -342,6 +357,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--consent-ref", default="")
     s.add_argument("--timeout", type=float, default=10.0, help="deadline for the whole bundle")
     s.add_argument("--json", action="store_true")
+    s.add_argument(
+        "--evidence",
+        type=Path,
+        metavar="FILE",
+        help="ask for one signed evidence document; write it",
+    )
     s.set_defaults(func=cmd_lookup_matter)
 
     token = sub.add_parser("token", help="development identity provider").add_subparsers(
@@ -379,6 +400,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_policy_reload)
 
     cli_admin.add_parsers(sub)
+    cli_evidence.add_parsers(sub, state)
 
     aud = sub.add_parser("audit", help="verify and query the audit log").add_subparsers(
         dest="audit_command", required=True

@@ -291,7 +291,8 @@ def summary_lines(outcome: Outcome) -> list[str]:
         f"clerk {e['clerk'].get('name') or e['clerk'].get('sub')} ({e['clerk'].get('sub')}), "
         f"office {e['clerk'].get('office')}",
         f"matter {e['matter'].get('code')} {e['matter'].get('name')}, "
-        f"case {e['case_number'] or '-'}, consent {e['consent'].get('method')} {e['consent'].get('reference')}".rstrip(),
+        f"case {e['case_number'] or '-'}, consent {e['consent'].get('method')} "
+        f"{e['consent'].get('reference')}".rstrip(),
         f"audit entry {e['entry']['sequence']} {e['entry']['entry_hash']}",
     ]
     for index, item in enumerate(e["items"]):

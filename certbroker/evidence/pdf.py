@@ -101,7 +101,18 @@ def _text(value: Any) -> str:
         return value
     if isinstance(value, bool):
         return "是" if value else "否"
+    if isinstance(value, dict):
+        return "；".join(f"{k}：{_text(v)}" for k, v in value.items())
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "、".join(value)
     return json.dumps(value, ensure_ascii=False)
+
+
+def _lines(value: Any) -> list[str]:
+    """A value as the lines of its table cell: one per item of a list of groups."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return [f"{n}. {_text(v)}" for n, v in enumerate(value, 1)]
+    return [_text(value)]
 
 
 def _table(rows: Sequence[list[Any]], widths: Sequence[float], header: bool = False) -> Table:
@@ -179,7 +190,10 @@ def render(compact: str, out: Path) -> str:
             )
         )
         rows: list[list[Any]] = [[p("字段"), p("内容")]]
-        rows += [[p(name), p(_text(value))] for name, value in item["content"].items()]
+        rows += [
+            [p(name), Paragraph("<br/>".join(map(escape, _lines(value))), s["body"])]
+            for name, value in item["content"].items()
+        ]
         if item["masked_fields"]:
             rows.append([p("已脱敏字段"), p("、".join(item["masked_fields"]))])
         if item["withheld_fields"]:

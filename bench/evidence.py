@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from bench.bundle import rotating_rounds
 from bench.harness import BenchError, Options, Processes, Result, percentile
 from certbroker.adapters.demo import synthetic
 from certbroker.auth.authenticator import DevIdentityProvider
@@ -115,24 +116,13 @@ def _measure(
             reply = stub.LookupMatter(request, metadata=metadata, timeout=10)
             _check(reply.evidence, evidence, documents)
 
-        calls: dict[str, Callable[[], None]] = {
+        calls: dict[str, Callable[[], object]] = {
             "Lookup": functools.partial(lookup, False),
             "Lookup + evidence": functools.partial(lookup, True),
             "LookupMatter (6 records)": functools.partial(bundle, False),
             "LookupMatter (6 records) + evidence": functools.partial(bundle, True),
         }
-        names = list(calls)
-        samples: dict[str, list[float]] = {name: [] for name in names}
-        for n in range(warmup + rounds):
-            shift = n % len(names)
-            for name in names[shift:] + names[:shift]:
-                started = time.perf_counter()
-                try:
-                    calls[name]()
-                except grpc.RpcError as exc:
-                    raise BenchError(f"{name}: {client.call_error(exc)}") from None
-                if n >= warmup:
-                    samples[name].append((time.perf_counter() - started) * 1000)
+        samples = rotating_rounds(calls, rounds, warmup)
     return samples, documents
 
 

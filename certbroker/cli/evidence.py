@@ -159,6 +159,11 @@ def cmd_prove(args: argparse.Namespace) -> int:
                 raise
             print(f"NOT_IN_LOG: {exc.details()}")
             return evidence.NOT_IN_LOG
+        except (ValueError, IndexError, KeyError, UnicodeDecodeError):
+            # An export that is not one entry line after its header: the log is not as
+            # documented (certbroker.audit.export); nothing to prove the evidence with.
+            print("NOT_IN_LOG: the broker's export of the entry is not an entry")
+            return evidence.NOT_IN_LOG
         proof = evidence.proof_object(head.note, found)
         target = args.file if args.embed else out
         document = {"evidence": doc.compact, "proof": proof} if args.embed else proof

@@ -316,7 +316,7 @@ def _fill(target: citizen_pb2.Access, policy: PolicySet, entry: AuditEntry, disp
 
 
 def released_field_names(policy: PolicySet, entry: AuditEntry) -> list[str]:
-    """The names of the fields a lookup released. Today derived from the policy in force, as
-    the auditors' citizen report does (:func:`certbroker.audit.service.messages.released_fields`);
-    the one place to prefer names recorded in the entry once entries carry them."""
+    """The names of the fields a lookup released, exactly as the auditors' citizen report
+    gives them (:func:`certbroker.audit.service.messages.released_fields`): recorded in the
+    entry when the lookup issued evidence, else derived from the policy in force."""
     return released_fields(policy, entry)

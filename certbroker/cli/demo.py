@@ -152,7 +152,10 @@ def _session(state_dir: Path, target: str) -> list[str]:
         "The same property transfer as one matter bundle (LookupMatter): the seller and the "
         "spouse as co-owner, every record the matter needs, fetched in parallel"
     )
-    _bundle(stub, clerk, case, [(seller, "seller"), (spouse, "co_owner")], surprises.append)
+    bundle = _bundle(
+        stub, clerk, case, [(seller, "seller"), (spouse, "co_owner")], surprises.append
+    )
+    _evidence_scene(state_dir, bundle, surprises.append)
 
     _title(
         f"二手房交易一件事 ({HOME_PACKAGE}): the transfer, the utilities (水电气过户) and the 户口 "
@@ -313,17 +316,20 @@ def _bundle(
     case: str,
     subjects: Sequence[tuple[str, str]],
     surprise: Callable[[str], None],
-) -> None:
-    """One LookupMatter call, one compact line per (subject, record type)."""
+) -> broker_pb2.LookupMatterResponse | None:
+    """One LookupMatter call, one compact line per (subject, record type), with its signed
+    evidence document (调取凭证) for the case file."""
     request = client.lookup_matter_request(
         TRANSFER, case, subjects, consent_reference="READER-07/0417"
     )
+    request.evidence = True
     response = _lookup_matter(stub, token, request, TRANSFER, len(subjects), surprise)
     if response is None:
-        return
+        return None
     failed = [i for i in response.items if i.WhichOneof("result") != "response"]
     if failed or len(response.items) != 3 * len(subjects):
         surprise(f"bundle: {len(failed)} of {len(response.items)} items failed")
+    return response
 
 
 def _package(
@@ -400,3 +406,59 @@ def _tamper_demo(db: Path, surprise: Callable[[str], None]) -> None:
     )
     if report.ok:
         surprise("tampering went unnoticed")
+
+
+def _evidence_scene(
+    state_dir: Path,
+    bundle: broker_pb2.LookupMatterResponse | None,
+    surprise: Callable[[str], None],
+) -> None:
+    """The bundle's signed evidence for the paper case file: written, printed as the A4 page,
+    verified offline as an archive clerk would (no broker, no database), then a copy with one
+    field changed, which fails naming the field (certbroker.evidence, docs/evidence.md)."""
+    if bundle is None or not bundle.evidence:
+        surprise("the bundle came back without its evidence document")
+        return
+    from certbroker.evidence import jws
+
+    folder = state_dir / "case-file"
+    folder.mkdir(exist_ok=True)
+    evidence, page = folder / "evidence.jws", folder / "调取凭证.pdf"
+    evidence.write_text(bundle.evidence + "\n")
+    payload = jws.parse(bundle.evidence).payload
+    print(
+        f"\n-> evidence {payload['evidence_id']}: {len(payload['items'])} records, signed by "
+        f"key {jws.parse(bundle.evidence).kid} ({len(bundle.evidence)} bytes) -> {evidence}"
+    )
+    item = next((i for i in payload["items"] if i["record_type"] == "property"), None)
+    if item is None or not item["content"]:
+        surprise("the evidence holds no property record")
+        return
+    name = sorted(item["content"])[0]
+    item["content"][name] = "已篡改"  # a copy in which one released field was changed
+    head, _, signature = bundle.evidence.split(".")
+    edited = folder / "evidence-edited.jws"
+    edited.write_text(f"{head}.{jws.b64url(jws.canonical_json(payload))}.{signature}\n")
+    steps: list[tuple[str, list[str], int]] = [
+        ("print the A4 page", ["pdf", str(evidence), "-o", str(page)], 0),
+        ("verify offline", ["verify", str(evidence), "--state-dir", str(state_dir)], 0),
+        (
+            "verify the copy with one field changed",
+            ["verify", str(edited), "--state-dir", str(state_dir)],
+            10,
+        ),
+    ]
+    for label, argv, expect in steps:
+        print(f"\n-> {label}: certbroker evidence {' '.join(argv[:2])} ...")
+        done = subprocess.run(
+            [sys.executable, "-m", "certbroker", "evidence", *argv],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        lines = (done.stdout + done.stderr).splitlines()
+        for line in lines[:4] + lines[-1:] if len(lines) > 5 else lines:  # what it says, verdict
+            print(f"  {line}")
+        print(f"  (exit {done.returncode})")
+        if done.returncode != expect:
+            surprise(f"evidence {label}: exit {done.returncode}, expected {expect}")

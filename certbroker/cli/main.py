@@ -24,6 +24,7 @@ from certbroker.cli import audit_log as cli_audit_log
 from certbroker.cli import auditor as cli_auditor
 from certbroker.cli import citizen as cli_citizen
 from certbroker.cli import client, jsonout
+from certbroker.cli import evidence as cli_evidence
 from certbroker.cli.table import format_table
 from certbroker.v1 import broker_pb2
 
@@ -116,6 +117,13 @@ def _print_json(message: Message) -> None:
     print(jsonout.message(message, indent=2))
 
 
+def _save_evidence(args: argparse.Namespace, evidence: str) -> None:
+    """Write the evidence document the call asked for (``--evidence FILE``)."""
+    if args.evidence is not None:
+        args.evidence.write_text(evidence + "\n", encoding="ascii")
+        print(f"evidence written to {args.evidence}", file=sys.stderr)
+
+
 def cmd_lookup(args: argparse.Namespace) -> int:
     token = _clerk_token(args)
     if token is None:
@@ -129,9 +137,11 @@ def cmd_lookup(args: argparse.Namespace) -> int:
         args.consent_ref,
         _split(args.fields),
     )
+    request.evidence = args.evidence is not None
     response = _call(args, token, "Lookup", request)
     if response is None:
         return 1
+    _save_evidence(args, response.evidence)
     if args.json:
         _print_json(response)
     else:
@@ -168,9 +178,11 @@ def cmd_lookup_matter(args: argparse.Namespace) -> int:
         request = client.lookup_matter_request(
             args.matter, args.case, subjects, args.consent, args.consent_ref
         )
+    request.evidence = args.evidence is not None
     response = _call(args, token, "LookupMatter", request)
     if response is None:
         return 1
+    _save_evidence(args, response.evidence)
     if args.json:
         _print_json(response)
     else:
@@ -316,6 +328,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--fields", default="", help="comma-separated subset of fields")
     s.add_argument("--timeout", type=float, default=10.0)
     s.add_argument("--json", action="store_true")
+    s.add_argument(
+        "--evidence", type=Path, metavar="FILE", help="ask for a signed evidence document; write it"
+    )
     s.set_defaults(func=cmd_lookup)
 
     s = sub.add_parser(
@@ -346,6 +361,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--consent-ref", default="")
     s.add_argument("--timeout", type=float, default=10.0, help="deadline for the whole bundle")
     s.add_argument("--json", action="store_true")
+    s.add_argument(
+        "--evidence",
+        type=Path,
+        metavar="FILE",
+        help="ask for one signed evidence document; write it",
+    )
     s.set_defaults(func=cmd_lookup_matter)
 
     token = sub.add_parser("token", help="development identity provider").add_subparsers(
@@ -385,6 +406,7 @@ def parser() -> argparse.ArgumentParser:
 
     cli_admin.add_parsers(sub)
     cli_citizen.add_parsers(sub)
+    cli_evidence.add_parsers(sub, state)
 
     aud = sub.add_parser("audit", help="verify and query the audit log").add_subparsers(
         dest="audit_command", required=True

@@ -63,6 +63,7 @@ from certbroker.citizen.relay import NatsPublisher, OutboxRelay
 from certbroker.citizen.servicer import CitizenService
 from certbroker.cluster.shared import shared_state_for
 from certbroker.config import Config
+from certbroker.evidence.document import Issuer
 from certbroker.lookup.pipeline import fetched_size
 from certbroker.lookup.servicer import CertificateBrokerService
 from certbroker.metrics import BrokerState, Metrics
@@ -194,6 +195,7 @@ class Broker:
     health: Health
     calls: Calls
     refusals: RefusalLedger  # calls refused before their caller was known
+    evidence: Issuer  # signs evidence documents (certbroker.evidence)
     #: Closes every part :func:`start` opened, in reverse order (module docstring).
     _parts: _Parts = field(repr=False)
     _stopping: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
@@ -206,12 +208,23 @@ class Broker:
         """SIGHUP: re-read the issuer keys (emptying the token cache), then reload the
         policies (an audited reload, scheduled on the running loop)."""
         self._reload_keys()
+        self._reload_evidence_key()
         self.policies.reload_soon()
+
+    def _reload_evidence_key(self) -> None:
+        # After `certbroker keys rotate --evidence`; a ring that cannot be read keeps the key.
+        try:
+            self.evidence.reload()
+        except (OSError, ValueError):
+            log.exception(
+                "cannot reload the evidence key; still signing with %s", self.evidence.kid
+            )
 
     async def reload_now(self) -> None:
         """:meth:`reload`, finished before it returns (a worker catching up on a SIGHUP that
         came while it started)."""
         self._reload_keys()
+        self._reload_evidence_key()
         await self.policies.reload()
 
     def _reload_keys(self) -> None:
@@ -305,6 +318,13 @@ def _checkpoint_signer(config: Config) -> CheckpointSigner:
         raise StartError(f"cannot load the checkpoint signing key {where}: {exc}") from exc
 
 
+def _evidence_issuer(config: Config) -> Issuer:
+    try:
+        return Issuer(config.state_dir)
+    except (OSError, ValueError) as exc:
+        raise StartError(f"cannot load the evidence key ring in {config.state_dir}: {exc}") from exc
+
+
 def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
@@ -385,6 +405,7 @@ async def start(
     policies = PolicyHolder(config.policy_dir, metrics)
     departments = {name: rt.department for name, rt in policies.current.record_types.items()}
     signer = DecisionSigner(config.state_dir)
+    evidence = _evidence_issuer(config)
     breakers = BreakerBoard(
         failures=config.breaker_failures, reset_s=config.breaker_reset_s, clock=breaker_clock
     )
@@ -479,6 +500,7 @@ async def start(
             adapter_timeout_s=config.adapter_timeout_s,
             record_cache=record_cache,
             refusals=refusals,
+            evidence=evidence,
             **({"now": decision_clock} if decision_clock is not None else {}),
         )
         registry_service = RegistryService(
@@ -491,6 +513,7 @@ async def start(
             config.audit_location,
             signer=checkpoint_signer,
             refusals=refusals,
+            evidence_keys=lambda: (evidence.jwks(), evidence.kid),
         )
         admin_service = AdminService(auth, policies, audit, controls, refusals=refusals)
         citizen_auth = citizen_authenticator(config, auth)
@@ -590,6 +613,7 @@ async def start(
             refusals=refusals,
             citizen_auth=citizen_auth,
             relay=relay,
+            evidence=evidence,
             _parts=parts.handed_over(),  # closed by Broker.stop
         )
     raise AssertionError("unreachable")  # pragma: no cover - the block returns or raises

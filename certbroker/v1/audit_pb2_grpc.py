@@ -70,6 +70,11 @@ class AuditStub:
                 request_serializer=certbroker_dot_v1_dot_audit__pb2.ExportRequest.SerializeToString,
                 response_deserializer=certbroker_dot_v1_dot_audit__pb2.ExportChunk.FromString,
                 _registered_method=True)
+        self.GetEvidenceKeys = channel.unary_unary(
+                '/certbroker.v1.Audit/GetEvidenceKeys',
+                request_serializer=certbroker_dot_v1_dot_audit__pb2.GetEvidenceKeysRequest.SerializeToString,
+                response_deserializer=certbroker_dot_v1_dot_audit__pb2.EvidenceKeys.FromString,
+                _registered_method=True)
 
 
 class AuditServicer:
@@ -122,6 +127,14 @@ class AuditServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetEvidenceKeys(self, request, context):
+        """Every evidence public key the broker ever signed with (a JWKS), so evidence documents of
+        any age verify after any number of rotations (docs/evidence.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuditServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -159,6 +172,11 @@ def add_AuditServicer_to_server(servicer, server):
                     servicer.Export,
                     request_deserializer=certbroker_dot_v1_dot_audit__pb2.ExportRequest.FromString,
                     response_serializer=certbroker_dot_v1_dot_audit__pb2.ExportChunk.SerializeToString,
+            ),
+            'GetEvidenceKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEvidenceKeys,
+                    request_deserializer=certbroker_dot_v1_dot_audit__pb2.GetEvidenceKeysRequest.FromString,
+                    response_serializer=certbroker_dot_v1_dot_audit__pb2.EvidenceKeys.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +369,33 @@ class Audit:
             '/certbroker.v1.Audit/Export',
             certbroker_dot_v1_dot_audit__pb2.ExportRequest.SerializeToString,
             certbroker_dot_v1_dot_audit__pb2.ExportChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEvidenceKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/certbroker.v1.Audit/GetEvidenceKeys',
+            certbroker_dot_v1_dot_audit__pb2.GetEvidenceKeysRequest.SerializeToString,
+            certbroker_dot_v1_dot_audit__pb2.EvidenceKeys.FromString,
             options,
             channel_credentials,
             insecure,

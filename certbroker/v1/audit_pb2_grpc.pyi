@@ -44,6 +44,10 @@ class AuditStub:
     GetConsistencyProof: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ConsistencyProofRequest, _audit_pb2.ConsistencyProof]
     Export: _grpc.UnaryStreamMultiCallable[_audit_pb2.ExportRequest, _audit_pb2.ExportChunk]
     """A segment of the log (JSON Lines) and the checkpoints covering it, for offline verification."""
+    GetEvidenceKeys: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetEvidenceKeysRequest, _audit_pb2.EvidenceKeys]
+    """Every evidence public key the broker ever signed with (a JWKS), so evidence documents of
+    any age verify after any number of rotations (docs/evidence.md).
+    """
 
 @_typing.type_check_only
 class AuditAsyncStub(AuditStub):
@@ -61,6 +65,10 @@ class AuditAsyncStub(AuditStub):
     GetConsistencyProof: _aio.UnaryUnaryMultiCallable[_audit_pb2.ConsistencyProofRequest, _audit_pb2.ConsistencyProof]  # type: ignore[assignment]
     Export: _aio.UnaryStreamMultiCallable[_audit_pb2.ExportRequest, _audit_pb2.ExportChunk]  # type: ignore[assignment]
     """A segment of the log (JSON Lines) and the checkpoints covering it, for offline verification."""
+    GetEvidenceKeys: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetEvidenceKeysRequest, _audit_pb2.EvidenceKeys]  # type: ignore[assignment]
+    """Every evidence public key the broker ever signed with (a JWKS), so evidence documents of
+    any age verify after any number of rotations (docs/evidence.md).
+    """
 
 class AuditServicer(metaclass=_abc_1.ABCMeta):
     """For auditors (JWT role "auditor"); every call is itself an entry in the audit log."""
@@ -117,5 +125,15 @@ class AuditServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_audit_pb2.ExportChunk], _abc.AsyncIterator[_audit_pb2.ExportChunk]]:
         """A segment of the log (JSON Lines) and the checkpoints covering it, for offline verification."""
+
+    @_abc_1.abstractmethod
+    def GetEvidenceKeys(
+        self,
+        request: _audit_pb2.GetEvidenceKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.EvidenceKeys, _abc.Awaitable[_audit_pb2.EvidenceKeys]]:
+        """Every evidence public key the broker ever signed with (a JWKS), so evidence documents of
+        any age verify after any number of rotations (docs/evidence.md).
+        """
 
 def add_AuditServicer_to_server(servicer: AuditServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

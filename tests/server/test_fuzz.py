@@ -180,6 +180,7 @@ def valid_requests(couple: tuple[str, str]) -> dict[str, Message]:
         "GetInclusionProof": audit_pb2.InclusionProofRequest(sequence=1),
         "GetConsistencyProof": audit_pb2.ConsistencyProofRequest(old_size=1),
         "Export": audit_pb2.ExportRequest(from_sequence=1, to_sequence=2),
+        "GetEvidenceKeys": audit_pb2.GetEvidenceKeysRequest(),
         "Register": registry_pb2.RegisterRequest(
             department="civil_affairs",
             record_types=["marriage"],

@@ -6,12 +6,13 @@ needs, and which roles may handle which matters under which conditions.
 
 The package is layered, each module importing only those below it:
 
-* bottom: :mod:`~certbroker.policy.hours` (opening hours), :mod:`~certbroker.policy.rule` (one
-  rule and its conditions) and this module (the catalogue, :class:`PolicySet` and its
-  decisions);
+* bottom: :mod:`~certbroker.policy.hours` (opening hours), :mod:`~certbroker.policy.quota`
+  (quotas per role), :mod:`~certbroker.policy.rule` (one rule and its conditions) and this
+  module (the catalogue, :class:`PolicySet` and its decisions);
 * above them: :mod:`~certbroker.policy.reader` and :mod:`~certbroker.policy.schema` (the file
   format, one file at a time), :mod:`~certbroker.policy.loader` (set-level validation and
-  loading), :mod:`~certbroker.policy.views` (what a clerk may handle, for ``ListMatters``) and
+  loading), :mod:`~certbroker.policy.views` (what a clerk may handle, for ``ListMatters``),
+  :mod:`~certbroker.policy.counters` (counting what quotas limit: SQLite or PostgreSQL) and
   :mod:`~certbroker.policy.testing` (the policy-test runner);
 * :mod:`certbroker.policy` itself re-exports the public API of them all.
 

@@ -4,6 +4,7 @@ in ``certbroker policy test``."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import textwrap
 import threading
@@ -121,7 +122,7 @@ def new_counter(
 ) -> Iterator[Callable[[], QuotaCounter]]:
     """Opens counters on one store (each one: a worker, or a broker); all closed afterwards."""
     opened: list[QuotaCounter] = []
-    with fresh_schema() if request.param == "postgres" else _no_schema() as location:
+    with fresh_schema() if request.param == "postgres" else contextlib.nullcontext() as location:
 
         def new() -> QuotaCounter:
             counter = open_counter(location or Path(), tmp_path / "state")
@@ -133,14 +134,6 @@ def new_counter(
         finally:
             for counter in opened:
                 counter.close()
-
-
-class _no_schema:  # noqa: N801 - used like fresh_schema()
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *_exc: object) -> None:
-        return None
 
 
 def test_open_counter_follows_the_audit_location(tmp_path: Path) -> None:

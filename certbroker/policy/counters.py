@@ -15,7 +15,14 @@ Two stores hold the counts, with the same tables and the same statements
   edge by the skew, not the count).
 
 Tables: ``quota_subjects (clerk, subject, last_at)`` (the last admitted lookup of each citizen
-by each clerk) and ``quota_lookups (clerk, at, n)`` (admitted lookups, one row per call).
+by each clerk) and ``quota_lookups (clerk, at, n, cum)`` (admitted lookups, one row per call;
+``cum`` is the clerk's running total, so the lookups within a window are two index probes --
+the latest total less the total at the window's start -- however many calls the window holds).
+A clerk's ``at`` never goes backwards (a row is stamped no earlier than the clerk's previous
+one: another broker's clock may be a little ahead), which keeps ``at`` and ``cum`` in the same
+order; the cost is that such a row leaves the window a little later, never earlier.
+``distinct_subjects`` counts the rows of ``quota_subjects`` in the window: never more than the
+quota's limit, since only admitted citizens are written.
 Rows older than the longest window a quota may have (a day) are deleted as the clerk's next
 call is admitted, so neither table holds more than a day of anyone's activity.
 """
@@ -64,8 +71,8 @@ _TABLES = (
     " last_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (clerk, subject))",
     "CREATE INDEX IF NOT EXISTS quota_subjects_at ON quota_subjects (clerk, last_at)",
     "CREATE TABLE IF NOT EXISTS quota_lookups (clerk TEXT NOT NULL, at DOUBLE PRECISION NOT NULL,"
-    " n INTEGER NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS quota_lookups_at ON quota_lookups (clerk, at)",
+    " n BIGINT NOT NULL, cum BIGINT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS quota_lookups_at ON quota_lookups (clerk, at, cum)",
 )
 
 #: ``execute(sql with ? placeholders, parameters) -> rows``, inside the caller's transaction.
@@ -80,15 +87,16 @@ def _admit(
     execute("DELETE FROM quota_lookups WHERE clerk = ? AND at <= ?", (clerk, horizon))
     execute("DELETE FROM quota_subjects WHERE clerk = ? AND last_at <= ?", (clerk, horizon))
     counts: dict[str, int] = {}  # quota id -> its count in its window, this call's admissions in
+    last_at, total = _latest(execute, clerk)
 
     def count(quota: Quota) -> int:
         if quota.id not in counts:
-            sql = (
-                "SELECT COUNT(*) FROM quota_subjects WHERE clerk = ? AND last_at > ?"
-                if quota.kind == "distinct_subjects"
-                else "SELECT COALESCE(SUM(n), 0) FROM quota_lookups WHERE clerk = ? AND at > ?"
-            )
-            counts[quota.id] = int(execute(sql, (clerk, now - quota.per_s))[0][0])
+            cutoff = now - quota.per_s
+            if quota.kind == "distinct_subjects":
+                sql = "SELECT COUNT(*) FROM quota_subjects WHERE clerk = ? AND last_at > ?"
+                counts[quota.id] = int(execute(sql, (clerk, cutoff))[0][0])
+            else:
+                counts[quota.id] = total - _total_at(execute, clerk, cutoff)
         return counts[quota.id]
 
     seen: dict[str, float | None] = {}  # citizen -> last admitted lookup by this clerk
@@ -120,8 +128,36 @@ def _admit(
                 (clerk, subject, now),
             )
     if admitted:
-        execute("INSERT INTO quota_lookups (clerk, at, n) VALUES (?, ?, ?)", (clerk, now, admitted))
+        execute(
+            "INSERT INTO quota_lookups (clerk, at, n, cum) VALUES (?, ?, ?, ?)",
+            (clerk, max(now, last_at), admitted, total + admitted),
+        )
     return verdicts
+
+
+def _latest(execute: Execute, clerk: str) -> tuple[float, int]:
+    """The clerk's last row: its time and the running total of admitted lookups (0s: none)."""
+    rows = execute(
+        "SELECT at, cum FROM quota_lookups WHERE clerk = ? ORDER BY at DESC, cum DESC LIMIT 1",
+        (clerk,),
+    )
+    return (float(rows[0][0]), int(rows[0][1])) if rows else (float("-inf"), 0)
+
+
+def _total_at(execute: Execute, clerk: str, cutoff: float) -> int:
+    """The clerk's running total at ``cutoff`` (the lookups admitted at or before it)."""
+    rows = execute(
+        "SELECT cum FROM quota_lookups WHERE clerk = ? AND at <= ?"
+        " ORDER BY at DESC, cum DESC LIMIT 1",
+        (clerk, cutoff),
+    )
+    if rows:
+        return int(rows[0][0])
+    # Every row is inside the window (older ones were deleted): the total before the first.
+    rows = execute(
+        "SELECT cum - n FROM quota_lookups WHERE clerk = ? ORDER BY at, cum LIMIT 1", (clerk,)
+    )
+    return int(rows[0][0]) if rows else 0
 
 
 class SqliteQuotaCounter:

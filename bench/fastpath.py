@@ -114,7 +114,7 @@ class _Measured:
 
 
 def _measure(lab: Lab, m: _Measured, *, smoke: bool) -> list[str]:
-    first = (HIT, HIT_NO_METRICS, HIT_QUOTAS)
+    first: tuple[BrokerSpec, ...] = (HIT, HIT_NO_METRICS, HIT_QUOTAS)
     if smoke:
         first += (MISS, MISS_GRPC, WORKERS)
     with lab.brokers(*first) as started:

@@ -214,9 +214,15 @@ class PostgresQuotaCounter:
         self._conn: Any = None
         with self._lock:
             conn = self._connection()
-            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {location.schema}")
-            for statement in _TABLES:
-                conn.execute(statement)
+            # Created by the first broker (the schema's owner, as for the audit tables); a
+            # limited role later only needs SELECT, INSERT, UPDATE, DELETE on the two tables.
+            found = conn.execute(
+                "SELECT to_regclass(%s) IS NOT NULL", [f"{location.schema}.quota_lookups"]
+            ).fetchone()[0]
+            if not found:
+                conn.execute(f"CREATE SCHEMA IF NOT EXISTS {location.schema}")
+                for statement in _TABLES:
+                    conn.execute(statement)
             conn.commit()
 
     def _connection(self) -> Any:

@@ -150,11 +150,13 @@ class ItemPipeline:
         if self._quotas is None:  # a servicer built without a counter (tests): this process's
             self._quotas = SqliteQuotaCounter(":memory:")
         subjects = [t.subject_id for t in traces]
-        # A worker thread: the counters are a database (other workers' or brokers' admissions
-        # may hold it for a moment), and the event loop must keep serving meanwhile.
-        verdicts = await asyncio.to_thread(
-            self._quotas.admit, clerk.sub, subjects, quotas, now.timestamp()
-        )
+        args = (clerk.sub, subjects, quotas, now.timestamp())
+        # On the loop when that needs no waiting (SQLite, lock free: a thread hop would cost
+        # more than the transaction); else on a worker thread, so the event loop keeps serving
+        # while another worker's admission or a round trip to PostgreSQL is waited for.
+        verdicts = self._quotas.admit_now(*args)
+        if verdicts is None:
+            verdicts = await asyncio.to_thread(self._quotas.admit, *args)
         refusals: list[errors.BrokerError | None] = []
         for trace, quota in zip(traces, verdicts, strict=True):
             if quota is None or trace.decision is None:

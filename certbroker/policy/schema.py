@@ -431,8 +431,7 @@ def _read_rule(r: Reader, item: yaml.Node, out: Sections) -> None:
         return
     m, ident = got
     what = f"rule {ident[0]}"
-    if ident[0] in RESERVED_RULE_IDS:
-        r.error(m["id"], f"{what}: id is reserved for built-in denials")
+    _not_reserved(r, m, ident[0], what)
 
     def names(key: str) -> list[Located]:
         return (r.strings(m[key], f"{what} {key}") or []) if key in m else []
@@ -474,6 +473,12 @@ def _read_package(r: Reader, item: yaml.Node, out: Sections) -> None:
         out.packages.append(PackageSpec(code, _text(r, m, "name", what), members))
 
 
+def _not_reserved(r: Reader, m: dict[str, yaml.Node], ident: str, what: str) -> None:
+    """Rule and quota ids are what a denial's audit entry names: never a built-in denial's."""
+    if ident in RESERVED_RULE_IDS:
+        r.error(m["id"], f"{what}: id is reserved for built-in denials")
+
+
 def _read_quota(r: Reader, item: yaml.Node, out: Sections) -> None:
     got = _named(
         r,
@@ -487,8 +492,7 @@ def _read_quota(r: Reader, item: yaml.Node, out: Sections) -> None:
         return
     m, ident = got
     what = f"quota {ident[0]}"
-    if ident[0] in RESERVED_RULE_IDS:
-        r.error(m["id"], f"{what}: id is reserved for built-in denials")
+    _not_reserved(r, m, ident[0], what)
     roles = (r.strings(m["roles"], f"{what} roles") or []) if "roles" in m else []
     kinds = [k for k in QUOTA_KINDS if k in m]
     kind: str | None = None

@@ -206,7 +206,7 @@ def _result(
         f"(cost {1 - m.rows['2q'].qps / m.rows['2'].qps:+.1%} of throughput); server CPU per call "
         f"{_cpu_per_call_us(m.rows['2q']):.0f} µs vs {_cpu_per_call_us(m.rows['2']):.0f} µs "
         f"({_cpu_per_call_us(m.rows['2q']) - _cpu_per_call_us(m.rows['2']):+.0f} µs per lookup "
-        "for two quotas: one SQLite transaction on a worker thread).",
+        "for two quotas: SQLite transactions on a worker thread, batched per commit).",
         f"`--workers 2` / 1 worker (row 6 / row 2): {_workers_gain(m):.2f} × (target ≥ "
         f"{WORKERS_GAIN}); the workers share the machine's {_cpus()} CPU(s) with the clients.",
         *extra_notes,

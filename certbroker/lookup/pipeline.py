@@ -27,6 +27,7 @@ from certbroker.auth.authenticator import Clerk
 from certbroker.cache import RecordCache, record_key
 from certbroker.contract import fields as record_fields
 from certbroker.ids import new_id
+from certbroker.lookup.admission import AdmissionQueue
 from certbroker.metrics import Metrics
 from certbroker.policy import Decision, PolicySet, RecordType, Request
 from certbroker.policy.counters import QuotaCounter, SqliteQuotaCounter, refusal
@@ -126,7 +127,8 @@ class ItemPipeline:
         self._router = router
         self._metrics = metrics
         self._cache = cache if cache is not None else RecordCache(sizeof=fetched_size)
-        self._quotas = quotas
+        # Batched per commit, off the event loop (certbroker.lookup.admission).
+        self._quotas = AdmissionQueue(quotas) if quotas is not None else None
 
     async def admit(
         self, policy: PolicySet, traces: Sequence[Trace], now: dt.datetime
@@ -148,15 +150,9 @@ class ItemPipeline:
         if not quotas:
             return [None] * len(traces)
         if self._quotas is None:  # a servicer built without a counter (tests): this process's
-            self._quotas = SqliteQuotaCounter(":memory:")
+            self._quotas = AdmissionQueue(SqliteQuotaCounter(":memory:"))
         subjects = [t.subject_id for t in traces]
-        args = (clerk.sub, subjects, quotas, now.timestamp())
-        # On the loop when that needs no waiting (SQLite, lock free: a thread hop would cost
-        # more than the transaction); else on a worker thread, so the event loop keeps serving
-        # while another worker's admission or a round trip to PostgreSQL is waited for.
-        verdicts = self._quotas.admit_now(*args)
-        if verdicts is None:
-            verdicts = await asyncio.to_thread(self._quotas.admit, *args)
+        verdicts = await self._quotas.admit(clerk.sub, subjects, quotas, now.timestamp())
         refusals: list[errors.BrokerError | None] = []
         for trace, quota in zip(traces, verdicts, strict=True):
             if quota is None or trace.decision is None:

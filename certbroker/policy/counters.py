@@ -2,7 +2,8 @@
 and records admissions in one step, so a check can never be raced past its limit.
 
 Two stores hold the counts, with the same tables and the same statements
-(:func:`_admit`, one transaction per call):
+(:func:`_admit`; one transaction per :meth:`QuotaCounter.admit_many`, which the broker
+feeds with the admissions that queued meanwhile, :mod:`certbroker.lookup.admission`):
 
 * :class:`SqliteQuotaCounter`, ``<state_dir>/quotas.sqlite``: one broker. Every worker process of
   ``serve --workers N`` opens the same file, and ``BEGIN IMMEDIATE`` serializes their
@@ -43,12 +44,17 @@ from certbroker.policy.model import Decision, PolicySet
 from certbroker.policy.quota import MAX_PER_S, QUOTA_EXCEEDED, Quota
 
 __all__ = [
+    "Admission",
     "PostgresQuotaCounter",
     "QuotaCounter",
     "SqliteQuotaCounter",
     "open_counter",
     "refusal",
 ]
+
+
+#: One call's admission: (clerk, the citizen of each lookup in order, the quotas, now).
+Admission = tuple[str, Sequence[str], Sequence[Quota], float]
 
 
 class QuotaCounter(Protocol):
@@ -63,11 +69,10 @@ class QuotaCounter(Protocol):
         counts a later call sees include every admission of this one."""
         ...
 
-    def admit_now(
-        self, clerk: str, subjects: Sequence[str], quotas: Sequence[Quota], now: float
-    ) -> list[Quota | None] | None:
-        """:meth:`admit` on the caller's thread if that needs no waiting (no lock held, no
-        network); None otherwise, and the caller runs :meth:`admit` on a worker thread."""
+    def admit_many(self, calls: Sequence[Admission]) -> list[list[Quota | None]]:
+        """:meth:`admit` for several calls, one after the other in ONE transaction (each sees
+        the admissions of those before it): what concurrent lookups share, so that a burst
+        pays for one commit."""
         ...
 
     def close(self) -> None: ...
@@ -169,19 +174,12 @@ def _total_at(execute: Execute, clerk: str, cutoff: float) -> int:
 
 class SqliteQuotaCounter:
     """The counts of one broker in an SQLite file (shared by its worker processes), or in
-    memory (``":memory:"``, for policy tests).
-
-    Two connections: :meth:`admit_now` runs on the caller's thread (the broker's event loop)
-    with no busy wait at all, so an uncontended admission (tens of microseconds) costs no
-    thread hop -- a hop costs more than the transaction, since the thread must win the GIL
-    back from a busy event loop after every statement. When another worker or thread holds
-    the write lock it returns None, and :meth:`admit` (on a worker thread) waits its turn.
-    """
+    memory (``":memory:"``, for policy tests)."""
 
     def __init__(self, path: Path | str, *, busy_timeout_s: float = 10.0) -> None:
         if isinstance(path, Path):
             path.parent.mkdir(parents=True, exist_ok=True)
-        # Each connection serialized by its lock (admit runs on worker threads).
+        # One connection, serialized by a lock: admissions run on worker threads.
         self._db = sqlite3.connect(
             path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s
         )
@@ -193,71 +191,32 @@ class SqliteQuotaCounter:
             self._db.execute("PRAGMA synchronous=NORMAL")
             for statement in _TABLES:
                 self._db.execute(statement)
-        # In memory, a second connection would be a second database: one connection serves.
-        self._fast_db = self._db
-        self._fast_lock = self._lock
-        if isinstance(path, Path):
-            self._fast_db = sqlite3.connect(
-                path, isolation_level=None, check_same_thread=False, timeout=0
-            )
-            self._fast_db.execute("PRAGMA synchronous=NORMAL")
-            self._fast_lock = threading.Lock()
 
     def admit(
         self, clerk: str, subjects: Sequence[str], quotas: Sequence[Quota], now: float
     ) -> list[Quota | None]:
+        return self.admit_many([(clerk, subjects, quotas, now)])[0]
+
+    def admit_many(self, calls: Sequence[Admission]) -> list[list[Quota | None]]:
+        def execute(sql: str, parameters: Sequence[Any]) -> list[Any]:
+            return self._db.execute(sql, parameters).fetchall()
+
         with self._lock:
-            verdicts = _transaction(self._db, clerk, subjects, quotas, now)
-        assert verdicts is not None  # a busy wait, then QUOTA_UNAVAILABLE: never None
+            try:
+                self._db.execute("BEGIN IMMEDIATE")  # the write lock first: no lost update
+            except sqlite3.Error as exc:
+                raise _unavailable() from exc
+            try:
+                verdicts = [_admit(execute, *call) for call in calls]
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
         return verdicts
 
-    def admit_now(
-        self, clerk: str, subjects: Sequence[str], quotas: Sequence[Quota], now: float
-    ) -> list[Quota | None] | None:
-        """:meth:`admit` if it can start at once; None when it would have to wait."""
-        if not self._fast_lock.acquire(blocking=False):
-            return None
-        try:
-            return _transaction(self._fast_db, clerk, subjects, quotas, now, wait=False)
-        finally:
-            self._fast_lock.release()
-
     def close(self) -> None:
-        with self._fast_lock:
-            self._fast_db.close()
         with self._lock:
             self._db.close()
-
-
-def _transaction(
-    db: sqlite3.Connection,
-    clerk: str,
-    subjects: Sequence[str],
-    quotas: Sequence[Quota],
-    now: float,
-    *,
-    wait: bool = True,
-) -> list[Quota | None] | None:
-    """One admission on ``db``; with ``wait=False``, None when the write lock is taken."""
-
-    def execute(sql: str, parameters: Sequence[Any]) -> list[Any]:
-        return db.execute(sql, parameters).fetchall()
-
-    try:
-        db.execute("BEGIN IMMEDIATE")  # the write lock first: no lost update
-    except sqlite3.OperationalError as exc:
-        if not wait and exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
-            return None
-        raise _unavailable() from exc
-    except sqlite3.Error as exc:
-        raise _unavailable() from exc
-    try:
-        verdicts = _admit(execute, clerk, subjects, quotas, now)
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
-    return verdicts
 
 
 class PostgresQuotaCounter:
@@ -301,6 +260,9 @@ class PostgresQuotaCounter:
     def admit(
         self, clerk: str, subjects: Sequence[str], quotas: Sequence[Quota], now: float
     ) -> list[Quota | None]:
+        return self.admit_many([(clerk, subjects, quotas, now)])[0]
+
+    def admit_many(self, calls: Sequence[Admission]) -> list[list[Quota | None]]:
         import psycopg
 
         with self._lock:
@@ -312,9 +274,13 @@ class PostgresQuotaCounter:
 
             try:
                 # One clerk's admissions queue behind each other on every broker; other
-                # clerks' do not wait. Released at commit or rollback.
-                conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 7110))", [clerk])
-                verdicts = _admit(execute, clerk, subjects, quotas, now)
+                # clerks' do not wait. Taken in sorted order (no deadlock between brokers
+                # batching the same clerks); released at commit or rollback.
+                for clerk in sorted({call[0] for call in calls}):
+                    conn.execute(
+                        "SELECT pg_advisory_xact_lock(hashtextextended(%s, 7110))", [clerk]
+                    )
+                verdicts = [_admit(execute, *call) for call in calls]
                 conn.commit()
             except psycopg.Error as exc:
                 try:
@@ -323,12 +289,6 @@ class PostgresQuotaCounter:
                     conn.close()
                 raise _unavailable() from exc
         return verdicts
-
-    def admit_now(
-        self, clerk: str, subjects: Sequence[str], quotas: Sequence[Quota], now: float
-    ) -> list[Quota | None] | None:
-        """Never on the caller's thread: every admission is a round trip to the server."""
-        return None
 
     def close(self) -> None:
         with self._lock:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import sqlite3
 import textwrap
 import threading
 from collections.abc import Callable, Iterator
@@ -278,22 +277,3 @@ def test_policy_test_history_is_checked(policy_dir: Path) -> None:
     assert report.failed == 1
     assert "malformed" in report.failures[0]
     assert "give `citizens` and/or `lookups`" in report.failures[0]
-
-
-def test_admit_now_never_waits_for_another_worker(tmp_path: Path) -> None:
-    """On the event loop an admission must not wait: while another worker holds the write
-    lock, admit_now says so (None) and admit, on a worker thread, waits its turn."""
-    counter = SqliteQuotaCounter(tmp_path / "quotas.sqlite")
-    other = sqlite3.connect(tmp_path / "quotas.sqlite", isolation_level=None)
-    try:
-        assert counter.admit_now("c1", ["a"], [CITIZENS], T0) == [None]
-        other.execute("BEGIN IMMEDIATE")
-        assert counter.admit_now("c1", ["b"], [CITIZENS], T0) is None
-        waiting = threading.Thread(target=counter.admit, args=("c1", ["b"], [CITIZENS], T0))
-        waiting.start()
-        other.execute("COMMIT")
-        waiting.join(30)
-        assert counter.admit_now("c1", ["c", "d"], [CITIZENS], T0) == [None, CITIZENS]
-    finally:
-        other.close()
-        counter.close()

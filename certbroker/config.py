@@ -7,7 +7,8 @@ the environment, the checks, and the README's configuration reference (``scripts
 
 With no file, every default describes the embedded setup: SQLite audit log, in-process demo
 adapters, the shipped policies, the development identity provider of the state directory.
-``[audit] dsn`` moves the audit log to PostgreSQL (one log shared by several brokers).
+``[audit] dsn`` moves the audit log to PostgreSQL (one log shared by several brokers), and
+with it the controls and the adapter registry (a cluster: :mod:`certbroker.cluster`).
 Environment variables override the file; command-line flags override both (via ``overrides``).
 """
 

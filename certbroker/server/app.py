@@ -33,7 +33,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -54,8 +54,9 @@ from certbroker.auth.authenticator import (
     TrustedIssuer,
     load_issuer,
 )
-from certbroker.auth.controls import Controls, SqliteControlStore
+from certbroker.auth.controls import Controls
 from certbroker.cache import RecordCache
+from certbroker.cluster.shared import shared_state_for
 from certbroker.config import Config
 from certbroker.lookup.pipeline import fetched_size
 from certbroker.lookup.servicer import CertificateBrokerService
@@ -342,10 +343,11 @@ async def start(
     calls = Calls()
     parts = _Parts()
     async with parts.stack:
-        registry = RegistryStore(
-            config.state_dir / "registry.sqlite", lease_s=config.lease_s, clock=lease_clock
-        )
-        parts.on_close("registry", lambda: asyncio.to_thread(registry.close))
+        # Controls and registry: SQLite in the state dir, or PostgreSQL shared by a cluster of
+        # brokers when [audit] dsn is set (certbroker.cluster.shared).
+        shared = shared_state_for(config)
+        parts.on_close("shared state", lambda: asyncio.to_thread(shared.close))
+        registry = RegistryStore(shared.registry, lease_s=config.lease_s, clock=lease_clock)
         # Where departments may register adapters; the ports bound below are added once known.
         endpoints = EndpointGuard(policies, broker_ports(config))
         router = build_router(
@@ -381,11 +383,9 @@ async def start(
         parts.on_close("refusal summaries", refusals.aclose)
         checkpoint_signer = _checkpoint_signer(config)
         auth = authenticator(config, metrics)
-        # The security officers' controls: durable in the state dir, reloaded here, enforced
-        # by every servicer through the authenticator (certbroker.auth.controls).
-        control_store = SqliteControlStore(config.state_dir / "controls.sqlite")
-        parts.on_close("controls", lambda: asyncio.to_thread(control_store.close))
-        controls = Controls(control_store)
+        # The security officers' controls: durable (state dir or cluster), reloaded here,
+        # enforced by every servicer through the authenticator (certbroker.auth.controls).
+        controls = await asyncio.to_thread(Controls, shared.controls)
         auth.controls = controls
         # Quota counts: the audit log's PostgreSQL (every broker) or the state dir (every
         # worker of this broker); see certbroker.policy.counters.
@@ -487,23 +487,21 @@ async def start(
         refusals.start()
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        following = shared.follower(controls, registry)
+        if following is not None:  # a cluster: the other brokers' changes reach this one
+            _background(parts, following, "cluster follower")
         if checkpoints:
-            task = asyncio.create_task(
+            _background(
+                parts,
                 checkpoint_task(
                     config.audit_location,
                     checkpoint_signer,
                     config.checkpoint_interval_s,
                     archive=config.archive,
+                    may_sign=shared.may_sign,  # in a cluster, one broker signs at a time
                 ),
-                name="certbroker-audit-checkpoints",
+                "checkpoint task",
             )
-
-            async def stop_checkpoints() -> None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-
-            parts.on_close("checkpoint task", stop_checkpoints)
         log.info(
             "certbroker serving on %s:%d (metrics :%d), policy %s",
             config.host,
@@ -531,6 +529,18 @@ async def start(
             _parts=parts.handed_over(),  # closed by Broker.stop
         )
     raise AssertionError("unreachable")  # pragma: no cover - the block returns or raises
+
+
+def _background(parts: _Parts, work: Coroutine[Any, Any, None], what: str) -> None:
+    """Run ``work`` as a task until the broker stops (cancelled on close)."""
+    task = asyncio.create_task(work, name=f"certbroker {what}")
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    parts.on_close(what, stop)
 
 
 def pid_file(state_dir: Path) -> Path:

@@ -5,7 +5,9 @@ Rows (issue 5), each a server process driven by the same :class:`~bench.load.Loa
 1. a bare ``grpc.aio`` echo server answering as many bytes as the broker's household reply
    (the baseline);
 2. the broker, record-cache hit: one clerk repeats one citizen's household lookup (the shipped
-   policy caches household records for 600 s); ``2m``: the same with metrics off;
+   policy caches household records for 600 s); ``2m``: the same with metrics off; ``2q``: the
+   same with the shipped quotas counting every call (two quotas, the state dir's SQLite
+   counter; limits raised so that none is reached: the cost of checking, not of refusing);
 3. the broker, cache miss, in-process adapter (the same lookup, every ``cache_ttl_s`` 0);
 4. the same with the household adapter as its own process over gRPC (decision tokens on);
 5. the broker, a matter bundle of 3 records (property transfer: household, marriage, property;
@@ -14,7 +16,7 @@ Rows (issue 5), each a server process driven by the same :class:`~bench.load.Loa
    configuration, same load, and its QPS against row 2's.
 
 Closed-loop rows report the best of ``repeats`` runs (the machine is shared: the best run is
-the one least disturbed); rows 2 and 2m alternate so drift hits both alike. Then, open loop at
+the one least disturbed); rows 2, 2m and 2q alternate so drift hits them alike. Then, open loop at
 half the echo server's maximum rate, the echo server and the row-2 broker (rows 1o, 2o): the
 p99 the broker adds at a load it should carry comfortably.
 
@@ -43,6 +45,7 @@ from bench.servers import BrokerSpec, Lab, RunningBroker, probe_bundle, probe_lo
 SECTION = "Fast path against a bare gRPC server"
 HIT = BrokerSpec("broker-hit")
 HIT_NO_METRICS = BrokerSpec("broker-hit-nometrics", metrics=False)
+HIT_QUOTAS = BrokerSpec("broker-hit-quotas", quotas=True)
 MISS = BrokerSpec("broker-miss", cached=False)
 MISS_GRPC = BrokerSpec("broker-miss-grpc", cached=False, adapter_over_grpc=True)
 BUNDLE = BrokerSpec("broker-bundle")
@@ -111,11 +114,14 @@ class _Measured:
 
 
 def _measure(lab: Lab, m: _Measured, *, smoke: bool) -> list[str]:
-    first = (HIT, HIT_NO_METRICS, MISS, MISS_GRPC, WORKERS) if smoke else (HIT, HIT_NO_METRICS)
+    first: tuple[BrokerSpec, ...] = (HIT, HIT_NO_METRICS, HIT_QUOTAS)
+    if smoke:
+        first += (MISS, MISS_GRPC, WORKERS)
     with lab.brokers(*first) as started:
-        hit, no_metrics = started[:2]
+        hit, no_metrics, quotas = started[:3]
         m.reply_bytes = _probe(lab, hit)
         _probe(lab, no_metrics)
+        _probe(lab, quotas)
         with lab.echo(m.reply_bytes) as server:
             # The same request bytes and metadata as the broker gets: only the server differs.
             call = dataclasses.replace(
@@ -128,11 +134,12 @@ def _measure(lab: Lab, m: _Measured, *, smoke: bool) -> list[str]:
             {
                 "2": (lab.lookup_call(hit), hit.pid),
                 "2m": (lab.lookup_call(no_metrics), no_metrics.pid),
+                "2q": (lab.lookup_call(quotas), quotas.pid),
             }
         )
         m.open_loop("2o", lab.lookup_call(hit), hit.pid)
         if smoke:
-            for key, broker in zip(("3", "4", "6"), started[2:], strict=True):
+            for key, broker in zip(("3", "4", "6"), started[3:], strict=True):
                 _measure_row(lab, m, key, broker)
             _measure_row(lab, m, "5", hit)
     if not smoke:
@@ -195,6 +202,11 @@ def _result(
         f"{m.rows['2m'].qps:.0f} QPS = {_metrics_cost(m):+.1%} of throughput "
         f"(target ≤ {METRICS_COST:.0%}; differences of a few percent are within this "
         "machine's run-to-run noise).",
+        f"Quota checking: row 2q {m.rows['2q'].qps:.0f} QPS vs row 2 {m.rows['2'].qps:.0f} QPS "
+        f"(cost {1 - m.rows['2q'].qps / m.rows['2'].qps:+.1%} of throughput); server CPU per call "
+        f"{_cpu_per_call_us(m.rows['2q']):.0f} µs vs {_cpu_per_call_us(m.rows['2']):.0f} µs "
+        f"({_cpu_per_call_us(m.rows['2q']) - _cpu_per_call_us(m.rows['2']):+.0f} µs per lookup "
+        "for two quotas: SQLite transactions on a worker thread, batched per commit).",
         f"`--workers 2` / 1 worker (row 6 / row 2): {_workers_gain(m):.2f} × (target ≥ "
         f"{WORKERS_GAIN}); the workers share the machine's {_cpus()} CPU(s) with the clients.",
         *extra_notes,
@@ -241,6 +253,7 @@ def _rows(m: _Measured) -> list[Row]:
         Row("1", "bare echo (baseline)", m.rows["1"]),
         Row("2", "broker, record cache hit", m.rows["2"]),
         Row("2m", "broker, record cache hit, metrics off", m.rows["2m"]),
+        Row("2q", "broker, record cache hit, quotas counted", m.rows["2q"]),
         Row("3", "broker, cache miss, in-process adapter", m.rows["3"]),
         Row("4", "broker, cache miss, adapter over gRPC", m.rows["4"]),
         Row("5", "broker, matter bundle of 3 records (2 cached)", m.rows["5"]),
@@ -266,6 +279,11 @@ def _rows(m: _Measured) -> list[Row]:
 def _metrics_cost(m: _Measured) -> float:
     """Throughput lost to metrics: 1 - QPS(on) / QPS(off); negative = within the noise."""
     return 1 - m.rows["2"].qps / m.rows["2m"].qps
+
+
+def _cpu_per_call_us(outcome: Outcome) -> float:
+    """Server CPU per answered call, in microseconds."""
+    return outcome.server_cpu / outcome.qps * 1e6 if outcome.qps else 0.0
 
 
 def _workers_gain(m: _Measured) -> float:

@@ -4,8 +4,9 @@ A :class:`Lab` holds what every row shares (a temporary directory, synthetic dat
 citizen who has all four records, two policy directories) and starts, as child processes, the
 bare echo server and brokers in the configurations the rows need:
 
-* the shipped ``policies/`` (household records: ``cache_ttl_s`` 600), so repeating one
-  citizen's household lookup is a record-cache hit after the first call;
+* the shipped ``policies/`` without their quotas (household records: ``cache_ttl_s`` 600), so
+  repeating one citizen's household lookup is a record-cache hit after the first call; and the
+  same with quotas that count every call but never refuse (:mod:`bench.policies`);
 * a copy of them with every ``cache_ttl_s`` set to 0 (:func:`bench.policies.uncached_policies`),
   so the same lookup is a cache miss every time (chosen over "a different citizen each call" so
   that hit and miss rows send the very same request and get the very same answer: the cache is
@@ -30,8 +31,7 @@ import grpc
 
 from bench.harness import BenchError, Child, Processes
 from bench.load import Call
-from bench.policies import uncached_policies
-from certbroker import config
+from bench.policies import counting_policies, uncached_policies, unlimited_policies
 from certbroker.adapters.demo import synthetic
 from certbroker.auth.authenticator import DevIdentityProvider
 from certbroker.cli import client
@@ -57,6 +57,7 @@ class BrokerSpec:
     adapter_over_grpc: bool = False  # household adapter as its own process
     metrics: bool = True
     workers: int = 1
+    quotas: bool = False  # the shipped quotas, counting every call (limits never reached)
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,9 @@ class Lab:
         self.datasets = base / "datasets"
         synthetic.generate(self.datasets, citizens=CITIZENS)
         self.subject = synthetic.sample_couple(self.datasets)[0]
+        self.cached_policies = unlimited_policies(base / "policies")
         self.uncached_policies = uncached_policies(base / "policies-ttl0")
+        self.quota_policies = counting_policies(base / "policies-quotas")
 
     def lookup_request(self) -> broker_pb2.LookupRequest:
         return client.lookup_request(RECORD_TYPE, self.subject, MATTER, CASE)
@@ -144,7 +147,9 @@ class Lab:
     def _serve_args(self, spec: BrokerSpec, adapter: Child | None) -> list[str]:
         """Writes ``spec``'s configuration file; the ``certbroker serve`` arguments."""
         state = self._state(spec)
-        policies = config.DEFAULT_POLICY_DIR if spec.cached else self.uncached_policies
+        policies = self.cached_policies if spec.cached else self.uncached_policies
+        if spec.quotas:
+            policies = self.quota_policies
         toml = [
             "[server]",
             f"metrics_enabled = {'true' if spec.metrics else 'false'}",

@@ -25,6 +25,11 @@ entries behind it. Rules (``Finding.rule``):
     items of one ``LookupMatter`` call (a bundle or a package: same ``bundle_id``) count as one
     call: a package with one member matter the clerk may not handle denies that matter's items
     for every subject at once, which is one act at the counter, not a burst.
+``QUOTA_EXCEEDED``
+    Lookups refused because the clerk reached a quota of the policy
+    (:mod:`certbroker.policy.quota`), one finding per clerk naming the quotas: a clerk who
+    reaches a quota is looking up more citizens, or more often, than the counter's work needs.
+    Every refusal counts (one is enough: quotas are sized well above honest work).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ MANY_SUBJECTS = "MANY_SUBJECTS"
 REPEATED_SUBJECT = "REPEATED_SUBJECT"
 DENIAL_BURST = "DENIAL_BURST"
 CITIZEN_DISPUTE = "CITIZEN_DISPUTE"
+QUOTA_EXCEEDED = "QUOTA_EXCEEDED"  # the refusal's own reason (certbroker.contract.reasons)
 
 #: Mon–Sat 08:30–17:30 at UTC+08:00: the staffed halls' hours.
 HALL_HOURS = Hours(
@@ -219,6 +225,17 @@ def citizen_disputes(entries: Sequence[AuditEntry]) -> list[Finding]:
     return findings
 
 
+def quota_refusals(entries: Sequence[AuditEntry]) -> list[Finding]:
+    """Lookups refused past a quota (outcome ``QUOTA_EXCEEDED``), per clerk."""
+    refused = [e for e in entries if e.event.outcome == QUOTA_EXCEEDED]
+    findings = []
+    for clerk, group in sorted(_by_clerk(refused).items()):
+        quotas = ", ".join(sorted({e.event.rule_id for e in group if e.event.rule_id}))
+        text = f"{len(group)} lookup(s) refused past quota {quotas or '?'}"
+        findings.append(Finding(QUOTA_EXCEEDED, clerk, text, _seqs(group)))
+    return findings
+
+
 def find(
     entries: Sequence[AuditEntry], policy: PolicySet, thresholds: Thresholds | None = None
 ) -> list[Finding]:
@@ -232,4 +249,5 @@ def find(
         *repeated_subject(lookups, limits),
         *denial_bursts(lookups, limits),
         *citizen_disputes(entries),
+        *quota_refusals(lookups),
     ]

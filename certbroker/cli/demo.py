@@ -63,8 +63,8 @@ def _start(state_dir: Path) -> tuple[subprocess.Popen[str], int]:
 def run(state_dir: Path) -> int:
     """Run the demo; returns the process exit code (0 when every step behaved as shown)."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    for stale in state_dir.glob("audit.sqlite*"):
-        stale.unlink()  # each demo tells its own story from an empty log
+    for stale in [*state_dir.glob("audit.sqlite*"), *state_dir.glob("quotas.sqlite*")]:
+        stale.unlink()  # each demo tells its own story from an empty log (and fresh quotas)
     _title("Starting certbroker (SQLite audit, in-process department adapters, shipped policies)")
     proc, port = _start(state_dir)
     try:

@@ -28,3 +28,10 @@ ADAPTER_REASONS: frozenset[str] = frozenset(
         "INTERNAL",
     }
 )
+
+#: PERMISSION_DENIED: the clerk reached a quota of the policy (certbroker.policy.quota); the
+#: ErrorInfo names the quota (``rule``), and the lookup is audited as a denial naming it.
+QUOTA_EXCEEDED = "QUOTA_EXCEEDED"
+#: UNAVAILABLE: the quota counters (the state dir's SQLite, or PostgreSQL) cannot be reached;
+#: a lookup under a quota is then refused rather than waved through uncounted.
+QUOTA_UNAVAILABLE = "QUOTA_UNAVAILABLE"

@@ -175,6 +175,7 @@ class BundleRunner:
                     )
                 except Exception as exc:  # noqa: BLE001 - reported in the item, never the whole call
                     item.failure = errors.as_broker_error(exc)
+            await self._admit(call, policy, now)
             await self._fetch_all(call, policy, deadline)
             if request.evidence:  # the released items' digests go into their entries
                 for item in _released(call):
@@ -222,6 +223,20 @@ class BundleRunner:
             if item.failure is None and item.response is not None
         ]
         return self._evidence.issue(document_call, items, self._now())
+
+    async def _admit(self, call: _Call, policy: PolicySet, now: dt.datetime) -> None:
+        """Charge the allowed items to the clerk's quotas in item order, in one step: an item
+        past a quota is refused (``QUOTA_EXCEEDED``, audited as a denial naming the quota) and
+        the others are served; counters out of reach fail every allowed item."""
+        allowed = [i for i in call.items if i.decision is not None and i.failure is None]
+        try:
+            refusals = await self._items.admit(policy, [i.trace for i in allowed], now)
+        except errors.BrokerError as exc:
+            refusals = [exc] * len(allowed)
+        for item, refused in zip(allowed, refusals, strict=True):
+            if refused is not None:
+                item.failure = refused
+                item.decision = item.trace.decision
 
     def _entries(
         self,

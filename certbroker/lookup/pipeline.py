@@ -28,8 +28,11 @@ from certbroker.cache import RecordCache, record_key
 from certbroker.contract import fields as record_fields
 from certbroker.evidence import document
 from certbroker.ids import new_id
+from certbroker.lookup.admission import AdmissionQueue
 from certbroker.metrics import Metrics
 from certbroker.policy import Decision, PolicySet, RecordType, Request
+from certbroker.policy.counters import QuotaCounter, SqliteQuotaCounter, refusal
+from certbroker.policy.quota import QUOTA_EXCEEDED
 from certbroker.routing.router import Fetched, Router, adapter_timeout
 from certbroker.v1 import broker_pb2, records_pb2
 
@@ -119,11 +122,57 @@ class ItemPipeline:
     """
 
     def __init__(
-        self, router: Router, metrics: Metrics, cache: RecordCache[Fetched] | None = None
+        self,
+        router: Router,
+        metrics: Metrics,
+        cache: RecordCache[Fetched] | None = None,
+        quotas: QuotaCounter | None = None,
     ) -> None:
         self._router = router
         self._metrics = metrics
         self._cache = cache if cache is not None else RecordCache(sizeof=fetched_size)
+        # Batched per commit, off the event loop (certbroker.lookup.admission).
+        self._quotas = AdmissionQueue(quotas) if quotas is not None else None
+
+    async def admit(
+        self, policy: PolicySet, traces: Sequence[Trace], now: dt.datetime
+    ) -> list[errors.BrokerError | None]:
+        """Charge allowed items (all of one clerk) to the quotas of the clerk's roles, in order;
+        for each, None when admitted or its ``QUOTA_EXCEEDED`` refusal, the trace's decision then
+        turned into the quota's denial (:func:`certbroker.policy.counters.refusal`), so its
+        audit entry is a denial naming the quota. No quota for the roles: no I/O at all.
+
+        Raises ``Unavailable`` (``QUOTA_UNAVAILABLE``) when the counters cannot be reached: a
+        quota that cannot be counted is not waved through.
+        """
+        if not traces:
+            return []
+        clerk = traces[0].clerk
+        assert clerk is not None, "authenticate before admitting"
+        assert all(t.clerk is clerk for t in traces), "one clerk's items"
+        quotas = policy.quotas_for(clerk.roles)
+        if not quotas:
+            return [None] * len(traces)
+        if self._quotas is None:  # a servicer built without a counter (tests): this process's
+            self._quotas = AdmissionQueue(SqliteQuotaCounter(":memory:"))
+        subjects = [t.subject_id for t in traces]
+        verdicts = await self._quotas.admit(clerk.sub, subjects, quotas, now.timestamp())
+        refusals: list[errors.BrokerError | None] = []
+        for trace, quota in zip(traces, verdicts, strict=True):
+            if quota is None or trace.decision is None:
+                refusals.append(None)
+                continue
+            trace.decision = refusal(policy, trace.decision, quota)
+            trace.decision_id = ""  # nothing is fetched under it
+            refusals.append(
+                errors.PermissionDenied(
+                    QUOTA_EXCEEDED,
+                    trace.decision.reason,
+                    rule=quota.id,
+                    condition=QUOTA_EXCEEDED,
+                )
+            )
+        return refusals
 
     def authorize(
         self,

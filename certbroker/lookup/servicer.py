@@ -1,7 +1,8 @@
 """The ``certbroker.v1.CertificateBroker`` servicer: Lookup, ListMatters (matters and packages of
 matters) and LookupMatter (one matter, or a package).
 
-Lookup, in order: authenticate the clerk, validate the request, decide by policy, fetch from
+Lookup, in order: authenticate the clerk, validate the request, decide by policy, charge the
+quotas of the clerk's roles (:meth:`certbroker.lookup.pipeline.ItemPipeline.admit`), fetch from
 the record cache or the department, minimize and mask, then append the audit entry (saying
 whether the record came from the cache), and only then answer. Every lookup that reaches the
 servicer from a known clerk -- allowed, denied or failed -- produces exactly one audit entry;
@@ -46,6 +47,7 @@ from certbroker.lookup.pipeline import (
 )
 from certbroker.metrics import Metrics
 from certbroker.policy import PolicySet, PolicySource, matters_for, packages_for
+from certbroker.policy.counters import QuotaCounter
 from certbroker.routing.router import Fetched, Router
 from certbroker.v1 import broker_pb2, broker_pb2_grpc
 
@@ -61,6 +63,8 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
     ``refusals`` counts calls refused before the clerk is known (:mod:`certbroker.audit.guard`).
     ``evidence`` signs the evidence documents callers ask for (``evidence`` in a request;
     without an issuer such a request is refused UNAVAILABLE ``EVIDENCE_UNAVAILABLE``).
+    ``quotas`` counts admitted lookups for the policy's quotas (default: in this process's
+    memory; the server passes the state dir's or PostgreSQL's counter).
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
         record_cache: RecordCache[Fetched] | None = None,
         refusals: RefusalLedger | None = None,
         evidence: Issuer | None = None,
+        quotas: QuotaCounter | None = None,
     ) -> None:
         self._auth = auth
         self._evidence = evidence
@@ -85,7 +90,7 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
         self._metrics = metrics
         self._timeout_s = adapter_timeout_s
         self._now = now
-        self._items = ItemPipeline(router, metrics, record_cache)
+        self._items = ItemPipeline(router, metrics, record_cache, quotas)
         self._bundles = BundleRunner(
             auth,
             self._items,
@@ -174,7 +179,11 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
         wanted = validation.field_names(request.fields)
         trace.subject_id = validation.subject_id(request.subject_id)
         self._auth.enforce_subject(trace.clerk, trace.subject_id)  # frozen: SUBJECT_FROZEN
-        decision = self._items.authorize(policy, request, consent, wanted, self._now(), trace)
+        now = self._now()
+        decision = self._items.authorize(policy, request, consent, wanted, now, trace)
+        (refused,) = await self._items.admit(policy, [trace], now)  # quotas: QUOTA_EXCEEDED
+        if refused is not None:
+            raise refused
         budget = fetch_budget(context, self._timeout_s)
         return await self._items.fetch(policy, decision, trace, budget)
 

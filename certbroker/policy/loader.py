@@ -25,12 +25,20 @@ from certbroker.policy.model import (
     Package,
     PolicyError,
     PolicySet,
+    Quota,
     RecordType,
     Role,
     Rule,
 )
 from certbroker.policy.reader import Located, Reader
-from certbroker.policy.schema import PackageSpec, RecordTypeSpec, RuleSpec, Sections, read_file
+from certbroker.policy.schema import (
+    PackageSpec,
+    QuotaSpec,
+    RecordTypeSpec,
+    RuleSpec,
+    Sections,
+    read_file,
+)
 
 T = TypeVar("T")
 
@@ -81,6 +89,7 @@ def _build(s: Sections, version: str, errors: list[str]) -> PolicySet:
         code: _package(spec, matters, errors)
         for code, spec in _unique(((p.code, p) for p in s.packages), "package code", errors).items()
     }
+    quotas = _quotas(s.quotas, {r.id: r.source for r in rules}, roles, errors)
     # Read-only views: one PolicySet is shared by every request until a reload replaces it.
     return PolicySet(
         version=version,
@@ -91,7 +100,37 @@ def _build(s: Sections, version: str, errors: list[str]) -> PolicySet:
         rules=rules,
         packages=MappingProxyType(packages),
         citizen=CitizenView(**s.citizen),  # type: ignore[arg-type]  # checked by the schema
+        quotas=quotas,
     )
+
+
+def _quotas(
+    specs: list[QuotaSpec], rules: dict[str, str], roles: dict[str, Role], errors: list[str]
+) -> tuple[Quota, ...]:
+    """The quotas, checked against the set: known roles, ids unique and distinct from every rule
+    id (a refusal's audit entry names the quota where a denial names its rule)."""
+    out = []
+    for spec in _unique(((q.id, q) for q in specs), "quota id", errors).values():
+        ident, at = spec.id
+        if ident in rules:
+            errors.append(f"{at}: quota {ident}: id is already a rule id (at {rules[ident]})")
+        for role, role_at in spec.roles:
+            if role not in roles:
+                errors.append(f"{role_at}: quota {ident}: unknown role {role!r}")
+        if spec.kind is None:
+            continue  # malformed: reported by the schema
+        out.append(
+            Quota(
+                id=ident,
+                roles=tuple(r for r, _ in spec.roles if r in roles),
+                kind=spec.kind,
+                limit=spec.limit,
+                per_s=spec.per_s,
+                description=spec.description,
+                source=at,
+            )
+        )
+    return tuple(out)
 
 
 def _package(spec: PackageSpec, matters: dict[str, Matter], errors: list[str]) -> Package:

@@ -6,12 +6,13 @@ needs, and which roles may handle which matters under which conditions.
 
 The package is layered, each module importing only those below it:
 
-* bottom: :mod:`~certbroker.policy.hours` (opening hours), :mod:`~certbroker.policy.rule` (one
-  rule and its conditions) and this module (the catalogue, :class:`PolicySet` and its
-  decisions);
+* bottom: :mod:`~certbroker.policy.hours` (opening hours), :mod:`~certbroker.policy.quota`
+  (quotas per role), :mod:`~certbroker.policy.rule` (one rule and its conditions) and this
+  module (the catalogue, :class:`PolicySet` and its decisions);
 * above them: :mod:`~certbroker.policy.reader` and :mod:`~certbroker.policy.schema` (the file
   format, one file at a time), :mod:`~certbroker.policy.loader` (set-level validation and
-  loading), :mod:`~certbroker.policy.views` (what a clerk may handle, for ``ListMatters``) and
+  loading), :mod:`~certbroker.policy.views` (what a clerk may handle, for ``ListMatters``),
+  :mod:`~certbroker.policy.counters` (counting what quotas limit: SQLite or PostgreSQL) and
   :mod:`~certbroker.policy.testing` (the policy-test runner);
 * :mod:`certbroker.policy` itself re-exports the public API of them all.
 
@@ -42,6 +43,7 @@ from certbroker.contract.generic import RecordSchema
 from certbroker.errors import InvalidArgument
 from certbroker.policy.hours import DAYS as DAYS  # noqa: PLC0414 - re-exported
 from certbroker.policy.hours import Hours as Hours  # noqa: PLC0414 - re-exported
+from certbroker.policy.quota import Quota as Quota  # noqa: PLC0414 - re-exported
 from certbroker.policy.rule import CASE_NUMBER_REQUIRED as CASE_NUMBER_REQUIRED  # noqa: PLC0414
 from certbroker.policy.rule import CONSENT_REQUIRED as CONSENT_REQUIRED  # noqa: PLC0414
 from certbroker.policy.rule import OFFICE_NOT_ALLOWED as OFFICE_NOT_ALLOWED  # noqa: PLC0414
@@ -245,6 +247,8 @@ class PolicySet:
     #: Packages of matters (一件事) by code; their codes never collide with matter codes.
     packages: Mapping[str, Package] = field(default_factory=dict)
     citizen: CitizenView = CitizenView()
+    #: Quotas per role (certbroker.policy.quota), in policy order; ids never collide with rule ids.
+    quotas: tuple[Quota, ...] = ()
     # What the set derives from itself alone, kept for the next request: the candidate rules
     # of (roles, matter, record type) and the decision a passing rule gives for a set of
     # requested fields. Conditions (office, hours, consent, case number) are still checked on
@@ -263,6 +267,17 @@ class PolicySet:
             for code in dict.fromkeys(rule.matters):
                 index.setdefault(code, []).append(rule)
         self._by_matter.update((code, tuple(rules)) for code, rules in index.items())
+
+    def quotas_for(self, roles: Sequence[str]) -> tuple[Quota, ...]:
+        """The quotas binding a clerk holding ``roles`` (memoised; usually none)."""
+        if not self.quotas:
+            return ()
+        key = ("quotas", tuple(roles))
+        found: tuple[Quota, ...] | None = self._memo.get(key)
+        if found is None:
+            found = tuple(q for q in self.quotas if q.applies_to(tuple(roles)))
+            self._remember(key, found)
+        return found
 
     def check_request(self, record_type: str, matter_code: str, fields: Sequence[str]) -> None:
         """Raise :class:`InvalidArgument` unless the request names things the policy knows.

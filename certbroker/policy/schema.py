@@ -53,6 +53,12 @@ evaluates rules in file-name order, then in order within a file::
       - code: YJS-ESF-001
         name: 二手房交易一件事
         matters: [BDC-ZY-001, SDQ-GH-001, HJ-QY-001]   # member matter codes, in order
+    quotas:                        # per clerk, sliding window (certbroker.policy.quota)
+      - id: window-clerk-citizens  # audited as the rule of a QUOTA_EXCEEDED refusal
+        description: optional text
+        roles: [window_clerk]      # binds every clerk holding one of these roles
+        distinct_subjects: 60      # or `lookups: N`: exactly one of the two
+        per: 1h                    # 30s, 15m, 1h, 1d or seconds; 1 s .. 1 d
     rules:
       - id: window-clerk-hall
         description: optional text
@@ -98,6 +104,8 @@ from certbroker.policy.model import (
     IPNetwork,
     RecordLimits,
 )
+from certbroker.policy.quota import KINDS as QUOTA_KINDS
+from certbroker.policy.quota import parse_duration
 from certbroker.policy.reader import Located, Reader, describe
 from certbroker.policy.rule import Conditions, office_pattern_problem
 
@@ -151,6 +159,18 @@ class PackageSpec:
 
 
 @dataclass
+class QuotaSpec:
+    """A ``quotas`` entry as written (roles unresolved); ``kind`` is None when malformed."""
+
+    id: Located
+    description: str
+    roles: list[Located]
+    kind: str | None
+    limit: int
+    per_s: int
+
+
+@dataclass
 class Sections:
     departments: list[DepartmentSpec] = field(default_factory=list)
     record_types: list[RecordTypeSpec] = field(default_factory=list)
@@ -164,6 +184,7 @@ class Sections:
     covert: dict[str, int] = field(default_factory=dict)
     #: The ``citizen`` section's values as read (keys of :data:`CITIZEN_KEYS`).
     citizen: dict[str, object] = field(default_factory=dict)
+    quotas: list[QuotaSpec] = field(default_factory=list)
 
 
 #: The ``citizen`` section: what a citizen's own view (the Citizen service) shows and does.
@@ -187,6 +208,7 @@ def read_file(r: Reader, data: bytes, out: Sections) -> None:
             "rules",
             "packages",
             "citizen",
+            "quotas",
         ),
     )
     if top is None:
@@ -465,8 +487,7 @@ def _read_rule(r: Reader, item: yaml.Node, out: Sections) -> None:
         return
     m, ident = got
     what = f"rule {ident[0]}"
-    if ident[0] in RESERVED_RULE_IDS:
-        r.error(m["id"], f"{what}: id is reserved for built-in denials")
+    _not_reserved(r, m, ident[0], what)
 
     def names(key: str) -> list[Located]:
         return (r.strings(m[key], f"{what} {key}") or []) if key in m else []
@@ -508,6 +529,61 @@ def _read_package(r: Reader, item: yaml.Node, out: Sections) -> None:
         out.packages.append(PackageSpec(code, _text(r, m, "name", what), members))
 
 
+def _not_reserved(r: Reader, m: dict[str, yaml.Node], ident: str, what: str) -> None:
+    """Rule and quota ids are what a denial's audit entry names: never a built-in denial's."""
+    if ident in RESERVED_RULE_IDS:
+        r.error(m["id"], f"{what}: id is reserved for built-in denials")
+
+
+def _read_quota(r: Reader, item: yaml.Node, out: Sections) -> None:
+    got = _named(
+        r,
+        item,
+        "quota",
+        "id",
+        required=("roles", "per"),
+        optional=("description", *QUOTA_KINDS),
+    )
+    if not got:
+        return
+    m, ident = got
+    what = f"quota {ident[0]}"
+    _not_reserved(r, m, ident[0], what)
+    roles = (r.strings(m["roles"], f"{what} roles") or []) if "roles" in m else []
+    kinds = [k for k in QUOTA_KINDS if k in m]
+    kind: str | None = None
+    limit = 0
+    if len(kinds) != 1:
+        r.error(item, f"{what}: give exactly one of {' and '.join(QUOTA_KINDS)}")
+    else:
+        value = r.integer(m[kinds[0]], f"{what} {kinds[0]}")
+        if value is not None and value < 1:
+            r.error(m[kinds[0]], f"{what} {kinds[0]}: must be 1 or more")
+        elif value is not None:
+            kind, limit = kinds[0], value
+    per_s = 0
+    if "per" in m:
+        text = r.string(m["per"], f"{what} per", as_written=True)
+        seconds = None if text is None else parse_duration(text)
+        if text is not None and seconds is None:
+            r.error(
+                m["per"],
+                f"{what} per: expected a window like 30s, 15m, 1h or 1d "
+                f"(1 second to 1 day), got {text!r}",
+            )
+        per_s = seconds or 0
+    out.quotas.append(
+        QuotaSpec(
+            ident,
+            _text(r, m, "description", what),
+            roles,
+            kind if per_s else None,
+            limit,
+            per_s,
+        )
+    )
+
+
 _ITEM_READERS = {
     "departments": _read_department,
     "record_types": _read_record_type,
@@ -515,6 +591,7 @@ _ITEM_READERS = {
     "roles": _read_role,
     "rules": _read_rule,
     "packages": _read_package,
+    "quotas": _read_quota,
 }
 
 

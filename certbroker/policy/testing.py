@@ -22,6 +22,20 @@ expects::
           reason_contains: opening hours  # optional substring of the human reason
           # or, instead of decision/rule: error: UNKNOWN_FIELD  (an InvalidArgument reason)
 
+      - name: the 61st distinct citizen within an hour is refused
+        clerk: haizhu_window
+        history:                          # optional: lookups this clerk was admitted before,
+          - {at: "2025-03-03T09:30:00+08:00", citizens: 60}   # one each of 60 other citizens
+          - {at: "2025-03-03T09:59:00+08:00", lookups: 2}     # 2 of the request's citizen
+        request: {record_type: property, matter: BDC-ZY-001, ...}
+        expect: {decision: deny, rule: window-clerk-citizens, condition: QUOTA_EXCEEDED}
+
+A test's history and request are counted by the broker's own quota counter
+(:class:`certbroker.policy.counters.SqliteQuotaCounter`, in memory, one per test), under the
+quotas of the clerk's roles: a request the policy allows but a quota refuses is denied with the
+quota's id as ``rule`` and condition ``QUOTA_EXCEEDED``. A history entry that a quota refuses
+itself fails the test (it cannot have happened). The clerk's ``sub`` is the counter's key.
+
 A malformed test or file is reported as a failure (with ``path:line``), never raised.
 """
 
@@ -35,9 +49,13 @@ import yaml
 
 from certbroker.auth.authenticator import Clerk
 from certbroker.errors import InvalidArgument
+from certbroker.policy.counters import SqliteQuotaCounter, refusal
 from certbroker.policy.loader import load
 from certbroker.policy.model import Decision, PolicySet, Request
 from certbroker.policy.reader import Reader
+
+#: The citizen a test's request is about, for quotas (a policy decision names none).
+_REQUEST_CITIZEN = "request-citizen"
 
 
 @dataclass
@@ -57,6 +75,17 @@ class TestReport:
     def ok(self) -> bool:
         """True when at least one test ran and none failed."""
         return self.passed > 0 and not self.failures
+
+
+@dataclass(frozen=True)
+class _Past:
+    """One ``history`` entry: at ``at``, one lookup each of ``citizens`` other citizens and
+    ``lookups`` lookups of the request's citizen."""
+
+    at: datetime
+    citizens: int
+    lookups: int
+    where: str
 
 
 @dataclass(frozen=True)
@@ -131,7 +160,12 @@ def _run_one(
     """Run one test; return its failure message, or None when it passes."""
     errors: list[str] = []
     r = Reader(display, errors)
-    m = r.mapping(item, "test", required=("name", "clerk", "request", "expect"), optional=("at",))
+    m = r.mapping(
+        item,
+        "test",
+        required=("name", "clerk", "request", "expect"),
+        optional=("at", "history"),
+    )
     if m is None:
         return "; ".join(errors)
     name = (r.string(m["name"], "test name") if "name" in m else None) or "?"
@@ -145,13 +179,16 @@ def _run_one(
         r.error(item, "test: no time: give `at` in the test or at the top of the file")
     request = _request(r, m["request"], clerk, now) if "request" in m else None
     expect = _expect(r, m["expect"]) if "expect" in m else None
+    history = _history(r, m["history"]) if "history" in m else []
     if errors or request is None or expect is None:
         return f"{label}: malformed: " + "; ".join(errors)
-    problems = _compare(policy_set, request, expect)
+    problems = _compare(policy_set, request, expect, history)
     return f"{label}: " + "; ".join(problems) if problems else None
 
 
-def _compare(policy_set: PolicySet, request: Request, expect: _Expect) -> list[str]:
+def _compare(
+    policy_set: PolicySet, request: Request, expect: _Expect, history: list[_Past]
+) -> list[str]:
     try:
         decision = policy_set.decide(request)
     except InvalidArgument as exc:
@@ -159,6 +196,25 @@ def _compare(policy_set: PolicySet, request: Request, expect: _Expect) -> list[s
             return []
         wanted = expect.decision or f"error {expect.error}"
         return [f"expected {wanted}, got InvalidArgument {exc.reason}: {exc.message}"]
+    quotas = policy_set.quotas_for(request.clerk.roles)
+    if decision.allowed and quotas:
+        counter = SqliteQuotaCounter(":memory:")
+        try:
+            clerk = request.clerk.sub
+            for past in history:
+                subjects = [f"{past.where}#{i}" for i in range(past.citizens)]
+                subjects += [_REQUEST_CITIZEN] * past.lookups
+                refused = counter.admit(clerk, subjects, quotas, past.at.timestamp())
+                over = next((q for q in refused if q is not None), None)
+                if over is not None:
+                    return [
+                        f"history at {past.where}: quota {over.id} refuses it ({over.describe()})"
+                    ]
+            (over,) = counter.admit(clerk, [_REQUEST_CITIZEN], quotas, request.now.timestamp())
+        finally:
+            counter.close()
+        if over is not None:
+            decision = refusal(policy_set, decision, over)
     got = _verdict(decision)
     if expect.error is not None:
         return [f"expected InvalidArgument {expect.error}, got {got}"]
@@ -184,6 +240,27 @@ def _compare(policy_set: PolicySet, request: Request, expect: _Expect) -> list[s
             f"expected reason containing {expect.reason_contains!r}, got {decision.reason!r}"
         )
     return problems
+
+
+def _history(r: Reader, node: yaml.Node) -> list[_Past]:
+    out = []
+    for entry in r.sequence(node, "history") or []:
+        m = r.mapping(entry, "history entry", required=("at",), optional=("citizens", "lookups"))
+        if m is None or "at" not in m:
+            continue
+        at = _time(r, m["at"], "history at")
+        counts = {k: r.integer(m[k], f"history {k}") for k in ("citizens", "lookups") if k in m}
+        if not counts:
+            r.error(entry, "history entry: give `citizens` and/or `lookups`")
+        for key, value in counts.items():
+            if value is not None and not 0 <= value <= 100_000:
+                r.error(m[key], f"history {key}: must be 0..100000")
+                counts[key] = None
+        if at is not None and None not in counts.values():
+            out.append(
+                _Past(at, counts.get("citizens") or 0, counts.get("lookups") or 0, r.at(entry))
+            )
+    return out
 
 
 def _verdict(decision: Decision) -> str:

@@ -67,6 +67,7 @@ from certbroker.evidence.document import Issuer
 from certbroker.lookup.pipeline import fetched_size
 from certbroker.lookup.servicer import CertificateBrokerService
 from certbroker.metrics import BrokerState, Metrics
+from certbroker.policy.counters import open_counter
 from certbroker.routing.breaker import BreakerBoard
 from certbroker.routing.channels import channel_credentials
 from certbroker.routing.decision_token import DecisionSigner
@@ -458,6 +459,10 @@ async def start(
         # enforced by every servicer through the authenticator (certbroker.auth.controls).
         controls = await asyncio.to_thread(Controls, shared.controls)
         auth.controls = controls
+        # Quota counts: the audit log's PostgreSQL (every broker) or the state dir (every
+        # worker of this broker); see certbroker.policy.counters.
+        quota_counter = open_counter(config.audit_location, config.state_dir)
+        parts.on_close("quota counters", lambda: asyncio.to_thread(quota_counter.close))
         record_cache: RecordCache[Fetched] = RecordCache(
             max_entries=config.record_cache_max_entries,
             max_bytes=config.record_cache_max_bytes,
@@ -501,6 +506,7 @@ async def start(
             record_cache=record_cache,
             refusals=refusals,
             evidence=evidence,
+            quotas=quota_counter,
             **({"now": decision_clock} if decision_clock is not None else {}),
         )
         registry_service = RegistryService(

@@ -322,7 +322,7 @@ class Finding(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     SEQUENCES_FIELD_NUMBER: _builtins.int
     rule: _builtins.str
-    """NO_CASE_NUMBER | OUTSIDE_HOURS | MANY_SUBJECTS | REPEATED_SUBJECT | DENIAL_BURST | CITIZEN_DISPUTE"""
+    """NO_CASE_NUMBER | OUTSIDE_HOURS | MANY_SUBJECTS | REPEATED_SUBJECT | DENIAL_BURST | CITIZEN_DISPUTE | QUOTA_EXCEEDED"""
     clerk: _builtins.str
     description: _builtins.str
     @_builtins.property

@@ -129,3 +129,19 @@ def test_the_denied_items_of_one_bundle_are_one_denied_call(rules: policy.Policy
     # Four more denied calls within the window make five: the finding names every entry.
     more = [log.add(MONDAY_10 + timedelta(minutes=i + 1), decision="deny") for i in range(4)]
     assert rules_fired(log, rules) == {("DENIAL_BURST", "c1"): one_call + more}
+
+
+def test_quota_refusals_per_clerk(rules: policy.PolicySet) -> None:
+    log = Log()
+    log.add(decision="deny", rule_id="window-clerk-hall", outcome="POLICY_DENIED")
+    refused = [
+        log.add(decision="deny", rule_id=quota, outcome="QUOTA_EXCEEDED")
+        for quota in ("clerk-lookups-per-minute", "clerk-citizens-per-hour")
+    ]
+    found = anomalies.find(log.entries, rules)
+    assert [(f.rule, f.clerk, list(f.sequences)) for f in found] == [
+        ("QUOTA_EXCEEDED", "c1", refused)
+    ]
+    assert found[0].description == (
+        "2 lookup(s) refused past quota clerk-citizens-per-hour, clerk-lookups-per-minute"
+    )

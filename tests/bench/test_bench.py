@@ -100,7 +100,7 @@ def test_smoke_run_prints_the_fast_path_table(tmp_path: Path) -> None:
     assert "== fastpath (smoke)" in lines
     rows = _table_rows(lines)
     assert rows["#"][:3] == ["#", "configuration", "QPS"]
-    assert set(rows) == {"#", "1", "2", "2m", "3", "4", "5", "6", "1o", "2o"}
+    assert set(rows) == {"#", "1", "2", "2m", "2q", "3", "4", "5", "6", "1o", "2o"}
     for key, cells in rows.items():  # every row ran: QPS, p50, p99, RSS, CPU
         assert key == "#" or all(_NUMBER.fullmatch(cell) for cell in cells[2:7]), cells
     assert rows["1"][7] == "1.00"  # the baseline is its own reference
@@ -111,6 +111,7 @@ def test_smoke_run_prints_the_fast_path_table(tmp_path: Path) -> None:
     assert any(line.startswith("Targets met: ") and line.endswith(" of 6.") for line in lines)
     assert any(line.startswith("- Reply size ") for line in lines)
     assert any(line.startswith("- Metrics cost: row 2 (on) ") for line in lines)
+    assert any(line.startswith("- Quota checking: row 2q ") for line in lines)
     assert any(line.startswith("- `--workers 2` / 1 worker (row 6 / row 2): ") for line in lines)
     assert any(line.startswith("- Smoke run: every broker was started at once") for line in lines)
     assert not results.exists()

@@ -603,10 +603,12 @@ def test_consent_methods_are_defined_once_for_the_cli_and_the_proto() -> None:
 POLICY_LAYERS = {
     "hours": 0,
     "reader": 0,
+    "quota": 0,
     "rule": 1,
     "model": 2,
     "schema": 3,
     "views": 3,
+    "counters": 3,
     "loader": 4,
     "testing": 5,
 }

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import audit_backends, audit_verify, bundle, decisions, fastpath, hall
+from bench import audit_backends, audit_verify, bundle, cpu, decisions, fastpath, hall
 from bench.harness import ROOT, BenchError, Options, Result, render, write_section
 
 #: Scenario name → its ``run``. A new scenario is a module in bench/ and one line here.
@@ -22,6 +22,7 @@ SCENARIOS: dict[str, Callable[[Options], Result]] = {
     "audit-verify": audit_verify.run,
     "audit-backends": audit_backends.run,
     "fastpath": fastpath.run,
+    "cpu": cpu.run,
     "decisions": decisions.run,
     "hall": hall.run,
 }

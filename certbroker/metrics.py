@@ -296,6 +296,10 @@ class Metrics:
         self.audit_commit = self._histogram(
             "certbroker_audit_commit_seconds", "Time to commit one audit transaction durably."
         )
+        self.audit_lock_wait = self._histogram(
+            "certbroker_audit_lock_wait_seconds",
+            "Time an audit batch waited for the log's write lock (other worker processes).",
+        )
         self.audit_batch = self._histogram(
             "certbroker_audit_commit_batch_size",
             "Audit entries per committed transaction (group commit).",

@@ -26,7 +26,7 @@ from certbroker.audit.store.base import Backend
 from certbroker.audit.store.db import backend_for
 from certbroker.audit.store.postgres import PostgresBackend
 from certbroker.audit.store.sqlite import SQLiteBackend
-from certbroker.audit.writer import BatchStore, CommitHook, GroupCommitWriter
+from certbroker.audit.writer import BatchStore, CommitHook, GroupCommitWriter, LockHook
 from certbroker.config import AuditLocation, PostgresLocation
 from certbroker.errors import BrokerError, Unavailable
 from certbroker.ids import new_id
@@ -39,6 +39,7 @@ class WriterOptions(TypedDict, total=False):
     held open for company after its first entry (0). ``clock``: epoch seconds for entry times
     (``time.time``). ``busy_timeout``: seconds a batch waits for another writer's lock (10).
     ``on_commit(entries, seconds)``: called after each committed batch (None).
+    ``on_lock_wait(seconds)``: each batch's wait for the log's write lock (None).
     """
 
     max_batch: int
@@ -46,6 +47,7 @@ class WriterOptions(TypedDict, total=False):
     clock: Callable[[], float]
     busy_timeout: float
     on_commit: CommitHook | None
+    on_lock_wait: LockHook | None
 
 
 def _writer(store: BatchStore, options: WriterOptions) -> GroupCommitWriter:
@@ -54,6 +56,7 @@ def _writer(store: BatchStore, options: WriterOptions) -> GroupCommitWriter:
         max_batch=options.get("max_batch", 256),
         max_wait_s=options.get("max_wait_s", 0.0),
         on_commit=options.get("on_commit"),
+        on_lock_wait=options.get("on_lock_wait"),
     )
 
 

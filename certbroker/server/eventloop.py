@@ -1,0 +1,44 @@
+"""The event loop the broker runs on: uvloop where it is installed, else asyncio's own.
+
+uvloop (a dependency on Linux) runs grpcio's aio server unchanged and takes 10-15 % off the
+server CPU per call (docs/benchmarks.md, "Server CPU per call"): grpc.aio hands every
+completion to the loop as a callback, and uvloop's callback and wake-up path is cheaper.
+``CERTBROKER_EVENT_LOOP=asyncio`` forces asyncio's loop (for comparison, or a suspected loop
+problem); anything else, or unset, means "uvloop if available".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+__all__ = ["loop_factory", "loop_name", "run"]
+
+T = TypeVar("T")
+#: The environment variable that forces asyncio's own loop.
+ENV = "CERTBROKER_EVENT_LOOP"
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's ``new_event_loop`` when it is importable and not turned off; None = asyncio."""
+    if os.environ.get(ENV, "").strip().lower() == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:  # not installed (not on Linux): asyncio's loop is fine, only slower
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def loop_name() -> str:
+    """ "uvloop" or "asyncio": what :func:`run` would use."""
+    return "asyncio" if loop_factory() is None else "uvloop"
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)`` on the loop :func:`loop_factory` picks."""
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        return runner.run(main)

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import audit_backends, audit_verify, bundle, cpu, decisions, fastpath, hall
+from bench import audit_backends, audit_verify, bundle, cpu, decisions, fastpath, hall, sweep
 from bench.harness import ROOT, BenchError, Options, Result, render, write_section
 
 #: Scenario name → its ``run``. A new scenario is a module in bench/ and one line here.
@@ -23,6 +23,7 @@ SCENARIOS: dict[str, Callable[[Options], Result]] = {
     "audit-backends": audit_backends.run,
     "fastpath": fastpath.run,
     "cpu": cpu.run,
+    "sweep": sweep.run,
     "decisions": decisions.run,
     "hall": hall.run,
 }
@@ -44,7 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--write records full runs only; drop --smoke")
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    options = Options(smoke=args.smoke, rounds=args.rounds)
+    figures = args.results_file.parent if args.write else None
+    options = Options(smoke=args.smoke, rounds=args.rounds, figures=figures)
     failed = []
     for name in args.scenario or list(SCENARIOS):
         print(f"\n== {name}{' (smoke)' if args.smoke else ''}", flush=True)

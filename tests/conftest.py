@@ -13,7 +13,7 @@ from tests.helpers import Env, make_config, running_env
 
 # The suite runs on the event loop the broker runs on (uvloop where installed): every
 # asyncio.run() and new_event_loop() in the tests makes one from here on.
-if eventloop.loop_factory() is not None:
+if eventloop.loop_name() == "uvloop":
     import uvloop
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

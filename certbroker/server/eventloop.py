@@ -21,21 +21,23 @@ T = TypeVar("T")
 ENV = "CERTBROKER_EVENT_LOOP"
 
 
-def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's ``new_event_loop`` when it is importable and not turned off; None = asyncio."""
-    if os.environ.get(ENV, "").strip().lower() == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:  # not installed (not on Linux): asyncio's loop is fine, only slower
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop's ``new_event_loop`` when it is importable and not turned off, else asyncio's
+    own loop class (whatever event loop policy is installed)."""
+    if os.environ.get(ENV, "").strip().lower() != "asyncio":
+        try:
+            import uvloop
+        except ImportError:  # not installed (not on Linux): asyncio's loop, only slower
+            pass
+        else:
+            factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+            return factory
+    return asyncio.SelectorEventLoop
 
 
 def loop_name() -> str:
-    """ "uvloop" or "asyncio": what :func:`run` would use."""
-    return "asyncio" if loop_factory() is None else "uvloop"
+    """What :func:`run` would use: "uvloop" or "asyncio"."""
+    return "asyncio" if loop_factory() is asyncio.SelectorEventLoop else "uvloop"
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:

@@ -72,8 +72,9 @@ def run(options: Options) -> Result:
     """Start the servers one configuration at a time, measure, and report."""
     load = Load(
         processes=PROCESSES,
-        warmup_s=0.1 if options.smoke else 1.0,
-        duration_s=0.3 if options.smoke else 3.0,
+        # Smoke: long enough that a loaded machine still answers some calls in the window.
+        warmup_s=0.2 if options.smoke else 1.0,
+        duration_s=0.6 if options.smoke else 3.0,
         start_delay_s=0.2 if options.smoke else 1.0,
     )
     repeats = options.count(full=2, smoke=1)

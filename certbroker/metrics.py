@@ -239,7 +239,8 @@ class _LoopFamily(Generic[_Series]):
     ) -> None:
         self.name, self.doc, self.labelnames = name, doc, tuple(labelnames)
         self._make: Callable[[], _Series] = make
-        self._series: dict[tuple[Any, ...], _Series] = {}
+        self._series: dict[tuple[Any, ...], _Series] = {}  # by exported label values
+        self._given: dict[tuple[Any, ...], _Series] = {}  # by the values callers pass
         self._plain: _Series | None = None if labelnames else self._child(())
 
     def _child(self, values: tuple[Any, ...]) -> _Series:
@@ -253,7 +254,13 @@ class _LoopFamily(Generic[_Series]):
     def labels(self, *labelvalues: Any, **labelkwargs: Any) -> _Series:
         if labelkwargs:
             labelvalues = tuple(labelkwargs[name] for name in self.labelnames)
-        return self._child(tuple(_label(str(v)) for v in labelvalues))
+        # The values as given first (one dict read on the hot path), exported normalized.
+        found = self._given.get(labelvalues)
+        if found is None:
+            found = self._given[labelvalues] = self._child(
+                tuple(_label(str(v)) for v in labelvalues)
+            )
+        return found
 
     def inc(self, amount: float = 1) -> None:
         if self._plain is None:

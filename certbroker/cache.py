@@ -18,14 +18,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class RecordKey:
-    """What a cached record answers: one record type of one citizen, exactly these fields."""
+class RecordKey(NamedTuple):
+    """What a cached record answers: one record type of one citizen, exactly these fields.
+
+    A named tuple: made and hashed in C (several times per lookup: the cache, its LRU order,
+    the fetches in flight), where a frozen dataclass hashed a new tuple each time."""
 
     record_type: str
     subject_id: str

@@ -16,6 +16,8 @@ Servers, all started at once and idle while another is measured, driven by the s
   asyncio's own loop (the baseline the issue's "today" numbers were taken against);
 * ``hit``: the broker, record-cache hit, its durable audit entry written before each answer;
   ``hit/asyncio``: the same broker on asyncio's loop (what uvloop is worth);
+* ``hit/nometrics``: the same with metrics off (what the metrics still cost);
+* ``hit/window``: the same with a 1 ms group-commit window (``[audit] batch_wait_ms``);
 * ``miss``: the broker, cache miss, in-process adapter.
 
 Each row's ratio is per round (broker ÷ echo of the same round, same loop), then the median;
@@ -45,6 +47,8 @@ SECTION = "Server CPU per call"
 PROCESSES = 2
 HIT = BrokerSpec("cpu-hit")
 HIT_ASYNCIO = BrokerSpec("cpu-hit-asyncio", loop="asyncio")
+HIT_NO_METRICS = BrokerSpec("cpu-hit-nometrics", metrics=False)
+HIT_WINDOW = BrokerSpec("cpu-hit-window", batch_wait_ms=1.0)
 MISS = BrokerSpec("cpu-miss", cached=False)
 WORKERS = BrokerSpec("cpu-workers", workers=2)
 #: Broker CPU per call as a multiple of echo's, at most (issue 19).
@@ -94,6 +98,8 @@ def run(options: Options) -> Result:
         "echo/asyncio": Row("echo/asyncio", "bare grpc.aio echo, asyncio loop", ""),
         "hit": Row("hit", "broker, record-cache hit", "echo"),
         "hit/asyncio": Row("hit/asyncio", "broker, record-cache hit, asyncio loop", "echo/asyncio"),
+        "hit/nometrics": Row("hit/nometrics", "broker, record-cache hit, metrics off", "echo"),
+        "hit/window": Row("hit/window", "broker, record-cache hit, 1 ms batch window", "echo"),
         "miss": Row("miss", "broker, cache miss, in-process adapter", "echo"),
     }
     with (
@@ -101,9 +107,10 @@ def run(options: Options) -> Result:
         LoadGenerator(load.processes) as generator,
     ):
         lab = Lab(Path(tmp))
-        with lab.brokers(HIT, HIT_ASYNCIO, MISS) as (hit, hit_asyncio, miss):
+        specs = (HIT, HIT_ASYNCIO, HIT_NO_METRICS, HIT_WINDOW, MISS)
+        with lab.brokers(*specs) as (hit, hit_asyncio, no_metrics, window, miss):
             size = _probe(lab, hit)
-            for broker in (hit_asyncio, miss):
+            for broker in (hit_asyncio, no_metrics, window, miss):
                 _probe(lab, broker)
             with lab.echo(size, loop="") as uv, lab.echo(size, loop="asyncio") as plain:
                 base = lab.lookup_call(hit)
@@ -112,6 +119,8 @@ def run(options: Options) -> Result:
                     "echo/asyncio": _echo_call(base, plain),
                     "hit": (base, hit.pid),
                     "hit/asyncio": (lab.lookup_call(hit_asyncio), hit_asyncio.pid),
+                    "hit/nometrics": (lab.lookup_call(no_metrics), no_metrics.pid),
+                    "hit/window": (lab.lookup_call(window), window.pid),
                     "miss": (lab.lookup_call(miss), miss.pid),
                 }
                 for _ in range(rounds):

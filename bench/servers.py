@@ -59,6 +59,7 @@ class BrokerSpec:
     metrics: bool = True
     workers: int = 1
     loop: str = ""  # "asyncio" forces asyncio's event loop; "" = as the broker chooses
+    batch_wait_ms: float = 0.0  # [audit] batch_wait_ms: how long a batch is held open
     metrics_port: int = 0  # 0 = any free port (the first worker's; worker i adds i)
 
 
@@ -165,6 +166,8 @@ class Lab:
             f"metrics_enabled = {'true' if spec.metrics else 'false'}",
             "[policy]",
             f"dir = {json.dumps(str(policies))}",  # a JSON string is a TOML basic string
+            "[audit]",
+            f"batch_wait_ms = {spec.batch_wait_ms!r}",
         ]
         if adapter is not None:
             toml += [

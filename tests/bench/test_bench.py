@@ -391,7 +391,17 @@ def test_smoke_run_prints_cpu_per_call_and_the_sweep(tmp_path: Path) -> None:
     cpu_at, sweep_at = lines.index("== cpu (smoke)"), lines.index("== sweep (smoke)")
     rows = _table_rows(lines[cpu_at:sweep_at])
     assert rows["row"][2:4] == ["CPU µs/call", "× echo"]
-    assert set(rows) == {"row", "echo", "echo/asyncio", "hit", "hit/asyncio", "miss", "workers"}
+    assert set(rows) == {
+        "row",
+        "echo",
+        "echo/asyncio",
+        "hit",
+        "hit/asyncio",
+        "hit/nometrics",
+        "hit/window",
+        "miss",
+        "workers",
+    }
     for key, cells in rows.items():  # every row ran, two rounds: "median (min–max)"
         assert key == "row" or all(_SPREAD.fullmatch(cell) for cell in cells[2:8]), cells
         assert key == "row" or "–" in cells[2], cells

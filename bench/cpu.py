@@ -85,13 +85,7 @@ def spread(values: list[float], fmt: str = "{:.0f}") -> str:
 
 def run(options: Options) -> Result:
     """Start the servers, run the interleaved rounds, then ``--workers 2``; report."""
-    load = Load(
-        processes=PROCESSES,
-        # Smoke: long enough that a loaded machine still answers some calls in the window.
-        warmup_s=0.2 if options.smoke else 1.0,
-        duration_s=0.6 if options.smoke else 3.0,
-        start_delay_s=0.2 if options.smoke else 1.0,
-    )
+    load = Load.standard(smoke=options.smoke, processes=PROCESSES)
     rounds = options.count(full=3, smoke=1)
     rows = {
         "echo": Row("echo", "bare grpc.aio echo", ""),

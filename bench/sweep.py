@@ -45,13 +45,7 @@ def run(options: Options) -> Result:
     """Measure both servers' maxima, then sweep each; draw the chart :data:`CHART` in
     ``options.figures`` when that is set (``python -m bench --write``: docs/)."""
     chart = None if options.figures is None else options.figures / CHART
-    load = Load(
-        processes=2,
-        # Smoke: long enough that a loaded machine still answers some calls in the window.
-        warmup_s=0.2 if options.smoke else 1.0,
-        duration_s=0.6 if options.smoke else 3.0,
-        start_delay_s=0.2 if options.smoke else 1.0,
-    )
+    load = Load.standard(smoke=options.smoke, processes=2)
     rounds = options.count(full=2, smoke=1)
     fractions = SMOKE_FRACTIONS if options.smoke else FRACTIONS
     curves = {"echo": Curve("bare grpc.aio echo"), "hit": Curve("broker, record-cache hit")}

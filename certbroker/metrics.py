@@ -418,33 +418,39 @@ class Metrics:
             self.registry.register(self._loop)
         # The instruments every lookup touches are written on the event loop only: the
         # lock-free kind (_LoopFamily). The others stay prometheus_client's (thread-safe).
-        self.lookups = self._loop_counter(
+        self.lookups = self._counter(
             "certbroker_lookups",
             "Lookups by record type, decision, department and status.",
             ["record_type", "decision", "department", "status"],
+            loop=True,
         )
-        self.lookup_latency = self._loop_histogram(
+        self.lookup_latency = self._histogram(
             "certbroker_lookup_latency_seconds",
             "End-to-end latency of Lookup and LookupMatter calls, by gRPC status.",
             ["method", "status"],
+            loop=True,
         )
-        self.policy_evaluation = self._loop_histogram(
+        self.policy_evaluation = self._histogram(
             "certbroker_policy_evaluation_seconds",
             "Time to decide one lookup item by policy.",
             buckets=_FAST_BUCKETS,
+            loop=True,
         )
-        self.adapter_latency = self._loop_histogram(
+        self.adapter_latency = self._histogram(
             "certbroker_adapter_call_seconds",
             "Broker to adapter fetch latency, by record type and gRPC status.",
             ["record_type", "status"],
+            loop=True,
         )
         self.adapter_errors = self._counter(
             "certbroker_adapter_errors",
             "Adapter calls that failed, by department and status.",
             ["department", "status"],
         )
-        self.audit_append = self._loop_histogram(
-            "certbroker_audit_append_seconds", "Time a request waits for its audit entries."
+        self.audit_append = self._histogram(
+            "certbroker_audit_append_seconds",
+            "Time a request waits for its audit entries.",
+            loop=True,
         )
         self.audit_commit = self._histogram(
             "certbroker_audit_commit_seconds", "Time to commit one audit transaction durably."
@@ -458,26 +464,33 @@ class Metrics:
             "Audit entries per committed transaction (group commit).",
             buckets=_BATCH_SIZE_BUCKETS,
         )
-        self.cache_hits = self._loop_counter(
+        self.cache_hits = self._counter(
             "certbroker_record_cache_hits",
             "Lookup items answered from the record cache.",
             ["record_type"],
+            loop=True,
         )
-        self.cache_misses = self._loop_counter(
+        self.cache_misses = self._counter(
             "certbroker_record_cache_misses",
             "Cacheable lookup items that called the department.",
             ["record_type"],
+            loop=True,
         )
-        self.cache_coalesced = self._loop_counter(
+        self.cache_coalesced = self._counter(
             "certbroker_record_cache_coalesced",
             "Lookup items that shared an identical department call already in flight.",
             ["record_type"],
+            loop=True,
         )
-        self.token_cache_hits = self._loop_counter(
-            "certbroker_token_cache_hits", "Bearer tokens found verified in the token cache."
+        self.token_cache_hits = self._counter(
+            "certbroker_token_cache_hits",
+            "Bearer tokens found verified in the token cache.",
+            loop=True,
         )
-        self.token_cache_misses = self._loop_counter(
-            "certbroker_token_cache_misses", "Bearer tokens verified in full (not cached)."
+        self.token_cache_misses = self._counter(
+            "certbroker_token_cache_misses",
+            "Bearer tokens verified in full (not cached).",
+            loop=True,
         )
         self.bundle_latency = self._histogram(
             "certbroker_bundle_latency_seconds",
@@ -493,29 +506,16 @@ class Metrics:
             "certbroker_policy_reloads", "Policy reload attempts by result.", ["result"]
         )
 
-    def _loop_counter(self, name: str, doc: str, labels: list[str] | None = None) -> CounterLike:
+    def _counter(
+        self, name: str, doc: str, labels: list[str] | None = None, *, loop: bool = False
+    ) -> CounterLike:
+        """A counter; ``loop``: written on the event loop only (:class:`_LoopFamily`)."""
         if not self.enabled:
             return _NOOP
-        family = _LoopFamily(name, doc, labels or [], _LoopCount)
-        self._loop.counters.append(family)
-        return family
-
-    def _loop_histogram(
-        self,
-        name: str,
-        doc: str,
-        labels: list[str] | None = None,
-        buckets: tuple[float, ...] = _LATENCY_BUCKETS,
-    ) -> HistogramLike:
-        if not self.enabled:
-            return _NOOP
-        family = _LoopFamily(name, doc, labels or [], lambda: _LoopBuckets(buckets))
-        self._loop.histograms.append(family)
-        return family
-
-    def _counter(self, name: str, doc: str, labels: list[str] | None = None) -> CounterLike:
-        if not self.enabled:
-            return _NOOP
+        if loop:
+            family = _LoopFamily(name, doc, labels or [], _LoopCount)
+            self._loop.counters.append(family)
+            return family
         counter: CounterLike = Counter(name, doc, labels or [], registry=self.registry)
         return _Children(counter) if labels else counter
 
@@ -525,9 +525,16 @@ class Metrics:
         doc: str,
         labels: list[str] | None = None,
         buckets: tuple[float, ...] = _LATENCY_BUCKETS,
+        *,
+        loop: bool = False,
     ) -> HistogramLike:
+        """A histogram; ``loop``: written on the event loop only (:class:`_LoopFamily`)."""
         if not self.enabled:
             return _NOOP
+        if loop:
+            series = _LoopFamily(name, doc, labels or [], lambda: _LoopBuckets(buckets))
+            self._loop.histograms.append(series)
+            return series
         histogram: HistogramLike = Histogram(
             name, doc, labels or [], buckets=buckets, registry=self.registry
         )

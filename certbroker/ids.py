@@ -22,41 +22,34 @@ import time
 
 #: Ids per ``os.urandom`` call.
 BLOCK_IDS = 256
-_RANDOM_BYTES = 10  # 80 bits drawn (20 hex digits), 74 used
-#: The variant digit (RFC 9562: bits 10xx) for each random hex digit: its two low bits kept.
-_VARIANT_DIGIT = {f"{n:x}": f"{8 | n & 3:x}" for n in range(16)}
+_RANDOM_BYTES = 10  # 80 bits drawn, 74 used
+_RAND_A = 0xFFF  # 12 bits after the version nibble
+_RAND_B = (1 << 62) - 1  # 62 bits after the variant
+_VERSION = 0x7 << 76
+_VARIANT = 0x2 << 62  # RFC 9562 variant 10xx
 
 _lock = threading.Lock()
-_tails: list[str] = []  # the ids' last 20 hex digits, made a block at a time
+_block = b""
 _offset = 0
 
 
 def _reset() -> None:
-    global _tails, _offset
-    _tails, _offset = [], 0
+    global _block, _offset
+    _block, _offset = b"", 0
 
 
 os.register_at_fork(after_in_child=_reset)
 
 
-def _make_tails() -> list[str]:
-    """A block's worth of id tails: version 7, 12 random bits, the variant and 62 random bits,
-    as 20 hex digits (the formatting done once per block, not per id)."""
-    digits = os.urandom(_RANDOM_BYTES * BLOCK_IDS).hex()
-    tails = []
-    for start in range(0, len(digits), 2 * _RANDOM_BYTES):
-        h = digits[start : start + 2 * _RANDOM_BYTES]
-        tails.append(f"7{h[0:3]}{_VARIANT_DIGIT[h[3]]}{h[4:19]}")
-    return tails
-
-
 def new_id() -> str:
     """A UUIDv7 as 32 lowercase hex digits: time-ordered to the millisecond, 74 random bits."""
-    global _tails, _offset  # noqa: PLW0603 - module state, guarded by _lock
+    global _block, _offset  # noqa: PLW0603 - module state, guarded by _lock
     millis = time.time_ns() // 1_000_000
     with _lock:
-        if _offset >= len(_tails):
-            _tails, _offset = _make_tails(), 0
-        tail = _tails[_offset]
-        _offset += 1
-    return f"{millis:012x}{tail}"
+        if _offset >= len(_block):
+            _block, _offset = os.urandom(_RANDOM_BYTES * BLOCK_IDS), 0
+        start = _offset
+        _offset = start + _RANDOM_BYTES
+        raw = int.from_bytes(_block[start : start + _RANDOM_BYTES])
+    value = millis << 80 | _VERSION | (raw >> 62 & _RAND_A) << 64 | _VARIANT | raw & _RAND_B
+    return f"{value:032x}"

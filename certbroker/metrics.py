@@ -26,6 +26,8 @@ Instruments (names as scraped; counters gain ``_total``):
 ``certbroker_audit_append_seconds``         a request's wait for its audit entry to be durable
 ``certbroker_audit_commit_seconds``         one audit transaction (group commit)
 ``certbroker_audit_commit_batch_size``      entries per audit transaction
+``certbroker_audit_lock_wait_seconds``      a batch's wait for the log's write lock (the other
+                                            worker processes' writers)
 ``certbroker_record_cache_hits``            lookups answered from the record cache
 ``certbroker_record_cache_misses``          cacheable lookups that called the department
 ``certbroker_record_cache_coalesced``       lookups that joined an identical fetch in flight

@@ -1,7 +1,7 @@
 """The event loop the broker runs on: uvloop where it is installed, else asyncio's own.
 
-uvloop (a dependency on Linux) runs grpcio's aio server unchanged and takes 10-15 % off the
-server CPU per call (docs/benchmarks.md, "Server CPU per call"): grpc.aio hands every
+uvloop (a dependency on Linux) runs grpcio's aio server unchanged and took about 14 % off the
+broker's server CPU per call (docs/benchmarks.md, issue 19): grpc.aio hands every
 completion to the loop as a callback, and uvloop's callback and wake-up path is cheaper.
 ``CERTBROKER_EVENT_LOOP=asyncio`` forces asyncio's loop (for comparison, or a suspected loop
 problem); anything else, or unset, means "uvloop if available".

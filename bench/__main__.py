@@ -17,12 +17,14 @@ from bench import (
     audit_backends,
     audit_verify,
     bundle,
+    cpu,
     cluster,
     decisions,
     evidence,
     fastpath,
     hall,
     outbox,
+    sweep,
 )
 from bench.harness import ROOT, BenchError, Options, Result, render, write_section
 
@@ -32,6 +34,8 @@ SCENARIOS: dict[str, Callable[[Options], Result]] = {
     "audit-verify": audit_verify.run,
     "audit-backends": audit_backends.run,
     "fastpath": fastpath.run,
+    "cpu": cpu.run,
+    "sweep": sweep.run,
     "decisions": decisions.run,
     "hall": hall.run,
     "cluster": cluster.run,
@@ -56,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--write records full runs only; drop --smoke")
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    options = Options(smoke=args.smoke, rounds=args.rounds)
+    figures = args.results_file.parent if args.write else None
+    options = Options(smoke=args.smoke, rounds=args.rounds, figures=figures)
     failed = []
     for name in args.scenario or list(SCENARIOS):
         print(f"\n== {name}{' (smoke)' if args.smoke else ''}", flush=True)

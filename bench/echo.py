@@ -1,9 +1,10 @@
 """The baseline: a bare ``grpc.aio`` unary server that answers every call with a fixed payload.
 
-    python -m bench.echo --size BYTES [--host H] [--port P]
+    python -m bench.echo --size BYTES [--host H] [--port P] [--loop uvloop|asyncio]
 
-Same server model as the broker (``grpc.aio.server`` on the default asyncio loop, default
-channel options, one insecure port), but no interceptor, no authentication, no policy, no audit
+Same server model as the broker (``grpc.aio.server``, on the event loop the broker would pick
+(:mod:`certbroker.server.eventloop`) unless ``--loop`` says which, default channel options, one
+insecure port), but no interceptor, no authentication, no policy, no audit
 and no protobuf: bytes in, ``--size`` bytes out. The benchmark sets ``--size`` to the size of
 the broker's serialized ``LookupResponse`` in the same run, so both put the same bytes on the
 wire and the difference between them is what the broker does.
@@ -15,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Sequence
 
 import grpc
+
+from certbroker.server import eventloop
 
 #: Full method name the load generator calls (a generic handler: no proto needed).
 SERVICE = "certbroker.bench.Echo"
@@ -70,10 +74,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 = any free port")
     parser.add_argument("--size", type=int, required=True, help="reply size in bytes")
+    parser.add_argument(
+        "--loop", choices=("uvloop", "asyncio"), help="default: as the broker would choose"
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.size <= MAX_SIZE:
         parser.error(f"--size must be within 0..{MAX_SIZE}")
-    asyncio.run(serve(args.host, args.port, args.size))
+    if args.loop is not None:  # what certbroker.server.eventloop reads
+        os.environ[eventloop.ENV] = args.loop
+    eventloop.run(serve(args.host, args.port, args.size))
     return 0
 
 

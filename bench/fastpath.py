@@ -73,12 +73,7 @@ class Row:
 
 def run(options: Options) -> Result:
     """Start the servers one configuration at a time, measure, and report."""
-    load = Load(
-        processes=PROCESSES,
-        warmup_s=0.1 if options.smoke else 1.0,
-        duration_s=0.3 if options.smoke else 3.0,
-        start_delay_s=0.2 if options.smoke else 1.0,
-    )
+    load = Load.standard(smoke=options.smoke, processes=PROCESSES)
     repeats = options.count(full=2, smoke=1)
     with (
         tempfile.TemporaryDirectory(prefix="certbroker-bench-") as tmp,

@@ -29,10 +29,12 @@ class BenchError(RuntimeError):
 
 @dataclass(frozen=True)
 class Options:
-    """How a scenario should run: ``smoke`` = a few calls only; ``rounds`` overrides the count."""
+    """How a scenario should run: ``smoke`` = a few calls only; ``rounds`` overrides the count;
+    ``figures``: the folder a scenario writes its charts to (set by ``--write``; None: none)."""
 
     smoke: bool = False
     rounds: int | None = None
+    figures: Path | None = None
 
     def count(self, full: int, smoke: int) -> int:
         """The number of rounds to run: ``rounds`` if given, else ``smoke`` or ``full``."""

@@ -72,6 +72,17 @@ class Load:
     rate: float | None = None
     start_delay_s: float = START_DELAY_S  # for the clients to connect before the start
 
+    @classmethod
+    def standard(cls, *, smoke: bool, processes: int = 2) -> Load:
+        """The closed-loop load the scenarios share: 1 s warm-up, 3 s measured (smoke: long
+        enough that a loaded machine still answers some calls in the window)."""
+        return cls(
+            processes=processes,
+            warmup_s=0.2 if smoke else 1.0,
+            duration_s=0.6 if smoke else 3.0,
+            start_delay_s=0.2 if smoke else 1.0,
+        )
+
     def __post_init__(self) -> None:
         if self.processes < 1 or self.channels < 1 or self.concurrency < 1:
             raise ValueError("processes, channels and concurrency must be at least 1")

@@ -36,6 +36,7 @@ from certbroker.adapters.demo import synthetic
 from certbroker.auth.authenticator import DevIdentityProvider
 from certbroker.cli import client
 from certbroker.routing.decision_token import DecisionSigner
+from certbroker.server import eventloop
 from certbroker.v1 import broker_pb2, broker_pb2_grpc
 
 #: Citizens in the synthetic datasets: lookups are indexed, so size hardly matters.
@@ -58,6 +59,9 @@ class BrokerSpec:
     metrics: bool = True
     workers: int = 1
     quotas: bool = False  # the shipped quotas, counting every call (limits never reached)
+    loop: str = ""  # "asyncio" forces asyncio's event loop; "" = as the broker chooses
+    batch_wait_ms: float = 0.0  # [audit] batch_wait_ms: how long a batch is held open
+    metrics_port: int = 0  # 0 = any free port (the first worker's; worker i adds i)
 
 
 @dataclass(frozen=True)
@@ -107,11 +111,15 @@ class Lab:
         return Call(broker.target, LOOKUP_MATTER, request, broker.metadata())
 
     @contextlib.contextmanager
-    def echo(self, size: int) -> Iterator[Child]:
-        """The bare echo server, answering ``size`` bytes."""
+    def echo(self, size: int, loop: str = "") -> Iterator[Child]:
+        """The bare echo server, answering ``size`` bytes, on ``loop`` ("": as the broker
+        would choose; "asyncio" or "uvloop")."""
+        name = f"echo-{loop}" if loop else "echo"
         with Processes(self.base) as processes:
             args = ["-m", "bench.echo", "--size", str(size)]
-            yield processes.start({"echo": args})["echo"]
+            if loop:
+                args += ["--loop", loop]
+            yield processes.start({name: args})[name]
 
     @contextlib.contextmanager
     def brokers(self, *specs: BrokerSpec) -> Iterator[list[RunningBroker]]:
@@ -125,11 +133,19 @@ class Lab:
                     if spec.adapter_over_grpc
                 }
             )
+            by_name = {spec.name: spec for spec in specs}
             serve = {
                 spec.name: self._serve_args(spec, adapters.get(f"{spec.name}-adapter"))
                 for spec in specs
             }
-            children = processes.start(serve, env={"CERTBROKER_DATASET_DIR": str(self.datasets)})
+            env = {"CERTBROKER_DATASET_DIR": str(self.datasets)}
+            children = processes.start(
+                {name: args for name, args in serve.items() if not by_name[name].loop}, env=env
+            )
+            for spec in specs:  # a broker on another loop: one more start, with its variable
+                if spec.loop:
+                    loop_env = {**env, eventloop.ENV: spec.loop}
+                    children |= processes.start({spec.name: serve[spec.name]}, env=loop_env)
             yield [RunningBroker(spec, children[spec.name], self._token(spec)) for spec in specs]
 
     def _state(self, spec: BrokerSpec) -> Path:
@@ -155,6 +171,8 @@ class Lab:
             f"metrics_enabled = {'true' if spec.metrics else 'false'}",
             "[policy]",
             f"dir = {json.dumps(str(policies))}",  # a JSON string is a TOML basic string
+            "[audit]",
+            f"batch_wait_ms = {spec.batch_wait_ms!r}",
         ]
         if adapter is not None:
             toml += [
@@ -165,7 +183,8 @@ class Lab:
         config_file = state / "broker.toml"
         config_file.write_text("\n".join(toml) + "\n", encoding="utf-8")
         serve = ["-m", "certbroker", "serve", "--config", str(config_file)]
-        serve += ["--port", "0", "--metrics-port", "0", "--state-dir", str(state)]
+        serve += ["--port", "0", "--metrics-port", str(spec.metrics_port)]
+        serve += ["--state-dir", str(state)]
         return [*serve, "--workers", str(spec.workers)]  # the flag the row is named after
 
     def _token(self, spec: BrokerSpec) -> str:

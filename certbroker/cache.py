@@ -18,16 +18,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
-
-from cachetools import TLRUCache
+from typing import Generic, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class RecordKey:
-    """What a cached record answers: one record type of one citizen, exactly these fields."""
+class RecordKey(NamedTuple):
+    """What a cached record answers: one record type of one citizen, exactly these fields.
+
+    A named tuple: made and hashed in C (several times per lookup: the cache, its LRU order,
+    the fetches in flight), where a frozen dataclass hashed a new tuple each time."""
 
     record_type: str
     subject_id: str
@@ -186,7 +186,9 @@ class TokenCache(Generic[T]):
     """Verified tokens → principal, keyed by the token's SHA-256 (the token is never stored).
 
     An entry lives until the earlier of the token's ``exp`` and ``max_age_s`` after it was
-    verified; ``clear()`` drops everything (call it when issuer keys change).
+    verified; ``clear()`` drops everything (call it when issuer keys change). Full, it drops
+    the oldest entry (insertion order). A plain dict: a hit is one hash, one dict read and one
+    clock read (cachetools' TLRUCache, before, walked its expiry order on every read).
     """
 
     max_entries: int = 10_000
@@ -194,27 +196,32 @@ class TokenCache(Generic[T]):
     clock: Callable[[], float] = time.time
 
     def __post_init__(self) -> None:
-        self._cache: TLRUCache[bytes, _Entry[T]] = TLRUCache(
-            maxsize=self.max_entries, ttu=lambda _k, entry, _now: entry.expires, timer=self.clock
-        )
+        self._cache: dict[bytes, tuple[T, float]] = {}
 
     @staticmethod
     def _key(token: str) -> bytes:
         return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
     def get(self, token: str) -> T | None:
-        entry = self._cache.get(self._key(token))
+        key = self._key(token)
+        entry = self._cache.get(key)
         if entry is None:
             return None
-        if self.clock() >= entry.expires:  # the timer may be coarse; exp is exact
-            self._cache.pop(self._key(token), None)
+        if self.clock() >= entry[1]:  # exp (or the max age) reached: verified in full again
+            self._cache.pop(key, None)
             return None
-        return entry.value
+        return entry[0]
 
     def put(self, token: str, principal: T, exp: float) -> None:
-        expires = min(exp, self.clock() + self.max_age_s)
-        if expires > self.clock():
-            self._cache[self._key(token)] = _Entry(principal, expires, 1)
+        now = self.clock()
+        expires = min(exp, now + self.max_age_s)
+        if expires <= now:
+            return
+        key = self._key(token)
+        self._cache.pop(key, None)  # a re-verified token moves to the young end
+        while len(self._cache) >= self.max_entries:
+            del self._cache[next(iter(self._cache))]
+        self._cache[key] = (principal, expires)
 
     def clear(self) -> None:
         self._cache.clear()

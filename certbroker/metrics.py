@@ -6,6 +6,11 @@ no clerks, no tokens. No label value is empty: "" (no decision reached, no depar
 is exported as ``none``. Counters and histograms have no ``_created`` series (a timestamp
 per series that only doubles what is stored; :func:`prometheus_client.disable_created_metrics`).
 
+The instruments every lookup touches (lookups, their latency, policy evaluation, the audit
+append wait, record and token cache counts, adapter latency) are written by the event loop's
+thread only and kept without locks (``_LoopFamily``): about a dozen updates per lookup, at a
+fraction of ``prometheus_client``'s cost. The rest are ``prometheus_client``'s own.
+
 ``Metrics(enabled=False)`` records nothing: every instrument is a shared no-op and the registry
 stays empty. The benchmark uses it to measure what the metrics cost.
 
@@ -21,6 +26,8 @@ Instruments (names as scraped; counters gain ``_total``):
 ``certbroker_audit_append_seconds``         a request's wait for its audit entry to be durable
 ``certbroker_audit_commit_seconds``         one audit transaction (group commit)
 ``certbroker_audit_commit_batch_size``      entries per audit transaction
+``certbroker_audit_lock_wait_seconds``      a batch's wait for the log's write lock (the other
+                                            worker processes' writers)
 ``certbroker_record_cache_hits``            lookups answered from the record cache
 ``certbroker_record_cache_misses``          cacheable lookups that called the department
 ``certbroker_record_cache_coalesced``       lookups that joined an identical fetch in flight
@@ -53,6 +60,7 @@ them or by ``certbroker audit checkpoint``, so only the log itself is current.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -67,8 +75,15 @@ from prometheus_client import (
     disable_created_metrics,
     start_http_server,
 )
-from prometheus_client.metrics_core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +175,141 @@ class _Children(Generic[_Child]):
 
 def _label(value: Any) -> Any:
     return EMPTY_LABEL if value == "" else value
+
+
+class _LoopCount:
+    """One series of an event-loop counter: a plain float, no lock."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:
+            raise ValueError("counters only go up")
+        self.value += amount
+
+    def labels(self, *labelvalues: Any, **labelkwargs: Any) -> _LoopCount:
+        raise ValueError("this counter has no labels")
+
+    def observe(self, amount: float) -> None:
+        raise ValueError("a counter is incremented, not observed")
+
+
+class _LoopBuckets:
+    """One series of an event-loop histogram: per-bucket counts (found by bisection) and a sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        # Prometheus buckets are "less than or equal": the first bound >= amount.
+        self.counts[bisect.bisect_left(self.bounds, amount)] += 1
+        self.sum += amount
+
+    def labels(self, *labelvalues: Any, **labelkwargs: Any) -> _LoopBuckets:
+        raise ValueError("this histogram has no labels")
+
+    def inc(self, amount: float = 1) -> None:
+        raise ValueError("a histogram is observed, not incremented")
+
+
+_Series = TypeVar("_Series", _LoopCount, _LoopBuckets)
+
+
+class _LoopFamily(Generic[_Series]):
+    """An instrument written by the event loop's thread only (the per-call ones).
+
+    ``prometheus_client`` takes a lock per increment and walks the buckets in Python per
+    observation; a lookup makes about a dozen of them, measurable in the server's CPU per call
+    (docs/benchmarks.md). Here a series is a plain float or list updated without a lock, which
+    is safe because one thread writes it; the scrape (another thread) reads a snapshot and may
+    see an observation's bucket a moment before its sum, nothing worse.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        doc: str,
+        labelnames: list[str],
+        make: Callable[[], _Series],
+    ) -> None:
+        self.name, self.doc, self.labelnames = name, doc, tuple(labelnames)
+        self._make: Callable[[], _Series] = make
+        self._series: dict[tuple[Any, ...], _Series] = {}  # by exported label values
+        self._given: dict[tuple[Any, ...], _Series] = {}  # by the values callers pass
+        self._plain: _Series | None = None if labelnames else self._child(())
+
+    def _child(self, values: tuple[Any, ...]) -> _Series:
+        found = self._series.get(values)
+        if found is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}")
+            found = self._series[values] = self._make()
+        return found
+
+    def labels(self, *labelvalues: Any, **labelkwargs: Any) -> _Series:
+        if labelkwargs:
+            labelvalues = tuple(labelkwargs[name] for name in self.labelnames)
+        # The values as given first (one dict read on the hot path), exported normalized.
+        found = self._given.get(labelvalues)
+        if found is None:
+            found = self._given[labelvalues] = self._child(
+                tuple(_label(str(v)) for v in labelvalues)
+            )
+        return found
+
+    def inc(self, amount: float = 1) -> None:
+        if self._plain is None:
+            raise ValueError("a labelled counter is incremented through labels()")
+        self._plain.inc(amount)
+
+    def observe(self, amount: float) -> None:
+        if self._plain is None:
+            raise ValueError("a labelled histogram is observed through labels()")
+        self._plain.observe(amount)
+
+    def snapshot(self) -> list[tuple[tuple[Any, ...], _Series]]:
+        """The series as (label values, series); safe to call from another thread."""
+        return list(self._series.items())  # one C call: atomic under the GIL
+
+
+def _go_float(bound: float) -> str:
+    """A bucket bound as prometheus_client writes it (``+Inf``, ``0.005``, ``1.0``)."""
+    text: str = floatToGoString(bound)  # type: ignore[no-untyped-call]
+    return text
+
+
+class _LoopCollector(Collector):
+    """Exports the :class:`_LoopFamily` instruments in the usual text format."""
+
+    def __init__(self) -> None:
+        self.counters: list[_LoopFamily[_LoopCount]] = []
+        self.histograms: list[_LoopFamily[_LoopBuckets]] = []
+
+    def collect(self) -> Iterable[Metric]:
+        for counter in self.counters:
+            family = CounterMetricFamily(counter.name, counter.doc, labels=counter.labelnames)
+            for values, count in counter.snapshot():
+                family.add_metric(list(values), count.value)
+            yield family
+        for histogram in self.histograms:
+            hfamily = HistogramMetricFamily(
+                histogram.name, histogram.doc, labels=histogram.labelnames
+            )
+            for values, series in histogram.snapshot():
+                counts, total, running = list(series.counts), series.sum, 0
+                buckets = []
+                for bound, seen in zip((*series.bounds, float("inf")), counts, strict=True):
+                    running += seen
+                    buckets.append((_go_float(bound), float(running)))
+                hfamily.add_metric(list(values), buckets, total)
+            yield hfamily
 
 
 @dataclass(frozen=True)
@@ -265,25 +415,34 @@ class Metrics:
     enabled: bool = True
 
     def __post_init__(self) -> None:
+        self._loop = _LoopCollector()
+        if self.enabled:
+            self.registry.register(self._loop)
+        # The instruments every lookup touches are written on the event loop only: the
+        # lock-free kind (_LoopFamily). The others stay prometheus_client's (thread-safe).
         self.lookups = self._counter(
             "certbroker_lookups",
             "Lookups by record type, decision, department and status.",
             ["record_type", "decision", "department", "status"],
+            loop=True,
         )
         self.lookup_latency = self._histogram(
             "certbroker_lookup_latency_seconds",
             "End-to-end latency of Lookup and LookupMatter calls, by gRPC status.",
             ["method", "status"],
+            loop=True,
         )
         self.policy_evaluation = self._histogram(
             "certbroker_policy_evaluation_seconds",
             "Time to decide one lookup item by policy.",
             buckets=_FAST_BUCKETS,
+            loop=True,
         )
         self.adapter_latency = self._histogram(
             "certbroker_adapter_call_seconds",
             "Broker to adapter fetch latency, by record type and gRPC status.",
             ["record_type", "status"],
+            loop=True,
         )
         self.adapter_errors = self._counter(
             "certbroker_adapter_errors",
@@ -291,10 +450,16 @@ class Metrics:
             ["department", "status"],
         )
         self.audit_append = self._histogram(
-            "certbroker_audit_append_seconds", "Time a request waits for its audit entries."
+            "certbroker_audit_append_seconds",
+            "Time a request waits for its audit entries.",
+            loop=True,
         )
         self.audit_commit = self._histogram(
             "certbroker_audit_commit_seconds", "Time to commit one audit transaction durably."
+        )
+        self.audit_lock_wait = self._histogram(
+            "certbroker_audit_lock_wait_seconds",
+            "Time an audit batch waited for the log's write lock (other worker processes).",
         )
         self.audit_batch = self._histogram(
             "certbroker_audit_commit_batch_size",
@@ -305,22 +470,29 @@ class Metrics:
             "certbroker_record_cache_hits",
             "Lookup items answered from the record cache.",
             ["record_type"],
+            loop=True,
         )
         self.cache_misses = self._counter(
             "certbroker_record_cache_misses",
             "Cacheable lookup items that called the department.",
             ["record_type"],
+            loop=True,
         )
         self.cache_coalesced = self._counter(
             "certbroker_record_cache_coalesced",
             "Lookup items that shared an identical department call already in flight.",
             ["record_type"],
+            loop=True,
         )
         self.token_cache_hits = self._counter(
-            "certbroker_token_cache_hits", "Bearer tokens found verified in the token cache."
+            "certbroker_token_cache_hits",
+            "Bearer tokens found verified in the token cache.",
+            loop=True,
         )
         self.token_cache_misses = self._counter(
-            "certbroker_token_cache_misses", "Bearer tokens verified in full (not cached)."
+            "certbroker_token_cache_misses",
+            "Bearer tokens verified in full (not cached).",
+            loop=True,
         )
         self.bundle_latency = self._histogram(
             "certbroker_bundle_latency_seconds",
@@ -336,9 +508,16 @@ class Metrics:
             "certbroker_policy_reloads", "Policy reload attempts by result.", ["result"]
         )
 
-    def _counter(self, name: str, doc: str, labels: list[str] | None = None) -> CounterLike:
+    def _counter(
+        self, name: str, doc: str, labels: list[str] | None = None, *, loop: bool = False
+    ) -> CounterLike:
+        """A counter; ``loop``: written on the event loop only (:class:`_LoopFamily`)."""
         if not self.enabled:
             return _NOOP
+        if loop:
+            family = _LoopFamily(name, doc, labels or [], _LoopCount)
+            self._loop.counters.append(family)
+            return family
         counter: CounterLike = Counter(name, doc, labels or [], registry=self.registry)
         return _Children(counter) if labels else counter
 
@@ -348,9 +527,16 @@ class Metrics:
         doc: str,
         labels: list[str] | None = None,
         buckets: tuple[float, ...] = _LATENCY_BUCKETS,
+        *,
+        loop: bool = False,
     ) -> HistogramLike:
+        """A histogram; ``loop``: written on the event loop only (:class:`_LoopFamily`)."""
         if not self.enabled:
             return _NOOP
+        if loop:
+            series = _LoopFamily(name, doc, labels or [], lambda: _LoopBuckets(buckets))
+            self._loop.histograms.append(series)
+            return series
         histogram: HistogramLike = Histogram(
             name, doc, labels or [], buckets=buckets, registry=self.registry
         )

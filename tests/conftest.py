@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from certbroker.server import eventloop
 from tests.helpers import Env, make_config, running_env
+
+# The suite runs on the event loop the broker runs on (uvloop where installed): every
+# asyncio.run() and new_event_loop() in the tests makes one from here on.
+if eventloop.loop_name() == "uvloop":
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 CommitHook = Callable[[int, float], None]
 """``on_commit(entries, seconds)``: called after each committed batch (e.g. for metrics)."""
+LockHook = Callable[[float], None]
+"""``on_lock_wait(seconds)``: the time a batch waited for the log's cross-process write lock."""
 
 
 class BatchStore(Protocol):
@@ -89,7 +91,9 @@ class GroupCommitWriter:
     Callers on any event loop ``await write(fields)``; the event loop never touches the disk.
     ``commits`` counts committed batches. ``on_commit(entries, seconds)``, if given, is called
     on the writer thread after each successful commit with the number of entries and the time
-    the store took; an exception from it is logged and never affects the audit.
+    the store took; ``on_lock_wait(seconds)`` with the time each batch waited for the store's
+    cross-process write lock (``exclusive()``; about 0 for a store of one process). An
+    exception from either is logged and never affects the audit.
     """
 
     def __init__(
@@ -99,6 +103,7 @@ class GroupCommitWriter:
         max_batch: int = 256,
         max_wait_s: float = 0.0,
         on_commit: CommitHook | None = None,
+        on_lock_wait: LockHook | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -108,6 +113,7 @@ class GroupCommitWriter:
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
         self._on_commit = on_commit
+        self._on_lock_wait = on_lock_wait
         # A store shared with other processes (SQLite) offers its cross-process write lock;
         # holding it while the batch is collected lets the batch grow during the wait.
         self._exclusive: Callable[[], contextlib.AbstractContextManager[object]] = getattr(
@@ -162,7 +168,9 @@ class GroupCommitWriter:
                 # slower on SQLite here, hence off by default; it may suit a remote store).
                 stop = self._collect(batch, time.monotonic() + self._max_wait_s)
                 try:
+                    locking = time.perf_counter()
                     with self._exclusive():
+                        self._lock_waited(time.perf_counter() - locking)
                         # Waiting for another process's writer is more time for entries to
                         # queue up here: they join this batch instead of waiting for the next.
                         if not stop:
@@ -179,6 +187,13 @@ class GroupCommitWriter:
                 self._store.close()
             except Exception:
                 log.exception("closing the audit store failed")
+
+    def _lock_waited(self, seconds: float) -> None:
+        if self._on_lock_wait is not None:
+            try:
+                self._on_lock_wait(seconds)
+            except Exception:  # a metrics hook must never break the audit
+                log.exception("audit on_lock_wait hook failed")
 
     def _collect(self, batch: list[_Pending], deadline: float) -> bool:
         """Add queued callers to ``batch`` (up to max_batch), waiting until ``deadline`` for

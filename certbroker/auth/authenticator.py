@@ -235,9 +235,12 @@ class Authenticator:
 
     def authenticate(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> Clerk:
         """Verify the ``authorization: Bearer <JWT>`` entry of gRPC invocation metadata."""
-        # What _logged does, inline: every lookup starts here, so no closure per call.
+        # What _logged does, inline: every lookup starts here, so no closure per call. The
+        # cache is keyed on the whole header value: a hit skips parsing it (the same bytes
+        # parsed the same way when the entry was made) and still checks its expiry.
         try:
-            clerk = self._verify(_bearer_token(metadata))
+            header = _authorization(metadata)
+            clerk = self._verify(_bearer_value(header), key=header)
         except UnknownCaller as exc:
             _log_rejected(exc)
             raise
@@ -304,8 +307,10 @@ class Authenticator:
         self._metrics.observe_token_cache(principal is not None)
         return principal
 
-    def _verify(self, token: str) -> Clerk:
-        if (cached := self._cached(self._clerks, token)) is not None:
+    def _verify(self, token: str, key: str | None = None) -> Clerk:
+        """The clerk ``token`` names, from the cache under ``key`` (default: the token)."""
+        key = token if key is None else key
+        if (cached := self._cached(self._clerks, key)) is not None:
             return cached
         claims, trusted = self._claims(token, REQUIRED_CLAIMS)
         sub, office = _identifier(claims, "sub"), _identifier(claims, "office")
@@ -321,7 +326,7 @@ class Authenticator:
             issued_at=_number(claims, "iat"),
         )
         if self._cache_on:
-            self._clerks.put(token, clerk, _number(claims, "exp"))
+            self._clerks.put(key, clerk, _number(claims, "exp"))
         return clerk
 
     def _verify_principal(self, token: str) -> DepartmentPrincipal:
@@ -438,12 +443,22 @@ def _roles(claims: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def _bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+    return _bearer_value(_authorization(metadata))
+
+
+def _authorization(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+    """The one ``authorization`` metadata value, as text."""
     values = [value for key, value in metadata or () if key.lower() == "authorization"]
     if len(values) != 1:
         raise UnknownCaller("TOKEN_MISSING", "need exactly one authorization metadata entry")
     value = values[0]
     if isinstance(value, bytes):
         value = value.decode("ascii", errors="replace")
+    return value
+
+
+def _bearer_value(value: str) -> str:
+    """The token of an ``authorization`` value ``Bearer <token>``."""
     parts = value.split()
     if len(parts) != 2 or parts[0].lower() != "bearer":  # RFC 7235: scheme is case-insensitive
         raise UnknownCaller("TOKEN_MISSING", "authorization metadata is not a Bearer token")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import logging
 import os
@@ -42,7 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     (a port in use, an unreadable key) or a part failed to close."""
     from certbroker.errors import BrokerError
     from certbroker.server import app as server
-    from certbroker.server import workers
+    from certbroker.server import eventloop, workers
 
     cfg = config.load(
         args.config,
@@ -68,7 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
             print(f"READY port={b.port} metrics_port={b.metrics_port}", flush=True)
 
-        asyncio.run(server.serve(cfg, ready))
+        eventloop.run(server.serve(cfg, ready))
     except (server.StartError, server.StopError, workers.WorkerError, BrokerError, OSError) as exc:
         serve_error(cfg, str(exc))
         return 1

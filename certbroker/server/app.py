@@ -440,6 +440,7 @@ async def start(
             on_commit=metrics.observe_audit_commit,
             # Every access's notice, in its entry's transaction (certbroker.audit.outbox).
             hook=NoticeOutbox(notices_of(lambda: policies.current)),
+            on_lock_wait=metrics.audit_lock_wait.observe,
         )
         parts.on_close("audit log", audit.aclose)
         policies.audit = audit  # reloads are audited from here on

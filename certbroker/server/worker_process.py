@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Final
 
 from certbroker import logs
 from certbroker.config import Config
+from certbroker.server import eventloop
 
 if TYPE_CHECKING:
     from certbroker.server.app import Broker
@@ -77,7 +78,7 @@ def worker_main(spec: WorkerSpec, parent: Connection) -> None:
         "%(name)s: %(message)s",
         static={"worker": spec.index},
     )
-    sys.exit(asyncio.run(_serve_worker(spec, parent)))
+    sys.exit(eventloop.run(_serve_worker(spec, parent)))
 
 
 _hup_during_start = False

@@ -64,7 +64,7 @@ from multiprocessing.process import BaseProcess
 from typing import Final
 
 from certbroker.config import Config, ConfigError
-from certbroker.server import ports
+from certbroker.server import eventloop, ports
 from certbroker.server.worker_process import (
     CLOSE_MARGIN_S,
     Failed,
@@ -353,4 +353,4 @@ def run(config: Config, out: Callable[[str], None] = _print) -> int:
 
     # Raises WorkerError, BrokerError or OSError if the start fails before any worker ran
     # (nothing to stop then); `certbroker serve` reports it and exits 1.
-    return asyncio.run(main())
+    return eventloop.run(main())

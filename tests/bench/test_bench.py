@@ -387,3 +387,61 @@ def test_smoke_run_prints_the_evidence_table() -> None:
     for call in ("Lookup", "Lookup + evidence", "verify offline (6 records)"):
         assert all(_NUMBER.fullmatch(c) for c in rows[call][1:]), rows[call]
     assert "evidence adds (p50)" in out.stdout
+
+
+_SPREAD = re.compile(r"\d+(\.\d+)?( \(\d+(\.\d+)?–\d+(\.\d+)?\))?")
+
+
+def test_smoke_run_prints_cpu_per_call_and_the_sweep(tmp_path: Path) -> None:
+    results = tmp_path / "benchmarks.md"
+    args = ["--smoke", "--scenario", "cpu", "--scenario", "sweep", "--rounds", "2"]
+    out = _bench(*args, "--results-file", str(results), timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    cpu_at, sweep_at = lines.index("== cpu (smoke)"), lines.index("== sweep (smoke)")
+    rows = _table_rows(lines[cpu_at:sweep_at])
+    assert rows["row"][2:4] == ["CPU µs/call", "× echo"]
+    assert set(rows) == {
+        "row",
+        "echo",
+        "echo/asyncio",
+        "hit",
+        "hit/asyncio",
+        "hit/nometrics",
+        "hit/window",
+        "miss",
+        "workers",
+    }
+    for key, cells in rows.items():  # every row ran, two rounds: "median (min–max)"
+        assert key == "row" or all(_SPREAD.fullmatch(cell) for cell in cells[2:8]), cells
+        assert key == "row" or "–" in cells[2], cells
+    assert rows["echo"][3] == rows["echo/asyncio"][3] == "1.00"
+    assert rows["hit"][8] == "≤ 2.0 × echo"
+    assert rows["miss"][8] == "≤ 2.5 × echo"
+    assert any(line.startswith("- `--workers 2`: audit write-lock wait ") for line in lines)
+    steps = [
+        [c.strip() for c in line.strip("|").split("|")][:2]
+        for line in lines[sweep_at:]
+        if line.startswith(("| echo ", "| hit "))
+    ]  # the smoke sweep: a quarter and a half of each server's maximum
+    assert steps == [["echo", "0.25"], ["echo", "0.50"], ["hit", "0.25"], ["hit", "0.50"]]
+    assert any(line.startswith("Broker at half its maximum (") for line in lines[sweep_at:])
+    assert any("`fdatasync` of a 4 KiB append took p50" in line for line in lines[sweep_at:])
+    assert not results.exists()
+    assert not (tmp_path / "benchmarks-sweep.png").exists()  # charts only with --write
+
+
+def test_the_sweep_chart_is_a_png(tmp_path: Path) -> None:
+    from bench import sweep
+    from bench.load import Outcome
+
+    def outcome(ms: float) -> Outcome:
+        return Outcome(100, ms, 2 * ms, 300, {}, 0, 0.5, 0.5, 40, 400)
+
+    curves = {
+        "echo": sweep.Curve("echo", 1000, {0.25: outcome(1), 0.5: outcome(2)}),
+        "hit": sweep.Curve("hit", 500, {0.25: outcome(3), 0.5: outcome(4)}),
+    }
+    chart = tmp_path / "sweep.png"
+    sweep.draw(curves, chart)
+    assert chart.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

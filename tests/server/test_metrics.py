@@ -232,3 +232,35 @@ def test_a_running_broker_exports_its_state(tmp_path: Path, dataset_dir: Path) -
         if "" in labels.values()
     ]
     assert empty == []
+
+
+def test_per_lookup_instruments_export_what_prometheus_client_would() -> None:
+    # The lock-free kind (certbroker.metrics._LoopFamily) against prometheus_client's own
+    # Histogram fed the same observations, bounds included (a bucket is "less or equal").
+    from prometheus_client import CollectorRegistry, Histogram
+
+    metrics = Metrics()
+    reference = Histogram(
+        "certbroker_lookup_latency_seconds",
+        "reference",
+        ["method", "status"],
+        buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+        registry=CollectorRegistry(),
+    )
+    for seconds in (0.0001, 0.0005, 0.0007, 0.001, 0.003, 0.2, 2.5, 7.0):
+        metrics.observe_lookup("Lookup", "OK", seconds)
+        reference.labels("Lookup", "OK").observe(seconds)
+
+    def samples(families: object) -> dict[tuple[str, str], float]:
+        return {
+            (s.name, s.labels.get("le", "")): s.value
+            for family in families  # type: ignore[attr-defined]
+            if family.name == "certbroker_lookup_latency_seconds"
+            for s in family.samples
+        }
+
+    assert samples(metrics.registry.collect()) == samples(reference.collect())
+    with pytest.raises(ValueError, match="labels"):
+        metrics.lookup_latency.observe(1.0)  # labelled: through labels() only
+    with pytest.raises(ValueError, match="only go up"):
+        metrics.token_cache_hits.inc(-1)

@@ -44,6 +44,16 @@ class AuditStub:
     GetConsistencyProof: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ConsistencyProofRequest, _audit_pb2.ConsistencyProof]
     Export: _grpc.UnaryStreamMultiCallable[_audit_pb2.ExportRequest, _audit_pb2.ExportChunk]
     """A segment of the log (JSON Lines) and the checkpoints covering it, for offline verification."""
+    Overview: _grpc.UnaryUnaryMultiCallable[_audit_pb2.OverviewRequest, _audit_pb2.OverviewResponse]
+    """A hall at a glance, for auditors and hall supervisors (role "hall_supervisor": their own
+    office only, PERMISSION_DENIED OFFICE_NOT_ALLOWED for another): lookups, denials and
+    failures per hour by office and department, the departments' circuit breakers, the policy
+    version in force, the last signed checkpoint, the open anomalies.
+    """
+    ReviewFinding: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ReviewFindingRequest, _audit_pb2.ReviewFindingResponse]
+    """Mark one anomaly finding reviewed, with a note (auditors). The review is the call's own
+    audit entry; Anomalies shows it on the finding from then on.
+    """
 
 @_typing.type_check_only
 class AuditAsyncStub(AuditStub):
@@ -61,6 +71,16 @@ class AuditAsyncStub(AuditStub):
     GetConsistencyProof: _aio.UnaryUnaryMultiCallable[_audit_pb2.ConsistencyProofRequest, _audit_pb2.ConsistencyProof]  # type: ignore[assignment]
     Export: _aio.UnaryStreamMultiCallable[_audit_pb2.ExportRequest, _audit_pb2.ExportChunk]  # type: ignore[assignment]
     """A segment of the log (JSON Lines) and the checkpoints covering it, for offline verification."""
+    Overview: _aio.UnaryUnaryMultiCallable[_audit_pb2.OverviewRequest, _audit_pb2.OverviewResponse]  # type: ignore[assignment]
+    """A hall at a glance, for auditors and hall supervisors (role "hall_supervisor": their own
+    office only, PERMISSION_DENIED OFFICE_NOT_ALLOWED for another): lookups, denials and
+    failures per hour by office and department, the departments' circuit breakers, the policy
+    version in force, the last signed checkpoint, the open anomalies.
+    """
+    ReviewFinding: _aio.UnaryUnaryMultiCallable[_audit_pb2.ReviewFindingRequest, _audit_pb2.ReviewFindingResponse]  # type: ignore[assignment]
+    """Mark one anomaly finding reviewed, with a note (auditors). The review is the call's own
+    audit entry; Anomalies shows it on the finding from then on.
+    """
 
 class AuditServicer(metaclass=_abc_1.ABCMeta):
     """For auditors (JWT role "auditor"); every call is itself an entry in the audit log."""
@@ -117,5 +137,27 @@ class AuditServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_audit_pb2.ExportChunk], _abc.AsyncIterator[_audit_pb2.ExportChunk]]:
         """A segment of the log (JSON Lines) and the checkpoints covering it, for offline verification."""
+
+    @_abc_1.abstractmethod
+    def Overview(
+        self,
+        request: _audit_pb2.OverviewRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.OverviewResponse, _abc.Awaitable[_audit_pb2.OverviewResponse]]:
+        """A hall at a glance, for auditors and hall supervisors (role "hall_supervisor": their own
+        office only, PERMISSION_DENIED OFFICE_NOT_ALLOWED for another): lookups, denials and
+        failures per hour by office and department, the departments' circuit breakers, the policy
+        version in force, the last signed checkpoint, the open anomalies.
+        """
+
+    @_abc_1.abstractmethod
+    def ReviewFinding(
+        self,
+        request: _audit_pb2.ReviewFindingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.ReviewFindingResponse, _abc.Awaitable[_audit_pb2.ReviewFindingResponse]]:
+        """Mark one anomaly finding reviewed, with a note (auditors). The review is the call's own
+        audit entry; Anomalies shows it on the finding from then on.
+        """
 
 def add_AuditServicer_to_server(servicer: AuditServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from pathlib import Path
 
@@ -35,6 +36,9 @@ def cmd_console(args: argparse.Namespace) -> int:
         print(f"certbroker console on {url} (broker {settings.broker_target})", flush=True)
         print(f"READY url={url}", flush=True)
 
+    # uvicorn re-raises the signal that stopped it once it has shut down; a stop asked for is
+    # a clean exit here (0), as for `certbroker serve`.
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: None)
     asyncio.run(serve(settings, sock, ready))
     return 0
 

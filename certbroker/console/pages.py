@@ -32,8 +32,9 @@ from certbroker.console.sessions import Session
 from certbroker.console.web import NAV, Console, Refused
 from certbroker.v1 import admin_pb2, audit_pb2
 
-#: Rows per page of the access log.
+#: Rows per page of the access log (``?page_size=`` up to MAX_PAGE_SIZE).
 PAGE_SIZE = 50
+MAX_PAGE_SIZE = 200
 #: The CSV export's limit: more than this is an `audit export`, not a spreadsheet.
 CSV_MAX_ROWS = 50_000
 #: The largest export file the verify page takes.
@@ -136,8 +137,16 @@ _FILTERS = ("clerk", "office", "subject_id", "matter_code", "record_type", "deci
 
 
 def _query(request: Request, page_size: int) -> tuple[audit_pb2.QueryRequest, dict[str, str]]:
+    """The Query a page's filters ask for (``page_size`` unless the URL gives 1..200), and the
+    filters as given, to keep in the paging links."""
     params = request.query_params
-    values = {name: params.get(name, "").strip() for name in (*_FILTERS, "since", "until")}
+    values = {
+        name: params.get(name, "").strip() for name in (*_FILTERS, "since", "until", "page_size")
+    }
+    if values["page_size"].isdigit() and 0 < int(values["page_size"]) <= MAX_PAGE_SIZE:
+        page_size = int(values["page_size"])
+    else:
+        values["page_size"] = ""
     query = audit_pb2.QueryRequest(page_size=page_size, page_token=params.get("page_token", ""))
     for name in _FILTERS:
         setattr(query, name, values[name])
@@ -186,6 +195,7 @@ async def access_log_csv(request: Request) -> Response:
     """The filtered log as CSV (UTF-8 with BOM, as Excel expects for Chinese text)."""
     console, session = _page(request, "/log")
     query, _values = _query(request, 1000)
+    query.page_size = 1000  # whatever the page showed: the CSV holds every match
     # The first page before the response starts: a refusal is a page, not a broken download.
     first = await console.broker.query(query, session.token)
 
@@ -286,7 +296,8 @@ async def _prove(
     entry_id: str = "",
     receipt_hash: str = "",
 ) -> dict[str, Any]:
-    """The receipt check of ``audit prove``: fresh checkpoint, proof, one-entry export."""
+    """The receipt check of ``audit prove``: fresh checkpoint, proof, one-entry export. The
+    proof is asked for ``sequence`` if given, else ``entry_id``; the entry must have both."""
     key = _public_key(console)
     broker, token = console.broker, session.token
     head = await broker.unary(
@@ -294,7 +305,9 @@ async def _prove(
     )
     proof = await broker.unary(
         broker.audit.GetInclusionProof,
-        audit_pb2.InclusionProofRequest(entry_id=entry_id, sequence=sequence, tree_size=head.size),
+        audit_pb2.InclusionProofRequest(
+            entry_id="" if sequence else entry_id, sequence=sequence, tree_size=head.size
+        ),
         token,
     )
     seq = proof.leaf_index + 1

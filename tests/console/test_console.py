@@ -28,7 +28,8 @@ def chart(page: Any, element: str) -> dict[str, Any]:
         f"""() => {{
             const o = {CHART % element};
             const axis = o.yAxis[0].type === 'category' ? o.yAxis[0] : o.xAxis[0];
-            return {{labels: axis.data, series: Object.fromEntries(o.series.map(s => [s.id, s.data]))}};
+            const series = Object.fromEntries(o.series.map(s => [s.id, s.data]));
+            return {{labels: axis.data, series}};
         }}"""
     )
     return dict(option)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import re
-import select
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,9 @@ import pytest
 
 from certbroker.adapters.demo import synthetic
 from certbroker.cli import client
-from certbroker.config import AdapterRoute
+from certbroker.config import AdapterRoute, IssuerConfig
 from certbroker.v1 import audit_pb2, audit_pb2_grpc
+from tests.console.oidc_provider import MiniOidcProvider
 from tests.helpers import ROOT, START_TIMEOUT, Env, make_config, running_env
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -98,12 +100,33 @@ def seed(env: Env, subject: str, other: str) -> None:
     _lookup(env, elsewhere, "marriage", subject, "GZ20261203-000002")  # denied: no rule
 
 
+#: The user the test OIDC provider signs in.
+OIDC_USER = {"sub": "oidc-aud-7", "name": "周审计", "roles": ["auditor"], "office": "audit-office"}
+
+
 @pytest.fixture(scope="module")
-def hall(tmp_path_factory: pytest.TempPathFactory, dataset_dir: Path) -> Iterator[Hall]:
+def oidc_idp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MiniOidcProvider]:
+    """A real OIDC provider over HTTP, whose access tokens the module's broker trusts."""
+    provider = MiniOidcProvider("console-test", OIDC_USER)
+    provider.start()
+    yield provider
+    provider.stop()
+
+
+@pytest.fixture(scope="module")
+def hall(
+    tmp_path_factory: pytest.TempPathFactory, dataset_dir: Path, oidc_idp: MiniOidcProvider
+) -> Iterator[Hall]:
     tmp = tmp_path_factory.mktemp("console-broker")
     down = AdapterRoute("grpc", "127.0.0.1:9")  # nothing listens on the discard port
     routes = {rt: AdapterRoute() for rt in ("household", "property", "marriage")}
-    cfg = make_config(tmp, dataset_dir, adapters={**routes, "social_security": down})
+    key = oidc_idp.write_public_key(tmp / "oidc-idp.pem")
+    cfg = make_config(
+        tmp,
+        dataset_dir,
+        adapters={**routes, "social_security": down},
+        issuers=(IssuerConfig(oidc_idp.issuer, "certbroker", (key,)),),
+    )
     subject, other = synthetic.sample_couple(dataset_dir)
     with running_env(cfg, dataset_dir) as env:
         seed(env, subject, other)
@@ -114,6 +137,7 @@ def hall(tmp_path_factory: pytest.TempPathFactory, dataset_dir: Path) -> Iterato
 class ConsoleProcess:
     process: subprocess.Popen[str]
     url: str
+    reader: threading.Thread
 
 
 def start_console(args: list[str], log: Path) -> ConsoleProcess:
@@ -126,30 +150,42 @@ def start_console(args: list[str], log: Path) -> ConsoleProcess:
             stderr=stderr,
             text=True,
         )
-    assert process.stdout is not None
-    for _ in range(5):
-        ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT)
-        line = process.stdout.readline() if ready else ""
-        match = re.fullmatch(r"READY url=(\S+)/\n", line)
-        if match:
-            return ConsoleProcess(process, match.group(1))
-        if not line:
-            break
-    process.kill()
-    process.wait()
-    process.stdout.close()
+    stdout = process.stdout
+    assert stdout is not None
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:  # a thread: select() on the pipe misses lines Python has buffered
+        for line in stdout:
+            lines.put(line)
+        lines.put("")  # EOF: the process is gone
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    console = ConsoleProcess(process, "", reader)
+    with contextlib.suppress(queue.Empty):
+        while line := lines.get(timeout=4 * START_TIMEOUT):  # generous: a loaded machine
+            match = re.fullmatch(r"READY url=(\S+)/\n", line)
+            if match:
+                console.url = match.group(1)
+                return console
+    stop_console(console, expect=None)
     pytest.fail(f"console did not start\n{log.read_text()}")
 
 
-def stop_console(console: ConsoleProcess) -> None:
+def stop_console(console: ConsoleProcess, expect: int | None = 0) -> None:
+    """SIGTERM; the console exits ``expect`` (0: a clean stop)."""
     console.process.terminate()
     try:
-        assert console.process.wait(15) == 0
+        code = console.process.wait(15)
     finally:
         if console.process.poll() is None:
             console.process.kill()
+            console.process.wait()
+        console.reader.join(15)
         assert console.process.stdout is not None
         console.process.stdout.close()
+    if expect is not None:
+        assert code == expect
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +196,33 @@ def console(hall: Hall, tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
     proc = start_console(
         ["--state-dir", str(cfg.state_dir), "--broker", hall.env.broker.target], log
     )
+    yield proc.url
+    stop_console(proc)
+
+
+@pytest.fixture(scope="module")
+def oidc_console(
+    hall: Hall, oidc_idp: MiniOidcProvider, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A second console, signing users in with the OIDC provider (a configuration file)."""
+    tmp = tmp_path_factory.mktemp("oidc-console")
+    config = tmp / "console.toml"
+    config.write_text(
+        f"""[server]
+state_dir = "{hall.env.broker.config.state_dir}"
+
+[auth]
+dev_idp = false
+
+[console]
+broker = "{hall.env.broker.target}"
+oidc_issuer = "{oidc_idp.issuer}"
+oidc_authorize_url = "{oidc_idp.issuer}/authorize"
+oidc_token_url = "{oidc_idp.issuer}/token"
+oidc_client_id = "{oidc_idp.client_id}"
+"""
+    )
+    proc = start_console(["--config", str(config)], tmp / "console.log")
     yield proc.url
     stop_console(proc)
 

@@ -13,9 +13,11 @@ from tests.console.conftest import (
     EXTRA_LOOKUPS,
     HOSTILE_CASE,
     OFFICE,
+    OIDC_USER,
     OTHER_OFFICE,
     Hall,
 )
+from tests.console.oidc_provider import MiniOidcProvider
 
 SignIn = Callable[[str], Any]
 
@@ -241,3 +243,30 @@ def test_a_security_officer_disables_a_clerk_with_reason_and_ticket(
     assert any(e.outcome == "OK" and "clerk-0042" in e.decision_id for e in admin)
     page.goto("/overview")
     assert "无权访问：总览" in page.inner_text("#refused")
+
+
+def test_sign_in_with_an_openid_connect_provider(
+    browser: Any, oidc_console: str, oidc_idp: MiniOidcProvider, hall: Hall
+) -> None:
+    context = browser.new_context(base_url=oidc_console, locale="zh-CN")
+    try:
+        page = context.new_page()
+        page.goto("/overview")  # -> /signin -> the IdP -> /auth/callback -> / -> /overview
+        page.wait_for_url("**/overview")
+        assert OIDC_USER["name"] in page.inner_text(".who")
+        page.wait_for_selector("body[data-charts-ready=true]")
+        (asked,) = oidc_idp.token_requests
+        assert asked["grant_type"] == "authorization_code"
+        assert asked["code_verifier"]  # PKCE: the provider checked it against the challenge
+        session = [c for c in context.cookies() if c["name"] == "cb_session"]
+        assert [(c["httpOnly"], c["sameSite"]) for c in session] == [(True, "Strict")]
+        # The broker accepted the provider's token: the view is that user's audit entry.
+        views = hall.entries(clerk=OIDC_USER["sub"])
+        assert [e.rule_id for e in views] == ["audit.overview"]
+        # A callback that is not this browser's sign-in is refused.
+        response = page.goto("/auth/callback?code=stolen&state=forged")
+        assert response is not None
+        assert response.status == 400
+        assert "登录失败" in page.inner_text("main")
+    finally:
+        context.close()

@@ -169,7 +169,8 @@ def _console_serves_its_files(
         with urllib.request.urlopen(url + "static/vendor/echarts-5.5.1.min.js") as script:
             assert script.status == 200
             assert len(script.read()) > 500_000
-        with urllib.request.urlopen(url + "signin") as page:  # -> the dev IdP's users page
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+        with browser.open(url + "signin") as page:  # -> the dev IdP's users page
             assert "审计员" in page.read().decode()
     finally:
         console.terminate()

@@ -9,6 +9,7 @@ carry the session's CSRF token; every value is escaped by Jinja2's autoescaping.
 from __future__ import annotations
 
 import contextlib
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
@@ -156,7 +157,7 @@ async def dev_authorize(request: Request) -> Response:
         )
     form = await request.form(max_files=0, max_fields=20)
     csrf = form.get("csrf")
-    if not isinstance(csrf, str) or csrf != pending.csrf:
+    if not isinstance(csrf, str) or not secrets.compare_digest(csrf, pending.csrf):
         raise CsrfRefused
     user = next((u for u in DEMO_USERS if u.key == form.get("user")), None)
     redirect_uri = str(form.get("redirect_uri", ""))

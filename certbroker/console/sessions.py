@@ -65,9 +65,14 @@ class Pending:
 
     @property
     def challenge(self) -> str:
-        """The PKCE S256 code challenge of :attr:`verifier` (RFC 7636)."""
-        digest = hashlib.sha256(self.verifier.encode("ascii")).digest()
-        return urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+        """The PKCE S256 code challenge of :attr:`verifier`."""
+        return pkce_challenge(self.verifier)
+
+
+def pkce_challenge(verifier: str) -> str:
+    """The S256 code challenge of a PKCE verifier (RFC 7636 4.2)."""
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
 class SessionStore:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import secrets
 import threading
@@ -33,7 +32,7 @@ from typing import Any, Protocol
 import jwt
 
 from certbroker.auth.dev_idp import DevIdentityProvider
-from certbroker.console.sessions import Pending, User
+from certbroker.console.sessions import Pending, User, pkce_challenge
 
 AUDITOR = "auditor"
 HALL_SUPERVISOR = "hall_supervisor"
@@ -214,8 +213,7 @@ class DevProvider:
             grant = self._grants.pop(code, None)
         if grant is None or grant.expires <= time.time():
             raise SignInError("the sign-in code is unknown, used or expired")
-        digest = hashlib.sha256(verifier.encode("ascii")).digest()
-        if base64.urlsafe_b64encode(digest).rstrip(b"=").decode() != grant.challenge:
+        if not secrets.compare_digest(pkce_challenge(verifier), grant.challenge):
             raise SignInError("the sign-in code was issued for another browser (PKCE)")
         if redirect_uri != grant.redirect_uri:
             raise SignInError("the sign-in code was issued for another redirect address")

@@ -321,7 +321,8 @@ async def _prove(
             "ok": False,
             "code": NAMES.get(exc.code, str(exc.code)),
             "text": str(exc),
-            "sequence": seq,
+            "first_bad": seq,
+            "location": "",
         }
     return {
         "ok": True,
@@ -565,9 +566,9 @@ async def control_change(request: Request) -> Response:
         roles = str(form.get("except_roles", ""))
         call.except_roles.extend(r.strip() for r in roles.split(",") if r.strip())
     if isinstance(call, admin_pb2.DisableClerkRequest):
-        until = labels.local_time(str(form.get("until", "")), end_of_day=True)
-        if until is not None:
-            call.until.CopyFrom(_stamp(until))
+        span = _range("", str(form.get("until", "")))  # a bad date: INVALID_ARGUMENT
+        if span is not None:
+            call.until.CopyFrom(span.until)
     reply = await console.broker.unary(getattr(console.broker.admin, method), call, session.token)
     return RedirectResponse(
         f"/controls?done={action}&seq={reply.receipt.sequence}", status_code=303

@@ -270,3 +270,16 @@ def test_sign_in_with_an_openid_connect_provider(
         assert "登录失败" in page.inner_text("main")
     finally:
         context.close()
+
+
+def test_verify_a_receipt(sign_in: SignIn, hall: Hall) -> None:
+    answered = next(e for e in hall.entries(clerk="clerk-0417") if e.outcome == "OK")
+    page = sign_in("auditor")
+    for entry_hash, code in ((answered.entry_hash, "OK"), ("0" * 16, "REWRITTEN")):
+        page.goto("/verify")
+        page.fill("#verify-receipt input[name=entry_id]", answered.entry_id)
+        page.fill("#verify-receipt input[name=entry_hash]", f"sha256:{entry_hash[:16]}…")
+        page.click("#verify-receipt button")
+        assert page.get_attribute("#verdict", "data-code") == code
+    assert "hash is not the receipt's" in page.inner_text("#verdict")
+    assert f"第一个问题条目：#{answered.sequence}" in page.inner_text("#first-bad")

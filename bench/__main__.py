@@ -13,7 +13,17 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import audit_backends, audit_verify, bundle, decisions, fastpath, hall
+from bench import (
+    audit_backends,
+    audit_verify,
+    bundle,
+    cluster,
+    decisions,
+    evidence,
+    fastpath,
+    hall,
+    outbox,
+)
 from bench.harness import ROOT, BenchError, Options, Result, render, write_section
 
 #: Scenario name → its ``run``. A new scenario is a module in bench/ and one line here.
@@ -24,6 +34,9 @@ SCENARIOS: dict[str, Callable[[Options], Result]] = {
     "fastpath": fastpath.run,
     "decisions": decisions.run,
     "hall": hall.run,
+    "cluster": cluster.run,
+    "outbox": outbox.run,
+    "evidence": evidence.run,
 }
 RESULTS_FILE = ROOT / "docs" / "benchmarks.md"
 

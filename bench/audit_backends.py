@@ -57,7 +57,7 @@ def run(options: Options) -> Result:
     warmup = 8 if options.smoke else 200
     with (
         tempfile.TemporaryDirectory(prefix="certbroker-bench-") as tmp,
-        _postgres() as pg,
+        postgres() as pg,
     ):
         base = Path(tmp)
         datasets = base / "datasets"
@@ -104,7 +104,7 @@ def _pg_config(pg: PostgresLocation) -> str:
 
 
 @contextlib.contextmanager
-def _postgres() -> Iterator[PostgresLocation | None]:
+def postgres() -> Iterator[PostgresLocation | None]:
     """A fresh schema on a reachable server (dropped afterwards), or None."""
     try:
         import psycopg

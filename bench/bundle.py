@@ -127,18 +127,26 @@ def _measure(
     """Milliseconds per call name, from ``rounds`` rounds after ``warmup`` unmeasured ones."""
     with grpc.insecure_channel(target) as channel:
         calls = _calls(broker_pb2_grpc.CertificateBrokerStub(channel), token, subject)
-        names = list(calls)
-        samples: dict[str, list[float]] = {name: [] for name in names}
-        for n in range(warmup + rounds):
-            shift = n % len(names)
-            for name in names[shift:] + names[:shift]:
-                started = time.perf_counter()
-                try:
-                    calls[name]()
-                except grpc.RpcError as exc:
-                    raise BenchError(f"{name}: {client.call_error(exc)}") from None
-                if n >= warmup:
-                    samples[name].append((time.perf_counter() - started) * 1000)
+        return rotating_rounds(calls, rounds, warmup)
+
+
+def rotating_rounds(
+    calls: dict[str, Callable[[], object]], rounds: int, warmup: int
+) -> dict[str, list[float]]:
+    """Milliseconds per call name: every call once per round, the order rotating every round
+    so no call always runs on a warmer or colder broker; ``warmup`` rounds are not measured."""
+    names = list(calls)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for n in range(warmup + rounds):
+        shift = n % len(names)
+        for name in names[shift:] + names[:shift]:
+            started = time.perf_counter()
+            try:
+                calls[name]()
+            except grpc.RpcError as exc:
+                raise BenchError(f"{name}: {client.call_error(exc)}") from None
+            if n >= warmup:
+                samples[name].append((time.perf_counter() - started) * 1000)
     return samples
 
 

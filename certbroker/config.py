@@ -7,7 +7,8 @@ the environment, the checks, and the README's configuration reference (``scripts
 
 With no file, every default describes the embedded setup: SQLite audit log, in-process demo
 adapters, the shipped policies, the development identity provider of the state directory.
-``[audit] dsn`` moves the audit log to PostgreSQL (one log shared by several brokers).
+``[audit] dsn`` moves the audit log to PostgreSQL (one log shared by several brokers), and
+with it the controls and the adapter registry (a cluster: :mod:`certbroker.cluster`).
 Environment variables override the file; command-line flags override both (via ``overrides``).
 """
 
@@ -195,6 +196,8 @@ SECTIONS: Mapping[str, str] = {
     "cache": "the record cache (TTL per record type: cache_ttl_s in the policy's catalogue)",
     "routing": "broker -> department calls",
     "console": "the web console (`certbroker console`): a client of this broker's gRPC services",
+    "citizen": "the citizens' own service (Citizen): their issuer and resident ID claim",
+    "notify": "access notices: the outbox relay to a message broker (none = kept, not sent)",
 }
 
 
@@ -757,6 +760,87 @@ class Config:
             "the broker's checkpoint public key: the console's verify checks use it",
             unset="<state_dir>/checkpoint-key/public-key.pem",
             example="keys/checkpoint-public-key.pem",
+        ).meta,
+    )
+    # [citizen] The provincial app's identity provider: its own issuer and audience, so a
+    # clerk's token is never a citizen's and the reverse. The dev IdP's citizen issuer is
+    # trusted besides it while [auth] dev_idp is on.
+    citizen_issuer: str = field(
+        default="",
+        metadata=Key(
+            "citizen",
+            "issuer",
+            "the iss of citizens' tokens (with public_key)",
+            env="CERTBROKER_CITIZEN_ISSUER",
+            unset="the dev IdP's citizen issuer only",
+            example="https://id.gd.gov.cn/app",
+        ).meta,
+    )
+    citizen_audience: str = field(
+        default="certbroker-citizen",
+        metadata=Key("citizen", "audience", "the aud citizens' tokens must carry").meta,
+    )
+    citizen_public_key: Path | None = field(
+        default=None,
+        metadata=Key(
+            "citizen",
+            "public_key",
+            "the citizen issuer's public key (PEM)",
+            env="CERTBROKER_CITIZEN_PUBLIC_KEY",
+            unset="none",
+            example="keys/citizen-idp.pem",
+        ).meta,
+    )
+    citizen_id_claim: str = field(
+        default="resident_id",
+        metadata=Key(
+            "citizen",
+            "id_claim",
+            "the claim holding the citizen's resident ID",
+            pattern=re.compile(r"[a-z_][a-z0-9_]{0,63}"),
+            pattern_help="lowercase letters, digits and _",
+        ).meta,
+    )
+    # [notify]
+    nats_url: str = field(
+        default="",
+        metadata=Key(
+            "notify",
+            "nats_url",
+            "NATS JetStream server the outbox relay publishes to",
+            env="CERTBROKER_NATS_URL",
+            unset="no broker: notices stay in the outbox",
+            example="nats://127.0.0.1:4222",
+        ).meta,
+    )
+    notify_subject: str = field(
+        default="certbroker.notices",
+        metadata=Key(
+            "notify",
+            "subject",
+            "subject prefix; a notice goes to <subject>.<record_type>",
+            pattern=re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*"),
+            pattern_help="dot-separated tokens of letters, digits, _ and -",
+        ).meta,
+    )
+    notify_stream: str = field(
+        default="CERTBROKER_NOTICES",
+        metadata=Key(
+            "notify",
+            "stream",
+            "the JetStream stream (created if missing) holding the notices",
+            pattern=re.compile(r"[A-Za-z0-9_-]{1,64}"),
+            pattern_help="letters, digits, _ and -",
+        ).meta,
+    )
+    notify_interval_s: float = field(
+        default=0.5,
+        metadata=Key(
+            "notify",
+            "interval_s",
+            "how often the relay looks for unsent notices (and retries)",
+            gt=0,
+            le=60,
         ).meta,
     )
     # [adapters.<record_type>]

@@ -29,6 +29,7 @@ entries behind it. Rules (``Finding.rule``):
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ OUTSIDE_HOURS = "OUTSIDE_HOURS"
 MANY_SUBJECTS = "MANY_SUBJECTS"
 REPEATED_SUBJECT = "REPEATED_SUBJECT"
 DENIAL_BURST = "DENIAL_BURST"
+CITIZEN_DISPUTE = "CITIZEN_DISPUTE"
 
 #: Mon–Sat 08:30–17:30 at UTC+08:00: the staffed halls' hours.
 HALL_HOURS = Hours(
@@ -197,6 +199,26 @@ def denial_bursts(entries: Sequence[AuditEntry], thresholds: Thresholds) -> list
     return findings
 
 
+def citizen_disputes(entries: Sequence[AuditEntry]) -> list[Finding]:
+    """The citizens' accepted disputes (entries ``citizen.dispute`` with outcome OK)."""
+    findings = []
+    for entry in entries:
+        e = entry.event
+        if e.kind != "citizen" or e.rule_id != "citizen.dispute" or e.outcome != "OK":
+            continue
+        try:
+            details = json.loads(e.decision_id)
+            disputed, seq = str(details["entry_id"]), int(details["seq"])
+            clerk, text = str(details.get("clerk", "")), str(details.get("text", ""))
+        except (ValueError, KeyError, TypeError):
+            continue  # not a dispute this version wrote; verify reports malformed entries
+        frozen = " (records frozen)" if details.get("frozen") else ""
+        description = f"citizen disputes access {disputed}{frozen}: {text}".rstrip(": ")
+        sequences = tuple(sorted({entry.sequence, seq}))
+        findings.append(Finding(CITIZEN_DISPUTE, clerk, description, sequences))
+    return findings
+
+
 def find(
     entries: Sequence[AuditEntry], policy: PolicySet, thresholds: Thresholds | None = None
 ) -> list[Finding]:
@@ -209,4 +231,5 @@ def find(
         *many_subjects(lookups, limits),
         *repeated_subject(lookups, limits),
         *denial_bursts(lookups, limits),
+        *citizen_disputes(entries),
     ]

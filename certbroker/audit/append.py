@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Protocol
 
 from certbroker.audit.events import FORMAT_VERSION, canonical_body, chain_hash
 from certbroker.audit.integrity.tree import TreeWriter, backfill
@@ -60,6 +61,21 @@ def append_rows(
     return rows, Head(seq, prev, tree.range.frontier)
 
 
+class AppendHook(Protocol):
+    """More rows written in each append's own transaction (the notice outbox,
+    :class:`certbroker.audit.outbox.NoticeOutbox`): stored with the entries, or neither."""
+
+    def prepare(self, conn: Connection) -> None:
+        """Create what the hook writes to, in the store's first transaction."""
+        ...
+
+    def rows_appended(
+        self, conn: Connection, bodies: Sequence[Mapping[str, object]], rows: Sequence[StoredRow]
+    ) -> None:
+        """Write for the batch's ``rows`` (appended from ``bodies``); raising rolls it back."""
+        ...
+
+
 class ChainStore:
     """The store the group-commit writer appends to (a
     :class:`~certbroker.audit.writer.BatchStore`): :func:`append_rows` in a backend's writer
@@ -69,20 +85,26 @@ class ChainStore:
     file): leaves for stored entries the tree does not cover yet.
     """
 
-    def __init__(self, session: WriterSession) -> None:
+    def __init__(self, session: WriterSession, hook: AppendHook | None = None) -> None:
         self.session = session
+        self._hook = hook
         self._head: Head | None = None  # what this store committed last (see append_rows)
         try:
             with session.transaction() as conn:
                 backfill(conn)
+                if hook is not None:
+                    hook.prepare(conn)
         except BaseException:
             session.close()
             raise
 
     @classmethod
-    def open(cls, backend: Backend, *, busy_timeout: float = 10.0) -> ChainStore:
-        """Open ``backend``'s writer session (creating the log if needed) and continue it."""
-        return cls(backend.open_writer(busy_timeout=busy_timeout))
+    def open(
+        cls, backend: Backend, *, busy_timeout: float = 10.0, hook: AppendHook | None = None
+    ) -> ChainStore:
+        """Open ``backend``'s writer session (creating the log if needed) and continue it;
+        ``hook`` writes more rows in every batch's transaction."""
+        return cls(backend.open_writer(busy_timeout=busy_timeout), hook)
 
     def write_batch(self, bodies: Sequence[Mapping[str, object]]) -> list[StoredRow]:
         """Append ``bodies`` as consecutive entries in ONE transaction (one fsync), under the
@@ -91,6 +113,8 @@ class ChainStore:
         try:
             with self.session.transaction() as conn:
                 rows, head = append_rows(conn, bodies, self._head)
+                if self._hook is not None:
+                    self._hook.rows_appended(conn, bodies, rows)
         except BaseException:
             self._head = None  # whatever the database holds now, it is read back next time
             raise

@@ -36,6 +36,10 @@ object with exactly these keys (strings unless stated)::
     outcome_counts   object, outcome → number of items (integers): on a "bundle" entry
     from_cache       boolean: true when the record was not fetched for this entry (served from
                      the broker's record cache, or shared with an identical fetch in flight)
+    released_fields  array of the field paths released, and
+    released_digest  hex salted SHA-256 digest of the released content: both present only when
+                     the lookup issued an evidence document (certbroker.evidence.document; the
+                     salt is only in the evidence, the values nowhere in the log)
 
 ``kind`` is "lookup" for one record about one citizen (a ``Lookup``, or one item of a bundle,
 then with ``bundle_id`` and ``relation``) and "bundle" for the entry that closes a
@@ -43,8 +47,9 @@ then with ``bundle_id`` and ``relation``) and "bundle" for the entry that closes
 their outcomes; its own ``outcome``/``status`` are those of the call (an invalid or
 unauthenticated bundle has a bundle entry and no items).
 
-Compatibility: the last five keys were added without changing ``v``; entries written before
-lack them, and readers take a missing one as empty ("", [], {} or false). The chain and its
+Compatibility: the last seven keys were added without changing ``v``; entries written before
+lack them, and readers take a missing one as empty ("", [], {} or false). The two
+``released_*`` keys are written only when set (most entries have no evidence). The chain and its
 verification are over the stored text and do not depend on which keys a body has.
 
 Canonical encoding (:func:`canonical_body`): ``json.dumps(body, sort_keys=True,
@@ -133,7 +138,7 @@ FORMAT_VERSION = 1
 
 DECISIONS = frozenset({"allow", "deny", ""})
 
-_LIST_FIELDS = frozenset({"roles", "withheld_fields", "item_entry_ids"})
+_LIST_FIELDS = frozenset({"roles", "withheld_fields", "item_entry_ids", "released_fields"})
 #: Keys added after format version 1 was first written, and what their absence means.
 _LATER_FIELDS: Mapping[str, Any] = {
     "bundle_id": "",
@@ -141,7 +146,11 @@ _LATER_FIELDS: Mapping[str, Any] = {
     "item_entry_ids": (),
     "outcome_counts": {},
     "from_cache": False,
+    "released_fields": (),
+    "released_digest": "",
 }
+#: Later keys left out of a body when empty (evidence only): entries stay as short as before.
+_OPTIONAL_FIELDS = ("released_fields", "released_digest")
 
 
 def canonical_body(fields: Mapping[str, object]) -> str:
@@ -200,6 +209,8 @@ class AuditEvent:
     item_entry_ids: tuple[str, ...] = ()
     outcome_counts: Mapping[str, int] = dataclasses.field(default_factory=dict)
     from_cache: bool = False  # the record came from the broker's cache, not the department
+    released_fields: tuple[str, ...] = ()  # with evidence: the field paths released
+    released_digest: str = ""  # with evidence: the salted digest of the released content
 
 
 @dataclass(frozen=True)
@@ -279,6 +290,9 @@ def event_fields(event: AuditEvent) -> dict[str, object]:
         raise TypeError("from_cache must be a bool")
     if event.decision not in DECISIONS:
         raise ValueError(f"decision must be one of {sorted(DECISIONS)}")
+    for name in _OPTIONAL_FIELDS:
+        if not fields[name]:
+            del fields[name]
     return fields
 
 

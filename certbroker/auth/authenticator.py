@@ -271,6 +271,23 @@ class Authenticator:
         can audit a refused caller under its verified ``sub``."""
         return self._logged(lambda: self._verify_principal(_bearer_token(metadata)))
 
+    def verified_claims(
+        self, metadata: Sequence[tuple[str, str | bytes]] | None, required: Sequence[str]
+    ) -> tuple[dict[str, Any], str]:
+        """The verified claims of the call's bearer token (signature, alg, iss, aud, times and
+        ``required``) and its issuer, uncached, for callers that are not clerks (citizens:
+        :mod:`certbroker.auth.citizens`); ``UnknownCaller`` with a reason otherwise."""
+        try:
+            claims, trusted = self._claims(_bearer_token(metadata), required)
+        except UnknownCaller as exc:
+            _log_rejected(exc)
+            raise
+        return claims, trusted.issuer
+
+    def trusts(self, issuer: str) -> bool:
+        """Whether tokens of ``issuer`` are accepted here."""
+        return issuer in self._issuers
+
     def _logged(self, check: Callable[[], _P]) -> _P:
         try:
             principal = check()

@@ -8,11 +8,12 @@ roles still allowed). :class:`Controls` holds them in memory and enforces them o
 a lookup is authorized); it changes them through a :class:`ControlStore` first, so a change is
 durable before it is in force and in force for the very next call on this broker.
 
-The store is a :class:`typing.Protocol` so that a PostgreSQL store can replace the SQLite one
-(:class:`SqliteControlStore`, ``controls.sqlite`` in the state dir). Every change bumps the
-store's :meth:`~ControlStore.version`; :meth:`Controls.refresh` reloads when it moved -- the seam
-for propagation across a cluster (a broker polls the shared store's version; not done yet: a
-change made on one broker reaches another one on its restart or next ``refresh``).
+The store is a :class:`typing.Protocol`: the SQLite one (:class:`SqliteControlStore`,
+``controls.sqlite`` in the state dir) or, in a cluster of brokers, PostgreSQL
+(:mod:`certbroker.cluster.controls`). Every change bumps the store's
+:meth:`~ControlStore.version`; :meth:`Controls.refresh` reloads when it moved (worker processes
+poll it every second; the brokers of a cluster on each change notice, see
+:mod:`certbroker.cluster.follow`).
 
 Tokens without a ``jti`` (other issuers may not set one) cannot be revoked one by one; they are
 still refused by ``tokens_before`` (their ``iat`` is required) and the clerk and office controls.
@@ -66,9 +67,40 @@ class Control:
         """A clerk disabled until a time past is no longer disabled; everything else is."""
         return self.until is None or now < self.until
 
+    def row(self) -> tuple[object, ...]:
+        """The stored row (every store's column order: kind, target, reason, ticket, officer,
+        created, until, before, except_roles as a JSON array)."""
+        return (
+            self.kind,
+            self.target,
+            self.reason,
+            self.ticket,
+            self.officer,
+            self.created,
+            self.until,
+            self.before,
+            json.dumps(list(self.except_roles)),
+        )
+
+    @classmethod
+    def from_row(cls, row: Sequence[object]) -> Control:
+        """The control of a stored row (:meth:`row`)."""
+        kind, target, reason, ticket, officer, created, until, before, roles = row
+        return cls(
+            kind=str(kind),
+            target=str(target),
+            reason=str(reason),
+            ticket=str(ticket),
+            officer=str(officer),
+            created=float(str(created)),
+            until=None if until is None else float(str(until)),
+            before=None if before is None else float(str(before)),
+            except_roles=tuple(json.loads(str(roles))),
+        )
+
 
 class ControlStore(Protocol):
-    """Where the controls are kept durably (SQLite here; PostgreSQL could implement it)."""
+    """Where the controls are kept durably (SQLite here; PostgreSQL: certbroker.cluster)."""
 
     def load(self) -> list[Control]:
         """Every stored control."""
@@ -131,7 +163,7 @@ class SqliteControlStore:
                 "SELECT kind, target, reason, ticket, officer, created, until, before,"
                 " except_roles FROM controls ORDER BY created, kind, target"
             ).fetchall()
-        return [_control(row) for row in rows]
+        return [Control.from_row(row) for row in rows]
 
     def put(self, control: Control) -> int:
         with self._lock:
@@ -140,17 +172,7 @@ class SqliteControlStore:
                 self._db.execute(
                     "INSERT OR REPLACE INTO controls (kind, target, reason, ticket, officer,"
                     " created, until, before, except_roles) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        control.kind,
-                        control.target,
-                        control.reason,
-                        control.ticket,
-                        control.officer,
-                        control.created,
-                        control.until,
-                        control.before,
-                        json.dumps(list(control.except_roles)),
-                    ),
+                    control.row(),
                 )
                 version = self._bump()
             except BaseException:
@@ -179,7 +201,7 @@ class SqliteControlStore:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
-        return (None if row is None else _control(row)), version
+        return (None if row is None else Control.from_row(row)), version
 
     def version(self) -> int:
         with self._lock:
@@ -196,21 +218,6 @@ class SqliteControlStore:
     def _current(self) -> int:
         row = self._db.execute("SELECT version FROM controls_version WHERE id = 1").fetchone()
         return int(row[0])
-
-
-def _control(row: Sequence[object]) -> Control:
-    kind, target, reason, ticket, officer, created, until, before, roles = row
-    return Control(
-        kind=str(kind),
-        target=str(target),
-        reason=str(reason),
-        ticket=str(ticket),
-        officer=str(officer),
-        created=float(str(created)),
-        until=None if until is None else float(str(until)),
-        before=None if before is None else float(str(before)),
-        except_roles=tuple(json.loads(str(roles))),
-    )
 
 
 class Controls:
@@ -235,14 +242,22 @@ class Controls:
 
     def put(self, control: Control) -> None:
         """Store ``control`` durably, then put it in force (the next call sees it)."""
-        self.version = self._store.put(control)
+        self._follow(self._store.put(control))
         self._by_key[(control.kind, control.target)] = control
 
     def remove(self, kind: str, target: str) -> Control | None:
         """Lift the control of ``kind`` on ``target``; the lifted one, if any was stored."""
-        removed, self.version = self._store.remove(kind, target)
+        removed, version = self._store.remove(kind, target)
+        self._follow(version)
         self._by_key.pop((kind, target), None)
         return removed
+
+    def _follow(self, version: int) -> None:
+        # Our own change is the next version: memory holds everything up to it. Any other gap
+        # means another worker or broker changed the store in between, which memory does not
+        # hold yet: leave the version behind so that the next refresh reloads.
+        if version == self.version + 1:
+            self.version = version
 
     def find(self, kind: str, target: str) -> Control | None:
         """The stored control of ``kind`` on ``target``, if any (in force or not)."""

@@ -15,7 +15,7 @@ from certbroker.auth.issuers import (
     VerifyingKey,
     jwk_thumbprint,
 )
-from certbroker.auth.keyfiles import ed25519_key_files
+from certbroker.auth.keyfiles import KeyFiles, ed25519_key_files
 from certbroker.auth.principals import DEPARTMENT_ROLE, OPERATOR_ROLE
 from certbroker.ids import new_id
 
@@ -33,8 +33,13 @@ class DevIdentityProvider:
 
     ISSUER = "https://idp.certbroker.local/dev"
     AUDIENCE = "certbroker"
+    #: The citizens' side (the provincial app's IdP, for demos and tests): its own issuer,
+    #: audience and key pair (``state_dir/idp-citizen``), so no clerk token is a citizen's.
+    CITIZEN_ISSUER = "https://idp.certbroker.local/dev-citizen"
+    CITIZEN_AUDIENCE = "certbroker-citizen"
 
     def __init__(self, state_dir: Path) -> None:
+        self._state_dir = state_dir
         files = ed25519_key_files(state_dir / "idp")
         self.signing_key_path = files.signing_key_path
         self.public_key_path = files.public_key_path
@@ -83,6 +88,45 @@ class DevIdentityProvider:
         if not sub or ttl_s <= 0:
             raise ValueError("need sub and ttl_s > 0")
         return self._sign(self._base_claims(sub, [OPERATOR_ROLE], ttl_s, now))
+
+    def issue_citizen(
+        self,
+        resident_id: str,
+        *,
+        sub: str = "",
+        id_claim: str = "resident_id",
+        ttl_s: int = 3600,
+        now: float | None = None,
+        extra_claims: Mapping[str, object] | None = None,
+    ) -> str:
+        """Sign a citizen token of the dev citizen issuer: role "citizen", the resident ID in
+        ``id_claim``. ``extra_claims`` go in last (tests forge and drop claims with them; a
+        value of ``None`` removes the claim)."""
+        if ttl_s <= 0:
+            raise ValueError("need ttl_s > 0")
+        claims = self._base_claims(sub or f"app:{new_id()[:12]}", ["citizen"], ttl_s, now)
+        claims |= {"iss": self.CITIZEN_ISSUER, "aud": self.CITIZEN_AUDIENCE, id_claim: resident_id}
+        for name, value in (extra_claims or {}).items():
+            if value is None:
+                claims.pop(name, None)
+            else:
+                claims[name] = value
+        key, kid = self._citizen_key()
+        return jwt.encode(claims, key.private_key, algorithm="EdDSA", headers={"kid": kid})
+
+    def citizen_trusted_issuer(
+        self, max_lifetime_s: float = DEFAULT_MAX_LIFETIME_S
+    ) -> TrustedIssuer:
+        """The issuer entry that makes the citizen authenticator accept :meth:`issue_citizen`."""
+        files, kid = self._citizen_key()
+        vkey = VerifyingKey(files.public_key, "EdDSA")
+        return TrustedIssuer(
+            self.CITIZEN_ISSUER, self.CITIZEN_AUDIENCE, {kid: vkey}, max_lifetime_s
+        )
+
+    def _citizen_key(self) -> tuple[KeyFiles, str]:
+        files = ed25519_key_files(self._state_dir / "idp-citizen")
+        return files, jwk_thumbprint(files.public_key)
 
     def _base_claims(
         self, sub: str, roles: list[str], ttl_s: int, now: float | None

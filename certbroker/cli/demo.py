@@ -19,11 +19,14 @@ import grpc
 
 from certbroker import audit, config
 from certbroker.adapters.demo import synthetic
+from certbroker.audit.outbox import read_notices
+from certbroker.audit.store.db import backend_for
 from certbroker.auth.authenticator import DevIdentityProvider
+from certbroker.citizen.notices import render
 from certbroker.cli import client
 from certbroker.cli.table import format_table
 from certbroker.contract import resident_id
-from certbroker.v1 import broker_pb2, broker_pb2_grpc
+from certbroker.v1 import broker_pb2, broker_pb2_grpc, citizen_pb2, citizen_pb2_grpc
 
 TRANSFER, PENSION = "BDC-ZY-001", "SB-YL-001"
 HOME_PACKAGE = "YJS-ESF-001"  # 二手房交易一件事: the transfer, the utilities, the 户口
@@ -66,6 +69,7 @@ def run(state_dir: Path) -> int:
     proc, port = _start(state_dir)
     try:
         surprises = _session(state_dir, f"127.0.0.1:{port}")
+        surprises += _citizen_scene(state_dir, f"127.0.0.1:{port}")
     finally:
         # Stopping the broker also writes its last summary of unauthenticated calls.
         proc.terminate()
@@ -148,7 +152,10 @@ def _session(state_dir: Path, target: str) -> list[str]:
         "The same property transfer as one matter bundle (LookupMatter): the seller and the "
         "spouse as co-owner, every record the matter needs, fetched in parallel"
     )
-    _bundle(stub, clerk, case, [(seller, "seller"), (spouse, "co_owner")], surprises.append)
+    bundle = _bundle(
+        stub, clerk, case, [(seller, "seller"), (spouse, "co_owner")], surprises.append
+    )
+    _evidence_scene(state_dir, bundle, surprises.append)
 
     _title(
         f"二手房交易一件事 ({HOME_PACKAGE}): the transfer, the utilities (水电气过户) and the 户口 "
@@ -199,6 +206,56 @@ def _session(state_dir: Path, target: str) -> list[str]:
         expect="UNAUTHENTICATED",
     )
     channel.close()
+    return surprises
+
+
+def _citizen_scene(state_dir: Path, target: str) -> list[str]:
+    """The property transfer from the co-owner's phone: who accessed my records (the Citizen
+    service, with a citizen token of the dev IdP's citizen issuer) and the notice of one access,
+    kept in the outbox since the embedded broker has no message broker configured."""
+    surprises: list[str] = []
+    seller, spouse = synthetic.sample_couple(config.load(None, state_dir=state_dir).datasets)
+    _title(
+        f"The co-owner {spouse} opens the provincial app: who looked at my records? "
+        "(certbroker citizen accesses)"
+    )
+    token = DevIdentityProvider(state_dir).issue_citizen(spouse)
+    channel = grpc.insecure_channel(target)
+    try:
+        reply = citizen_pb2_grpc.CitizenStub(channel).MyAccesses(
+            citizen_pb2.MyAccessesRequest(), metadata=client.bearer(token), timeout=10
+        )
+    except grpc.RpcError as exc:
+        surprises.append(f"MyAccesses refused: {client.call_error(exc)}")
+        return surprises
+    finally:
+        channel.close()
+    for a in reply.accesses:
+        when = a.time.ToDatetime().strftime("%H:%M:%S")
+        fields = ", ".join(a.fields) or "-"
+        print(
+            f"  {when} {a.decision:<5} {a.record_label} by {a.office} (clerk {a.clerk or '-'}) "
+            f"for {a.matter_name} {a.case_number}: {fields}"
+        )
+    print(
+        f"  ({len(reply.accesses)} accesses; this view is itself audit entry "
+        f"#{reply.receipt.sequence})"
+    )
+    if not reply.accesses:
+        surprises.append("the co-owner sees no access")
+    if seller in str(reply):
+        surprises.append("the co-owner's view names the seller")
+    notices = list(read_notices(backend_for(state_dir / "audit.sqlite"), spouse))
+    marriage = [n for n in notices if n["record_type"] == "marriage"]
+    if len(notices) != len(reply.accesses) or not marriage:
+        surprises.append(f"{len(notices)} notices for {len(reply.accesses)} accesses")
+        return surprises
+    _title("The notice on the co-owner's phone (one per access, written with its audit entry)")
+    print(f"  {render(marriage[-1])}")
+    print(
+        "  (kept in the outbox: no message broker is configured. With [notify] nats_url the "
+        "relay\n   publishes every notice to NATS JetStream; `certbroker notify tail` shows them.)"
+    )
     return surprises
 
 
@@ -259,17 +316,20 @@ def _bundle(
     case: str,
     subjects: Sequence[tuple[str, str]],
     surprise: Callable[[str], None],
-) -> None:
-    """One LookupMatter call, one compact line per (subject, record type)."""
+) -> broker_pb2.LookupMatterResponse | None:
+    """One LookupMatter call, one compact line per (subject, record type), with its signed
+    evidence document (调取凭证) for the case file."""
     request = client.lookup_matter_request(
         TRANSFER, case, subjects, consent_reference="READER-07/0417"
     )
+    request.evidence = True
     response = _lookup_matter(stub, token, request, TRANSFER, len(subjects), surprise)
     if response is None:
-        return
+        return None
     failed = [i for i in response.items if i.WhichOneof("result") != "response"]
     if failed or len(response.items) != 3 * len(subjects):
         surprise(f"bundle: {len(failed)} of {len(response.items)} items failed")
+    return response
 
 
 def _package(
@@ -346,3 +406,59 @@ def _tamper_demo(db: Path, surprise: Callable[[str], None]) -> None:
     )
     if report.ok:
         surprise("tampering went unnoticed")
+
+
+def _evidence_scene(
+    state_dir: Path,
+    bundle: broker_pb2.LookupMatterResponse | None,
+    surprise: Callable[[str], None],
+) -> None:
+    """The bundle's signed evidence for the paper case file: written, printed as the A4 page,
+    verified offline as an archive clerk would (no broker, no database), then a copy with one
+    field changed, which fails naming the field (certbroker.evidence, docs/evidence.md)."""
+    if bundle is None or not bundle.evidence:
+        surprise("the bundle came back without its evidence document")
+        return
+    from certbroker.evidence import jws
+
+    folder = state_dir / "case-file"
+    folder.mkdir(exist_ok=True)
+    evidence, page = folder / "evidence.jws", folder / "调取凭证.pdf"
+    evidence.write_text(bundle.evidence + "\n")
+    payload = jws.parse(bundle.evidence).payload
+    print(
+        f"\n-> evidence {payload['evidence_id']}: {len(payload['items'])} records, signed by "
+        f"key {jws.parse(bundle.evidence).kid} ({len(bundle.evidence)} bytes) -> {evidence}"
+    )
+    item = next((i for i in payload["items"] if i["record_type"] == "property"), None)
+    if item is None or not item["content"]:
+        surprise("the evidence holds no property record")
+        return
+    name = sorted(item["content"])[0]
+    item["content"][name] = "已篡改"  # a copy in which one released field was changed
+    head, _, signature = bundle.evidence.split(".")
+    edited = folder / "evidence-edited.jws"
+    edited.write_text(f"{head}.{jws.b64url(jws.canonical_json(payload))}.{signature}\n")
+    steps: list[tuple[str, list[str], int]] = [
+        ("print the A4 page", ["pdf", str(evidence), "-o", str(page)], 0),
+        ("verify offline", ["verify", str(evidence), "--state-dir", str(state_dir)], 0),
+        (
+            "verify the copy with one field changed",
+            ["verify", str(edited), "--state-dir", str(state_dir)],
+            10,
+        ),
+    ]
+    for label, argv, expect in steps:
+        print(f"\n-> {label}: certbroker evidence {' '.join(argv[:2])} ...")
+        done = subprocess.run(
+            [sys.executable, "-m", "certbroker", "evidence", *argv],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        lines = (done.stdout + done.stderr).splitlines()
+        for line in lines[:4] + lines[-1:] if len(lines) > 5 else lines:  # what it says, verdict
+            print(f"  {line}")
+        print(f"  (exit {done.returncode})")
+        if done.returncode != expect:
+            surprise(f"evidence {label}: exit {done.returncode}, expected {expect}")

@@ -22,8 +22,10 @@ from certbroker.cli import adapters as cli_adapters
 from certbroker.cli import admin as cli_admin
 from certbroker.cli import audit_log as cli_audit_log
 from certbroker.cli import auditor as cli_auditor
+from certbroker.cli import citizen as cli_citizen
 from certbroker.cli import client, jsonout
 from certbroker.cli import console as cli_console
+from certbroker.cli import evidence as cli_evidence
 from certbroker.cli.table import format_table
 from certbroker.v1 import broker_pb2
 
@@ -116,6 +118,13 @@ def _print_json(message: Message) -> None:
     print(jsonout.message(message, indent=2))
 
 
+def _save_evidence(args: argparse.Namespace, evidence: str) -> None:
+    """Write the evidence document the call asked for (``--evidence FILE``)."""
+    if args.evidence is not None:
+        args.evidence.write_text(evidence + "\n", encoding="ascii")
+        print(f"evidence written to {args.evidence}", file=sys.stderr)
+
+
 def cmd_lookup(args: argparse.Namespace) -> int:
     token = _clerk_token(args)
     if token is None:
@@ -129,9 +138,11 @@ def cmd_lookup(args: argparse.Namespace) -> int:
         args.consent_ref,
         _split(args.fields),
     )
+    request.evidence = args.evidence is not None
     response = _call(args, token, "Lookup", request)
     if response is None:
         return 1
+    _save_evidence(args, response.evidence)
     if args.json:
         _print_json(response)
     else:
@@ -168,9 +179,11 @@ def cmd_lookup_matter(args: argparse.Namespace) -> int:
         request = client.lookup_matter_request(
             args.matter, args.case, subjects, args.consent, args.consent_ref
         )
+    request.evidence = args.evidence is not None
     response = _call(args, token, "LookupMatter", request)
     if response is None:
         return 1
+    _save_evidence(args, response.evidence)
     if args.json:
         _print_json(response)
     else:
@@ -188,6 +201,9 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
         return 0
     if args.operator:
         print(idp.issue_operator(args.sub or "operator", ttl_s=args.ttl))
+        return 0
+    if args.citizen:  # the dev citizen issuer's token (the provincial app's, in production)
+        print(idp.issue_citizen(args.citizen, sub=args.sub or "", ttl_s=args.ttl))
         return 0
     if not (args.sub and args.roles and args.office):
         print("error: a clerk token needs --sub, --roles and --office", file=sys.stderr)
@@ -313,6 +329,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--fields", default="", help="comma-separated subset of fields")
     s.add_argument("--timeout", type=float, default=10.0)
     s.add_argument("--json", action="store_true")
+    s.add_argument(
+        "--evidence", type=Path, metavar="FILE", help="ask for a signed evidence document; write it"
+    )
     s.set_defaults(func=cmd_lookup)
 
     s = sub.add_parser(
@@ -343,6 +362,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--consent-ref", default="")
     s.add_argument("--timeout", type=float, default=10.0, help="deadline for the whole bundle")
     s.add_argument("--json", action="store_true")
+    s.add_argument(
+        "--evidence",
+        type=Path,
+        metavar="FILE",
+        help="ask for one signed evidence document; write it",
+    )
     s.set_defaults(func=cmd_lookup_matter)
 
     token = sub.add_parser("token", help="development identity provider").add_subparsers(
@@ -357,6 +382,7 @@ def parser() -> argparse.ArgumentParser:
     kind = s.add_mutually_exclusive_group()
     kind.add_argument("--department", help="department credential for this department id")
     kind.add_argument("--operator", action="store_true", help="operator token (Registry admin)")
+    kind.add_argument("--citizen", help="citizen token (Citizen service) for this resident ID")
     s.add_argument("--sub", help="clerk id (operator id, or the adapter deployment's name)")
     s.add_argument("--roles", help="comma-separated roles (clerk tokens)")
     s.add_argument("--office", help="office / hall id (clerk tokens)")
@@ -381,6 +407,8 @@ def parser() -> argparse.ArgumentParser:
 
     cli_admin.add_parsers(sub)
     cli_console.add_parser(sub)
+    cli_citizen.add_parsers(sub)
+    cli_evidence.add_parsers(sub, state)
 
     aud = sub.add_parser("audit", help="verify and query the audit log").add_subparsers(
         dest="audit_command", required=True

@@ -54,15 +54,18 @@ from certbroker.audit.events import AuditEvent, AuditLog, Receipt
 from certbroker.audit.guard import AuditedCall, Batch, Result, invocation_metadata, outcome
 from certbroker.audit.refusals import RefusalLedger
 from certbroker.auth.authenticator import Authenticator, Clerk
+from certbroker.evidence.document import Call, Issuer
 from certbroker.ids import new_id
 from certbroker.lookup.pipeline import (
     ItemPipeline,
     Trace,
     consent_name,
     event,
+    evidence_item,
     fetch_budget,
     fill_receipt,
     label,
+    release,
     safe_consent,
 )
 from certbroker.metrics import Metrics
@@ -130,9 +133,11 @@ class BundleRunner:
         cap_s: float,
         now: Callable[[], dt.datetime],
         refusals: RefusalLedger | None = None,
+        evidence: Issuer | None = None,
     ) -> None:
         self._auth = auth
         self._refusals = refusals
+        self._evidence = evidence
         self._items = items
         self._audit = audit
         self._metrics = metrics
@@ -171,8 +176,52 @@ class BundleRunner:
                 except Exception as exc:  # noqa: BLE001 - reported in the item, never the whole call
                     item.failure = errors.as_broker_error(exc)
             await self._fetch_all(call, policy, deadline)
+            if request.evidence:  # the released items' digests go into their entries
+                for item in _released(call):
+                    assert item.response is not None
+                    release(item.trace, item.response)
         *receipts, bundle_receipt = audited.receipts
-        return _answer(call, receipts, bundle_receipt)
+        reply = _answer(call, receipts, bundle_receipt)
+        if request.evidence:
+            reply.evidence = self._issue(request, policy, call, receipts, bundle_receipt)
+        return reply
+
+    def _issue(
+        self,
+        request: broker_pb2.LookupMatterRequest,
+        policy: PolicySet,
+        call: _Call,
+        receipts: Sequence[Receipt],
+        bundle_receipt: Receipt,
+    ) -> str:
+        """One evidence document for every released item of the call, after the entries."""
+        assert self._evidence is not None
+        assert call.clerk is not None
+        if call.package:
+            package = policy.packages.get(call.matter_code)
+            name = package.name if package else ""
+        else:
+            name = call.matters[0].name if call.matters else ""
+        document_call = Call(
+            kind="package" if call.package else "bundle",
+            clerk_sub=call.clerk.sub,
+            clerk_name=call.clerk.name,
+            office=call.clerk.office,
+            matter_code=call.matter_code,
+            matter_name=name,
+            case_number=call.case_number,
+            consent_method=call.consent,
+            consent_reference=request.consent.reference,
+            policy_version=policy.version,
+            bundle_id=call.bundle_id,
+            entry=bundle_receipt,
+        )
+        items = [
+            evidence_item(item.request, item.trace, item.response, receipt)
+            for item, receipt in zip(call.items, receipts, strict=True)
+            if item.failure is None and item.response is not None
+        ]
+        return self._evidence.issue(document_call, items, self._now())
 
     def _entries(
         self,
@@ -216,6 +265,8 @@ class BundleRunner:
         call.package = bool(request.package_code)
         call.clerk = self._auth.authenticate(invocation_metadata(context))
         self._auth.enforce(call.clerk)  # a security officer's controls refuse the whole call
+        if request.evidence and self._evidence is None:
+            raise no_evidence()
         code, matters = _matters(request, policy)
         validation.text("case_number", request.case_number, required=False)
         validation.text("consent.reference", request.consent.reference, required=False)
@@ -418,6 +469,16 @@ def validate_subjects(
         seen[subject_id] = index
         checked.append((subject_id, relation))
     return checked
+
+
+def _released(call: _Call) -> list[_Item]:
+    """The items whose record is answered (what an evidence document covers)."""
+    return [i for i in call.items if i.failure is None and i.response is not None]
+
+
+def no_evidence() -> errors.Unavailable:
+    """The refusal of an evidence request by a broker that has no evidence key."""
+    return errors.Unavailable("EVIDENCE_UNAVAILABLE", "this broker issues no evidence documents")
 
 
 def _answer(

@@ -22,10 +22,11 @@ from typing import Any
 import grpc
 
 from certbroker import errors
-from certbroker.audit.events import AuditEvent, Receipt
+from certbroker.audit.events import AuditEvent, Receipt, iso_time
 from certbroker.auth.authenticator import Clerk
 from certbroker.cache import RecordCache, record_key
 from certbroker.contract import fields as record_fields
+from certbroker.evidence import document
 from certbroker.ids import new_id
 from certbroker.metrics import Metrics
 from certbroker.policy import Decision, PolicySet, RecordType, Request
@@ -99,6 +100,9 @@ class Trace:
     bundle_id: str = ""
     relation: str = ""
     from_cache: bool = False  # served without calling the department (cache or single-flight)
+    #: The released content, salted and digested, when the call asked for evidence: the entry
+    #: records its digest and field names (certbroker.evidence.document).
+    released: document.Released | None = None
 
 
 class ItemPipeline:
@@ -354,4 +358,36 @@ def event(
         bundle_id=trace.bundle_id,
         relation=trace.relation,
         from_cache=trace.from_cache,
+        released_fields=trace.released.fields if trace.released else (),
+        released_digest=trace.released.digest if trace.released else "",
+    )
+
+
+def release(trace: Trace, response: broker_pb2.LookupResponse) -> None:
+    """Salt and digest the record ``response`` releases, for the entry and the evidence."""
+    assert trace.decision is not None
+    trace.released = document.release(response.record, trace.decision.fields)
+
+
+def evidence_item(
+    request: broker_pb2.LookupRequest,
+    trace: Trace,
+    response: broker_pb2.LookupResponse,
+    receipt: Receipt,
+) -> document.Item:
+    """One released record of an evidence document, with its entry's receipt."""
+    assert trace.released is not None, "release() the record before its entry is written"
+    return document.Item(
+        subject_id=trace.subject_id,
+        relation=trace.relation,
+        matter_code=request.matter_code,
+        record_type=request.record_type,
+        department=response.department,
+        as_of=iso_time(response.as_of.ToDatetime(dt.UTC)),
+        rule_id=response.rule_id,
+        decision_id=response.decision_id,
+        masked_fields=tuple(response.masked_fields),
+        withheld_fields=tuple(response.withheld_fields),
+        entry=receipt,
+        released=trace.released,
     )

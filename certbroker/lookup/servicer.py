@@ -25,12 +25,13 @@ from collections.abc import Callable
 import grpc
 
 from certbroker import validation
-from certbroker.audit.events import AuditEvent, AuditLog
+from certbroker.audit.events import AuditEvent, AuditLog, Receipt
 from certbroker.audit.guard import AuditedCall, Result, invocation_metadata, outcome
 from certbroker.audit.refusals import RefusalLedger
 from certbroker.auth.authenticator import Authenticator
 from certbroker.cache import RecordCache
-from certbroker.lookup.bundle import BundleRunner
+from certbroker.evidence.document import Call, Issuer
+from certbroker.lookup.bundle import BundleRunner, no_evidence
 from certbroker.lookup.describe import describe
 from certbroker.lookup.pipeline import (
     ItemPipeline,
@@ -38,8 +39,10 @@ from certbroker.lookup.pipeline import (
     consent_name,
     consent_value,
     event,
+    evidence_item,
     fetch_budget,
     fill_receipt,
+    release,
 )
 from certbroker.metrics import Metrics
 from certbroker.policy import PolicySet, PolicySource, matters_for, packages_for
@@ -56,6 +59,8 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
     bundle); a caller's earlier deadline shortens it. ``record_cache`` is shared by Lookup and
     LookupMatter (default: :class:`certbroker.cache.RecordCache` with its default bounds).
     ``refusals`` counts calls refused before the clerk is known (:mod:`certbroker.audit.guard`).
+    ``evidence`` signs the evidence documents callers ask for (``evidence`` in a request;
+    without an issuer such a request is refused UNAVAILABLE ``EVIDENCE_UNAVAILABLE``).
     """
 
     def __init__(
@@ -70,8 +75,10 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
         now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         record_cache: RecordCache[Fetched] | None = None,
         refusals: RefusalLedger | None = None,
+        evidence: Issuer | None = None,
     ) -> None:
         self._auth = auth
+        self._evidence = evidence
         self._refusals = refusals
         self._policies = policies
         self._audit = audit
@@ -80,7 +87,14 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
         self._now = now
         self._items = ItemPipeline(router, metrics, record_cache)
         self._bundles = BundleRunner(
-            auth, self._items, audit, metrics, cap_s=adapter_timeout_s, now=now, refusals=refusals
+            auth,
+            self._items,
+            audit,
+            metrics,
+            cap_s=adapter_timeout_s,
+            now=now,
+            refusals=refusals,
+            evidence=evidence,
         )
 
     async def Lookup(
@@ -105,8 +119,41 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
             on_finish=finished,
         ) as call:
             response = await self._lookup(request, context, policy, trace)
+            if request.evidence:
+                release(trace, response)  # its digest goes into the entry
         fill_receipt(response.receipt, call.receipt)
+        if request.evidence:
+            response.evidence = self._issue(request, policy, trace, response, call.receipt)
         return response
+
+    def _issue(
+        self,
+        request: broker_pb2.LookupRequest,
+        policy: PolicySet,
+        trace: Trace,
+        response: broker_pb2.LookupResponse,
+        receipt: Receipt,
+    ) -> str:
+        """The evidence document of one released record (after its entry is written)."""
+        assert self._evidence is not None
+        assert trace.clerk is not None
+        matter = policy.matters.get(request.matter_code)
+        call = Call(
+            kind="lookup",
+            clerk_sub=trace.clerk.sub,
+            clerk_name=trace.clerk.name,
+            office=trace.clerk.office,
+            matter_code=request.matter_code,
+            matter_name=matter.name if matter else "",
+            case_number=request.case_number,
+            consent_method=consent_name(request.consent.method),
+            consent_reference=request.consent.reference,
+            policy_version=policy.version,
+            bundle_id="",
+            entry=receipt,
+        )
+        item = evidence_item(request, trace, response, receipt)
+        return self._evidence.issue(call, [item], self._now())
 
     async def _lookup(
         self,
@@ -117,6 +164,8 @@ class CertificateBrokerService(broker_pb2_grpc.CertificateBrokerServicer):
     ) -> broker_pb2.LookupResponse:
         trace.clerk = self._auth.authenticate(invocation_metadata(context))
         self._auth.enforce(trace.clerk)  # a security officer's controls, audited under the clerk
+        if request.evidence and self._evidence is None:
+            raise no_evidence()
         validation.text("record_type", request.record_type, required=True)
         validation.text("matter_code", request.matter_code, required=True)
         validation.text("case_number", request.case_number, required=False)

@@ -19,6 +19,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from certbroker.contract import fields as contract
 from certbroker.contract import generic
 from certbroker.policy.model import (
+    CitizenView,
     Department,
     Matter,
     Package,
@@ -69,7 +70,8 @@ def _build(s: Sections, version: str, errors: list[str]) -> PolicySet:
         if not needs:
             errors.append(f"{at}: matter {code}: needs no record type")
         what = f"matter {code} needs"
-        matters[code] = Matter(code, name, _field_lists(needs, record_types, what, errors))
+        delay_s = s.covert.get(code, 0) * 86400
+        matters[code] = Matter(code, name, _field_lists(needs, record_types, what, errors), delay_s)
     roles = {i: Role(i, n) for i, n in _unique(s.roles, "role id", errors).items()}
     rules = tuple(
         _rule(spec, record_types, matters, roles, errors)
@@ -88,6 +90,7 @@ def _build(s: Sections, version: str, errors: list[str]) -> PolicySet:
         roles=MappingProxyType(roles),
         rules=rules,
         packages=MappingProxyType(packages),
+        citizen=CitizenView(**s.citizen),  # type: ignore[arg-type]  # checked by the schema
     )
 
 

@@ -171,6 +171,13 @@ class Matter:
     code: str
     name: str
     needs: Mapping[str, tuple[str, ...]]
+    #: A covert matter (e.g. a public-security investigation): its accesses are shown to the
+    #: citizen only ``disclosure_delay_s`` after they happened; auditors always see them.
+    disclosure_delay_s: int = 0
+
+    @property
+    def covert(self) -> bool:
+        return self.disclosure_delay_s > 0
 
 
 @dataclass(frozen=True)
@@ -182,6 +189,19 @@ class Package:
     code: str
     name: str
     matters: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CitizenView:
+    """The policy's ``citizen`` section: what the Citizen service shows and does.
+
+    ``show_clerk`` is "office" (the hall only) or "number" (the clerk's number too);
+    ``freeze_on_dispute`` freezes the citizen's records when they dispute an access, until a
+    security officer unfreezes them.
+    """
+
+    show_clerk: str = "office"
+    freeze_on_dispute: bool = False
 
 
 @dataclass(frozen=True)
@@ -224,6 +244,7 @@ class PolicySet:
     rules: tuple[Rule, ...] = ()
     #: Packages of matters (一件事) by code; their codes never collide with matter codes.
     packages: Mapping[str, Package] = field(default_factory=dict)
+    citizen: CitizenView = CitizenView()
     # What the set derives from itself alone, kept for the next request: the candidate rules
     # of (roles, matter, record type) and the decision a passing rule gives for a set of
     # requested fields. Conditions (office, hours, consent, case number) are still checked on

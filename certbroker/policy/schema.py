@@ -39,6 +39,14 @@ evaluates rules in file-name order, then in order within a file::
       - code: BDC-ZY-001
         name: 不动产转移登记
         needs: {household: [name], marriage: [marital_status, spouse_resident_id]}
+      - code: GA-ZC-001            # a covert matter: citizens see its accesses only after
+        name: 刑事案件侦查           # disclosure_delay_days (1..3650); auditors always
+        covert: true
+        disclosure_delay_days: 180
+        needs: {household: [name]}
+    citizen:                       # the citizens' own view (Citizen service); a mapping
+      show_clerk: number           # office (default: the hall only) | number (clerk's too)
+      freeze_on_dispute: true      # a dispute freezes the citizen's records (default false)
     roles:
       - {id: window_clerk, name: 综合受理窗口}
     packages:                      # 一件事: several matters handled as one (LookupMatter)
@@ -152,6 +160,16 @@ class Sections:
     roles: list[tuple[Located, str]] = field(default_factory=list)
     rules: list[RuleSpec] = field(default_factory=list)
     packages: list[PackageSpec] = field(default_factory=list)
+    #: matter code -> its disclosure delay in days: the covert matters (``covert: true``).
+    covert: dict[str, int] = field(default_factory=dict)
+    #: The ``citizen`` section's values as read (keys of :data:`CITIZEN_KEYS`).
+    citizen: dict[str, object] = field(default_factory=dict)
+
+
+#: The ``citizen`` section: what a citizen's own view (the Citizen service) shows and does.
+CITIZEN_KEYS = ("show_clerk", "freeze_on_dispute")
+#: ``show_clerk`` values: the office only, or the clerk's number too.
+SHOW_CLERK = ("office", "number")
 
 
 def read_file(r: Reader, data: bytes, out: Sections) -> None:
@@ -161,11 +179,22 @@ def read_file(r: Reader, data: bytes, out: Sections) -> None:
     top = r.mapping(
         root,
         "policy file",
-        optional=("departments", "record_types", "matters", "roles", "rules", "packages"),
+        optional=(
+            "departments",
+            "record_types",
+            "matters",
+            "roles",
+            "rules",
+            "packages",
+            "citizen",
+        ),
     )
     if top is None:
         return
     for name, node in top.items():
+        if name == "citizen":
+            _read_citizen(r, node, out)
+            continue
         for item in r.sequence(node, name) or []:
             _ITEM_READERS[name](r, item, out)
 
@@ -381,12 +410,46 @@ def _limits(r: Reader, node: yaml.Node, what: str) -> RecordLimits:
 
 
 def _read_matter(r: Reader, item: yaml.Node, out: Sections) -> None:
-    got = _named(r, item, "matter", "code", required=("name", "needs"))
+    got = _named(
+        r,
+        item,
+        "matter",
+        "code",
+        required=("name", "needs"),
+        optional=("covert", "disclosure_delay_days"),
+    )
     if got:
         m, code = got
         what = f"matter {code[0]}"
         needs = _per_record_type(r, m["needs"], f"{what} needs") if "needs" in m else []
         out.matters.append((code, _text(r, m, "name", what), needs))
+        covert = r.boolean(m["covert"], f"{what} covert") if "covert" in m else False
+        delay = None
+        if "disclosure_delay_days" in m:
+            delay = r.integer(m["disclosure_delay_days"], f"{what} disclosure_delay_days")
+            if delay is not None and not (covert and 1 <= delay <= 3650):
+                r.error(
+                    m["disclosure_delay_days"],
+                    f"{what} disclosure_delay_days: 1..3650, and only for a covert matter",
+                )
+        elif covert:
+            r.error(m["covert"], f"{what}: a covert matter needs disclosure_delay_days")
+        if covert and delay is not None:
+            out.covert[code[0]] = delay
+
+
+def _read_citizen(r: Reader, node: yaml.Node, out: Sections) -> None:
+    m = r.mapping(node, "citizen", optional=CITIZEN_KEYS) or {}
+    if "show_clerk" in m:
+        show = r.string(m["show_clerk"], "citizen show_clerk")
+        if show is not None and show not in SHOW_CLERK:
+            r.error(m["show_clerk"], f"citizen show_clerk: one of {', '.join(SHOW_CLERK)}")
+        elif show is not None:
+            out.citizen["show_clerk"] = show
+    if "freeze_on_dispute" in m:
+        freeze = r.boolean(m["freeze_on_dispute"], "citizen freeze_on_dispute")
+        if freeze is not None:
+            out.citizen["freeze_on_dispute"] = freeze
 
 
 def _read_rule(r: Reader, item: yaml.Node, out: Sections) -> None:

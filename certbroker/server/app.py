@@ -33,7 +33,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -46,6 +46,7 @@ from grpc_reflection.v1alpha import reflection
 from certbroker.admin.servicer import AdminService
 from certbroker.audit import BatchingAuditLog, CheckpointSigner, checkpoint_task, open_audit_log
 from certbroker.audit.integrity.proofs import latest_checkpoint, tree_size
+from certbroker.audit.outbox import NoticeOutbox
 from certbroker.audit.refusals import RefusalLedger
 from certbroker.audit.service.servicer import AuditService
 from certbroker.auth.authenticator import (
@@ -54,9 +55,15 @@ from certbroker.auth.authenticator import (
     TrustedIssuer,
     load_issuer,
 )
-from certbroker.auth.controls import Controls, SqliteControlStore
+from certbroker.auth.citizens import CitizenAuthenticator
+from certbroker.auth.controls import Controls
 from certbroker.cache import RecordCache
+from certbroker.citizen.notices import notices_of
+from certbroker.citizen.relay import NatsPublisher, OutboxRelay
+from certbroker.citizen.servicer import CitizenService
+from certbroker.cluster.shared import shared_state_for
 from certbroker.config import Config
+from certbroker.evidence.document import Issuer
 from certbroker.lookup.pipeline import fetched_size
 from certbroker.lookup.servicer import CertificateBrokerService
 from certbroker.metrics import BrokerState, Metrics
@@ -79,6 +86,8 @@ from certbroker.v1 import (
     audit_pb2_grpc,
     broker_pb2,
     broker_pb2_grpc,
+    citizen_pb2,
+    citizen_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
 )
@@ -91,6 +100,7 @@ SERVICE_NAMES: Final = (
     registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
     audit_pb2.DESCRIPTOR.services_by_name["Audit"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+    citizen_pb2.DESCRIPTOR.services_by_name["Citizen"].full_name,
 )
 
 
@@ -133,6 +143,38 @@ def authenticator(config: Config, metrics: Metrics | None = None) -> Authenticat
     )
 
 
+def citizen_authenticator(config: Config, auth: Authenticator) -> CitizenAuthenticator | None:
+    """The citizens' authenticator of ``config`` (``[citizen]`` issuer, and the dev IdP's
+    citizen issuer while ``[auth] dev_idp`` is on); None when no citizen issuer is trusted."""
+
+    if bool(config.citizen_issuer) != (config.citizen_public_key is not None):
+        raise StartError("citizen.issuer and citizen.public_key go together")
+
+    def trusted() -> list[TrustedIssuer]:
+        issuers: list[TrustedIssuer] = []
+        if config.citizen_issuer and config.citizen_public_key is not None:
+            issuers.append(
+                load_issuer(
+                    config.citizen_issuer,
+                    config.citizen_audience,
+                    pem_files=(config.citizen_public_key,),
+                )
+            )
+        if config.dev_idp:
+            dev = DevIdentityProvider(config.state_dir)
+            issuers.append(dev.citizen_trusted_issuer(config.dev_idp_max_token_lifetime_s))
+        return issuers
+
+    if not trusted():
+        return None
+    return CitizenAuthenticator(
+        trusted,
+        is_clerk_issuer=auth.trusts,
+        id_claim=config.citizen_id_claim,
+        leeway_s=config.leeway_s,
+    )
+
+
 @dataclass(kw_only=True)
 class Broker:
     """A running broker: its bound ports and the pieces tests and the CLI reach into."""
@@ -153,21 +195,42 @@ class Broker:
     health: Health
     calls: Calls
     refusals: RefusalLedger  # calls refused before their caller was known
+    evidence: Issuer  # signs evidence documents (certbroker.evidence)
     #: Closes every part :func:`start` opened, in reverse order (module docstring).
     _parts: _Parts = field(repr=False)
     _stopping: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
 
+    citizen_auth: CitizenAuthenticator | None = None
+    #: The notice relay, when ``[notify] nats_url`` is set (and this process checkpoints).
+    relay: OutboxRelay | None = None
+
     def reload(self) -> None:
         """SIGHUP: re-read the issuer keys (emptying the token cache), then reload the
         policies (an audited reload, scheduled on the running loop)."""
-        self.auth.reload_keys()
+        self._reload_keys()
+        self._reload_evidence_key()
         self.policies.reload_soon()
+
+    def _reload_evidence_key(self) -> None:
+        # After `certbroker keys rotate --evidence`; a ring that cannot be read keeps the key.
+        try:
+            self.evidence.reload()
+        except (OSError, ValueError):
+            log.exception(
+                "cannot reload the evidence key; still signing with %s", self.evidence.kid
+            )
 
     async def reload_now(self) -> None:
         """:meth:`reload`, finished before it returns (a worker catching up on a SIGHUP that
         came while it started)."""
-        self.auth.reload_keys()
+        self._reload_keys()
+        self._reload_evidence_key()
         await self.policies.reload()
+
+    def _reload_keys(self) -> None:
+        self.auth.reload_keys()
+        if self.citizen_auth is not None:
+            self.citizen_auth.reload_keys()
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain (health NOT_SERVING, no new calls, in-flight calls get ``grace`` seconds;
@@ -255,6 +318,13 @@ def _checkpoint_signer(config: Config) -> CheckpointSigner:
         raise StartError(f"cannot load the checkpoint signing key {where}: {exc}") from exc
 
 
+def _evidence_issuer(config: Config) -> Issuer:
+    try:
+        return Issuer(config.state_dir)
+    except (OSError, ValueError) as exc:
+        raise StartError(f"cannot load the evidence key ring in {config.state_dir}: {exc}") from exc
+
+
 def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
@@ -335,16 +405,18 @@ async def start(
     policies = PolicyHolder(config.policy_dir, metrics)
     departments = {name: rt.department for name, rt in policies.current.record_types.items()}
     signer = DecisionSigner(config.state_dir)
+    evidence = _evidence_issuer(config)
     breakers = BreakerBoard(
         failures=config.breaker_failures, reset_s=config.breaker_reset_s, clock=breaker_clock
     )
     calls = Calls()
     parts = _Parts()
     async with parts.stack:
-        registry = RegistryStore(
-            config.state_dir / "registry.sqlite", lease_s=config.lease_s, clock=lease_clock
-        )
-        parts.on_close("registry", lambda: asyncio.to_thread(registry.close))
+        # Controls and registry: SQLite in the state dir, or PostgreSQL shared by a cluster of
+        # brokers when [audit] dsn is set (certbroker.cluster.shared).
+        shared = shared_state_for(config)
+        parts.on_close("shared state", lambda: asyncio.to_thread(shared.close))
+        registry = RegistryStore(shared.registry, lease_s=config.lease_s, clock=lease_clock)
         # Where departments may register adapters; the ports bound below are added once known.
         endpoints = EndpointGuard(policies, broker_ports(config))
         router = build_router(
@@ -365,6 +437,8 @@ async def start(
             max_wait_s=config.audit_batch_wait_ms / 1000,
             clock=audit_clock,
             on_commit=metrics.observe_audit_commit,
+            # Every access's notice, in its entry's transaction (certbroker.audit.outbox).
+            hook=NoticeOutbox(notices_of(lambda: policies.current)),
         )
         parts.on_close("audit log", audit.aclose)
         policies.audit = audit  # reloads are audited from here on
@@ -380,11 +454,9 @@ async def start(
         parts.on_close("refusal summaries", refusals.aclose)
         checkpoint_signer = _checkpoint_signer(config)
         auth = authenticator(config, metrics)
-        # The security officers' controls: durable in the state dir, reloaded here, enforced
-        # by every servicer through the authenticator (certbroker.auth.controls).
-        control_store = SqliteControlStore(config.state_dir / "controls.sqlite")
-        parts.on_close("controls", lambda: asyncio.to_thread(control_store.close))
-        controls = Controls(control_store)
+        # The security officers' controls: durable (state dir or cluster), reloaded here,
+        # enforced by every servicer through the authenticator (certbroker.auth.controls).
+        controls = await asyncio.to_thread(Controls, shared.controls)
         auth.controls = controls
         record_cache: RecordCache[Fetched] = RecordCache(
             max_entries=config.record_cache_max_entries,
@@ -429,6 +501,7 @@ async def start(
             adapter_timeout_s=config.adapter_timeout_s,
             record_cache=record_cache,
             refusals=refusals,
+            evidence=evidence,
             **({"now": decision_clock} if decision_clock is not None else {}),
         )
         registry_service = RegistryService(
@@ -442,8 +515,13 @@ async def start(
             signer=checkpoint_signer,
             refusals=refusals,
             state=state,
+            evidence_keys=lambda: (evidence.jwks(), evidence.kid),
         )
         admin_service = AdminService(auth, policies, audit, controls, refusals=refusals)
+        citizen_auth = citizen_authenticator(config, auth)
+        citizen_service = CitizenService(
+            citizen_auth, policies, audit, config.audit_location, controls, refusals=refusals
+        )
         # Tolerant decoding (certbroker.server.decoding): undecodable bytes reach guarded().
         register(
             broker_pb2_grpc.add_CertificateBrokerServicer_to_server,
@@ -465,6 +543,11 @@ async def start(
             guarded(admin_service, calls, refusals),
             server,
         )
+        register(
+            citizen_pb2_grpc.add_CitizenServicer_to_server,
+            guarded(citizen_service, calls, refusals),
+            server,
+        )
         health_servicer = Health()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -483,23 +566,29 @@ async def start(
         refusals.start()
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        following = shared.follower(controls, registry)
+        if following is not None:  # a cluster: the other brokers' changes reach this one
+            _background(parts, following, "cluster follower")
         if checkpoints:
-            task = asyncio.create_task(
+            _background(
+                parts,
                 checkpoint_task(
                     config.audit_location,
                     checkpoint_signer,
                     config.checkpoint_interval_s,
                     archive=config.archive,
+                    may_sign=shared.may_sign,  # in a cluster, one broker signs at a time
                 ),
-                name="certbroker-audit-checkpoints",
+                "checkpoint task",
             )
-
-            async def stop_checkpoints() -> None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-
-            parts.on_close("checkpoint task", stop_checkpoints)
+        relay = None
+        if checkpoints and config.nats_url:  # one relay per log, beside the checkpoints
+            relay = OutboxRelay(
+                audit.backend,
+                NatsPublisher(config.nats_url, config.notify_stream, config.notify_subject),
+                interval_s=config.notify_interval_s,
+            )
+            _background(parts, relay.run(), "notice relay")
         log.info(
             "certbroker serving on %s:%d (metrics :%d), policy %s",
             config.host,
@@ -524,9 +613,24 @@ async def start(
             health=health_servicer,
             calls=calls,
             refusals=refusals,
+            citizen_auth=citizen_auth,
+            relay=relay,
+            evidence=evidence,
             _parts=parts.handed_over(),  # closed by Broker.stop
         )
     raise AssertionError("unreachable")  # pragma: no cover - the block returns or raises
+
+
+def _background(parts: _Parts, work: Coroutine[Any, Any, None], what: str) -> None:
+    """Run ``work`` as a task until the broker stops (cancelled on close)."""
+    task = asyncio.create_task(work, name=f"certbroker {what}")
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    parts.on_close(what, stop)
 
 
 def pid_file(state_dir: Path) -> Path:

@@ -325,7 +325,7 @@ class Finding(_message.Message):
     FINDING_ID_FIELD_NUMBER: _builtins.int
     REVIEW_FIELD_NUMBER: _builtins.int
     rule: _builtins.str
-    """NO_CASE_NUMBER | OUTSIDE_HOURS | MANY_SUBJECTS | REPEATED_SUBJECT | DENIAL_BURST"""
+    """NO_CASE_NUMBER | OUTSIDE_HOURS | MANY_SUBJECTS | REPEATED_SUBJECT | DENIAL_BURST | CITIZEN_DISPUTE"""
     clerk: _builtins.str
     description: _builtins.str
     finding_id: _builtins.str
@@ -795,3 +795,42 @@ class ExportChunk(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExportChunk: _TypeAlias = ExportChunk  # noqa: Y015
+
+@_typing.final
+class GetEvidenceKeysRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEvidenceKeysRequest: _TypeAlias = GetEvidenceKeysRequest  # noqa: Y015
+
+@_typing.final
+class EvidenceKeys(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JWKS_FIELD_NUMBER: _builtins.int
+    CURRENT_KID_FIELD_NUMBER: _builtins.int
+    jwks: _builtins.str
+    """RFC 7517 JWK Set (JSON text): OKP / Ed25519 keys, "kid" = RFC 7638 thumbprint"""
+    current_kid: _builtins.str
+    """the key new evidence is signed with"""
+    def __init__(
+        self,
+        *,
+        jwks: _builtins.str = ...,
+        current_kid: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_kid", b"current_kid", "jwks", b"jwks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvidenceKeys: _TypeAlias = EvidenceKeys  # noqa: Y015

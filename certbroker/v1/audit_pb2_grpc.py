@@ -80,6 +80,11 @@ class AuditStub:
                 request_serializer=certbroker_dot_v1_dot_audit__pb2.ReviewFindingRequest.SerializeToString,
                 response_deserializer=certbroker_dot_v1_dot_audit__pb2.ReviewFindingResponse.FromString,
                 _registered_method=True)
+        self.GetEvidenceKeys = channel.unary_unary(
+                '/certbroker.v1.Audit/GetEvidenceKeys',
+                request_serializer=certbroker_dot_v1_dot_audit__pb2.GetEvidenceKeysRequest.SerializeToString,
+                response_deserializer=certbroker_dot_v1_dot_audit__pb2.EvidenceKeys.FromString,
+                _registered_method=True)
 
 
 class AuditServicer:
@@ -150,6 +155,14 @@ class AuditServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetEvidenceKeys(self, request, context):
+        """Every evidence public key the broker ever signed with (a JWKS), so evidence documents of
+        any age verify after any number of rotations (docs/evidence.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuditServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -197,6 +210,11 @@ def add_AuditServicer_to_server(servicer, server):
                     servicer.ReviewFinding,
                     request_deserializer=certbroker_dot_v1_dot_audit__pb2.ReviewFindingRequest.FromString,
                     response_serializer=certbroker_dot_v1_dot_audit__pb2.ReviewFindingResponse.SerializeToString,
+            ),
+            'GetEvidenceKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEvidenceKeys,
+                    request_deserializer=certbroker_dot_v1_dot_audit__pb2.GetEvidenceKeysRequest.FromString,
+                    response_serializer=certbroker_dot_v1_dot_audit__pb2.EvidenceKeys.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -443,6 +461,33 @@ class Audit:
             '/certbroker.v1.Audit/ReviewFinding',
             certbroker_dot_v1_dot_audit__pb2.ReviewFindingRequest.SerializeToString,
             certbroker_dot_v1_dot_audit__pb2.ReviewFindingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEvidenceKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/certbroker.v1.Audit/GetEvidenceKeys',
+            certbroker_dot_v1_dot_audit__pb2.GetEvidenceKeysRequest.SerializeToString,
+            certbroker_dot_v1_dot_audit__pb2.EvidenceKeys.FromString,
             options,
             channel_credentials,
             insecure,

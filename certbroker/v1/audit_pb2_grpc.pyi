@@ -54,6 +54,10 @@ class AuditStub:
     """Mark one anomaly finding reviewed, with a note (auditors). The review is the call's own
     audit entry; Anomalies shows it on the finding from then on.
     """
+    GetEvidenceKeys: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetEvidenceKeysRequest, _audit_pb2.EvidenceKeys]
+    """Every evidence public key the broker ever signed with (a JWKS), so evidence documents of
+    any age verify after any number of rotations (docs/evidence.md).
+    """
 
 @_typing.type_check_only
 class AuditAsyncStub(AuditStub):
@@ -80,6 +84,10 @@ class AuditAsyncStub(AuditStub):
     ReviewFinding: _aio.UnaryUnaryMultiCallable[_audit_pb2.ReviewFindingRequest, _audit_pb2.ReviewFindingResponse]  # type: ignore[assignment]
     """Mark one anomaly finding reviewed, with a note (auditors). The review is the call's own
     audit entry; Anomalies shows it on the finding from then on.
+    """
+    GetEvidenceKeys: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetEvidenceKeysRequest, _audit_pb2.EvidenceKeys]  # type: ignore[assignment]
+    """Every evidence public key the broker ever signed with (a JWKS), so evidence documents of
+    any age verify after any number of rotations (docs/evidence.md).
     """
 
 class AuditServicer(metaclass=_abc_1.ABCMeta):
@@ -158,6 +166,16 @@ class AuditServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_audit_pb2.ReviewFindingResponse, _abc.Awaitable[_audit_pb2.ReviewFindingResponse]]:
         """Mark one anomaly finding reviewed, with a note (auditors). The review is the call's own
         audit entry; Anomalies shows it on the finding from then on.
+        """
+
+    @_abc_1.abstractmethod
+    def GetEvidenceKeys(
+        self,
+        request: _audit_pb2.GetEvidenceKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.EvidenceKeys, _abc.Awaitable[_audit_pb2.EvidenceKeys]]:
+        """Every evidence public key the broker ever signed with (a JWKS), so evidence documents of
+        any age verify after any number of rotations (docs/evidence.md).
         """
 
 def add_AuditServicer_to_server(servicer: AuditServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -79,6 +79,7 @@ class LookupRequest(_message.Message):
     CASE_NUMBER_FIELD_NUMBER: _builtins.int
     CONSENT_FIELD_NUMBER: _builtins.int
     FIELDS_FIELD_NUMBER: _builtins.int
+    EVIDENCE_FIELD_NUMBER: _builtins.int
     record_type: _builtins.str
     """household | social_security | property | marriage"""
     subject_id: _builtins.str
@@ -87,6 +88,11 @@ class LookupRequest(_message.Message):
     """事项编码"""
     case_number: _builtins.str
     """办件号"""
+    evidence: _builtins.bool
+    """Ask for a signed evidence document (调取凭证) of what is released: the answer's
+    `evidence` (docs/evidence.md). The audit entry then records a salted digest of the
+    released content and the released field names.
+    """
     @_builtins.property
     def consent(self) -> Global___Consent: ...
     @_builtins.property
@@ -102,10 +108,11 @@ class LookupRequest(_message.Message):
         case_number: _builtins.str = ...,
         consent: Global___Consent | None = ...,
         fields: _abc.Iterable[_builtins.str] | None = ...,
+        evidence: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["consent", b"consent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["case_number", b"case_number", "consent", b"consent", "fields", b"fields", "matter_code", b"matter_code", "record_type", b"record_type", "subject_id", b"subject_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["case_number", b"case_number", "consent", b"consent", "evidence", b"evidence", "fields", b"fields", "matter_code", b"matter_code", "record_type", b"record_type", "subject_id", b"subject_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -153,10 +160,16 @@ class LookupResponse(_message.Message):
     RECEIPT_FIELD_NUMBER: _builtins.int
     DECISION_ID_FIELD_NUMBER: _builtins.int
     RULE_ID_FIELD_NUMBER: _builtins.int
+    EVIDENCE_FIELD_NUMBER: _builtins.int
     department: _builtins.str
     from_cache: _builtins.bool
     decision_id: _builtins.str
     rule_id: _builtins.str
+    evidence: _builtins.str
+    """The signed evidence document when the request asked for it (`evidence`): a JWS compact
+    serialization, EdDSA (Ed25519), of the record exactly as released here (docs/evidence.md).
+    Empty otherwise, and on a bundle item (the bundle carries one for all its items).
+    """
     @_builtins.property
     def record(self) -> _records_pb2.Record: ...
     @_builtins.property
@@ -183,10 +196,11 @@ class LookupResponse(_message.Message):
         receipt: Global___AuditReceipt | None = ...,
         decision_id: _builtins.str = ...,
         rule_id: _builtins.str = ...,
+        evidence: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "receipt", b"receipt", "record", b"record"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "decision_id", b"decision_id", "department", b"department", "from_cache", b"from_cache", "masked_fields", b"masked_fields", "receipt", b"receipt", "record", b"record", "rule_id", b"rule_id", "withheld_fields", b"withheld_fields"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "decision_id", b"decision_id", "department", b"department", "evidence", b"evidence", "from_cache", b"from_cache", "masked_fields", b"masked_fields", "receipt", b"receipt", "record", b"record", "rule_id", b"rule_id", "withheld_fields", b"withheld_fields"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -370,12 +384,15 @@ class LookupMatterRequest(_message.Message):
     CONSENT_FIELD_NUMBER: _builtins.int
     SUBJECTS_FIELD_NUMBER: _builtins.int
     PACKAGE_CODE_FIELD_NUMBER: _builtins.int
+    EVIDENCE_FIELD_NUMBER: _builtins.int
     matter_code: _builtins.str
     case_number: _builtins.str
     package_code: _builtins.str
     """A package of matters (一件事) instead of one matter: exactly one of matter_code and
     package_code (INVALID_ARGUMENT MATTER_AND_PACKAGE / MISSING_ARGUMENT / UNKNOWN_PACKAGE).
     """
+    evidence: _builtins.bool
+    """Ask for one signed evidence document covering every released item (docs/evidence.md)."""
     @_builtins.property
     def consent(self) -> Global___Consent: ...
     @_builtins.property
@@ -388,10 +405,11 @@ class LookupMatterRequest(_message.Message):
         consent: Global___Consent | None = ...,
         subjects: _abc.Iterable[Global___BundleSubject] | None = ...,
         package_code: _builtins.str = ...,
+        evidence: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["consent", b"consent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["case_number", b"case_number", "consent", b"consent", "matter_code", b"matter_code", "package_code", b"package_code", "subjects", b"subjects"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["case_number", b"case_number", "consent", b"consent", "evidence", b"evidence", "matter_code", b"matter_code", "package_code", b"package_code", "subjects", b"subjects"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -534,10 +552,15 @@ class LookupMatterResponse(_message.Message):
     RECEIPT_FIELD_NUMBER: _builtins.int
     PACKAGE_CODE_FIELD_NUMBER: _builtins.int
     MATTERS_FIELD_NUMBER: _builtins.int
+    EVIDENCE_FIELD_NUMBER: _builtins.int
     bundle_id: _builtins.str
     package_code: _builtins.str
     """A package lookup: its code, and its items grouped by member matter (in the package's
     order); `items` is then empty. A single-matter lookup leaves both empty.
+    """
+    evidence: _builtins.str
+    """The signed evidence document of the whole call when the request asked for it: one JWS
+    compact serialization covering every released item (docs/evidence.md); else empty.
     """
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___BundleItem]: ...
@@ -555,10 +578,11 @@ class LookupMatterResponse(_message.Message):
         receipt: Global___AuditReceipt | None = ...,
         package_code: _builtins.str = ...,
         matters: _abc.Iterable[Global___MatterItems] | None = ...,
+        evidence: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_id", b"bundle_id", "items", b"items", "matters", b"matters", "package_code", b"package_code", "receipt", b"receipt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle_id", b"bundle_id", "evidence", b"evidence", "items", b"items", "matters", b"matters", "package_code", b"package_code", "receipt", b"receipt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -118,7 +118,11 @@ def test_receipt_hash_matches_the_documented_formula(tmp_path: Path) -> None:
 
     assert receipt.sequence == 1
     expected = {
-        **{f.name: getattr(event, f.name) for f in dataclasses.fields(AuditEvent)},
+        **{
+            f.name: getattr(event, f.name)
+            for f in dataclasses.fields(AuditEvent)
+            if f.name not in EVIDENCE_ONLY
+        },
         "roles": ["clerk", "household_reader"],
         "withheld_fields": ["members.id_number"],
         "entry_id": receipt.entry_id,
@@ -141,7 +145,18 @@ def test_body_holds_exactly_the_documented_keys(tmp_path: Path) -> None:
     append_all(path, [make_event()])
     [(_, body, _, _)] = rows(path)
     event_keys = {f.name for f in dataclasses.fields(AuditEvent)}
+    assert set(json.loads(body)) == event_keys - EVIDENCE_ONLY | {"entry_id", "time", "seq", "v"}
+    # A lookup that issued evidence adds the digest and the field names, never the values.
+    evidence = dataclasses.replace(
+        make_event(), released_fields=("name",), released_digest="0" * 64
+    )
+    append_all(path, [evidence])
+    body = rows(path)[1][1]
     assert set(json.loads(body)) == event_keys | {"entry_id", "time", "seq", "v"}
+
+
+#: Entry keys written only by a lookup that issued an evidence document (certbroker.evidence).
+EVIDENCE_ONLY = {"released_fields", "released_digest"}
 
 
 def test_chain_links_every_entry(tmp_path: Path) -> None:

@@ -377,3 +377,12 @@ def _peak_rss_kib(pid: int) -> int:
     """One process's own VmHWM (peak resident set), in KiB."""
     status = Path(f"/proc/{pid}/status").read_text()
     return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+
+
+def test_smoke_run_prints_the_evidence_table() -> None:
+    out = _bench("--smoke", "--scenario", "evidence")
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = _table_rows(out.stdout.splitlines())
+    for call in ("Lookup", "Lookup + evidence", "verify offline (6 records)"):
+        assert all(_NUMBER.fullmatch(c) for c in rows[call][1:]), rows[call]
+    assert "evidence adds (p50)" in out.stdout

@@ -46,6 +46,7 @@ def test_prints_one_statement_per_line_for_the_default_schema(
         'GRANT SELECT, INSERT ON "certbroker".audit_log, "certbroker".merkle_nodes, '
         '"certbroker".checkpoints TO "certbroker_app";',
         'GRANT SELECT ON "certbroker".audit_archives, "certbroker".audit_meta TO "certbroker_app";',
+        'GRANT SELECT, INSERT, UPDATE ON "certbroker".audit_outbox TO "certbroker_app";',
     ]
 
 
@@ -55,12 +56,15 @@ def test_archiver_adds_delete_on_the_log_and_insert_on_archives(
     _code, broker, _err = pg_grants(capsys, "--role", "r", "--schema", "audit_x")
     code, archiver, err = pg_grants(capsys, "--role", "r", "--schema", "audit_x", "--archiver")
     assert (code, err) == (0, "")
-    assert archiver.splitlines()[:3] == broker.splitlines()
-    assert archiver.splitlines()[3:] == [
+    assert archiver.splitlines()[:4] == broker.splitlines()
+    assert archiver.splitlines()[4:] == [
         'GRANT INSERT ON "audit_x".audit_archives TO "r";',
         'GRANT DELETE ON "audit_x".audit_log TO "r";',
     ]
-    assert "UPDATE" not in archiver
+    # UPDATE only on the notice outbox (its relay marks notices sent), never an audit table.
+    assert [line for line in archiver.splitlines() if "UPDATE" in line] == [
+        'GRANT SELECT, INSERT, UPDATE ON "audit_x".audit_outbox TO "r";'
+    ]
     assert "TRUNCATE" not in archiver
 
 

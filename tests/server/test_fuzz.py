@@ -184,6 +184,7 @@ def valid_requests(couple: tuple[str, str]) -> dict[str, Message]:
         "ReviewFinding": audit_pb2.ReviewFindingRequest(
             finding_id="0123456789abcdef", rule="NO_CASE_NUMBER", note="checked"
         ),
+        "GetEvidenceKeys": audit_pb2.GetEvidenceKeysRequest(),
         "Register": registry_pb2.RegisterRequest(
             department="civil_affairs",
             record_types=["marriage"],

@@ -86,10 +86,13 @@ def entry_message(entry: AuditEntry) -> audit_pb2.AuditEntry:
 
 
 def released_fields(policy: PolicySet, entry: AuditEntry) -> list[str]:
-    """Fields a lookup released, derived from the policy set in force (not stored in entries):
-    the matter's fields for the record type minus the entry's withheld fields; none unless
-    the lookup was allowed and succeeded. See :mod:`certbroker.audit.service.servicer`."""
+    """Fields a lookup released: those its entry records (an entry of a lookup that issued
+    evidence names them exactly), else derived from the policy set in force: the matter's
+    fields for the record type minus the entry's withheld fields; none unless the lookup was
+    allowed and succeeded. See :mod:`certbroker.audit.service.servicer`."""
     e = entry.event
+    if e.released_fields and e.outcome == "OK" and e.decision == "allow":
+        return list(e.released_fields)
     matter = policy.matters.get(e.matter_code)
     record_type = policy.record_types.get(e.record_type)
     if e.outcome != "OK" or e.decision != "allow" or matter is None or record_type is None:

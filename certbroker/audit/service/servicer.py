@@ -119,9 +119,11 @@ class AuditService(audit_pb2_grpc.AuditServicer):
         thresholds: anomalies.Thresholds | None = None,
         refusals: RefusalLedger | None = None,
         state: BrokerState | None = None,
+        evidence_keys: Callable[[], tuple[str, str]] | None = None,
     ) -> None:
         self._auth = auth
         self._state = state
+        self._evidence_keys = evidence_keys
         self._refusals = refusals
         self._policies = policies
         self._log = log
@@ -333,7 +335,8 @@ class AuditService(audit_pb2_grpc.AuditServicer):
 
         def parse() -> Criteria:
             since, until = time_range(call.summary, request.HasField("time"), request.time)
-            return Criteria(kinds=("lookup",), since=since, until=until)
+            # "citizen" entries: the disputes (CITIZEN_DISPUTE); the other rules read lookups.
+            return Criteria(kinds=("lookup", "citizen"), since=since, until=until)
 
         criteria, receipt = await self._admit(call, context, parse)
         criteria = replace(criteria, before=receipt.sequence)
@@ -516,3 +519,21 @@ class AuditService(audit_pb2_grpc.AuditServicer):
         first, last = await self._resolve(call, context, parse, resolve)
         async for chunk in proofs.export_chunks(self._db, first, last):
             yield audit_pb2.ExportChunk(data=chunk)
+
+    async def GetEvidenceKeys(
+        self, request: audit_pb2.GetEvidenceKeysRequest, context: _Context
+    ) -> audit_pb2.EvidenceKeys:
+        """Every evidence public key ever used (JWKS) and the current kid; NOT_FOUND when
+        this service was built without the broker's evidence key ring."""
+        call = _Call("get_evidence_keys")
+
+        def parse() -> None:
+            return None
+
+        async def resolve(_: None) -> audit_pb2.EvidenceKeys:
+            if self._evidence_keys is None:
+                raise errors.NotFound("NO_EVIDENCE_KEYS", "this broker issues no evidence")
+            jwks, kid = await asyncio.to_thread(self._evidence_keys)
+            return audit_pb2.EvidenceKeys(jwks=jwks, current_kid=kid)
+
+        return await self._resolve(call, context, parse, resolve)

@@ -45,6 +45,7 @@ from typing import Any, LiteralString
 
 from certbroker.audit.events import AUDIT_UNAVAILABLE
 from certbroker.audit.store.base import Connection, Cursor, Node
+from certbroker.audit.store.rows import OUTBOX_DDL
 from certbroker.config import PostgresLocation
 from certbroker.errors import Unavailable
 
@@ -90,6 +91,9 @@ _DDL: tuple[LiteralString, ...] = (
         time            TEXT NOT NULL
     )""",
     "CREATE TABLE IF NOT EXISTS {s}.audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    # The notice outbox (certbroker.audit.outbox): unqualified, the session's search_path is
+    # the schema. Older schemas get it from the writer's hook.
+    *OUTBOX_DDL,
     # The one trigger function. DELETE from audit_log is let through only for archived rows.
     """CREATE OR REPLACE FUNCTION {s}.audit_append_only() RETURNS trigger
     LANGUAGE plpgsql AS $$
@@ -406,6 +410,9 @@ def grant_statements(schema: str, role: str, *, archiver: bool = False) -> list[
             "GRANT SELECT, INSERT ON {s}.audit_log, {s}.merkle_nodes, {s}.checkpoints TO {r}"
         ).format(s=s, r=r),
         sql.SQL("GRANT SELECT ON {s}.audit_archives, {s}.audit_meta TO {r}").format(s=s, r=r),
+        # The notice outbox (certbroker.audit.outbox) is not append-only: the relay marks
+        # notices sent.
+        sql.SQL("GRANT SELECT, INSERT, UPDATE ON {s}.audit_outbox TO {r}").format(s=s, r=r),
     ]
     if archiver:
         statements += [

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, LiteralString
 
 # The format names were defined here before they moved to the entry model; re-exported so
 # `from certbroker.audit.store.rows import canonical_body` (and the others) keeps working.
@@ -62,6 +62,22 @@ INDEXED_COLUMNS = (
 )
 """Body keys copied into their own columns so queries can use indexes. They are not covered by
 the hash directly, so :func:`check_chain` compares each one with the hashed body."""
+
+#: The notice outbox (:mod:`certbroker.audit.outbox`), in both backends' schemas: one row per
+#: access, inserted in the entry's transaction, ``sent`` set once a message broker has it. Both
+#: dialects accept these statements as written (PostgreSQL's search_path is the log's schema);
+#: the partial index keeps the relay's look-up of unsent notices cheap as the table grows.
+OUTBOX_DDL: tuple[LiteralString, ...] = (
+    """CREATE TABLE IF NOT EXISTS audit_outbox (
+        entry_id   TEXT PRIMARY KEY,
+        seq        BIGINT NOT NULL,
+        subject_id TEXT NOT NULL,
+        due        TEXT NOT NULL,
+        notice     TEXT NOT NULL,
+        sent       TEXT
+    )""",
+    "CREATE INDEX IF NOT EXISTS audit_outbox_unsent ON audit_outbox (due) WHERE sent IS NULL",
+)
 
 ROW_COLUMNS = "seq, body, prev_hash, entry_hash, " + ", ".join(INDEXED_COLUMNS)
 _INSERT_COLUMNS = ("seq", *INDEXED_COLUMNS, "body", "prev_hash", "entry_hash")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from certbroker.audit.store.base import Connection, Node, UndecodableText
+from certbroker.audit.store.rows import OUTBOX_DDL
 
 SCHEMA_VERSION = 2
 """Stored in ``PRAGMA user_version`` so a later migration knows what it is looking at
@@ -79,6 +80,8 @@ SCHEMA = (
         file_sha256     TEXT NOT NULL,
         time            TEXT NOT NULL
     )""",
+    # The notice outbox (certbroker.audit.outbox), mutable; written with the entries.
+    *OUTBOX_DDL,
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
 

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test serve proto proto-check docs docs-check lint imports typecheck unit bench clean
+.PHONY: demo test serve console screenshots proto proto-check docs docs-check lint imports typecheck unit bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,17 @@ demo: $(STAMP)
 	$(BIN)/certbroker demo
 
 serve: $(STAMP)
+	@echo "web console: in another terminal, make console (http://127.0.0.1:8080/)"
 	$(BIN)/certbroker serve
+
+## The web console for auditors, hall supervisors and security officers (docs/console.md).
+console: $(STAMP)
+	$(BIN)/certbroker console
+
+## The screenshots in docs/console.md: a broker and a console on free ports, a few lookups,
+## Chromium (Playwright) on each main page.
+screenshots: $(STAMP)
+	$(BIN)/python scripts/screenshots.py docs/console
 
 ## The one command that regenerates certbroker/v1 from proto/.
 proto: $(STAMP)

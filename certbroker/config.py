@@ -195,6 +195,7 @@ SECTIONS: Mapping[str, str] = {
     "auth": "who may call: token checks and trusted issuers",
     "cache": "the record cache (TTL per record type: cache_ttl_s in the policy's catalogue)",
     "routing": "broker -> department calls",
+    "console": "the web console (`certbroker console`): a client of this broker's gRPC services",
     "citizen": "the citizens' own service (Citizen): their issuer and resident ID claim",
     "notify": "access notices: the outbox relay to a message broker (none = kept, not sent)",
 }
@@ -667,6 +668,100 @@ class Config:
             example="tls/broker.key",
         ).meta,
     )
+    # [console]: the web console is a client of the broker (certbroker.console); it reads the
+    # same file so that `certbroker console` finds the broker, its state dir and the keys.
+    console_host: str = field(
+        default="127.0.0.1",
+        metadata=Key(
+            "console", "host", "address the console listens on", env="CERTBROKER_CONSOLE_HOST"
+        ).meta,
+    )
+    console_port: int = field(
+        default=8080,
+        metadata=Key(
+            "console",
+            "port",
+            "HTTP port of the console; 0 = any free port",
+            env="CERTBROKER_CONSOLE_PORT",
+            ge=0,
+            le=65535,
+        ).meta,
+    )
+    console_broker: str = field(
+        default="",
+        metadata=Key(
+            "console",
+            "broker",
+            "host:port of the broker the console calls",
+            env="CERTBROKER_CONSOLE_BROKER",
+            unset="[server] host and port",
+            example="broker.example.gov.cn:50051",
+        ).meta,
+    )
+    console_session_s: float = field(
+        default=8 * 3600.0,
+        metadata=Key(
+            "console",
+            "session_s",
+            "a sign-in lasts this long at most (and never past its token's exp)",
+            gt=0,
+            le=86400,
+        ).meta,
+    )
+    console_oidc_issuer: str = field(
+        default="",
+        metadata=Key(
+            "console",
+            "oidc_issuer",
+            "OpenID Connect issuer to sign in with (the iss of its ID tokens)",
+            unset="the development IdP's sign-in page, when [auth] dev_idp",
+            example="https://idp.example.gov.cn",
+        ).meta,
+    )
+    console_oidc_authorize_url: str = field(
+        default="",
+        metadata=Key(
+            "console",
+            "oidc_authorize_url",
+            "the IdP's authorization endpoint (with oidc_issuer)",
+            unset="none",
+            example="https://idp.example.gov.cn/authorize",
+        ).meta,
+    )
+    console_oidc_token_url: str = field(
+        default="",
+        metadata=Key(
+            "console",
+            "oidc_token_url",
+            "the IdP's token endpoint (with oidc_issuer)",
+            unset="none",
+            example="https://idp.example.gov.cn/token",
+        ).meta,
+    )
+    console_oidc_client_id: str = field(
+        default="certbroker-console",
+        metadata=Key("console", "oidc_client_id", "the console's client id at the IdP").meta,
+    )
+    console_oidc_client_secret_file: Path | None = field(
+        default=None,
+        metadata=Key(
+            "console",
+            "oidc_client_secret_file",
+            "a file holding the console's client secret (a public client with PKCE when unset)",
+            unset="none",
+            example="keys/console-client-secret",
+        ).meta,
+    )
+    console_checkpoint_public_key: Path | None = field(
+        default=None,
+        metadata=Key(
+            "console",
+            "checkpoint_public_key",
+            "the broker's checkpoint public key: the console's verify checks use it",
+            unset="<state_dir>/checkpoint-key/public-key.pem",
+            example="keys/checkpoint-public-key.pem",
+        ).meta,
+    )
     # [citizen] The provincial app's identity provider: its own issuer and audience, so a
     # clerk's token is never a citizen's and the reverse. The dev IdP's citizen issuer is
     # trusted besides it while [auth] dev_idp is on.
@@ -783,6 +878,18 @@ class Config:
             return None
         return ArchiveSchedule(
             self.archive_after_days, self.archive_directory, self.archive_interval_s
+        )
+
+    @property
+    def console_target(self) -> str:
+        """host:port of the broker the console calls."""
+        return self.console_broker or f"{self.host}:{self.port}"
+
+    @property
+    def checkpoint_public_key(self) -> Path:
+        """The checkpoint public key verifiers use (the broker writes it beside its key)."""
+        return self.console_checkpoint_public_key or (
+            self.state_dir / "checkpoint-key" / "public-key.pem"
         )
 
     @property
@@ -1063,3 +1170,8 @@ def _check_together(config: Config) -> None:
         raise ConfigError("routing.tls_cert and routing.tls_key go together (mutual TLS)")
     if config.tls_cert is not None and config.tls_ca is None:
         raise ConfigError("routing.tls_cert needs routing.tls_ca (mutual TLS is TLS first)")
+    oidc = (config.console_oidc_authorize_url, config.console_oidc_token_url)
+    if config.console_oidc_issuer and not all(oidc):
+        raise ConfigError("console.oidc_issuer needs oidc_authorize_url and oidc_token_url")
+    if any(oidc) and not config.console_oidc_issuer:
+        raise ConfigError("console.oidc_authorize_url and oidc_token_url need oidc_issuer")

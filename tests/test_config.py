@@ -124,7 +124,12 @@ def test_bad_audit_settings_are_refused(env: dict[str, str], message: str) -> No
 PLAIN = [s for s in config.SETTINGS if s.shape == "value"]
 VARIABLES = [s for s in PLAIN if s.key.env]
 # Settings that cannot be set alone (config._check_together): what each needs beside it.
-COMPANIONS = {"tls_cert": ("tls_key", "tls_ca"), "tls_key": ("tls_cert", "tls_ca")}
+_OIDC = ("console_oidc_issuer", "console_oidc_authorize_url", "console_oidc_token_url")
+COMPANIONS = {
+    "tls_cert": ("tls_key", "tls_ca"),
+    "tls_key": ("tls_cert", "tls_ca"),
+    **{name: tuple(other for other in _OIDC if other != name) for name in _OIDC},
+}
 
 
 def _ids(settings: list[Setting]) -> list[str]:

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.request
 import venv
 import zipfile
 from pathlib import Path
@@ -59,6 +60,14 @@ def test_wheel_alone_serves_and_plays_the_demo(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "certbroker/policies/catalogue.yaml" in names
     assert "certbroker/adapters/sql/examples/marriage.toml" in names
+    for console_file in (
+        "templates/overview.html",
+        "static/console.js",
+        "static/console.css",
+        "static/vendor/echarts-5.5.1.min.js",
+        "static/vendor/htmx-1.9.12.min.js",
+    ):
+        assert f"certbroker/console/{console_file}" in names
     assert not [n for n in names if n.startswith(("tests/", "bench/", "broker/", "adapters/"))]
 
     env_dir = tmp_path / "venv"
@@ -127,9 +136,46 @@ def test_wheel_alone_serves_and_plays_the_demo(tmp_path: Path) -> None:
         verify = cli("audit", "verify", "--state-dir", str(state))
         assert verify.returncode == 0, verify.stdout + verify.stderr
         assert "1 entries" in verify.stdout or "1 entry" in verify.stdout, verify.stdout
+        _console_serves_its_files(certbroker, state, port, run_dir, env)
     finally:
         serve.terminate()
         serve.wait(30)
         for stream in (serve.stdout, serve.stderr):
             if stream is not None:
                 stream.close()
+
+
+def _console_serves_its_files(
+    certbroker: str, state: Path, port: int, run_dir: Path, env: dict[str, str]
+) -> None:
+    """``certbroker console`` from the wheel: its templates and vendored scripts are there."""
+    console = subprocess.Popen(
+        [certbroker, "console", "--port", "0", "--state-dir", str(state)],
+        cwd=run_dir,
+        env=env | {"CERTBROKER_CONSOLE_BROKER": f"127.0.0.1:{port}"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert console.stdout is not None
+        url = next(
+            (
+                line.split("=", 1)[1].strip()
+                for line in console.stdout
+                if line.startswith("READY url=")
+            ),
+            "",
+        )
+        assert url, "no READY line from certbroker console"
+        with urllib.request.urlopen(url + "static/vendor/echarts-5.5.1.min.js") as script:
+            assert script.status == 200
+            assert len(script.read()) > 500_000
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+        with browser.open(url + "signin") as page:  # -> the dev IdP's users page
+            assert "审计员" in page.read().decode()
+    finally:
+        console.terminate()
+        assert console.wait(30) == 0
+        if console.stdout is not None:
+            console.stdout.close()

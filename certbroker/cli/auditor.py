@@ -15,20 +15,17 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 
 from certbroker.audit.integrity import checkpoint
-from certbroker.audit.verify.report import REWRITTEN
+from certbroker.audit.verify import receipts
 from certbroker.cli import client, jsonout
 from certbroker.cli.table import printable, render_table
 from certbroker.v1 import audit_pb2, audit_pb2_grpc
@@ -163,16 +160,6 @@ def cmd_anomalies(args: argparse.Namespace) -> int:
     return _with_range(args, run)
 
 
-def _exported_entry(data: bytes) -> tuple[str, bytes, str]:
-    """(prev_hash, body bytes, entry_hash) of a one-entry export
-    (:mod:`certbroker.audit.export`)."""
-    head, line = data.split(b"\n")[:2]
-    key = b'","body":'
-    at = line.index(key)
-    entry_hash = line[at - 64 : at].decode("ascii")
-    return str(json.loads(head)["prev_hash"]), line[at + len(key) : -1], entry_hash
-
-
 def cmd_prove(args: argparse.Namespace) -> int:
     """Prove one entry (a lookup's receipt) is in a signed checkpoint, checked here."""
     try:
@@ -199,13 +186,18 @@ def cmd_prove(args: argparse.Namespace) -> int:
         segment = audit_pb2.ExportRequest(from_sequence=sequence, to_sequence=sequence)
         data = b"".join(c.data for c in stub.Export(segment, metadata=md, timeout=args.timeout))
         try:
-            signed = client.open_checkpoint(head, public_key)
-            client.check_inclusion(signed, proof)
-            prev, body, entry_hash = _exported_entry(data)
-            _check_entry(args, prev, body, entry_hash, proof)
-        except client.ProofError as exc:
+            proven = receipts.prove(
+                head,
+                proof,
+                data,
+                public_key,
+                entry_id=args.entry_id or "",
+                receipt_hash=args.entry_hash or "",
+            )
+        except receipts.ProofError as exc:
             print(f"NOT PROVEN: {exc}")
             return exc.code
+        signed, entry_hash = proven.checkpoint, proven.entry_hash
         print(
             f"ok: entry #{sequence} (sha256:{entry_hash}) is in the checkpoint of "
             f"{signed.size} entries signed at {signed.time:%Y-%m-%d %H:%M:%S}Z, "
@@ -214,25 +206,6 @@ def cmd_prove(args: argparse.Namespace) -> int:
         return 0
 
     return _call(args, use)
-
-
-def _check_entry(
-    args: argparse.Namespace,
-    prev: str,
-    body: bytes,
-    entry_hash: str,
-    proof: audit_pb2.InclusionProof,
-) -> None:
-    """The exported entry is the proven leaf, and the receipt's entry (id and hash)."""
-    if hashlib.sha256(b"\x00" + body).digest() != proof.leaf_hash:
-        raise client.ProofError(REWRITTEN, "the exported entry is not the proven leaf")
-    if hashlib.sha256(prev.encode() + body).hexdigest() != entry_hash:
-        raise client.ProofError(REWRITTEN, "the exported entry does not match its chain hash")
-    fields: dict[str, Any] = json.loads(body)
-    if args.entry_id and fields.get("entry_id") != args.entry_id:
-        raise client.ProofError(REWRITTEN, "the proven entry has another entry_id")
-    if args.entry_hash and not entry_hash.startswith(args.entry_hash):
-        raise client.ProofError(REWRITTEN, "the proven entry's hash is not the receipt's")
 
 
 def _receipt_hash(text: str | None) -> str | None:

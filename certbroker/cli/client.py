@@ -8,13 +8,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf import json_format, timestamp_pb2
 from grpc_status import rpc_status
 
-from certbroker.audit.integrity import checkpoint, merkle
-from certbroker.audit.integrity.proofs import KEY_NAME, ORIGIN
-from certbroker.audit.verify.report import BAD_CHECKPOINT, REWRITTEN, WRONG_KEY
 from certbroker.contract import generic
 from certbroker.contract.fields import GENERIC_CASE
 from certbroker.errors import reason_of
@@ -145,42 +141,6 @@ def time_range(since: datetime | None, until: datetime | None) -> audit_pb2.Time
             stamp.FromDatetime(moment)
             getattr(span, name).CopyFrom(stamp)
     return span
-
-
-class ProofError(Exception):
-    """Something the broker served does not verify; ``code`` is the matching
-    ``certbroker audit verify`` exit code (16 wrong key, 17 bad checkpoint, 15 no proof)."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def open_checkpoint(
-    head: audit_pb2.Checkpoint, public_key: Ed25519PublicKey
-) -> checkpoint.Checkpoint:
-    """The checkpoint a ``Checkpoint`` message carries, once its note's signature verifies
-    with ``public_key``; the message's size and root must be the signed ones."""
-    try:
-        signed = checkpoint.open_note(head.note, public_key, KEY_NAME, origin=ORIGIN)
-    except checkpoint.CheckpointError as exc:
-        code = WRONG_KEY if exc.reason == checkpoint.WRONG_KEY else BAD_CHECKPOINT
-        raise ProofError(code, f"checkpoint: {exc}") from None
-    if (signed.size, signed.root_hash) != (head.size, head.root_hash):
-        raise ProofError(BAD_CHECKPOINT, "checkpoint size/root differ from its signed note")
-    return signed
-
-
-def check_inclusion(signed: checkpoint.Checkpoint, proof: audit_pb2.InclusionProof) -> None:
-    """Raise ProofError unless ``proof`` puts its leaf in the tree ``signed`` commits to."""
-    if proof.tree_size != signed.size or not merkle.verify_inclusion(
-        proof.leaf_hash, proof.leaf_index, proof.tree_size, list(proof.hashes), signed.root_hash
-    ):
-        raise ProofError(
-            REWRITTEN,
-            f"the inclusion proof of entry {proof.leaf_index + 1} does not lead to the root "
-            f"signed for size {signed.size}",
-        )
 
 
 def record_data(

@@ -1,4 +1,4 @@
-"""The ``certbroker`` command line: serve, demo, lookup, token, adapters, policy, audit."""
+"""The ``certbroker`` command line: serve, demo, lookup, token, adapters, policy, audit, console."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from certbroker.cli import audit_log as cli_audit_log
 from certbroker.cli import auditor as cli_auditor
 from certbroker.cli import citizen as cli_citizen
 from certbroker.cli import client, jsonout
+from certbroker.cli import console as cli_console
 from certbroker.cli import evidence as cli_evidence
 from certbroker.cli.table import format_table
 from certbroker.v1 import broker_pb2
@@ -404,6 +405,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_policy_reload)
 
     cli_admin.add_parsers(sub)
+    cli_console.add_parser(sub)
     cli_citizen.add_parsers(sub)
     cli_evidence.add_parsers(sub, state)
 

@@ -471,7 +471,8 @@ async def start(
         )
 
         # Metrics before the gRPC server: /metrics answers until the drain is over.
-        metrics.watch(broker_state(config, policies, breakers, registry, calls))
+        state = broker_state(config, policies, breakers, registry, calls)
+        metrics.watch(state)
         try:
             metrics_http, metrics_port = metrics.serve(config.host, config.metrics_port)
         except OSError as exc:
@@ -520,6 +521,7 @@ async def start(
             config.audit_location,
             signer=checkpoint_signer,
             refusals=refusals,
+            state=state,
             evidence_keys=lambda: (evidence.jwks(), evidence.kid),
         )
         admin_service = AdminService(auth, policies, audit, controls, refusals=refusals)

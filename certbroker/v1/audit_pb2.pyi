@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from certbroker.v1 import broker_pb2 as _broker_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -321,13 +322,21 @@ class Finding(_message.Message):
     CLERK_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     SEQUENCES_FIELD_NUMBER: _builtins.int
+    FINDING_ID_FIELD_NUMBER: _builtins.int
+    REVIEW_FIELD_NUMBER: _builtins.int
     rule: _builtins.str
     """NO_CASE_NUMBER | OUTSIDE_HOURS | MANY_SUBJECTS | REPEATED_SUBJECT | DENIAL_BURST | CITIZEN_DISPUTE | QUOTA_EXCEEDED"""
     clerk: _builtins.str
     description: _builtins.str
+    finding_id: _builtins.str
+    """Stable id of the finding: 16 hex digits of SHA-256 over rule, clerk and sequences."""
     @_builtins.property
     def sequences(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """the entries behind the finding"""
+
+    @_builtins.property
+    def review(self) -> Global___Review:
+        """unset: not reviewed yet (the latest review when there are several)"""
 
     def __init__(
         self,
@@ -336,14 +345,238 @@ class Finding(_message.Message):
         clerk: _builtins.str = ...,
         description: _builtins.str = ...,
         sequences: _abc.Iterable[_builtins.int] | None = ...,
+        finding_id: _builtins.str = ...,
+        review: Global___Review | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["review", b"review"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clerk", b"clerk", "description", b"description", "rule", b"rule", "sequences", b"sequences"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clerk", b"clerk", "description", b"description", "finding_id", b"finding_id", "review", b"review", "rule", b"rule", "sequences", b"sequences"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Finding: _TypeAlias = Finding  # noqa: Y015
+
+@_typing.final
+class Review(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVIEWER_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    reviewer: _builtins.str
+    """the auditor's sub"""
+    note: _builtins.str
+    entry_id: _builtins.str
+    """the review's own audit entry"""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        reviewer: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        note: _builtins.str = ...,
+        entry_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_id", b"entry_id", "note", b"note", "reviewer", b"reviewer", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Review: _TypeAlias = Review  # noqa: Y015
+
+@_typing.final
+class ReviewFindingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINDING_ID_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    finding_id: _builtins.str
+    """Finding.finding_id"""
+    rule: _builtins.str
+    """the finding's rule"""
+    note: _builtins.str
+    """required, at most 500 characters, no control characters"""
+    def __init__(
+        self,
+        *,
+        finding_id: _builtins.str = ...,
+        rule: _builtins.str = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finding_id", b"finding_id", "note", b"note", "rule", b"rule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReviewFindingRequest: _TypeAlias = ReviewFindingRequest  # noqa: Y015
+
+@_typing.final
+class ReviewFindingResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECEIPT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def receipt(self) -> _broker_pb2.AuditReceipt: ...
+    def __init__(
+        self,
+        *,
+        receipt: _broker_pb2.AuditReceipt | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReviewFindingResponse: _TypeAlias = ReviewFindingResponse  # noqa: Y015
+
+@_typing.final
+class OverviewRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    OFFICE_FIELD_NUMBER: _builtins.int
+    office: _builtins.str
+    """only this office; a hall supervisor's is always their own"""
+    @_builtins.property
+    def time(self) -> Global___TimeRange:
+        """unset: the last 24 hours"""
+
+    def __init__(
+        self,
+        *,
+        time: Global___TimeRange | None = ...,
+        office: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["office", b"office", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OverviewRequest: _TypeAlias = OverviewRequest  # noqa: Y015
+
+@_typing.final
+class HourCount(_message.Message):
+    """The lookups of one hour at one office from one department."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOUR_FIELD_NUMBER: _builtins.int
+    OFFICE_FIELD_NUMBER: _builtins.int
+    DEPARTMENT_FIELD_NUMBER: _builtins.int
+    ALLOWED_FIELD_NUMBER: _builtins.int
+    DENIED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    office: _builtins.str
+    department: _builtins.str
+    """empty: refused before a department was chosen"""
+    allowed: _builtins.int
+    """answered"""
+    denied: _builtins.int
+    """refused by policy or a control"""
+    failed: _builtins.int
+    """allowed, but no answer (a department down, a timeout)"""
+    @_builtins.property
+    def hour(self) -> _timestamp_pb2.Timestamp:
+        """the hour's start (UTC)"""
+
+    def __init__(
+        self,
+        *,
+        hour: _timestamp_pb2.Timestamp | None = ...,
+        office: _builtins.str = ...,
+        department: _builtins.str = ...,
+        allowed: _builtins.int = ...,
+        denied: _builtins.int = ...,
+        failed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hour", b"hour"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "denied", b"denied", "department", b"department", "failed", b"failed", "hour", b"hour", "office", b"office"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HourCount: _TypeAlias = HourCount  # noqa: Y015
+
+@_typing.final
+class DepartmentState(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPARTMENT_FIELD_NUMBER: _builtins.int
+    BREAKER_STATE_FIELD_NUMBER: _builtins.int
+    LIVE_INSTANCES_FIELD_NUMBER: _builtins.int
+    department: _builtins.str
+    breaker_state: _builtins.str
+    """closed | open | half_open"""
+    live_instances: _builtins.int
+    """registered instances whose lease is live"""
+    def __init__(
+        self,
+        *,
+        department: _builtins.str = ...,
+        breaker_state: _builtins.str = ...,
+        live_instances: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker_state", b"breaker_state", "department", b"department", "live_instances", b"live_instances"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DepartmentState: _TypeAlias = DepartmentState  # noqa: Y015
+
+@_typing.final
+class OverviewResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOURS_FIELD_NUMBER: _builtins.int
+    DEPARTMENTS_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    LAST_CHECKPOINT_FIELD_NUMBER: _builtins.int
+    OPEN_ANOMALIES_FIELD_NUMBER: _builtins.int
+    OFFICE_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    policy_version: _builtins.str
+    open_anomalies: _builtins.int
+    """findings in the time range not reviewed"""
+    office: _builtins.str
+    """the office the counts are limited to ("" = every office)"""
+    @_builtins.property
+    def hours(self) -> _containers.RepeatedCompositeFieldContainer[Global___HourCount]: ...
+    @_builtins.property
+    def departments(self) -> _containers.RepeatedCompositeFieldContainer[Global___DepartmentState]: ...
+    @_builtins.property
+    def last_checkpoint(self) -> Global___Checkpoint:
+        """unset before the first"""
+
+    @_builtins.property
+    def time(self) -> Global___TimeRange:
+        """the time range counted"""
+
+    def __init__(
+        self,
+        *,
+        hours: _abc.Iterable[Global___HourCount] | None = ...,
+        departments: _abc.Iterable[Global___DepartmentState] | None = ...,
+        policy_version: _builtins.str = ...,
+        last_checkpoint: Global___Checkpoint | None = ...,
+        open_anomalies: _builtins.int = ...,
+        office: _builtins.str = ...,
+        time: Global___TimeRange | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_checkpoint", b"last_checkpoint", "time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["departments", b"departments", "hours", b"hours", "last_checkpoint", b"last_checkpoint", "office", b"office", "open_anomalies", b"open_anomalies", "policy_version", b"policy_version", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OverviewResponse: _TypeAlias = OverviewResponse  # noqa: Y015
 
 @_typing.final
 class AnomaliesResponse(_message.Message):

@@ -70,6 +70,16 @@ class AuditStub:
                 request_serializer=certbroker_dot_v1_dot_audit__pb2.ExportRequest.SerializeToString,
                 response_deserializer=certbroker_dot_v1_dot_audit__pb2.ExportChunk.FromString,
                 _registered_method=True)
+        self.Overview = channel.unary_unary(
+                '/certbroker.v1.Audit/Overview',
+                request_serializer=certbroker_dot_v1_dot_audit__pb2.OverviewRequest.SerializeToString,
+                response_deserializer=certbroker_dot_v1_dot_audit__pb2.OverviewResponse.FromString,
+                _registered_method=True)
+        self.ReviewFinding = channel.unary_unary(
+                '/certbroker.v1.Audit/ReviewFinding',
+                request_serializer=certbroker_dot_v1_dot_audit__pb2.ReviewFindingRequest.SerializeToString,
+                response_deserializer=certbroker_dot_v1_dot_audit__pb2.ReviewFindingResponse.FromString,
+                _registered_method=True)
         self.GetEvidenceKeys = channel.unary_unary(
                 '/certbroker.v1.Audit/GetEvidenceKeys',
                 request_serializer=certbroker_dot_v1_dot_audit__pb2.GetEvidenceKeysRequest.SerializeToString,
@@ -127,6 +137,24 @@ class AuditServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Overview(self, request, context):
+        """A hall at a glance, for auditors and hall supervisors (role "hall_supervisor": their own
+        office only, PERMISSION_DENIED OFFICE_NOT_ALLOWED for another): lookups, denials and
+        failures per hour by office and department, the departments' circuit breakers, the policy
+        version in force, the last signed checkpoint, the open anomalies.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReviewFinding(self, request, context):
+        """Mark one anomaly finding reviewed, with a note (auditors). The review is the call's own
+        audit entry; Anomalies shows it on the finding from then on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetEvidenceKeys(self, request, context):
         """Every evidence public key the broker ever signed with (a JWKS), so evidence documents of
         any age verify after any number of rotations (docs/evidence.md).
@@ -172,6 +200,16 @@ def add_AuditServicer_to_server(servicer, server):
                     servicer.Export,
                     request_deserializer=certbroker_dot_v1_dot_audit__pb2.ExportRequest.FromString,
                     response_serializer=certbroker_dot_v1_dot_audit__pb2.ExportChunk.SerializeToString,
+            ),
+            'Overview': grpc.unary_unary_rpc_method_handler(
+                    servicer.Overview,
+                    request_deserializer=certbroker_dot_v1_dot_audit__pb2.OverviewRequest.FromString,
+                    response_serializer=certbroker_dot_v1_dot_audit__pb2.OverviewResponse.SerializeToString,
+            ),
+            'ReviewFinding': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReviewFinding,
+                    request_deserializer=certbroker_dot_v1_dot_audit__pb2.ReviewFindingRequest.FromString,
+                    response_serializer=certbroker_dot_v1_dot_audit__pb2.ReviewFindingResponse.SerializeToString,
             ),
             'GetEvidenceKeys': grpc.unary_unary_rpc_method_handler(
                     servicer.GetEvidenceKeys,
@@ -369,6 +407,60 @@ class Audit:
             '/certbroker.v1.Audit/Export',
             certbroker_dot_v1_dot_audit__pb2.ExportRequest.SerializeToString,
             certbroker_dot_v1_dot_audit__pb2.ExportChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Overview(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/certbroker.v1.Audit/Overview',
+            certbroker_dot_v1_dot_audit__pb2.OverviewRequest.SerializeToString,
+            certbroker_dot_v1_dot_audit__pb2.OverviewResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReviewFinding(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/certbroker.v1.Audit/ReviewFinding',
+            certbroker_dot_v1_dot_audit__pb2.ReviewFindingRequest.SerializeToString,
+            certbroker_dot_v1_dot_audit__pb2.ReviewFindingResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,16 @@ class AuditStub:
     GetConsistencyProof: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ConsistencyProofRequest, _audit_pb2.ConsistencyProof]
     Export: _grpc.UnaryStreamMultiCallable[_audit_pb2.ExportRequest, _audit_pb2.ExportChunk]
     """A segment of the log (JSON Lines) and the checkpoints covering it, for offline verification."""
+    Overview: _grpc.UnaryUnaryMultiCallable[_audit_pb2.OverviewRequest, _audit_pb2.OverviewResponse]
+    """A hall at a glance, for auditors and hall supervisors (role "hall_supervisor": their own
+    office only, PERMISSION_DENIED OFFICE_NOT_ALLOWED for another): lookups, denials and
+    failures per hour by office and department, the departments' circuit breakers, the policy
+    version in force, the last signed checkpoint, the open anomalies.
+    """
+    ReviewFinding: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ReviewFindingRequest, _audit_pb2.ReviewFindingResponse]
+    """Mark one anomaly finding reviewed, with a note (auditors). The review is the call's own
+    audit entry; Anomalies shows it on the finding from then on.
+    """
     GetEvidenceKeys: _grpc.UnaryUnaryMultiCallable[_audit_pb2.GetEvidenceKeysRequest, _audit_pb2.EvidenceKeys]
     """Every evidence public key the broker ever signed with (a JWKS), so evidence documents of
     any age verify after any number of rotations (docs/evidence.md).
@@ -65,6 +75,16 @@ class AuditAsyncStub(AuditStub):
     GetConsistencyProof: _aio.UnaryUnaryMultiCallable[_audit_pb2.ConsistencyProofRequest, _audit_pb2.ConsistencyProof]  # type: ignore[assignment]
     Export: _aio.UnaryStreamMultiCallable[_audit_pb2.ExportRequest, _audit_pb2.ExportChunk]  # type: ignore[assignment]
     """A segment of the log (JSON Lines) and the checkpoints covering it, for offline verification."""
+    Overview: _aio.UnaryUnaryMultiCallable[_audit_pb2.OverviewRequest, _audit_pb2.OverviewResponse]  # type: ignore[assignment]
+    """A hall at a glance, for auditors and hall supervisors (role "hall_supervisor": their own
+    office only, PERMISSION_DENIED OFFICE_NOT_ALLOWED for another): lookups, denials and
+    failures per hour by office and department, the departments' circuit breakers, the policy
+    version in force, the last signed checkpoint, the open anomalies.
+    """
+    ReviewFinding: _aio.UnaryUnaryMultiCallable[_audit_pb2.ReviewFindingRequest, _audit_pb2.ReviewFindingResponse]  # type: ignore[assignment]
+    """Mark one anomaly finding reviewed, with a note (auditors). The review is the call's own
+    audit entry; Anomalies shows it on the finding from then on.
+    """
     GetEvidenceKeys: _aio.UnaryUnaryMultiCallable[_audit_pb2.GetEvidenceKeysRequest, _audit_pb2.EvidenceKeys]  # type: ignore[assignment]
     """Every evidence public key the broker ever signed with (a JWKS), so evidence documents of
     any age verify after any number of rotations (docs/evidence.md).
@@ -125,6 +145,28 @@ class AuditServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_audit_pb2.ExportChunk], _abc.AsyncIterator[_audit_pb2.ExportChunk]]:
         """A segment of the log (JSON Lines) and the checkpoints covering it, for offline verification."""
+
+    @_abc_1.abstractmethod
+    def Overview(
+        self,
+        request: _audit_pb2.OverviewRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.OverviewResponse, _abc.Awaitable[_audit_pb2.OverviewResponse]]:
+        """A hall at a glance, for auditors and hall supervisors (role "hall_supervisor": their own
+        office only, PERMISSION_DENIED OFFICE_NOT_ALLOWED for another): lookups, denials and
+        failures per hour by office and department, the departments' circuit breakers, the policy
+        version in force, the last signed checkpoint, the open anomalies.
+        """
+
+    @_abc_1.abstractmethod
+    def ReviewFinding(
+        self,
+        request: _audit_pb2.ReviewFindingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.ReviewFindingResponse, _abc.Awaitable[_audit_pb2.ReviewFindingResponse]]:
+        """Mark one anomaly finding reviewed, with a note (auditors). The review is the call's own
+        audit entry; Anomalies shows it on the finding from then on.
+        """
 
     @_abc_1.abstractmethod
     def GetEvidenceKeys(

@@ -37,24 +37,38 @@ import contextlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import grpc
 
 from certbroker import errors, validation
 from certbroker.audit import anomalies
-from certbroker.audit.events import AuditEvent, AuditLog, Receipt
+from certbroker.audit.events import AuditEntry, AuditEvent, AuditLog, Receipt
 from certbroker.audit.guard import AuditedCall, Result, invocation_metadata
 from certbroker.audit.integrity.proofs import CheckpointSigner
 from certbroker.audit.refusals import RefusalLedger
 from certbroker.audit.scan import Criteria, scan
-from certbroker.audit.service import proofs
+from certbroker.audit.service import overview, proofs
 from certbroker.audit.service.messages import entry_message, released_fields, time_range, timestamp
 from certbroker.auth.authenticator import Authenticator, Clerk
+from certbroker.metrics import BrokerState
 from certbroker.policy import PolicySource
 from certbroker.v1 import audit_pb2, audit_pb2_grpc
 
 AUDITOR_ROLE = "auditor"
+#: Sees the Overview of their own office (the web console's hall supervisor), nothing else.
+HALL_SUPERVISOR_ROLE = "hall_supervisor"
+#: How far back an Overview looks when the request gives no time range.
+OVERVIEW_SPAN = timedelta(hours=24)
+_FINDING_ID = re.compile(r"[0-9a-f]{16}")
+_RULES = (
+    anomalies.NO_CASE_NUMBER,
+    anomalies.OUTSIDE_HOURS,
+    anomalies.MANY_SUBJECTS,
+    anomalies.REPEATED_SUBJECT,
+    anomalies.DENIAL_BURST,
+)
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 _PAGE_TOKEN = re.compile(r"[1-9][0-9]{0,17}")
@@ -104,9 +118,11 @@ class AuditService(audit_pb2_grpc.AuditServicer):
         signer: CheckpointSigner,
         thresholds: anomalies.Thresholds | None = None,
         refusals: RefusalLedger | None = None,
+        state: BrokerState | None = None,
         evidence_keys: Callable[[], tuple[str, str]] | None = None,
     ) -> None:
         self._auth = auth
+        self._state = state
         self._evidence_keys = evidence_keys
         self._refusals = refusals
         self._policies = policies
@@ -127,6 +143,24 @@ class AuditService(audit_pb2_grpc.AuditServicer):
             return parse()
 
         return await self._gated(call, context, parse, work)
+
+    async def _admit_as(
+        self,
+        call: _Call,
+        context: _Context,
+        roles: tuple[str, ...],
+        parse: Callable[[Clerk], T],
+    ) -> tuple[T, Receipt]:
+        """:meth:`_admit` for callers holding any of ``roles``; ``parse`` sees the caller."""
+
+        def known() -> T:
+            assert call.clerk is not None  # _gated authenticates before it parses
+            return parse(call.clerk)
+
+        async def work() -> T:
+            return known()
+
+        return await self._gated(call, context, known, work, roles=roles)
 
     async def _resolve(
         self,
@@ -149,6 +183,8 @@ class AuditService(audit_pb2_grpc.AuditServicer):
         context: _Context,
         parse: Callable[[], object],
         work: Callable[[], Awaitable[U]],
+        *,
+        roles: tuple[str, ...] = (AUDITOR_ROLE,),
     ) -> tuple[U, Receipt]:
         """Run ``work`` for an authenticated auditor (or only ``parse``, to record what a
         refused caller asked for) inside the call's :class:`AuditedCall`."""
@@ -160,11 +196,13 @@ class AuditService(audit_pb2_grpc.AuditServicer):
         ) as audited:
             call.clerk = self._auth.authenticate(invocation_metadata(context))
             self._auth.enforce(call.clerk)  # a disabled or revoked auditor is refused too
-            if AUDITOR_ROLE not in call.clerk.roles:
+            if not set(roles) & set(call.clerk.roles):
                 with contextlib.suppress(errors.BrokerError):
                     parse()  # record what was asked for, as far as it validates
                 raise errors.PermissionDenied(
-                    "ROLE_NOT_ALLOWED", "only auditors may call the Audit service", role="auditor"
+                    "ROLE_NOT_ALLOWED",
+                    f"only {' or '.join(roles)} may call this method",
+                    role=roles[0],
                 )
             answer = await work()
         return answer, audited.receipt
@@ -302,16 +340,100 @@ class AuditService(audit_pb2_grpc.AuditServicer):
 
         criteria, receipt = await self._admit(call, context, parse)
         criteria = replace(criteria, before=receipt.sequence)
-        entries = await asyncio.to_thread(scan, self._db, criteria)
-        findings = anomalies.find(entries, self._policies.current, self._thresholds)
+        findings, reviewed = await asyncio.to_thread(self._findings, criteria, None)
         reply = audit_pb2.AnomaliesResponse()
         for finding in findings:
-            reply.findings.add(
-                rule=finding.rule,
-                clerk=finding.clerk,
-                description=finding.description,
-                sequences=finding.sequences,
-            )
+            overview.finding_message(finding, reviewed, reply.findings.add())
+        return reply
+
+    def _findings(
+        self, criteria: Criteria, entries: list[AuditEntry] | None
+    ) -> tuple[list[anomalies.Finding], dict[str, overview.Review]]:
+        """Blocking: the findings over the lookups ``criteria`` selects (``entries``, when
+        already read), and the reviews written since the range began (a review comes after
+        what it reviews)."""
+        if entries is None:
+            entries = scan(self._db, criteria)
+        findings = anomalies.find(entries, self._policies.current, self._thresholds)
+        later = Criteria(kinds=("audit_query",), since=criteria.since, before=criteria.before)
+        return findings, overview.reviews(scan(self._db, later))
+
+    async def ReviewFinding(
+        self, request: audit_pb2.ReviewFindingRequest, context: _Context
+    ) -> audit_pb2.ReviewFindingResponse:
+        """Record that an auditor reviewed a finding, with a note: the call's entry is the
+        review (:mod:`certbroker.audit.service.overview`)."""
+        call = _Call("review_finding")
+
+        def parse() -> None:
+            validation.text("finding_id", request.finding_id, required=True)
+            if not _FINDING_ID.fullmatch(request.finding_id):
+                raise errors.InvalidArgument(
+                    "BAD_FINDING_ID", "finding_id is not one Anomalies gave", argument="finding_id"
+                )
+            if request.rule not in _RULES:
+                raise errors.InvalidArgument(
+                    "UNKNOWN_RULE", "rule is not an anomaly rule", argument="rule"
+                )
+            validation.text("note", request.note, required=True, limit=500)
+            call.summary += overview.review_summary(request.finding_id, request.rule, request.note)
+
+        _, receipt = await self._admit(call, context, parse)
+        reply = audit_pb2.ReviewFindingResponse()
+        reply.receipt.entry_id, reply.receipt.entry_hash = receipt.entry_id, receipt.entry_hash
+        reply.receipt.sequence = receipt.sequence
+        return reply
+
+    async def Overview(
+        self, request: audit_pb2.OverviewRequest, context: _Context
+    ) -> audit_pb2.OverviewResponse:
+        """A hall at a glance (auditors: any office; hall supervisors: their own)."""
+        call = _Call("overview")
+
+        def parse(clerk: Clerk) -> Criteria:
+            office = call.text("office", request.office)
+            if AUDITOR_ROLE not in clerk.roles:  # a hall supervisor: their own office only
+                if office is not None and office != clerk.office:
+                    raise errors.PermissionDenied(
+                        "OFFICE_NOT_ALLOWED",
+                        "a hall supervisor sees the overview of their own office only",
+                        office=office,
+                    )
+                if office is None:
+                    office = clerk.office
+                    call.summary.append(f"office={office}")
+            since, until = time_range(call.summary, request.HasField("time"), request.time)
+            until = until or datetime.now(UTC)
+            since = since or until - OVERVIEW_SPAN
+            return Criteria(kinds=("lookup",), office=office, since=since, until=until)
+
+        criteria, receipt = await self._admit_as(
+            call, context, (AUDITOR_ROLE, HALL_SUPERVISOR_ROLE), parse
+        )
+        criteria = replace(criteria, before=receipt.sequence)
+        return await asyncio.to_thread(self._overview, criteria)
+
+    def _overview(self, criteria: Criteria) -> audit_pb2.OverviewResponse:
+        """Blocking: the Overview's answer for ``criteria`` (a time range, maybe an office)."""
+        reply = audit_pb2.OverviewResponse(
+            policy_version=self._policies.current.version, office=criteria.office or ""
+        )
+        assert criteria.since is not None
+        assert criteria.until is not None
+        reply.time.since.FromDatetime(criteria.since)
+        reply.time.until.FromDatetime(criteria.until)
+        entries = scan(self._db, criteria)
+        overview.add_hours(overview.hour_counts(entries), reply)
+        findings, reviewed = self._findings(criteria, entries)
+        reply.open_anomalies = sum(overview.finding_id(f) not in reviewed for f in findings)
+        with contextlib.suppress(errors.NotFound):  # none signed yet
+            reply.last_checkpoint.CopyFrom(proofs.get_checkpoint(self._db, self._signer, False))
+        if self._state is not None:
+            live = self._state.live_instances()
+            for name, breaker in sorted(self._state.breaker_states().items()):
+                reply.departments.add(
+                    department=name, breaker_state=breaker, live_instances=live.get(name, 0)
+                )
         return reply
 
     async def GetCheckpoint(

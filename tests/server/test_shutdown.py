@@ -58,11 +58,18 @@ def refused(target: str) -> bool:
     with grpc.insecure_channel(target) as late:
         try:
             reply = health_pb2_grpc.HealthStub(late).Check(
-                health_pb2.HealthCheckRequest(), timeout=10
+                health_pb2.HealthCheckRequest(), timeout=5
             )
         except grpc.RpcError as exc:
-            # UNAVAILABLE, or CANCELLED when it raced into the closing listener
-            assert exc.code() in {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+            # UNAVAILABLE, or CANCELLED when it raced into the closing listener. With --workers,
+            # DEADLINE_EXCEEDED too: a connection the kernel queued on a worker's listener just
+            # as that worker stopped accepting is never taken (seen once on a loaded machine).
+            # Each is a call that is not served, which is what this checks.
+            assert exc.code() in {
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.CANCELLED,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            }
             return True
     assert reply.status == NOT_SERVING
     return False

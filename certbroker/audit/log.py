@@ -39,6 +39,7 @@ class WriterOptions(TypedDict, total=False):
     held open for company after its first entry (0). ``clock``: epoch seconds for entry times
     (``time.time``). ``busy_timeout``: seconds a batch waits for another writer's lock (10).
     ``on_commit(entries, seconds)``: called after each committed batch (None).
+    ``entry_format``: the format version of new entries, 1 or 2 (compact) (1).
     """
 
     max_batch: int
@@ -46,6 +47,7 @@ class WriterOptions(TypedDict, total=False):
     clock: Callable[[], float]
     busy_timeout: float
     on_commit: CommitHook | None
+    entry_format: int
 
 
 def _writer(store: BatchStore, options: WriterOptions) -> GroupCommitWriter:
@@ -139,7 +141,7 @@ class BackendAuditLog(BatchingAuditLog):
 
     def __init__(self, backend: Backend, **options: Unpack[WriterOptions]) -> None:
         self.backend = backend
-        store = _open(backend, options.get("busy_timeout", 10.0))
+        store = _open(backend, options.get("busy_timeout", 10.0), options.get("entry_format", 1))
         try:
             self.settings = store.settings()
         except BaseException:
@@ -148,9 +150,9 @@ class BackendAuditLog(BatchingAuditLog):
         super().__init__(store, **options)
 
 
-def _open(backend: Backend, busy_timeout: float) -> ChainStore:
+def _open(backend: Backend, busy_timeout: float, entry_format: int) -> ChainStore:
     try:
-        return ChainStore.open(backend, busy_timeout=busy_timeout)
+        return ChainStore.open(backend, busy_timeout=busy_timeout, entry_format=entry_format)
     except BrokerError:
         raise
     except Exception as exc:  # sqlite3, psycopg or OS errors: say which store, never a DSN

@@ -37,6 +37,7 @@ psycopg = pytest.importorskip("psycopg")
 pytestmark = pytest.mark.postgres
 
 TABLES = ("audit_log", "merkle_nodes", "checkpoints", "audit_archives", "audit_meta")
+COMPACT_TABLES = ("audit_entries", "audit_terms")  # format version 2: test_audit_compact.py
 
 
 @pytest.fixture
@@ -65,7 +66,7 @@ def test_writer_commits_synchronously_and_the_schema_is_its_own(pg: PostgresLoca
         "SELECT table_name FROM information_schema.tables WHERE table_schema = ?",
         (pg.schema,),
     )
-    assert {t for (t,) in tables} == set(TABLES)
+    assert {t for (t,) in tables} == {*TABLES, *COMPACT_TABLES}
     assert run_sql(pg, "SELECT count(*) FROM audit_log") == [(1,)]
 
 

@@ -48,8 +48,16 @@ from certbroker.audit.store.base import Connection, Cursor, Node
 from certbroker.config import PostgresLocation
 from certbroker.errors import Unavailable
 
-SCHEMA_VERSION = "1"
-_TABLES = ("audit_log", "merkle_nodes", "checkpoints", "audit_archives", "audit_meta")
+SCHEMA_VERSION = "2"
+_TABLES = (
+    "audit_log",
+    "merkle_nodes",
+    "checkpoints",
+    "audit_archives",
+    "audit_meta",
+    "audit_entries",
+    "audit_terms",
+)
 _DDL: tuple[LiteralString, ...] = (
     "CREATE SCHEMA IF NOT EXISTS {s}",
     """CREATE TABLE IF NOT EXISTS {s}.audit_log (
@@ -90,11 +98,33 @@ _DDL: tuple[LiteralString, ...] = (
         time            TEXT NOT NULL
     )""",
     "CREATE TABLE IF NOT EXISTS {s}.audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    # Entry format version 2 (certbroker.audit.store.compact). Time ranges use a BRIN index:
+    # rows arrive in time order, so a block range's min/max is all it needs (a few bytes per
+    # thousands of rows, where a B-tree would cost ~20 bytes per entry).
+    """CREATE TABLE IF NOT EXISTS {s}.audit_entries (
+        seq         BIGINT PRIMARY KEY,
+        entry_id    BYTEA NOT NULL UNIQUE,
+        time        BIGINT NOT NULL,
+        clerk       INTEGER NOT NULL,
+        subject_id  TEXT NOT NULL,
+        matter_code INTEGER NOT NULL,
+        record_type INTEGER NOT NULL,
+        decision    INTEGER NOT NULL,
+        rest        TEXT NOT NULL,
+        entry_hash  BYTEA NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS audit_entries_subject ON {s}.audit_entries (subject_id)",
+    "CREATE INDEX IF NOT EXISTS audit_entries_clerk ON {s}.audit_entries (clerk, time)",
+    "CREATE INDEX IF NOT EXISTS audit_entries_time ON {s}.audit_entries USING brin (time)",
+    """CREATE TABLE IF NOT EXISTS {s}.audit_terms (
+        id   INTEGER PRIMARY KEY,
+        term TEXT NOT NULL UNIQUE
+    )""",
     # The one trigger function. DELETE from audit_log is let through only for archived rows.
     """CREATE OR REPLACE FUNCTION {s}.audit_append_only() RETURNS trigger
     LANGUAGE plpgsql AS $$
     BEGIN
-        IF TG_OP = 'DELETE' AND TG_TABLE_NAME = 'audit_log' THEN
+        IF TG_OP = 'DELETE' AND TG_TABLE_NAME IN ('audit_log', 'audit_entries') THEN
             IF OLD.seq <= (SELECT coalesce(max(last_seq), 0) FROM {s}.audit_archives) THEN
                 RETURN OLD;
             END IF;
@@ -111,6 +141,11 @@ _TRIGGERS: tuple[LiteralString, ...] = (
     "FOR EACH STATEMENT EXECUTE FUNCTION {s}.audit_append_only()",
     "REVOKE ALL ON {s}.{t} FROM PUBLIC",
 )
+
+
+#: audit_meta is append-only, so each schema version records itself under its own key (a
+#: version 1 schema has "schema_version" = "1" and is upgraded in place by the DDL above).
+_VERSION_KEY = f"schema_version_{SCHEMA_VERSION}"
 
 
 def lock_key(schema: str) -> int:
@@ -321,9 +356,13 @@ class PostgresBackend:
         self.insert_many(conn, "merkle_nodes", columns, ("integer", "bigint", "bytea"), nodes)
 
     def load_tree(self, conn: Connection) -> tuple[int, bytes | None]:
-        """The size is the number of stored leaves; no frontier cache (``None``)."""
-        (top,) = conn.execute("SELECT max(idx) FROM merkle_nodes WHERE level = 0").fetchone()
-        return (0 if top is None else int(top) + 1), None
+        """The size is the number of entries (live or archived): every entry is a leaf, and a
+        compact writer stores no leaf nodes. No frontier cache (``None``)."""
+        (top,) = conn.execute(
+            "SELECT greatest((SELECT max(seq) FROM audit_entries), "
+            "(SELECT max(seq) FROM audit_log), (SELECT max(last_seq) FROM audit_archives))"
+        ).fetchone()
+        return (0 if top is None else int(top)), None
 
     def read_nodes(self, conn: Connection, positions: Sequence[tuple[int, int]]) -> list[bytes]:
         """One round trip for all of them: this runs on every append."""
@@ -370,9 +409,8 @@ def ensure_schema(conn: PgConnection) -> None:
                 conn.raw.execute(sql.SQL(statement).format(s=ident, t=sql.Identifier(table)))
         conn.raw.execute(sql.SQL("REVOKE ALL ON SCHEMA {s} FROM PUBLIC").format(s=ident))
         conn.execute(
-            "INSERT INTO audit_meta (key, value) VALUES ('schema_version', ?) "
-            "ON CONFLICT (key) DO NOTHING",
-            (SCHEMA_VERSION,),
+            "INSERT INTO audit_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+            (_VERSION_KEY, SCHEMA_VERSION),
         )
         conn.commit()
     except BaseException:
@@ -386,7 +424,7 @@ def _schema_current(conn: PgConnection) -> bool:
     ).fetchone()
     if not found:
         return False
-    row = conn.execute("SELECT value FROM audit_meta WHERE key = 'schema_version'").fetchone()
+    row = conn.execute("SELECT value FROM audit_meta WHERE key = ?", (_VERSION_KEY,)).fetchone()
     return row is not None and str(row[0]) == SCHEMA_VERSION
 
 
@@ -403,14 +441,15 @@ def grant_statements(schema: str, role: str, *, archiver: bool = False) -> list[
     statements = [
         sql.SQL("GRANT USAGE ON SCHEMA {s} TO {r}").format(s=s, r=r),
         sql.SQL(
-            "GRANT SELECT, INSERT ON {s}.audit_log, {s}.merkle_nodes, {s}.checkpoints TO {r}"
+            "GRANT SELECT, INSERT ON {s}.audit_log, {s}.merkle_nodes, {s}.checkpoints, "
+            "{s}.audit_entries, {s}.audit_terms TO {r}"
         ).format(s=s, r=r),
         sql.SQL("GRANT SELECT ON {s}.audit_archives, {s}.audit_meta TO {r}").format(s=s, r=r),
     ]
     if archiver:
         statements += [
             sql.SQL("GRANT INSERT ON {s}.audit_archives TO {r}").format(s=s, r=r),
-            sql.SQL("GRANT DELETE ON {s}.audit_log TO {r}").format(s=s, r=r),
+            sql.SQL("GRANT DELETE ON {s}.audit_log, {s}.audit_entries TO {r}").format(s=s, r=r),
         ]
     return [statement.as_string(None) for statement in statements]
 

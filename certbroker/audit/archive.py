@@ -8,9 +8,13 @@ offline on its own. Archiving one segment (:func:`archive_older_than`):
    ``audit-<a>-<b>.jsonl.partial`` (mode 0600), fsync, verify it offline, rename it into place;
 2. in ONE transaction under the log's write lock: record ``(first_seq, last_seq,
    last_entry_hash, file_name, file_sha256, time)`` in the append-only ``audit_archives`` table
-   and delete rows ``a..b`` from ``audit_log``. On PostgreSQL the append-only triggers allow
-   exactly that: deleting rows at or below the recorded watermark. The Merkle nodes stay, so
-   proofs keep working (they hold hashes only, no entry contents).
+   and delete rows ``a..b`` from ``audit_log`` / ``audit_entries``. On PostgreSQL the
+   append-only triggers allow exactly that: deleting rows at or below the recorded watermark.
+   The Merkle nodes stay, so proofs keep working (they hold hashes only, no entry contents).
+   Compact (format 2) entries have no stored node below ``STORED_LEVEL``: a segment ending in
+   them ends at a multiple of ``2**STORED_LEVEL`` (no such node spans the cut), and the low
+   nodes that consistency proofs from a checkpoint inside the segment need are stored before
+   the rows go. Inclusion proofs of archived compact entries come from the archive file.
 
 If the transaction fails, the file is removed again and the live log is unchanged. The live
 log then starts at ``b + 1``, chaining from the recorded last hash (see
@@ -38,9 +42,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from certbroker.audit.events import GENESIS_HASH, iso_time
 from certbroker.audit.export import export, verify_db, verify_export
 from certbroker.audit.integrity.proofs import CheckpointSigner, checkpoints, sign_checkpoint
+from certbroker.audit.integrity.tree import STORED_LEVEL, computed_node, frontier_positions
 from certbroker.audit.store.base import Connection
+from certbroker.audit.store.compact import time_ms
 from certbroker.audit.store.db import backend_for
-from certbroker.audit.store.rows import archived_head
+from certbroker.audit.store.rows import archived_head, has_compact, hash_at, read_tail
 from certbroker.audit.verify.live import archive_rows
 from certbroker.audit.verify.report import DELETED, EDITED, INSERTED, IntegrityReport, Malformed
 from certbroker.config import AuditLocation
@@ -82,12 +88,26 @@ def _segment(db: AuditLocation, cutoff: str) -> tuple[int, int]:
         (newer,) = conn.execute(
             "SELECT min(seq) FROM audit_log WHERE time >= ?", (cutoff,)
         ).fetchone()
+        if newer is None and has_compact(conn):
+            (newer,) = conn.execute(
+                "SELECT min(seq) FROM audit_entries WHERE time >= ?", (time_ms(cutoff),)
+            ).fetchone()
         if newer is None:
-            (top,) = conn.execute("SELECT max(seq) FROM audit_log").fetchone()
-            last = archived if top is None else int(top)
+            top, _ = read_tail(conn)
+            last = max(archived, top)
         else:
             last = int(newer) - 1
+        if has_compact(conn) and _is_compact(conn, last):
+            # A compact writer stores no node below STORED_LEVEL; one spanning the cut could
+            # then be recomputed from neither side. Cut where no such node spans it.
+            last -= last % (1 << STORED_LEVEL)
     return archived + 1, last
+
+
+def _is_compact(conn: Connection, seq: int) -> bool:
+    """Whether entry ``seq`` is a live version 2 entry."""
+    row = conn.execute("SELECT 1 FROM audit_entries WHERE seq = ?", (seq,)).fetchone()
+    return row is not None
 
 
 def archive_older_than(
@@ -170,11 +190,13 @@ def _commit(db: AuditLocation, record: ArchiveRecord) -> None:
         archived, _ = archived_head(conn)
         if archived != record.first_seq - 1:  # another archiver got there first
             raise RuntimeError(f"archive watermark moved to {archived} while exporting")
-        row = conn.execute(
-            "SELECT entry_hash FROM audit_log WHERE seq = ?", (record.last_seq,)
-        ).fetchone()
-        if row is None or str(row[0]) != record.last_entry_hash:
+        try:
+            stored_hash = hash_at(conn, record.last_seq)
+        except KeyError:
+            stored_hash = ""
+        if stored_hash != record.last_entry_hash:
             raise RuntimeError(f"entry {record.last_seq} does not match the archive file")
+        _keep_nodes(conn, record)
         conn.execute(
             "INSERT INTO audit_archives (first_seq, last_seq, last_entry_hash, file_name, "
             "file_sha256, time) VALUES (?, ?, ?, ?, ?, ?)",
@@ -190,6 +212,30 @@ def _commit(db: AuditLocation, record: ArchiveRecord) -> None:
         conn.execute(
             "DELETE FROM audit_log WHERE seq BETWEEN ? AND ?", (record.first_seq, record.last_seq)
         )
+        if has_compact(conn):
+            conn.execute(
+                "DELETE FROM audit_entries WHERE seq BETWEEN ? AND ?",
+                (record.first_seq, record.last_seq),
+            )
+
+
+def _keep_nodes(conn: Connection, record: ArchiveRecord) -> None:
+    """Store the tree nodes that proofs and verification will need once the entries are gone
+    and that a compact writer did not store (below ``STORED_LEVEL`` they are recomputed from
+    the entries): the frontier at the archive's end and at every checkpoint inside it."""
+    sizes = {record.last_seq} | {
+        c.size for c in checkpoints(conn, record.first_seq - 1, record.last_seq)
+    }
+    wanted = {p for size in sizes for p in frontier_positions(size) if p[0] < STORED_LEVEL}
+    missing: list[tuple[int, int, bytes]] = []
+    for level, index in sorted(wanted):
+        try:
+            conn.backend.read_nodes(conn, ((level, index),))
+        except KeyError:
+            missing.append((level, index, computed_node(conn, level, index)))
+    if missing:
+        types = ("integer", "bigint", "bytea")
+        conn.backend.insert_many(conn, "merkle_nodes", ("level", "idx", "hash"), types, missing)
 
 
 def verify_with_archives(

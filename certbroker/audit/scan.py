@@ -11,12 +11,16 @@ keys read as empty.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
 
-from certbroker.audit.events import AuditEntry, iso_time, parse_entry
+from certbroker.audit.events import AuditEntry, canonical_body, iso_time, parse_entry
+from certbroker.audit.store import compact
+from certbroker.audit.store.base import Connection
 from certbroker.audit.store.db import backend_for
+from certbroker.audit.store.rows import has_compact, hash_at
 from certbroker.config import AuditLocation
 
 
@@ -94,13 +98,47 @@ def scan(db: AuditLocation, criteria: Criteria, *, limit: int | None = None) -> 
         return found
     backend = backend_for(db)
     with closing(backend.connect_read()) as conn:
-        for seq, body, prev_hash, entry_hash in backend.stream(conn, sql, params):
-            entry = parse_entry(int(seq), str(body), str(prev_hash), str(entry_hash))
+        backend.snapshot(conn)
+        for entry in _entries(conn, sql, params, criteria):
             if _matches(entry, criteria):
                 found.append(entry)
                 if limit is not None and len(found) >= limit:
                     break
     return found
+
+
+def _entries(
+    conn: Connection, sql: str, params: list[object], criteria: Criteria
+) -> Iterator[AuditEntry]:
+    """The entries the SQL conditions select: version 1 rows, then version 2 rows."""
+    backend = conn.backend
+    for seq, body, prev_hash, entry_hash in backend.stream(conn, sql, params):
+        yield parse_entry(int(seq), str(body), str(prev_hash), str(entry_hash))
+    if not has_compact(conn):
+        return
+    terms = compact.Terms()
+    equals = {c: getattr(criteria, c) for c in _COLUMNS if getattr(criteria, c) is not None}
+    stored = compact.term_ids(conn, terms, equals)
+    if stored is None:
+        return
+    clauses = ["seq > ?", *(f"{column} = ?" for column in stored)]
+    values: list[object] = [criteria.after, *stored.values()]
+    if criteria.before > 0:
+        clauses.append("seq < ?")
+        values.append(criteria.before)
+    for bound, op in ((criteria.since, ">="), (criteria.until, "<")):
+        if bound is not None:
+            clauses.append(f"time {op} ?")
+            values.append(compact.time_ms(iso_time(bound)))
+    prev: tuple[int, str] | None = None
+    for row in backend.stream(conn, compact.select_sql(clauses), values):
+        seq = int(row[0])
+        fields = compact.decode(conn, terms, row)
+        entry_hash = compact.hash_hex(row[-1])
+        # The previous entry's hash: known when the rows are consecutive, else looked up.
+        prev_hash = prev[1] if prev is not None and prev[0] == seq - 1 else hash_at(conn, seq - 1)
+        yield parse_entry(seq, canonical_body(fields), prev_hash, entry_hash)
+        prev = (seq, entry_hash)
 
 
 def entry_time(entry: AuditEntry) -> datetime:

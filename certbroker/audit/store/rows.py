@@ -42,12 +42,12 @@ __all__ = [
     "StoredRow",
     "archived_head",
     "bodies_between",
-    "hash_at",
-    "insert_compact",
     "canonical_body",
     "chain_hash",
     "check_chain",
     "epoch_time",
+    "hash_at",
+    "insert_compact",
     "insert_rows",
     "iso_time",
     "iter_rows",
@@ -145,11 +145,15 @@ def bodies_between(conn: Connection, first: int, last: int) -> list[str]:
 
 
 def insert_compact(
-    conn: Connection, terms: compact.Terms, rows: Sequence[StoredRow], fields: Sequence[Mapping[str, object]]
+    conn: Connection,
+    terms: compact.Terms,
+    rows: Sequence[StoredRow],
+    fields: Sequence[Mapping[str, object]],
 ) -> None:
     """Insert ``rows`` (whose bodies are ``fields``) as version 2 rows of ``audit_entries``."""
     values = [
-        compact.encode(conn, terms, r.seq, f, r.entry_hash) for r, f in zip(rows, fields, strict=True)
+        compact.encode(conn, terms, r.seq, f, r.entry_hash)
+        for r, f in zip(rows, fields, strict=True)
     ]
     conn.backend.insert_many(conn, "audit_entries", compact.COLUMNS, compact.COLUMN_TYPES, values)
 
@@ -268,7 +272,9 @@ def _select_compact(
         "ORDER BY seq DESC LIMIT ?) AS newest ORDER BY seq"
     )
     found = list(conn.execute(sql, (*params, limit)))
-    return [_compact_row(conn, terms, values, hash_at(conn, int(values[0]) - 1)) for values in found]
+    return [
+        _compact_row(conn, terms, values, hash_at(conn, int(values[0]) - 1)) for values in found
+    ]
 
 
 @dataclass(frozen=True)

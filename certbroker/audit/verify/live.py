@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 from typing import Final
 
@@ -50,8 +50,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from certbroker.audit.events import GENESIS_HASH, iso_time
 from certbroker.audit.integrity.checkpoint import Checkpoint
-from certbroker.audit.integrity.merkle import HASH_SIZE, CompactRange, leaf_hash, node_hash
-from certbroker.audit.integrity.merkle import perfect_subtree_hasher
+from certbroker.audit.integrity.merkle import (
+    HASH_SIZE,
+    CompactRange,
+    leaf_hash,
+    node_hash,
+    perfect_subtree_hasher,
+)
 from certbroker.audit.integrity.tree import STORED_LEVEL, frontier_positions, node_reader
 from certbroker.audit.store import compact
 from certbroker.audit.store.base import Connection, UndecodableText
@@ -538,7 +543,9 @@ def _check_tree(
 
     wanted = set(roots)
     roots.clear()
-    bad = _check_archived_nodes(conn, archived) or _archived_roots(conn, sorted(s for s in wanted if s <= archived), roots)
+    bad = _check_archived_nodes(conn, archived) or _archived_roots(
+        conn, sorted(s for s in wanted if s <= archived), roots
+    )
     if bad is not None:
         return bad
     tree = CompactRange(archived, list(start), on_node=on_node)

@@ -1,0 +1,224 @@
+"""Entry format version 2 (compact rows) on both backends, and logs mixing both formats.
+
+A log starts in format 1 (JSON bodies in ``audit_log``) and goes on in format 2
+(``audit_entries`` + ``audit_terms``): everything that reads it must treat it as one log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from certbroker import config, policy
+from certbroker.audit import open_audit_log
+from certbroker.audit.anomalies import NO_CASE_NUMBER, find
+from certbroker.audit.archive import archive_older_than, verify_with_archives
+from certbroker.audit.export import export, verify_db, verify_export
+from certbroker.audit.integrity import merkle
+from certbroker.audit.integrity import proofs as audit_proofs
+from certbroker.audit.query import QueryFilter, query
+from certbroker.audit.scan import Criteria, scan
+from certbroker.audit.store import compact
+from certbroker.audit.verify.report import BAD_TREE, EDITED, MALFORMED, OK, REWRITTEN
+from certbroker.config import AuditLocation
+from tests.audit.pg_support import attacker, fresh_schema
+from tests.audit.test_audit import StepClock, make_event
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+START = 1_700_000_000.0
+HOUR = 3600.0
+OLD, NEW = 40, 45  # entries in format 1, then in format 2
+
+
+@pytest.fixture(params=BACKENDS)
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AuditLocation]:
+    if request.param == "sqlite":
+        yield tmp_path / "audit.sqlite"
+        return
+    with fresh_schema() as pg:
+        yield pg
+
+
+def fill(location: AuditLocation, clock: StepClock, count: int, entry_format: int) -> None:
+    async def go() -> None:
+        async with open_audit_log(location, clock=clock, entry_format=entry_format) as log:
+            for i in range(count):
+                event = make_event(
+                    clerk=f"clerk-{i % 3}",
+                    subject_id=f"33030219900101{i % 7:04d}",
+                    case_number="" if i % 11 == 0 else f"CASE-{i}",
+                    decision="deny" if i % 4 == 0 else "allow",
+                )
+                if i % 5 == 0:  # a bundle: its items and the closing entry, as one unit
+                    await log.append_many(
+                        (event, event),
+                        link=lambda ids: make_event(
+                            kind="bundle", item_entry_ids=tuple(ids), outcome_counts={"OK": 2}
+                        ),
+                    )
+                else:
+                    await log.append(event)
+
+    asyncio.run(go())
+
+
+@pytest.fixture
+def mixed(
+    location: AuditLocation, tmp_path: Path
+) -> tuple[AuditLocation, audit_proofs.CheckpointSigner]:
+    signer = audit_proofs.CheckpointSigner.load(tmp_path)
+    clock = StepClock(START, step=HOUR)
+    fill(location, clock, OLD, 1)
+    audit_proofs.sign_checkpoint(location, signer)
+    fill(location, clock, NEW, 2)
+    audit_proofs.sign_checkpoint(location, signer)
+    return location, signer
+
+
+def count(location: AuditLocation, table: str) -> int:
+    with attacker(location) as conn:
+        (n,) = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+    return int(n)
+
+
+def test_a_mixed_log_verifies_exports_and_proves(
+    mixed: tuple[AuditLocation, audit_proofs.CheckpointSigner], tmp_path: Path
+) -> None:
+    location, signer = mixed
+    total = audit_proofs.tree_size(location)
+    assert count(location, "audit_entries") > 0
+    assert count(location, "audit_log") > 0
+    assert count(location, "audit_log") + count(location, "audit_entries") == total
+    report = verify_db(location, signer.public_key)
+    assert (report.code, report.entries) == (OK, total), report
+    # The export carries the hashed bodies: version 1 and 2, each as hashed.
+    out = tmp_path / "export.jsonl"
+    with out.open("wb") as f:
+        export(location, f)
+    versions = {json.loads(line)["body"]["v"] for line in out.read_bytes().splitlines()[1:]}
+    assert versions == {1, 2}
+    assert verify_export(out, signer.public_key).code == OK
+    # Proofs for entries of both formats, from nodes stored or recomputed.
+    root = audit_proofs.tree_root(location, total)
+    leaves = [
+        merkle.leaf_hash(
+            json.dumps(
+                json.loads(line)["body"], sort_keys=True, separators=(",", ":"), ensure_ascii=False
+            ).encode()
+        )
+        for line in out.read_bytes().splitlines()[1:]
+    ]
+    assert merkle.root(leaves) == root
+    for seq in (1, 7, total // 2, total - 3, total):
+        leaf, path = audit_proofs.inclusion_proof(location, seq, total)
+        assert leaf == leaves[seq - 1]
+        assert merkle.verify_inclusion(leaf, seq - 1, total, path, root)
+    for old in (1, 5, 33, total - 1):
+        proof = audit_proofs.consistency_proof(location, old, total)
+        assert merkle.verify_consistency(
+            old, total, audit_proofs.tree_root(location, old), root, proof
+        )
+    # The compact writer stores no node below the stored level.
+    with attacker(location) as conn:
+        (low,) = conn.execute(
+            "SELECT count(*) FROM merkle_nodes WHERE level < 5 AND idx >= ?",
+            (((total >> 4) + 1) * 16,),
+        ).fetchone()
+    assert low == 0
+
+
+def test_queries_reports_and_anomalies_read_both_formats(
+    mixed: tuple[AuditLocation, audit_proofs.CheckpointSigner],
+) -> None:
+    location, _ = mixed
+    subject = "330302199001010003"
+    entries = scan(location, Criteria(subject_id=subject, kinds=("lookup",)))
+    versions = set()
+    for entry in entries:
+        assert entry.event.subject_id == subject
+        versions.add(entry.sequence > audit_proofs.tree_size(location) // 2)
+    assert versions == {True, False}  # old and new entries both reported
+    clerk = query(location, QueryFilter(clerk="clerk-1", decision="deny", limit=1000))
+    assert clerk
+    assert all(e.event.clerk == "clerk-1" and e.event.decision == "deny" for e in clerk)
+    assert query(location, QueryFilter(clerk="nobody")) == []
+    since = datetime.fromtimestamp(START, tz=UTC) + timedelta(hours=OLD - 5)
+    window = scan(location, Criteria(since=since, until=since + timedelta(hours=12)))
+    assert window
+    assert {e.time >= since.isoformat()[:19] for e in window} == {True}
+    found = find(window, policy.load(config.DEFAULT_POLICY_DIR))
+    assert any(f.rule == NO_CASE_NUMBER for f in found)
+    # Bundles keep their links in format 2.
+    bundle = scan(location, Criteria(kinds=("bundle",), after=OLD * 2))
+    assert bundle
+    assert bundle[-1].event.outcome_counts == {"OK": 2}
+    assert len(bundle[-1].event.item_entry_ids) == 2
+
+
+def test_a_changed_compact_value_or_term_is_caught(
+    mixed: tuple[AuditLocation, audit_proofs.CheckpointSigner],
+) -> None:
+    location, signer = mixed
+    total = audit_proofs.tree_size(location)
+    with attacker(location) as conn:
+        conn.execute(
+            "UPDATE audit_entries SET subject_id = '110101199003070000' WHERE seq = ?", (total - 2,)
+        )
+    report = verify_db(location, signer.public_key)
+    assert (report.code, report.first_bad) in {(EDITED, total - 2), (REWRITTEN, total - 2)}, report
+    with attacker(location) as conn:
+        conn.execute("UPDATE audit_entries SET subject_id = 'x' WHERE seq = ?", (total - 2,))
+        conn.execute("UPDATE audit_terms SET term = 'clerk-9' WHERE term = 'clerk-2'")
+    assert not verify_db(location, signer.public_key).ok
+
+
+def test_a_stored_node_removed_or_a_row_undecodable_is_reported(
+    mixed: tuple[AuditLocation, audit_proofs.CheckpointSigner],
+) -> None:
+    location, signer = mixed
+    total = audit_proofs.tree_size(location)
+    with attacker(location) as conn:
+        conn.execute("DELETE FROM merkle_nodes WHERE level = 5 AND idx = 0")
+    report = verify_db(location, signer.public_key)
+    assert (report.code, report.location) == (BAD_TREE, "merkle_nodes[level=5,idx=0]"), report
+    with attacker(location) as conn:
+        conn.execute("UPDATE audit_entries SET rest = 'not json' WHERE seq = ?", (total,))
+    report = verify_db(location, signer.public_key)
+    assert (report.code, report.first_bad) == (MALFORMED, total), report
+
+
+def test_archiving_across_the_formats_verifies_with_the_archives(
+    mixed: tuple[AuditLocation, audit_proofs.CheckpointSigner], tmp_path: Path
+) -> None:
+    location, signer = mixed
+    total = audit_proofs.tree_size(location)
+    now = START + (OLD + NEW) * HOUR
+    directory = tmp_path / "archive"
+    made = archive_older_than(
+        location, signer, directory, days=8 * HOUR / 86_400, clock=lambda: now
+    )
+    assert made is not None
+    assert made.last_seq > count(location, "audit_log")
+    assert verify_with_archives(location, signer.public_key, directory).code == OK
+    report = verify_db(location, signer.public_key)
+    assert report.code == OK, report
+    leaf, path = audit_proofs.inclusion_proof(location, made.last_seq + 1, total)
+    root = audit_proofs.tree_root(location, total)
+    assert merkle.verify_inclusion(leaf, made.last_seq, total, path, root)
+    assert verify_export(directory / made.file_name, signer.public_key).code == OK
+
+
+def test_times_and_ids_rebuild_byte_for_byte() -> None:
+    for text in (
+        "2026-03-01T08:30:00.123Z",
+        "1970-01-01T00:00:00.000Z",
+        "2099-12-31T23:59:59.999Z",
+    ):
+        assert compact.ms_time(compact.time_ms(text)) == text
+    with pytest.raises(ValueError):
+        compact.time_ms("2026-03-01T08:30:00Z")

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import audit_backends, audit_verify, bundle, decisions, fastpath, hall
+from bench import audit_backends, audit_verify, bundle, decisions, fastpath, hall, scale
 from bench.harness import ROOT, BenchError, Options, Result, render, write_section
 
 #: Scenario name → its ``run``. A new scenario is a module in bench/ and one line here.
@@ -24,6 +24,7 @@ SCENARIOS: dict[str, Callable[[Options], Result]] = {
     "fastpath": fastpath.run,
     "decisions": decisions.run,
     "hall": hall.run,
+    "scale": scale.run,
 }
 RESULTS_FILE = ROOT / "docs" / "benchmarks.md"
 

@@ -377,3 +377,13 @@ def _peak_rss_kib(pid: int) -> int:
     """One process's own VmHWM (peak resident set), in KiB."""
     status = Path(f"/proc/{pid}/status").read_text()
     return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+
+
+def test_smoke_run_prints_the_scale_table() -> None:
+    out = _bench("--smoke", "--scenario", "scale")
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = _table_rows(out.stdout.splitlines())
+    assert "SQLite" in list(rows)[1:]
+    for cells in list(rows.values())[1:]:
+        assert cells[1] == "3,000"
+        assert int(cells[2]) > 0  # bytes per entry, measured on the generated log

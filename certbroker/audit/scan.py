@@ -11,7 +11,7 @@ keys read as empty.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,7 +20,7 @@ from certbroker.audit.events import AuditEntry, canonical_body, iso_time, parse_
 from certbroker.audit.store import compact
 from certbroker.audit.store.base import Connection
 from certbroker.audit.store.db import backend_for
-from certbroker.audit.store.rows import has_compact, hash_at
+from certbroker.audit.store.rows import has_compact, prev_hashes
 from certbroker.config import AuditLocation
 
 
@@ -45,6 +45,9 @@ class Criteria:
     after: int = 0
     before: int = 0
 
+
+#: Version 2 rows decoded per batch (their previous hashes are looked up together).
+_CHUNK = 256
 
 #: Criteria that are columns of ``audit_log`` (filtered in SQL, using its indexes).
 _COLUMNS = ("clerk", "subject_id", "matter_code", "record_type", "decision")
@@ -130,15 +133,24 @@ def _entries(
         if bound is not None:
             clauses.append(f"time {op} ?")
             values.append(compact.time_ms(iso_time(bound)))
-    prev: tuple[int, str] | None = None
+    chunk: list[Sequence[object]] = []
     for row in backend.stream(conn, compact.select_sql(clauses), values):
-        seq = int(row[0])
-        fields = compact.decode(conn, terms, row)
-        entry_hash = compact.hash_hex(row[-1])
-        # The previous entry's hash: known when the rows are consecutive, else looked up.
-        prev_hash = prev[1] if prev is not None and prev[0] == seq - 1 else hash_at(conn, seq - 1)
-        yield parse_entry(seq, canonical_body(fields), prev_hash, entry_hash)
-        prev = (seq, entry_hash)
+        chunk.append(row)
+        if len(chunk) >= _CHUNK:
+            yield from _decoded(conn, terms, chunk)
+            chunk = []
+    yield from _decoded(conn, terms, chunk)
+
+
+def _decoded(
+    conn: Connection, terms: compact.Terms, rows: Sequence[Sequence[object]]
+) -> Iterator[AuditEntry]:
+    """Version 2 ``rows`` as entries; their previous hashes looked up together."""
+    before = prev_hashes(conn, [int(str(row[0])) for row in rows])
+    for row in rows:
+        seq = int(str(row[0]))
+        body = canonical_body(compact.decode(conn, terms, row))
+        yield parse_entry(seq, body, before[seq], compact.hash_hex(row[-1]))
 
 
 def entry_time(entry: AuditEntry) -> datetime:

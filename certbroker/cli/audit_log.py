@@ -12,9 +12,11 @@ prints SQL for an operator to run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -24,6 +26,7 @@ from certbroker.audit import archive as audit_archive
 from certbroker.audit.export import export, verify_db, verify_export
 from certbroker.audit.integrity import checkpoint
 from certbroker.audit.integrity import proofs as audit_proofs
+from certbroker.audit.stats import log_stats
 from certbroker.audit.store.db import backend_for
 from certbroker.audit.store.postgres import grant_statements
 from certbroker.audit.verify.report import (
@@ -263,6 +266,34 @@ def integrity_archive(args: argparse.Namespace) -> int:
     return 0
 
 
+def integrity_stats(args: argparse.Namespace) -> int:
+    """Entries, bytes per entry, oldest live entry, archives and the next retention action."""
+    found = _existing(args)
+    if found is None:
+        return 2
+    try:
+        got = log_stats(
+            found.location, found.archive_dir, found.archive_after_days, datetime.now(UTC)
+        )
+    except (BrokerError, OSError, ValueError) as exc:
+        print(f"error: {_message(exc)}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(jsonout.dumps({**dataclasses.asdict(got), "bytes_per_entry": got.bytes_per_entry}))
+        return 0
+    print(f"entries          {got.entries:,} ({got.live:,} live, {got.archived:,} archived)")
+    print(f"live formats     v1 {got.live_v1:,}, v2 (compact) {got.live_v2:,}")
+    print(f"live store       {got.live_bytes:,} bytes, {got.bytes_per_entry:,.0f} bytes/entry")
+    print(f"oldest live      {got.oldest_live or '-'}")
+    print(f"newest           {got.newest or '-'}")
+    print(f"archives         {len(got.archives)} file(s), {got.archive_bytes:,} bytes")
+    for a in got.archives:
+        size = "MISSING" if a.size is None else f"{a.size:,} bytes"
+        print(f"  {a.file_name}  entries {a.first_seq}..{a.last_seq}  {size}")
+    print(f"next retention   {got.next_action}")
+    return 0
+
+
 #: PostgreSQL truncates longer identifiers (NAMEDATALEN - 1 bytes): a longer name would grant
 #: to a different, truncated role than the one asked for.
 _PG_IDENTIFIER_BYTES = 63
@@ -354,6 +385,13 @@ def add_integrity_parsers(
     s.add_argument("--dir", type=Path, help="archive directory (default [audit] archive_dir)")
     s.add_argument("--key", type=Path, help="checkpoint signing key ([audit] checkpoint_key)")
     s.set_defaults(func=integrity_archive)
+    s = aud.add_parser(
+        "stats", help="entries, bytes per entry, archives and the next retention action"
+    )
+    state(s)
+    add_location_options(s)
+    s.add_argument("--json", action="store_true", help="one JSON object")
+    s.set_defaults(func=integrity_stats)
     s = aud.add_parser(
         "pg-grants",
         help="print the GRANTs for a PostgreSQL role of the audit store (for psql)",

@@ -23,6 +23,7 @@ from certbroker.audit.integrity import merkle
 from certbroker.audit.integrity import proofs as audit_proofs
 from certbroker.audit.query import QueryFilter, query
 from certbroker.audit.scan import Criteria, scan
+from certbroker.audit.stats import log_stats
 from certbroker.audit.store import compact
 from certbroker.audit.verify.report import BAD_TREE, EDITED, MALFORMED, OK, REWRITTEN
 from certbroker.config import AuditLocation
@@ -211,6 +212,16 @@ def test_archiving_across_the_formats_verifies_with_the_archives(
     root = audit_proofs.tree_root(location, total)
     assert merkle.verify_inclusion(leaf, made.last_seq, total, path, root)
     assert verify_export(directory / made.file_name, signer.public_key).code == OK
+    # `audit stats` sees both formats, the archive and when the next one is due.
+    got = log_stats(location, directory, 8 * HOUR / 86_400, datetime.fromtimestamp(now, tz=UTC))
+    assert (got.entries, got.archived) == (total, made.last_seq)
+    assert got.live_v1 == 0
+    assert got.live_v2 == total - made.last_seq
+    assert [(a.first_seq, a.last_seq, a.size) for a in got.archives] == [
+        (1, made.last_seq, (directory / made.file_name).stat().st_size)
+    ]
+    assert got.bytes_per_entry > 0
+    assert got.next_action.startswith("archive")
 
 
 def test_times_and_ids_rebuild_byte_for_byte() -> None:

@@ -137,7 +137,9 @@ class Terms:
         for term_id, term in conn.execute(
             "SELECT id, term FROM audit_terms WHERE id > ? ORDER BY id", (self._top,)
         ):
-            self._add(int(term_id), str(term))
+            if type(term_id) is not int or not isinstance(term, str):
+                raise ValueError(f"audit_terms[id={term_id!r}] is not an id and a text")
+            self._add(term_id, term)
 
     def _add(self, term_id: int, term: str) -> None:
         self._ids[term] = term_id
@@ -175,10 +177,12 @@ class Terms:
             raise ValueError(f"term id {term_id!r} is not an integer")
         found = self._terms.get(term_id)
         if found is None:
-            row = conn.execute("SELECT term FROM audit_terms WHERE id = ?", (term_id,)).fetchone()
-            if row is None or not isinstance(row[0], str):
+            # One query for all the terms added since (a few thousand at most: clerks,
+            # offices, rules...), not one per id: a PostgreSQL round trip each would dominate.
+            self.load(conn)
+            found = self._terms.get(term_id)
+            if found is None:
                 raise ValueError(f"term {term_id} is not stored")
-            found = self._terms[term_id] = row[0]
         return found
 
 

@@ -36,19 +36,28 @@ from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from certbroker.audit.events import GENESIS_HASH, iso_time
 from certbroker.audit.export import export, verify_db, verify_export
 from certbroker.audit.integrity.proofs import CheckpointSigner, checkpoints, sign_checkpoint
 from certbroker.audit.integrity.tree import STORED_LEVEL, computed_node, frontier_positions
+from certbroker.audit.segment import (
+    SegmentError,
+    is_segment,
+    open_envelope,
+    opened_export,
+    write_segment,
+)
 from certbroker.audit.store.base import Connection
 from certbroker.audit.store.compact import time_ms
 from certbroker.audit.store.db import backend_for
 from certbroker.audit.store.rows import archived_head, has_compact, hash_at, read_tail
 from certbroker.audit.verify.live import archive_rows
-from certbroker.audit.verify.report import DELETED, EDITED, INSERTED, IntegrityReport, Malformed
+from certbroker.audit.verify.report import DELETED, EDITED, INSERTED, OK, IntegrityReport, Malformed
 from certbroker.config import AuditLocation
 
 
@@ -117,11 +126,18 @@ def archive_older_than(
     days: float,
     *,
     clock: Callable[[], float] = time.time,
+    compress: bool = False,
+    recipient: X25519PublicKey | None = None,
 ) -> ArchiveRecord | None:
     """Move the live entries older than ``days`` to one archive file in ``directory``.
 
+    ``compress``: the file is a zstd-compressed, signed segment (:mod:`certbroker.audit.segment`,
+    ``.jsonl.zst``), encrypted to ``recipient`` (an auditor's X25519 key) if given; else a
+    plain export (``.jsonl``). Either way the export is verified before any row is deleted.
     Returns the new record, or None when no entry is old enough. Blocking.
     """
+    if recipient is not None and not compress:
+        raise ValueError("encrypted archives are compressed segments: give compress=True")
     if not days > 0:
         raise ValueError("days must be > 0")
     cutoff = iso_time(datetime.fromtimestamp(clock(), tz=UTC) - timedelta(days=days))
@@ -141,6 +157,11 @@ def archive_older_than(
     if not report.ok:  # never delete live rows for a file that does not verify
         partial.unlink(missing_ok=True)
         raise RuntimeError(f"archive file did not verify: {report.name} {report.problem}")
+    if compress:
+        name += ".zst"
+        final = directory / name
+        digest = _pack(partial, directory / f".{name}.partial", signer, recipient)
+        partial = directory / f".{name}.partial"
     partial.replace(final)
     _fsync_dir(directory)
     record = ArchiveRecord(
@@ -163,6 +184,38 @@ def _write(db: AuditLocation, path: Path, first: int, last: int) -> tuple[str, s
         os.fsync(out.fileno())
     digest, last_line = _digest(path)
     return digest, str(json.loads(last_line)["entry_hash"])
+
+
+def _pack(
+    plain: Path, packed: Path, signer: CheckpointSigner, recipient: X25519PublicKey | None
+) -> str:
+    """The verified export ``plain`` as a segment at ``packed`` (removing ``plain``); its
+    sha256. The envelope is checked after writing, as anyone will check it."""
+    with plain.open("rb") as f:
+        header = json.loads(f.readline())
+    _, last_line = _digest(plain)
+    facts = {
+        "from": header["from"],
+        "to": header["to"],
+        "prev_hash": header["prev_hash"],
+        "last_entry_hash": json.loads(last_line)["entry_hash"],
+    }
+
+    def copy(out: BinaryIO) -> None:
+        with plain.open("rb") as source:
+            for block in iter(lambda: source.read(1 << 20), b""):
+                out.write(block)
+
+    try:
+        write_segment(packed, copy, facts, signer.private_key, signer.key_name, recipient=recipient)
+        open_envelope(packed, signer.public_key)
+    except BaseException:
+        packed.unlink(missing_ok=True)
+        raise
+    finally:
+        plain.unlink(missing_ok=True)
+    digest, _ = _digest(packed)
+    return digest
 
 
 def _digest(path: Path) -> tuple[str, bytes]:
@@ -239,9 +292,16 @@ def _keep_nodes(conn: Connection, record: ArchiveRecord) -> None:
 
 
 def verify_with_archives(
-    db: AuditLocation, public_key: Ed25519PublicKey, directory: Path
+    db: AuditLocation,
+    public_key: Ed25519PublicKey,
+    directory: Path,
+    *,
+    auditor_key: X25519PrivateKey | None = None,
 ) -> IntegrityReport:
     """Verify every archive file of ``db`` in ``directory``, their continuity, and the live log.
+
+    Compressed segments are opened on the fly; an encrypted one is read with ``auditor_key``,
+    and without it only its signed envelope is checked (the report notes which).
 
     Entries are numbered across archives and the live log, so ``first_bad`` is the sequence
     of the first entry that fails wherever it is.
@@ -254,22 +314,63 @@ def verify_with_archives(
         except Malformed as exc:
             return exc.report()
     entries = signed = 0
+    unread: list[str] = []  # encrypted segments checked by their envelope only
     prev_last, prev_hash = 0, GENESIS_HASH
     for record in records:
-        report = _check_archive(record, directory, public_key, prev_last, prev_hash)
+        report = _check_archive(record, directory, public_key, prev_last, prev_hash, auditor_key)
         if not report.ok:
             return dataclasses.replace(report, entries=entries + report.entries)
         entries += report.entries
         signed += report.checkpoints
+        unread += [n for n in report.notes if "encrypted" in n]
         prev_last, prev_hash = record.last_seq, record.last_entry_hash
     live = verify_db(db, public_key)
     if not live.ok:
         return dataclasses.replace(live, entries=entries + live.entries)
     notes = [n for n in live.notes if "--with-archives" not in n and "precedes" not in n]
     notes.insert(0, f"{len(records)} archive file(s) verified: entries 1..{prev_last}")
+    notes[1:1] = unread
     return dataclasses.replace(
         live, entries=entries + live.entries, checkpoints=signed + live.checkpoints, notes=notes
     )
+
+
+def _check_segment(
+    record: ArchiveRecord,
+    path: Path,
+    public_key: Ed25519PublicKey,
+    prev_hash: str,
+    auditor_key: X25519PrivateKey | None,
+) -> IntegrityReport:
+    """A segment: its signed envelope (range, chain joins, payload hash) against the record,
+    then the export inside verified offline, unless it is encrypted and no key is given."""
+    try:
+        envelope = open_envelope(path, public_key)
+    except SegmentError as exc:
+        return IntegrityReport(EDITED, 0, record.first_seq, f"{record.file_name}: {exc}")
+    said = (envelope.get("from"), envelope.get("to"), envelope.get("prev_hash"))
+    if said != (record.first_seq, record.last_seq, prev_hash):
+        msg = f"{record.file_name} does not hold the range or chain the archive recorded"
+        return IntegrityReport(EDITED, 0, record.first_seq, msg)
+    if envelope.get("last_entry_hash") != record.last_entry_hash:
+        msg = f"{record.file_name} ends with another entry than the one archived"
+        return IntegrityReport(EDITED, 0, record.last_seq, msg)
+    digest, _ = _digest(path)
+    if digest != record.file_sha256:
+        msg = f"{record.file_name} differs from the file archived (sha256)"
+        return IntegrityReport(EDITED, 0, record.first_seq, msg)
+    count = record.last_seq - record.first_seq + 1
+    if envelope.get("encryption") is not None and auditor_key is None:
+        note = f"{record.file_name}: encrypted; its signed envelope verified (entries unread)"
+        return IntegrityReport(OK, count, None, "", 0, [note])
+    try:
+        with opened_export(path, auditor_key) as plain:
+            report = verify_export(plain, public_key)
+    except SegmentError as exc:
+        return IntegrityReport(EDITED, 0, record.first_seq, f"{record.file_name}: {exc}")
+    if not report.ok:
+        return dataclasses.replace(report, problem=f"{record.file_name}: {report.problem}")
+    return report
 
 
 def _check_archive(
@@ -278,6 +379,7 @@ def _check_archive(
     public_key: Ed25519PublicKey,
     prev_last: int,
     prev_hash: str,
+    auditor_key: X25519PrivateKey | None = None,
 ) -> IntegrityReport:
     """One archive file: present, verifying offline, the file recorded, continuing the last."""
     path = directory / record.file_name
@@ -288,6 +390,8 @@ def _check_archive(
     if not path.is_file():
         msg = f"archive file {record.file_name} (entries {record.first_seq}..) is missing"
         return IntegrityReport(DELETED, 0, record.first_seq, msg)
+    if is_segment(path):
+        return _check_segment(record, path, public_key, prev_hash, auditor_key)
     report = verify_export(path, public_key)
     if not report.ok:
         return dataclasses.replace(report, problem=f"{record.file_name}: {report.problem}")

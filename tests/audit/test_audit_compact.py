@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from certbroker import config, policy
 from certbroker.audit import open_audit_log
@@ -23,6 +24,7 @@ from certbroker.audit.integrity import merkle
 from certbroker.audit.integrity import proofs as audit_proofs
 from certbroker.audit.query import QueryFilter, query
 from certbroker.audit.scan import Criteria, scan
+from certbroker.audit.segment import SegmentError, open_envelope, opened_export
 from certbroker.audit.stats import log_stats
 from certbroker.audit.store import compact
 from certbroker.audit.verify.report import BAD_TREE, EDITED, MALFORMED, OK, REWRITTEN
@@ -233,3 +235,51 @@ def test_times_and_ids_rebuild_byte_for_byte() -> None:
         assert compact.ms_time(compact.time_ms(text)) == text
     with pytest.raises(ValueError):
         compact.time_ms("2026-03-01T08:30:00Z")
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["zstd", "zstd+encrypted"])
+def test_compressed_segments_are_signed_and_verify_offline(
+    mixed: tuple[AuditLocation, audit_proofs.CheckpointSigner],
+    tmp_path: Path,
+    encrypted: bool,  # noqa: FBT001
+) -> None:
+    location, signer = mixed
+    auditor = X25519PrivateKey.generate()
+    directory = tmp_path / "archive"
+    now = START + (OLD + NEW) * HOUR
+    made = archive_older_than(
+        location,
+        signer,
+        directory,
+        days=8 * HOUR / 86_400,
+        clock=lambda: now,
+        compress=True,
+        recipient=auditor.public_key() if encrypted else None,
+    )
+    assert made is not None
+    path = directory / made.file_name
+    assert made.file_name.endswith(".jsonl.zst")
+    envelope = open_envelope(path, signer.public_key)
+    assert (envelope["from"], envelope["to"]) == (1, made.last_seq)
+    assert (envelope["encryption"] is not None) == encrypted
+    # The entries are readable from the segment, with the auditor's key when encrypted.
+    if encrypted:
+        with pytest.raises(SegmentError), opened_export(path):
+            pass
+    with opened_export(path, auditor if encrypted else None) as plain:
+        assert b"33030219900101" in plain.read_bytes()
+    report = verify_with_archives(location, signer.public_key, directory)
+    assert (report.code, report.entries) == (OK, audit_proofs.tree_size(location)), report
+    if encrypted:
+        assert any("encrypted" in note for note in report.notes)
+        full = verify_with_archives(location, signer.public_key, directory, auditor_key=auditor)
+        assert full.code == OK, full
+        other = X25519PrivateKey.generate()  # not the auditor's: nothing decrypts
+        wrong = verify_with_archives(location, signer.public_key, directory, auditor_key=other)
+        assert wrong.code == EDITED
+        assert "does not decrypt" in wrong.problem
+    # One byte of the payload changed: the signed envelope no longer matches.
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 1
+    path.write_bytes(bytes(data))
+    assert verify_with_archives(location, signer.public_key, directory).code == EDITED

@@ -241,7 +241,7 @@ def test_times_and_ids_rebuild_byte_for_byte() -> None:
 def test_compressed_segments_are_signed_and_verify_offline(
     mixed: tuple[AuditLocation, audit_proofs.CheckpointSigner],
     tmp_path: Path,
-    encrypted: bool,  # noqa: FBT001
+    encrypted: bool,
 ) -> None:
     location, signer = mixed
     auditor = X25519PrivateKey.generate()

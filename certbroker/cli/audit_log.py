@@ -19,13 +19,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from certbroker import config
 from certbroker.audit import archive as audit_archive
 from certbroker.audit.export import export, verify_db, verify_export
 from certbroker.audit.integrity import checkpoint
 from certbroker.audit.integrity import proofs as audit_proofs
+from certbroker.audit.segment import is_segment, open_envelope, opened_export
 from certbroker.audit.stats import log_stats
 from certbroker.audit.store.db import backend_for
 from certbroker.audit.store.postgres import grant_statements
@@ -194,7 +197,17 @@ def integrity_verify(args: argparse.Namespace) -> int:
         if not args.export.exists():
             print(f"error: no export at {args.export}", file=sys.stderr)
             return 2
-        report = verify_export(args.export, key, chain_only=args.chain_only)
+        try:
+            auditor = _auditor_key(args)
+            if is_segment(args.export):  # a compressed (maybe encrypted) archive segment
+                open_envelope(args.export, key)
+                with opened_export(args.export, auditor) as plain:
+                    report = verify_export(plain, key, chain_only=args.chain_only)
+            else:
+                report = verify_export(args.export, key, chain_only=args.chain_only)
+        except (OSError, ValueError) as exc:  # SegmentError is a ValueError
+            print(f"error: {args.export}: {exc}", file=sys.stderr)
+            return 1
         return _print(report, f"export {args.export}", args.json)
     assert found is not None
     what = backend_for(found.location).display
@@ -204,13 +217,38 @@ def integrity_verify(args: argparse.Namespace) -> int:
                 print("error: --with-archives needs the checkpoint public key", file=sys.stderr)
                 return 2
             directory = args.with_archives or found.archive_dir
-            report = audit_archive.verify_with_archives(found.location, key, directory)
+            report = audit_archive.verify_with_archives(
+                found.location, key, directory, auditor_key=_auditor_key(args)
+            )
             return _print(report, f"{what} and the archives in {directory}", args.json)
         report = verify_db(found.location, key, chain_only=args.chain_only)
         return _print(report, what, args.json)
     except BrokerError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
+    except (OSError, ValueError) as exc:  # the auditor key
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _auditor_key(args: argparse.Namespace) -> X25519PrivateKey | None:
+    """``--auditor-key``: the X25519 private key (PEM) encrypted archives are read with."""
+    if args.auditor_key is None:
+        return None
+    key = serialization.load_pem_private_key(args.auditor_key.read_bytes(), password=None)
+    if not isinstance(key, X25519PrivateKey):
+        raise ValueError(f"--auditor-key {args.auditor_key}: not an X25519 private key")
+    return key
+
+
+def _recipient(path: Path | None) -> X25519PublicKey | None:
+    """``--encrypt-to``: an auditor's X25519 public key (PEM)."""
+    if path is None:
+        return None
+    key = serialization.load_pem_public_key(path.read_bytes())
+    if not isinstance(key, X25519PublicKey):
+        raise ValueError(f"--encrypt-to {path}: not an X25519 public key")
+    return key
 
 
 def integrity_export(args: argparse.Namespace) -> int:
@@ -255,7 +293,15 @@ def integrity_archive(args: argparse.Namespace) -> int:
     signer = audit_proofs.CheckpointSigner.load(found.state_dir, args.key or found.checkpoint_key)
     directory = args.dir or found.archive_dir
     try:
-        made = audit_archive.archive_older_than(found.location, signer, directory, days)
+        recipient = _recipient(args.encrypt_to)
+        made = audit_archive.archive_older_than(
+            found.location,
+            signer,
+            directory,
+            days,
+            compress=args.compress or recipient is not None,
+            recipient=recipient,
+        )
     except (BrokerError, OSError, ValueError) as exc:
         print(f"error: {_message(exc)}", file=sys.stderr)
         return 1
@@ -272,9 +318,8 @@ def integrity_stats(args: argparse.Namespace) -> int:
     if found is None:
         return 2
     try:
-        got = log_stats(
-            found.location, found.archive_dir, found.archive_after_days, datetime.now(UTC)
-        )
+        directory = args.dir or found.archive_dir
+        got = log_stats(found.location, directory, found.archive_after_days, datetime.now(UTC))
     except (BrokerError, OSError, ValueError) as exc:
         print(f"error: {_message(exc)}", file=sys.stderr)
         return 1
@@ -342,6 +387,11 @@ def add_integrity_parsers(
     add_location_options(s)
     s.add_argument("--export", type=Path, help="verify this export file offline instead")
     s.add_argument(
+        "--auditor-key",
+        type=Path,
+        help="X25519 private key (PEM) that reads encrypted archive segments",
+    )
+    s.add_argument(
         "--with-archives",
         nargs="?",
         const="",
@@ -384,12 +434,21 @@ def add_integrity_parsers(
     )
     s.add_argument("--dir", type=Path, help="archive directory (default [audit] archive_dir)")
     s.add_argument("--key", type=Path, help="checkpoint signing key ([audit] checkpoint_key)")
+    s.add_argument(
+        "--compress", action="store_true", help="write a zstd-compressed signed segment (.zst)"
+    )
+    s.add_argument(
+        "--encrypt-to",
+        type=Path,
+        help="encrypt the segment to this auditor's X25519 public key (PEM); implies --compress",
+    )
     s.set_defaults(func=integrity_archive)
     s = aud.add_parser(
         "stats", help="entries, bytes per entry, archives and the next retention action"
     )
     state(s)
     add_location_options(s)
+    s.add_argument("--dir", type=Path, help="archive directory (default [audit] archive_dir)")
     s.add_argument("--json", action="store_true", help="one JSON object")
     s.set_defaults(func=integrity_stats)
     s = aud.add_parser(

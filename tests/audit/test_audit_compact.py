@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from certbroker import config, policy
@@ -28,6 +29,7 @@ from certbroker.audit.segment import SegmentError, open_envelope, opened_export
 from certbroker.audit.stats import log_stats
 from certbroker.audit.store import compact
 from certbroker.audit.verify.report import BAD_TREE, EDITED, MALFORMED, OK, REWRITTEN
+from certbroker.cli import main as cli
 from certbroker.config import AuditLocation
 from tests.audit.pg_support import attacker, fresh_schema
 from tests.audit.test_audit import StepClock, make_event
@@ -283,3 +285,39 @@ def test_compressed_segments_are_signed_and_verify_offline(
     data[-10] ^= 1
     path.write_bytes(bytes(data))
     assert verify_with_archives(location, signer.public_key, directory).code == EDITED
+
+
+def test_the_cli_archives_encrypted_verifies_with_the_auditor_key_and_reports_stats(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "audit.sqlite"
+    fill(db, StepClock(START, step=HOUR), 40, 2)
+    auditor = X25519PrivateKey.generate()
+    (tmp_path / "auditor.pem").write_bytes(
+        auditor.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (tmp_path / "auditor.pub.pem").write_bytes(
+        auditor.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    where = ["--db", str(db), "--state-dir", str(tmp_path / "state")]
+    archives = str(tmp_path / "archive")
+    to = str(tmp_path / "auditor.pub.pem")
+    archive = ["audit", "archive", *where, "--older-than-days", "1", "--dir", archives]
+    assert cli.main([*archive, "--encrypt-to", to]) == 0
+    assert cli.main(["audit", "verify", *where, "--with-archives", archives]) == 0
+    assert "encrypted; its signed envelope verified" in capsys.readouterr().out
+    assert cli.main(["audit", "verify", *where, "--with-archives", archives,
+                     "--auditor-key", str(tmp_path / "auditor.pem")]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert cli.main(["audit", "stats", *where, "--dir", archives, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["entries"] == got["archived"] + got["live_v2"]
+    assert got["archived"] % 32 == 0
+    assert got["archived"] > 0
+    assert got["archives"][0]["size"] > 0

@@ -439,6 +439,17 @@ class Config:
             ge=0,
         ).meta,
     )
+    archive_retention_days: float = field(
+        default=0.0,
+        metadata=Key(
+            "audit",
+            "archive_retention_days",
+            "archive files older than this may be removed (`audit remove-archives`, which "
+            "leaves a signed tombstone); 0 = keep for ever",
+            env="CERTBROKER_AUDIT_ARCHIVE_RETENTION_DAYS",
+            ge=0,
+        ).meta,
+    )
     archive_dir: Path | None = field(
         default=None,
         metadata=Key(

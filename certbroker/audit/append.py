@@ -84,6 +84,12 @@ def append_rows(
     return rows, Head(seq, prev, tree.range.frontier)
 
 
+def _has_compact_rows(conn: Connection) -> bool:
+    if not conn.backend.has_table(conn, "audit_entries"):
+        return False
+    return conn.execute("SELECT 1 FROM audit_entries LIMIT 1").fetchone() is not None
+
+
 class ChainStore:
     """The store the group-commit writer appends to (a
     :class:`~certbroker.audit.writer.BatchStore`): :func:`append_rows` in a backend's writer
@@ -104,6 +110,10 @@ class ChainStore:
         try:
             with session.transaction() as conn:
                 backfill(conn)
+                if entry_format == FORMAT_VERSION and _has_compact_rows(conn):
+                    # Once a log holds compact entries, it goes on compact: readers rely on
+                    # every live version 1 entry preceding every version 2 one.
+                    self.entry_format = COMPACT_VERSION
         except BaseException:
             session.close()
             raise

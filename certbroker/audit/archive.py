@@ -56,6 +56,7 @@ from certbroker.audit.store.base import Connection
 from certbroker.audit.store.compact import time_ms
 from certbroker.audit.store.db import backend_for
 from certbroker.audit.store.rows import archived_head, has_compact, hash_at, read_tail
+from certbroker.audit.tombstone import Tombstone, tombstones
 from certbroker.audit.verify.live import archive_rows
 from certbroker.audit.verify.report import DELETED, EDITED, INSERTED, OK, IntegrityReport, Malformed
 from certbroker.config import AuditLocation
@@ -313,16 +314,25 @@ def verify_with_archives(
             records = [ArchiveRecord(*row) for row in archive_rows(conn)]
         except Malformed as exc:
             return exc.report()
+        removed = tombstones(conn)
     entries = signed = 0
     unread: list[str] = []  # encrypted segments checked by their envelope only
     prev_last, prev_hash = 0, GENESIS_HASH
     for record in records:
-        report = _check_archive(record, directory, public_key, prev_last, prev_hash, auditor_key)
+        report = _check_archive(
+            record,
+            directory,
+            public_key,
+            prev_last,
+            prev_hash,
+            auditor_key,
+            removed.get(record.last_seq),
+        )
         if not report.ok:
             return dataclasses.replace(report, entries=entries + report.entries)
         entries += report.entries
         signed += report.checkpoints
-        unread += [n for n in report.notes if "encrypted" in n]
+        unread += [n for n in report.notes if "encrypted" in n or "retention" in n]
         prev_last, prev_hash = record.last_seq, record.last_entry_hash
     live = verify_db(db, public_key)
     if not live.ok:
@@ -380,6 +390,7 @@ def _check_archive(
     prev_last: int,
     prev_hash: str,
     auditor_key: X25519PrivateKey | None = None,
+    removed: Tombstone | None = None,
 ) -> IntegrityReport:
     """One archive file: present, verifying offline, the file recorded, continuing the last."""
     path = directory / record.file_name
@@ -388,7 +399,17 @@ def _check_archive(
         msg = f"archives jump from entry {prev_last} to {record.first_seq}"
         return IntegrityReport(code, 0, prev_last + 1, msg)
     if not path.is_file():
+        names = (record.first_seq, record.last_seq, record.last_entry_hash, record.file_name,
+                 record.file_sha256)  # fmt: skip
+        if removed is not None and removed.verifies(public_key, names):
+            note = (
+                f"entries {record.first_seq}..{record.last_seq} ({record.file_name}) were "
+                f"removed under retention at {removed.removed_at} (signed tombstone)"
+            )
+            return IntegrityReport(OK, 0, None, "", 0, [note])
         msg = f"archive file {record.file_name} (entries {record.first_seq}..) is missing"
+        if removed is not None:
+            msg += "; its tombstone does not verify or names another file"
         return IntegrityReport(DELETED, 0, record.first_seq, msg)
     if is_segment(path):
         return _check_segment(record, path, public_key, prev_hash, auditor_key)

@@ -28,6 +28,7 @@ from certbroker.audit import archive as audit_archive
 from certbroker.audit.export import export, verify_db, verify_export
 from certbroker.audit.integrity import checkpoint
 from certbroker.audit.integrity import proofs as audit_proofs
+from certbroker.audit.retention import remove_archives
 from certbroker.audit.segment import is_segment, open_envelope, opened_export
 from certbroker.audit.stats import log_stats
 from certbroker.audit.store.db import backend_for
@@ -53,6 +54,7 @@ class Target:
     checkpoint_key: Path | None
     archive_dir: Path
     archive_after_days: float
+    archive_retention_days: float = 0.0
 
 
 def add_location_options(parser: argparse.ArgumentParser) -> None:
@@ -86,7 +88,12 @@ def target(args: argparse.Namespace) -> Target:
     elif args.schema and cfg.audit_dsn:  # the configured PostgreSQL log, another schema
         location = PostgresLocation(cfg.audit_dsn, args.schema)
     return Target(
-        location, cfg.state_dir, cfg.checkpoint_key, cfg.archive_directory, cfg.archive_after_days
+        location,
+        cfg.state_dir,
+        cfg.checkpoint_key,
+        cfg.archive_directory,
+        cfg.archive_after_days,
+        cfg.archive_retention_days,
     )
 
 
@@ -312,6 +319,37 @@ def integrity_archive(args: argparse.Namespace) -> int:
     return 0
 
 
+def integrity_remove_archives(args: argparse.Namespace) -> int:
+    """Remove archive files past their retention, each leaving an audit entry and a signed
+    tombstone (:mod:`certbroker.audit.retention`)."""
+    found = _existing(args)
+    if found is None:
+        return 2
+    days = (
+        args.older_than_days if args.older_than_days is not None else found.archive_retention_days
+    )
+    if not days > 0:
+        print(
+            "error: give --older-than-days N (or [audit] archive_retention_days)", file=sys.stderr
+        )
+        return 2
+    signer = audit_proofs.CheckpointSigner.load(found.state_dir, args.key or found.checkpoint_key)
+    directory = args.dir or found.archive_dir
+    try:
+        removed = remove_archives(found.location, signer, directory, days, operator=args.operator)
+    except (BrokerError, OSError, RuntimeError, ValueError) as exc:
+        print(f"error: {_message(exc)}", file=sys.stderr)
+        return 1
+    if not removed:
+        print(f"nothing to remove: no archive is older than {days:g} days")
+    for stone in removed:
+        print(
+            f"removed {stone.file_name} (entries {stone.first_seq}..{stone.last_seq}); "
+            "signed tombstone recorded"
+        )
+    return 0
+
+
 def integrity_stats(args: argparse.Namespace) -> int:
     """Entries, bytes per entry, oldest live entry, archives and the next retention action."""
     found = _existing(args)
@@ -443,6 +481,19 @@ def add_integrity_parsers(
         help="encrypt the segment to this auditor's X25519 public key (PEM); implies --compress",
     )
     s.set_defaults(func=integrity_archive)
+    s = aud.add_parser(
+        "remove-archives",
+        help="remove archive files past retention, leaving signed tombstones (audited)",
+    )
+    state(s)
+    add_location_options(s)
+    s.add_argument(
+        "--older-than-days", type=float, help="retention (default [audit] archive_retention_days)"
+    )
+    s.add_argument("--dir", type=Path, help="archive directory (default [audit] archive_dir)")
+    s.add_argument("--key", type=Path, help="checkpoint signing key ([audit] checkpoint_key)")
+    s.add_argument("--operator", help="who removes them, for the audit entry (default: OS user)")
+    s.set_defaults(func=integrity_remove_archives)
     s = aud.add_parser(
         "stats", help="entries, bytes per entry, archives and the next retention action"
     )

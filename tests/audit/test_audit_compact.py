@@ -24,11 +24,12 @@ from certbroker.audit.export import export, verify_db, verify_export
 from certbroker.audit.integrity import merkle
 from certbroker.audit.integrity import proofs as audit_proofs
 from certbroker.audit.query import QueryFilter, query
+from certbroker.audit.retention import remove_archives
 from certbroker.audit.scan import Criteria, scan
 from certbroker.audit.segment import SegmentError, open_envelope, opened_export
 from certbroker.audit.stats import log_stats
 from certbroker.audit.store import compact
-from certbroker.audit.verify.report import BAD_TREE, EDITED, MALFORMED, OK, REWRITTEN
+from certbroker.audit.verify.report import BAD_TREE, DELETED, EDITED, MALFORMED, OK, REWRITTEN
 from certbroker.cli import main as cli
 from certbroker.config import AuditLocation
 from tests.audit.pg_support import attacker, fresh_schema
@@ -37,6 +38,7 @@ from tests.audit.test_audit import StepClock, make_event
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 START = 1_700_000_000.0
 HOUR = 3600.0
+DAY = 86_400.0
 OLD, NEW = 40, 45  # entries in format 1, then in format 2
 
 
@@ -321,3 +323,35 @@ def test_the_cli_archives_encrypted_verifies_with_the_auditor_key_and_reports_st
     assert got["archived"] % 32 == 0
     assert got["archived"] > 0
     assert got["archives"][0]["size"] > 0
+
+
+def test_an_archive_removed_under_retention_leaves_a_signed_tombstone(
+    mixed: tuple[AuditLocation, audit_proofs.CheckpointSigner], tmp_path: Path
+) -> None:
+    location, signer = mixed
+    directory = tmp_path / "archive"
+    now = START + (OLD + NEW) * HOUR
+    made = archive_older_than(
+        location, signer, directory, days=8 * HOUR / 86_400, clock=lambda: now, compress=True
+    )
+    assert made is not None
+    assert remove_archives(location, signer, directory, 30, clock=lambda: now + DAY) == []
+    (stone,) = remove_archives(
+        location, signer, directory, 1, operator="officer-7", clock=lambda: now + 2 * DAY
+    )
+    assert (stone.first_seq, stone.last_seq) == (1, made.last_seq)
+    assert not (directory / made.file_name).exists()
+    # The removal is itself in the log, and the log still verifies.
+    (entry,) = scan(location, Criteria(kinds=("retention",)))
+    assert entry.event.clerk == "officer-7"
+    assert made.file_name in entry.event.case_number
+    report = verify_with_archives(location, signer.public_key, directory)
+    assert report.code == OK, report
+    assert any("removed under retention" in note for note in report.notes)
+    # A tombstone that does not name the file (or none at all) is a missing archive.
+    with attacker(location) as conn:
+        conn.execute("UPDATE audit_tombstones SET file_sha256 = ?", ("0" * 64,))
+    assert verify_with_archives(location, signer.public_key, directory).code == DELETED
+    with attacker(location) as conn:
+        conn.execute("DELETE FROM audit_tombstones")
+    assert verify_with_archives(location, signer.public_key, directory).code == DELETED

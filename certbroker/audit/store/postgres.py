@@ -57,6 +57,7 @@ _TABLES = (
     "audit_meta",
     "audit_entries",
     "audit_terms",
+    "audit_tombstones",
 )
 _DDL: tuple[LiteralString, ...] = (
     "CREATE SCHEMA IF NOT EXISTS {s}",
@@ -119,6 +120,17 @@ _DDL: tuple[LiteralString, ...] = (
     """CREATE TABLE IF NOT EXISTS {s}.audit_terms (
         id   INTEGER PRIMARY KEY,
         term TEXT NOT NULL UNIQUE
+    )""",
+    # Archive files removed under retention (certbroker.audit.retention): signed tombstones.
+    """CREATE TABLE IF NOT EXISTS {s}.audit_tombstones (
+        last_seq        BIGINT PRIMARY KEY,
+        first_seq       BIGINT NOT NULL,
+        last_entry_hash TEXT NOT NULL,
+        file_name       TEXT NOT NULL,
+        file_sha256     TEXT NOT NULL,
+        removed_at      TEXT NOT NULL,
+        checkpoint      TEXT NOT NULL,
+        signature       TEXT NOT NULL
     )""",
     # The one trigger function. DELETE from audit_log is let through only for archived rows.
     """CREATE OR REPLACE FUNCTION {s}.audit_append_only() RETURNS trigger
@@ -444,11 +456,15 @@ def grant_statements(schema: str, role: str, *, archiver: bool = False) -> list[
             "GRANT SELECT, INSERT ON {s}.audit_log, {s}.merkle_nodes, {s}.checkpoints, "
             "{s}.audit_entries, {s}.audit_terms TO {r}"
         ).format(s=s, r=r),
-        sql.SQL("GRANT SELECT ON {s}.audit_archives, {s}.audit_meta TO {r}").format(s=s, r=r),
+        sql.SQL(
+            "GRANT SELECT ON {s}.audit_archives, {s}.audit_meta, {s}.audit_tombstones TO {r}"
+        ).format(s=s, r=r),
     ]
     if archiver:
         statements += [
-            sql.SQL("GRANT INSERT ON {s}.audit_archives TO {r}").format(s=s, r=r),
+            sql.SQL("GRANT INSERT ON {s}.audit_archives, {s}.audit_tombstones TO {r}").format(
+                s=s, r=r
+            ),
             sql.SQL("GRANT DELETE ON {s}.audit_log, {s}.audit_entries TO {r}").format(s=s, r=r),
         ]
     return [statement.as_string(None) for statement in statements]

@@ -102,6 +102,17 @@ SCHEMA = (
         id   INTEGER PRIMARY KEY,
         term TEXT NOT NULL UNIQUE
     )""",
+    # Archive files removed under retention (certbroker.audit.retention): signed tombstones.
+    """CREATE TABLE IF NOT EXISTS audit_tombstones (
+        last_seq        INTEGER PRIMARY KEY,
+        first_seq       INTEGER NOT NULL,
+        last_entry_hash TEXT NOT NULL,
+        file_name       TEXT NOT NULL,
+        file_sha256     TEXT NOT NULL,
+        removed_at      TEXT NOT NULL,
+        checkpoint      TEXT NOT NULL,
+        signature       TEXT NOT NULL
+    )""",
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
 

@@ -489,6 +489,19 @@ class Config:
             le=MAX_WAIT_S * 1000,
         ).meta,
     )
+    audit_entry_format: int = field(
+        default=2,
+        metadata=Key(
+            "audit",
+            "entry_format",
+            "format version of new entries: 2 = compact (every value stored once), 1 = JSON "
+            "body with indexed copies (the format before 2); a log holding compact entries "
+            "stays compact",
+            env="CERTBROKER_AUDIT_ENTRY_FORMAT",
+            ge=1,
+            le=2,
+        ).meta,
+    )
     # Calls refused before a caller is known get no entry each (anyone could fill the log):
     # one summary entry per address per interval, and at shutdown.
     unauthenticated_summary_interval_s: float = field(

@@ -55,6 +55,7 @@ from certbroker.audit.segment import (
 from certbroker.audit.store.base import Connection
 from certbroker.audit.store.compact import time_ms
 from certbroker.audit.store.db import backend_for
+from certbroker.audit.store.postgres import PostgresBackend, detach_archived
 from certbroker.audit.store.rows import archived_head, has_compact, hash_at, read_tail
 from certbroker.audit.tombstone import Tombstone, tombstones
 from certbroker.audit.verify.live import archive_rows
@@ -267,6 +268,8 @@ def _commit(db: AuditLocation, record: ArchiveRecord) -> None:
             "DELETE FROM audit_log WHERE seq BETWEEN ? AND ?", (record.first_seq, record.last_seq)
         )
         if has_compact(conn):
+            if isinstance(conn.backend, PostgresBackend):  # whole months: detach them
+                detach_archived(conn, record.first_seq, record.last_seq)
             conn.execute(
                 "DELETE FROM audit_entries WHERE seq BETWEEN ? AND ?",
                 (record.first_seq, record.last_seq),

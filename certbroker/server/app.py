@@ -365,6 +365,7 @@ async def start(
             max_wait_s=config.audit_batch_wait_ms / 1000,
             clock=audit_clock,
             on_commit=metrics.observe_audit_commit,
+            entry_format=config.audit_entry_format,
         )
         parts.on_close("audit log", audit.aclose)
         policies.audit = audit  # reloads are audited from here on

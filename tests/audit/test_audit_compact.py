@@ -32,7 +32,7 @@ from certbroker.audit.store import compact
 from certbroker.audit.verify.report import BAD_TREE, DELETED, EDITED, MALFORMED, OK, REWRITTEN
 from certbroker.cli import main as cli
 from certbroker.config import AuditLocation
-from tests.audit.pg_support import attacker, fresh_schema
+from tests.audit.pg_support import attacker, fresh_schema, run_sql
 from tests.audit.test_audit import StepClock, make_event
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
@@ -355,3 +355,56 @@ def test_an_archive_removed_under_retention_leaves_a_signed_tombstone(
     with attacker(location) as conn:
         conn.execute("DELETE FROM audit_tombstones")
     assert verify_with_archives(location, signer.public_key, directory).code == DELETED
+
+
+@pytest.mark.postgres
+def test_postgresql_partitions_by_month_append_only_and_archives_a_month_by_detaching(
+    tmp_path: Path,
+) -> None:
+    import psycopg
+
+    with fresh_schema() as pg:
+        signer = audit_proofs.CheckpointSigner.load(tmp_path)
+        clock = StepClock(START, step=DAY)  # 2023-11-14 on: a call a day for two months
+        fill(pg, clock, 60, 2)
+        months = [
+            name
+            for (name,) in run_sql(
+                pg,
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                "JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace n "
+                "ON n.oid = p.relnamespace WHERE p.relname = 'audit_entries' AND n.nspname = ? "
+                "ORDER BY 1",
+                (pg.schema,),
+            )
+        ]
+        assert months[0] == "audit_entries_p202311"
+        assert len(months) >= 5  # the months written, and two ahead
+        # Append-only on every partition, reached directly, even for the owner.
+        for statement in (
+            f"UPDATE {months[1]} SET subject_id = 'x'",
+            f"DELETE FROM {months[1]}",
+            f"TRUNCATE {months[1]}",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                run_sql(pg, statement)
+        # Archive up to the end of December 2023: November's partition is detached whole.
+        now = datetime(2024, 1, 1, tzinfo=UTC).timestamp() + 20 * DAY
+        made = archive_older_than(pg, signer, tmp_path / "archive", days=20, clock=lambda: now)
+        assert made is not None
+        left = {
+            name
+            for (name,) in run_sql(
+                pg,
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'audit_entries' "
+                "AND c.relnamespace = p.relnamespace AND p.relnamespace = ?::regnamespace",
+                (pg.schema,),
+            )
+        }
+        assert "audit_entries_p202311" not in left
+        assert "audit_entries_p202401" in left
+        report = verify_with_archives(pg, signer.public_key, tmp_path / "archive")
+        assert report.code == OK, report
+        fill(pg, clock, 3, 2)  # appends go on after the detach
+        assert verify_db(pg, signer.public_key).ok

@@ -37,7 +37,7 @@ psycopg = pytest.importorskip("psycopg")
 pytestmark = pytest.mark.postgres
 
 TABLES = ("audit_log", "merkle_nodes", "checkpoints", "audit_archives", "audit_meta")
-COMPACT_TABLES = ("audit_entries", "audit_terms")  # format version 2: test_audit_compact.py
+COMPACT_TABLES = ("audit_entries", "audit_terms", "audit_tombstones")  # test_audit_compact.py
 
 
 @pytest.fixture

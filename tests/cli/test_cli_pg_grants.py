@@ -44,8 +44,10 @@ def test_prints_one_statement_per_line_for_the_default_schema(
     assert out.splitlines() == [
         'GRANT USAGE ON SCHEMA "certbroker" TO "certbroker_app";',
         'GRANT SELECT, INSERT ON "certbroker".audit_log, "certbroker".merkle_nodes, '
-        '"certbroker".checkpoints TO "certbroker_app";',
-        'GRANT SELECT ON "certbroker".audit_archives, "certbroker".audit_meta TO "certbroker_app";',
+        '"certbroker".checkpoints, "certbroker".audit_entries, "certbroker".audit_terms '
+        'TO "certbroker_app";',
+        'GRANT SELECT ON "certbroker".audit_archives, "certbroker".audit_meta, '
+        '"certbroker".audit_tombstones TO "certbroker_app";',
     ]
 
 
@@ -57,8 +59,8 @@ def test_archiver_adds_delete_on_the_log_and_insert_on_archives(
     assert (code, err) == (0, "")
     assert archiver.splitlines()[:3] == broker.splitlines()
     assert archiver.splitlines()[3:] == [
-        'GRANT INSERT ON "audit_x".audit_archives TO "r";',
-        'GRANT DELETE ON "audit_x".audit_log TO "r";',
+        'GRANT INSERT ON "audit_x".audit_archives, "audit_x".audit_tombstones TO "r";',
+        'GRANT DELETE ON "audit_x".audit_log, "audit_x".audit_entries TO "r";',
     ]
     assert "UPDATE" not in archiver
     assert "TRUNCATE" not in archiver

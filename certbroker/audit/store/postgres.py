@@ -41,6 +41,7 @@ import hashlib
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, LiteralString
 
 from certbroker.audit.events import AUDIT_UNAVAILABLE
@@ -99,12 +100,15 @@ _DDL: tuple[LiteralString, ...] = (
         time            TEXT NOT NULL
     )""",
     "CREATE TABLE IF NOT EXISTS {s}.audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    # Entry format version 2 (certbroker.audit.store.compact). Time ranges use a BRIN index:
-    # rows arrive in time order, so a block range's min/max is all it needs (a few bytes per
-    # thousands of rows, where a B-tree would cost ~20 bytes per entry).
+    # Entry format version 2 (certbroker.audit.store.compact), partitioned by month of `time`
+    # (declarative partitioning: archiving a month detaches its partition, see
+    # certbroker.audit.archive). A partitioned table's keys must hold the partition key, hence
+    # (seq, time) and (entry_id, time); seq stays unique through the chain (verify checks it).
+    # Time ranges use a BRIN index: rows arrive in time order, so a block range's min/max is
+    # all it needs (a few bytes per thousands of rows, where a B-tree costs ~20 bytes a row).
     """CREATE TABLE IF NOT EXISTS {s}.audit_entries (
-        seq         BIGINT PRIMARY KEY,
-        entry_id    BYTEA NOT NULL UNIQUE,
+        seq         BIGINT NOT NULL,
+        entry_id    BYTEA NOT NULL,
         time        BIGINT NOT NULL,
         clerk       INTEGER NOT NULL,
         subject_id  TEXT NOT NULL,
@@ -112,8 +116,10 @@ _DDL: tuple[LiteralString, ...] = (
         record_type INTEGER NOT NULL,
         decision    INTEGER NOT NULL,
         rest        TEXT NOT NULL,
-        entry_hash  BYTEA NOT NULL
-    )""",
+        entry_hash  BYTEA NOT NULL,
+        PRIMARY KEY (seq, time),
+        UNIQUE (entry_id, time)
+    ) PARTITION BY RANGE (time)""",
     "CREATE INDEX IF NOT EXISTS audit_entries_subject ON {s}.audit_entries (subject_id)",
     "CREATE INDEX IF NOT EXISTS audit_entries_clerk ON {s}.audit_entries (clerk, time)",
     "CREATE INDEX IF NOT EXISTS audit_entries_time ON {s}.audit_entries USING brin (time)",
@@ -136,7 +142,9 @@ _DDL: tuple[LiteralString, ...] = (
     """CREATE OR REPLACE FUNCTION {s}.audit_append_only() RETURNS trigger
     LANGUAGE plpgsql AS $$
     BEGIN
-        IF TG_OP = 'DELETE' AND TG_TABLE_NAME IN ('audit_log', 'audit_entries') THEN
+        -- A row trigger fires on the partition: its name is audit_entries_<month>.
+        IF TG_OP = 'DELETE' AND (TG_TABLE_NAME = 'audit_log'
+                OR TG_TABLE_NAME LIKE 'audit\\_entries%') THEN
             IF OLD.seq <= (SELECT coalesce(max(last_seq), 0) FROM {s}.audit_archives) THEN
                 RETURN OLD;
             END IF;
@@ -341,6 +349,8 @@ class PostgresBackend:
         batch here."""
         if not rows:
             return
+        if table == "audit_entries":  # partitioned by month: the months must exist
+            ensure_partitions(_own(conn), (int(row[2]) for row in rows))
         arrays = [list(column) for column in zip(*rows, strict=True)]
         # %b: binary parameters; text arrays in text format are escaped element by element.
         casts = ", ".join(f"%b::{kind}[]" for kind in types)
@@ -390,6 +400,103 @@ class PostgresBackend:
         if missing:
             raise KeyError(f"merkle nodes {missing} not stored")
         return [found[p] for p in positions]
+
+
+#: Partitions known to exist, per schema (created once, never dropped while a writer runs
+#: except by archival, which forgets them here).
+_PARTITIONS: dict[str, set[str]] = {}
+_MONTHS_AHEAD = 2  # partitions are created this many months ahead of the entries
+
+
+def partition_name(millis: int) -> tuple[str, int, int]:
+    """(name, first ms, end ms) of the monthly partition holding time ``millis``."""
+    moment = datetime.fromtimestamp(millis / 1000, tz=UTC)
+    start = datetime(moment.year, moment.month, 1, tzinfo=UTC)
+    end = datetime(start.year + start.month // 12, start.month % 12 + 1, 1, tzinfo=UTC)
+    return (
+        f"audit_entries_p{start:%Y%m}",
+        int(start.timestamp()) * 1000,
+        int(end.timestamp()) * 1000,
+    )
+
+
+def ensure_partitions(conn: PgConnection, times: Iterable[int]) -> None:
+    """Create the monthly partitions of ``audit_entries`` for ``times`` (ms) and the months
+    after them, with the TRUNCATE trigger and REVOKE every partition needs (row triggers are
+    cloned from the parent by PostgreSQL itself). Inside the caller's locked transaction."""
+    from psycopg import sql
+
+    known = _PARTITIONS.setdefault(conn.schema, set())
+    wanted: dict[str, tuple[int, int]] = {}
+    for millis in set(times):
+        name, start, end = partition_name(millis)
+        for _ in range(_MONTHS_AHEAD + 1):
+            if name not in known:
+                wanted[name] = (start, end)
+            name, start, end = partition_name(end)
+    for name, (start, end) in sorted(wanted.items()):
+        ident, part = sql.Identifier(conn.schema), sql.Identifier(name)
+        (found,) = conn.execute(
+            "SELECT to_regclass(?) IS NOT NULL", (f'"{conn.schema}".{name}',)
+        ).fetchone()
+        if found:  # made ahead by the owner: a broker role without CREATE still appends
+            known.add(name)
+            continue
+        conn.raw.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {s}.{p} PARTITION OF {s}.audit_entries "
+                "FOR VALUES FROM ({a}) TO ({b})"
+            ).format(s=ident, p=part, a=sql.Literal(start), b=sql.Literal(end))
+        )
+        for statement in _TRIGGERS[1:]:  # TRUNCATE trigger, REVOKE: not inherited
+            conn.raw.execute(sql.SQL(statement).format(s=ident, t=part))
+        known.add(name)
+
+
+def forget_partition(schema: str, name: str) -> None:
+    """Archival detached partition ``name``: a later entry of that month recreates it."""
+    _PARTITIONS.get(schema, set()).discard(name)
+
+
+def detach_archived(conn: Connection, first: int, last: int) -> list[str]:
+    """Detach (and drop) every partition of ``audit_entries`` whose rows all lie in the
+    archived range ``first..last``: archiving a month is then one catalog change, not a
+    delete of its rows. The caller holds the log's lock, has recorded the archive and verified
+    its file. Returns the partitions' names."""
+    from psycopg import sql
+
+    own = _own(conn)
+    (owner,) = conn.execute(
+        "SELECT pg_has_role(current_user, relowner, 'MEMBER') FROM pg_class "
+        "WHERE oid = ?::regclass",
+        (f'"{own.schema}".audit_entries',),
+    ).fetchone()
+    if not owner:  # only the owner may detach; an archiver role deletes the rows instead
+        return []
+    rows = conn.execute(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace n ON n.oid = p.relnamespace "
+        "WHERE p.relname = 'audit_entries' AND n.nspname = ? ORDER BY c.relname",
+        (own.schema,),
+    ).fetchall()
+    detached = []
+    ident = sql.Identifier(own.schema)
+    for (name,) in rows:
+        part = sql.Identifier(str(name))
+        low, high = own.raw.execute(
+            sql.SQL("SELECT min(seq), max(seq) FROM {s}.{p}").format(s=ident, p=part)
+        ).fetchone()
+        if low is None or low < first or high > last:
+            continue  # empty (a month ahead), or holding live entries
+        own.raw.execute(
+            sql.SQL("ALTER TABLE {s}.audit_entries DETACH PARTITION {s}.{p}").format(
+                s=ident, p=part
+            )
+        )
+        own.raw.execute(sql.SQL("DROP TABLE {s}.{p}").format(s=ident, p=part))
+        forget_partition(own.schema, str(name))
+        detached.append(str(name))
+    return detached
 
 
 def take_lock(conn: PgConnection) -> None:
@@ -529,6 +636,8 @@ class PostgresWriter:
 
         with contextlib.suppress(psycopg.Error):  # broken: closed below, reopened next batch
             conn.rollback()
+        # Partitions created in the rolled-back batch are gone again: look them up anew.
+        _PARTITIONS.pop(self._backend.location.schema, None)
         if conn.raw.broken or conn.raw.closed:
             with contextlib.suppress(psycopg.Error):
                 conn.close()

@@ -16,7 +16,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
 
-from certbroker.audit.events import AuditEntry, canonical_body, iso_time, parse_entry
+from certbroker.audit.events import AuditEntry, entry_from_fields, iso_time, parse_entry
 from certbroker.audit.store import compact
 from certbroker.audit.store.base import Connection
 from certbroker.audit.store.db import backend_for
@@ -119,15 +119,18 @@ def _entries(
         yield parse_entry(int(seq), str(body), str(prev_hash), str(entry_hash))
     if not has_compact(conn):
         return
-    terms = compact.Terms()
+    terms = compact.reader_terms(conn)
     equals = {c: getattr(criteria, c) for c in _COLUMNS if getattr(criteria, c) is not None}
     stored = compact.term_ids(conn, terms, equals)
     if stored is None:
         return
-    clauses = ["seq > ?", *(f"{column} = ?" for column in stored)]
+    # "+seq": the sequence bound must not pick the primary key as the access path (a walk of
+    # every later row); the indexed column or time range is the one to search.
+    seq = "+seq" if stored or criteria.since is not None or criteria.until is not None else "seq"
+    clauses = [f"{seq} > ?", *(f"{column} = ?" for column in stored)]
     values: list[object] = [criteria.after, *stored.values()]
     if criteria.before > 0:
-        clauses.append("seq < ?")
+        clauses.append(f"{seq} < ?")
         values.append(criteria.before)
     for bound, op in ((criteria.since, ">="), (criteria.until, "<")):
         if bound is not None:
@@ -149,8 +152,8 @@ def _decoded(
     before = prev_hashes(conn, [int(str(row[0])) for row in rows])
     for row in rows:
         seq = int(str(row[0]))
-        body = canonical_body(compact.decode(conn, terms, row))
-        yield parse_entry(seq, body, before[seq], compact.hash_hex(row[-1]))
+        fields = compact.decode(conn, terms, row)
+        yield entry_from_fields(seq, fields, before[seq], compact.hash_hex(row[-1]))
 
 
 def entry_time(entry: AuditEntry) -> datetime:

@@ -408,3 +408,24 @@ def test_postgresql_partitions_by_month_append_only_and_archives_a_month_by_deta
         assert report.code == OK, report
         fill(pg, clock, 3, 2)  # appends go on after the detach
         assert verify_db(pg, signer.public_key).ok
+
+
+def test_a_broker_configured_for_format_2_writes_compact_entries(
+    tmp_path: Path, dataset_dir: Path, couple: tuple[str, str]
+) -> None:
+    from tests.helpers import make_config, running_env
+    from tests.lookup.test_lookup import lookup
+
+    cfg = make_config(tmp_path, dataset_dir, audit_entry_format=2)
+    with running_env(cfg, dataset_dir) as env:
+        response = lookup(env, env.token(sub="clerk-042"), "marriage", couple[0])
+    db = env.state_dir / "audit.sqlite"
+    assert count(db, "audit_log") == 0
+    assert count(db, "audit_entries") >= 1
+    (entry,) = query(db, QueryFilter(subject_id=couple[0], record_type="marriage"))
+    assert (entry.entry_id, entry.entry_hash) == (
+        response.receipt.entry_id,
+        response.receipt.entry_hash,
+    )
+    assert entry.event.clerk == "clerk-042"
+    assert verify_db(db, None, chain_only=True).ok

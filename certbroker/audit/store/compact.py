@@ -186,6 +186,27 @@ class Terms:
         return found
 
 
+#: Readers' term dictionaries, one per log (by its display name): committed terms never
+#: change, and a reader only ever sees committed ones, so a process keeps them between reads
+#: (loading a city's few thousand terms per query would dominate a citizen report). The
+#: verifier never uses these: it reads the terms afresh, as stored.
+_READER_TERMS: dict[str, Terms] = {}
+
+
+def reader_terms(conn: Connection) -> Terms:
+    """The shared :class:`Terms` of the log ``conn`` reads (for queries, not verification)."""
+    # Keyed by the first compact entry's hash too: a log created anew at the same place (or
+    # whose first compact rows were archived) starts a fresh dictionary.
+    first = conn.execute("SELECT entry_hash FROM audit_entries ORDER BY seq LIMIT 1").fetchone()
+    key = f"{conn.backend.display}#{b'' if first is None else bytes(first[0])!r}"
+    found = _READER_TERMS.get(key)
+    if found is None:
+        if len(_READER_TERMS) > 64:  # many logs in one process (tests): keep it bounded
+            _READER_TERMS.clear()
+        found = _READER_TERMS[key] = Terms()
+    return found
+
+
 def _term_text(name: str, value: object) -> str:
     if name in _LISTS:  # a list of strings is one term: its canonical JSON text
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False)

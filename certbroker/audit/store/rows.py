@@ -275,7 +275,7 @@ def _select_compact(
     """:func:`select_rows` on the version 2 rows."""
     if not has_compact(conn):
         return []
-    terms = compact.Terms()
+    terms = compact.reader_terms(conn)
     stored = compact.term_ids(conn, terms, equals)
     if stored is None:
         return []

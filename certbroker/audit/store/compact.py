@@ -127,10 +127,13 @@ class Terms:
     :class:`Terms` on any failed batch (:class:`certbroker.audit.append.ChainStore`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, bulk: bool = True) -> None:
         self._ids: dict[str, int] = {}
         self._terms: dict[int, str] = {}
         self._top = 0
+        # bulk: a missing id loads every newer term (many rows to decode); else just that one
+        # (a few rows, e.g. the 16 entries under a Merkle node).
+        self._bulk = bulk
 
     def load(self, conn: Connection) -> None:
         """Read every term added since the last load."""
@@ -176,6 +179,10 @@ class Terms:
         if type(term_id) is not int:
             raise ValueError(f"term id {term_id!r} is not an integer")
         found = self._terms.get(term_id)
+        if found is None and not self._bulk:
+            row = conn.execute("SELECT term FROM audit_terms WHERE id = ?", (term_id,)).fetchone()
+            if row is not None and isinstance(row[0], str):
+                found = self._terms[term_id] = row[0]
         if found is None:
             # One query for all the terms added since (a few thousand at most: clerks,
             # offices, rules...), not one per id: a PostgreSQL round trip each would dominate.

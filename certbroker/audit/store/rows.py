@@ -158,7 +158,7 @@ def bodies_between(conn: Connection, first: int, last: int) -> list[str]:
     sql = "SELECT body FROM audit_log WHERE seq BETWEEN ? AND ? ORDER BY seq"
     bodies = [str(body) for (body,) in conn.execute(sql, (first, last))]
     if has_compact(conn):
-        terms = compact.Terms()
+        terms = compact.Terms(bulk=False)  # at most a node's 16 entries
         sql = compact.select_sql(["seq BETWEEN ? AND ?"])
         bodies += [compact.body_text(conn, terms, v) for v in conn.execute(sql, (first, last))]
     return bodies

@@ -19,7 +19,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from certbroker import config, policy
 from certbroker.audit import open_audit_log
 from certbroker.audit.anomalies import NO_CASE_NUMBER, find
+from certbroker.audit.append import ChainStore
 from certbroker.audit.archive import archive_older_than, verify_with_archives
+from certbroker.audit.events import event_fields
 from certbroker.audit.export import export, verify_db, verify_export
 from certbroker.audit.integrity import merkle
 from certbroker.audit.integrity import proofs as audit_proofs
@@ -29,6 +31,7 @@ from certbroker.audit.scan import Criteria, scan
 from certbroker.audit.segment import SegmentError, open_envelope, opened_export
 from certbroker.audit.stats import log_stats
 from certbroker.audit.store import compact
+from certbroker.audit.store.db import backend_for
 from certbroker.audit.verify.report import BAD_TREE, DELETED, EDITED, MALFORMED, OK, REWRITTEN
 from certbroker.cli import main as cli
 from certbroker.config import AuditLocation
@@ -429,3 +432,19 @@ def test_a_broker_configured_for_format_2_writes_compact_entries(
     )
     assert entry.event.clerk == "clerk-042"
     assert verify_db(db, None, chain_only=True).ok
+
+
+def test_a_field_the_compact_format_has_no_place_for_fails_the_append(tmp_path: Path) -> None:
+    # A field added to AuditEvent must be added to compact.REST_FIELDS: if it were dropped
+    # silently, the rebuilt body would no longer be the hashed one.
+    fields = event_fields(make_event())
+    fields |= {"entry_id": "0" * 32, "time": "2026-03-01T08:30:00.123Z", "new_field": "x"}
+    store = ChainStore.open(backend_for(tmp_path / "audit.sqlite"), entry_format=2)
+    try:
+        with pytest.raises(ValueError, match="new_field"):
+            store.write_batch([fields])
+        del fields["new_field"]
+        (row,) = store.write_batch([fields])
+        assert row.seq == 1
+    finally:
+        store.close()

@@ -98,6 +98,10 @@ COLUMN_TYPES: Final = (
     "bytea",
 )
 _LISTS: Final = frozenset({"roles", "withheld_fields"})
+#: Every body key a compact row holds (besides seq and v, which the row implies).
+_KNOWN: Final = frozenset(
+    {"entry_id", "time", "subject_id", *TERM_COLUMNS, *(name for name, _ in REST_FIELDS)}
+)
 _ID: Final = re.compile(r"[0-9a-f]{32}")
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MS: Final = timedelta(milliseconds=1)
@@ -229,6 +233,9 @@ def encode(
     ``fields`` (without ``seq``/``v``), adding new terms. ``ValueError`` for a value the
     compact form cannot rebuild byte for byte (an entry id that is not a UUIDv7's 32 hex
     digits, a time not in canonical form)."""
+    unknown = fields.keys() - _KNOWN
+    if unknown:  # a field added to AuditEvent must be added to REST_FIELDS, or it is lost
+        raise ValueError(f"the compact format has no place for {sorted(unknown)}")
     entry_id = str(fields["entry_id"])
     if not _ID.fullmatch(entry_id):
         raise ValueError(f"entry id {entry_id!r} is not 32 lowercase hex digits")

@@ -379,8 +379,9 @@ def _peak_rss_kib(pid: int) -> int:
     return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
 
 
+@pytest.mark.timeout(360)  # a few thousand entries per store, generated and read back
 def test_smoke_run_prints_the_scale_table() -> None:
-    out = _bench("--smoke", "--scenario", "scale")
+    out = _bench("--smoke", "--scenario", "scale", timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     rows = _table_rows(out.stdout.splitlines())
     assert "SQLite" in list(rows)[1:]

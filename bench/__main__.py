@@ -17,13 +17,14 @@ from bench import (
     audit_backends,
     audit_verify,
     bundle,
-    cpu,
     cluster,
+    cpu,
     decisions,
     evidence,
     fastpath,
     hall,
     outbox,
+    scale,
     sweep,
 )
 from bench.harness import ROOT, BenchError, Options, Result, render, write_section
@@ -41,6 +42,7 @@ SCENARIOS: dict[str, Callable[[Options], Result]] = {
     "cluster": cluster.run,
     "outbox": outbox.run,
     "evidence": evidence.run,
+    "scale": scale.run,
 }
 RESULTS_FILE = ROOT / "docs" / "benchmarks.md"
 

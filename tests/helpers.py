@@ -138,6 +138,8 @@ class FakeClock:
 
 
 def make_config(tmp: Path, dataset_dir: Path, **overrides: Any) -> config_mod.Config:
+    # Entry format 1 unless a test asks for 2: see tests/conftest.py.
+    overrides.setdefault("audit_entry_format", 1)
     return config_mod.load(
         None,
         env={},

@@ -24,6 +24,7 @@ from bench import (
     fastpath,
     hall,
     outbox,
+    scale,
     sweep,
 )
 from bench.harness import ROOT, BenchError, Options, Result, render, write_section
@@ -41,6 +42,7 @@ SCENARIOS: dict[str, Callable[[Options], Result]] = {
     "cluster": cluster.run,
     "outbox": outbox.run,
     "evidence": evidence.run,
+    "scale": scale.run,
 }
 RESULTS_FILE = ROOT / "docs" / "benchmarks.md"
 

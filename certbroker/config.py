@@ -443,6 +443,17 @@ class Config:
             ge=0,
         ).meta,
     )
+    archive_retention_days: float = field(
+        default=0.0,
+        metadata=Key(
+            "audit",
+            "archive_retention_days",
+            "archive files older than this may be removed (`audit remove-archives`, which "
+            "leaves a signed tombstone); 0 = keep for ever",
+            env="CERTBROKER_AUDIT_ARCHIVE_RETENTION_DAYS",
+            ge=0,
+        ).meta,
+    )
     archive_dir: Path | None = field(
         default=None,
         metadata=Key(
@@ -480,6 +491,19 @@ class Config:
             env="CERTBROKER_AUDIT_BATCH_WAIT_MS",
             ge=0,
             le=MAX_WAIT_S * 1000,
+        ).meta,
+    )
+    audit_entry_format: int = field(
+        default=2,
+        metadata=Key(
+            "audit",
+            "entry_format",
+            "format version of new entries: 2 = compact (every value stored once), 1 = JSON "
+            "body with indexed copies (the format before 2); a log holding compact entries "
+            "stays compact",
+            env="CERTBROKER_AUDIT_ENTRY_FORMAT",
+            ge=1,
+            le=2,
         ).meta,
     )
     # Calls refused before a caller is known get no entry each (anyone could fill the log):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,11 @@ if eventloop.loop_name() == "uvloop":
     import uvloop
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+# Brokers under test write entry format 1 unless a test asks for 2: many tests read or tamper
+# with `audit_log` rows by SQL, and format 2 keeps its rows elsewhere (audit_entries). The
+# variable reaches the `certbroker serve` processes tests start, too. Format 2 end to end:
+# tests/audit/test_audit_compact.py.
+os.environ.setdefault("CERTBROKER_AUDIT_ENTRY_FORMAT", "1")
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import select
 import signal
@@ -138,6 +139,10 @@ class FakeClock:
 
 
 def make_config(tmp: Path, dataset_dir: Path, **overrides: Any) -> config_mod.Config:
+    # Entry format 1 unless a test (or its directory's conftest) asks for 2: see tests/conftest.py.
+    overrides.setdefault(
+        "audit_entry_format", int(os.environ.get("CERTBROKER_AUDIT_ENTRY_FORMAT", "1"))
+    )
     return config_mod.load(
         None,
         env={},

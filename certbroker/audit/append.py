@@ -14,9 +14,20 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from certbroker.audit.events import FORMAT_VERSION, canonical_body, chain_hash
-from certbroker.audit.integrity.tree import TreeWriter, backfill
+from certbroker.audit.integrity.tree import STORED_LEVEL, TreeWriter, backfill
 from certbroker.audit.store.base import Backend, Connection, WriterSession
-from certbroker.audit.store.rows import INDEXED_COLUMNS, StoredRow, insert_rows, read_tail
+from certbroker.audit.store.compact import COMPACT_VERSION, Terms
+from certbroker.audit.store.rows import (
+    INDEXED_COLUMNS,
+    StoredRow,
+    insert_compact,
+    insert_rows,
+    read_tail,
+)
+
+ENTRY_FORMATS = (FORMAT_VERSION, COMPACT_VERSION)
+"""The entry format versions a writer can append: 1 (JSON body and copied columns, table
+``audit_log``) and 2 (compact, :mod:`certbroker.audit.store.compact`)."""
 
 
 @dataclass(frozen=True)
@@ -29,7 +40,11 @@ class Head:
 
 
 def append_rows(
-    conn: Connection, bodies: Sequence[Mapping[str, object]], known: Head | None = None
+    conn: Connection,
+    bodies: Sequence[Mapping[str, object]],
+    known: Head | None = None,
+    *,
+    terms: Terms | None = None,
 ) -> tuple[list[StoredRow], Head]:
     """Chain ``bodies`` onto the stored tail and insert them with their Merkle leaves.
 
@@ -39,26 +54,41 @@ def append_rows(
     the :class:`Head` the caller's previous batch returned: when the stored tail is still that
     entry, nobody appended since and its frontier is reused instead of read back. Returns the
     rows and the new head (for the caller to keep only once its transaction commits).
+
+    ``terms`` given: the entries are written in the compact format version 2 (with that term
+    cache, :class:`~certbroker.audit.store.compact.Terms`), and the tree stores no node below
+    :data:`~certbroker.audit.integrity.tree.STORED_LEVEL`; else in version 1.
     """
     seq, prev = read_tail(conn)
+    min_level = 0 if terms is None else STORED_LEVEL
     if known is not None and (known.seq, known.entry_hash) == (seq, prev):
-        tree = TreeWriter(conn, (seq, list(known.frontier)))
+        tree = TreeWriter(conn, (seq, list(known.frontier)), min_level=min_level)
     else:
-        tree = TreeWriter(conn)
+        tree = TreeWriter(conn, min_level=min_level)
         if tree.range.size != seq:
             raise RuntimeError(f"merkle tree has {tree.range.size} leaves, log {seq} entries")
+    version = FORMAT_VERSION if terms is None else COMPACT_VERSION
     rows: list[StoredRow] = []
     for fields in bodies:
         seq += 1
-        body = canonical_body({**fields, "seq": seq, "v": FORMAT_VERSION})
+        body = canonical_body({**fields, "seq": seq, "v": version})
         entry_hash = chain_hash(prev, body)
         columns = {name: str(fields[name]) for name in INDEXED_COLUMNS}
         rows.append(StoredRow(seq, body, prev, entry_hash, columns))
         tree.append(body)
         prev = entry_hash
-    insert_rows(conn, rows)
+    if terms is None:
+        insert_rows(conn, rows)
+    else:
+        insert_compact(conn, terms, rows, bodies)
     tree.flush()  # the tree's nodes commit with the entries, or not at all
     return rows, Head(seq, prev, tree.range.frontier)
+
+
+def _has_compact_rows(conn: Connection) -> bool:
+    if not conn.backend.has_table(conn, "audit_entries"):
+        return False
+    return conn.execute("SELECT 1 FROM audit_entries LIMIT 1").fetchone() is not None
 
 
 class AppendHook(Protocol):
@@ -85,38 +115,62 @@ class ChainStore:
     file): leaves for stored entries the tree does not cover yet.
     """
 
-    def __init__(self, session: WriterSession, hook: AppendHook | None = None) -> None:
+    def __init__(
+        self,
+        session: WriterSession,
+        hook: AppendHook | None = None,
+        *,
+        entry_format: int = FORMAT_VERSION,
+    ) -> None:
+        if entry_format not in ENTRY_FORMATS:
+            session.close()
+            raise ValueError(f"entry format must be one of {ENTRY_FORMATS}")
         self.session = session
         self._hook = hook
+        self.entry_format = entry_format
         self._head: Head | None = None  # what this store committed last (see append_rows)
+        self._terms: Terms | None = None
         try:
             with session.transaction() as conn:
                 backfill(conn)
                 if hook is not None:
                     hook.prepare(conn)
+                if entry_format == FORMAT_VERSION and _has_compact_rows(conn):
+                    # Once a log holds compact entries, it goes on compact: readers rely on
+                    # every live version 1 entry preceding every version 2 one.
+                    self.entry_format = COMPACT_VERSION
         except BaseException:
             session.close()
             raise
 
     @classmethod
     def open(
-        cls, backend: Backend, *, busy_timeout: float = 10.0, hook: AppendHook | None = None
+        cls,
+        backend: Backend,
+        *,
+        busy_timeout: float = 10.0,
+        hook: AppendHook | None = None,
+        entry_format: int = FORMAT_VERSION,
     ) -> ChainStore:
-        """Open ``backend``'s writer session (creating the log if needed) and continue it;
-        ``hook`` writes more rows in every batch's transaction."""
-        return cls(backend.open_writer(busy_timeout=busy_timeout), hook)
+        """Open ``backend``'s writer session (creating the log if needed) and continue it,
+        appending entries in ``entry_format`` (:data:`ENTRY_FORMATS`); ``hook`` writes more rows in
+        every batch's transaction."""
+        return cls(backend.open_writer(busy_timeout=busy_timeout), hook, entry_format=entry_format)
 
     def write_batch(self, bodies: Sequence[Mapping[str, object]]) -> list[StoredRow]:
         """Append ``bodies`` as consecutive entries in ONE transaction (one fsync), under the
         log's write lock: either all rows commit or, on any error, none and the error
         propagates."""
+        if self.entry_format == COMPACT_VERSION and self._terms is None:
+            self._terms = Terms()
         try:
             with self.session.transaction() as conn:
-                rows, head = append_rows(conn, bodies, self._head)
+                rows, head = append_rows(conn, bodies, self._head, terms=self._terms)
                 if self._hook is not None:
                     self._hook.rows_appended(conn, bodies, rows)
         except BaseException:
             self._head = None  # whatever the database holds now, it is read back next time
+            self._terms = None  # it may hold terms of the batch that was rolled back
             raise
         self._head = head
         return rows

@@ -8,9 +8,13 @@ offline on its own. Archiving one segment (:func:`archive_older_than`):
    ``audit-<a>-<b>.jsonl.partial`` (mode 0600), fsync, verify it offline, rename it into place;
 2. in ONE transaction under the log's write lock: record ``(first_seq, last_seq,
    last_entry_hash, file_name, file_sha256, time)`` in the append-only ``audit_archives`` table
-   and delete rows ``a..b`` from ``audit_log``. On PostgreSQL the append-only triggers allow
-   exactly that: deleting rows at or below the recorded watermark. The Merkle nodes stay, so
-   proofs keep working (they hold hashes only, no entry contents).
+   and delete rows ``a..b`` from ``audit_log`` / ``audit_entries``. On PostgreSQL the
+   append-only triggers allow exactly that: deleting rows at or below the recorded watermark.
+   The Merkle nodes stay, so proofs keep working (they hold hashes only, no entry contents).
+   Compact (format 2) entries have no stored node below ``STORED_LEVEL``: a segment ending in
+   them ends at a multiple of ``2**STORED_LEVEL`` (no such node spans the cut), and the low
+   nodes that consistency proofs from a checkpoint inside the segment need are stored before
+   the rows go. Inclusion proofs of archived compact entries come from the archive file.
 
 If the transaction fails, the file is removed again and the live log is unchanged. The live
 log then starts at ``b + 1``, chaining from the recorded last hash (see
@@ -32,17 +36,30 @@ from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from certbroker.audit.events import GENESIS_HASH, iso_time
 from certbroker.audit.export import export, verify_db, verify_export
 from certbroker.audit.integrity.proofs import CheckpointSigner, checkpoints, sign_checkpoint
+from certbroker.audit.integrity.tree import STORED_LEVEL, computed_node, frontier_positions
+from certbroker.audit.segment import (
+    SegmentError,
+    is_segment,
+    open_envelope,
+    opened_export,
+    write_segment,
+)
 from certbroker.audit.store.base import Connection
+from certbroker.audit.store.compact import time_ms
 from certbroker.audit.store.db import backend_for
-from certbroker.audit.store.rows import archived_head
+from certbroker.audit.store.postgres import PostgresBackend, detach_archived
+from certbroker.audit.store.rows import archived_head, has_compact, hash_at, read_tail
+from certbroker.audit.tombstone import Tombstone, tombstones
 from certbroker.audit.verify.live import archive_rows
-from certbroker.audit.verify.report import DELETED, EDITED, INSERTED, IntegrityReport, Malformed
+from certbroker.audit.verify.report import DELETED, EDITED, INSERTED, OK, IntegrityReport, Malformed
 from certbroker.config import AuditLocation
 
 
@@ -82,12 +99,26 @@ def _segment(db: AuditLocation, cutoff: str) -> tuple[int, int]:
         (newer,) = conn.execute(
             "SELECT min(seq) FROM audit_log WHERE time >= ?", (cutoff,)
         ).fetchone()
+        if newer is None and has_compact(conn):
+            (newer,) = conn.execute(
+                "SELECT min(seq) FROM audit_entries WHERE time >= ?", (time_ms(cutoff),)
+            ).fetchone()
         if newer is None:
-            (top,) = conn.execute("SELECT max(seq) FROM audit_log").fetchone()
-            last = archived if top is None else int(top)
+            top, _ = read_tail(conn)
+            last = max(archived, top)
         else:
             last = int(newer) - 1
+        if has_compact(conn) and _is_compact(conn, last):
+            # A compact writer stores no node below STORED_LEVEL; one spanning the cut could
+            # then be recomputed from neither side. Cut where no such node spans it.
+            last -= last % (1 << STORED_LEVEL)
     return archived + 1, last
+
+
+def _is_compact(conn: Connection, seq: int) -> bool:
+    """Whether entry ``seq`` is a live version 2 entry."""
+    row = conn.execute("SELECT 1 FROM audit_entries WHERE seq = ?", (seq,)).fetchone()
+    return row is not None
 
 
 def archive_older_than(
@@ -97,11 +128,18 @@ def archive_older_than(
     days: float,
     *,
     clock: Callable[[], float] = time.time,
+    compress: bool = False,
+    recipient: X25519PublicKey | None = None,
 ) -> ArchiveRecord | None:
     """Move the live entries older than ``days`` to one archive file in ``directory``.
 
+    ``compress``: the file is a zstd-compressed, signed segment (:mod:`certbroker.audit.segment`,
+    ``.jsonl.zst``), encrypted to ``recipient`` (an auditor's X25519 key) if given; else a
+    plain export (``.jsonl``). Either way the export is verified before any row is deleted.
     Returns the new record, or None when no entry is old enough. Blocking.
     """
+    if recipient is not None and not compress:
+        raise ValueError("encrypted archives are compressed segments: give compress=True")
     if not days > 0:
         raise ValueError("days must be > 0")
     cutoff = iso_time(datetime.fromtimestamp(clock(), tz=UTC) - timedelta(days=days))
@@ -121,6 +159,11 @@ def archive_older_than(
     if not report.ok:  # never delete live rows for a file that does not verify
         partial.unlink(missing_ok=True)
         raise RuntimeError(f"archive file did not verify: {report.name} {report.problem}")
+    if compress:
+        name += ".zst"
+        final = directory / name
+        digest = _pack(partial, directory / f".{name}.partial", signer, recipient)
+        partial = directory / f".{name}.partial"
     partial.replace(final)
     _fsync_dir(directory)
     record = ArchiveRecord(
@@ -143,6 +186,38 @@ def _write(db: AuditLocation, path: Path, first: int, last: int) -> tuple[str, s
         os.fsync(out.fileno())
     digest, last_line = _digest(path)
     return digest, str(json.loads(last_line)["entry_hash"])
+
+
+def _pack(
+    plain: Path, packed: Path, signer: CheckpointSigner, recipient: X25519PublicKey | None
+) -> str:
+    """The verified export ``plain`` as a segment at ``packed`` (removing ``plain``); its
+    sha256. The envelope is checked after writing, as anyone will check it."""
+    with plain.open("rb") as f:
+        header = json.loads(f.readline())
+    _, last_line = _digest(plain)
+    facts = {
+        "from": header["from"],
+        "to": header["to"],
+        "prev_hash": header["prev_hash"],
+        "last_entry_hash": json.loads(last_line)["entry_hash"],
+    }
+
+    def copy(out: BinaryIO) -> None:
+        with plain.open("rb") as source:
+            for block in iter(lambda: source.read(1 << 20), b""):
+                out.write(block)
+
+    try:
+        write_segment(packed, copy, facts, signer.private_key, signer.key_name, recipient=recipient)
+        open_envelope(packed, signer.public_key)
+    except BaseException:
+        packed.unlink(missing_ok=True)
+        raise
+    finally:
+        plain.unlink(missing_ok=True)
+    digest, _ = _digest(packed)
+    return digest
 
 
 def _digest(path: Path) -> tuple[str, bytes]:
@@ -170,11 +245,13 @@ def _commit(db: AuditLocation, record: ArchiveRecord) -> None:
         archived, _ = archived_head(conn)
         if archived != record.first_seq - 1:  # another archiver got there first
             raise RuntimeError(f"archive watermark moved to {archived} while exporting")
-        row = conn.execute(
-            "SELECT entry_hash FROM audit_log WHERE seq = ?", (record.last_seq,)
-        ).fetchone()
-        if row is None or str(row[0]) != record.last_entry_hash:
+        try:
+            stored_hash = hash_at(conn, record.last_seq)
+        except KeyError:
+            stored_hash = ""
+        if stored_hash != record.last_entry_hash:
             raise RuntimeError(f"entry {record.last_seq} does not match the archive file")
+        _keep_nodes(conn, record)
         conn.execute(
             "INSERT INTO audit_archives (first_seq, last_seq, last_entry_hash, file_name, "
             "file_sha256, time) VALUES (?, ?, ?, ?, ?, ?)",
@@ -190,12 +267,45 @@ def _commit(db: AuditLocation, record: ArchiveRecord) -> None:
         conn.execute(
             "DELETE FROM audit_log WHERE seq BETWEEN ? AND ?", (record.first_seq, record.last_seq)
         )
+        if has_compact(conn):
+            if isinstance(conn.backend, PostgresBackend):  # whole months: detach them
+                detach_archived(conn, record.first_seq, record.last_seq)
+            conn.execute(
+                "DELETE FROM audit_entries WHERE seq BETWEEN ? AND ?",
+                (record.first_seq, record.last_seq),
+            )
+
+
+def _keep_nodes(conn: Connection, record: ArchiveRecord) -> None:
+    """Store the tree nodes that proofs and verification will need once the entries are gone
+    and that a compact writer did not store (below ``STORED_LEVEL`` they are recomputed from
+    the entries): the frontier at the archive's end and at every checkpoint inside it."""
+    sizes = {record.last_seq} | {
+        c.size for c in checkpoints(conn, record.first_seq - 1, record.last_seq)
+    }
+    wanted = {p for size in sizes for p in frontier_positions(size) if p[0] < STORED_LEVEL}
+    missing: list[tuple[int, int, bytes]] = []
+    for level, index in sorted(wanted):
+        try:
+            conn.backend.read_nodes(conn, ((level, index),))
+        except KeyError:
+            missing.append((level, index, computed_node(conn, level, index)))
+    if missing:
+        types = ("integer", "bigint", "bytea")
+        conn.backend.insert_many(conn, "merkle_nodes", ("level", "idx", "hash"), types, missing)
 
 
 def verify_with_archives(
-    db: AuditLocation, public_key: Ed25519PublicKey, directory: Path
+    db: AuditLocation,
+    public_key: Ed25519PublicKey,
+    directory: Path,
+    *,
+    auditor_key: X25519PrivateKey | None = None,
 ) -> IntegrityReport:
     """Verify every archive file of ``db`` in ``directory``, their continuity, and the live log.
+
+    Compressed segments are opened on the fly; an encrypted one is read with ``auditor_key``,
+    and without it only its signed envelope is checked (the report notes which).
 
     Entries are numbered across archives and the live log, so ``first_bad`` is the sequence
     of the first entry that fails wherever it is.
@@ -207,23 +317,73 @@ def verify_with_archives(
             records = [ArchiveRecord(*row) for row in archive_rows(conn)]
         except Malformed as exc:
             return exc.report()
+        removed = tombstones(conn)
     entries = signed = 0
+    unread: list[str] = []  # encrypted segments checked by their envelope only
     prev_last, prev_hash = 0, GENESIS_HASH
     for record in records:
-        report = _check_archive(record, directory, public_key, prev_last, prev_hash)
+        report = _check_archive(
+            record,
+            directory,
+            public_key,
+            prev_last,
+            prev_hash,
+            auditor_key,
+            removed.get(record.last_seq),
+        )
         if not report.ok:
             return dataclasses.replace(report, entries=entries + report.entries)
         entries += report.entries
         signed += report.checkpoints
+        unread += [n for n in report.notes if "encrypted" in n or "retention" in n]
         prev_last, prev_hash = record.last_seq, record.last_entry_hash
     live = verify_db(db, public_key)
     if not live.ok:
         return dataclasses.replace(live, entries=entries + live.entries)
     notes = [n for n in live.notes if "--with-archives" not in n and "precedes" not in n]
     notes.insert(0, f"{len(records)} archive file(s) verified: entries 1..{prev_last}")
+    notes[1:1] = unread
     return dataclasses.replace(
         live, entries=entries + live.entries, checkpoints=signed + live.checkpoints, notes=notes
     )
+
+
+def _check_segment(
+    record: ArchiveRecord,
+    path: Path,
+    public_key: Ed25519PublicKey,
+    prev_hash: str,
+    auditor_key: X25519PrivateKey | None,
+) -> IntegrityReport:
+    """A segment: its signed envelope (range, chain joins, payload hash) against the record,
+    then the export inside verified offline, unless it is encrypted and no key is given."""
+    try:
+        envelope = open_envelope(path, public_key)
+    except SegmentError as exc:
+        return IntegrityReport(EDITED, 0, record.first_seq, f"{record.file_name}: {exc}")
+    said = (envelope.get("from"), envelope.get("to"), envelope.get("prev_hash"))
+    if said != (record.first_seq, record.last_seq, prev_hash):
+        msg = f"{record.file_name} does not hold the range or chain the archive recorded"
+        return IntegrityReport(EDITED, 0, record.first_seq, msg)
+    if envelope.get("last_entry_hash") != record.last_entry_hash:
+        msg = f"{record.file_name} ends with another entry than the one archived"
+        return IntegrityReport(EDITED, 0, record.last_seq, msg)
+    digest, _ = _digest(path)
+    if digest != record.file_sha256:
+        msg = f"{record.file_name} differs from the file archived (sha256)"
+        return IntegrityReport(EDITED, 0, record.first_seq, msg)
+    count = record.last_seq - record.first_seq + 1
+    if envelope.get("encryption") is not None and auditor_key is None:
+        note = f"{record.file_name}: encrypted; its signed envelope verified (entries unread)"
+        return IntegrityReport(OK, count, None, "", 0, [note])
+    try:
+        with opened_export(path, auditor_key) as plain:
+            report = verify_export(plain, public_key)
+    except SegmentError as exc:
+        return IntegrityReport(EDITED, 0, record.first_seq, f"{record.file_name}: {exc}")
+    if not report.ok:
+        return dataclasses.replace(report, problem=f"{record.file_name}: {report.problem}")
+    return report
 
 
 def _check_archive(
@@ -232,6 +392,8 @@ def _check_archive(
     public_key: Ed25519PublicKey,
     prev_last: int,
     prev_hash: str,
+    auditor_key: X25519PrivateKey | None = None,
+    removed: Tombstone | None = None,
 ) -> IntegrityReport:
     """One archive file: present, verifying offline, the file recorded, continuing the last."""
     path = directory / record.file_name
@@ -240,8 +402,20 @@ def _check_archive(
         msg = f"archives jump from entry {prev_last} to {record.first_seq}"
         return IntegrityReport(code, 0, prev_last + 1, msg)
     if not path.is_file():
+        names = (record.first_seq, record.last_seq, record.last_entry_hash, record.file_name,
+                 record.file_sha256)  # fmt: skip
+        if removed is not None and removed.verifies(public_key, names):
+            note = (
+                f"entries {record.first_seq}..{record.last_seq} ({record.file_name}) were "
+                f"removed under retention at {removed.removed_at} (signed tombstone)"
+            )
+            return IntegrityReport(OK, 0, None, "", 0, [note])
         msg = f"archive file {record.file_name} (entries {record.first_seq}..) is missing"
+        if removed is not None:
+            msg += "; its tombstone does not verify or names another file"
         return IntegrityReport(DELETED, 0, record.first_seq, msg)
+    if is_segment(path):
+        return _check_segment(record, path, public_key, prev_hash, auditor_key)
     report = verify_export(path, public_key)
     if not report.ok:
         return dataclasses.replace(report, problem=f"{record.file_name}: {report.problem}")

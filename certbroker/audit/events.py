@@ -121,6 +121,7 @@ __all__ = [
     "Receipt",
     "canonical_body",
     "chain_hash",
+    "entry_from_fields",
     "epoch_time",
     "event_fields",
     "iso_time",
@@ -317,6 +318,17 @@ def parse_entry(sequence: int, body: str, prev_hash: str, entry_hash: str) -> Au
         data = json.loads(body)
         if not isinstance(data, dict):
             raise ValueError("body is not a JSON object")
+    except ValueError as exc:
+        raise ValueError(f"audit entry {sequence} is malformed; run verify") from exc
+    return entry_from_fields(sequence, data, prev_hash, entry_hash)
+
+
+def entry_from_fields(
+    sequence: int, data: Mapping[str, Any], prev_hash: str, entry_hash: str
+) -> AuditEntry:
+    """:func:`parse_entry` of a body already decoded (a compact row's values, which need no
+    JSON round trip); ``ValueError`` if they are not an entry's."""
+    try:
         kwargs: dict[str, Any] = {}
         for field in dataclasses.fields(AuditEvent):
             value = data[field.name] if field.name in data else _LATER_FIELDS[field.name]

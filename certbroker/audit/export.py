@@ -34,7 +34,7 @@ from certbroker.audit.integrity.merkle import CompactRange
 from certbroker.audit.integrity.proofs import ORIGIN, checkpoints
 from certbroker.audit.integrity.tree import frontier_at, load_state
 from certbroker.audit.store.db import backend_for
-from certbroker.audit.store.rows import archived_head
+from certbroker.audit.store.rows import archived_head, hash_at, iter_rows
 from certbroker.audit.verify.live import verify_db
 from certbroker.audit.verify.parallel import check_export
 from certbroker.audit.verify.report import (
@@ -77,8 +77,7 @@ def export(
         if first - 1 == archived:
             prev = archived_hash
         elif first > 1:
-            row = conn.execute("SELECT entry_hash FROM audit_log WHERE seq = ?", (first - 1,))
-            prev = str(row.fetchone()[0])
+            prev = hash_at(conn, first - 1)
         header = {
             "certbroker_audit_export": FORMAT,
             "origin": ORIGIN,
@@ -89,12 +88,10 @@ def export(
             "checkpoints": [c.note for c in checkpoints(conn, first - 1, last)],
         }
         out.write(json.dumps(header, sort_keys=True, separators=(",", ":")).encode() + b"\n")
-        rows = backend.stream(
-            conn,
-            "SELECT seq, entry_hash, body FROM audit_log WHERE seq BETWEEN ? AND ? ORDER BY seq",
-            (first, last),
-        )
-        for seq, entry_hash, body in rows:
+        for row in iter_rows(conn, first - 1):  # both entry formats, bodies as hashed
+            if row.seq > last:
+                break
+            seq, entry_hash, body = row.seq, row.entry_hash, row.body
             out.write(
                 b"%s%d%s%s%s%s}\n"
                 % (

@@ -42,6 +42,7 @@ class WriterOptions(TypedDict, total=False):
     ``on_commit(entries, seconds)``: called after each committed batch (None).
     ``hook``: more rows written in each batch's transaction, e.g. the notice outbox (None).
     ``on_lock_wait(seconds)``: each batch's wait for the log's write lock (None).
+    ``entry_format``: the format version of new entries, 1 or 2 (compact) (1).
     """
 
     max_batch: int
@@ -51,6 +52,7 @@ class WriterOptions(TypedDict, total=False):
     on_commit: CommitHook | None
     hook: AppendHook | None
     on_lock_wait: LockHook | None
+    entry_format: int
 
 
 class EntryTimes:
@@ -172,7 +174,12 @@ class BackendAuditLog(BatchingAuditLog):
 
     def __init__(self, backend: Backend, **options: Unpack[WriterOptions]) -> None:
         self.backend = backend
-        store = _open(backend, options.get("busy_timeout", 10.0), options.get("hook"))
+        store = _open(
+            backend,
+            options.get("busy_timeout", 10.0),
+            options.get("hook"),
+            options.get("entry_format", 1),
+        )
         try:
             self.settings = store.settings()
         except BaseException:
@@ -181,9 +188,13 @@ class BackendAuditLog(BatchingAuditLog):
         super().__init__(store, **options)
 
 
-def _open(backend: Backend, busy_timeout: float, hook: AppendHook | None) -> ChainStore:
+def _open(
+    backend: Backend, busy_timeout: float, hook: AppendHook | None, entry_format: int
+) -> ChainStore:
     try:
-        return ChainStore.open(backend, busy_timeout=busy_timeout, hook=hook)
+        return ChainStore.open(
+            backend, busy_timeout=busy_timeout, hook=hook, entry_format=entry_format
+        )
     except BrokerError:
         raise
     except Exception as exc:  # sqlite3, psycopg or OS errors: say which store, never a DSN

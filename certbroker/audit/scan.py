@@ -11,12 +11,16 @@ keys read as empty.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
 
-from certbroker.audit.events import AuditEntry, iso_time, parse_entry
+from certbroker.audit.events import AuditEntry, entry_from_fields, iso_time, parse_entry
+from certbroker.audit.store import compact
+from certbroker.audit.store.base import Connection
 from certbroker.audit.store.db import backend_for
+from certbroker.audit.store.rows import has_compact, prev_hashes
 from certbroker.config import AuditLocation
 
 
@@ -41,6 +45,9 @@ class Criteria:
     after: int = 0
     before: int = 0
 
+
+#: Version 2 rows decoded per batch (their previous hashes are looked up together).
+_CHUNK = 256
 
 #: Criteria that are columns of ``audit_log`` (filtered in SQL, using its indexes).
 _COLUMNS = ("clerk", "subject_id", "matter_code", "record_type", "decision")
@@ -94,13 +101,59 @@ def scan(db: AuditLocation, criteria: Criteria, *, limit: int | None = None) -> 
         return found
     backend = backend_for(db)
     with closing(backend.connect_read()) as conn:
-        for seq, body, prev_hash, entry_hash in backend.stream(conn, sql, params):
-            entry = parse_entry(int(seq), str(body), str(prev_hash), str(entry_hash))
+        backend.snapshot(conn)
+        for entry in _entries(conn, sql, params, criteria):
             if _matches(entry, criteria):
                 found.append(entry)
                 if limit is not None and len(found) >= limit:
                     break
     return found
+
+
+def _entries(
+    conn: Connection, sql: str, params: list[object], criteria: Criteria
+) -> Iterator[AuditEntry]:
+    """The entries the SQL conditions select: version 1 rows, then version 2 rows."""
+    backend = conn.backend
+    for seq, body, prev_hash, entry_hash in backend.stream(conn, sql, params):
+        yield parse_entry(int(seq), str(body), str(prev_hash), str(entry_hash))
+    if not has_compact(conn):
+        return
+    terms = compact.reader_terms(conn)
+    equals = {c: getattr(criteria, c) for c in _COLUMNS if getattr(criteria, c) is not None}
+    stored = compact.term_ids(conn, terms, equals)
+    if stored is None:
+        return
+    # "+seq": the sequence bound must not pick the primary key as the access path (a walk of
+    # every later row); the indexed column or time range is the one to search.
+    seq = "+seq" if stored or criteria.since is not None or criteria.until is not None else "seq"
+    clauses = [f"{seq} > ?", *(f"{column} = ?" for column in stored)]
+    values: list[object] = [criteria.after, *stored.values()]
+    if criteria.before > 0:
+        clauses.append(f"{seq} < ?")
+        values.append(criteria.before)
+    for bound, op in ((criteria.since, ">="), (criteria.until, "<")):
+        if bound is not None:
+            clauses.append(f"time {op} ?")
+            values.append(compact.time_ms(iso_time(bound)))
+    chunk: list[Sequence[object]] = []
+    for row in backend.stream(conn, compact.select_sql(clauses), values):
+        chunk.append(row)
+        if len(chunk) >= _CHUNK:
+            yield from _decoded(conn, terms, chunk)
+            chunk = []
+    yield from _decoded(conn, terms, chunk)
+
+
+def _decoded(
+    conn: Connection, terms: compact.Terms, rows: Sequence[Sequence[object]]
+) -> Iterator[AuditEntry]:
+    """Version 2 ``rows`` as entries; their previous hashes looked up together."""
+    before = prev_hashes(conn, [int(str(row[0])) for row in rows])
+    for row in rows:
+        seq = int(str(row[0]))
+        fields = compact.decode(conn, terms, row)
+        yield entry_from_fields(seq, fields, before[seq], compact.hash_hex(row[-1]))
 
 
 def entry_time(entry: AuditEntry) -> datetime:

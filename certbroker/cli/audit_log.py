@@ -12,18 +12,25 @@ prints SQL for an operator to run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from certbroker import config
 from certbroker.audit import archive as audit_archive
 from certbroker.audit.export import export, verify_db, verify_export
 from certbroker.audit.integrity import checkpoint
 from certbroker.audit.integrity import proofs as audit_proofs
+from certbroker.audit.retention import remove_archives
+from certbroker.audit.segment import is_segment, open_envelope, opened_export
+from certbroker.audit.stats import log_stats
 from certbroker.audit.store.db import backend_for
 from certbroker.audit.store.postgres import grant_statements
 from certbroker.audit.verify.report import (
@@ -47,6 +54,7 @@ class Target:
     checkpoint_key: Path | None
     archive_dir: Path
     archive_after_days: float
+    archive_retention_days: float = 0.0
 
 
 def add_location_options(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +88,12 @@ def target(args: argparse.Namespace) -> Target:
     elif args.schema and cfg.audit_dsn:  # the configured PostgreSQL log, another schema
         location = PostgresLocation(cfg.audit_dsn, args.schema)
     return Target(
-        location, cfg.state_dir, cfg.checkpoint_key, cfg.archive_directory, cfg.archive_after_days
+        location,
+        cfg.state_dir,
+        cfg.checkpoint_key,
+        cfg.archive_directory,
+        cfg.archive_after_days,
+        cfg.archive_retention_days,
     )
 
 
@@ -191,7 +204,17 @@ def integrity_verify(args: argparse.Namespace) -> int:
         if not args.export.exists():
             print(f"error: no export at {args.export}", file=sys.stderr)
             return 2
-        report = verify_export(args.export, key, chain_only=args.chain_only)
+        try:
+            auditor = _auditor_key(args)
+            if is_segment(args.export):  # a compressed (maybe encrypted) archive segment
+                open_envelope(args.export, key)
+                with opened_export(args.export, auditor) as plain:
+                    report = verify_export(plain, key, chain_only=args.chain_only)
+            else:
+                report = verify_export(args.export, key, chain_only=args.chain_only)
+        except (OSError, ValueError) as exc:  # SegmentError is a ValueError
+            print(f"error: {args.export}: {exc}", file=sys.stderr)
+            return 1
         return _print(report, f"export {args.export}", args.json)
     assert found is not None
     what = backend_for(found.location).display
@@ -201,13 +224,38 @@ def integrity_verify(args: argparse.Namespace) -> int:
                 print("error: --with-archives needs the checkpoint public key", file=sys.stderr)
                 return 2
             directory = args.with_archives or found.archive_dir
-            report = audit_archive.verify_with_archives(found.location, key, directory)
+            report = audit_archive.verify_with_archives(
+                found.location, key, directory, auditor_key=_auditor_key(args)
+            )
             return _print(report, f"{what} and the archives in {directory}", args.json)
         report = verify_db(found.location, key, chain_only=args.chain_only)
         return _print(report, what, args.json)
     except BrokerError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
+    except (OSError, ValueError) as exc:  # the auditor key
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _auditor_key(args: argparse.Namespace) -> X25519PrivateKey | None:
+    """``--auditor-key``: the X25519 private key (PEM) encrypted archives are read with."""
+    if args.auditor_key is None:
+        return None
+    key = serialization.load_pem_private_key(args.auditor_key.read_bytes(), password=None)
+    if not isinstance(key, X25519PrivateKey):
+        raise ValueError(f"--auditor-key {args.auditor_key}: not an X25519 private key")
+    return key
+
+
+def _recipient(path: Path | None) -> X25519PublicKey | None:
+    """``--encrypt-to``: an auditor's X25519 public key (PEM)."""
+    if path is None:
+        return None
+    key = serialization.load_pem_public_key(path.read_bytes())
+    if not isinstance(key, X25519PublicKey):
+        raise ValueError(f"--encrypt-to {path}: not an X25519 public key")
+    return key
 
 
 def integrity_export(args: argparse.Namespace) -> int:
@@ -252,7 +300,15 @@ def integrity_archive(args: argparse.Namespace) -> int:
     signer = audit_proofs.CheckpointSigner.load(found.state_dir, args.key or found.checkpoint_key)
     directory = args.dir or found.archive_dir
     try:
-        made = audit_archive.archive_older_than(found.location, signer, directory, days)
+        recipient = _recipient(args.encrypt_to)
+        made = audit_archive.archive_older_than(
+            found.location,
+            signer,
+            directory,
+            days,
+            compress=args.compress or recipient is not None,
+            recipient=recipient,
+        )
     except (BrokerError, OSError, ValueError) as exc:
         print(f"error: {_message(exc)}", file=sys.stderr)
         return 1
@@ -260,6 +316,64 @@ def integrity_archive(args: argparse.Namespace) -> int:
         print(f"nothing to archive: no live entry is older than {days:g} days")
     else:
         print(f"archived entries {made.first_seq}..{made.last_seq} to {directory / made.file_name}")
+    return 0
+
+
+def integrity_remove_archives(args: argparse.Namespace) -> int:
+    """Remove archive files past their retention, each leaving an audit entry and a signed
+    tombstone (:mod:`certbroker.audit.retention`)."""
+    found = _existing(args)
+    if found is None:
+        return 2
+    days = (
+        args.older_than_days if args.older_than_days is not None else found.archive_retention_days
+    )
+    if not days > 0:
+        print(
+            "error: give --older-than-days N (or [audit] archive_retention_days)", file=sys.stderr
+        )
+        return 2
+    signer = audit_proofs.CheckpointSigner.load(found.state_dir, args.key or found.checkpoint_key)
+    directory = args.dir or found.archive_dir
+    try:
+        removed = remove_archives(found.location, signer, directory, days, operator=args.operator)
+    except (BrokerError, OSError, RuntimeError, ValueError) as exc:
+        print(f"error: {_message(exc)}", file=sys.stderr)
+        return 1
+    if not removed:
+        print(f"nothing to remove: no archive is older than {days:g} days")
+    for stone in removed:
+        print(
+            f"removed {stone.file_name} (entries {stone.first_seq}..{stone.last_seq}); "
+            "signed tombstone recorded"
+        )
+    return 0
+
+
+def integrity_stats(args: argparse.Namespace) -> int:
+    """Entries, bytes per entry, oldest live entry, archives and the next retention action."""
+    found = _existing(args)
+    if found is None:
+        return 2
+    try:
+        directory = args.dir or found.archive_dir
+        got = log_stats(found.location, directory, found.archive_after_days, datetime.now(UTC))
+    except (BrokerError, OSError, ValueError) as exc:
+        print(f"error: {_message(exc)}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(jsonout.dumps({**dataclasses.asdict(got), "bytes_per_entry": got.bytes_per_entry}))
+        return 0
+    print(f"entries          {got.entries:,} ({got.live:,} live, {got.archived:,} archived)")
+    print(f"live formats     v1 {got.live_v1:,}, v2 (compact) {got.live_v2:,}")
+    print(f"live store       {got.live_bytes:,} bytes, {got.bytes_per_entry:,.0f} bytes/entry")
+    print(f"oldest live      {got.oldest_live or '-'}")
+    print(f"newest           {got.newest or '-'}")
+    print(f"archives         {len(got.archives)} file(s), {got.archive_bytes:,} bytes")
+    for a in got.archives:
+        size = "MISSING" if a.size is None else f"{a.size:,} bytes"
+        print(f"  {a.file_name}  entries {a.first_seq}..{a.last_seq}  {size}")
+    print(f"next retention   {got.next_action}")
     return 0
 
 
@@ -311,6 +425,11 @@ def add_integrity_parsers(
     add_location_options(s)
     s.add_argument("--export", type=Path, help="verify this export file offline instead")
     s.add_argument(
+        "--auditor-key",
+        type=Path,
+        help="X25519 private key (PEM) that reads encrypted archive segments",
+    )
+    s.add_argument(
         "--with-archives",
         nargs="?",
         const="",
@@ -353,7 +472,36 @@ def add_integrity_parsers(
     )
     s.add_argument("--dir", type=Path, help="archive directory (default [audit] archive_dir)")
     s.add_argument("--key", type=Path, help="checkpoint signing key ([audit] checkpoint_key)")
+    s.add_argument(
+        "--compress", action="store_true", help="write a zstd-compressed signed segment (.zst)"
+    )
+    s.add_argument(
+        "--encrypt-to",
+        type=Path,
+        help="encrypt the segment to this auditor's X25519 public key (PEM); implies --compress",
+    )
     s.set_defaults(func=integrity_archive)
+    s = aud.add_parser(
+        "remove-archives",
+        help="remove archive files past retention, leaving signed tombstones (audited)",
+    )
+    state(s)
+    add_location_options(s)
+    s.add_argument(
+        "--older-than-days", type=float, help="retention (default [audit] archive_retention_days)"
+    )
+    s.add_argument("--dir", type=Path, help="archive directory (default [audit] archive_dir)")
+    s.add_argument("--key", type=Path, help="checkpoint signing key ([audit] checkpoint_key)")
+    s.add_argument("--operator", help="who removes them, for the audit entry (default: OS user)")
+    s.set_defaults(func=integrity_remove_archives)
+    s = aud.add_parser(
+        "stats", help="entries, bytes per entry, archives and the next retention action"
+    )
+    state(s)
+    add_location_options(s)
+    s.add_argument("--dir", type=Path, help="archive directory (default [audit] archive_dir)")
+    s.add_argument("--json", action="store_true", help="one JSON object")
+    s.set_defaults(func=integrity_stats)
     s = aud.add_parser(
         "pg-grants",
         help="print the GRANTs for a PostgreSQL role of the audit store (for psql)",

@@ -398,6 +398,13 @@ def _tamper_demo(db: Path, surprise: Callable[[str], None]) -> None:
                 "UPDATE audit_log SET body = replace(body, '\"deny\"', '\"allow\"') "
                 "WHERE seq = (SELECT min(seq) FROM audit_log WHERE decision = 'deny')"
             )
+            # A compact (format 2) log keeps the decision as a term id: point it at "allow".
+            conn.execute(
+                "UPDATE audit_entries SET decision = "
+                "(SELECT id FROM audit_terms WHERE term = 'allow') WHERE seq = (SELECT min(seq) "
+                "FROM audit_entries WHERE decision = (SELECT id FROM audit_terms "
+                "WHERE term = 'deny'))"
+            )
         report = audit.verify_chain(copy)
         shutil.rmtree(tmp, ignore_errors=True)
     print(

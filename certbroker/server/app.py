@@ -441,6 +441,7 @@ async def start(
             # Every access's notice, in its entry's transaction (certbroker.audit.outbox).
             hook=NoticeOutbox(notices_of(lambda: policies.current)),
             on_lock_wait=metrics.audit_lock_wait.observe,
+            entry_format=config.audit_entry_format,
         )
         parts.on_close("audit log", audit.aclose)
         policies.audit = audit  # reloads are audited from here on

@@ -445,3 +445,14 @@ def test_the_sweep_chart_is_a_png(tmp_path: Path) -> None:
     chart = tmp_path / "sweep.png"
     sweep.draw(curves, chart)
     assert chart.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+@pytest.mark.timeout(360)  # a few thousand entries per store, generated and read back
+def test_smoke_run_prints_the_scale_table() -> None:
+    out = _bench("--smoke", "--scenario", "scale", timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = _table_rows(out.stdout.splitlines())
+    assert "SQLite" in list(rows)[1:]
+    for cells in list(rows.values())[1:]:
+        assert cells[1] == "3,000"
+        assert int(cells[2]) > 0  # bytes per entry, measured on the generated log

@@ -44,8 +44,10 @@ def test_prints_one_statement_per_line_for_the_default_schema(
     assert out.splitlines() == [
         'GRANT USAGE ON SCHEMA "certbroker" TO "certbroker_app";',
         'GRANT SELECT, INSERT ON "certbroker".audit_log, "certbroker".merkle_nodes, '
-        '"certbroker".checkpoints TO "certbroker_app";',
-        'GRANT SELECT ON "certbroker".audit_archives, "certbroker".audit_meta TO "certbroker_app";',
+        '"certbroker".checkpoints, "certbroker".audit_entries, "certbroker".audit_terms '
+        'TO "certbroker_app";',
+        'GRANT SELECT ON "certbroker".audit_archives, "certbroker".audit_meta, '
+        '"certbroker".audit_tombstones TO "certbroker_app";',
         'GRANT SELECT, INSERT, UPDATE ON "certbroker".audit_outbox TO "certbroker_app";',
     ]
 
@@ -58,8 +60,8 @@ def test_archiver_adds_delete_on_the_log_and_insert_on_archives(
     assert (code, err) == (0, "")
     assert archiver.splitlines()[:4] == broker.splitlines()
     assert archiver.splitlines()[4:] == [
-        'GRANT INSERT ON "audit_x".audit_archives TO "r";',
-        'GRANT DELETE ON "audit_x".audit_log TO "r";',
+        'GRANT INSERT ON "audit_x".audit_archives, "audit_x".audit_tombstones TO "r";',
+        'GRANT DELETE ON "audit_x".audit_log, "audit_x".audit_entries TO "r";',
     ]
     # UPDATE only on the notice outbox (its relay marks notices sent), never an audit table.
     assert [line for line in archiver.splitlines() if "UPDATE" in line] == [

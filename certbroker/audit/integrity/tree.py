@@ -18,6 +18,12 @@ never disagree with a committed log:
     row to update (its audit tables are append-only): there the size is the number of stored
     leaves and the frontier is read from ``merkle_nodes`` in one query.
 
+Entries of format version 2 (:mod:`certbroker.audit.store.compact`) store only the nodes at
+level :data:`STORED_LEVEL` and above: a node below it covers at most ``2**STORED_LEVEL / 2``
+leaves and is recomputed from their entries when a proof needs it (:func:`node_reader`), which
+cuts the tree's storage from two nodes per entry to one per ``2**(STORED_LEVEL - 1)``. Nodes
+that a version 1 writer stored stay, and are used.
+
 The tables are created with the rest of the schema by each backend, and how nodes and the
 cached frontier are written and read is the backend's business
 (:meth:`~certbroker.audit.store.base.Backend.save_tree`, ``load_tree``, ``read_nodes``); this
@@ -34,8 +40,14 @@ from certbroker.audit.integrity.merkle import (
     CompactRange,
     leaf_hash,
     perfect_subtree_hasher,
+    root,
 )
 from certbroker.audit.store.base import Connection, Node
+from certbroker.audit.store.rows import bodies_between
+
+STORED_LEVEL = 5
+"""The lowest level a compact (format version 2) writer stores: nodes below it are recomputed
+from at most 16 entries each."""
 
 
 def body_leaf(body: str) -> bytes:
@@ -47,17 +59,26 @@ class TreeWriter:
     """Appends leaves inside the caller's open write transaction and persists the nodes.
 
     ``state`` = (size, frontier) known to be the stored one (the writer's own last commit);
-    otherwise it is read from the database.
+    otherwise it is read from the database. ``min_level``: the lowest level stored (0, or
+    :data:`STORED_LEVEL` for a compact writer).
     """
 
-    def __init__(self, conn: Connection, state: tuple[int, list[bytes]] | None = None) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        state: tuple[int, list[bytes]] | None = None,
+        *,
+        min_level: int = 0,
+    ) -> None:
         self._conn = conn
         self._nodes: list[Node] = []
+        self._min_level = min_level
         size, frontier = load_state(conn) if state is None else state
         self.range = CompactRange(size, list(frontier), on_node=self._on_node)
 
     def _on_node(self, level: int, index: int, digest: bytes) -> None:
-        self._nodes.append((level, index, digest))
+        if level >= self._min_level:
+            self._nodes.append((level, index, digest))
 
     def append(self, body: str) -> None:
         """Add the entry with stored body ``body`` as the next leaf."""
@@ -84,15 +105,34 @@ def frontier_positions(size: int) -> list[tuple[int, int]]:
 
 
 def frontier_at(conn: Connection, size: int) -> list[bytes]:
-    """The CompactRange frontier of the first ``size`` leaves, from stored nodes.
+    """The CompactRange frontier of the first ``size`` leaves, from stored nodes (the ones
+    below :data:`STORED_LEVEL` recomputed from the entries if not stored).
 
     KeyError if a node is missing.
     """
-    return conn.backend.read_nodes(conn, frontier_positions(size))
+    positions = frontier_positions(size)
+    try:
+        return conn.backend.read_nodes(conn, positions)  # one round trip on PostgreSQL
+    except KeyError:
+        node = node_reader(conn)
+        return [node(level, index) for level, index in positions]
+
+
+def computed_node(conn: Connection, level: int, index: int) -> bytes:
+    """Node (level, index) recomputed from its entries' bodies; KeyError if it is above the
+    recomputed levels or one of its entries is not live (archived)."""
+    if level >= STORED_LEVEL:
+        raise KeyError(f"merkle node ({level}, {index}) not stored")
+    first = (index << level) + 1
+    bodies = bodies_between(conn, first, first + (1 << level) - 1)
+    if len(bodies) != 1 << level:
+        raise KeyError(f"merkle node ({level}, {index}): its entries are not all live")
+    return root([body_leaf(body) for body in bodies])
 
 
 def load_state(conn: Connection) -> tuple[int, list[bytes]]:
-    """The stored tree size and frontier ((0, []) for an empty or pre-Merkle log)."""
+    """The stored tree size and frontier ((0, []) for an empty or pre-Merkle log); for a
+    backend that keeps no frontier, the size is the log's and the frontier read from nodes."""
     size, cached = conn.backend.load_tree(conn)
     if cached is None:  # the backend keeps no frontier: read it from the nodes
         return size, frontier_at(conn, size)
@@ -114,10 +154,14 @@ def backfill(conn: Connection) -> int:
 
 
 def node_reader(conn: Connection) -> Callable[[int, int], bytes]:
-    """``node(level, index)`` from ``merkle_nodes``; KeyError if it is not stored."""
+    """``node(level, index)`` from ``merkle_nodes``, or recomputed from the entries below
+    :data:`STORED_LEVEL` (:func:`computed_node`); KeyError if it is neither."""
 
     def node(level: int, index: int) -> bytes:
-        (digest,) = conn.backend.read_nodes(conn, ((level, index),))
+        try:
+            (digest,) = conn.backend.read_nodes(conn, ((level, index),))
+        except KeyError:
+            return computed_node(conn, level, index)  # below STORED_LEVEL: not stored
         return digest
 
     return node

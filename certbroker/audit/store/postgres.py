@@ -41,6 +41,7 @@ import hashlib
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, LiteralString
 
 from certbroker.audit.events import AUDIT_UNAVAILABLE
@@ -49,8 +50,17 @@ from certbroker.audit.store.rows import OUTBOX_DDL
 from certbroker.config import PostgresLocation
 from certbroker.errors import Unavailable
 
-SCHEMA_VERSION = "1"
-_TABLES = ("audit_log", "merkle_nodes", "checkpoints", "audit_archives", "audit_meta")
+SCHEMA_VERSION = "2"
+_TABLES = (
+    "audit_log",
+    "merkle_nodes",
+    "checkpoints",
+    "audit_archives",
+    "audit_meta",
+    "audit_entries",
+    "audit_terms",
+    "audit_tombstones",
+)
 _DDL: tuple[LiteralString, ...] = (
     "CREATE SCHEMA IF NOT EXISTS {s}",
     """CREATE TABLE IF NOT EXISTS {s}.audit_log (
@@ -94,11 +104,56 @@ _DDL: tuple[LiteralString, ...] = (
     # The notice outbox (certbroker.audit.outbox): unqualified, the session's search_path is
     # the schema. Older schemas get it from the writer's hook.
     *OUTBOX_DDL,
+    # Entry format version 2 (certbroker.audit.store.compact), partitioned by month of `time`
+    # (declarative partitioning: archiving a month detaches its partition, see
+    # certbroker.audit.archive). Indexes are what the readers need and no more, as bytes per
+    # entry are the point: a B-tree on seq (walks, exports, previous hashes), the subject
+    # (citizen report) and (clerk, time) (an auditor's day); BRIN on time and entry_id (both
+    # grow with the rows' physical order, so a block range's min/max finds them for a few
+    # bytes per hundreds of rows). No unique constraint: on a partitioned table it would have
+    # to include the month, and seq and entry_id are unique by construction under the
+    # writers' lock; a duplicate sequence breaks the chain and `audit verify` reports it.
+    """CREATE TABLE IF NOT EXISTS {s}.audit_entries (
+        seq         BIGINT NOT NULL,
+        entry_id    BYTEA NOT NULL,
+        time        BIGINT NOT NULL,
+        clerk       INTEGER NOT NULL,
+        subject_id  TEXT NOT NULL,
+        matter_code INTEGER NOT NULL,
+        record_type INTEGER NOT NULL,
+        decision    INTEGER NOT NULL,
+        rest        TEXT NOT NULL,
+        entry_hash  BYTEA NOT NULL
+    ) PARTITION BY RANGE (time)""",
+    "CREATE INDEX IF NOT EXISTS audit_entries_seq ON {s}.audit_entries (seq)",
+    "CREATE INDEX IF NOT EXISTS audit_entries_subject ON {s}.audit_entries (subject_id)",
+    "CREATE INDEX IF NOT EXISTS audit_entries_clerk ON {s}.audit_entries (clerk, time)",
+    "CREATE INDEX IF NOT EXISTS audit_entries_time ON {s}.audit_entries USING brin (time) "
+    "WITH (pages_per_range = 8)",
+    "CREATE INDEX IF NOT EXISTS audit_entries_id ON {s}.audit_entries USING brin (entry_id) "
+    "WITH (pages_per_range = 8)",
+    """CREATE TABLE IF NOT EXISTS {s}.audit_terms (
+        id   INTEGER PRIMARY KEY,
+        term TEXT NOT NULL UNIQUE
+    )""",
+    # Archive files removed under retention (certbroker.audit.retention): signed tombstones.
+    """CREATE TABLE IF NOT EXISTS {s}.audit_tombstones (
+        last_seq        BIGINT PRIMARY KEY,
+        first_seq       BIGINT NOT NULL,
+        last_entry_hash TEXT NOT NULL,
+        file_name       TEXT NOT NULL,
+        file_sha256     TEXT NOT NULL,
+        removed_at      TEXT NOT NULL,
+        checkpoint      TEXT NOT NULL,
+        signature       TEXT NOT NULL
+    )""",
     # The one trigger function. DELETE from audit_log is let through only for archived rows.
     """CREATE OR REPLACE FUNCTION {s}.audit_append_only() RETURNS trigger
     LANGUAGE plpgsql AS $$
     BEGIN
-        IF TG_OP = 'DELETE' AND TG_TABLE_NAME = 'audit_log' THEN
+        -- A row trigger fires on the partition: its name is audit_entries_<month>.
+        IF TG_OP = 'DELETE' AND (TG_TABLE_NAME = 'audit_log'
+                OR TG_TABLE_NAME LIKE 'audit\\_entries%') THEN
             IF OLD.seq <= (SELECT coalesce(max(last_seq), 0) FROM {s}.audit_archives) THEN
                 RETURN OLD;
             END IF;
@@ -115,6 +170,11 @@ _TRIGGERS: tuple[LiteralString, ...] = (
     "FOR EACH STATEMENT EXECUTE FUNCTION {s}.audit_append_only()",
     "REVOKE ALL ON {s}.{t} FROM PUBLIC",
 )
+
+
+#: audit_meta is append-only, so each schema version records itself under its own key (a
+#: version 1 schema has "schema_version" = "1" and is upgraded in place by the DDL above).
+_VERSION_KEY = f"schema_version_{SCHEMA_VERSION}"
 
 
 def lock_key(schema: str) -> int:
@@ -298,6 +358,8 @@ class PostgresBackend:
         batch here."""
         if not rows:
             return
+        if table == "audit_entries":  # partitioned by month: the months must exist
+            ensure_partitions(_own(conn), (int(row[2]) for row in rows))
         arrays = [list(column) for column in zip(*rows, strict=True)]
         # %b: binary parameters; text arrays in text format are escaped element by element.
         casts = ", ".join(f"%b::{kind}[]" for kind in types)
@@ -325,9 +387,13 @@ class PostgresBackend:
         self.insert_many(conn, "merkle_nodes", columns, ("integer", "bigint", "bytea"), nodes)
 
     def load_tree(self, conn: Connection) -> tuple[int, bytes | None]:
-        """The size is the number of stored leaves; no frontier cache (``None``)."""
-        (top,) = conn.execute("SELECT max(idx) FROM merkle_nodes WHERE level = 0").fetchone()
-        return (0 if top is None else int(top) + 1), None
+        """The size is the number of entries (live or archived): every entry is a leaf, and a
+        compact writer stores no leaf nodes. No frontier cache (``None``)."""
+        (top,) = conn.execute(
+            "SELECT greatest((SELECT max(seq) FROM audit_entries), "
+            "(SELECT max(seq) FROM audit_log), (SELECT max(last_seq) FROM audit_archives))"
+        ).fetchone()
+        return (0 if top is None else int(top)), None
 
     def read_nodes(self, conn: Connection, positions: Sequence[tuple[int, int]]) -> list[bytes]:
         """One round trip for all of them: this runs on every append."""
@@ -343,6 +409,103 @@ class PostgresBackend:
         if missing:
             raise KeyError(f"merkle nodes {missing} not stored")
         return [found[p] for p in positions]
+
+
+#: Partitions known to exist, per schema (created once, never dropped while a writer runs
+#: except by archival, which forgets them here).
+_PARTITIONS: dict[str, set[str]] = {}
+_MONTHS_AHEAD = 2  # partitions are created this many months ahead of the entries
+
+
+def partition_name(millis: int) -> tuple[str, int, int]:
+    """(name, first ms, end ms) of the monthly partition holding time ``millis``."""
+    moment = datetime.fromtimestamp(millis / 1000, tz=UTC)
+    start = datetime(moment.year, moment.month, 1, tzinfo=UTC)
+    end = datetime(start.year + start.month // 12, start.month % 12 + 1, 1, tzinfo=UTC)
+    return (
+        f"audit_entries_p{start:%Y%m}",
+        int(start.timestamp()) * 1000,
+        int(end.timestamp()) * 1000,
+    )
+
+
+def ensure_partitions(conn: PgConnection, times: Iterable[int]) -> None:
+    """Create the monthly partitions of ``audit_entries`` for ``times`` (ms) and the months
+    after them, with the TRUNCATE trigger and REVOKE every partition needs (row triggers are
+    cloned from the parent by PostgreSQL itself). Inside the caller's locked transaction."""
+    from psycopg import sql
+
+    known = _PARTITIONS.setdefault(conn.schema, set())
+    wanted: dict[str, tuple[int, int]] = {}
+    for millis in set(times):
+        name, start, end = partition_name(millis)
+        for _ in range(_MONTHS_AHEAD + 1):
+            if name not in known:
+                wanted[name] = (start, end)
+            name, start, end = partition_name(end)
+    for name, (start, end) in sorted(wanted.items()):
+        ident, part = sql.Identifier(conn.schema), sql.Identifier(name)
+        (found,) = conn.execute(
+            "SELECT to_regclass(?) IS NOT NULL", (f'"{conn.schema}".{name}',)
+        ).fetchone()
+        if found:  # made ahead by the owner: a broker role without CREATE still appends
+            known.add(name)
+            continue
+        conn.raw.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {s}.{p} PARTITION OF {s}.audit_entries "
+                "FOR VALUES FROM ({a}) TO ({b})"
+            ).format(s=ident, p=part, a=sql.Literal(start), b=sql.Literal(end))
+        )
+        for statement in _TRIGGERS[1:]:  # TRUNCATE trigger, REVOKE: not inherited
+            conn.raw.execute(sql.SQL(statement).format(s=ident, t=part))
+        known.add(name)
+
+
+def forget_partition(schema: str, name: str) -> None:
+    """Archival detached partition ``name``: a later entry of that month recreates it."""
+    _PARTITIONS.get(schema, set()).discard(name)
+
+
+def detach_archived(conn: Connection, first: int, last: int) -> list[str]:
+    """Detach (and drop) every partition of ``audit_entries`` whose rows all lie in the
+    archived range ``first..last``: archiving a month is then one catalog change, not a
+    delete of its rows. The caller holds the log's lock, has recorded the archive and verified
+    its file. Returns the partitions' names."""
+    from psycopg import sql
+
+    own = _own(conn)
+    (owner,) = conn.execute(
+        "SELECT pg_has_role(current_user, relowner, 'MEMBER') FROM pg_class "
+        "WHERE oid = ?::regclass",
+        (f'"{own.schema}".audit_entries',),
+    ).fetchone()
+    if not owner:  # only the owner may detach; an archiver role deletes the rows instead
+        return []
+    rows = conn.execute(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace n ON n.oid = p.relnamespace "
+        "WHERE p.relname = 'audit_entries' AND n.nspname = ? ORDER BY c.relname",
+        (own.schema,),
+    ).fetchall()
+    detached = []
+    ident = sql.Identifier(own.schema)
+    for (name,) in rows:
+        part = sql.Identifier(str(name))
+        low, high = own.raw.execute(
+            sql.SQL("SELECT min(seq), max(seq) FROM {s}.{p}").format(s=ident, p=part)
+        ).fetchone()
+        if low is None or low < first or high > last:
+            continue  # empty (a month ahead), or holding live entries
+        own.raw.execute(
+            sql.SQL("ALTER TABLE {s}.audit_entries DETACH PARTITION {s}.{p}").format(
+                s=ident, p=part
+            )
+        )
+        own.raw.execute(sql.SQL("DROP TABLE {s}.{p}").format(s=ident, p=part))
+        forget_partition(own.schema, str(name))
+        detached.append(str(name))
+    return detached
 
 
 def take_lock(conn: PgConnection) -> None:
@@ -374,9 +537,8 @@ def ensure_schema(conn: PgConnection) -> None:
                 conn.raw.execute(sql.SQL(statement).format(s=ident, t=sql.Identifier(table)))
         conn.raw.execute(sql.SQL("REVOKE ALL ON SCHEMA {s} FROM PUBLIC").format(s=ident))
         conn.execute(
-            "INSERT INTO audit_meta (key, value) VALUES ('schema_version', ?) "
-            "ON CONFLICT (key) DO NOTHING",
-            (SCHEMA_VERSION,),
+            "INSERT INTO audit_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+            (_VERSION_KEY, SCHEMA_VERSION),
         )
         conn.commit()
     except BaseException:
@@ -390,7 +552,7 @@ def _schema_current(conn: PgConnection) -> bool:
     ).fetchone()
     if not found:
         return False
-    row = conn.execute("SELECT value FROM audit_meta WHERE key = 'schema_version'").fetchone()
+    row = conn.execute("SELECT value FROM audit_meta WHERE key = ?", (_VERSION_KEY,)).fetchone()
     return row is not None and str(row[0]) == SCHEMA_VERSION
 
 
@@ -407,17 +569,22 @@ def grant_statements(schema: str, role: str, *, archiver: bool = False) -> list[
     statements = [
         sql.SQL("GRANT USAGE ON SCHEMA {s} TO {r}").format(s=s, r=r),
         sql.SQL(
-            "GRANT SELECT, INSERT ON {s}.audit_log, {s}.merkle_nodes, {s}.checkpoints TO {r}"
+            "GRANT SELECT, INSERT ON {s}.audit_log, {s}.merkle_nodes, {s}.checkpoints, "
+            "{s}.audit_entries, {s}.audit_terms TO {r}"
         ).format(s=s, r=r),
-        sql.SQL("GRANT SELECT ON {s}.audit_archives, {s}.audit_meta TO {r}").format(s=s, r=r),
+        sql.SQL(
+            "GRANT SELECT ON {s}.audit_archives, {s}.audit_meta, {s}.audit_tombstones TO {r}"
+        ).format(s=s, r=r),
         # The notice outbox (certbroker.audit.outbox) is not append-only: the relay marks
         # notices sent.
         sql.SQL("GRANT SELECT, INSERT, UPDATE ON {s}.audit_outbox TO {r}").format(s=s, r=r),
     ]
     if archiver:
         statements += [
-            sql.SQL("GRANT INSERT ON {s}.audit_archives TO {r}").format(s=s, r=r),
-            sql.SQL("GRANT DELETE ON {s}.audit_log TO {r}").format(s=s, r=r),
+            sql.SQL("GRANT INSERT ON {s}.audit_archives, {s}.audit_tombstones TO {r}").format(
+                s=s, r=r
+            ),
+            sql.SQL("GRANT DELETE ON {s}.audit_log, {s}.audit_entries TO {r}").format(s=s, r=r),
         ]
     return [statement.as_string(None) for statement in statements]
 
@@ -481,6 +648,8 @@ class PostgresWriter:
 
         with contextlib.suppress(psycopg.Error):  # broken: closed below, reopened next batch
             conn.rollback()
+        # Partitions created in the rolled-back batch are gone again: look them up anew.
+        _PARTITIONS.pop(self._backend.location.schema, None)
         if conn.raw.broken or conn.raw.closed:
             with contextlib.suppress(psycopg.Error):
                 conn.close()

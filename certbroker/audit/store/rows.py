@@ -30,6 +30,7 @@ from certbroker.audit.events import (
     epoch_time,
     iso_time,
 )
+from certbroker.audit.store import compact
 from certbroker.audit.store.base import Connection
 
 __all__ = [
@@ -40,13 +41,17 @@ __all__ = [
     "ChainResult",
     "StoredRow",
     "archived_head",
+    "bodies_between",
     "canonical_body",
     "chain_hash",
     "check_chain",
     "epoch_time",
+    "hash_at",
+    "insert_compact",
     "insert_rows",
     "iso_time",
     "iter_rows",
+    "prev_hashes",
     "read_tail",
     "select_rows",
 ]
@@ -108,11 +113,85 @@ def archived_head(conn: Connection) -> tuple[int, str]:
     return (0, GENESIS_HASH) if row is None else (int(row[0]), str(row[1]))
 
 
+def has_compact(conn: Connection) -> bool:
+    """Whether the log has the version 2 table (an SQLite file opened read-only before a
+    writer of this version touched it has not)."""
+    return conn.backend.has_table(conn, "audit_entries")
+
+
 def read_tail(conn: Connection) -> tuple[int, str]:
     """(sequence, entry hash) of the last entry, live or archived; (0, genesis) if none."""
+    if has_compact(conn):
+        row = conn.execute(
+            "SELECT seq, entry_hash FROM audit_entries ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        if row is not None:
+            return int(row[0]), compact.hash_hex(row[1])
     tail = conn.execute("SELECT seq, entry_hash FROM audit_log ORDER BY seq DESC LIMIT 1")
     row = tail.fetchone()
     return archived_head(conn) if row is None else (int(row[0]), str(row[1]))
+
+
+def hash_at(conn: Connection, seq: int) -> str:
+    """The entry hash of entry ``seq`` (genesis for 0), live or the archived watermark;
+    ``KeyError`` if it is neither."""
+    if seq == 0:
+        return GENESIS_HASH
+    if has_compact(conn):
+        row = conn.execute("SELECT entry_hash FROM audit_entries WHERE seq = ?", (seq,)).fetchone()
+        if row is not None:
+            return compact.hash_hex(row[0])
+    row = conn.execute("SELECT entry_hash FROM audit_log WHERE seq = ?", (seq,)).fetchone()
+    if row is not None:
+        return str(row[0])
+    archived, archived_hash = archived_head(conn)
+    if seq == archived:
+        return archived_hash
+    raise KeyError(f"entry {seq} is not in the live log")
+
+
+def prev_hashes(conn: Connection, seqs: Sequence[int]) -> dict[int, str]:
+    """The hash before each of the entries ``seqs`` (``seq - 1``'s entry hash), in as few
+    queries as possible (readers of scattered rows: a citizen's entries)."""
+    wanted = sorted({seq - 1 for seq in seqs})
+    found: dict[int, str] = {}
+    for start in range(0, len(wanted), 256):
+        chunk = wanted[start : start + 256]
+        marks = ", ".join("?" * len(chunk))
+        if has_compact(conn):
+            sql = f"SELECT seq, entry_hash FROM audit_entries WHERE seq IN ({marks})"  # noqa: S608
+            found.update((int(s), compact.hash_hex(h)) for s, h in conn.execute(sql, chunk))
+        sql = f"SELECT seq, entry_hash FROM audit_log WHERE seq IN ({marks})"  # noqa: S608
+        found.update((int(s), str(h)) for s, h in conn.execute(sql, chunk))
+    for before in wanted:
+        if before not in found:
+            found[before] = hash_at(conn, before)  # genesis or the archived watermark
+    return {seq: found[seq - 1] for seq in seqs}
+
+
+def bodies_between(conn: Connection, first: int, last: int) -> list[str]:
+    """The hashed bodies of the live entries ``first..last`` (either format), in order."""
+    sql = "SELECT body FROM audit_log WHERE seq BETWEEN ? AND ? ORDER BY seq"
+    bodies = [str(body) for (body,) in conn.execute(sql, (first, last))]
+    if has_compact(conn):
+        terms = compact.Terms(bulk=False)  # at most a node's 16 entries
+        sql = compact.select_sql(["seq BETWEEN ? AND ?"])
+        bodies += [compact.body_text(conn, terms, v) for v in conn.execute(sql, (first, last))]
+    return bodies
+
+
+def insert_compact(
+    conn: Connection,
+    terms: compact.Terms,
+    rows: Sequence[StoredRow],
+    fields: Sequence[Mapping[str, object]],
+) -> None:
+    """Insert ``rows`` (whose bodies are ``fields``) as version 2 rows of ``audit_entries``."""
+    values = [
+        compact.encode(conn, terms, r.seq, f, r.entry_hash)
+        for r, f in zip(rows, fields, strict=True)
+    ]
+    conn.backend.insert_many(conn, "audit_entries", compact.COLUMNS, compact.COLUMN_TYPES, values)
 
 
 def insert_rows(conn: Connection, rows: Sequence[StoredRow]) -> None:
@@ -132,12 +211,42 @@ def _row(values: Sequence[Any]) -> StoredRow:
     )
 
 
+def _compact_row(
+    conn: Connection, terms: compact.Terms, values: Sequence[Any], prev_hash: str
+) -> StoredRow:
+    """A version 2 row as a :class:`StoredRow`: its body rebuilt, its hashes as hex."""
+    fields = compact.decode(conn, terms, values)
+    return StoredRow(
+        seq=int(values[0]),
+        body=canonical_body(fields),
+        prev_hash=prev_hash,
+        entry_hash=compact.hash_hex(values[-1]),
+        columns={name: str(fields[name]) for name in INDEXED_COLUMNS},
+    )
+
+
 def iter_rows(conn: Connection, after: int = 0) -> Iterator[StoredRow]:
-    """Every live row with ``seq > after`` in ``seq`` order, streamed from one query (one
-    consistent snapshot even while others write)."""
+    """Every live row with ``seq > after`` in ``seq`` order, both formats (version 1 rows
+    come first: a log switches format once), streamed (one consistent snapshot on a reader
+    connection even while others write)."""
     sql = f"SELECT {ROW_COLUMNS} FROM audit_log WHERE seq > ? ORDER BY seq"  # noqa: S608
+    last: StoredRow | None = None
     for values in conn.backend.stream(conn, sql, (after,)):
-        yield _row(values)
+        last = _row(values)
+        yield last
+    if not has_compact(conn):
+        return
+    start = after if last is None else last.seq
+    prev: str | None = None if last is None else last.entry_hash
+    terms = compact.Terms()
+    terms.load(conn)
+    sql = compact.select_sql(["seq > ?"])
+    for values in conn.backend.stream(conn, sql, (start,)):
+        if prev is None:
+            prev = hash_at(conn, int(values[0]) - 1)
+        row = _compact_row(conn, terms, values, prev)
+        prev = row.entry_hash
+        yield row
 
 
 def select_rows(
@@ -171,7 +280,36 @@ def select_rows(
         f"SELECT * FROM (SELECT {ROW_COLUMNS} FROM audit_log WHERE {where} "  # noqa: S608
         "ORDER BY seq DESC LIMIT ?) AS newest ORDER BY seq"
     )
-    return [_row(values) for values in conn.execute(sql, (*params, limit))]
+    rows = [_row(values) for values in conn.execute(sql, (*params, limit))]
+    newer = _select_compact(conn, equals, since, until, limit)
+    return (rows + newer)[-limit:] if limit else []
+
+
+def _select_compact(
+    conn: Connection, equals: Mapping[str, str], since: str | None, until: str | None, limit: int
+) -> list[StoredRow]:
+    """:func:`select_rows` on the version 2 rows."""
+    if not has_compact(conn):
+        return []
+    terms = compact.reader_terms(conn)
+    stored = compact.term_ids(conn, terms, equals)
+    if stored is None:
+        return []
+    clauses = [f"{column} = ?" for column in stored]
+    params: list[object] = list(stored.values())
+    for bound, op in ((since, ">="), (until, "<")):
+        if bound is not None:
+            clauses.append(f"time {op} ?")
+            params.append(compact.time_ms(bound))
+    where = " AND ".join(clauses) or "1 = 1"
+    columns = ", ".join(compact.COLUMNS)
+    sql = (
+        f"SELECT * FROM (SELECT {columns} FROM audit_entries WHERE {where} "  # noqa: S608
+        "ORDER BY seq DESC LIMIT ?) AS newest ORDER BY seq"
+    )
+    found = list(conn.execute(sql, (*params, limit)))
+    before = prev_hashes(conn, [int(values[0]) for values in found])
+    return [_compact_row(conn, terms, values, before[int(values[0])]) for values in found]
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,9 @@ from typing import Any
 from certbroker.audit.store.base import Connection, Node, UndecodableText
 from certbroker.audit.store.rows import OUTBOX_DDL
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Stored in ``PRAGMA user_version`` so a later migration knows what it is looking at
-(2 = with ``audit_archives``)."""
+(2 = with ``audit_archives``, 3 = with the compact ``audit_entries`` and ``audit_terms``)."""
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS audit_log (
@@ -82,6 +82,40 @@ SCHEMA = (
     )""",
     # The notice outbox (certbroker.audit.outbox), mutable; written with the entries.
     *OUTBOX_DDL,
+    # Entry format version 2 (certbroker.audit.store.compact): every value stored once, typed;
+    # the hashed body is rebuilt from the row. Indexes: what the citizen report (subject), the
+    # auditor's per-clerk day (clerk, time), time ranges and receipts (entry_id) look up.
+    """CREATE TABLE IF NOT EXISTS audit_entries (
+        seq         INTEGER PRIMARY KEY,
+        entry_id    BLOB NOT NULL,
+        time        INTEGER NOT NULL,
+        clerk       INTEGER NOT NULL,
+        subject_id  TEXT NOT NULL,
+        matter_code INTEGER NOT NULL,
+        record_type INTEGER NOT NULL,
+        decision    INTEGER NOT NULL,
+        rest        TEXT NOT NULL,
+        entry_hash  BLOB NOT NULL
+    )""",
+    "CREATE UNIQUE INDEX IF NOT EXISTS audit_entries_id ON audit_entries (entry_id)",
+    "CREATE INDEX IF NOT EXISTS audit_entries_subject ON audit_entries (subject_id)",
+    "CREATE INDEX IF NOT EXISTS audit_entries_clerk ON audit_entries (clerk, time)",
+    "CREATE INDEX IF NOT EXISTS audit_entries_time ON audit_entries (time)",
+    """CREATE TABLE IF NOT EXISTS audit_terms (
+        id   INTEGER PRIMARY KEY,
+        term TEXT NOT NULL UNIQUE
+    )""",
+    # Archive files removed under retention (certbroker.audit.retention): signed tombstones.
+    """CREATE TABLE IF NOT EXISTS audit_tombstones (
+        last_seq        INTEGER PRIMARY KEY,
+        first_seq       INTEGER NOT NULL,
+        last_entry_hash TEXT NOT NULL,
+        file_name       TEXT NOT NULL,
+        file_sha256     TEXT NOT NULL,
+        removed_at      TEXT NOT NULL,
+        checkpoint      TEXT NOT NULL,
+        signature       TEXT NOT NULL
+    )""",
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
 

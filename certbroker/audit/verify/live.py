@@ -15,10 +15,14 @@ what it is derived from:
 ``audit_log``
     beyond the chain: the ``prev_hash`` column, the indexed columns and the sequence inside
     the body agree with the hashed body (EDITED).
+``audit_entries`` / ``audit_terms`` (format version 2)
+    each row decodable (MALFORMED otherwise); its body is rebuilt from the row and the terms,
+    so any changed value is a hash mismatch (EDITED).
 ``merkle_nodes``
-    every leaf equal to its entry's leaf hash (archived leaves excepted: their entries are in
-    the archive files), every inner node the hash of the two below it, no node missing and
-    none beyond the tree (BAD_TREE).
+    every stored node equal to the node recomputed from the live entries (the nodes under
+    archived entries only read: those entries are in the archive files), no node missing and
+    none beyond the tree (BAD_TREE). Below level ``STORED_LEVEL`` a node completed by a
+    compact (version 2) writer is not stored: it may be missing, and if present must be right.
 ``merkle_state`` (SQLite)
     the size and frontier of that tree (BAD_TREE).
 ``audit_archives``
@@ -38,7 +42,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 from typing import Final
 
@@ -46,11 +50,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from certbroker.audit.events import GENESIS_HASH, iso_time
 from certbroker.audit.integrity.checkpoint import Checkpoint
-from certbroker.audit.integrity.merkle import HASH_SIZE, CompactRange, leaf_hash, node_hash
-from certbroker.audit.integrity.tree import frontier_positions
+from certbroker.audit.integrity.merkle import (
+    HASH_SIZE,
+    CompactRange,
+    leaf_hash,
+    node_hash,
+    perfect_subtree_hasher,
+)
+from certbroker.audit.integrity.tree import STORED_LEVEL, frontier_positions, node_reader
+from certbroker.audit.store import compact
 from certbroker.audit.store.base import Connection, UndecodableText
 from certbroker.audit.store.db import backend_for
-from certbroker.audit.store.rows import INDEXED_COLUMNS
+from certbroker.audit.store.rows import INDEXED_COLUMNS, has_compact
 from certbroker.audit.verify.report import (
     BAD_CHECKPOINT,
     BAD_TREE,
@@ -131,14 +142,14 @@ def _verify(
         return _with(rows.problem, report)
     size = archived + report.entries
     roots: dict[int, bytes] = {h.size: b"" for h in heads}  # filled by the tree check
-    frontier = _check_tree(conn, archived, size, roots)
+    frontier = _check_tree(conn, archived, size, roots, start, rows.first_compact)
     if isinstance(frontier, IntegrityReport):
         return _with(frontier, report)
     bad = _check_state(conn, size, frontier)
     if bad is not None:
         return _with(bad, report)
     for head in signed:
-        if head.size < archived and roots[head.size] != head.root_hash:
+        if head.size < archived and roots.get(head.size) != head.root_hash:
             msg = (
                 f"the stored Merkle nodes of the archived entries disagree with the signed "
                 f"checkpoint of size {head.size}"
@@ -321,11 +332,13 @@ class _LiveRows:
         self._after = after
         self._prev = prev_hash
         self.problem: IntegrityReport | None = None
+        self.first_compact: int | None = None  # the first version 2 entry, if any
 
     def __iter__(self) -> Iterator[Entry]:
         conn = self._conn
         sql = f"SELECT {', '.join(_ROW_COLUMNS)} FROM audit_log WHERE seq > ? ORDER BY seq"  # noqa: S608
         prev = self._prev
+        last = self._after
         for values in conn.backend.stream(conn, sql, (self._after,)):
             seq, body, prev_column, entry_hash, *indexed = values
             # The common case tested in one go; _refuse names the bad value (it raises).
@@ -336,6 +349,27 @@ class _LiveRows:
             prev = entry_hash
             # UTF-8, not ASCII: a stored hash with other characters is a mismatch, not a crash.
             yield seq, body.encode("utf-8"), entry_hash.encode("utf-8")
+            last = seq
+        if has_compact(conn):
+            yield from self._compact(max(self._after, last))
+
+    def _compact(self, after: int) -> Iterator[Entry]:
+        """The version 2 rows after ``after``: each body rebuilt from its row and the terms
+        (a row or term that cannot be decoded is MALFORMED, at its location)."""
+        conn = self._conn
+        terms = compact.Terms()
+        terms.load(conn)
+        sql = compact.select_sql(["seq > ?"])
+        for values in conn.backend.stream(conn, sql, (after,)):
+            seq = _integer(values[0], f"audit_entries[seq={_key(values[0])}].seq")
+            if self.first_compact is None:
+                self.first_compact = seq
+            try:
+                body = compact.body_text(conn, terms, values)
+                entry_hash = compact.hash_hex(values[-1])
+            except (ValueError, TypeError, KeyError) as exc:
+                raise Malformed(f"audit_entries[seq={seq}]", str(exc), seq) from None
+            yield seq, body.encode("utf-8"), entry_hash.encode("ascii")
 
     def _compare(
         self, seq: int, prev: str, body: str, prev_column: str, indexed: Sequence[str]
@@ -390,52 +424,148 @@ def _first_leaf(level: int, index: int) -> int | None:
     return (index << level) + 1 if index >= 0 else None
 
 
-def _leaves(conn: Connection, archived: int) -> Iterator[bytes | None]:
-    """The leaf hash level 0 must hold, per leaf: None for the archived ones (not here)."""
-    for _ in range(archived):
-        yield None
+def _leaves(conn: Connection, archived: int) -> Iterator[bytes]:
+    """The leaf hashes of the live entries (both formats), in order: the walk read them
+    strictly already."""
     sql = "SELECT body FROM audit_log WHERE seq > ? ORDER BY seq"
+    last = archived
     for (body,) in conn.backend.stream(conn, sql, (archived,)):
-        yield leaf_hash(str(body).encode("utf-8"))  # text: the walk read it strictly
+        last += 1
+        yield leaf_hash(str(body).encode("utf-8"))
+    if has_compact(conn):
+        terms = compact.Terms()
+        terms.load(conn)
+        sql = compact.select_sql(["seq > ?"])
+        for values in conn.backend.stream(conn, sql, (last,)):
+            yield leaf_hash(compact.body_text(conn, terms, values).encode("utf-8"))
 
 
-def _parents(below: Iterator[tuple[int, bytes]]) -> Iterator[bytes | None]:
-    """The nodes one level up from ``below`` (checked already, so in order and complete).
+class _StoredLevel:
+    """The stored nodes of one level, consumed in index order as the tree is rebuilt."""
 
-    Pairs of the same iterator; an odd last node has no parent yet (it is in the frontier)."""
-    for (_, left), (_, right) in zip(below, below, strict=False):
-        yield node_hash(left, right)
+    def __init__(self, conn: Connection, level: int) -> None:
+        self.level = level
+        self._nodes = _level(conn, level)
+        self.head = next(self._nodes, None)
+
+    def take(self, index: int, archived: int) -> bytes | IntegrityReport | None:
+        """The stored hash of node ``index`` (None if not stored), passing the nodes before
+        it that lie under archived entries; any other node before it is outside the tree."""
+        while self.head is not None and self.head[0] < index:
+            got = self.head[0]
+            if got < 0 or (got + 1) << self.level > archived:
+                where = f"merkle_nodes[level={self.level},idx={got}]"
+                msg = f"{where}: a node outside the tree"
+                return IntegrityReport(BAD_TREE, 0, None, msg, location=where)
+            self.head = next(self._nodes, None)
+        if self.head is not None and self.head[0] == index:
+            digest = self.head[1]
+            self.head = next(self._nodes, None)
+            return digest
+        return None
+
+
+def _check_archived_nodes(conn: Connection, archived: int) -> IntegrityReport | None:
+    """The stored nodes under archived entries cannot be rebuilt here (the entries are in the
+    archive files), but each whose two children are stored must be their hash."""
+    for level in range(1, archived.bit_length()):
+        below = _level(conn, level - 1)
+        child = next(below, None)
+        for index, digest in _level(conn, level):
+            if index < 0 or (index + 1) << level > archived:
+                break
+            pair: dict[int, bytes] = {}
+            while child is not None and child[0] <= 2 * index + 1:
+                if child[0] >= 2 * index:
+                    pair[child[0]] = child[1]
+                child = next(below, None)
+            if len(pair) == 2 and node_hash(pair[2 * index], pair[2 * index + 1]) != digest:
+                where = f"merkle_nodes[level={level},idx={index}]"
+                msg = f"{where}.hash differs from the hash of the two below it"
+                first = _first_leaf(level, index)
+                return IntegrityReport(BAD_TREE, 0, first, msg, location=f"{where}.hash")
+    return None
+
+
+def _archived_roots(
+    conn: Connection, sizes: Sequence[int], roots: dict[int, bytes]
+) -> IntegrityReport | None:
+    """``roots[size]`` for the checkpoint ``sizes`` inside the archived entries, from the
+    stored nodes (their entries are in the archive files)."""
+    subtree = perfect_subtree_hasher(node_reader(conn))
+    for size in sizes:
+        try:
+            roots[size] = subtree(0, size) if size else CompactRange().root()
+        except KeyError:
+            msg = f"the stored Merkle nodes lack the tree of the first {size} entries"
+            return IntegrityReport(BAD_TREE, 0, None, msg, location="merkle_nodes")
+    return None
 
 
 def _check_tree(
-    conn: Connection, archived: int, size: int, roots: dict[int, bytes]
+    conn: Connection,
+    archived: int,
+    size: int,
+    roots: dict[int, bytes],
+    start: Sequence[bytes],
+    first_compact: int | None,
 ) -> IntegrityReport | tuple[bytes, ...]:
-    """Every stored node against what it must be: level 0 against the entries (the first
-    ``archived`` leaves only read: their entries are in the archive files), each level above
-    against the one below; a node missing, or beyond a tree of ``size`` leaves, is BAD_TREE.
-    Returns the checked tree's frontier.
+    """Every stored node against the tree rebuilt from the live entries (continuing the
+    archived entries' frontier ``start``); a node missing, wrong, or beyond a tree of
+    ``size`` leaves is BAD_TREE. Nodes below :data:`STORED_LEVEL` whose last leaf is a
+    version 2 entry (``first_compact`` on) may be missing. Returns the tree's frontier.
 
     On the way, the root at each size in ``roots`` that the tree reaches is filled in (and
     the others removed), and ``roots[size]`` set: the leaves are streamed once anyway, where
-    asking the stored nodes would take O(log n) lookups per checkpoint."""
-    tree = CompactRange()
+    asking the stored nodes would take O(log n) lookups per checkpoint. Sizes below
+    ``archived`` are read from the stored nodes."""
+    levels = size.bit_length()
+    stored = [_StoredLevel(conn, level) for level in range(levels)]
+    problem: list[IntegrityReport] = []
+    optional_from = size + 1 if first_compact is None else first_compact
+
+    def on_node(level: int, index: int, digest: bytes) -> None:
+        if problem:
+            return
+        got = stored[level].take(index, archived)
+        where = f"merkle_nodes[level={level},idx={index}]"
+        first = _first_leaf(level, index)
+        if isinstance(got, IntegrityReport):
+            problem.append(got)
+        elif got is None:
+            if level >= STORED_LEVEL or (index + 1) << level < optional_from:
+                msg = f"{where}: missing"
+                problem.append(IntegrityReport(BAD_TREE, 0, first, msg, location=where))
+        elif got != digest:
+            what = f"entry {first}'s leaf hash" if level == 0 else "the hash of the two below it"
+            msg = f"{where}.hash differs from {what} (proofs served from it are wrong)"
+            problem.append(IntegrityReport(BAD_TREE, 0, first, msg, location=f"{where}.hash"))
+
     wanted = set(roots)
     roots.clear()
-
-    def on_leaf(digest: bytes) -> None:
+    bad = _check_archived_nodes(conn, archived) or _archived_roots(
+        conn, sorted(s for s in wanted if s <= archived), roots
+    )
+    if bad is not None:
+        return bad
+    tree = CompactRange(archived, list(start), on_node=on_node)
+    for digest in _leaves(conn, archived):
         tree.append(digest)
+        if problem:
+            return problem[0]
         if tree.size in wanted:
             roots[tree.size] = tree.root()
-
-    if 0 in wanted:
-        roots[0] = tree.root()
-    levels = size.bit_length()
-    for level in range(levels):
-        expected = _leaves(conn, archived) if level == 0 else _parents(_level(conn, level - 1))
-        checked = on_leaf if level == 0 else None
-        bad = _compare_level(level, _level(conn, level), expected, size >> level, checked)
-        if bad is not None:
-            return bad
+    for stored_level in stored:  # nodes past the end of the rebuilt tree
+        index = size >> stored_level.level
+        got = stored_level.take(index, archived)
+        if isinstance(got, IntegrityReport):
+            return got
+        if got is None and stored_level.head is not None:
+            index = stored_level.head[0]
+        if got is not None or stored_level.head is not None:
+            where = f"merkle_nodes[level={stored_level.level},idx={index}]"
+            msg = f"{where}: a node beyond the tree of the {size} entries"
+            return IntegrityReport(BAD_TREE, 0, None, msg, location=where)
     sql = (
         "SELECT level, idx FROM merkle_nodes WHERE level < 0 OR level >= ? "
         "ORDER BY level, idx LIMIT 1"
@@ -448,41 +578,6 @@ def _check_tree(
         return IntegrityReport(BAD_TREE, 0, None, msg, location=where)
     roots[size] = tree.root()
     return tree.frontier
-
-
-def _compare_level(
-    level: int,
-    stored: Iterator[tuple[int, bytes]],
-    expected: Iterator[bytes | None],
-    count: int,
-    checked: Callable[[bytes], None] | None,
-) -> IntegrityReport | None:
-    """The ``count`` stored nodes of ``level`` against ``expected`` (None: cannot be known,
-    only read); ``checked`` is given each node that passed, in order."""
-    for index in range(count):
-        want = next(expected)
-        got = next(stored, None)
-        where = f"merkle_nodes[level={level},idx={index}]"
-        if got is None or got[0] > index:
-            msg = f"{where}: missing"
-            return IntegrityReport(BAD_TREE, 0, _first_leaf(level, index), msg, location=where)
-        if got[0] < index:  # a negative index, before the first node
-            where = f"merkle_nodes[level={level},idx={got[0]}]"
-            msg = f"{where}: a node outside the tree"
-            return IntegrityReport(BAD_TREE, 0, None, msg, location=where)
-        if want is not None and got[1] != want:
-            first = _first_leaf(level, index)
-            what = f"entry {first}'s leaf hash" if level == 0 else "the hash of the two below it"
-            msg = f"{where}.hash differs from {what} (proofs served from it are wrong)"
-            return IntegrityReport(BAD_TREE, 0, first, msg, location=f"{where}.hash")
-        if checked is not None:
-            checked(got[1])
-    extra = next(stored, None)
-    if extra is not None:
-        where = f"merkle_nodes[level={level},idx={extra[0]}]"
-        msg = f"{where}: a node beyond the tree of the {count << level} entries"
-        return IntegrityReport(BAD_TREE, 0, None, msg, location=where)
-    return None
 
 
 def _check_state(conn: Connection, size: int, frontier: Sequence[bytes]) -> IntegrityReport | None:

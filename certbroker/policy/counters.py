@@ -105,36 +105,31 @@ _TABLES = (
 Execute = Callable[[str, Sequence[Any]], list[Any]]
 
 
-def _admit(
-    execute: Execute, clerk: str, subjects: Sequence[str], quotas: Sequence[Quota], now: float
-) -> list[Quota | None]:
-    """The counting itself, the same on both stores (see the module docstring)."""
-    horizon = now - MAX_PER_S
-    execute("DELETE FROM quota_lookups WHERE clerk = ? AND at <= ?", (clerk, horizon))
-    execute("DELETE FROM quota_subjects WHERE clerk = ? AND last_at <= ?", (clerk, horizon))
+def _decide(
+    subjects: Sequence[str],
+    quotas: Sequence[Quota],
+    now: float,
+    last_of: Callable[[str], float | None],
+    count_of: Callable[[Quota], int],
+) -> tuple[list[Quota | None], list[str], int]:
+    """The decision every counter makes, whatever holds the counts: ``last_of(citizen)`` is the
+    clerk's last admitted lookup of that citizen (None: none kept), ``count_of(quota)`` the
+    quota's count in its window before this call. Returns the verdicts (None: admitted, else
+    the first quota exceeded), the citizens admitted (in order) and how many lookups were."""
     counts: dict[str, int] = {}  # quota id -> its count in its window, this call's admissions in
-    last_at, total = _latest(execute, clerk)
 
     def count(quota: Quota) -> int:
         if quota.id not in counts:
-            cutoff = now - quota.per_s
-            if quota.kind == "distinct_subjects":
-                sql = "SELECT COUNT(*) FROM quota_subjects WHERE clerk = ? AND last_at > ?"
-                counts[quota.id] = int(execute(sql, (clerk, cutoff))[0][0])
-            else:
-                counts[quota.id] = total - _total_at(execute, clerk, cutoff)
+            counts[quota.id] = count_of(quota)
         return counts[quota.id]
 
     seen: dict[str, float | None] = {}  # citizen -> last admitted lookup by this clerk
+    fresh: dict[str, None] = {}  # the citizens admitted by this call, in order
     verdicts: list[Quota | None] = []
     admitted = 0
     for subject in subjects:
         if subject not in seen:
-            rows = execute(
-                "SELECT last_at FROM quota_subjects WHERE clerk = ? AND subject = ?",
-                (clerk, subject),
-            )
-            seen[subject] = float(rows[0][0]) if rows else None
+            seen[subject] = last_of(subject)
         last = seen[subject]
         # A quota a lookup adds to: every `lookups` quota; a `distinct_subjects` quota unless
         # the citizen was already looked up within its window.
@@ -145,14 +140,39 @@ def _admit(
             for quota in adds:
                 counts[quota.id] = count(quota) + 1
             seen[subject] = now
+            fresh[subject] = None
             admitted += 1
-    for subject, last in seen.items():
-        if last == now:
-            execute(
-                "INSERT INTO quota_subjects (clerk, subject, last_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (clerk, subject) DO UPDATE SET last_at = excluded.last_at",
-                (clerk, subject, now),
-            )
+    return verdicts, list(fresh), admitted
+
+
+def _admit(
+    execute: Execute, clerk: str, subjects: Sequence[str], quotas: Sequence[Quota], now: float
+) -> list[Quota | None]:
+    """The counting itself, the same on both stores (see the module docstring)."""
+    horizon = now - MAX_PER_S
+    execute("DELETE FROM quota_lookups WHERE clerk = ? AND at <= ?", (clerk, horizon))
+    execute("DELETE FROM quota_subjects WHERE clerk = ? AND last_at <= ?", (clerk, horizon))
+    last_at, total = _latest(execute, clerk)
+
+    def last_of(subject: str) -> float | None:
+        sql = "SELECT last_at FROM quota_subjects WHERE clerk = ? AND subject = ?"
+        rows = execute(sql, (clerk, subject))
+        return float(rows[0][0]) if rows else None
+
+    def count_of(quota: Quota) -> int:
+        cutoff = now - quota.per_s
+        if quota.kind == "distinct_subjects":
+            sql = "SELECT COUNT(*) FROM quota_subjects WHERE clerk = ? AND last_at > ?"
+            return int(execute(sql, (clerk, cutoff))[0][0])
+        return total - _total_at(execute, clerk, cutoff)
+
+    verdicts, fresh, admitted = _decide(subjects, quotas, now, last_of, count_of)
+    for subject in fresh:
+        execute(
+            "INSERT INTO quota_subjects (clerk, subject, last_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (clerk, subject) DO UPDATE SET last_at = excluded.last_at",
+            (clerk, subject, now),
+        )
     if admitted:
         execute(
             "INSERT INTO quota_lookups (clerk, at, n, cum) VALUES (?, ?, ?, ?)",
@@ -240,8 +260,8 @@ class _Clerk:
 
 
 class MemoryQuotaCounter:
-    """The counts of a broker that is ONE process, in its memory: :func:`_admit`'s semantics
-    without SQL, cheap enough to run inline on the event loop.
+    """The counts of a broker that is ONE process, in its memory: the stores' semantics
+    (:func:`_decide`) without SQL, cheap enough to run inline on the event loop.
 
     Exact for that process (every admission passes here, under one lock). Bounded: each call
     first forgets what the quotas in force can no longer see (a clerk's lookups older than its
@@ -293,39 +313,15 @@ class MemoryQuotaCounter:
         state.prune(
             max((q.per_s for q in quotas if q.kind == "lookups"), default=0), distinct_s, now
         )
-        counts: dict[str, int] = {}  # quota id -> its count in its window, this call's in
         total = state.total()
 
-        def count(quota: Quota) -> int:
-            if quota.id not in counts:
-                cutoff = now - quota.per_s
-                if quota.kind == "distinct_subjects":
-                    counts[quota.id] = state.distinct_after(cutoff)
-                else:
-                    counts[quota.id] = total - state.total_at(cutoff)
-            return counts[quota.id]
+        def count_of(quota: Quota) -> int:
+            cutoff = now - quota.per_s
+            if quota.kind == "distinct_subjects":
+                return state.distinct_after(cutoff)
+            return total - state.total_at(cutoff)
 
-        # From here on, the same steps as _admit (kept side by side: a change to one is a
-        # change to both; tests/policy/test_memory_counter.py compares them).
-        seen: dict[str, float | None] = {}
-        fresh: dict[str, None] = {}  # the citizens admitted by this call, in order
-        verdicts: list[Quota | None] = []
-        admitted = 0
-        for subject in subjects:
-            if subject not in seen:
-                seen[subject] = state.subjects.get(subject)
-            last = seen[subject]
-            adds = [
-                q for q in quotas if q.kind == "lookups" or last is None or last <= now - q.per_s
-            ]
-            refused = next((q for q in adds if count(q) + 1 > q.limit), None)
-            verdicts.append(refused)
-            if refused is None:
-                for quota in adds:
-                    counts[quota.id] = count(quota) + 1
-                seen[subject] = now
-                fresh[subject] = None
-                admitted += 1
+        verdicts, fresh, admitted = _decide(subjects, quotas, now, state.subjects.get, count_of)
         if admitted:
             stamp = state.latest = max(now, state.latest)
             for subject in fresh if distinct_s else ():  # citizens: only if a quota counts them

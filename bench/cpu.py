@@ -18,6 +18,9 @@ Servers, all started at once and idle while another is measured, driven by the s
   ``hit/asyncio``: the same broker on asyncio's loop (what uvloop is worth);
 * ``hit/nometrics``: the same with metrics off (what the metrics still cost);
 * ``hit/window``: the same with a 1 ms group-commit window (``[audit] batch_wait_ms``);
+* ``hit/quotas``: the same with the shipped quotas, their limits raised so none is reached
+  (:func:`bench.policies.counting_policies`): every call checked and counted, as the shipped
+  default does (the other rows run without quotas);
 * ``miss``: the broker, cache miss, in-process adapter.
 
 Each row's ratio is per round (broker ÷ echo of the same round, same loop), then the median;
@@ -49,6 +52,7 @@ HIT = BrokerSpec("cpu-hit")
 HIT_ASYNCIO = BrokerSpec("cpu-hit-asyncio", loop="asyncio")
 HIT_NO_METRICS = BrokerSpec("cpu-hit-nometrics", metrics=False)
 HIT_WINDOW = BrokerSpec("cpu-hit-window", batch_wait_ms=1.0)
+HIT_QUOTAS = BrokerSpec("cpu-hit-quotas", quotas=True)
 MISS = BrokerSpec("cpu-miss", cached=False)
 WORKERS = BrokerSpec("cpu-workers", workers=2)
 #: Broker CPU per call as a multiple of echo's, at most (issue 19).
@@ -94,6 +98,7 @@ def run(options: Options) -> Result:
         "hit/asyncio": Row("hit/asyncio", "broker, record-cache hit, asyncio loop", "echo/asyncio"),
         "hit/nometrics": Row("hit/nometrics", "broker, record-cache hit, metrics off", "echo"),
         "hit/window": Row("hit/window", "broker, record-cache hit, 1 ms batch window", "echo"),
+        "hit/quotas": Row("hit/quotas", "broker, record-cache hit, shipped quotas", "echo"),
         "miss": Row("miss", "broker, cache miss, in-process adapter", "echo"),
     }
     with (
@@ -101,10 +106,10 @@ def run(options: Options) -> Result:
         LoadGenerator(load.processes) as generator,
     ):
         lab = Lab(Path(tmp))
-        specs = (HIT, HIT_ASYNCIO, HIT_NO_METRICS, HIT_WINDOW, MISS)
-        with lab.brokers(*specs) as (hit, hit_asyncio, no_metrics, window, miss):
+        specs = (HIT, HIT_ASYNCIO, HIT_NO_METRICS, HIT_WINDOW, HIT_QUOTAS, MISS)
+        with lab.brokers(*specs) as (hit, hit_asyncio, no_metrics, window, quotas, miss):
             size = _probe(lab, hit)
-            for broker in (hit_asyncio, no_metrics, window, miss):
+            for broker in (hit_asyncio, no_metrics, window, quotas, miss):
                 _probe(lab, broker)
             with lab.echo(size, loop="") as uv, lab.echo(size, loop="asyncio") as plain:
                 base = lab.lookup_call(hit)
@@ -115,6 +120,7 @@ def run(options: Options) -> Result:
                     "hit/asyncio": (lab.lookup_call(hit_asyncio), hit_asyncio.pid),
                     "hit/nometrics": (lab.lookup_call(no_metrics), no_metrics.pid),
                     "hit/window": (lab.lookup_call(window), window.pid),
+                    "hit/quotas": (lab.lookup_call(quotas), quotas.pid),
                     "miss": (lab.lookup_call(miss), miss.pid),
                 }
                 for _ in range(rounds):

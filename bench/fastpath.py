@@ -6,8 +6,9 @@ Rows (issue 5), each a server process driven by the same :class:`~bench.load.Loa
    (the baseline);
 2. the broker, record-cache hit: one clerk repeats one citizen's household lookup (the shipped
    policy caches household records for 600 s); ``2m``: the same with metrics off; ``2q``: the
-   same with the shipped quotas counting every call (two quotas, the state dir's SQLite
-   counter; limits raised so that none is reached: the cost of checking, not of refusing);
+   same with the shipped quotas counting every call (two quotas; one broker process, so the
+   in-memory counter; limits raised so that none is reached: the cost of checking, not of
+   refusing);
 3. the broker, cache miss, in-process adapter (the same lookup, every ``cache_ttl_s`` 0);
 4. the same with the household adapter as its own process over gRPC (decision tokens on);
 5. the broker, a matter bundle of 3 records (property transfer: household, marriage, property;
@@ -201,7 +202,7 @@ def _result(
         f"(cost {1 - m.rows['2q'].qps / m.rows['2'].qps:+.1%} of throughput); server CPU per call "
         f"{_cpu_per_call_us(m.rows['2q']):.0f} µs vs {_cpu_per_call_us(m.rows['2']):.0f} µs "
         f"({_cpu_per_call_us(m.rows['2q']) - _cpu_per_call_us(m.rows['2']):+.0f} µs per lookup "
-        "for two quotas: SQLite transactions on a worker thread, batched per commit).",
+        "for two quotas, counted in memory inline: one broker process).",
         f"`--workers 2` / 1 worker (row 6 / row 2): {_workers_gain(m):.2f} × (target ≥ "
         f"{WORKERS_GAIN}); the workers share the machine's {_cpus()} CPU(s) with the clients.",
         *extra_notes,

@@ -1,5 +1,8 @@
 """Quota admissions from the event loop: concurrent lookups' admissions share one transaction.
 
+A counter that is ``inline`` (:class:`~certbroker.policy.counters.MemoryQuotaCounter`, a broker
+that is one process) is simply called on the event loop; what follows is about the others.
+
 A :class:`~certbroker.policy.counters.QuotaCounter` is a database (the state dir's SQLite,
 shared by the workers, or PostgreSQL): each admission waits on a lock and a commit, which must
 not stall the event loop, so it runs on a worker thread. A thread hop per lookup costs more
@@ -35,7 +38,10 @@ class AdmissionQueue:
         self, clerk: str, subjects: Sequence[str], quotas: Sequence[Quota], now: float
     ) -> list[Quota | None]:
         """:meth:`QuotaCounter.admit`, in the next batch. Raises what the counter raises
-        (``Unavailable`` ``QUOTA_UNAVAILABLE``)."""
+        (``Unavailable`` ``QUOTA_UNAVAILABLE``). An ``inline`` counter (in memory) is asked
+        right here, on the event loop: nothing to batch, no thread hop."""
+        if self._counter.inline:
+            return self._counter.admit(clerk, subjects, quotas, now)
         future: asyncio.Future[list[Quota | None]] = asyncio.get_running_loop().create_future()
         self._pending.append(((clerk, subjects, quotas, now), future))
         if self._flushing is None:

@@ -31,7 +31,7 @@ from certbroker.ids import new_id
 from certbroker.lookup.admission import AdmissionQueue
 from certbroker.metrics import Metrics
 from certbroker.policy import Decision, PolicySet, RecordType, Request
-from certbroker.policy.counters import QuotaCounter, SqliteQuotaCounter, refusal
+from certbroker.policy.counters import MemoryQuotaCounter, QuotaCounter, refusal
 from certbroker.policy.quota import QUOTA_EXCEEDED
 from certbroker.routing.router import Fetched, Router, adapter_timeout
 from certbroker.v1 import broker_pb2, records_pb2
@@ -131,7 +131,7 @@ class ItemPipeline:
         self._router = router
         self._metrics = metrics
         self._cache = cache if cache is not None else RecordCache(sizeof=fetched_size)
-        # Batched per commit, off the event loop (certbroker.lookup.admission).
+        # Inline (in memory) or batched per commit off the event loop (lookup.admission).
         self._quotas = AdmissionQueue(quotas) if quotas is not None else None
 
     async def admit(
@@ -154,7 +154,7 @@ class ItemPipeline:
         if not quotas:
             return [None] * len(traces)
         if self._quotas is None:  # a servicer built without a counter (tests): this process's
-            self._quotas = AdmissionQueue(SqliteQuotaCounter(":memory:"))
+            self._quotas = AdmissionQueue(MemoryQuotaCounter())
         subjects = [t.subject_id for t in traces]
         verdicts = await self._quotas.admit(clerk.sub, subjects, quotas, now.timestamp())
         refusals: list[errors.BrokerError | None] = []

@@ -1,9 +1,16 @@
 """Counting what quotas limit (:mod:`certbroker.policy.quota`): a :class:`QuotaCounter` decides
 and records admissions in one step, so a check can never be raced past its limit.
 
-Two stores hold the counts, with the same tables and the same statements
-(:func:`_admit`; one transaction per :meth:`QuotaCounter.admit_many`, which the broker
-feeds with the admissions that queued meanwhile, :mod:`certbroker.lookup.admission`):
+Three counters, picked by :func:`open_counter` (the one place that chooses):
+
+* :class:`MemoryQuotaCounter`: a broker that is one process with no PostgreSQL (the common
+  deployment). The same semantics in this process's memory, checked inline on the event loop
+  (no thread hop, no I/O): a few µs per call. Counts do not survive a restart of the broker
+  (controls do; see docs/design.md, "Quotas").
+
+Two stores hold the counts of brokers that are several processes, with the same tables and the
+same statements (:func:`_admit`; one transaction per :meth:`QuotaCounter.admit_many`, which the
+broker feeds with the admissions that queued meanwhile, :mod:`certbroker.lookup.admission`):
 
 * :class:`SqliteQuotaCounter`, ``<state_dir>/quotas.sqlite``: one broker. Every worker process of
   ``serve --workers N`` opens the same file, and ``BEGIN IMMEDIATE`` serializes their
@@ -30,6 +37,7 @@ call is admitted, so neither table holds more than a day of anyone's activity.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import sqlite3
 import threading
@@ -45,6 +53,7 @@ from certbroker.policy.quota import MAX_PER_S, QUOTA_EXCEEDED, Quota
 
 __all__ = [
     "Admission",
+    "MemoryQuotaCounter",
     "PostgresQuotaCounter",
     "QuotaCounter",
     "SqliteQuotaCounter",
@@ -58,7 +67,12 @@ Admission = tuple[str, Sequence[str], Sequence[Quota], float]
 
 
 class QuotaCounter(Protocol):
-    """Where admitted lookups are counted (a broker's SQLite file, or the cluster's PostgreSQL)."""
+    """Where admitted lookups are counted (this process's memory, a broker's SQLite file, or the
+    cluster's PostgreSQL)."""
+
+    #: True when :meth:`admit` never blocks (no I/O, no lock held for long): the broker calls
+    #: it on the event loop itself instead of batching it onto a worker thread.
+    inline: bool
 
     def admit(
         self, clerk: str, subjects: Sequence[str], quotas: Sequence[Quota], now: float
@@ -91,36 +105,31 @@ _TABLES = (
 Execute = Callable[[str, Sequence[Any]], list[Any]]
 
 
-def _admit(
-    execute: Execute, clerk: str, subjects: Sequence[str], quotas: Sequence[Quota], now: float
-) -> list[Quota | None]:
-    """The counting itself, the same on both stores (see the module docstring)."""
-    horizon = now - MAX_PER_S
-    execute("DELETE FROM quota_lookups WHERE clerk = ? AND at <= ?", (clerk, horizon))
-    execute("DELETE FROM quota_subjects WHERE clerk = ? AND last_at <= ?", (clerk, horizon))
+def _decide(
+    subjects: Sequence[str],
+    quotas: Sequence[Quota],
+    now: float,
+    last_of: Callable[[str], float | None],
+    count_of: Callable[[Quota], int],
+) -> tuple[list[Quota | None], list[str], int]:
+    """The decision every counter makes, whatever holds the counts: ``last_of(citizen)`` is the
+    clerk's last admitted lookup of that citizen (None: none kept), ``count_of(quota)`` the
+    quota's count in its window before this call. Returns the verdicts (None: admitted, else
+    the first quota exceeded), the citizens admitted (in order) and how many lookups were."""
     counts: dict[str, int] = {}  # quota id -> its count in its window, this call's admissions in
-    last_at, total = _latest(execute, clerk)
 
     def count(quota: Quota) -> int:
         if quota.id not in counts:
-            cutoff = now - quota.per_s
-            if quota.kind == "distinct_subjects":
-                sql = "SELECT COUNT(*) FROM quota_subjects WHERE clerk = ? AND last_at > ?"
-                counts[quota.id] = int(execute(sql, (clerk, cutoff))[0][0])
-            else:
-                counts[quota.id] = total - _total_at(execute, clerk, cutoff)
+            counts[quota.id] = count_of(quota)
         return counts[quota.id]
 
     seen: dict[str, float | None] = {}  # citizen -> last admitted lookup by this clerk
+    fresh: dict[str, None] = {}  # the citizens admitted by this call, in order
     verdicts: list[Quota | None] = []
     admitted = 0
     for subject in subjects:
         if subject not in seen:
-            rows = execute(
-                "SELECT last_at FROM quota_subjects WHERE clerk = ? AND subject = ?",
-                (clerk, subject),
-            )
-            seen[subject] = float(rows[0][0]) if rows else None
+            seen[subject] = last_of(subject)
         last = seen[subject]
         # A quota a lookup adds to: every `lookups` quota; a `distinct_subjects` quota unless
         # the citizen was already looked up within its window.
@@ -131,14 +140,39 @@ def _admit(
             for quota in adds:
                 counts[quota.id] = count(quota) + 1
             seen[subject] = now
+            fresh[subject] = None
             admitted += 1
-    for subject, last in seen.items():
-        if last == now:
-            execute(
-                "INSERT INTO quota_subjects (clerk, subject, last_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (clerk, subject) DO UPDATE SET last_at = excluded.last_at",
-                (clerk, subject, now),
-            )
+    return verdicts, list(fresh), admitted
+
+
+def _admit(
+    execute: Execute, clerk: str, subjects: Sequence[str], quotas: Sequence[Quota], now: float
+) -> list[Quota | None]:
+    """The counting itself, the same on both stores (see the module docstring)."""
+    horizon = now - MAX_PER_S
+    execute("DELETE FROM quota_lookups WHERE clerk = ? AND at <= ?", (clerk, horizon))
+    execute("DELETE FROM quota_subjects WHERE clerk = ? AND last_at <= ?", (clerk, horizon))
+    last_at, total = _latest(execute, clerk)
+
+    def last_of(subject: str) -> float | None:
+        sql = "SELECT last_at FROM quota_subjects WHERE clerk = ? AND subject = ?"
+        rows = execute(sql, (clerk, subject))
+        return float(rows[0][0]) if rows else None
+
+    def count_of(quota: Quota) -> int:
+        cutoff = now - quota.per_s
+        if quota.kind == "distinct_subjects":
+            sql = "SELECT COUNT(*) FROM quota_subjects WHERE clerk = ? AND last_at > ?"
+            return int(execute(sql, (clerk, cutoff))[0][0])
+        return total - _total_at(execute, clerk, cutoff)
+
+    verdicts, fresh, admitted = _decide(subjects, quotas, now, last_of, count_of)
+    for subject in fresh:
+        execute(
+            "INSERT INTO quota_subjects (clerk, subject, last_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (clerk, subject) DO UPDATE SET last_at = excluded.last_at",
+            (clerk, subject, now),
+        )
     if admitted:
         execute(
             "INSERT INTO quota_lookups (clerk, at, n, cum) VALUES (?, ?, ?, ?)",
@@ -172,9 +206,144 @@ def _total_at(execute: Execute, clerk: str, cutoff: float) -> int:
     return int(rows[0][0]) if rows else 0
 
 
+class _Clerk:
+    """One clerk's admissions in a :class:`MemoryQuotaCounter` (the two tables' rows, in memory)."""
+
+    __slots__ = ("at", "before", "cum", "first", "latest", "subjects")
+
+    def __init__(self) -> None:
+        # quota_lookups: one row per admitting call, ``at`` never decreasing, ``cum`` the running
+        # total after it; rows before ``first`` are pruned (``before``: the total before
+        # ``first``), compacted now and then.
+        self.at: list[float] = []
+        self.cum: list[int] = []
+        self.first = 0
+        self.before = 0
+        # quota_subjects: citizen -> stamp of its last admitted lookup, oldest first (a citizen
+        # admitted again moves to the end; stamps never decrease, so the order is the stamps').
+        self.subjects: dict[str, float] = {}
+        self.latest = float("-inf")  # the last stamp given (rows are never stamped earlier)
+
+    def total(self) -> int:
+        return self.cum[-1] if len(self.cum) > self.first else self.before
+
+    def total_at(self, cutoff: float) -> int:
+        """The running total at ``cutoff`` (lookups admitted at or before it)."""
+        i = bisect.bisect_right(self.at, cutoff, lo=self.first)
+        return self.cum[i - 1] if i > self.first else self.before
+
+    def distinct_after(self, cutoff: float) -> int:
+        """Citizens whose last admitted lookup is after ``cutoff`` (newest first, so at most the
+        quota's limit of them are visited)."""
+        n = 0
+        for stamp in reversed(self.subjects.values()):
+            if stamp <= cutoff:
+                break
+            n += 1
+        return n
+
+    def prune(self, lookups_s: int, subjects_s: int, now: float) -> None:
+        """Forget rows no window of the quotas in force can reach: lookups older than the longest
+        ``lookups`` window, citizens older than the longest ``distinct_subjects`` one."""
+        i = bisect.bisect_right(self.at, now - lookups_s, lo=self.first)
+        if i > self.first:
+            self.before, self.first = self.cum[i - 1], i
+            if i > 64 and i * 2 > len(self.at):  # compact: amortized O(1) per row
+                del self.at[:i], self.cum[:i]
+                self.first = 0
+        horizon = now - subjects_s
+        while self.subjects:
+            subject, stamp = next(iter(self.subjects.items()))
+            if stamp > horizon:
+                break
+            del self.subjects[subject]
+
+
+class MemoryQuotaCounter:
+    """The counts of a broker that is ONE process, in its memory: the stores' semantics
+    (:func:`_decide`) without SQL, cheap enough to run inline on the event loop.
+
+    Exact for that process (every admission passes here, under one lock). Bounded: each call
+    first forgets what the quotas in force can no longer see (a clerk's lookups older than its
+    longest ``lookups`` window, its citizens older than its longest ``distinct_subjects``
+    window), so a clerk holds at most about its largest limit of rows; clerks idle for a day
+    are dropped by a sweep once a minute. Two differences from the stores, both documented in
+    docs/design.md ("Quotas"): counts are lost when the process ends, and after a policy reload
+    that lengthens a window (or adds a quota kind) the earlier admissions are known only as far
+    back as the previous windows reached. Rows are stamped no earlier than the clerk's last
+    (a clock stepping back delays a row's leaving its window, as in the stores).
+    """
+
+    inline = True
+    #: How often (in the callers' clock) idle clerks are swept.
+    SWEEP_S = 60.0
+
+    def __init__(self) -> None:
+        self._clerks: dict[str, _Clerk] = {}
+        self._lock = threading.Lock()  # admissions come from the event loop; policy tests too
+        self._next_sweep = float("-inf")
+
+    def __len__(self) -> int:
+        """Clerks held (for tests and metrics)."""
+        return len(self._clerks)
+
+    def admit(
+        self, clerk: str, subjects: Sequence[str], quotas: Sequence[Quota], now: float
+    ) -> list[Quota | None]:
+        with self._lock:
+            return self._admit(clerk, subjects, quotas, now)
+
+    def admit_many(self, calls: Sequence[Admission]) -> list[list[Quota | None]]:
+        with self._lock:
+            return [self._admit(*call) for call in calls]
+
+    def close(self) -> None:
+        with self._lock:
+            self._clerks.clear()
+
+    def _admit(
+        self, clerk: str, subjects: Sequence[str], quotas: Sequence[Quota], now: float
+    ) -> list[Quota | None]:
+        if now >= self._next_sweep:
+            self._sweep(now)
+        state = self._clerks.get(clerk)
+        if state is None:
+            state = self._clerks[clerk] = _Clerk()
+        distinct_s = max((q.per_s for q in quotas if q.kind == "distinct_subjects"), default=0)
+        state.prune(
+            max((q.per_s for q in quotas if q.kind == "lookups"), default=0), distinct_s, now
+        )
+        total = state.total()
+
+        def count_of(quota: Quota) -> int:
+            cutoff = now - quota.per_s
+            if quota.kind == "distinct_subjects":
+                return state.distinct_after(cutoff)
+            return total - state.total_at(cutoff)
+
+        verdicts, fresh, admitted = _decide(subjects, quotas, now, state.subjects.get, count_of)
+        if admitted:
+            stamp = state.latest = max(now, state.latest)
+            for subject in fresh if distinct_s else ():  # citizens: only if a quota counts them
+                state.subjects.pop(subject, None)  # to the end: the newest
+                state.subjects[subject] = stamp
+            state.at.append(stamp)
+            state.cum.append(total + admitted)
+        return verdicts
+
+    def _sweep(self, now: float) -> None:
+        """Drop clerks with nothing admitted for a day (no window is longer)."""
+        horizon = now - MAX_PER_S
+        for clerk in [c for c, state in self._clerks.items() if state.latest <= horizon]:
+            del self._clerks[clerk]
+        self._next_sweep = now + self.SWEEP_S
+
+
 class SqliteQuotaCounter:
     """The counts of one broker in an SQLite file (shared by its worker processes), or in
     memory (``":memory:"``, for policy tests)."""
+
+    inline = False
 
     def __init__(self, path: Path | str, *, busy_timeout_s: float = 10.0) -> None:
         if isinstance(path, Path):
@@ -221,6 +390,8 @@ class SqliteQuotaCounter:
 
 class PostgresQuotaCounter:
     """The counts of every broker sharing one PostgreSQL (tables in the audit schema)."""
+
+    inline = False
 
     def __init__(self, location: PostgresLocation, *, connect_timeout_s: int = 10) -> None:
         self._location = location
@@ -296,12 +467,17 @@ class PostgresQuotaCounter:
                 self._conn.close()
 
 
-def open_counter(audit_location: AuditLocation, state_dir: Path) -> QuotaCounter:
+def open_counter(audit_location: AuditLocation, state_dir: Path, *, workers: int) -> QuotaCounter:
     """A broker's counter: in its audit log's PostgreSQL when it has one (shared by every broker
-    of the cluster), else ``<state_dir>/quotas.sqlite`` (shared by its worker processes)."""
+    of the cluster); else, for ``workers`` > 1 processes (``serve --workers N``),
+    ``<state_dir>/quotas.sqlite`` (shared by them); else (one process) in memory, exact and
+    checked inline, forgotten at a restart -- the one choice that drops persistence, made here
+    only (docs/design.md, "Quotas")."""
     if isinstance(audit_location, PostgresLocation):
         return PostgresQuotaCounter(audit_location)
-    return SqliteQuotaCounter(state_dir / "quotas.sqlite")
+    if workers > 1:
+        return SqliteQuotaCounter(state_dir / "quotas.sqlite")
+    return MemoryQuotaCounter()
 
 
 def _unavailable() -> Unavailable:

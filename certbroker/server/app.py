@@ -461,9 +461,11 @@ async def start(
         # enforced by every servicer through the authenticator (certbroker.auth.controls).
         controls = await asyncio.to_thread(Controls, shared.controls)
         auth.controls = controls
-        # Quota counts: the audit log's PostgreSQL (every broker) or the state dir (every
-        # worker of this broker); see certbroker.policy.counters.
-        quota_counter = open_counter(config.audit_location, config.state_dir)
+        # Quota counts: the audit log's PostgreSQL (every broker), the state dir (every worker
+        # of this broker) or, one process, its memory; see certbroker.policy.counters.
+        quota_counter = open_counter(
+            config.audit_location, config.state_dir, workers=config.workers
+        )
         parts.on_close("quota counters", lambda: asyncio.to_thread(quota_counter.close))
         record_cache: RecordCache[Fetched] = RecordCache(
             max_entries=config.record_cache_max_entries,

@@ -409,6 +409,7 @@ def test_smoke_run_prints_cpu_per_call_and_the_sweep(tmp_path: Path) -> None:
         "hit/asyncio",
         "hit/nometrics",
         "hit/window",
+        "hit/quotas",
         "miss",
         "workers",
     }

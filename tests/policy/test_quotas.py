@@ -125,7 +125,8 @@ def new_counter(
     with fresh_schema() if request.param == "postgres" else contextlib.nullcontext() as location:
 
         def new() -> QuotaCounter:
-            counter = open_counter(location or Path(), tmp_path / "state")
+            # workers=2: the store several processes share (one process counts in memory).
+            counter = open_counter(location or Path(), tmp_path / "state", workers=2)
             opened.append(counter)
             return counter
 
@@ -137,7 +138,7 @@ def new_counter(
 
 
 def test_open_counter_follows_the_audit_location(tmp_path: Path) -> None:
-    counter = open_counter(tmp_path / "audit.sqlite", tmp_path / "state")
+    counter = open_counter(tmp_path / "audit.sqlite", tmp_path / "state", workers=2)
     try:
         assert isinstance(counter, SqliteQuotaCounter)
         assert (tmp_path / "state" / "quotas.sqlite").exists()

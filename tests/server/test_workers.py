@@ -288,6 +288,8 @@ def test_two_workers_serve_and_audit_every_lookup(served: Served, dataset_dir: P
     assert all(n > 0 for n in per_worker), per_worker
     assert sum(per_worker) == 72
     assert served.workers[0].pid != served.workers[1].pid
+    # Several processes: the quota counts are in the state dir's file they share.
+    assert (served.state_dir / "quotas.sqlite").exists()
 
     # One log, one sequence: every answer's receipt is the stored entry, and nothing else is.
     stored = entries(served.db)

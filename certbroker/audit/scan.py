@@ -53,7 +53,9 @@ _CHUNK = 256
 _COLUMNS = ("clerk", "subject_id", "matter_code", "record_type", "decision")
 
 
-def _sql(criteria: Criteria) -> tuple[str, list[object]]:
+def log_sql(criteria: Criteria) -> tuple[str, list[object]]:
+    """The query (and its parameters) of the version 1 rows (``audit_log``) the indexed
+    ``criteria`` select, in sequence order: ``seq, body, prev_hash, entry_hash``."""
     clauses = ["seq > ?"]
     params: list[object] = [criteria.after]
     if criteria.before > 0:
@@ -95,7 +97,7 @@ def scan(db: AuditLocation, criteria: Criteria, *, limit: int | None = None) -> 
     """
     if limit is not None and limit < 0:
         raise ValueError("limit must not be negative")
-    sql, params = _sql(criteria)
+    sql, params = log_sql(criteria)
     found: list[AuditEntry] = []
     if limit == 0:
         return found

@@ -241,7 +241,10 @@ def run(options: Options) -> Result:
                         name,
                         f"{count:,}",
                         f"{size / count:.0f}",
-                        *(f"{percentile(samples[k], 99):.1f}" for k in samples),
+                        *(
+                            f"{percentile(samples[k], 50):.1f} / {percentile(samples[k], 99):.1f}"
+                            for k in samples
+                        ),
                         small,
                         f"{rate_large:,.0f}",
                         f"{count / seconds:,.0f}",
@@ -259,9 +262,9 @@ def run(options: Options) -> Result:
             "store",
             "N",
             "bytes/entry",
-            "citizen p99 ms",
-            "clerk-day p99 ms",
-            "anomaly-day p99 ms",
+            "citizen p50 / p99 ms",
+            "clerk-day p50 / p99 ms",
+            "anomaly-day p50 / p99 ms",
             "append/s @10k",
             "append/s @N",
             "generated/s",

@@ -18,8 +18,8 @@ from datetime import datetime
 from typing import Final
 
 from certbroker.audit.anomalies import Lookup, lookup_of
-from certbroker.audit.events import iso_time, parse_entry
-from certbroker.audit.scan import Criteria, log_sql
+from certbroker.audit.events import parse_entry
+from certbroker.audit.scan import Criteria, compact_where, log_sql
 from certbroker.audit.store import compact
 from certbroker.audit.store.base import Connection
 from certbroker.audit.store.db import backend_for
@@ -74,18 +74,7 @@ def _compact_lookups(conn: Connection, criteria: Criteria) -> list[Lookup]:
     kind = terms.find(conn, _KIND)
     if kind is None:  # no version 2 entry is a lookup
         return []
-    kind_sql = _element(conn, "kind", term=True)
-    # "+seq", as in certbroker.audit.scan: the time range is the access path, not the key.
-    seq = "+seq" if criteria.since is not None or criteria.until is not None else "seq"
-    clauses = [f"{seq} > ?", f"{kind_sql} = ?"]
-    values: list[object] = [criteria.after, kind]
-    if criteria.before > 0:
-        clauses.append(f"{seq} < ?")
-        values.append(criteria.before)
-    for bound, op in ((criteria.since, ">="), (criteria.until, "<")):
-        if bound is not None:
-            clauses.append(f"time {op} ?")
-            values.append(compact.time_ms(iso_time(bound)))
+    clauses, values = compact_where(criteria, {_element(conn, "kind", term=True): kind})
     columns = ", ".join(
         [
             "seq",

@@ -1,9 +1,11 @@
 """Anomaly rules over lookup audit entries: patterns worth an auditor's attention.
 
-Pure functions over :class:`~certbroker.audit.events.AuditEntry` lists (the service feeds them the
-lookup
-entries of a time range). Each :class:`Finding` names the clerk and the sequences of the
-entries behind it. Rules (``Finding.rule``):
+Pure functions over the lookups of a time range, as slim :class:`Lookup` records: the few values
+the rules read. :func:`find` takes :class:`~certbroker.audit.events.AuditEntry` lists;
+:func:`find_lookups` takes the records :func:`certbroker.audit.lookups.read_lookups` reads
+straight from the store's columns (the Audit service's path: no body is rebuilt). Each
+:class:`Finding` names the clerk and the sequences of the entries behind it. Rules
+(``Finding.rule``):
 
 ``NO_CASE_NUMBER``
     Lookups without a case number (办件号), one finding per clerk.
@@ -35,10 +37,11 @@ entries behind it. Rules (``Finding.rule``):
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 from certbroker.audit.events import AuditEntry
 from certbroker.audit.scan import entry_time
@@ -59,6 +62,12 @@ HALL_HOURS = Hours(
     end_min=17 * 60 + 30,
     utc_offset=timedelta(hours=8),
 )
+
+
+_MINUTE = timedelta(minutes=1)
+_ZERO = timedelta(0)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MILLISECOND = timedelta(milliseconds=1)
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,39 @@ class Finding:
     sequences: tuple[int, ...]
 
 
+class Lookup(NamedTuple):
+    """What the rules read of one lookup entry (``time`` in milliseconds since the epoch, the
+    precision entries are stored at)."""
+
+    sequence: int
+    time: int
+    clerk: str
+    office: str
+    subject_id: str
+    case_number: str
+    decision: str
+    bundle_id: str
+    outcome: str  # QUOTA_EXCEEDED: refused past a quota
+    rule_id: str  # the rule, or the quota, that decided
+
+
+def lookup_of(entry: AuditEntry) -> Lookup:
+    """The :class:`Lookup` record of a fully read entry."""
+    event = entry.event
+    return Lookup(
+        entry.sequence,
+        (entry_time(entry) - EPOCH) // MILLISECOND,
+        event.clerk,
+        event.office,
+        event.subject_id,
+        event.case_number,
+        event.decision,
+        event.bundle_id,
+        event.outcome,
+        event.rule_id,
+    )
+
+
 def office_hours(policy: PolicySet, office: str, default: Sequence[Hours]) -> tuple[Hours, ...]:
     """Opening windows of ``office`` from the rules naming it; ``()`` = open around the clock."""
     rules = [
@@ -94,20 +136,20 @@ def office_hours(policy: PolicySet, office: str, default: Sequence[Hours]) -> tu
     return tuple(h for rule in rules for h in rule.conditions.hours)
 
 
-def _by_clerk(entries: Iterable[AuditEntry]) -> dict[str, list[AuditEntry]]:
-    groups: dict[str, list[AuditEntry]] = defaultdict(list)
+def _by_clerk(entries: Iterable[Lookup]) -> dict[str, list[Lookup]]:
+    groups: dict[str, list[Lookup]] = defaultdict(list)
     for entry in entries:
-        groups[entry.event.clerk].append(entry)
+        groups[entry.clerk].append(entry)
     return groups
 
 
-def _seqs(entries: Iterable[AuditEntry]) -> tuple[int, ...]:
+def _seqs(entries: Iterable[Lookup]) -> tuple[int, ...]:
     return tuple(sorted(entry.sequence for entry in entries))
 
 
-def no_case_number(entries: Sequence[AuditEntry]) -> list[Finding]:
+def no_case_number(entries: Sequence[Lookup]) -> list[Finding]:
     """Lookups without a case number, per clerk."""
-    missing = [e for e in entries if not e.event.case_number]
+    missing = [e for e in entries if not e.case_number]
     return [
         Finding(
             NO_CASE_NUMBER, clerk, f"{len(group)} lookup(s) without a case number", _seqs(group)
@@ -117,36 +159,55 @@ def no_case_number(entries: Sequence[AuditEntry]) -> list[Finding]:
 
 
 def outside_hours(
-    entries: Sequence[AuditEntry], policy: PolicySet, thresholds: Thresholds
+    entries: Sequence[Lookup], policy: PolicySet, thresholds: Thresholds
 ) -> list[Finding]:
     """Lookups outside the opening hours of the office they came from, per clerk."""
-    cache: dict[str, tuple[Hours, ...]] = {}
-    late: list[AuditEntry] = []
+    cache: dict[str, tuple[tuple[Hours, ...], int, bool]] = {}
+    # Windows start and end on whole local minutes; with a whole-minute UTC offset every
+    # instant of one UTC minute is inside or outside alike, so the answer is kept per minute
+    # and set of windows (offices share them): at most 1,440 checks a day per set.
+    sets: dict[tuple[Hours, ...], int] = {}
+    known: dict[tuple[int, int], bool] = {}
+    late: list[Lookup] = []
     for entry in entries:
-        office = entry.event.office
+        office = entry.office
         if office not in cache:
-            cache[office] = office_hours(policy, office, thresholds.default_hours)
-        windows = cache[office]
-        moment = entry_time(entry)
-        if windows and not any(w.contains(moment) for w in windows):
+            windows = office_hours(policy, office, thresholds.default_hours)
+            aligned = all(w.utc_offset % _MINUTE == _ZERO for w in windows)
+            cache[office] = windows, sets.setdefault(windows, len(sets)), aligned
+        windows, windows_id, by_minute = cache[office]
+        if not windows:
+            continue
+        if by_minute:
+            key = (windows_id, entry.time // 60_000)
+            outside = known.get(key)
+            if outside is None:
+                moment = EPOCH + entry.time * MILLISECOND
+                outside = known[key] = not any(w.contains(moment) for w in windows)
+        else:
+            moment = EPOCH + entry.time * MILLISECOND
+            outside = not any(w.contains(moment) for w in windows)
+        if outside:
             late.append(entry)
     return [
         Finding(
             OUTSIDE_HOURS,
             clerk,
             f"{len(group)} lookup(s) outside the opening hours of "
-            + ", ".join(sorted({e.event.office for e in group})),
+            + ", ".join(sorted({e.office for e in group})),
             _seqs(group),
         )
         for clerk, group in sorted(_by_clerk(late).items())
     ]
 
 
-def many_subjects(entries: Sequence[AuditEntry], thresholds: Thresholds) -> list[Finding]:
+def many_subjects(entries: Sequence[Lookup], thresholds: Thresholds) -> list[Finding]:
     """Clerks who looked up at least ``many_subjects`` distinct citizens."""
     findings = []
     for clerk, group in sorted(_by_clerk(entries).items()):
-        subjects = {e.event.subject_id for e in group if e.event.subject_id}
+        if len(group) < thresholds.many_subjects:  # too few lookups to reach it
+            continue
+        subjects = {e.subject_id for e in group if e.subject_id}
         if len(subjects) >= thresholds.many_subjects:
             limit = thresholds.many_subjects
             text = f"{len(subjects)} distinct citizens looked up (threshold {limit})"
@@ -154,43 +215,52 @@ def many_subjects(entries: Sequence[AuditEntry], thresholds: Thresholds) -> list
     return findings
 
 
-def repeated_subject(entries: Sequence[AuditEntry], thresholds: Thresholds) -> list[Finding]:
+def repeated_subject(entries: Sequence[Lookup], thresholds: Thresholds) -> list[Finding]:
     """A clerk looking up one citizen under ``repeated_cases`` or more distinct case numbers."""
-    groups: dict[tuple[str, str], list[AuditEntry]] = defaultdict(list)
+    # Most citizens of a day are looked up once: count them first, group only the others.
+    counted = Counter(e.subject_id for e in entries if e.subject_id and e.case_number)
+    groups: dict[tuple[str, str], list[Lookup]] = defaultdict(list)
     for entry in entries:
-        if entry.event.subject_id and entry.event.case_number:
-            groups[(entry.event.clerk, entry.event.subject_id)].append(entry)
+        if entry.case_number and counted[entry.subject_id] >= thresholds.repeated_cases:
+            groups[(entry.clerk, entry.subject_id)].append(entry)
+    # Most (clerk, citizen) pairs of a day are one lookup: count first, sort only what fires.
+    firing = []
+    for key, group in groups.items():
+        if len(group) >= thresholds.repeated_cases:
+            cases = len({e.case_number for e in group})
+            if cases >= thresholds.repeated_cases:
+                firing.append((key, cases, group))
     findings = []
-    for (clerk, subject), group in sorted(groups.items()):
-        cases = {e.event.case_number for e in group}
-        if len(cases) >= thresholds.repeated_cases:
-            text = f"citizen {subject} looked up under {len(cases)} different case numbers"
-            findings.append(Finding(REPEATED_SUBJECT, clerk, text, _seqs(group)))
+    for (clerk, subject), cases, group in sorted(firing, key=lambda item: item[0]):
+        text = f"citizen {subject} looked up under {cases} different case numbers"
+        findings.append(Finding(REPEATED_SUBJECT, clerk, text, _seqs(group)))
     return findings
 
 
-def denial_bursts(entries: Sequence[AuditEntry], thresholds: Thresholds) -> list[Finding]:
+def denial_bursts(entries: Sequence[Lookup], thresholds: Thresholds) -> list[Finding]:
     """Runs of at least ``denial_burst`` denied calls of one clerk within ``burst_window``
     (the denied items of one bundle count once; the finding names all their entries)."""
     findings = []
-    denied = [e for e in entries if e.event.decision == "deny"]
+    # The least whole number of milliseconds that is at least the window (times are ms).
+    window = -(-thresholds.burst_window // MILLISECOND)
+    denied = [e for e in entries if e.decision == "deny"]
     for clerk, group in sorted(_by_clerk(denied).items()):
-        calls: dict[str, list[AuditEntry]] = defaultdict(list)
+        calls: dict[str, list[Lookup]] = defaultdict(list)
         for entry in group:
-            calls[entry.event.bundle_id or f"seq:{entry.sequence}"].append(entry)
-        timed: list[tuple[datetime, list[AuditEntry]]] = sorted(
-            ((min(entry_time(e) for e in call), call) for call in calls.values()),
+            calls[entry.bundle_id or f"seq:{entry.sequence}"].append(entry)
+        timed: list[tuple[int, list[Lookup]]] = sorted(
+            ((min(e.time for e in call), call) for call in calls.values()),
             key=lambda pair: (pair[0], pair[1][0].sequence),
         )
         marked = [False] * len(timed)
         start = 0
         for end in range(len(timed)):
-            while timed[end][0] - timed[start][0] >= thresholds.burst_window:
+            while timed[end][0] - timed[start][0] >= window:
                 start += 1
             if end - start + 1 >= thresholds.denial_burst:
                 for i in range(start, end + 1):
                     marked[i] = True
-        runs: list[list[list[AuditEntry]]] = [[]]
+        runs: list[list[list[Lookup]]] = [[]]
         for flag, (_, call) in zip(marked, timed, strict=True):
             if flag:
                 runs[-1].append(call)
@@ -225,12 +295,12 @@ def citizen_disputes(entries: Sequence[AuditEntry]) -> list[Finding]:
     return findings
 
 
-def quota_refusals(entries: Sequence[AuditEntry]) -> list[Finding]:
+def quota_refusals(entries: Sequence[Lookup]) -> list[Finding]:
     """Lookups refused past a quota (outcome ``QUOTA_EXCEEDED``), per clerk."""
-    refused = [e for e in entries if e.event.outcome == QUOTA_EXCEEDED]
+    refused = [e for e in entries if e.outcome == QUOTA_EXCEEDED]
     findings = []
     for clerk, group in sorted(_by_clerk(refused).items()):
-        quotas = ", ".join(sorted({e.event.rule_id for e in group if e.event.rule_id}))
+        quotas = ", ".join(sorted({e.rule_id for e in group if e.rule_id}))
         text = f"{len(group)} lookup(s) refused past quota {quotas or '?'}"
         findings.append(Finding(QUOTA_EXCEEDED, clerk, text, _seqs(group)))
     return findings
@@ -239,15 +309,28 @@ def quota_refusals(entries: Sequence[AuditEntry]) -> list[Finding]:
 def find(
     entries: Sequence[AuditEntry], policy: PolicySet, thresholds: Thresholds | None = None
 ) -> list[Finding]:
-    """All findings over lookup ``entries``, by rule in the order of the module docstring."""
+    """All findings over the lookups among ``entries`` (and the disputes among its ``citizen``
+    entries), by rule in the order of the module docstring."""
+    lookups = [lookup_of(e) for e in entries if e.event.kind == "lookup"]
+    return find_lookups(lookups, policy, thresholds, citizen=entries)
+
+
+def find_lookups(
+    lookups: Sequence[Lookup],
+    policy: PolicySet,
+    thresholds: Thresholds | None = None,
+    *,
+    citizen: Sequence[AuditEntry] = (),
+) -> list[Finding]:
+    """All findings over ``lookups`` (in sequence order) and the disputes among the
+    ``citizen`` entries, by rule in the order of the module docstring."""
     limits = thresholds or Thresholds()
-    lookups = [e for e in entries if e.event.kind == "lookup"]
     return [
         *no_case_number(lookups),
         *outside_hours(lookups, policy, limits),
         *many_subjects(lookups, limits),
         *repeated_subject(lookups, limits),
         *denial_bursts(lookups, limits),
-        *citizen_disputes(entries),
+        *citizen_disputes(citizen),
         *quota_refusals(lookups),
     ]

@@ -11,7 +11,7 @@ keys read as empty.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
@@ -53,7 +53,9 @@ _CHUNK = 256
 _COLUMNS = ("clerk", "subject_id", "matter_code", "record_type", "decision")
 
 
-def _sql(criteria: Criteria) -> tuple[str, list[object]]:
+def log_sql(criteria: Criteria) -> tuple[str, list[object]]:
+    """The query (and its parameters) of the version 1 rows (``audit_log``) the indexed
+    ``criteria`` select, in sequence order: ``seq, body, prev_hash, entry_hash``."""
     clauses = ["seq > ?"]
     params: list[object] = [criteria.after]
     if criteria.before > 0:
@@ -95,7 +97,7 @@ def scan(db: AuditLocation, criteria: Criteria, *, limit: int | None = None) -> 
     """
     if limit is not None and limit < 0:
         raise ValueError("limit must not be negative")
-    sql, params = _sql(criteria)
+    sql, params = log_sql(criteria)
     found: list[AuditEntry] = []
     if limit == 0:
         return found
@@ -124,18 +126,7 @@ def _entries(
     stored = compact.term_ids(conn, terms, equals)
     if stored is None:
         return
-    # "+seq": the sequence bound must not pick the primary key as the access path (a walk of
-    # every later row); the indexed column or time range is the one to search.
-    seq = "+seq" if stored or criteria.since is not None or criteria.until is not None else "seq"
-    clauses = [f"{seq} > ?", *(f"{column} = ?" for column in stored)]
-    values: list[object] = [criteria.after, *stored.values()]
-    if criteria.before > 0:
-        clauses.append(f"{seq} < ?")
-        values.append(criteria.before)
-    for bound, op in ((criteria.since, ">="), (criteria.until, "<")):
-        if bound is not None:
-            clauses.append(f"time {op} ?")
-            values.append(compact.time_ms(iso_time(bound)))
+    clauses, values = compact_where(criteria, stored)
     chunk: list[Sequence[object]] = []
     for row in backend.stream(conn, compact.select_sql(clauses), values):
         chunk.append(row)
@@ -143,6 +134,27 @@ def _entries(
             yield from _decoded(conn, terms, chunk)
             chunk = []
     yield from _decoded(conn, terms, chunk)
+
+
+def compact_where(
+    criteria: Criteria, equals: Mapping[str, object]
+) -> tuple[list[str], list[object]]:
+    """The conditions (and their values) on ``audit_entries`` rows within the sequence and
+    time bounds of ``criteria`` whose SQL expressions ``equals`` (trusted) have the given
+    stored values."""
+    # "+seq": the sequence bound must not pick the primary key as the access path (a walk of
+    # every later row); the indexed column or time range is the one to search.
+    seq = "+seq" if equals or criteria.since is not None or criteria.until is not None else "seq"
+    clauses = [f"{seq} > ?", *(f"{column} = ?" for column in equals)]
+    values: list[object] = [criteria.after, *equals.values()]
+    if criteria.before > 0:
+        clauses.append(f"{seq} < ?")
+        values.append(criteria.before)
+    for bound, op in ((criteria.since, ">="), (criteria.until, "<")):
+        if bound is not None:
+            clauses.append(f"time {op} ?")
+            values.append(compact.time_ms(iso_time(bound)))
+    return clauses, values
 
 
 def _decoded(

@@ -45,6 +45,7 @@ from datetime import UTC, datetime
 from typing import Any, LiteralString
 
 from certbroker.audit.events import AUDIT_UNAVAILABLE
+from certbroker.audit.store import pgpool
 from certbroker.audit.store.base import Connection, Cursor, Node
 from certbroker.audit.store.rows import OUTBOX_DDL
 from certbroker.config import PostgresLocation
@@ -200,10 +201,12 @@ class PgConnection:
     owner commits or rolls back.
     """
 
-    def __init__(self, raw: Any, backend: PostgresBackend) -> None:
+    def __init__(self, raw: Any, backend: PostgresBackend, pool_key: str | None = None) -> None:
         self.raw = raw
         self.backend = backend
         self.schema = backend.location.schema
+        # A reader's session goes back to certbroker.audit.store.pgpool when closed.
+        self._pool_key = pool_key
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Cursor:
         """Run one statement; ``?`` placeholders bind ``parameters`` in order."""
@@ -241,7 +244,17 @@ class PgConnection:
             self.raw.rollback()
 
     def close(self) -> None:
-        """Close the connection; an open transaction is rolled back."""
+        """Close the connection; an open transaction is rolled back. A pooled reader's
+        session ends its transaction and is kept for the next reader instead, if healthy."""
+        import psycopg
+
+        key, self._pool_key = self._pool_key, None
+        if key is not None and not self.raw.closed:
+            with contextlib.suppress(psycopg.Error):
+                self.raw.rollback()
+                if self.raw.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+                    pgpool.give_back(key, self.raw)
+                    return
         self.raw.close()
 
 
@@ -264,7 +277,9 @@ class PostgresBackend:
         """Host, database and schema (the DSN may hold a password)."""
         return self.location.display
 
-    def _connect(self, *, read_only: bool, lock_timeout: float = 10.0) -> PgConnection:
+    def _connect(
+        self, *, read_only: bool, lock_timeout: float = 10.0, pool_key: str | None = None
+    ) -> PgConnection:
         """A session on the log's schema; ``Unavailable`` if the server cannot be reached.
 
         Readers get one REPEATABLE READ, READ ONLY snapshot for every statement they run
@@ -290,12 +305,11 @@ class PostgresBackend:
                 "set_config('lock_timeout', %s, false)",
                 (search_path, f"{max(1, int(lock_timeout * 1000))}ms"),
             )
-            if not read_only:
-                raw.commit()  # session settings survive only a committed transaction
+            raw.commit()  # session settings survive only a committed transaction
         except BaseException:
             raw.close()
             raise
-        return PgConnection(raw, self)
+        return PgConnection(raw, self, pool_key)
 
     def exists(self) -> bool:
         """Whether the schema holds an audit log."""
@@ -303,8 +317,26 @@ class PostgresBackend:
             return _has_log(conn)
 
     def connect_read(self) -> PgConnection:
-        """A REPEATABLE READ, READ ONLY connection; FileNotFoundError if there is no log."""
-        conn = self._connect(read_only=True)
+        """A REPEATABLE READ, READ ONLY connection; FileNotFoundError if there is no log.
+
+        An idle reader session of this log is reused (:mod:`~.pgpool`); closing the
+        connection hands it back."""
+        import psycopg
+
+        key = f"{self.location.dsn}\n{self.location.schema}"
+        raw = pgpool.take(key)
+        if raw is not None:
+            conn = PgConnection(raw, self, key)
+            try:  # its first statement also tells whether the session is still alive
+                found = _has_log(conn)
+            except psycopg.Error:
+                raw.close()  # dropped by the server meanwhile: connect anew
+            else:
+                if not found:
+                    conn.close()
+                    raise FileNotFoundError(f"no audit log in {self.display}")
+                return conn
+        conn = self._connect(read_only=True, pool_key=key)
         try:
             if not _has_log(conn):
                 raise FileNotFoundError(f"no audit log in {self.display}")

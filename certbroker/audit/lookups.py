@@ -1,0 +1,127 @@
+"""Read the lookups of a time range as the anomaly rules need them, without rebuilding bodies.
+
+:func:`certbroker.audit.scan.scan` rebuilds each version 2 entry whole (every term, the
+``rest`` array, the previous hash) and the rules then read ten of its values: a day at city
+density took seconds. Here a version 2 row yields only those values: the indexed columns
+(``seq``, ``time``, ``clerk``, ``subject_id``, ``decision``) and, extracted by the database's
+own JSON functions, the ``rest`` elements the rules read (``office``, ``case_number``,
+``bundle_id``, ``outcome``, ``rule_id``), with the ``kind`` filter applied in SQL. Version 1
+rows (``audit_log``) are few (the log's oldest live entries) and are read whole by
+:func:`~certbroker.audit.events.parse_entry` as before. The records are the same either way (a
+test compares them with the full decode).
+"""
+
+from __future__ import annotations
+
+from contextlib import closing
+from datetime import datetime
+from typing import Final
+
+from certbroker.audit.anomalies import Lookup, lookup_of
+from certbroker.audit.events import parse_entry
+from certbroker.audit.scan import Criteria, compact_where, log_sql
+from certbroker.audit.store import compact
+from certbroker.audit.store.base import Connection
+from certbroker.audit.store.db import backend_for
+from certbroker.audit.store.postgres import PostgresBackend
+from certbroker.audit.store.rows import has_compact
+from certbroker.config import AuditLocation
+
+#: Position of each ``rest`` value this module reads (:data:`compact.REST_FIELDS`).
+_REST: Final = {name: index for index, (name, _) in enumerate(compact.REST_FIELDS)}
+_KIND = "lookup"
+
+
+def read_lookups(
+    db: AuditLocation,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    before: int = 0,
+) -> list[Lookup]:
+    """The lookup entries with ``since <= time < until`` (``None``: unbounded) and a sequence
+    below ``before`` (0: any), in sequence order, as :class:`Lookup` records. Read-only.
+
+    Raises ``FileNotFoundError`` if there is no log yet and ``ValueError`` for a malformed
+    entry (run ``audit verify``).
+    """
+    criteria = Criteria(kinds=(_KIND,), since=since, until=until, before=before)
+    backend = backend_for(db)
+    found: list[Lookup] = []
+    with closing(backend.connect_read()) as conn:
+        backend.snapshot(conn)
+        sql, params = log_sql(criteria)
+        for seq, body, prev_hash, entry_hash in backend.stream(conn, sql, params):
+            entry = parse_entry(int(seq), str(body), str(prev_hash), str(entry_hash))
+            if entry.event.kind == _KIND:
+                found.append(lookup_of(entry))
+        if has_compact(conn):
+            found.extend(_compact_lookups(conn, criteria))
+    return found
+
+
+def _element(conn: Connection, name: str, *, term: bool = False) -> str:
+    """SQL for the ``rest`` value ``name`` (NULL when left out as a trailing default); a
+    ``term`` id as an integer."""
+    index = _REST[name]
+    if isinstance(conn.backend, PostgresBackend):
+        return f"(rest::json ->> {index}){'::integer' if term else ''}"
+    return f"json_extract(rest, '$[{index}]')"
+
+
+def _compact_lookups(conn: Connection, criteria: Criteria) -> list[Lookup]:
+    terms = compact.reader_terms(conn)
+    kind = terms.find(conn, _KIND)
+    if kind is None:  # no version 2 entry is a lookup
+        return []
+    clauses, values = compact_where(criteria, {_element(conn, "kind", term=True): kind})
+    columns = ", ".join(
+        [
+            "seq",
+            "time",
+            "clerk",
+            "subject_id",
+            "decision",
+            _element(conn, "office", term=True),
+            _element(conn, "case_number"),
+            f"COALESCE({_element(conn, 'bundle_id')}, '')",
+            _element(conn, "outcome", term=True),
+            _element(conn, "rule_id", term=True),
+        ]
+    )
+    # Every name above is fixed in this module; every value is a bound parameter.
+    sql = f"SELECT {columns} FROM audit_entries WHERE {' AND '.join(clauses)} ORDER BY seq"  # noqa: S608
+    names: dict[object, str] = {}  # term id -> text, for this read (a few thousand at most)
+    out: list[Lookup] = []
+    for row in conn.backend.stream(conn, sql, values):
+        seq_value, millis, clerk, subject, decision, office, case_number, bundle, outcome, rule = (
+            row
+        )
+        if (
+            type(millis) is not int
+            or not isinstance(subject, str)
+            or not isinstance(case_number, str)
+            or not isinstance(bundle, str)
+        ):
+            raise ValueError(f"audit entry {seq_value} is malformed; run verify")
+        texts = []
+        for term_id in (clerk, office, decision, outcome, rule):
+            text = names.get(term_id)
+            if text is None:
+                text = names[term_id] = terms.term(conn, term_id)
+            texts.append(text)
+        out.append(
+            Lookup(
+                int(seq_value),
+                millis,
+                texts[0],
+                texts[1],
+                subject,
+                case_number,
+                texts[2],
+                bundle,
+                texts[3],
+                texts[4],
+            )
+        )
+    return out

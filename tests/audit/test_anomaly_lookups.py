@@ -1,0 +1,134 @@
+"""The anomaly scan's fast path (certbroker.audit.lookups: indexed columns and a light decode)
+reads the same lookups, and so gives the same findings, as the full decode of every entry
+(certbroker.audit.scan), on a log mixing entry formats 1 and 2 where every rule fires."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from certbroker import config, policy
+from certbroker.audit import open_audit_log
+from certbroker.audit.anomalies import (
+    DENIAL_BURST,
+    MANY_SUBJECTS,
+    NO_CASE_NUMBER,
+    OUTSIDE_HOURS,
+    REPEATED_SUBJECT,
+    Thresholds,
+    find,
+    find_lookups,
+    lookup_of,
+)
+from certbroker.audit.lookups import read_lookups
+from certbroker.audit.scan import Criteria, scan
+from certbroker.config import AuditLocation
+from tests.audit.pg_support import fresh_schema
+from tests.audit.test_audit import StepClock, make_event
+
+# Wednesday 2023-11-15 08:00 at UTC+08:00: the halls open at 08:30, during the log.
+START = datetime(2023, 11, 15, 0, 0, tzinfo=UTC)
+STEP = 45.0  # seconds between entries
+OLD, NEW = 70, 90  # appends in format 1, then in format 2
+LIMITS = Thresholds(many_subjects=6, repeated_cases=3, denial_burst=4)
+OFFICES = ("hall-07", "gz-haizhu-24h-01", "gz-tianhe-hall-01", "温州-大厅-3")
+
+
+def fill(location: AuditLocation, clock: StepClock, first: int, count: int, fmt: int) -> None:
+    rng = random.Random(first)
+
+    async def go() -> None:
+        async with open_audit_log(location, clock=clock, entry_format=fmt) as log:
+            for i in range(first, first + count):
+                event = make_event(
+                    clerk=f"clerk-{rng.randrange(4)}",
+                    office=rng.choice(OFFICES),
+                    subject_id=rng.choice(("", *(f"33030219900101{n:04d}" for n in range(9)))),
+                    case_number=rng.choice(("", "温-案-1", "CASE-2", f"CASE-{i}")),
+                    decision="deny" if rng.random() < 0.4 else "allow",
+                )
+                if i % 6 == 0:  # a bundle: its items share a bundle id, then a closing entry
+                    bundle = f"bundle-{i}"
+                    items = (
+                        dataclasses.replace(event, bundle_id=bundle),
+                        dataclasses.replace(event, bundle_id=bundle, subject_id=""),
+                    )
+                    await log.append_many(
+                        items,
+                        link=lambda ids: make_event(
+                            kind="bundle", item_entry_ids=tuple(ids), outcome_counts={"OK": 2}
+                        ),
+                    )
+                else:
+                    await log.append(event)
+
+    asyncio.run(go())
+
+
+Mixed = tuple[AuditLocation, int]  # the log, the last sequence in format 1
+
+
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def mixed(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Mixed]:
+    def build(location: AuditLocation) -> Mixed:
+        clock = StepClock(START.timestamp(), step=STEP)
+        fill(location, clock, 0, OLD, 1)
+        last_old = scan(location, Criteria())[-1].sequence
+        fill(location, clock, OLD, NEW, 2)
+        return location, last_old
+
+    if request.param == "sqlite":
+        yield build(tmp_path_factory.mktemp("lookups") / "audit.sqlite")
+        return
+    with fresh_schema() as pg:
+        yield build(pg)
+
+
+@pytest.mark.parametrize(
+    ("since", "until", "before"),
+    [
+        (None, None, 0),  # the whole log
+        (START + timedelta(minutes=20), START + timedelta(hours=1, minutes=50), 0),
+        (START, START + timedelta(hours=3), 120),  # a sequence bound, as the service sets
+    ],
+)
+def test_the_fast_path_reads_what_the_full_decode_reads(
+    mixed: Mixed, since: datetime | None, until: datetime | None, before: int
+) -> None:
+    location, last_old = mixed
+    rules = policy.load(config.DEFAULT_POLICY_DIR)
+    criteria = Criteria(kinds=("lookup",), since=since, until=until, before=before)
+    entries = scan(location, criteria)
+    lookups = read_lookups(location, since=since, until=until, before=before)
+    assert lookups == [lookup_of(e) for e in entries]
+    assert {e.sequence <= last_old for e in entries} == {True, False}  # both formats read
+    assert find_lookups(lookups, rules, LIMITS) == find(entries, rules, LIMITS)
+
+
+def test_every_rule_fires_on_both_formats(mixed: Mixed) -> None:
+    location, last_old = mixed
+    rules = policy.load(config.DEFAULT_POLICY_DIR)
+    findings = find_lookups(read_lookups(location), rules, LIMITS)
+    assert findings == find(scan(location, Criteria()), rules, LIMITS)
+    fired = {f.rule for f in findings}
+    assert fired == {NO_CASE_NUMBER, OUTSIDE_HOURS, MANY_SUBJECTS, REPEATED_SUBJECT, DENIAL_BURST}
+    boundary = {(f.rule, min(f.sequences) <= last_old < max(f.sequences)) for f in findings}
+    assert {rule for rule, spans in boundary if spans} >= {NO_CASE_NUMBER, MANY_SUBJECTS}
+    # Bundled denials count once: some burst holds two entries of one bundle.
+    bursts = [f for f in findings if f.rule == DENIAL_BURST]
+    assert any(len(f.sequences) > int(f.description.split()[0]) for f in bursts)
+
+
+def test_an_empty_or_missing_log(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        read_lookups(tmp_path / "none.sqlite")

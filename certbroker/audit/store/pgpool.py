@@ -11,6 +11,7 @@ all logs; the oldest is closed beyond that, and all of them when the process exi
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 from collections import deque
 from typing import Any, Final
@@ -51,4 +52,13 @@ def close_all() -> None:
         raw.close()
 
 
+def _forget_in_child() -> None:
+    # A forked child shares its parent's sockets: using or closing an inherited session would
+    # break the parent's. The child never touches them (kept referenced, never finalized).
+    _inherited.extend(raw for _, raw in _idle)
+    _idle.clear()
+
+
+_inherited: list[Any] = []
 atexit.register(close_all)
+os.register_at_fork(after_in_child=_forget_in_child)

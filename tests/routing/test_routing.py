@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -297,8 +298,23 @@ def test_the_callers_deadline_bounds_the_adapter_call_and_spares_the_breaker(
                         timeout=2.0,  # far below the 60 s adapter timeout
                     )
                 err = client.call_error(info.value)
-                # The broker itself answered (with its reason) before the caller gave up.
-                assert (err.code, err.reason) == ("DEADLINE_EXCEEDED", "ADAPTER_TIMEOUT")
+                assert err.code == "DEADLINE_EXCEEDED"
+                # The broker answers (with its reason) a reserve ahead of the caller's deadline;
+                # on a loaded machine the answer can still arrive after the caller's own timer
+                # fired, so the reason is checked when it arrived and the audit log is checked
+                # below, where the broker's own decision is recorded either way.
+                assert err.reason in ("ADAPTER_TIMEOUT", "")
+        # The broker gave up on the department within the caller's 2 s, not the adapter's 60 s:
+        # both timeouts are audited well before the adapter timeout could have fired.
+        give_up = time.monotonic() + 15.0
+        outcomes: list[str] = []
+        while time.monotonic() < give_up:
+            found = audit.query(broker.config.audit_file, audit.QueryFilter())
+            outcomes = [entry.event.outcome for entry in found]
+            if len(outcomes) >= 2:
+                break
+            time.sleep(0.05)
+        assert outcomes == ["ADAPTER_TIMEOUT", "ADAPTER_TIMEOUT"]
         # A caller's short deadline says nothing about the department: the breaker stays shut.
         assert str(broker.broker.breakers.state("civil_affairs")) == "closed"  # type: ignore[union-attr]
     finally:

@@ -104,8 +104,9 @@ def _pg_config(pg: PostgresLocation) -> str:
 
 
 @contextlib.contextmanager
-def postgres() -> Iterator[PostgresLocation | None]:
-    """A fresh schema on a reachable server (dropped afterwards), or None."""
+def postgres(*, schema: str | None = None) -> Iterator[PostgresLocation | None]:
+    """A fresh schema on a reachable server (dropped afterwards), or None. A named ``schema``
+    is kept: it is made or reused, never dropped."""
     try:
         import psycopg
     except ImportError:
@@ -117,7 +118,10 @@ def postgres() -> Iterator[PostgresLocation | None]:
                 pass
         except psycopg.OperationalError:
             continue
-        location = PostgresLocation(url, f"bench_{secrets.token_hex(6)}")
+        location = PostgresLocation(url, schema or f"bench_{secrets.token_hex(6)}")
+        if schema is not None:
+            yield location
+            return
         try:
             yield location
         finally:

@@ -32,7 +32,12 @@ from certbroker.audit import (
 )
 from certbroker.audit.append import ChainStore
 from certbroker.audit.store.rows import StoredRow
-from certbroker.audit.store.sqlite import SQLITE_CHUNK, SQLiteBackend
+from certbroker.audit.store.sqlite import (
+    SQLITE_CHUNK,
+    WAL_CHECKPOINT_PAGES,
+    WRITER_CACHE_KIB,
+    SQLiteBackend,
+)
 from certbroker.audit.verify.chain import verify
 from certbroker.cli.table import format_table
 from certbroker.errors import Unavailable, to_status
@@ -195,7 +200,13 @@ def test_writer_connection_is_wal_with_synchronous_full(tmp_path: Path) -> None:
         async with SQLiteAuditLog(path) as log:
             return log.settings
 
-    assert run(main()) == {"journal_mode": "wal", "synchronous": 2}
+    # and the page cache and checkpoint interval that keep appends to a large log fast
+    assert run(main()) == {
+        "journal_mode": "wal",
+        "synchronous": 2,
+        "cache_size": -WRITER_CACHE_KIB,
+        "wal_autocheckpoint": WAL_CHECKPOINT_PAGES,
+    }
     with closing(sqlite3.connect(path)) as conn:  # WAL is a property of the file
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert os.stat(path).st_mode & 0o777 == 0o600

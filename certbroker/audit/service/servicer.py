@@ -44,10 +44,10 @@ import grpc
 
 from certbroker import errors, validation
 from certbroker.audit import anomalies
+from certbroker.audit.anomaly_scan import find_in_store
 from certbroker.audit.events import AuditEntry, AuditEvent, AuditLog, Receipt
 from certbroker.audit.guard import AuditedCall, Result, invocation_metadata
 from certbroker.audit.integrity.proofs import CheckpointSigner
-from certbroker.audit.lookups import read_lookups
 from certbroker.audit.refusals import RefusalLedger
 from certbroker.audit.scan import Criteria, scan
 from certbroker.audit.service import overview, proofs
@@ -354,15 +354,15 @@ class AuditService(audit_pb2_grpc.AuditServicer):
         already read), and the reviews written since the range began (a review comes after
         what it reviews)."""
         if entries is None:
-            # The lookups' few values straight from the store's columns (read_lookups), not
-            # the entries rebuilt whole: a day at city density is tens of thousands of them.
-            # Only the disputes are read whole (citizen entries, few).
-            lookups = read_lookups(
-                self._db, since=criteria.since, until=criteria.until, before=criteria.before
-            )
-            disputes = scan(self._db, replace(criteria, kinds=("citizen",)))
-            findings = anomalies.find_lookups(
-                lookups, self._policies.current, self._thresholds, citizen=disputes
+            # Counted by the database where it can (anomaly_scan), not every entry rebuilt
+            # whole: a day at city density is tens of thousands of them.
+            findings = find_in_store(
+                self._db,
+                self._policies.current,
+                self._thresholds,
+                since=criteria.since,
+                until=criteria.until,
+                before=criteria.before,
             )
         else:
             findings = anomalies.find(entries, self._policies.current, self._thresholds)

@@ -125,8 +125,8 @@ class _Counted:
     def _name(self, term_id: object) -> str:
         return self._terms.term(self._conn, term_id)
 
-    def _concat(self, expr: str, *, distinct: bool = False) -> str:
-        return self._conn.backend.text_agg(expr, distinct=distinct)
+    def _concat(self, expr: str) -> str:
+        return self._conn.backend.text_agg(expr)
 
     def findings(self, disputes: Sequence[AuditEntry]) -> list[Finding]:
         """The findings in :func:`~certbroker.audit.anomalies.find_lookups`' order."""
@@ -199,8 +199,10 @@ class _Counted:
                     "count(*)",
                     "count(DISTINCT NULLIF(subject_id, ''))",
                     self._concat(f"CASE WHEN {outside} THEN seq END"),
-                    self._concat(f"CASE WHEN {outside} THEN office END", distinct=True),
-                    self._concat(new, distinct=True),
+                    # Not DISTINCT: a distinct aggregate sorts every group (PostgreSQL);
+                    # the few ids per clerk are made a set here.
+                    self._concat(f"CASE WHEN {outside} THEN office END"),
+                    self._concat(new),
                     check,
                     self._concat("CASE WHEN case_number = '' THEN seq END"),
                     "count(CASE WHEN decision = ? THEN 1 END)",

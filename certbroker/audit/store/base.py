@@ -174,8 +174,9 @@ class Backend(Protocol):
         integer when ``integer``; NULL when the array is shorter."""
         ...
 
-    def text_agg(self, expr: str, *, distinct: bool = False) -> str:
-        """SQL aggregating ``expr`` over a group as one comma-separated text."""
+    def text_agg(self, expr: str) -> str:
+        """SQL aggregating ``expr`` over a group as one comma-separated text (NULLs left
+        out; NULL for a group of NULLs)."""
         ...
 
     def keep_undecodable_text(self, conn: Connection) -> None:

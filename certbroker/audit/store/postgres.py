@@ -408,9 +408,9 @@ class PostgresBackend:
         """``->>`` on the text cast to ``json`` (text out; cast for an integer)."""
         return f"({column}::json ->> {int(index)}){'::integer' if integer else ''}"
 
-    def text_agg(self, expr: str, *, distinct: bool = False) -> str:
+    def text_agg(self, expr: str) -> str:
         """``string_agg`` of the values as text."""
-        return f"string_agg({'DISTINCT ' if distinct else ''}({expr})::text, ',')"
+        return f"string_agg(({expr})::text, ',')"
 
     def has_table(self, conn: Connection, name: str) -> bool:
         """Looked up with ``to_regclass`` in the log's schema."""

@@ -208,9 +208,9 @@ class SQLiteBackend:
         """``json_extract``: a JSON number comes out as an SQL integer, a string as text."""
         return f"json_extract({column}, '$[{int(index)}]')"
 
-    def text_agg(self, expr: str, *, distinct: bool = False) -> str:
+    def text_agg(self, expr: str) -> str:
         """``group_concat`` (comma-separated by default)."""
-        return f"group_concat({'DISTINCT ' if distinct else ''}{expr})"
+        return f"group_concat({expr})"
 
     def has_table(self, conn: Connection, name: str) -> bool:
         """Looked up in ``sqlite_master``: a file written by an older version may lack it."""

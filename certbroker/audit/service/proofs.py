@@ -191,9 +191,13 @@ def resolve_inclusion(
     if query.entry_id:
         found = sequence_of(db, query.entry_id)
         if found is None:
-            raise errors.NotFound(
-                "ENTRY_NOT_FOUND", "no audit entry has this entry_id", argument="entry_id"
-            )
+            where = "no audit entry has this entry_id"
+            if state.archived:  # ids are looked up in the live log, not in the archive files
+                where = (
+                    f"no live audit entry has this entry_id (entries 1..{state.archived} are "
+                    "archived: ask for an archived entry by its sequence)"
+                )
+            raise errors.NotFound("ENTRY_NOT_FOUND", where, argument="entry_id")
         sequence = found
     if sequence > size:
         raise _invalid(

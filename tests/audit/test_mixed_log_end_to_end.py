@@ -37,7 +37,7 @@ import grpc
 import pytest
 
 from certbroker.adapters.demo import synthetic
-from certbroker.audit.anomalies import DENIAL_BURST
+from certbroker.audit.anomalies import CITIZEN_DISPUTE, DENIAL_BURST
 from certbroker.audit.export import verify_export
 from certbroker.audit.integrity import checkpoint, merkle
 from certbroker.audit.integrity.proofs import KEY_NAME, ORIGIN
@@ -47,7 +47,7 @@ from certbroker.cli import main as cli
 from certbroker.evidence import verify as ev
 from certbroker.v1 import audit_pb2, audit_pb2_grpc, broker_pb2, citizen_pb2, citizen_pb2_grpc
 from tests.audit.test_audit import make_event
-from tests.helpers import Env, FakeClock, make_config, running_env
+from tests.helpers import DEFAULT_OFFICE, Env, FakeClock, make_config, running_env
 
 DAY = 86_400.0
 NOW = time.time()
@@ -122,13 +122,36 @@ def anomalies(env: Env) -> list[audit_pb2.Finding]:
     return list(audit_stub(env).Anomalies(request, metadata=env.md(auditor(env))).findings)
 
 
-def my_accesses(env: Env, subject: str) -> list[str]:
-    reply = citizen_pb2_grpc.CitizenStub(env.channel).MyAccesses(
+def overview(env: Env) -> tuple[int, int]:
+    """The console's counts of the clerk's hall over the whole scenario: (allowed, denied)."""
+    time = audit_pb2.TimeRange()
+    time.since.FromSeconds(int(OLD - DAY))
+    time.until.FromSeconds(int(NOW + DAY))
+    request = audit_pb2.OverviewRequest(time=time, office=DEFAULT_OFFICE)
+    reply = audit_stub(env).Overview(request, metadata=env.md(auditor(env)), timeout=30)
+    return sum(h.allowed for h in reply.hours), sum(h.denied for h in reply.hours)
+
+
+def citizen_stub(env: Env) -> citizen_pb2_grpc.CitizenStub:
+    return citizen_pb2_grpc.CitizenStub(env.channel)
+
+
+def my_accesses(env: Env, subject: str) -> dict[str, bool]:
+    """The citizen's own accesses: entry id -> disputed."""
+    reply = citizen_stub(env).MyAccesses(
         citizen_pb2.MyAccessesRequest(page_size=1000),
         metadata=env.md(env.idp.issue_citizen(subject)),
         timeout=30,
     )
-    return [a.entry_id for a in reply.accesses]
+    return {a.entry_id: a.disputed for a in reply.accesses}
+
+
+def dispute(env: Env, subject: str, entry_id: str) -> None:
+    citizen_stub(env).Dispute(
+        citizen_pb2.DisputeRequest(entry_id=entry_id, text="不是我办的"),
+        metadata=env.md(env.idp.issue_citizen(subject)),
+        timeout=30,
+    )
 
 
 def checkpoint_key(env: Env) -> Path:
@@ -260,15 +283,24 @@ def test_every_reader_reads_a_log_of_both_formats_live_and_archived(
         denials = query(env, clerk=CLERK, decision="deny")
         assert {e.entry_id for e in denials} >= {*v1_ids[2:], *v2_old_ids[2:], *v2_new_ids[2:]}
         assert set(citizen_report(env, subject)) == mine
-        assert set(my_accesses(env, subject)) == mine
+        # The citizen disputes an access written in format 1; the dispute is in format 2.
+        dispute(env, subject, v1_ids[1])
+        assert my_accesses(env, subject) == {i: i == v1_ids[1] for i in mine}
+        # The console's overview counts the hall's lookups of both formats (3 allowed and 3
+        # denied per round, and the spouse's two).
+        assert overview(env) == (8, 9)
         # Inclusion proofs of entries in either format, by entry id; consistency across.
         sequences = {i: proven(env, head, entry_id=i) for i in sorted(mine)}
         assert {s <= last_v1 for s in sequences.values()} == {True, False}
         assert consistent(env, head_v1, head)
-        # Anomalies: one denial burst across the restart, the denials of both formats in it.
+        # Anomalies: one denial burst across the restart, the denials of both formats in it;
+        # the citizen's dispute, naming the format 1 entry.
         denied = {sequences[i] for i in (*v1_ids[2:], *v2_old_ids[2:])}
-        bursts = [f for f in anomalies(env) if f.rule == DENIAL_BURST and f.clerk == CLERK]
+        findings = anomalies(env)
+        bursts = [f for f in findings if f.rule == DENIAL_BURST and f.clerk == CLERK]
         assert [f for f in bursts if denied <= set(f.sequences)], bursts
+        disputes = [f for f in findings if f.rule == CITIZEN_DISPUTE]
+        assert [f for f in disputes if sequences[v1_ids[1]] in f.sequences], disputes
         # Evidence proven against the log, its entry in format 1 and in format 2.
         evidence = {
             "v1": prove(env, v1_reply, tmp_path, "v1"),

@@ -1,9 +1,10 @@
 """Issue 18 end to end: a real broker's log written in entry format 1, then (the broker
 restarted) in format 2, then archived across the switch. Everything that reads the log reads
 it as one log, through its public surfaces only: the Audit service (Query, CitizenReport,
-Anomalies, checkpoints, inclusion and consistency proofs, Export), the Citizen service
-(MyAccesses), ``certbroker audit verify [--with-archives]`` and ``stats``, and ``certbroker
-evidence prove`` / ``verify`` of evidence whose entry is in either format.
+Anomalies, Overview -- what the console shows --, checkpoints, inclusion and consistency
+proofs, Export), the Citizen service (MyAccesses, Dispute), ``certbroker audit verify
+[--with-archives]`` and ``stats``, and ``certbroker evidence prove`` / ``verify`` of evidence
+whose entry is in either format.
 
 The log, on the broker's audit clock (:class:`~tests.helpers.FakeClock`):
 

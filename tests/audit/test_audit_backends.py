@@ -251,6 +251,9 @@ def rewritten(conn: Any) -> None:
 # no prev_hash column, the hashed body rebuilt from the row).
 
 
+SUBJECT = compact.COLUMNS.index("subject_id")
+
+
 def _compact_values(conn: Any, seq: int) -> list[Any]:
     return list(conn.execute(compact.select_sql(["seq = ?"]), (seq,)).fetchone())
 
@@ -301,11 +304,11 @@ def rewritten_v2(conn: Any) -> None:
     for seq in range(13, N + 1):
         values = _compact_values(conn, seq)
         if seq == 13:
-            values[4] = "X" + values[4]  # subject_id
+            values[SUBJECT] = "X" + values[SUBJECT]
         entry_hash = hashlib.sha256((prev + _compact_body(conn, values)).encode()).digest()
         conn.execute(
             "UPDATE audit_entries SET subject_id = ?, entry_hash = ? WHERE seq = ?",
-            (values[4], entry_hash, seq),
+            (values[SUBJECT], entry_hash, seq),
         )
         prev = entry_hash.hex()
 

@@ -13,8 +13,8 @@ Measured, on SQLite and (when reachable) PostgreSQL, both in entry format versio
   size of the log's tables and indexes, divided by N;
 - p99 of a citizen report for one subject (:func:`certbroker.audit.scan.scan`, as the
   Audit service's CitizenReport reads it), an auditor's query by clerk for one day, and the
-  anomaly scan for one day (:func:`certbroker.audit.lookups.read_lookups` +
-  :func:`certbroker.audit.anomalies.find_lookups`, as the Audit service runs it);
+  anomaly scan for one day (:func:`certbroker.audit.anomaly_scan.find_in_store`, as the
+  Audit service runs it: the rules counted in SQL, and the day's disputes);
 - append speed (entries/s through the group-commit store, batches of 16, :data:`APPENDS`
   of them, the WAL checkpoints included) at N = 10 thousand and at the full N.
 
@@ -48,11 +48,10 @@ from pathlib import Path
 from bench.audit_backends import postgres
 from bench.harness import Options, Result, percentile
 from certbroker import config, policy
-from certbroker.audit.anomalies import find_lookups
+from certbroker.audit.anomaly_scan import find_in_store
 from certbroker.audit.append import ChainStore, append_rows
 from certbroker.audit.events import AuditEvent, epoch_time, event_fields
 from certbroker.audit.integrity.proofs import CheckpointSigner, sign_checkpoint
-from certbroker.audit.lookups import read_lookups
 from certbroker.audit.scan import Criteria, scan
 from certbroker.audit.store.compact import Terms
 from certbroker.audit.store.db import backend_for
@@ -133,7 +132,21 @@ def generate(location: AuditLocation, total: int, signer: CheckpointSigner) -> f
                 sign_checkpoint(location, signer, clock=lambda: START + total * 86_400 / PER_DAY)
     finally:
         store.close()
+    if isinstance(location, PostgresLocation):
+        _vacuum(location)
     return time.perf_counter() - began
+
+
+def _vacuum(location: PostgresLocation) -> None:
+    """``VACUUM ANALYZE`` the log's tables: what autovacuum does to an insert-only table as it
+    grows (PostgreSQL 13+), here at once after the bulk load. It summarizes the BRIN ranges on
+    ``time`` (until then a range query reads every unsummarized block) and gives the planner
+    the partitions' statistics."""
+    import psycopg
+
+    with psycopg.connect(location.dsn, autocommit=True) as admin:
+        admin.execute(f"VACUUM ANALYZE {location.schema}.audit_entries".encode())
+        admin.execute(f"VACUUM ANALYZE {location.schema}.audit_terms".encode())
 
 
 def append_rate(location: AuditLocation, count: int) -> float:
@@ -179,8 +192,7 @@ def _timed(samples: list[float], action: Callable[[], object]) -> None:
 
 
 def _anomalies(location: AuditLocation, criteria: Criteria, rules: policy.PolicySet) -> None:
-    lookups = read_lookups(location, since=criteria.since, until=criteria.until)
-    find_lookups(lookups, rules)
+    find_in_store(location, rules, since=criteria.since, until=criteria.until)
 
 
 def queries(location: AuditLocation, total: int, runs: int) -> dict[str, list[float]]:

@@ -18,11 +18,11 @@ if eventloop.loop_name() == "uvloop":
     import uvloop
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-# Brokers under test write entry format 1 unless a test asks for 2: many tests read or tamper
-# with `audit_log` rows by SQL, and format 2 keeps its rows elsewhere (audit_entries). The
-# variable reaches the `certbroker serve` processes tests start, too. Format 2 end to end:
-# tests/audit/test_audit_compact.py.
-os.environ.setdefault("CERTBROKER_AUDIT_ENTRY_FORMAT", "1")
+# Brokers under test write entry format 2 (compact), the format the broker ships, unless a
+# test asks for 1 (the `entry_format_1` fixture, tests/helpers.py): the variable reaches the
+# `certbroker serve` processes tests start, too. Logs mixing both formats:
+# tests/audit/test_audit_compact.py and tests/audit/test_mixed_log_end_to_end.py.
+os.environ.setdefault("CERTBROKER_AUDIT_ENTRY_FORMAT", "2")
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import select
@@ -20,6 +21,8 @@ import grpc
 import pytest
 
 from certbroker import config as config_mod
+from certbroker.audit.store.db import connect_read
+from certbroker.audit.store.rows import StoredRow, iter_rows, select_rows
 from certbroker.auth.authenticator import DevIdentityProvider
 from certbroker.server import app as server
 from certbroker.v1 import broker_pb2_grpc
@@ -139,9 +142,9 @@ class FakeClock:
 
 
 def make_config(tmp: Path, dataset_dir: Path, **overrides: Any) -> config_mod.Config:
-    # Entry format 1 unless a test (or its directory's conftest) asks for 2: see tests/conftest.py.
+    # Entry format 2 unless a test asks for 1: see tests/conftest.py.
     overrides.setdefault(
-        "audit_entry_format", int(os.environ.get("CERTBROKER_AUDIT_ENTRY_FORMAT", "1"))
+        "audit_entry_format", int(os.environ.get("CERTBROKER_AUDIT_ENTRY_FORMAT", "2"))
     )
     return config_mod.load(
         None,
@@ -152,6 +155,77 @@ def make_config(tmp: Path, dataset_dir: Path, **overrides: Any) -> config_mod.Co
         dataset_dir=dataset_dir,
         **overrides,
     )
+
+
+# --- the audit log as stored, in either entry format -------------------------------------------
+# Tests that look at stored entries read them through the store's own readers, never by SQL on
+# one format's table: a broker writes format 2 (audit_entries + audit_terms) by default, a log
+# may begin in format 1 (audit_log), and the body each reader rebuilds is the one hashed.
+
+
+def stored_rows(db: config_mod.AuditLocation, entry_id: str | None = None) -> list[StoredRow]:
+    """The live entries of the audit log at ``db`` (all, or the one with ``entry_id``) as
+    stored: ``body`` is the text exactly as hashed, with ``prev_hash`` and ``entry_hash``."""
+    with contextlib.closing(connect_read(db)) as conn:
+        if entry_id is None:
+            return list(iter_rows(conn))
+        equals = {"entry_id": entry_id}
+        return select_rows(conn, equals=equals, since=None, until=None, limit=1)
+
+
+def stored_body(db: config_mod.AuditLocation, entry_id: str) -> dict[str, Any] | None:
+    """The hashed body of the entry with ``entry_id`` as a dict; None if there is none."""
+    rows = stored_rows(db, entry_id)
+    return json.loads(rows[0].body) if rows else None
+
+
+def compact_log(conn: Any) -> bool:
+    """Whether the log ``conn`` (an attacker's sqlite3 or PostgreSQL connection,
+    ``tests.audit.pg_support.attacker``) holds entries in format 2."""
+    try:
+        return conn.execute("SELECT 1 FROM audit_entries LIMIT 1").fetchone() is not None
+    except Exception:  # noqa: BLE001 - no such table: a format 1 log from before version 2
+        return False
+
+
+def edit_entry(conn: Any, seq: int) -> None:
+    """Change one stored value of entry ``seq`` as someone with the database's own rights
+    could, in the format the entry is stored in: format 1, the clerk in its body text; format
+    2, its ``subject_id`` column (the hash then no longer matches the rebuilt body)."""
+    conn.execute(
+        "UPDATE audit_log SET body = replace(body, '\"clerk-', '\"clerX-') WHERE seq = ?", (seq,)
+    )
+    if compact_log(conn):
+        conn.execute(
+            "UPDATE audit_entries SET subject_id = subject_id || 'X' WHERE seq = ?", (seq,)
+        )
+
+
+def refuse_appends(conn: Any, when: str = "1") -> None:
+    """An SQLite trigger that fails every insert of an entry (``when``: an SQL condition on
+    ``NEW.kind``, ``NEW.record_type``...: text values, in either format): the disk full."""
+    conn.execute(
+        f"CREATE TRIGGER refuse_v1 BEFORE INSERT ON audit_log WHEN {when} "
+        "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+    )
+    # Format 2 keeps the text values as ids into audit_terms: the condition reads them back.
+    terms = re.sub(
+        r"NEW\.(\w+)",
+        lambda m: f"(SELECT term FROM audit_terms WHERE id = NEW.{m.group(1)})",
+        when,
+    )
+    conn.execute(
+        f"CREATE TRIGGER refuse_v2 BEFORE INSERT ON audit_entries WHEN {terms} "
+        "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+    )
+    conn.commit()
+
+
+def allow_appends(conn: Any) -> None:
+    """Drop the triggers of :func:`refuse_appends`."""
+    conn.execute("DROP TRIGGER refuse_v1")
+    conn.execute("DROP TRIGGER refuse_v2")
+    conn.commit()
 
 
 ROOT = Path(__file__).resolve().parents[1]

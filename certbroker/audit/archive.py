@@ -31,8 +31,8 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
-from contextlib import closing
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,9 +42,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from certbroker.audit.events import GENESIS_HASH, iso_time
-from certbroker.audit.export import export, verify_db, verify_export
+from certbroker.audit.export import entry_bodies, export, verify_db, verify_export
+from certbroker.audit.integrity.merkle import leaf_hash
 from certbroker.audit.integrity.proofs import CheckpointSigner, checkpoints, sign_checkpoint
-from certbroker.audit.integrity.tree import STORED_LEVEL, computed_node, frontier_positions
+from certbroker.audit.integrity.tree import (
+    STORED_LEVEL,
+    ArchivedLeaves,
+    computed_node,
+    frontier_positions,
+)
 from certbroker.audit.segment import (
     SegmentError,
     is_segment,
@@ -279,17 +285,30 @@ def _commit(db: AuditLocation, record: ArchiveRecord) -> None:
 def _keep_nodes(conn: Connection, record: ArchiveRecord) -> None:
     """Store the tree nodes that proofs and verification will need once the entries are gone
     and that a compact writer did not store (below ``STORED_LEVEL`` they are recomputed from
-    the entries): the frontier at the archive's end and at every checkpoint inside it."""
-    sizes = {record.last_seq} | {
-        c.size for c in checkpoints(conn, record.first_seq - 1, record.last_seq)
-    }
-    wanted = {p for size in sizes for p in frontier_positions(size) if p[0] < STORED_LEVEL}
+    the entries): the frontier at the archive's end, and for every checkpoint inside it
+    every low node of the ``2**STORED_LEVEL`` leaves its size ends in (a consistency proof
+    from that size needs its frontier and the right siblings up to ``STORED_LEVEL``)."""
+    inside = {c.size for c in checkpoints(conn, record.first_seq - 1, record.last_seq)}
+    wanted = {p for p in frontier_positions(record.last_seq) if p[0] < STORED_LEVEL}
+    for size in inside:
+        block = size >> STORED_LEVEL  # the leaves size - 1 and size: its right part
+        if size % (1 << STORED_LEVEL):
+            wanted |= {
+                (level, index)
+                for level in range(STORED_LEVEL)
+                for index in range(
+                    block << (STORED_LEVEL - level), (block + 1) << (STORED_LEVEL - level)
+                )
+            }
     missing: list[tuple[int, int, bytes]] = []
     for level, index in sorted(wanted):
         try:
             conn.backend.read_nodes(conn, ((level, index),))
         except KeyError:
-            missing.append((level, index, computed_node(conn, level, index)))
+            try:
+                missing.append((level, index, computed_node(conn, level, index)))
+            except KeyError:
+                continue  # past the log's end (no proof needs it) or already archived
     if missing:
         types = ("integer", "bigint", "bytea")
         conn.backend.insert_many(conn, "merkle_nodes", ("level", "idx", "hash"), types, missing)
@@ -435,3 +454,57 @@ def _check_archive(
         msg = f"{record.file_name} differs from the file archived (sha256)"
         return IntegrityReport(EDITED, report.entries, record.first_seq, msg)
     return report
+
+
+def archived_leaves(db: AuditLocation, directory: Path) -> ArchivedLeaves:
+    """``leaves(first, last)``: the leaf hashes of archived entries ``first..last`` of ``db``,
+    read from their archive files in ``directory`` (plain exports and segments; not encrypted
+    ones, whose entries only the auditor's key reads). What an inclusion proof of an archived
+    compact entry needs: nodes below ``STORED_LEVEL`` were never stored for those entries.
+
+    The reader keeps the leaves it read: made per proof, it reads each archive file once for
+    the ``2**STORED_LEVEL`` entries around the ones asked. KeyError if they cannot be read
+    (no such archive, the file missing, encrypted or not an export); a file that was altered
+    gives leaves whose proof does not verify against a signed checkpoint.
+    """
+    found: dict[int, bytes] = {}
+    block = 1 << STORED_LEVEL
+
+    def leaves(first: int, last: int) -> list[bytes]:
+        if not all(seq in found for seq in range(first, last + 1)):
+            low = (first - 1) // block * block + 1
+            high = ((last - 1) // block + 1) * block
+            with closing(backend_for(db).connect_read()) as conn:
+                records = [r for r in archives(conn) if r.first_seq <= high and r.last_seq >= low]
+            for record in records:
+                try:
+                    _read_leaves(directory / record.file_name, low, high, found)
+                except (OSError, SegmentError, Malformed) as exc:
+                    raise KeyError(f"archive file {record.file_name}: {exc}") from None
+        try:
+            return [found[seq] for seq in range(first, last + 1)]
+        except KeyError:
+            raise KeyError(f"entries {first}..{last} are not in the archive files") from None
+
+    return leaves
+
+
+def _read_leaves(path: Path, low: int, high: int, found: dict[int, bytes]) -> None:
+    """The leaf hashes of entries ``low..high`` in the archive file ``path``, into ``found``."""
+    with _plain_export(path) as plain, plain.open("rb") as f:
+        f.readline()  # the header
+        for seq, body in entry_bodies(f):
+            if seq > high:
+                break
+            if seq >= low:
+                found[seq] = leaf_hash(body)
+
+
+@contextmanager
+def _plain_export(path: Path) -> Iterator[Path]:
+    """The export an archive file holds: itself, or a segment's, decompressed for the block."""
+    if not is_segment(path):
+        yield path
+        return
+    with opened_export(path) as plain:
+        yield plain

@@ -138,6 +138,14 @@ def _entries(lines: Iterator[bytes], first_line: int = 2) -> Iterator[Entry]:
             raise _Malformed(number, str(exc)) from None
 
 
+def entry_bodies(lines: Iterator[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(sequence, body exactly as hashed) of each entry line of an export (the lines after
+    its header); :class:`~certbroker.audit.verify.report.Malformed` at a line that is not an
+    entry. Checks nothing else: :func:`verify_export` does."""
+    for seq, body, _ in _entries(lines):
+        yield seq, body
+
+
 class _Malformed(Malformed):
     """Export line ``number`` is not an entry line."""
 

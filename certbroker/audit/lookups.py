@@ -2,10 +2,10 @@
 
 :func:`certbroker.audit.scan.scan` rebuilds each version 2 entry whole (every term, the
 ``rest`` array, the previous hash) and the rules then read ten of its values: a day at city
-density took seconds. Here a version 2 row yields only those values: the indexed columns
-(``seq``, ``time``, ``clerk``, ``subject_id``, ``decision``) and, extracted by the database's
-own JSON functions, the ``rest`` elements the rules read (``office``, ``case_number``,
-``bundle_id``, ``outcome``, ``rule_id``), with the ``kind`` filter applied in SQL. Version 1
+density took seconds. Here a version 2 row yields only those values: its columns (``seq``,
+``time``, ``clerk``, ``subject_id``, ``decision``, ``office``, ``case_number``, ``outcome``)
+and, extracted by the database's own JSON functions, the two ``rest`` elements the rules read
+(``bundle_id``, ``rule_id``), with the ``kind`` filter applied in SQL. Version 1
 rows (``audit_log``) are few (the log's oldest live entries) and are read whole by
 :func:`~certbroker.audit.events.parse_entry` as before. The records are the same either way (a
 test compares them with the full decode).
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from contextlib import closing
 from datetime import datetime
-from typing import Final
 
 from certbroker.audit.anomalies import Lookup, lookup_of
 from certbroker.audit.events import parse_entry
@@ -23,12 +22,9 @@ from certbroker.audit.scan import Criteria, compact_where, log_sql
 from certbroker.audit.store import compact
 from certbroker.audit.store.base import Connection
 from certbroker.audit.store.db import backend_for
-from certbroker.audit.store.postgres import PostgresBackend
 from certbroker.audit.store.rows import has_compact
 from certbroker.config import AuditLocation
 
-#: Position of each ``rest`` value this module reads (:data:`compact.REST_FIELDS`).
-_REST: Final = {name: index for index, (name, _) in enumerate(compact.REST_FIELDS)}
 _KIND = "lookup"
 
 
@@ -60,21 +56,20 @@ def read_lookups(
     return found
 
 
-def _element(conn: Connection, name: str, *, term: bool = False) -> str:
-    """SQL for the ``rest`` value ``name`` (NULL when left out as a trailing default); a
-    ``term`` id as an integer."""
-    index = _REST[name]
-    if isinstance(conn.backend, PostgresBackend):
-        return f"(rest::json ->> {index}){'::integer' if term else ''}"
-    return f"json_extract(rest, '$[{index}]')"
-
-
 def _compact_lookups(conn: Connection, criteria: Criteria) -> list[Lookup]:
     terms = compact.reader_terms(conn)
     kind = terms.find(conn, _KIND)
     if kind is None:  # no version 2 entry is a lookup
         return []
-    clauses, values = compact_where(criteria, {_element(conn, "kind", term=True): kind})
+    clauses, values = compact_where(criteria, {"kind": kind})
+    return lookup_rows(conn, terms, " AND ".join(clauses), values)
+
+
+def lookup_rows(
+    conn: Connection, terms: compact.Terms, where: str, values: list[object]
+) -> list[Lookup]:
+    """The ``audit_entries`` rows that ``where`` (trusted SQL, with bound ``values``) selects,
+    in sequence order, as :class:`Lookup` records."""
     columns = ", ".join(
         [
             "seq",
@@ -82,15 +77,14 @@ def _compact_lookups(conn: Connection, criteria: Criteria) -> list[Lookup]:
             "clerk",
             "subject_id",
             "decision",
-            _element(conn, "office", term=True),
-            _element(conn, "case_number"),
-            f"COALESCE({_element(conn, 'bundle_id')}, '')",
-            _element(conn, "outcome", term=True),
-            _element(conn, "rule_id", term=True),
+            "office",
+            "case_number",
+            f"COALESCE({compact.rest_element(conn, 'bundle_id')}, '')",
+            "outcome",
+            compact.rest_element(conn, "rule_id"),
         ]
     )
-    # Every name above is fixed in this module; every value is a bound parameter.
-    sql = f"SELECT {columns} FROM audit_entries WHERE {' AND '.join(clauses)} ORDER BY seq"  # noqa: S608
+    sql = f"SELECT {columns} FROM audit_entries WHERE {where} ORDER BY seq"  # noqa: S608
     names: dict[object, str] = {}  # term id -> text, for this read (a few thousand at most)
     out: list[Lookup] = []
     for row in conn.backend.stream(conn, sql, values):

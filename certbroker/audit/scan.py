@@ -51,6 +51,8 @@ _CHUNK = 256
 
 #: Criteria that are columns of ``audit_log`` (filtered in SQL, using its indexes).
 _COLUMNS = ("clerk", "subject_id", "matter_code", "record_type", "decision")
+#: Criteria that are columns of ``audit_entries`` (format 2).
+_COMPACT_COLUMNS = (*_COLUMNS, "office", "case_number")
 
 
 def log_sql(criteria: Criteria) -> tuple[str, list[object]]:
@@ -122,11 +124,19 @@ def _entries(
     if not has_compact(conn):
         return
     terms = compact.reader_terms(conn)
-    equals = {c: getattr(criteria, c) for c in _COLUMNS if getattr(criteria, c) is not None}
+    equals = {c: getattr(criteria, c) for c in _COMPACT_COLUMNS if getattr(criteria, c) is not None}
     stored = compact.term_ids(conn, terms, equals)
     if stored is None:
         return
     clauses, values = compact_where(criteria, stored)
+    if criteria.kinds:
+        # The kind filter in SQL too: a day's few "citizen" entries must not cost decoding
+        # the day's tens of thousands of lookups.
+        kinds = [k for k in (terms.find(conn, kind) for kind in criteria.kinds) if k is not None]
+        if not kinds:
+            return
+        clauses.append(f"kind IN ({', '.join('?' * len(kinds))})")
+        values.extend(kinds)
     chunk: list[Sequence[object]] = []
     for row in backend.stream(conn, compact.select_sql(clauses), values):
         chunk.append(row)

@@ -526,6 +526,7 @@ async def start(
             refusals=refusals,
             state=state,
             evidence_keys=lambda: (evidence.jwks(), evidence.kid),
+            archive_dir=config.archive_directory,
         )
         admin_service = AdminService(auth, policies, audit, controls, refusals=refusals)
         citizen_auth = citizen_authenticator(config, auth)

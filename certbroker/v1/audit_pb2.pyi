@@ -759,7 +759,7 @@ class ExportRequest(_message.Message):
     FROM_SEQUENCE_FIELD_NUMBER: _builtins.int
     TO_SEQUENCE_FIELD_NUMBER: _builtins.int
     from_sequence: _builtins.int
-    """inclusive, default 1"""
+    """inclusive, default the first live entry (after the archived ones)"""
     to_sequence: _builtins.int
     """inclusive, default the latest checkpoint's size"""
     def __init__(

@@ -14,7 +14,7 @@ import hashlib
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +27,7 @@ from certbroker.audit import QueryFilter, open_audit_log, query
 from certbroker.audit.export import export, verify_db, verify_export
 from certbroker.audit.integrity import proofs as audit_proofs
 from certbroker.audit.integrity.tree import load_state
-from certbroker.audit.store import PostgresBackend, SQLiteBackend, backend_for
+from certbroker.audit.store import PostgresBackend, SQLiteBackend, backend_for, compact
 from certbroker.audit.verify.chain import verify
 from certbroker.audit.verify.report import (
     DELETED,
@@ -55,9 +55,9 @@ class Log:
     tmp: Path
 
 
-def fill(location: AuditLocation, n: int, start: int = 0) -> list[int]:
+def fill(location: AuditLocation, n: int, start: int = 0, entry_format: int = 1) -> list[int]:
     async def go() -> list[int]:
-        async with open_audit_log(location) as log:
+        async with open_audit_log(location, entry_format=entry_format) as log:
             return [
                 (await log.append(make_event(clerk=f"clerk-{start + i}"))).sequence
                 for i in range(n)
@@ -76,11 +76,17 @@ def location(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AuditLo
 
 
 @pytest.fixture
-def log(location: AuditLocation, tmp_path: Path) -> Log:
+def entry_format() -> int:
+    """The format the log is written in: 1, unless a test parametrizes ``entry_format``."""
+    return 1
+
+
+@pytest.fixture
+def log(location: AuditLocation, tmp_path: Path, entry_format: int) -> Log:
     signer = audit_proofs.CheckpointSigner.load(tmp_path)
-    fill(location, 8)
+    fill(location, 8, entry_format=entry_format)
     audit_proofs.sign_checkpoint(location, signer)
-    fill(location, N - 8, start=8)
+    fill(location, N - 8, start=8, entry_format=entry_format)
     audit_proofs.sign_checkpoint(location, signer)
     return Log(location, signer, tmp_path)
 
@@ -241,23 +247,93 @@ def rewritten(conn: Any) -> None:
         prev = entry_hash
 
 
+# The same tampering of format 2 rows (audit_entries: values typed, strings as audit_terms ids,
+# no prev_hash column, the hashed body rebuilt from the row).
+
+
+SUBJECT = compact.COLUMNS.index("subject_id")
+
+
+def _compact_values(conn: Any, seq: int) -> list[Any]:
+    return list(conn.execute(compact.select_sql(["seq = ?"]), (seq,)).fetchone())
+
+
+def _compact_body(conn: Any, values: Sequence[Any]) -> str:
+    return compact.body_text(conn, compact.Terms(), values)
+
+
+def _compact_hash(conn: Any, seq: int) -> str:
+    return bytes(_compact_values(conn, seq)[-1]).hex()
+
+
+def edited_v2(conn: Any) -> None:
+    conn.execute("UPDATE audit_entries SET subject_id = 'X' || subject_id WHERE seq = 6")
+
+
+def deleted_v2(conn: Any) -> None:
+    conn.execute("DELETE FROM audit_entries WHERE seq = 6")
+
+
+def inserted_v2(conn: Any) -> None:
+    # A forged copy of entry 6 (another entry id), chained on entry 5; the rest renumbered.
+    conn.execute("UPDATE audit_entries SET seq = seq + 100 WHERE seq >= 6")
+    conn.execute("UPDATE audit_entries SET seq = seq - 99 WHERE seq >= 106")
+    values = _compact_values(conn, 7)
+    values[0], values[1] = 6, bytes.fromhex("f" * 32)
+    prev = _compact_hash(conn, 5)
+    values[-1] = hashlib.sha256((prev + _compact_body(conn, values)).encode()).digest()
+    marks = ", ".join("?" * len(compact.COLUMNS))
+    conn.execute(
+        f"INSERT INTO audit_entries ({', '.join(compact.COLUMNS)}) VALUES ({marks})", values
+    )
+
+
+def reordered_v2(conn: Any) -> None:
+    conn.execute("UPDATE audit_entries SET seq = -1 WHERE seq = 6")
+    conn.execute("UPDATE audit_entries SET seq = 6 WHERE seq = 7")
+    conn.execute("UPDATE audit_entries SET seq = 7 WHERE seq = -1")
+
+
+def truncated_v2(conn: Any) -> None:
+    conn.execute("DELETE FROM audit_entries WHERE seq > 17")
+
+
+def rewritten_v2(conn: Any) -> None:
+    # Entry 13 edited and every hash after it recomputed from the rebuilt bodies.
+    prev = _compact_hash(conn, 12)
+    for seq in range(13, N + 1):
+        values = _compact_values(conn, seq)
+        if seq == 13:
+            values[SUBJECT] = "X" + values[SUBJECT]
+        entry_hash = hashlib.sha256((prev + _compact_body(conn, values)).encode()).digest()
+        conn.execute(
+            "UPDATE audit_entries SET subject_id = ?, entry_hash = ? WHERE seq = ?",
+            (values[SUBJECT], entry_hash, seq),
+        )
+        prev = entry_hash.hex()
+
+
+# Format 2 stores no sequence apart from the row's own, which the rebuilt (hashed) body
+# carries: a row moved or renumbered is a row whose hashed value changed, EDITED at the first
+# row renumbered (format 1 bodies keep their sequence, which tells an insertion or a swap).
 LIVE_TAMPERS = {
-    "edited": (edited, EDITED, 6),
-    "deleted": (deleted, DELETED, 6),
-    "inserted": (inserted, INSERTED, 6),
-    "reordered": (reordered, REORDERED, 6),
-    "truncated": (truncated, TRUNCATED, 18),
-    "rewritten": (rewritten, REWRITTEN, 9),
+    "edited": ((edited, edited_v2), (EDITED, 6), (EDITED, 6)),
+    "deleted": ((deleted, deleted_v2), (DELETED, 6), (DELETED, 6)),
+    "inserted": ((inserted, inserted_v2), (INSERTED, 6), (EDITED, 7)),
+    "reordered": ((reordered, reordered_v2), (REORDERED, 6), (EDITED, 6)),
+    "truncated": ((truncated, truncated_v2), (TRUNCATED, 18), (TRUNCATED, 18)),
+    "rewritten": ((rewritten, rewritten_v2), (REWRITTEN, 9), (REWRITTEN, 9)),
 }
 
 
+@pytest.mark.parametrize("entry_format", [1, 2])
 @pytest.mark.parametrize("case", sorted(LIVE_TAMPERS))
-def test_every_tamper_of_the_live_log_is_named(log: Log, case: str) -> None:
-    tamper, code, first_bad = LIVE_TAMPERS[case]
+def test_every_tamper_of_the_live_log_is_named(log: Log, case: str, entry_format: int) -> None:
+    tampers, *expected = LIVE_TAMPERS[case]
     with attacker(log.location) as conn:
-        tamper(conn)
+        tampers[entry_format - 1](conn)
     report = verify_db(log.location, log.signer.public_key)
-    assert (report.code, report.first_bad) == (code, first_bad), report
+    assert (report.code, report.first_bad) == expected[entry_format - 1], report
 
 
 def test_a_rewrite_is_only_caught_with_the_checkpoint_key(log: Log) -> None:
@@ -276,8 +352,9 @@ def test_a_checkpoint_signed_by_another_key_is_refused(log: Log) -> None:
 # --- exports from either backend ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("entry_format", [1, 2])
 @pytest.mark.parametrize("case", sorted(TAMPERS))
-def test_every_tamper_of_an_export_is_named(log: Log, case: str) -> None:
+def test_every_tamper_of_an_export_is_named(log: Log, case: str, entry_format: int) -> None:
     path = log.tmp / "export.jsonl"
     with path.open("wb") as out:
         export(log.location, out)

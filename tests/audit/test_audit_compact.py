@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from certbroker import config, policy
 from certbroker.audit import open_audit_log
 from certbroker.audit.anomalies import NO_CASE_NUMBER, find
 from certbroker.audit.append import ChainStore
-from certbroker.audit.archive import archive_older_than, verify_with_archives
+from certbroker.audit.archive import archive_older_than, archived_leaves, verify_with_archives
 from certbroker.audit.events import event_fields
 from certbroker.audit.export import export, verify_db, verify_export
 from certbroker.audit.integrity import merkle
@@ -221,6 +222,25 @@ def test_archiving_across_the_formats_verifies_with_the_archives(
     root = audit_proofs.tree_root(location, total)
     assert merkle.verify_inclusion(leaf, made.last_seq, total, path, root)
     assert verify_export(directory / made.file_name, signer.public_key).code == OK
+    # Proofs into the archived range: consistency from the checkpoint inside it needs no file
+    # (archival kept its nodes); inclusion of every archived entry, the nodes nobody stored
+    # read back from the archive file.
+    with closing(backend_for(location).connect_read()) as conn:
+        stored = audit_proofs.checkpoints(conn)
+    (inside,) = [c.size for c in stored if c.size < made.last_seq]
+    assert inside % 32
+    proof = audit_proofs.consistency_proof(location, inside, total)
+    assert merkle.verify_consistency(
+        inside, total, audit_proofs.tree_root(location, inside), root, proof
+    )
+    from_files = archived_leaves(location, directory)
+    for seq in range(1, made.last_seq + 1):
+        leaf, path = audit_proofs.inclusion_proof(location, seq, total, archived=from_files)
+        assert merkle.verify_inclusion(leaf, seq - 1, total, path, root), seq
+    # Without the file: the last archived 32 entries (no checkpoint inside) have no low node.
+    assert inside >> 5 < (made.last_seq - 1) >> 5
+    with pytest.raises(KeyError):
+        audit_proofs.inclusion_proof(location, made.last_seq, total)
     # `audit stats` sees both formats, the archive and when the next one is due.
     got = log_stats(location, directory, 8 * HOUR / 86_400, datetime.fromtimestamp(now, tz=UTC))
     assert (got.entries, got.archived) == (total, made.last_seq)
@@ -277,6 +297,18 @@ def test_compressed_segments_are_signed_and_verify_offline(
         assert b"33030219900101" in plain.read_bytes()
     report = verify_with_archives(location, signer.public_key, directory)
     assert (report.code, report.entries) == (OK, audit_proofs.tree_size(location)), report
+    # An archived compact entry's proof reads the segment; an encrypted one only its auditor.
+    total = audit_proofs.tree_size(location)
+    from_files = archived_leaves(location, directory)
+    if encrypted:
+        with pytest.raises(KeyError, match="encrypted"):
+            audit_proofs.inclusion_proof(location, made.last_seq, total, archived=from_files)
+    else:
+        leaf, proof = audit_proofs.inclusion_proof(
+            location, made.last_seq, total, archived=from_files
+        )
+        root = audit_proofs.tree_root(location, total)
+        assert merkle.verify_inclusion(leaf, made.last_seq - 1, total, proof, root)
     if encrypted:
         assert any("encrypted" in note for note in report.notes)
         full = verify_with_archives(location, signer.public_key, directory, auditor_key=auditor)

@@ -30,13 +30,17 @@ from certbroker.audit.verify.report import (
     WRONG_KEY,
 )
 from tests.audit.test_audit import make_event
+from tests.helpers import stored_rows
 
 N = 20
 
 
-def fill(path: Path, n: int, start: int = 0) -> list[int]:
+FORMATS = [1, 2]  # entry formats, for the cases cheap enough to run on both
+
+
+def fill(path: Path, n: int, start: int = 0, entry_format: int = 1) -> list[int]:
     async def go() -> list[int]:
-        async with SQLiteAuditLog(path) as log:
+        async with SQLiteAuditLog(path, entry_format=entry_format) as log:
             return [
                 (await log.append(make_event(clerk=f"clerk-{start + i}"))).sequence
                 for i in range(n)
@@ -46,21 +50,28 @@ def fill(path: Path, n: int, start: int = 0) -> list[int]:
 
 
 @pytest.fixture
-def log(tmp_path: Path) -> tuple[Path, audit_proofs.CheckpointSigner]:
+def entry_format() -> int:
+    """The format the log is written in: 1, unless a test parametrizes ``entry_format``."""
+    return 1
+
+
+@pytest.fixture
+def log(tmp_path: Path, entry_format: int) -> tuple[Path, audit_proofs.CheckpointSigner]:
     db = tmp_path / "audit.sqlite"
     signer = audit_proofs.CheckpointSigner.load(tmp_path)
-    fill(db, 8)
+    fill(db, 8, entry_format=entry_format)
     audit_proofs.sign_checkpoint(db, signer)
-    fill(db, N - 8, start=8)
+    fill(db, N - 8, start=8, entry_format=entry_format)
     audit_proofs.sign_checkpoint(db, signer)
     return db, signer
 
 
 def bodies(db: Path) -> list[str]:
-    with sqlite3.connect(db) as conn:
-        return [str(b) for (b,) in conn.execute("SELECT body FROM audit_log ORDER BY seq")]
+    """The stored bodies as hashed (format 2: rebuilt from the row)."""
+    return [row.body for row in stored_rows(db)]
 
 
+@pytest.mark.parametrize("entry_format", FORMATS)
 def test_tree_matches_reference_and_leaf_is_the_stored_body(log: tuple[Path, object]) -> None:
     db, _ = log
     leaves = [merkle.leaf_hash(b.encode("utf-8")) for b in bodies(db)]
@@ -72,6 +83,7 @@ def test_tree_matches_reference_and_leaf_is_the_stored_body(log: tuple[Path, obj
     assert cp.root_hash == merkle.root(leaves)
 
 
+@pytest.mark.parametrize("entry_format", FORMATS)
 def test_inclusion_proof_of_a_receipt_verifies_against_a_signed_checkpoint(
     log: tuple[Path, audit_proofs.CheckpointSigner],
 ) -> None:
@@ -90,6 +102,7 @@ def test_inclusion_proof_of_a_receipt_verifies_against_a_signed_checkpoint(
         audit_proofs.inclusion_proof(db, N + 1, N)
 
 
+@pytest.mark.parametrize("entry_format", FORMATS)
 def test_consistency_between_two_checkpoints_verifies(
     log: tuple[Path, audit_proofs.CheckpointSigner],
 ) -> None:
@@ -103,6 +116,7 @@ def test_consistency_between_two_checkpoints_verifies(
 
 
 def test_a_pre_merkle_log_is_backfilled(tmp_path: Path) -> None:
+    # Format 1: a log from before the Merkle tables predates format 2 too.
     db = tmp_path / "audit.sqlite"
     fill(db, 5)
     with sqlite3.connect(db) as conn:
@@ -160,6 +174,7 @@ TAMPERS = {
 }
 
 
+@pytest.mark.parametrize("entry_format", FORMATS)
 @pytest.mark.parametrize("case", sorted(TAMPERS))
 def test_every_tamper_on_an_export_is_named_with_its_first_bad_index(
     log: tuple[Path, audit_proofs.CheckpointSigner], tmp_path: Path, case: str
@@ -252,34 +267,50 @@ def test_an_altered_checkpoint_is_refused(
 # --- the live database -----------------------------------------------------------------------
 
 
-def _renumber(conn: sqlite3.Connection) -> None:
-    conn.execute("UPDATE audit_log SET seq = -1 WHERE seq = 6")
-    conn.execute("UPDATE audit_log SET seq = 6 WHERE seq = 7")
-    conn.execute("UPDATE audit_log SET seq = 7 WHERE seq = -1")
+def _renumber(conn: sqlite3.Connection, table: str) -> None:
+    conn.execute(f"UPDATE {table} SET seq = -1 WHERE seq = 6")
+    conn.execute(f"UPDATE {table} SET seq = 6 WHERE seq = 7")
+    conn.execute(f"UPDATE {table} SET seq = 7 WHERE seq = -1")
 
 
+# (format 1 statement, format 2 statement, code, first bad entry); in format 2 an entry's
+# sequence is one of its hashed values, so a swap is an edit (see test_audit_backends).
 DB_TAMPERS = {
     "edited": (
         "UPDATE audit_log SET body = replace(body, 'clerk-5', 'clerX-5') WHERE seq = 6",
+        "UPDATE audit_entries SET subject_id = 'X' || subject_id WHERE seq = 6",
         EDITED,
         6,
     ),
-    "deleted": ("DELETE FROM audit_log WHERE seq = 6", DELETED, 6),
-    "truncated": ("DELETE FROM audit_log WHERE seq > 17", TRUNCATED, 18),
+    "deleted": (
+        "DELETE FROM audit_log WHERE seq = 6",
+        "DELETE FROM audit_entries WHERE seq = 6",
+        DELETED,
+        6,
+    ),
+    "truncated": (
+        "DELETE FROM audit_log WHERE seq > 17",
+        "DELETE FROM audit_entries WHERE seq > 17",
+        TRUNCATED,
+        18,
+    ),
 }
 
 
+@pytest.mark.parametrize("entry_format", FORMATS)
 @pytest.mark.parametrize("case", [*sorted(DB_TAMPERS), "reordered"])
-def test_tamper_on_the_live_db(log: tuple[Path, audit_proofs.CheckpointSigner], case: str) -> None:
+def test_tamper_on_the_live_db(
+    log: tuple[Path, audit_proofs.CheckpointSigner], case: str, entry_format: int
+) -> None:
     db, signer = log
     assert verify_db(db, signer.public_key).code == OK
     with sqlite3.connect(db) as conn:
         if case == "reordered":
-            _renumber(conn)
-            code, first_bad = REORDERED, 6
+            _renumber(conn, "audit_log" if entry_format == 1 else "audit_entries")
+            code, first_bad = (REORDERED if entry_format == 1 else EDITED), 6
         else:
-            sql, code, first_bad = DB_TAMPERS[case]
-            conn.execute(sql)
+            *statements, code, first_bad = DB_TAMPERS[case]
+            conn.execute(statements[entry_format - 1])
     report = verify_db(db, signer.public_key)
     assert (report.code, report.first_bad) == (code, first_bad), report
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
-import sqlite3
 from collections.abc import Iterator
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ from certbroker.audit.service.proofs import CHUNK_SIZE, export_chunks
 from certbroker.audit.verify.report import EDITED
 from certbroker.cli import client
 from certbroker.v1 import audit_pb2, audit_pb2_grpc, broker_pb2
-from tests.helpers import Env, make_config, running_env
+from tests.helpers import Env, make_config, running_env, stored_rows
 
 CASE = "GZ20260302-000001"
 
@@ -77,13 +75,9 @@ def public_key(env: Env) -> Any:
 
 
 def stored(env: Env, sequence: int) -> tuple[str, str]:
-    """(body, prev_hash) of an entry, read from the SQLite file itself."""
-    uri = f"{(env.state_dir / 'audit.sqlite').resolve().as_uri()}?mode=ro"
-    with closing(sqlite3.connect(uri, uri=True)) as conn:
-        row = conn.execute(
-            "SELECT body, prev_hash FROM audit_log WHERE seq = ?", (sequence,)
-        ).fetchone()
-    return str(row[0]), str(row[1])
+    """(body as hashed, prev_hash) of an entry, read from the SQLite file itself."""
+    (row,) = [r for r in stored_rows(env.state_dir / "audit.sqlite") if r.seq == sequence]
+    return row.body, row.prev_hash
 
 
 def last_entry(env: Env) -> audit.AuditEntry:

@@ -12,6 +12,11 @@ case alters a copy as an attacker with the file's or the database's own rights w
 (append-only triggers bypassed) and runs the verify command in-process
 (``certbroker.cli.main.main``, ``--json``). :func:`test_a_real_subprocess_gives_the_same_verdict`
 shows that the real command prints the very same verdict and exit code.
+
+The log is in entry format 1 (``MATRIX_FORMAT``): the matrix alters ``audit_log``'s columns
+(the JSON body, its indexed copies, the hex hashes) and names their exact locations. The same
+kinds of tampering of format 2 rows (``audit_entries``, ``audit_terms``) are in
+test_audit_backends.py, test_audit_integrity.py and test_audit_compact.py.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from certbroker.config import AuditLocation, PostgresLocation
 from tests.audit.pg_support import admin_url, attacker
 from tests.audit.test_audit_backends import fill
 
+MATRIX_FORMAT = 1  # the rows every mutation below alters (see the module docstring)
 N = 20
 SIGNED = (8, 15, 20)
 FIRST, MIDDLE, LAST = 1, 10, N
@@ -87,7 +93,7 @@ def build(location: AuditLocation, state: Path) -> audit_proofs.CheckpointSigner
     signer = audit_proofs.CheckpointSigner.load(state)
     done = 0
     for size in SIGNED:
-        fill(location, size - done, start=done)
+        fill(location, size - done, start=done, entry_format=MATRIX_FORMAT)
         audit_proofs.sign_checkpoint(location, signer)
         done = size
     return signer

@@ -19,6 +19,7 @@ from certbroker import config
 from certbroker.adapters.demo import synthetic
 from certbroker.cli import audit_log as cli_audit_log
 from certbroker.cli import main as cli
+from tests.helpers import edit_entry
 
 CLI = [sys.executable, "-m", "certbroker"]
 CASE = "GZ20261121-000777"
@@ -139,9 +140,7 @@ def test_serve_token_lookup_audit_session(served: Served, dataset_dir: Path) -> 
     assert len(lines.splitlines()) == 3
 
     with sqlite3.connect(db) as conn:  # a dishonest edit of the second entry
-        conn.execute(
-            "UPDATE audit_log SET body = replace(body, 'clerk-cli', 'clerk-xxx') WHERE seq = 2"
-        )
+        edit_entry(conn, 2)
     tampered = run("audit", "verify", "--db", str(db), check=False)
     assert tampered.returncode == 10  # EDITED (certbroker.audit.verify.report exit codes)
     assert "first bad entry at index 2" in tampered.stdout

@@ -23,6 +23,7 @@ from certbroker.cli import main as cli
 from certbroker.evidence import document, jws, keys, pdf
 from certbroker.evidence import verify as ev
 from certbroker.v1 import audit_pb2, audit_pb2_grpc, broker_pb2
+from tests import helpers
 from tests.helpers import Env, make_config, running_env
 
 CASE = "GZ20260302-000777"
@@ -67,12 +68,9 @@ def verify(env: Env, path: Path, *extra: str) -> int:
 
 
 def stored_body(env: Env, entry_id: str) -> dict[str, Any]:
-    with sqlite3.connect(env.state_dir / "audit.sqlite") as conn:
-        (body,) = conn.execute(
-            "SELECT body FROM audit_log WHERE entry_id = ?", (entry_id,)
-        ).fetchone()
-    value: dict[str, Any] = json.loads(body)
-    return value
+    body = helpers.stored_body(env.state_dir / "audit.sqlite", entry_id)
+    assert body is not None
+    return body
 
 
 def payload_of(compact: str) -> dict[str, Any]:
@@ -245,7 +243,10 @@ def _prove_after_the_entry_is_deleted(dataset_dir: Path, tmp_path: Path) -> int:
     evidence = tmp_path / "deleted.jws"
     evidence.write_text(gone.evidence)
     with sqlite3.connect(cfg.state_dir / "audit.sqlite") as conn:
+        # The entry in whichever format it is stored (audit_entries keeps the id's bytes).
         conn.execute("DELETE FROM audit_log WHERE entry_id = ?", (gone.receipt.entry_id,))
+        entry_id = bytes.fromhex(gone.receipt.entry_id)
+        conn.execute("DELETE FROM audit_entries WHERE entry_id = ?", (entry_id,))
         conn.execute("DELETE FROM merkle_nodes")
         conn.execute("DELETE FROM merkle_state")
     with running_env(cfg, dataset_dir) as own:

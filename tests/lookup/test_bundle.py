@@ -36,7 +36,9 @@ from tests.helpers import (
     AdapterProcess,
     BrokerThread,
     Env,
+    allow_appends,
     make_config,
+    refuse_appends,
     start_adapter,
 )
 
@@ -334,16 +336,11 @@ def test_unauthenticated_bundle_is_refused_and_counted(env: Env, couple: tuple[s
 )
 def test_no_audit_no_answer(env: Env, couple: tuple[str, str], refuse_when: str) -> None:
     db = sqlite3.connect(env.state_dir / "audit.sqlite")
-    db.execute(
-        f"CREATE TRIGGER refuse BEFORE INSERT ON audit_log WHEN {refuse_when} "
-        "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
-    )
-    db.commit()
+    refuse_appends(db, refuse_when)
     token = env.token()
     err = refused(lambda: bundle(env.stub, token, [(couple[0], "seller")]))
     assert (err.code, err.reason) == ("UNAVAILABLE", "AUDIT_UNAVAILABLE")
-    db.execute("DROP TRIGGER refuse")
-    db.commit()
+    allow_appends(db)
     db.close()
     assert entries(env.state_dir / "audit.sqlite") == {}  # nothing half-written
     reply = bundle(env.stub, token, [(couple[0], "seller")])  # and the broker recovers

@@ -19,7 +19,7 @@ from certbroker.contract import fields as record_fields
 from certbroker.contract import resident_id
 from certbroker.errors import reason_of
 from certbroker.v1 import broker_pb2
-from tests.helpers import Env
+from tests.helpers import Env, allow_appends, refuse_appends, stored_rows
 
 PROPERTY_TRANSFER, PENSION, ENROLMENT = "BDC-ZY-001", "SB-YL-001", "JY-RX-001"
 CASE = "GZ20261121-000123"
@@ -106,12 +106,8 @@ def test_receipt_is_the_audit_entry(env: Env, couple: tuple[str, str]) -> None:
     assert ev.policy_version
     assert ev.latency_ms >= 0
     # Never record contents: the spouse's name appears nowhere in the stored entry.
-    body = (
-        sqlite3.connect(env.state_dir / "audit.sqlite")
-        .execute("SELECT body FROM audit_log WHERE entry_id = ?", (receipt.entry_id,))
-        .fetchone()[0]
-    )
-    assert response.record.marriage.spouse_name not in body
+    (row,) = stored_rows(env.state_dir / "audit.sqlite", receipt.entry_id)
+    assert response.record.marriage.spouse_name not in row.body
     assert audit.verify_chain(env.state_dir / "audit.sqlite").ok
 
 
@@ -266,15 +262,10 @@ def test_no_audit_no_answer(env: Env, couple: tuple[str, str]) -> None:
     token = env.token()
     lookup(env, token, "household", couple[0])
     db = sqlite3.connect(env.state_dir / "audit.sqlite")
-    db.execute(
-        "CREATE TRIGGER refuse BEFORE INSERT ON audit_log "
-        "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
-    )
-    db.commit()
+    refuse_appends(db)
     code, reason, _ = failure(lambda: lookup(env, token, "household", couple[0]))
     assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "AUDIT_UNAVAILABLE")
-    db.execute("DROP TRIGGER refuse")
-    db.commit()
+    allow_appends(db)
     db.close()
     assert len(entries(env)) == 1  # nothing half-written
     lookup(env, token, "household", couple[0])  # and the broker recovers

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import sqlite3
 from collections.abc import Iterator
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ from certbroker import audit
 from certbroker.cli import client
 from certbroker.v1 import broker_pb2
 from tests.cache_support import reload_policies, running, sample, spy, write_policies
-from tests.helpers import Env
+from tests.helpers import Env, stored_rows
 
 TRANSFER = "BDC-ZY-001"
 CASE = "GZ20261121-000321"
@@ -126,10 +124,8 @@ def test_cache_hits_are_audited_and_say_so(cenv: Env, couple: tuple[str, str]) -
         second.decision_id,
     )
     assert two.event.clerk == "clerk-5"
-    with closing(sqlite3.connect(cenv.state_dir / "audit.sqlite")) as db:
-        body = db.execute(
-            "SELECT body FROM audit_log WHERE entry_id = ?", (second.receipt.entry_id,)
-        ).fetchone()[0]
+    (row,) = stored_rows(cenv.state_dir / "audit.sqlite", second.receipt.entry_id)
+    body = row.body
     assert json.loads(body)["from_cache"] is True
     assert second.record.marriage.spouse_name not in body  # still no record contents
     assert audit.verify_chain(cenv.state_dir / "audit.sqlite").ok

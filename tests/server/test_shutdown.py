@@ -4,11 +4,8 @@ adapter process -- still gets its answer and its audit entry, and the process ex
 
 from __future__ import annotations
 
-import json
 import re
-import sqlite3
 import threading
-from contextlib import closing
 from pathlib import Path
 
 import grpc
@@ -20,7 +17,7 @@ from certbroker.auth.authenticator import DevIdentityProvider
 from certbroker.cli import client
 from certbroker.server.app import SERVICE_NAMES
 from certbroker.v1 import broker_pb2_grpc
-from tests.helpers import start_adapter
+from tests.helpers import start_adapter, stored_body
 from tests.server.serving import WAIT_S, Serve, scrape, serve, wait_until
 
 OFFICE = "gz-haizhu-24h-01"
@@ -47,9 +44,8 @@ def in_flight(s: Serve) -> float:
 
 
 def stored_entry(db: Path, entry_id: str) -> str | None:
-    with closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as conn:
-        row = conn.execute("SELECT body FROM audit_log WHERE entry_id = ?", (entry_id,)).fetchone()
-    return None if row is None else str(json.loads(row[0])["kind"])
+    body = stored_body(db, entry_id)
+    return None if body is None else str(body["kind"])
 
 
 def refused(target: str) -> bool:

@@ -39,7 +39,7 @@ from certbroker.v1 import (
     registry_pb2,
     registry_pb2_grpc,
 )
-from tests.helpers import start_adapter
+from tests.helpers import start_adapter, stored_rows
 
 CLI = [sys.executable, "-m", "certbroker"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -222,9 +222,8 @@ def reloads_ok(port: int) -> float:
 
 def entries(db: Path) -> dict[str, tuple[int, str, str]]:
     """entry_id -> (seq, entry_hash, kind) of every stored entry."""
-    with closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as conn:
-        rows = conn.execute("SELECT entry_id, seq, entry_hash, body FROM audit_log").fetchall()
-    return {r[0]: (int(r[1]), str(r[2]), json.loads(r[3])["kind"]) for r in rows}
+    bodies = [(row, json.loads(row.body)) for row in stored_rows(db)]
+    return {body["entry_id"]: (row.seq, row.entry_hash, body["kind"]) for row, body in bodies}
 
 
 def wait_until(what: str, condition: object) -> None:
@@ -398,8 +397,7 @@ def test_policy_reload_reaches_every_worker(
     assert all(lookups(p, "deny") > 0 for p in ports)  # both workers use the new set
 
     # Each worker audited its own reload: two entries, both with the new version.
-    with closing(sqlite3.connect(f"{served.db.as_uri()}?mode=ro", uri=True)) as conn:
-        bodies = [json.loads(b) for (b,) in conn.execute("SELECT body FROM audit_log")]
+    bodies = [json.loads(row.body) for row in stored_rows(served.db)]
     first = bodies[0]["policy_version"]
     reloads = [b for b in bodies if b["kind"] == "policy_reload"]
     assert len(reloads) == 2

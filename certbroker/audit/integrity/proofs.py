@@ -40,7 +40,7 @@ from certbroker.audit.integrity.merkle import (
     inclusion_path,
     perfect_subtree_hasher,
 )
-from certbroker.audit.integrity.tree import load_state, node_reader, root_at
+from certbroker.audit.integrity.tree import ArchivedLeaves, load_state, node_reader, root_at
 from certbroker.audit.store.base import Connection
 from certbroker.audit.store.db import backend_for
 from certbroker.auth.keyfiles import ed25519_key_files
@@ -103,28 +103,35 @@ def tree_size(db: AuditLocation) -> int:
         return load_state(conn)[0]
 
 
-def inclusion_proof(db: AuditLocation, sequence: int, size: int) -> tuple[bytes, list[bytes]]:
+def inclusion_proof(
+    db: AuditLocation, sequence: int, size: int, *, archived: ArchivedLeaves | None = None
+) -> tuple[bytes, list[bytes]]:
     """(leaf hash, RFC 9162 inclusion path) of entry ``sequence`` in the tree of ``size``.
 
-    ValueError unless ``1 <= sequence <= size <= stored size``.
+    The low nodes of archived compact entries (which nobody stored) come from ``archived``
+    (:func:`certbroker.audit.archive.archived_leaves`); without it, or if it cannot read
+    them, KeyError. ValueError unless ``1 <= sequence <= size <= stored size``.
     """
     with closing(_connect(db)) as conn:
         stored, _ = load_state(conn)
         if not 1 <= sequence <= size <= stored:
             raise ValueError(f"no entry {sequence} in a tree of {size} (log has {stored})")
-        node = node_reader(conn)
+        node = node_reader(conn, archived)
         return node(0, sequence - 1), inclusion_path(
             sequence - 1, size, perfect_subtree_hasher(node)
         )
 
 
-def consistency_proof(db: AuditLocation, old: int, new: int) -> list[bytes]:
-    """RFC 9162 consistency proof from tree ``old`` to tree ``new`` (``0 <= old <= new``)."""
+def consistency_proof(
+    db: AuditLocation, old: int, new: int, *, archived: ArchivedLeaves | None = None
+) -> list[bytes]:
+    """RFC 9162 consistency proof from tree ``old`` to tree ``new`` (``0 <= old <= new``);
+    ``archived`` as for :func:`inclusion_proof` (KeyError without a node it needs)."""
     with closing(_connect(db)) as conn:
         stored, _ = load_state(conn)
         if not 0 <= old <= new <= stored:
             raise ValueError(f"no consistency proof from {old} to {new} (log has {stored})")
-        return consistency_path(old, new, perfect_subtree_hasher(node_reader(conn)))
+        return consistency_path(old, new, perfect_subtree_hasher(node_reader(conn, archived)))
 
 
 def tree_root(db: AuditLocation, size: int) -> bytes:

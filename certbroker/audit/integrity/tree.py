@@ -43,7 +43,7 @@ from certbroker.audit.integrity.merkle import (
     root,
 )
 from certbroker.audit.store.base import Connection, Node
-from certbroker.audit.store.rows import bodies_between
+from certbroker.audit.store.rows import archived_head, bodies_between
 
 STORED_LEVEL = 5
 """The lowest level a compact (format version 2) writer stores: nodes below it are recomputed
@@ -153,18 +153,49 @@ def backfill(conn: Connection) -> int:
     return added
 
 
-def node_reader(conn: Connection) -> Callable[[int, int], bytes]:
+ArchivedLeaves = Callable[[int, int], list[bytes]]
+"""``leaves(first, last)``: the leaf hashes of the archived entries ``first..last``, read from
+their archive files (:func:`certbroker.audit.archive.archived_leaves`); KeyError if they
+cannot be read there."""
+
+
+def node_reader(
+    conn: Connection, archived: ArchivedLeaves | None = None
+) -> Callable[[int, int], bytes]:
     """``node(level, index)`` from ``merkle_nodes``, or recomputed from the entries below
-    :data:`STORED_LEVEL` (:func:`computed_node`); KeyError if it is neither."""
+    :data:`STORED_LEVEL` (:func:`computed_node`), taking the leaves of archived entries from
+    ``archived`` if given; KeyError if it is neither."""
 
     def node(level: int, index: int) -> bytes:
         try:
             (digest,) = conn.backend.read_nodes(conn, ((level, index),))
         except KeyError:
-            return computed_node(conn, level, index)  # below STORED_LEVEL: not stored
+            try:
+                return computed_node(conn, level, index)  # below STORED_LEVEL: not stored
+            except KeyError:
+                if archived is None or level >= STORED_LEVEL:
+                    raise
+                return _node_across_archive(conn, level, index, archived)
         return digest
 
     return node
+
+
+def _node_across_archive(
+    conn: Connection, level: int, index: int, archived: ArchivedLeaves
+) -> bytes:
+    """A low node some of whose entries are archived (a compact writer did not store it, and
+    archival kept only the ones checkpoints need): the archived leaves from the archive
+    files, the others from the live entries."""
+    first = (index << level) + 1
+    last = first + (1 << level) - 1
+    watermark, _ = archived_head(conn)
+    leaves = archived(first, min(last, watermark)) if first <= watermark else []
+    live = bodies_between(conn, max(first, watermark + 1), last)
+    leaves += [body_leaf(body) for body in live]
+    if len(leaves) != 1 << level:
+        raise KeyError(f"merkle node ({level}, {index}): its entries are neither live nor archived")
+    return root(leaves)
 
 
 def root_at(conn: Connection, size: int) -> bytes:

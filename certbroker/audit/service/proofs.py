@@ -13,16 +13,22 @@ reason                      status              when
 ``NO_CHECKPOINT``           NOT_FOUND           no checkpoint signed yet, and the request
                                                 defaults to the latest one
 ``ENTRY_NOT_FOUND``         NOT_FOUND           no entry has that ``entry_id``
+``ENTRY_ARCHIVED``          NOT_FOUND           the entry (or the end of ``old_size``) is
+                                                archived, a node its proof needs was not
+                                                kept, and its archive file is not readable
+                                                here (missing, encrypted)
 ``BAD_ENTRY_ID``            INVALID_ARGUMENT    ``entry_id`` is not 32 lowercase hex digits
 ``AMBIGUOUS_ENTRY``         INVALID_ARGUMENT    both ``entry_id`` and ``sequence`` given
 ``BAD_SEQUENCE``            INVALID_ARGUMENT    sequence < 1, or beyond the proof's tree
 ``BAD_TREE_SIZE``           INVALID_ARGUMENT    a size < 0, or beyond the stored log
 ``BAD_SIZE_RANGE``          INVALID_ARGUMENT    consistency ``old_size > new_size``
-``BAD_SEQUENCE_RANGE``      INVALID_ARGUMENT    export bounds < 0, ``from > to`` or beyond
+``BAD_SEQUENCE_RANGE``      INVALID_ARGUMENT    export bounds < 0, ``from > to``, beyond the
+                                                log, or ``from`` in the archived entries
 ==========================  ==================  ============================================
 
 Sizes given as 0 mean "the latest checkpoint's size" (``tree_size``, ``new_size``,
-``to_sequence``), so an auditor holding that checkpoint can check the answer against it.
+``to_sequence``), so an auditor holding that checkpoint can check the answer against it;
+``from_sequence`` 0 means the first live entry (1, or the one after the archived ones).
 The log only grows, so a request checked against the state read here stays answerable.
 
 ``db`` is the audit log's location, passed through unchanged to
@@ -40,11 +46,13 @@ from collections.abc import AsyncIterator
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import IO, Final, cast
 
 from google.protobuf import timestamp_pb2
 
 from certbroker import errors
+from certbroker.audit.archive import archived_leaves
 from certbroker.audit.export import export
 from certbroker.audit.integrity.proofs import (
     CheckpointSigner,
@@ -56,7 +64,7 @@ from certbroker.audit.integrity.proofs import (
     tree_size,
 )
 from certbroker.audit.store.db import connect_read
-from certbroker.audit.store.rows import select_rows
+from certbroker.audit.store.rows import archived_head, select_rows
 from certbroker.config import AuditLocation
 from certbroker.v1 import audit_pb2
 
@@ -85,10 +93,12 @@ def _no_checkpoint() -> errors.NotFound:
 
 @dataclass(frozen=True)
 class LogState:
-    """The newest checkpoint (or None) and the number of entries the stored tree covers."""
+    """The newest checkpoint (or None), the number of entries the stored tree covers and the
+    last archived sequence (0 if none: the live log starts after it)."""
 
     checkpoint: StoredCheckpoint | None
     size: int
+    archived: int = 0
 
     def default_size(self, given: int) -> int:
         """``given``, or the latest checkpoint's size when it is 0."""
@@ -102,7 +112,9 @@ class LogState:
 def read_state(db: AuditDB) -> LogState:
     """Blocking. The checkpoint is read first: it never covers more than the tree read after."""
     latest = latest_checkpoint(db)
-    return LogState(latest, tree_size(db))
+    with closing(connect_read(db)) as conn:
+        archived, _ = archived_head(conn)
+    return LogState(latest, tree_size(db), archived)
 
 
 def _within(state: LogState, size: int, argument: str) -> int:
@@ -165,23 +177,42 @@ def sequence_of(db: AuditDB, entry_id: str) -> int | None:
     return rows[0].seq if rows else None
 
 
-def resolve_inclusion(db: AuditDB, query: InclusionQuery) -> audit_pb2.InclusionProof:
-    """Blocking. The proof of the entry in the tree of ``tree_size`` (0: latest checkpoint)."""
+def resolve_inclusion(
+    db: AuditDB, query: InclusionQuery, archive_dir: Path | None = None
+) -> audit_pb2.InclusionProof:
+    """Blocking. The proof of the entry in the tree of ``tree_size`` (0: latest checkpoint).
+
+    An archived entry is found by its ``sequence`` (``entry_id`` looks in the live log only);
+    the nodes of archived compact entries that nobody stored come from their archive file
+    in ``archive_dir`` (:func:`certbroker.audit.archive.archived_leaves`)."""
     state = read_state(db)
     size = _within(state, state.default_size(query.tree_size), "tree_size")
     sequence = query.sequence
     if query.entry_id:
         found = sequence_of(db, query.entry_id)
         if found is None:
-            raise errors.NotFound(
-                "ENTRY_NOT_FOUND", "no audit entry has this entry_id", argument="entry_id"
-            )
+            where = "no audit entry has this entry_id"
+            if state.archived:  # ids are looked up in the live log, not in the archive files
+                where = (
+                    f"no live audit entry has this entry_id (entries 1..{state.archived} are "
+                    "archived: ask for an archived entry by its sequence)"
+                )
+            raise errors.NotFound("ENTRY_NOT_FOUND", where, argument="entry_id")
         sequence = found
     if sequence > size:
         raise _invalid(
             "BAD_SEQUENCE", f"entry {sequence} is not in the tree of size {size}", "sequence"
         )
-    leaf, path = inclusion_proof(db, sequence, size)
+    archived = None if archive_dir is None else archived_leaves(db, archive_dir)
+    try:
+        leaf, path = inclusion_proof(db, sequence, size, archived=archived)
+    except KeyError:
+        raise errors.NotFound(
+            "ENTRY_ARCHIVED",
+            f"entry {sequence} is archived and its archive file cannot be read here: "
+            "prove it from the file (certbroker audit verify --with-archives checks it)",
+            argument="sequence",
+        ) from None
     return audit_pb2.InclusionProof(
         leaf_index=sequence - 1, tree_size=size, hashes=path, leaf_hash=leaf
     )
@@ -200,28 +231,40 @@ def consistency_request(request: audit_pb2.ConsistencyProofRequest) -> tuple[int
     return request.old_size, request.new_size
 
 
-def resolve_consistency(db: AuditDB, old: int, new: int) -> audit_pb2.ConsistencyProof:
-    """Blocking. RFC 9162 proof that the tree of ``old`` entries is a prefix of ``new``'s."""
+def resolve_consistency(
+    db: AuditDB, old: int, new: int, archive_dir: Path | None = None
+) -> audit_pb2.ConsistencyProof:
+    """Blocking. RFC 9162 proof that the tree of ``old`` entries is a prefix of ``new``'s
+    (archived nodes nobody stored from the archive files in ``archive_dir``)."""
     state = read_state(db)
     new = _within(state, state.default_size(new), "new_size")
     if old > new:
         raise _invalid("BAD_SIZE_RANGE", "old_size must not exceed new_size", "old_size")
-    return audit_pb2.ConsistencyProof(
-        old_size=old, new_size=new, hashes=consistency_proof(db, old, new)
-    )
+    archived = None if archive_dir is None else archived_leaves(db, archive_dir)
+    try:
+        hashes = consistency_proof(db, old, new, archived=archived)
+    except KeyError:
+        raise errors.NotFound(
+            "ENTRY_ARCHIVED",
+            f"the tree of {old} entries ends in archived entries whose archive file cannot be "
+            "read here",
+            argument="old_size",
+        ) from None
+    return audit_pb2.ConsistencyProof(old_size=old, new_size=new, hashes=hashes)
 
 
 # --- export -----------------------------------------------------------------------------------
 
 
 def export_request(request: audit_pb2.ExportRequest) -> tuple[int, int]:
-    """(first, last) as asked: first defaults to 1, last 0 = the latest checkpoint's size."""
-    first, last = request.from_sequence or 1, request.to_sequence
-    if first < 1 or last < 0:
+    """(first, last) as asked: first 0 = the first live entry, last 0 = the latest
+    checkpoint's size."""
+    first, last = request.from_sequence, request.to_sequence
+    if first < 0 or last < 0:
         raise _invalid(
             "BAD_SEQUENCE_RANGE", "from_sequence and to_sequence must not be negative", "range"
         )
-    if last and first > last:
+    if first and last and first > last:
         raise _invalid(
             "BAD_SEQUENCE_RANGE", "from_sequence must not exceed to_sequence", "from_sequence"
         )
@@ -229,8 +272,18 @@ def export_request(request: audit_pb2.ExportRequest) -> tuple[int, int]:
 
 
 def resolve_export(db: AuditDB, first: int, last: int) -> tuple[int, int]:
-    """Blocking. The range to export, checked against the log."""
+    """Blocking. The range to export, checked against the log: from the first live entry
+    (``first`` 0), to the latest checkpoint (``last`` 0)."""
     state = read_state(db)
+    # Archived entries are in the archive files, not the live log: an export starts after them.
+    if first and first <= state.archived:
+        raise _invalid(
+            "BAD_SEQUENCE_RANGE",
+            f"entries 1..{state.archived} are archived: from_sequence must be at least "
+            f"{state.archived + 1}",
+            "from_sequence",
+        )
+    first = first or state.archived + 1
     last = state.default_size(last)
     if last > state.size:
         raise _invalid(

@@ -38,16 +38,17 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
 from certbroker import errors, validation
 from certbroker.audit import anomalies
+from certbroker.audit.anomaly_scan import find_in_store
 from certbroker.audit.events import AuditEntry, AuditEvent, AuditLog, Receipt
 from certbroker.audit.guard import AuditedCall, Result, invocation_metadata
 from certbroker.audit.integrity.proofs import CheckpointSigner
-from certbroker.audit.lookups import read_lookups
 from certbroker.audit.refusals import RefusalLedger
 from certbroker.audit.scan import Criteria, scan
 from certbroker.audit.service import overview, proofs
@@ -104,6 +105,7 @@ class AuditService(audit_pb2_grpc.AuditServicer):
     """Serves auditors from the audit log at ``db``, which ``log`` appends to; ``signer`` signs
     checkpoints on demand. ``db`` is passed unchanged to the reading modules. ``refusals``
     counts calls refused before the caller is known (:mod:`certbroker.audit.guard`).
+    ``archive_dir``: where the log's archive files are (inclusion proofs of archived entries).
 
     Every RPC runs inside :class:`~certbroker.audit.guard.AuditedCall`; errors are raised as
     ``BrokerError`` and mapped to a status by the server (:func:`certbroker.server.calls.guarded`).
@@ -121,8 +123,10 @@ class AuditService(audit_pb2_grpc.AuditServicer):
         refusals: RefusalLedger | None = None,
         state: BrokerState | None = None,
         evidence_keys: Callable[[], tuple[str, str]] | None = None,
+        archive_dir: Path | None = None,
     ) -> None:
         self._auth = auth
+        self._archive_dir = archive_dir
         self._state = state
         self._evidence_keys = evidence_keys
         self._refusals = refusals
@@ -354,15 +358,15 @@ class AuditService(audit_pb2_grpc.AuditServicer):
         already read), and the reviews written since the range began (a review comes after
         what it reviews)."""
         if entries is None:
-            # The lookups' few values straight from the store's columns (read_lookups), not
-            # the entries rebuilt whole: a day at city density is tens of thousands of them.
-            # Only the disputes are read whole (citizen entries, few).
-            lookups = read_lookups(
-                self._db, since=criteria.since, until=criteria.until, before=criteria.before
-            )
-            disputes = scan(self._db, replace(criteria, kinds=("citizen",)))
-            findings = anomalies.find_lookups(
-                lookups, self._policies.current, self._thresholds, citizen=disputes
+            # Counted by the database where it can (anomaly_scan), not every entry rebuilt
+            # whole: a day at city density is tens of thousands of them.
+            findings = find_in_store(
+                self._db,
+                self._policies.current,
+                self._thresholds,
+                since=criteria.since,
+                until=criteria.until,
+                before=criteria.before,
             )
         else:
             findings = anomalies.find(entries, self._policies.current, self._thresholds)
@@ -482,7 +486,9 @@ class AuditService(audit_pb2_grpc.AuditServicer):
             return query
 
         async def resolve(query: proofs.InclusionQuery) -> audit_pb2.InclusionProof:
-            proof = await asyncio.to_thread(proofs.resolve_inclusion, self._db, query)
+            proof = await asyncio.to_thread(
+                proofs.resolve_inclusion, self._db, query, self._archive_dir
+            )
             if query.entry_id:  # what the id resolved to
                 call.summary.append(f"sequence={proof.leaf_index + 1}")
             if not query.tree_size:  # what the default resolved to
@@ -503,7 +509,9 @@ class AuditService(audit_pb2_grpc.AuditServicer):
             return old, new
 
         async def resolve(sizes: tuple[int, int]) -> audit_pb2.ConsistencyProof:
-            proof = await asyncio.to_thread(proofs.resolve_consistency, self._db, *sizes)
+            proof = await asyncio.to_thread(
+                proofs.resolve_consistency, self._db, *sizes, self._archive_dir
+            )
             if not sizes[1]:  # what the default resolved to
                 call.summary.append(f"new_size={proof.new_size}")
             return proof
@@ -518,13 +526,15 @@ class AuditService(audit_pb2_grpc.AuditServicer):
 
         def parse() -> tuple[int, int]:
             first, last = proofs.export_request(request)
-            call.summary += [f"from={first}", f"to={last}"] if last else [f"from={first}"]
+            call.summary += [f"from={first}"] if first else []
+            call.summary += [f"to={last}"] if last else []
             return first, last
 
         async def resolve(bounds: tuple[int, int]) -> tuple[int, int]:
             first, last = await asyncio.to_thread(proofs.resolve_export, self._db, *bounds)
-            if not bounds[1]:  # what the default resolved to
-                call.summary.append(f"to={last}")
+            # What the defaults resolved to (the first live entry, the latest checkpoint).
+            call.summary += [] if bounds[0] else [f"from={first}"]
+            call.summary += [] if bounds[1] else [f"to={last}"]
             return first, last
 
         first, last = await self._resolve(call, context, parse, resolve)

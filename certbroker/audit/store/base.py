@@ -163,6 +163,22 @@ class Backend(Protocol):
         """Whether the log has table ``name`` (an old SQLite file may lack newer tables)."""
         ...
 
+    # --- SQL that differs between the databases (trusted fragments, for the log's readers) ---
+
+    #: Whether columns hold only their declared type (PostgreSQL), or any value (SQLite): a
+    #: reader of the latter checks the types of what it counts.
+    typed_columns: bool
+
+    def json_element(self, column: str, index: int, *, integer: bool = False) -> str:
+        """SQL for element ``index`` of the JSON array text in ``column``: as text, or as an
+        integer when ``integer``; NULL when the array is shorter."""
+        ...
+
+    def text_agg(self, expr: str) -> str:
+        """SQL aggregating ``expr`` over a group as one comma-separated text (NULLs left
+        out; NULL for a group of NULLs)."""
+        ...
+
     def keep_undecodable_text(self, conn: Connection) -> None:
         """From now on, have reader ``conn`` return a text value that is not valid UTF-8 as
         :class:`UndecodableText` instead of failing the whole query.

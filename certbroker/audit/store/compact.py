@@ -11,12 +11,13 @@ What is hashed (the format an auditor re-implements)
     as for version 1; an export carries that text, so offline verification is unchanged.
 What is stored (one row of ``audit_entries``)
     ``seq`` (the primary key), ``entry_id`` (the UUIDv7's 16 bytes), ``time`` (milliseconds
-    since the epoch), ``clerk``, ``matter_code``, ``record_type``, ``decision`` (term ids,
-    below), ``subject_id`` (text), ``rest`` (a JSON array of the other values, positionally,
-    :data:`REST_FIELDS`, repeated strings as term ids, trailing defaults left out) and
-    ``entry_hash`` (32 bytes). There is no ``prev_hash`` column: it is the previous row's
-    ``entry_hash``, and the verifier recomputes every hash from the rebuilt body, so a changed
-    value anywhere in the row is a hash mismatch.
+    since the epoch), the :data:`COLUMN_FIELDS` (``clerk``, ``matter_code``, ``record_type``,
+    ``decision``, ``kind``, ``office``, ``outcome`` as term ids, below; ``subject_id`` and
+    ``case_number`` as text: what the indexes and the anomaly rules read), ``rest`` (a JSON
+    array of the other values, positionally, :data:`REST_FIELDS`, repeated strings as term
+    ids, trailing defaults left out) and ``entry_hash`` (32 bytes). There is no ``prev_hash``
+    column: it is the previous row's ``entry_hash``, and the verifier recomputes every hash
+    from the rebuilt body, so a changed value anywhere in the row is a hash mismatch.
 ``audit_terms`` (``id``, ``term``)
     Strings that repeat across entries (clerks, offices, roles, matters, rules, the policy
     version...) are stored once and referenced by id. Append-only like the entries; a term row
@@ -41,16 +42,27 @@ from certbroker.audit.store.base import Connection
 COMPACT_VERSION: Final = 2
 """The ``v`` of an entry stored compactly."""
 
-#: The values of ``rest``, in order; ``True`` marks a value stored as a term id.
-REST_FIELDS: Final[tuple[tuple[str, bool], ...]] = (
+#: The values stored in columns of their own, in :data:`COLUMNS` order after ``time``;
+#: ``True`` marks a value stored as a term id. The indexed ones (clerk, subject) and what the
+#: anomaly rules count over a day (kind, office, case number, decision, outcome:
+#: :mod:`certbroker.audit.anomaly_scan`), so that counting reads no JSON.
+COLUMN_FIELDS: Final[tuple[tuple[str, bool], ...]] = (
+    ("clerk", True),
+    ("subject_id", False),
+    ("matter_code", True),
+    ("record_type", True),
+    ("decision", True),
     ("kind", True),
     ("office", True),
-    ("roles", True),
     ("case_number", False),
+    ("outcome", True),
+)
+#: The values of ``rest``, in order; ``True`` marks a value stored as a term id.
+REST_FIELDS: Final[tuple[tuple[str, bool], ...]] = (
+    ("roles", True),
     ("consent_method", True),
     ("rule_id", True),
     ("withheld_fields", True),
-    ("outcome", True),
     ("status", True),
     ("policy_version", True),
     ("department", True),
@@ -77,18 +89,14 @@ _TRAILING_DEFAULTS: Final[Mapping[str, object]] = {
 #: Values a body leaves out when empty (an entry that issued no evidence has neither key:
 #: :data:`certbroker.audit.events._OPTIONAL_FIELDS`); the rebuilt body must leave them out too.
 _OPTIONAL: Final = ("released_fields", "released_digest")
-#: The indexed columns stored as term ids.
-TERM_COLUMNS: Final = ("clerk", "matter_code", "record_type", "decision")
+#: The columns stored as term ids.
+TERM_COLUMNS: Final = tuple(name for name, interned in COLUMN_FIELDS if interned)
 #: Column order of ``audit_entries`` (and of :func:`encode`'s tuples).
 COLUMNS: Final = (
     "seq",
     "entry_id",
     "time",
-    "clerk",
-    "subject_id",
-    "matter_code",
-    "record_type",
-    "decision",
+    *(name for name, _ in COLUMN_FIELDS),
     "rest",
     "entry_hash",
 )
@@ -96,18 +104,14 @@ COLUMN_TYPES: Final = (
     "bigint",
     "bytea",
     "bigint",
-    "integer",
-    "text",
-    "integer",
-    "integer",
-    "integer",
+    *("integer" if interned else "text" for _, interned in COLUMN_FIELDS),
     "text",
     "bytea",
 )
 _LISTS: Final = frozenset({"roles", "withheld_fields"})
 #: Every body key a compact row holds (besides seq and v, which the row implies).
 _KNOWN: Final = frozenset(
-    {"entry_id", "time", "subject_id", *TERM_COLUMNS, *(name for name, _ in REST_FIELDS)}
+    {"entry_id", "time", *(name for name, _ in COLUMN_FIELDS), *(name for name, _ in REST_FIELDS)}
 )
 _ID: Final = re.compile(r"[0-9a-f]{32}")
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -233,6 +237,12 @@ def _term_text(name: str, value: object) -> str:
     return value
 
 
+def _text(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be str")
+    return value
+
+
 def encode(
     conn: Connection, terms: Terms, seq: int, fields: Mapping[str, object], entry_hash: str
 ) -> tuple[Any, ...]:
@@ -259,9 +269,12 @@ def encode(
         seq,
         bytes.fromhex(entry_id),
         time_ms(str(fields["time"])),
-        terms.id_for(conn, _term_text("clerk", fields["clerk"])),
-        str(fields["subject_id"]),
-        *(terms.id_for(conn, _term_text(n, fields[n])) for n in TERM_COLUMNS[1:]),
+        *(
+            terms.id_for(conn, _term_text(name, fields[name]))
+            if interned
+            else _text(name, fields[name])
+            for name, interned in COLUMN_FIELDS
+        ),
         json.dumps(rest, separators=(",", ":"), ensure_ascii=False, allow_nan=False),
         bytes.fromhex(entry_hash),
     )
@@ -270,11 +283,13 @@ def encode(
 def decode(conn: Connection, terms: Terms, values: Sequence[object]) -> dict[str, object]:
     """The body fields (with ``seq`` and ``v``) of an ``audit_entries`` row in
     :data:`COLUMNS` order; ``ValueError``/``TypeError`` if the row cannot be one."""
-    seq, entry_id, millis, clerk, subject, matter, record_type, decision, rest, _ = values
+    if len(values) != len(COLUMNS):
+        raise ValueError("not a row of audit_entries")
+    seq, entry_id, millis, *columns, rest, _ = values
     if not isinstance(entry_id, bytes | memoryview) or len(entry_id) != 16:
         raise ValueError("entry_id is not 16 bytes")
-    if type(millis) is not int or not isinstance(subject, str) or not isinstance(rest, str):
-        raise ValueError("time, subject_id or rest of the wrong kind")
+    if type(millis) is not int or not isinstance(rest, str):
+        raise ValueError("time or rest of the wrong kind")
     packed = json.loads(rest)
     if not isinstance(packed, list) or len(packed) > len(REST_FIELDS):
         raise ValueError("rest is not an array of the entry's values")
@@ -283,12 +298,14 @@ def decode(conn: Connection, terms: Terms, values: Sequence[object]) -> dict[str
         "seq": seq,
         "entry_id": bytes(entry_id).hex(),
         "time": ms_time(millis),
-        "clerk": terms.term(conn, clerk),
-        "subject_id": subject,
-        "matter_code": terms.term(conn, matter),
-        "record_type": terms.term(conn, record_type),
-        "decision": terms.term(conn, decision),
     }
+    for (name, interned), stored in zip(COLUMN_FIELDS, columns, strict=True):
+        if interned:
+            fields[name] = terms.term(conn, stored)
+        elif isinstance(stored, str):
+            fields[name] = stored
+        else:
+            raise ValueError(f"{name} of the wrong kind")
     for index, (name, interned) in enumerate(REST_FIELDS):
         if index >= len(packed):
             value: object = _TRAILING_DEFAULTS[name]
@@ -335,6 +352,16 @@ def term_ids(conn: Connection, terms: Terms, equals: Mapping[str, str]) -> dict[
         else:
             out[column] = value
     return out
+
+
+_REST_INDEX: Final = {name: index for index, (name, _) in enumerate(REST_FIELDS)}
+
+
+def rest_element(conn: Connection, name: str) -> str:
+    """SQL for the ``rest`` value ``name`` of a row (NULL when left out as a trailing
+    default); an integer for a value stored as a term id."""
+    term = REST_FIELDS[_REST_INDEX[name]][1]
+    return conn.backend.json_element("rest", _REST_INDEX[name], integer=term)
 
 
 def select_sql(where: Iterable[str]) -> str:

@@ -123,6 +123,10 @@ _DDL: tuple[LiteralString, ...] = (
         matter_code INTEGER NOT NULL,
         record_type INTEGER NOT NULL,
         decision    INTEGER NOT NULL,
+        kind        INTEGER NOT NULL,
+        office      INTEGER NOT NULL,
+        case_number TEXT NOT NULL,
+        outcome     INTEGER NOT NULL,
         rest        TEXT NOT NULL,
         entry_hash  BYTEA NOT NULL
     ) PARTITION BY RANGE (time)""",
@@ -397,6 +401,16 @@ class PostgresBackend:
         casts = ", ".join(f"%b::{kind}[]" for kind in types)
         sql = f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({casts})"  # noqa: S608
         _own(conn).raw.execute(sql, arrays)
+
+    typed_columns = True
+
+    def json_element(self, column: str, index: int, *, integer: bool = False) -> str:
+        """``->>`` on the text cast to ``json`` (text out; cast for an integer)."""
+        return f"({column}::json ->> {int(index)}){'::integer' if integer else ''}"
+
+    def text_agg(self, expr: str) -> str:
+        """``string_agg`` of the values as text."""
+        return f"string_agg(({expr})::text, ',')"
 
     def has_table(self, conn: Connection, name: str) -> bool:
         """Looked up with ``to_regclass`` in the log's schema."""

@@ -94,6 +94,10 @@ SCHEMA = (
         matter_code INTEGER NOT NULL,
         record_type INTEGER NOT NULL,
         decision    INTEGER NOT NULL,
+        kind        INTEGER NOT NULL,
+        office      INTEGER NOT NULL,
+        case_number TEXT NOT NULL,
+        outcome     INTEGER NOT NULL,
         rest        TEXT NOT NULL,
         entry_hash  BLOB NOT NULL
     )""",
@@ -214,6 +218,16 @@ class SQLiteBackend:
     ) -> None:
         """Multi-row ``INSERT ... VALUES`` statements (:func:`sqlite_insert`); no types needed."""
         sqlite_insert(conn, f"INSERT INTO {table} ({', '.join(columns)})", len(columns), rows)
+
+    typed_columns = False
+
+    def json_element(self, column: str, index: int, *, integer: bool = False) -> str:
+        """``json_extract``: a JSON number comes out as an SQL integer, a string as text."""
+        return f"json_extract({column}, '$[{int(index)}]')"
+
+    def text_agg(self, expr: str) -> str:
+        """``group_concat`` (comma-separated by default)."""
+        return f"group_concat({expr})"
 
     def has_table(self, conn: Connection, name: str) -> bool:
         """Looked up in ``sqlite_master``: a file written by an older version may lack it."""

@@ -277,18 +277,28 @@ class CitizenReportResponse(_message.Message):
 
     SUBJECT_ID_FIELD_NUMBER: _builtins.int
     ACCESSES_FIELD_NUMBER: _builtins.int
+    UNSEARCHED_FIELD_NUMBER: _builtins.int
     subject_id: _builtins.str
     @_builtins.property
-    def accesses(self) -> _containers.RepeatedCompositeFieldContainer[Global___CitizenAccess]: ...
+    def accesses(self) -> _containers.RepeatedCompositeFieldContainer[Global___CitizenAccess]:
+        """archived ones first, then live ones, oldest first"""
+
+    @_builtins.property
+    def unsearched(self) -> _containers.RepeatedCompositeFieldContainer[_broker_pb2.UnsearchedRange]:
+        """Archived ranges not searched (encrypted, or the file missing or changed): the accesses
+        listed are complete only when this is empty.
+        """
+
     def __init__(
         self,
         *,
         subject_id: _builtins.str = ...,
         accesses: _abc.Iterable[Global___CitizenAccess] | None = ...,
+        unsearched: _abc.Iterable[_broker_pb2.UnsearchedRange] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accesses", b"accesses", "subject_id", b"subject_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accesses", b"accesses", "subject_id", b"subject_id", "unsearched", b"unsearched"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

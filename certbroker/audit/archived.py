@@ -1,0 +1,241 @@
+"""Read archived audit entries: what the readers of the live log need once entries moved out.
+
+:func:`certbroker.audit.scan.scan` reads the live log only. :func:`search` reads the archive
+files that ``audit_archives`` records (:mod:`certbroker.audit.archive`: plain exports and
+zstd segments) for the entries matching a scan :class:`~certbroker.audit.scan.Criteria`, in
+sequence order; :func:`scan_with_archives` puts them before the live matches, as one log.
+
+Trust: a file is used only if its SHA-256 is the one recorded when it was archived. For a
+plain export the digest is computed in the same pass that reads it, and its matches are kept
+back until the whole file hashed right. A file that is missing, changed or unreadable is
+never silently skipped nor used: it is returned as :class:`Unsearched` with the reason, for
+the caller to report. An encrypted segment needs the auditor's private key, which the broker
+does not hold: its range is returned as unsearched too (``ENCRYPTED``).
+
+Speed: a citizen's report over a few hundred thousand archived entries must not parse each
+one. When the criteria name a subject or a clerk, each raw line is first tested for that
+value as bytes (as stored, or JSON-escaped) and only the lines holding it are sliced and
+parsed; the sequence bounds skip whole files by their recorded range.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Final
+
+from certbroker.audit.archive import ArchiveRecord, archives
+from certbroker.audit.events import AuditEntry, iso_time, parse_entry
+from certbroker.audit.export import entry_line
+from certbroker.audit.scan import Criteria, scan
+from certbroker.audit.segment import SegmentError, is_segment, opened_export
+from certbroker.audit.store.db import backend_for
+from certbroker.config import AuditLocation
+
+log = logging.getLogger(__name__)
+
+#: Why an archived range was not searched (:attr:`Unsearched.reason`).
+ENCRYPTED: Final = "ENCRYPTED"
+FILE_MISSING: Final = "FILE_MISSING"
+FILE_CHANGED: Final = "FILE_CHANGED"
+FILE_UNREADABLE: Final = "FILE_UNREADABLE"
+
+_WHY: Final = {
+    ENCRYPTED: "encrypted to the auditor's key",
+    FILE_MISSING: "its archive file is missing",
+    FILE_CHANGED: "its archive file differs from the one archived (sha256)",
+    FILE_UNREADABLE: "its archive file cannot be read",
+}
+_BLOCK: Final = 1 << 20
+_EQUALS: Final = (
+    "clerk",
+    "office",
+    "subject_id",
+    "matter_code",
+    "case_number",
+    "record_type",
+    "decision",
+)
+
+
+@dataclass(frozen=True)
+class Unsearched:
+    """Archived entries ``first_seq..last_seq`` (in ``file_name``) that were not searched."""
+
+    first_seq: int
+    last_seq: int
+    file_name: str
+    reason: str  # ENCRYPTED | FILE_MISSING | FILE_CHANGED | FILE_UNREADABLE
+
+    def describe(self) -> str:
+        """One line for a person (names the range and the reason, no entry contents)."""
+        return f"entries {self.first_seq}..{self.last_seq} not searched: {_WHY[self.reason]}"
+
+
+@dataclass
+class Found:
+    """What a search found: the matching entries in sequence order, the ranges not searched."""
+
+    entries: list[AuditEntry] = field(default_factory=list)
+    unsearched: list[Unsearched] = field(default_factory=list)
+
+
+def matches(entry: AuditEntry, criteria: Criteria) -> bool:
+    """Whether ``entry`` is one ``criteria`` selects (every criterion, as the scan applies
+    them in SQL and on the parsed entries)."""
+    event = entry.event
+    for name in _EQUALS:
+        wanted = getattr(criteria, name)
+        if wanted is not None and getattr(event, name) != wanted:
+            return False
+    if criteria.kinds and event.kind not in criteria.kinds:
+        return False
+    if entry.sequence <= criteria.after or 0 < criteria.before <= entry.sequence:
+        return False
+    # Stored times are fixed-width ISO text (iso_time): text order is time order.
+    if criteria.since is not None and entry.time < iso_time(criteria.since):
+        return False
+    return criteria.until is None or entry.time < iso_time(criteria.until)
+
+
+def _needles(criteria: Criteria) -> tuple[bytes, ...]:
+    """Byte strings one of which every matching entry's line holds (() = no prefilter): the
+    subject's (else the clerk's) value, raw UTF-8 or JSON-escaped, however the body was
+    encoded."""
+    value = criteria.subject_id if criteria.subject_id is not None else criteria.clerk
+    if not value:
+        return ()
+    forms = {
+        value.encode("utf-8"),
+        json.dumps(value)[1:-1].encode("ascii"),
+        json.dumps(value, ensure_ascii=False)[1:-1].encode("utf-8"),
+    }
+    return tuple(sorted(forms))
+
+
+def search(
+    db: AuditLocation, directory: Path, criteria: Criteria, *, limit: int | None = None
+) -> Found:
+    """The archived entries of ``db`` (files in ``directory``) matching ``criteria``, in
+    sequence order, at most ``limit`` (None = all), and the archived ranges that could not be
+    searched (module docstring). Blocking; reads every file in the criteria's sequence bounds
+    whole (its digest) until ``limit`` matches are found."""
+    found = Found()
+    if limit == 0 or not backend_for(db).exists():
+        return found
+    with closing(backend_for(db).connect_read()) as conn:
+        records = archives(conn)
+    needles = _needles(criteria)
+    for record in records:
+        if record.last_seq <= criteria.after:
+            continue
+        if 0 < criteria.before <= record.first_seq:
+            break
+        want = None if limit is None else limit - len(found.entries)
+        reason = _search_file(record, directory / record.file_name, criteria, needles, want, found)
+        if reason is not None:
+            gap = Unsearched(record.first_seq, record.last_seq, record.file_name, reason)
+            if reason != ENCRYPTED:  # an operator must look: the file should be there, intact
+                log.warning("archive file %s: %s", record.file_name, gap.describe())
+            found.unsearched.append(gap)
+        if limit is not None and len(found.entries) >= limit:
+            break
+    return found
+
+
+def scan_with_archives(
+    db: AuditLocation, directory: Path | None, criteria: Criteria, *, limit: int | None = None
+) -> Found:
+    """:func:`~certbroker.audit.scan.scan` across the archives and the live log: the archived
+    matches (when ``directory`` is given) then the live ones, in sequence order, at most
+    ``limit``. ``FileNotFoundError`` if there is no log yet."""
+    found = Found()
+    if directory is not None:
+        found = search(db, directory, criteria, limit=limit)
+        if limit is not None and len(found.entries) >= limit:
+            return found
+    rest = None if limit is None else limit - len(found.entries)
+    found.entries += scan(db, criteria, limit=rest)
+    return found
+
+
+def _search_file(
+    record: ArchiveRecord,
+    path: Path,
+    criteria: Criteria,
+    needles: tuple[bytes, ...],
+    limit: int | None,
+    found: Found,
+) -> str | None:
+    """Add the matches in one archive file to ``found``; the reason it was not searched, or
+    None."""
+    if not path.is_file():
+        return FILE_MISSING
+    try:
+        if not is_segment(path):
+            with path.open("rb") as f:
+                sha = hashlib.sha256()
+                kept = _read_export(f, criteria, needles, limit, sha)
+            if sha.hexdigest() != record.file_sha256:
+                return FILE_CHANGED
+            found.entries += kept
+            return None
+        if _sha256(path) != record.file_sha256:
+            return FILE_CHANGED
+        with path.open("rb") as f:
+            if json.loads(f.readline()).get("encryption") is not None:
+                return ENCRYPTED
+        with opened_export(path) as plain, plain.open("rb") as f:
+            found.entries += _read_export(f, criteria, needles, limit, None)
+        return None
+    except (OSError, ValueError, SegmentError):  # SegmentError: also a zstd failure
+        return FILE_UNREADABLE
+
+
+def _read_export(
+    f: BinaryIO,
+    criteria: Criteria,
+    needles: tuple[bytes, ...],
+    limit: int | None,
+    sha: hashlib._Hash | None,
+) -> list[AuditEntry]:
+    """The matches in an export (its header first), at most ``limit``; with ``sha``, every
+    byte of the file is fed to it (the whole file is read even after ``limit``)."""
+    header = f.readline()
+    if sha is not None:
+        sha.update(header)
+    prev_hash = str(json.loads(header)["prev_hash"])
+    kept: list[AuditEntry] = []
+    previous = b""  # the line before: its entry hash is the chain's previous hash
+    for line in _lines(f, sha):
+        if (limit is None or len(kept) < limit) and (
+            not needles or any(n in line for n in needles)
+        ):
+            seq, body, entry_hash = entry_line(line)
+            if seq > criteria.after and (criteria.before <= 0 or seq < criteria.before):
+                before = entry_line(previous)[2].decode("ascii") if previous else prev_hash
+                entry = parse_entry(seq, body.decode("utf-8"), before, entry_hash.decode("ascii"))
+                if matches(entry, criteria):
+                    kept.append(entry)
+        previous = line
+    return kept
+
+
+def _lines(f: BinaryIO, sha: hashlib._Hash | None) -> Iterator[bytes]:
+    for line in f:
+        if sha is not None:
+            sha.update(line)
+        yield line
+
+
+def _sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(_BLOCK), b""):
+            sha.update(block)
+    return sha.hexdigest()

@@ -23,11 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import BinaryIO, Final, TypeVar
 
 from certbroker.audit.archive import ArchiveRecord, archives
 from certbroker.audit.events import AuditEntry, iso_time, parse_entry
@@ -38,6 +38,7 @@ from certbroker.audit.store.db import backend_for
 from certbroker.config import AuditLocation
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Why an archived range was not searched (:attr:`Unsearched.reason`).
 ENCRYPTED: Final = "ENCRYPTED"
@@ -164,6 +165,46 @@ def scan_with_archives(
     return found
 
 
+class ArchiveUnreadable(Exception):
+    """The archive file holding an entry cannot be used (:attr:`gap` says why)."""
+
+    def __init__(self, gap: Unsearched) -> None:
+        super().__init__(gap.describe())
+        self.gap = gap
+
+
+def entry_at(db: AuditLocation, directory: Path, sequence: int) -> tuple[str, str]:
+    """(body exactly as hashed, previous chain hash) of archived entry ``sequence`` of ``db``,
+    read from its archive file in ``directory`` once the file's sha256 is the recorded one.
+    KeyError if the entry is not archived; :class:`ArchiveUnreadable` if its file cannot be
+    used (missing, changed, encrypted, unreadable). Blocking; reads the file whole."""
+    with closing(backend_for(db).connect_read()) as conn:
+        records = archives(conn)
+    record = next((r for r in records if r.first_seq <= sequence <= r.last_seq), None)
+    if record is None:
+        raise KeyError(f"entry {sequence} is not archived")
+
+    def read(f: BinaryIO, sha: hashlib._Hash | None) -> list[tuple[str, str]]:
+        got: list[tuple[str, str]] = []
+
+        def take(seq: int, body: bytes, prev_hash: str, _: str) -> bool:
+            got.append((body.decode("utf-8"), prev_hash))
+            return False
+
+        _walk(f, sha, (), sequence - 1, sequence + 1, take)
+        return got
+
+    got, reason = _checked(record, directory / record.file_name, read)
+    if reason is not None:
+        raise ArchiveUnreadable(
+            Unsearched(record.first_seq, record.last_seq, record.file_name, reason)
+        )
+    if not got:  # the recorded sha256 matched: the archiver wrote a file without the entry
+        gap = Unsearched(record.first_seq, record.last_seq, record.file_name, FILE_UNREADABLE)
+        raise ArchiveUnreadable(gap)
+    return got[0]
+
+
 def _search_file(
     record: ArchiveRecord,
     path: Path,
@@ -174,56 +215,81 @@ def _search_file(
 ) -> str | None:
     """Add the matches in one archive file to ``found``; the reason it was not searched, or
     None."""
+
+    def read(f: BinaryIO, sha: hashlib._Hash | None) -> list[AuditEntry]:
+        kept: list[AuditEntry] = []
+
+        def take(seq: int, body: bytes, prev_hash: str, entry_hash: str) -> bool:
+            entry = parse_entry(seq, body.decode("utf-8"), prev_hash, entry_hash)
+            if matches(entry, criteria):
+                kept.append(entry)
+            return limit is None or len(kept) < limit
+
+        _walk(f, sha, needles, criteria.after, criteria.before, take)
+        return kept
+
+    kept, reason = _checked(record, path, read)
+    found.entries += kept
+    return reason
+
+
+def _checked(
+    record: ArchiveRecord, path: Path, read: Callable[[BinaryIO, hashlib._Hash | None], list[T]]
+) -> tuple[list[T], str | None]:
+    """``read`` of the export an archive file holds, if the file is the one archived: its
+    result, or [] and the reason the file was not used. A plain export's digest is computed
+    while ``read`` reads it (``read`` must read it to the end), and the result dropped if it
+    is wrong; a segment's is checked first, then its export decompressed for ``read``."""
     if not path.is_file():
-        return FILE_MISSING
+        return [], FILE_MISSING
     try:
         if not is_segment(path):
+            sha = hashlib.sha256()
             with path.open("rb") as f:
-                sha = hashlib.sha256()
-                kept = _read_export(f, criteria, needles, limit, sha)
+                got = read(f, sha)
             if sha.hexdigest() != record.file_sha256:
-                return FILE_CHANGED
-            found.entries += kept
-            return None
+                return [], FILE_CHANGED
+            return got, None
         if _sha256(path) != record.file_sha256:
-            return FILE_CHANGED
+            return [], FILE_CHANGED
         with path.open("rb") as f:
             if json.loads(f.readline()).get("encryption") is not None:
-                return ENCRYPTED
+                return [], ENCRYPTED
         with opened_export(path) as plain, plain.open("rb") as f:
-            found.entries += _read_export(f, criteria, needles, limit, None)
-        return None
+            return read(f, None), None
     except (OSError, ValueError, SegmentError):  # SegmentError: also a zstd failure
-        return FILE_UNREADABLE
+        return [], FILE_UNREADABLE
 
 
-def _read_export(
+def _walk(
     f: BinaryIO,
-    criteria: Criteria,
-    needles: tuple[bytes, ...],
-    limit: int | None,
     sha: hashlib._Hash | None,
-) -> list[AuditEntry]:
-    """The matches in an export (its header first), at most ``limit``; with ``sha``, every
-    byte of the file is fed to it (the whole file is read even after ``limit``)."""
+    needles: tuple[bytes, ...],
+    after: int,
+    before: int,
+    take: Callable[[int, bytes, str, str], bool],
+) -> None:
+    """Call ``take(seq, body, prev_hash, entry_hash)`` for each entry of an export (header
+    first) in ``after < seq < before`` (0: no bound) whose line holds one of ``needles`` (or
+    any, with none), until it returns False. With ``sha``, every byte of the file is fed to
+    it: the file is then read to its end whatever ``take`` says."""
     header = f.readline()
     if sha is not None:
         sha.update(header)
     prev_hash = str(json.loads(header)["prev_hash"])
-    kept: list[AuditEntry] = []
+    wanted = True
     previous = b""  # the line before: its entry hash is the chain's previous hash
     for line in _lines(f, sha):
-        if (limit is None or len(kept) < limit) and (
-            not needles or any(n in line for n in needles)
-        ):
+        if wanted and (not needles or any(n in line for n in needles)):
             seq, body, entry_hash = entry_line(line)
-            if seq > criteria.after and (criteria.before <= 0 or seq < criteria.before):
-                before = entry_line(previous)[2].decode("ascii") if previous else prev_hash
-                entry = parse_entry(seq, body.decode("utf-8"), before, entry_hash.decode("ascii"))
-                if matches(entry, criteria):
-                    kept.append(entry)
+            if 0 < before <= seq:
+                wanted = False
+            elif seq > after:
+                before_hash = entry_line(previous)[2].decode("ascii") if previous else prev_hash
+                wanted = take(seq, body, before_hash, entry_hash.decode("ascii"))
+        if not wanted and sha is None:
+            return
         previous = line
-    return kept
 
 
 def _lines(f: BinaryIO, sha: hashlib._Hash | None) -> Iterator[bytes]:

@@ -23,8 +23,9 @@ Afterwards the citizen's readers (CitizenReport, MyAccesses, Dispute) read the a
 accesses from the archive file and then the live ones, and name an archive file they could not
 use (missing, changed) instead of using it; Query and Anomalies read the live remainder; proofs
 reach the archived entries by sequence (their nodes kept, or rebuilt from the archive file),
-and evidence proven while its entry was live still verifies; an archived entry is not found by
-its id in the proof RPC (that lookup is live only).
+evidence proven while its entry was live still verifies, and ``evidence prove`` proves it again
+from the archive file the broker reads (not from a changed one); an archived entry is not found
+by its id in the proof RPC (that lookup is live only: the client asks by sequence).
 """
 
 from __future__ import annotations
@@ -419,6 +420,23 @@ def test_every_reader_reads_a_log_of_both_formats_live_and_archived(
             assert verify_evidence(env, files) == ev.INTACT
         again = prove(env, v2_new_reply, tmp_path, "v2-new-again")
         assert verify_evidence(env, again) == ev.INTACT
+        # Evidence whose entry is archived (either format) is proven again from the archive
+        # file, by the broker: the same proof as when it was live, against the new head.
+        for name, reply in (("v1", v1_reply), ("v2-old", v2_old_reply)):
+            files = prove(env, reply, tmp_path, f"{name}-archived")
+            assert verify_evidence(env, files) == ev.INTACT
+            proof = json.loads(files[1].read_text())
+            assert proof["entries"][0]["body"] == proven_bodies[name]
+            assert proof["entries"][0]["tree_size"] == later.size
+        # ... but not from a changed archive file: NOT_IN_LOG, naming why.
+        segment.write_bytes(original.replace(CLERK.encode(), b"clerk-0919", 1))
+        (tmp_path / "v1.jws").write_text(v1_reply.evidence + "\n")
+        target = ["--target", env.broker.target, "--token", auditor(env)]
+        code, out = run(["evidence", "prove", str(tmp_path / "v1.jws"), "-o",
+                         str(tmp_path / "v1-changed.proof.json"), *target])  # fmt: skip
+        assert code == ev.NOT_IN_LOG, out
+        assert "differs from the one archived" in out
+        segment.write_bytes(original)
         # An archived entry's id is not in the live log, and the answer says why.
         with pytest.raises(grpc.RpcError) as info:
             proven(env, later, entry_id=v1_ids[0])

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,7 +116,8 @@ def _needles(criteria: Criteria) -> tuple[bytes, ...]:
         json.dumps(value)[1:-1].encode("ascii"),
         json.dumps(value, ensure_ascii=False)[1:-1].encode("utf-8"),
     }
-    return tuple(sorted(forms))
+    # A line never holds a raw line break (bodies are JSON): such a form cannot match.
+    return tuple(sorted(form for form in forms if b"\n" not in form))
 
 
 def search(
@@ -276,27 +277,73 @@ def _walk(
     header = f.readline()
     if sha is not None:
         sha.update(header)
-    prev_hash = str(json.loads(header)["prev_hash"])
-    wanted = True
+    first_prev = str(json.loads(header)["prev_hash"])
+
+    def visit(line: bytes, previous: bytes) -> bool:
+        """``take`` of one candidate line (``previous``: the line before, b"" for none)."""
+        seq, body, entry_hash = entry_line(line)
+        if 0 < before <= seq:
+            return False
+        if seq <= after:
+            return True
+        prev_hash = entry_line(previous)[2].decode("ascii") if previous else first_prev
+        return take(seq, body, prev_hash, entry_hash.decode("ascii"))
+
+    if needles:
+        _walk_blocks(f, sha, needles, visit)
+        return
     previous = b""  # the line before: its entry hash is the chain's previous hash
-    for line in _lines(f, sha):
-        if wanted and (not needles or any(n in line for n in needles)):
-            seq, body, entry_hash = entry_line(line)
-            if 0 < before <= seq:
-                wanted = False
-            elif seq > after:
-                before_hash = entry_line(previous)[2].decode("ascii") if previous else prev_hash
-                wanted = take(seq, body, before_hash, entry_hash.decode("ascii"))
+    wanted = True
+    for line in f:
+        if sha is not None:
+            sha.update(line)
+        if wanted:
+            wanted = visit(line, previous)
         if not wanted and sha is None:
             return
         previous = line
 
 
-def _lines(f: BinaryIO, sha: hashlib._Hash | None) -> Iterator[bytes]:
-    for line in f:
+def _walk_blocks(
+    f: BinaryIO,
+    sha: hashlib._Hash | None,
+    needles: tuple[bytes, ...],
+    visit: Callable[[bytes, bytes], bool],
+) -> None:
+    """:func:`_walk` with a prefilter, by blocks: each block is hashed whole and searched for
+    the needles (``bytes.find``); only the lines holding one are cut out and visited. A few
+    hundred thousand entries cost about a hash and a search of the file, no per-line work."""
+    wanted = True
+    previous = b""  # the last whole line of the blocks before
+    carry = b""  # a line begun in the block before
+    while True:
+        block = f.read(_BLOCK)
         if sha is not None:
-            sha.update(line)
-        yield line
+            sha.update(block)
+        if not wanted:
+            if block and sha is not None:
+                continue  # hash to the end
+            return
+        data = carry + block if carry else block
+        cut = len(data) if not block else data.rfind(b"\n") + 1  # whole lines: data[:cut]
+        starts: set[int] = set()
+        for needle in needles:
+            at = data.find(needle, 0, cut)
+            while at >= 0:
+                starts.add(data.rfind(b"\n", 0, at) + 1)
+                at = data.find(needle, at + len(needle), cut)
+        for start in sorted(starts):
+            end = data.find(b"\n", start, cut)
+            line = data[start : cut if end < 0 else end + 1]
+            before = previous if start == 0 else data[data.rfind(b"\n", 0, start - 1) + 1 : start]
+            if not visit(line, before):
+                wanted = False
+                break
+        if cut:
+            previous = data[data.rfind(b"\n", 0, cut - 1) + 1 : cut]
+        carry = data[cut:]
+        if not block:
+            return
 
 
 def _sha256(path: Path) -> str:

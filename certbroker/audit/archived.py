@@ -10,7 +10,8 @@ plain export the digest is computed in the same pass that reads it, and its matc
 back until the whole file hashed right. A file that is missing, changed or unreadable is
 never silently skipped nor used: it is returned as :class:`Unsearched` with the reason, for
 the caller to report. An encrypted segment needs the auditor's private key, which the broker
-does not hold: its range is returned as unsearched too (``ENCRYPTED``).
+does not hold: its range is returned as unsearched too (``ENCRYPTED``), and so is a file
+removed under retention (``REMOVED``: missing, and a tombstone names it).
 
 Speed: a citizen's report over a few hundred thousand archived entries must not parse each
 one. When the criteria name a subject or a clerk, each raw line is first tested for that
@@ -35,6 +36,7 @@ from certbroker.audit.export import entry_line
 from certbroker.audit.scan import Criteria, scan
 from certbroker.audit.segment import SegmentError, is_segment, opened_export
 from certbroker.audit.store.db import backend_for
+from certbroker.audit.tombstone import Tombstone, tombstones
 from certbroker.config import AuditLocation
 
 log = logging.getLogger(__name__)
@@ -45,12 +47,14 @@ ENCRYPTED: Final = "ENCRYPTED"
 FILE_MISSING: Final = "FILE_MISSING"
 FILE_CHANGED: Final = "FILE_CHANGED"
 FILE_UNREADABLE: Final = "FILE_UNREADABLE"
+REMOVED: Final = "REMOVED"
 
 _WHY: Final = {
     ENCRYPTED: "encrypted to the auditor's key",
     FILE_MISSING: "its archive file is missing",
     FILE_CHANGED: "its archive file differs from the one archived (sha256)",
     FILE_UNREADABLE: "its archive file cannot be read",
+    REMOVED: "removed under retention (a tombstone records it)",
 }
 _BLOCK: Final = 1 << 20
 _EQUALS: Final = (
@@ -71,7 +75,7 @@ class Unsearched:
     first_seq: int
     last_seq: int
     file_name: str
-    reason: str  # ENCRYPTED | FILE_MISSING | FILE_CHANGED | FILE_UNREADABLE
+    reason: str  # ENCRYPTED | FILE_MISSING | FILE_CHANGED | FILE_UNREADABLE | REMOVED
 
     def describe(self) -> str:
         """One line for a person (names the range and the reason, no entry contents)."""
@@ -132,6 +136,7 @@ def search(
         return found
     with closing(backend_for(db).connect_read()) as conn:
         records = archives(conn)
+        removed = tombstones(conn)
     needles = _needles(criteria)
     for record in records:
         if record.last_seq <= criteria.after:
@@ -140,9 +145,14 @@ def search(
             break
         want = None if limit is None else limit - len(found.entries)
         reason = _search_file(record, directory / record.file_name, criteria, needles, want, found)
+        if reason == FILE_MISSING and _removed(record, removed):
+            reason = REMOVED
         if reason is not None:
             gap = Unsearched(record.first_seq, record.last_seq, record.file_name, reason)
-            if reason != ENCRYPTED:  # an operator must look: the file should be there, intact
+            if reason not in (
+                ENCRYPTED,
+                REMOVED,
+            ):  # an operator must look: the file should be there, intact
                 log.warning("archive file %s: %s", record.file_name, gap.describe())
             found.unsearched.append(gap)
         if limit is not None and len(found.entries) >= limit:
@@ -181,6 +191,7 @@ def entry_at(db: AuditLocation, directory: Path, sequence: int) -> tuple[str, st
     used (missing, changed, encrypted, unreadable). Blocking; reads the file whole."""
     with closing(backend_for(db).connect_read()) as conn:
         records = archives(conn)
+        removed = tombstones(conn)
     record = next((r for r in records if r.first_seq <= sequence <= r.last_seq), None)
     if record is None:
         raise KeyError(f"entry {sequence} is not archived")
@@ -196,6 +207,8 @@ def entry_at(db: AuditLocation, directory: Path, sequence: int) -> tuple[str, st
         return got
 
     got, reason = _checked(record, directory / record.file_name, read)
+    if reason == FILE_MISSING and _removed(record, removed):
+        reason = REMOVED
     if reason is not None:
         raise ArchiveUnreadable(
             Unsearched(record.first_seq, record.last_seq, record.file_name, reason)
@@ -204,6 +217,17 @@ def entry_at(db: AuditLocation, directory: Path, sequence: int) -> tuple[str, st
         gap = Unsearched(record.first_seq, record.last_seq, record.file_name, FILE_UNREADABLE)
         raise ArchiveUnreadable(gap)
     return got[0]
+
+
+def _removed(record: ArchiveRecord, removed: dict[int, Tombstone]) -> bool:
+    """Whether a tombstone names exactly this archive (its signature is for ``audit verify
+    --with-archives`` to check: a reader only says why the entries are not there)."""
+    stone = removed.get(record.last_seq)
+    return stone is not None and (stone.first_seq, stone.file_name, stone.file_sha256) == (
+        record.first_seq,
+        record.file_name,
+        record.file_sha256,
+    )
 
 
 def _search_file(

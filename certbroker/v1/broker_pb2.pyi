@@ -164,7 +164,7 @@ class UnsearchedRange(_message.Message):
     first_sequence: _builtins.int
     last_sequence: _builtins.int
     reason: _builtins.str
-    """ENCRYPTED | FILE_MISSING | FILE_CHANGED | FILE_UNREADABLE"""
+    """ENCRYPTED | FILE_MISSING | FILE_CHANGED | FILE_UNREADABLE | REMOVED (under retention)"""
     description: _builtins.str
     """the same, for a person"""
     def __init__(

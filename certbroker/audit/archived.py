@@ -203,7 +203,9 @@ def entry_at(db: AuditLocation, directory: Path, sequence: int) -> tuple[str, st
             got.append((body.decode("utf-8"), prev_hash))
             return False
 
-        _walk(f, sha, (), sequence - 1, sequence + 1, take)
+        # Its line begins so (export format); a body holding the text too is only a candidate
+        # whose own sequence is then checked.
+        _walk(f, sha, (b'{"seq":%d,' % sequence,), sequence - 1, sequence + 1, take)
         return got
 
     got, reason = _checked(record, directory / record.file_name, read)

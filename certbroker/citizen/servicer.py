@@ -21,6 +21,12 @@ items are one entry per subject), so a co-owner sees that their records were rea
 not the seller's. An access under a covert matter is hidden until its disclosure delay has
 passed (auditors always see it). A dispute of an entry that is not a visible access to the
 caller's records is NOT_FOUND ``ENTRY_NOT_FOUND``, whether or not it exists.
+
+Accesses (and disputes) that were archived (:mod:`certbroker.audit.archive`) are read from the
+archive files (:mod:`certbroker.audit.archived`), before the live ones, and can be disputed
+like live ones. Archived ranges that cannot be read -- encrypted to the auditor's key, or the
+file missing or changed (never used then) -- are named in the answer's ``unsearched``; the
+page holds the rest.
 """
 
 from __future__ import annotations
@@ -34,17 +40,19 @@ from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from certbroker import errors, validation
+from certbroker.audit import archived
 from certbroker.audit.events import AuditEntry, AuditEvent, AuditLog, iso_time, parse_entry
 from certbroker.audit.guard import AuditedCall, Result, invocation_metadata
 from certbroker.audit.outbox import is_access
 from certbroker.audit.refusals import RefusalLedger
-from certbroker.audit.scan import Criteria, scan
-from certbroker.audit.service.messages import released_fields, timestamp
+from certbroker.audit.scan import Criteria
+from certbroker.audit.service.messages import released_fields, timestamp, unsearched_message
 from certbroker.audit.store.db import backend_for
 from certbroker.audit.store.rows import select_rows
 from certbroker.auth.citizens import CITIZEN_ROLE, Citizen, CitizenAuthenticator
@@ -87,6 +95,7 @@ class CitizenService(citizen_pb2_grpc.CitizenServicer):
         *,
         refusals: RefusalLedger | None = None,
         clock: Callable[[], float] = time.time,
+        archive_dir: Path | None = None,
     ) -> None:
         self._auth = auth
         self._policies = policies
@@ -95,6 +104,7 @@ class CitizenService(citizen_pb2_grpc.CitizenServicer):
         self._controls = controls
         self._refusals = refusals
         self._clock = clock
+        self._archive_dir = archive_dir
 
     async def MyAccesses(
         self, request: citizen_pb2.MyAccessesRequest, context: _Context
@@ -121,7 +131,7 @@ class CitizenService(citizen_pb2_grpc.CitizenServicer):
                 until=until,
                 after=after,
             )
-            page, more = await asyncio.to_thread(self._accesses, criteria, size)
+            page, more, gaps = await asyncio.to_thread(self._accesses, criteria, size)
             disputed = await asyncio.to_thread(self._disputed, call.citizen.resident_id)
             call.details["returned"] = len(page)
         policy = self._policies.current
@@ -130,6 +140,8 @@ class CitizenService(citizen_pb2_grpc.CitizenServicer):
             _fill(reply.accesses.add(), policy, entry, entry.entry_id in disputed)
         if more and page:
             reply.next_page_token = str(page[-1].sequence)
+        for gap in gaps:
+            unsearched_message(gap, reply.unsearched.add())
         fill_receipt(reply.receipt, audited.receipt)
         return reply
 
@@ -167,27 +179,39 @@ class CitizenService(citizen_pb2_grpc.CitizenServicer):
             and visible_at(policy, entry.event.matter_code, entry.time) <= now
         )
 
-    def _accesses(self, criteria: Criteria, size: int) -> tuple[list[AuditEntry], bool]:
-        """One page of visible accesses and whether more follow (covert ones are skipped,
-        so the scan goes on until the page is full)."""
+    def _accesses(
+        self, criteria: Criteria, size: int
+    ) -> tuple[list[AuditEntry], bool, list[archived.Unsearched]]:
+        """One page of visible accesses, whether more follow (covert ones are skipped, so the
+        scan goes on until the page is full) and the archived ranges it could not search."""
         policy = self._policies.current
         now = iso_time(datetime.fromtimestamp(self._clock(), UTC))
         page: list[AuditEntry] = []
+        gaps: dict[int, archived.Unsearched] = {}
         while True:
-            chunk = _scan_or_empty(self._db, criteria, size + 1)
+            found = self._scan(criteria, size + 1)
+            gaps |= {gap.first_seq: gap for gap in found.unsearched}
+            chunk = found.entries
             for entry in chunk:
                 if self._visible(policy, entry, now):
                     if len(page) == size:
-                        return page, True
+                        return page, True, list(gaps.values())
                     page.append(entry)
             if len(chunk) <= size:
-                return page, False
+                return page, False, list(gaps.values())
             criteria = replace(criteria, after=chunk[-1].sequence)
+
+    def _scan(self, criteria: Criteria, limit: int | None) -> archived.Found:
+        """The archived then live entries ``criteria`` selects, at most ``limit``."""
+        try:
+            return archived.scan_with_archives(self._db, self._archive_dir, criteria, limit=limit)
+        except FileNotFoundError:  # no log yet: no accesses
+            return archived.Found()
 
     def _disputed(self, subject_id: str) -> set[str]:
         criteria = Criteria(subject_id=subject_id, kinds=("citizen",))
         found = set()
-        for entry in _scan_or_empty(self._db, criteria, None):
+        for entry in self._scan(criteria, None).entries:
             if entry.event.rule_id == "citizen.dispute" and entry.event.outcome == "OK":
                 found.add(str(json.loads(entry.event.decision_id).get("entry_id", "")))
         return found
@@ -205,10 +229,18 @@ class CitizenService(citizen_pb2_grpc.CitizenServicer):
                 until=None,
                 limit=1,
             )
-        if not rows:
+        entry: AuditEntry | None
+        if rows:
+            row = rows[0]
+            entry = parse_entry(row.seq, row.body, row.prev_hash, row.entry_hash)
+        elif self._archive_dir is not None:  # an archived access (MyAccesses lists them too)
+            criteria = Criteria(subject_id=subject_id, kinds=("lookup",))
+            found = archived.search(self._db, self._archive_dir, criteria)
+            entry = next((e for e in found.entries if e.entry_id == entry_id), None)
+            if entry is None:
+                return None
+        else:
             return None
-        row = rows[0]
-        entry = parse_entry(row.seq, row.body, row.prev_hash, row.entry_hash)
         now = iso_time(datetime.fromtimestamp(self._clock(), UTC))
         return entry if self._visible(self._policies.current, entry, now) else None
 
@@ -273,13 +305,6 @@ class CitizenService(citizen_pb2_grpc.CitizenServicer):
                 {"action": call.rpc, **call.details}, sort_keys=True, ensure_ascii=False
             ),
         )
-
-
-def _scan_or_empty(db: AuditLocation, criteria: Criteria, limit: int | None) -> list[AuditEntry]:
-    try:
-        return scan(db, criteria, limit=limit)
-    except FileNotFoundError:  # no log yet: no accesses
-        return []
 
 
 def _page_token(token: str) -> int:

@@ -5,8 +5,10 @@ its exit codes: 0 intact, 10 content changed (the field is named), 11 signature 
 scanned QR text that is not this evidence's), 12 unknown key, 13 entry not in the log,
 14 malformed file, 2 usage (a file or key that cannot be read). ``prove`` asks a running
 broker's Audit service (an auditor token) once for what ``verify --proof`` needs: the signed
-checkpoint, each item's audit entry as stored and its inclusion proof; it exits 13 when an
-entry is not in the log, 14 for a malformed evidence file, 1 when the broker refuses.
+checkpoint, each item's audit entry as stored (an archived one read by the broker from its
+archive file) and its inclusion proof; it exits 13 when an entry is not in the log (or is
+archived in a file the broker cannot read: encrypted, missing or changed), 14 for a
+malformed evidence file, 1 when the broker refuses.
 ``pdf`` writes the printable A4 page (:mod:`certbroker.evidence.pdf`). ``keys`` fetches the
 evidence JWKS (Audit ``GetEvidenceKeys``); ``certbroker keys rotate --evidence`` makes a new
 evidence key in a state directory (a running broker takes it on SIGHUP).
@@ -97,29 +99,58 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return outcome.code
 
 
+class _Archived(Exception):
+    """The entry is archived and the broker cannot read its archive file (the message says
+    why)."""
+
+
 def _entry_proof(
     stub: audit_pb2_grpc.AuditStub, metadata: Any, entry: dict[str, Any], size: int
 ) -> dict[str, Any]:
-    """One entry's stored body, previous hash and inclusion proof in the tree of ``size``."""
-    proof = stub.GetInclusionProof(
-        audit_pb2.InclusionProofRequest(entry_id=entry["entry_id"], tree_size=size),
-        metadata=metadata,
-    )
-    sequence = proof.leaf_index + 1
-    data = b"".join(
-        c.data
-        for c in stub.Export(
-            audit_pb2.ExportRequest(from_sequence=sequence, to_sequence=sequence),
+    """One entry's stored body, previous hash and inclusion proof in the tree of ``size``.
+
+    A live entry is found by its id and its body exported; an archived one (ids are looked up
+    in the live log only) by the sequence the evidence names, its body and previous hash then
+    come with the proof, read by the broker from the archive file. Whether it is the entry
+    the evidence names is for ``verify`` to check (the body's hash and Merkle path).
+    """
+    try:
+        proof = stub.GetInclusionProof(
+            audit_pb2.InclusionProofRequest(entry_id=entry["entry_id"], tree_size=size),
             metadata=metadata,
         )
-    )
-    header_line, entry_line = data.decode("utf-8").splitlines()[:2]
-    marker = '"body":'
-    body = entry_line[entry_line.index(marker) + len(marker) : -1]  # verbatim, see audit.export
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.NOT_FOUND or "archived" not in (exc.details() or ""):
+            raise
+        proof = stub.GetInclusionProof(
+            audit_pb2.InclusionProofRequest(sequence=int(entry["sequence"]), tree_size=size),
+            metadata=metadata,
+        )
+        if not proof.HasField("archived"):  # not archived after all: the id is not in the log
+            raise
+    sequence = proof.leaf_index + 1
+    if proof.HasField("archived"):
+        if proof.archived.HasField("unreadable"):
+            raise _Archived(proof.archived.unreadable.description)
+        body, prev_hash = proof.archived.body, proof.archived.prev_hash
+        if json.loads(body).get("entry_id") != entry["entry_id"]:
+            raise ValueError("the archived entry at the sequence is another entry")
+    else:
+        data = b"".join(
+            c.data
+            for c in stub.Export(
+                audit_pb2.ExportRequest(from_sequence=sequence, to_sequence=sequence),
+                metadata=metadata,
+            )
+        )
+        header_line, entry_line = data.decode("utf-8").splitlines()[:2]
+        marker = '"body":'
+        body = entry_line[entry_line.index(marker) + len(marker) : -1]  # verbatim: audit.export
+        prev_hash = json.loads(header_line)["prev_hash"]
     return {
         "entry_id": entry["entry_id"],
         "sequence": sequence,
-        "prev_hash": json.loads(header_line)["prev_hash"],
+        "prev_hash": prev_hash,
         "body": body,
         "leaf_index": proof.leaf_index,
         "tree_size": proof.tree_size,
@@ -158,6 +189,9 @@ def cmd_prove(args: argparse.Namespace) -> int:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise
             print(f"NOT_IN_LOG: {exc.details()}")
+            return evidence.NOT_IN_LOG
+        except _Archived as exc:
+            print(f"NOT_IN_LOG: the entry is archived and the broker cannot read it: {exc}")
             return evidence.NOT_IN_LOG
         except (ValueError, IndexError, KeyError, UnicodeDecodeError):
             # An export that is not one entry line after its header: the log is not as

@@ -531,7 +531,13 @@ async def start(
         admin_service = AdminService(auth, policies, audit, controls, refusals=refusals)
         citizen_auth = citizen_authenticator(config, auth)
         citizen_service = CitizenService(
-            citizen_auth, policies, audit, config.audit_location, controls, refusals=refusals
+            citizen_auth,
+            policies,
+            audit,
+            config.audit_location,
+            controls,
+            refusals=refusals,
+            archive_dir=config.archive_directory,
         )
         # Tolerant decoding (certbroker.server.decoding): undecodable bytes reach guarded().
         register(

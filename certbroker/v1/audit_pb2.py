@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from certbroker.v1 import broker_pb2 as certbroker_dot_v1_dot_broker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63\x65rtbroker/v1/audit.proto\x12\rcertbroker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1a\x63\x65rtbroker/v1/broker.proto\"a\n\tTimeRange\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe1\x01\n\x0cQueryRequest\x12\r\n\x05\x63lerk\x18\x01 \x01(\t\x12\x0e\n\x06office\x18\x02 \x01(\t\x12\x12\n\nsubject_id\x18\x03 \x01(\t\x12\x13\n\x0bmatter_code\x18\x04 \x01(\t\x12\x13\n\x0b\x63\x61se_number\x18\x05 \x01(\t\x12\x13\n\x0brecord_type\x18\x06 \x01(\t\x12\x10\n\x08\x64\x65\x63ision\x18\x07 \x01(\t\x12&\n\x04time\x18\x08 \x01(\x0b\x32\x18.certbroker.v1.TimeRange\x12\x11\n\tpage_size\x18\t \x01(\x05\x12\x12\n\npage_token\x18\n \x01(\t\"\xf3\x03\n\nAuditEntry\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x10\n\x08\x65ntry_id\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\r\n\x05\x63lerk\x18\x05 \x01(\t\x12\x0e\n\x06office\x18\x06 \x01(\t\x12\r\n\x05roles\x18\x07 \x03(\t\x12\x12\n\nsubject_id\x18\x08 \x01(\t\x12\x13\n\x0bmatter_code\x18\t \x01(\t\x12\x13\n\x0b\x63\x61se_number\x18\n \x01(\t\x12\x16\n\x0e\x63onsent_method\x18\x0b \x01(\t\x12\x13\n\x0brecord_type\x18\x0c \x01(\t\x12\x10\n\x08\x64\x65\x63ision\x18\r \x01(\t\x12\x0f\n\x07rule_id\x18\x0e \x01(\t\x12\x17\n\x0fwithheld_fields\x18\x0f \x03(\t\x12\x0f\n\x07outcome\x18\x10 \x01(\t\x12\x0e\n\x06status\x18\x11 \x01(\t\x12\x16\n\x0epolicy_version\x18\x12 \x01(\t\x12\x12\n\ndepartment\x18\x13 \x01(\t\x12\x12\n\nlatency_ms\x18\x14 \x01(\x01\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x15 \x01(\t\x12\x11\n\tbundle_id\x18\x16 \x01(\t\x12\x12\n\nentry_hash\x18\x17 \x01(\t\x12\x17\n\x0fnext_page_token\x18\x18 \x01(\t\"R\n\x14\x43itizenReportRequest\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12&\n\x04time\x18\x02 \x01(\x0b\x32\x18.certbroker.v1.TimeRange\"\x85\x02\n\rCitizenAccess\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x63lerk\x18\x02 \x01(\t\x12\x0e\n\x06office\x18\x03 \x01(\t\x12\x13\n\x0bmatter_code\x18\x04 \x01(\t\x12\x13\n\x0bmatter_name\x18\x05 \x01(\t\x12\x13\n\x0b\x63\x61se_number\x18\x06 \x01(\t\x12\x13\n\x0brecord_type\x18\x07 \x01(\t\x12\x12\n\ndepartment\x18\x08 \x01(\t\x12\x0e\n\x06\x66ields\x18\t \x03(\t\x12\x10\n\x08\x64\x65\x63ision\x18\n \x01(\t\x12\x0f\n\x07outcome\x18\x0b \x01(\t\x12\x10\n\x08\x65ntry_id\x18\x0c \x01(\t\"[\n\x15\x43itizenReportResponse\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12.\n\x08\x61\x63\x63\x65sses\x18\x02 \x03(\x0b\x32\x1c.certbroker.v1.CitizenAccess\":\n\x10\x41nomaliesRequest\x12&\n\x04time\x18\x01 \x01(\x0b\x32\x18.certbroker.v1.TimeRange\"\x89\x01\n\x07\x46inding\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\r\n\x05\x63lerk\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x11\n\tsequences\x18\x04 \x03(\x03\x12\x12\n\nfinding_id\x18\x05 \x01(\t\x12%\n\x06review\x18\x06 \x01(\x0b\x32\x15.certbroker.v1.Review\"d\n\x06Review\x12\x10\n\x08reviewer\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04note\x18\x03 \x01(\t\x12\x10\n\x08\x65ntry_id\x18\x04 \x01(\t\"F\n\x14ReviewFindingRequest\x12\x12\n\nfinding_id\x18\x01 \x01(\t\x12\x0c\n\x04rule\x18\x02 \x01(\t\x12\x0c\n\x04note\x18\x03 \x01(\t\"E\n\x15ReviewFindingResponse\x12,\n\x07receipt\x18\x01 \x01(\x0b\x32\x1b.certbroker.v1.AuditReceipt\"I\n\x0fOverviewRequest\x12&\n\x04time\x18\x01 \x01(\x0b\x32\x18.certbroker.v1.TimeRange\x12\x0e\n\x06office\x18\x02 \x01(\t\"\x8a\x01\n\tHourCount\x12(\n\x04hour\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06office\x18\x02 \x01(\t\x12\x12\n\ndepartment\x18\x03 \x01(\t\x12\x0f\n\x07\x61llowed\x18\x04 \x01(\x03\x12\x0e\n\x06\x64\x65nied\x18\x05 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x06 \x01(\x03\"T\n\x0f\x44\x65partmentState\x12\x12\n\ndepartment\x18\x01 \x01(\t\x12\x15\n\rbreaker_state\x18\x02 \x01(\t\x12\x16\n\x0elive_instances\x18\x03 \x01(\x05\"\x8c\x02\n\x10OverviewResponse\x12\'\n\x05hours\x18\x01 \x03(\x0b\x32\x18.certbroker.v1.HourCount\x12\x33\n\x0b\x64\x65partments\x18\x02 \x03(\x0b\x32\x1e.certbroker.v1.DepartmentState\x12\x16\n\x0epolicy_version\x18\x03 \x01(\t\x12\x32\n\x0flast_checkpoint\x18\x04 \x01(\x0b\x32\x19.certbroker.v1.Checkpoint\x12\x16\n\x0eopen_anomalies\x18\x05 \x01(\x05\x12\x0e\n\x06office\x18\x06 \x01(\t\x12&\n\x04time\x18\x07 \x01(\x0b\x32\x18.certbroker.v1.TimeRange\"=\n\x11\x41nomaliesResponse\x12(\n\x08\x66indings\x18\x01 \x03(\x0b\x32\x16.certbroker.v1.Finding\"%\n\x14GetCheckpointRequest\x12\r\n\x05\x66resh\x18\x01 \x01(\x08\"e\n\nCheckpoint\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12\x11\n\troot_hash\x18\x02 \x01(\x0c\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04note\x18\x04 \x01(\t\"N\n\x15InclusionProofRequest\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12\x11\n\ttree_size\x18\x03 \x01(\x03\"Z\n\x0eInclusionProof\x12\x12\n\nleaf_index\x18\x01 \x01(\x03\x12\x11\n\ttree_size\x18\x02 \x01(\x03\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\x12\x11\n\tleaf_hash\x18\x04 \x01(\x0c\"=\n\x17\x43onsistencyProofRequest\x12\x10\n\x08old_size\x18\x01 \x01(\x03\x12\x10\n\x08new_size\x18\x02 \x01(\x03\"F\n\x10\x43onsistencyProof\x12\x10\n\x08old_size\x18\x01 \x01(\x03\x12\x10\n\x08new_size\x18\x02 \x01(\x03\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\";\n\rExportRequest\x12\x15\n\rfrom_sequence\x18\x01 \x01(\x03\x12\x13\n\x0bto_sequence\x18\x02 \x01(\x03\"\x1b\n\x0b\x45xportChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x18\n\x16GetEvidenceKeysRequest\"1\n\x0c\x45videnceKeys\x12\x0c\n\x04jwks\x18\x01 \x01(\t\x12\x13\n\x0b\x63urrent_kid\x18\x02 \x01(\t2\xc7\x06\n\x05\x41udit\x12\x41\n\x05Query\x12\x1b.certbroker.v1.QueryRequest\x1a\x19.certbroker.v1.AuditEntry0\x01\x12Z\n\rCitizenReport\x12#.certbroker.v1.CitizenReportRequest\x1a$.certbroker.v1.CitizenReportResponse\x12N\n\tAnomalies\x12\x1f.certbroker.v1.AnomaliesRequest\x1a .certbroker.v1.AnomaliesResponse\x12O\n\rGetCheckpoint\x12#.certbroker.v1.GetCheckpointRequest\x1a\x19.certbroker.v1.Checkpoint\x12X\n\x11GetInclusionProof\x12$.certbroker.v1.InclusionProofRequest\x1a\x1d.certbroker.v1.InclusionProof\x12^\n\x13GetConsistencyProof\x12&.certbroker.v1.ConsistencyProofRequest\x1a\x1f.certbroker.v1.ConsistencyProof\x12\x44\n\x06\x45xport\x12\x1c.certbroker.v1.ExportRequest\x1a\x1a.certbroker.v1.ExportChunk0\x01\x12K\n\x08Overview\x12\x1e.certbroker.v1.OverviewRequest\x1a\x1f.certbroker.v1.OverviewResponse\x12Z\n\rReviewFinding\x12#.certbroker.v1.ReviewFindingRequest\x1a$.certbroker.v1.ReviewFindingResponse\x12U\n\x0fGetEvidenceKeys\x12%.certbroker.v1.GetEvidenceKeysRequest\x1a\x1b.certbroker.v1.EvidenceKeysb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63\x65rtbroker/v1/audit.proto\x12\rcertbroker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1a\x63\x65rtbroker/v1/broker.proto\"a\n\tTimeRange\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe1\x01\n\x0cQueryRequest\x12\r\n\x05\x63lerk\x18\x01 \x01(\t\x12\x0e\n\x06office\x18\x02 \x01(\t\x12\x12\n\nsubject_id\x18\x03 \x01(\t\x12\x13\n\x0bmatter_code\x18\x04 \x01(\t\x12\x13\n\x0b\x63\x61se_number\x18\x05 \x01(\t\x12\x13\n\x0brecord_type\x18\x06 \x01(\t\x12\x10\n\x08\x64\x65\x63ision\x18\x07 \x01(\t\x12&\n\x04time\x18\x08 \x01(\x0b\x32\x18.certbroker.v1.TimeRange\x12\x11\n\tpage_size\x18\t \x01(\x05\x12\x12\n\npage_token\x18\n \x01(\t\"\xf3\x03\n\nAuditEntry\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x10\n\x08\x65ntry_id\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\r\n\x05\x63lerk\x18\x05 \x01(\t\x12\x0e\n\x06office\x18\x06 \x01(\t\x12\r\n\x05roles\x18\x07 \x03(\t\x12\x12\n\nsubject_id\x18\x08 \x01(\t\x12\x13\n\x0bmatter_code\x18\t \x01(\t\x12\x13\n\x0b\x63\x61se_number\x18\n \x01(\t\x12\x16\n\x0e\x63onsent_method\x18\x0b \x01(\t\x12\x13\n\x0brecord_type\x18\x0c \x01(\t\x12\x10\n\x08\x64\x65\x63ision\x18\r \x01(\t\x12\x0f\n\x07rule_id\x18\x0e \x01(\t\x12\x17\n\x0fwithheld_fields\x18\x0f \x03(\t\x12\x0f\n\x07outcome\x18\x10 \x01(\t\x12\x0e\n\x06status\x18\x11 \x01(\t\x12\x16\n\x0epolicy_version\x18\x12 \x01(\t\x12\x12\n\ndepartment\x18\x13 \x01(\t\x12\x12\n\nlatency_ms\x18\x14 \x01(\x01\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x15 \x01(\t\x12\x11\n\tbundle_id\x18\x16 \x01(\t\x12\x12\n\nentry_hash\x18\x17 \x01(\t\x12\x17\n\x0fnext_page_token\x18\x18 \x01(\t\"R\n\x14\x43itizenReportRequest\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12&\n\x04time\x18\x02 \x01(\x0b\x32\x18.certbroker.v1.TimeRange\"\x85\x02\n\rCitizenAccess\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x63lerk\x18\x02 \x01(\t\x12\x0e\n\x06office\x18\x03 \x01(\t\x12\x13\n\x0bmatter_code\x18\x04 \x01(\t\x12\x13\n\x0bmatter_name\x18\x05 \x01(\t\x12\x13\n\x0b\x63\x61se_number\x18\x06 \x01(\t\x12\x13\n\x0brecord_type\x18\x07 \x01(\t\x12\x12\n\ndepartment\x18\x08 \x01(\t\x12\x0e\n\x06\x66ields\x18\t \x03(\t\x12\x10\n\x08\x64\x65\x63ision\x18\n \x01(\t\x12\x0f\n\x07outcome\x18\x0b \x01(\t\x12\x10\n\x08\x65ntry_id\x18\x0c \x01(\t\"\x8f\x01\n\x15\x43itizenReportResponse\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12.\n\x08\x61\x63\x63\x65sses\x18\x02 \x03(\x0b\x32\x1c.certbroker.v1.CitizenAccess\x12\x32\n\nunsearched\x18\x03 \x03(\x0b\x32\x1e.certbroker.v1.UnsearchedRange\":\n\x10\x41nomaliesRequest\x12&\n\x04time\x18\x01 \x01(\x0b\x32\x18.certbroker.v1.TimeRange\"\x89\x01\n\x07\x46inding\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\r\n\x05\x63lerk\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x11\n\tsequences\x18\x04 \x03(\x03\x12\x12\n\nfinding_id\x18\x05 \x01(\t\x12%\n\x06review\x18\x06 \x01(\x0b\x32\x15.certbroker.v1.Review\"d\n\x06Review\x12\x10\n\x08reviewer\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04note\x18\x03 \x01(\t\x12\x10\n\x08\x65ntry_id\x18\x04 \x01(\t\"F\n\x14ReviewFindingRequest\x12\x12\n\nfinding_id\x18\x01 \x01(\t\x12\x0c\n\x04rule\x18\x02 \x01(\t\x12\x0c\n\x04note\x18\x03 \x01(\t\"E\n\x15ReviewFindingResponse\x12,\n\x07receipt\x18\x01 \x01(\x0b\x32\x1b.certbroker.v1.AuditReceipt\"I\n\x0fOverviewRequest\x12&\n\x04time\x18\x01 \x01(\x0b\x32\x18.certbroker.v1.TimeRange\x12\x0e\n\x06office\x18\x02 \x01(\t\"\x8a\x01\n\tHourCount\x12(\n\x04hour\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06office\x18\x02 \x01(\t\x12\x12\n\ndepartment\x18\x03 \x01(\t\x12\x0f\n\x07\x61llowed\x18\x04 \x01(\x03\x12\x0e\n\x06\x64\x65nied\x18\x05 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x06 \x01(\x03\"T\n\x0f\x44\x65partmentState\x12\x12\n\ndepartment\x18\x01 \x01(\t\x12\x15\n\rbreaker_state\x18\x02 \x01(\t\x12\x16\n\x0elive_instances\x18\x03 \x01(\x05\"\x8c\x02\n\x10OverviewResponse\x12\'\n\x05hours\x18\x01 \x03(\x0b\x32\x18.certbroker.v1.HourCount\x12\x33\n\x0b\x64\x65partments\x18\x02 \x03(\x0b\x32\x1e.certbroker.v1.DepartmentState\x12\x16\n\x0epolicy_version\x18\x03 \x01(\t\x12\x32\n\x0flast_checkpoint\x18\x04 \x01(\x0b\x32\x19.certbroker.v1.Checkpoint\x12\x16\n\x0eopen_anomalies\x18\x05 \x01(\x05\x12\x0e\n\x06office\x18\x06 \x01(\t\x12&\n\x04time\x18\x07 \x01(\x0b\x32\x18.certbroker.v1.TimeRange\"=\n\x11\x41nomaliesResponse\x12(\n\x08\x66indings\x18\x01 \x03(\x0b\x32\x16.certbroker.v1.Finding\"%\n\x14GetCheckpointRequest\x12\r\n\x05\x66resh\x18\x01 \x01(\x08\"e\n\nCheckpoint\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12\x11\n\troot_hash\x18\x02 \x01(\x0c\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04note\x18\x04 \x01(\t\"N\n\x15InclusionProofRequest\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12\x11\n\ttree_size\x18\x03 \x01(\x03\"\x8a\x01\n\x0eInclusionProof\x12\x12\n\nleaf_index\x18\x01 \x01(\x03\x12\x11\n\ttree_size\x18\x02 \x01(\x03\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\x12\x11\n\tleaf_hash\x18\x04 \x01(\x0c\x12.\n\x08\x61rchived\x18\x05 \x01(\x0b\x32\x1c.certbroker.v1.ArchivedEntry\"d\n\rArchivedEntry\x12\x0c\n\x04\x62ody\x18\x01 \x01(\t\x12\x11\n\tprev_hash\x18\x02 \x01(\t\x12\x32\n\nunreadable\x18\x03 \x01(\x0b\x32\x1e.certbroker.v1.UnsearchedRange\"=\n\x17\x43onsistencyProofRequest\x12\x10\n\x08old_size\x18\x01 \x01(\x03\x12\x10\n\x08new_size\x18\x02 \x01(\x03\"F\n\x10\x43onsistencyProof\x12\x10\n\x08old_size\x18\x01 \x01(\x03\x12\x10\n\x08new_size\x18\x02 \x01(\x03\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\";\n\rExportRequest\x12\x15\n\rfrom_sequence\x18\x01 \x01(\x03\x12\x13\n\x0bto_sequence\x18\x02 \x01(\x03\"\x1b\n\x0b\x45xportChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x18\n\x16GetEvidenceKeysRequest\"1\n\x0c\x45videnceKeys\x12\x0c\n\x04jwks\x18\x01 \x01(\t\x12\x13\n\x0b\x63urrent_kid\x18\x02 \x01(\t2\xc7\x06\n\x05\x41udit\x12\x41\n\x05Query\x12\x1b.certbroker.v1.QueryRequest\x1a\x19.certbroker.v1.AuditEntry0\x01\x12Z\n\rCitizenReport\x12#.certbroker.v1.CitizenReportRequest\x1a$.certbroker.v1.CitizenReportResponse\x12N\n\tAnomalies\x12\x1f.certbroker.v1.AnomaliesRequest\x1a .certbroker.v1.AnomaliesResponse\x12O\n\rGetCheckpoint\x12#.certbroker.v1.GetCheckpointRequest\x1a\x19.certbroker.v1.Checkpoint\x12X\n\x11GetInclusionProof\x12$.certbroker.v1.InclusionProofRequest\x1a\x1d.certbroker.v1.InclusionProof\x12^\n\x13GetConsistencyProof\x12&.certbroker.v1.ConsistencyProofRequest\x1a\x1f.certbroker.v1.ConsistencyProof\x12\x44\n\x06\x45xport\x12\x1c.certbroker.v1.ExportRequest\x1a\x1a.certbroker.v1.ExportChunk0\x01\x12K\n\x08Overview\x12\x1e.certbroker.v1.OverviewRequest\x1a\x1f.certbroker.v1.OverviewResponse\x12Z\n\rReviewFinding\x12#.certbroker.v1.ReviewFindingRequest\x1a$.certbroker.v1.ReviewFindingResponse\x12U\n\x0fGetEvidenceKeys\x12%.certbroker.v1.GetEvidenceKeysRequest\x1a\x1b.certbroker.v1.EvidenceKeysb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,48 +43,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CITIZENREPORTREQUEST']._serialized_end=1016
   _globals['_CITIZENACCESS']._serialized_start=1019
   _globals['_CITIZENACCESS']._serialized_end=1280
-  _globals['_CITIZENREPORTRESPONSE']._serialized_start=1282
-  _globals['_CITIZENREPORTRESPONSE']._serialized_end=1373
-  _globals['_ANOMALIESREQUEST']._serialized_start=1375
-  _globals['_ANOMALIESREQUEST']._serialized_end=1433
-  _globals['_FINDING']._serialized_start=1436
-  _globals['_FINDING']._serialized_end=1573
-  _globals['_REVIEW']._serialized_start=1575
-  _globals['_REVIEW']._serialized_end=1675
-  _globals['_REVIEWFINDINGREQUEST']._serialized_start=1677
-  _globals['_REVIEWFINDINGREQUEST']._serialized_end=1747
-  _globals['_REVIEWFINDINGRESPONSE']._serialized_start=1749
-  _globals['_REVIEWFINDINGRESPONSE']._serialized_end=1818
-  _globals['_OVERVIEWREQUEST']._serialized_start=1820
-  _globals['_OVERVIEWREQUEST']._serialized_end=1893
-  _globals['_HOURCOUNT']._serialized_start=1896
-  _globals['_HOURCOUNT']._serialized_end=2034
-  _globals['_DEPARTMENTSTATE']._serialized_start=2036
-  _globals['_DEPARTMENTSTATE']._serialized_end=2120
-  _globals['_OVERVIEWRESPONSE']._serialized_start=2123
-  _globals['_OVERVIEWRESPONSE']._serialized_end=2391
-  _globals['_ANOMALIESRESPONSE']._serialized_start=2393
-  _globals['_ANOMALIESRESPONSE']._serialized_end=2454
-  _globals['_GETCHECKPOINTREQUEST']._serialized_start=2456
-  _globals['_GETCHECKPOINTREQUEST']._serialized_end=2493
-  _globals['_CHECKPOINT']._serialized_start=2495
-  _globals['_CHECKPOINT']._serialized_end=2596
-  _globals['_INCLUSIONPROOFREQUEST']._serialized_start=2598
-  _globals['_INCLUSIONPROOFREQUEST']._serialized_end=2676
-  _globals['_INCLUSIONPROOF']._serialized_start=2678
-  _globals['_INCLUSIONPROOF']._serialized_end=2768
-  _globals['_CONSISTENCYPROOFREQUEST']._serialized_start=2770
-  _globals['_CONSISTENCYPROOFREQUEST']._serialized_end=2831
-  _globals['_CONSISTENCYPROOF']._serialized_start=2833
-  _globals['_CONSISTENCYPROOF']._serialized_end=2903
-  _globals['_EXPORTREQUEST']._serialized_start=2905
-  _globals['_EXPORTREQUEST']._serialized_end=2964
-  _globals['_EXPORTCHUNK']._serialized_start=2966
-  _globals['_EXPORTCHUNK']._serialized_end=2993
-  _globals['_GETEVIDENCEKEYSREQUEST']._serialized_start=2995
-  _globals['_GETEVIDENCEKEYSREQUEST']._serialized_end=3019
-  _globals['_EVIDENCEKEYS']._serialized_start=3021
-  _globals['_EVIDENCEKEYS']._serialized_end=3070
-  _globals['_AUDIT']._serialized_start=3073
-  _globals['_AUDIT']._serialized_end=3912
+  _globals['_CITIZENREPORTRESPONSE']._serialized_start=1283
+  _globals['_CITIZENREPORTRESPONSE']._serialized_end=1426
+  _globals['_ANOMALIESREQUEST']._serialized_start=1428
+  _globals['_ANOMALIESREQUEST']._serialized_end=1486
+  _globals['_FINDING']._serialized_start=1489
+  _globals['_FINDING']._serialized_end=1626
+  _globals['_REVIEW']._serialized_start=1628
+  _globals['_REVIEW']._serialized_end=1728
+  _globals['_REVIEWFINDINGREQUEST']._serialized_start=1730
+  _globals['_REVIEWFINDINGREQUEST']._serialized_end=1800
+  _globals['_REVIEWFINDINGRESPONSE']._serialized_start=1802
+  _globals['_REVIEWFINDINGRESPONSE']._serialized_end=1871
+  _globals['_OVERVIEWREQUEST']._serialized_start=1873
+  _globals['_OVERVIEWREQUEST']._serialized_end=1946
+  _globals['_HOURCOUNT']._serialized_start=1949
+  _globals['_HOURCOUNT']._serialized_end=2087
+  _globals['_DEPARTMENTSTATE']._serialized_start=2089
+  _globals['_DEPARTMENTSTATE']._serialized_end=2173
+  _globals['_OVERVIEWRESPONSE']._serialized_start=2176
+  _globals['_OVERVIEWRESPONSE']._serialized_end=2444
+  _globals['_ANOMALIESRESPONSE']._serialized_start=2446
+  _globals['_ANOMALIESRESPONSE']._serialized_end=2507
+  _globals['_GETCHECKPOINTREQUEST']._serialized_start=2509
+  _globals['_GETCHECKPOINTREQUEST']._serialized_end=2546
+  _globals['_CHECKPOINT']._serialized_start=2548
+  _globals['_CHECKPOINT']._serialized_end=2649
+  _globals['_INCLUSIONPROOFREQUEST']._serialized_start=2651
+  _globals['_INCLUSIONPROOFREQUEST']._serialized_end=2729
+  _globals['_INCLUSIONPROOF']._serialized_start=2732
+  _globals['_INCLUSIONPROOF']._serialized_end=2870
+  _globals['_ARCHIVEDENTRY']._serialized_start=2872
+  _globals['_ARCHIVEDENTRY']._serialized_end=2972
+  _globals['_CONSISTENCYPROOFREQUEST']._serialized_start=2974
+  _globals['_CONSISTENCYPROOFREQUEST']._serialized_end=3035
+  _globals['_CONSISTENCYPROOF']._serialized_start=3037
+  _globals['_CONSISTENCYPROOF']._serialized_end=3107
+  _globals['_EXPORTREQUEST']._serialized_start=3109
+  _globals['_EXPORTREQUEST']._serialized_end=3168
+  _globals['_EXPORTCHUNK']._serialized_start=3170
+  _globals['_EXPORTCHUNK']._serialized_end=3197
+  _globals['_GETEVIDENCEKEYSREQUEST']._serialized_start=3199
+  _globals['_GETEVIDENCEKEYSREQUEST']._serialized_end=3223
+  _globals['_EVIDENCEKEYS']._serialized_start=3225
+  _globals['_EVIDENCEKEYS']._serialized_end=3274
+  _globals['_AUDIT']._serialized_start=3277
+  _globals['_AUDIT']._serialized_end=4116
 # @@protoc_insertion_point(module_scope)

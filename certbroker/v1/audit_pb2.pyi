@@ -277,18 +277,28 @@ class CitizenReportResponse(_message.Message):
 
     SUBJECT_ID_FIELD_NUMBER: _builtins.int
     ACCESSES_FIELD_NUMBER: _builtins.int
+    UNSEARCHED_FIELD_NUMBER: _builtins.int
     subject_id: _builtins.str
     @_builtins.property
-    def accesses(self) -> _containers.RepeatedCompositeFieldContainer[Global___CitizenAccess]: ...
+    def accesses(self) -> _containers.RepeatedCompositeFieldContainer[Global___CitizenAccess]:
+        """archived ones first, then live ones, oldest first"""
+
+    @_builtins.property
+    def unsearched(self) -> _containers.RepeatedCompositeFieldContainer[_broker_pb2.UnsearchedRange]:
+        """Archived ranges not searched (encrypted, or the file missing or changed): the accesses
+        listed are complete only when this is empty.
+        """
+
     def __init__(
         self,
         *,
         subject_id: _builtins.str = ...,
         accesses: _abc.Iterable[Global___CitizenAccess] | None = ...,
+        unsearched: _abc.Iterable[_broker_pb2.UnsearchedRange] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accesses", b"accesses", "subject_id", b"subject_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accesses", b"accesses", "subject_id", b"subject_id", "unsearched", b"unsearched"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -683,11 +693,18 @@ class InclusionProof(_message.Message):
     TREE_SIZE_FIELD_NUMBER: _builtins.int
     HASHES_FIELD_NUMBER: _builtins.int
     LEAF_HASH_FIELD_NUMBER: _builtins.int
+    ARCHIVED_FIELD_NUMBER: _builtins.int
     leaf_index: _builtins.int
     tree_size: _builtins.int
     leaf_hash: _builtins.bytes
     @_builtins.property
     def hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    @_builtins.property
+    def archived(self) -> Global___ArchivedEntry:
+        """Set when the entry is archived (Export serves live entries only): its stored body and
+        previous chain hash, read from its archive file (what `certbroker evidence prove` needs).
+        """
+
     def __init__(
         self,
         *,
@@ -695,14 +712,51 @@ class InclusionProof(_message.Message):
         tree_size: _builtins.int = ...,
         hashes: _abc.Iterable[_builtins.bytes] | None = ...,
         leaf_hash: _builtins.bytes = ...,
+        archived: Global___ArchivedEntry | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["archived", b"archived"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hashes", b"hashes", "leaf_hash", b"leaf_hash", "leaf_index", b"leaf_index", "tree_size", b"tree_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archived", b"archived", "hashes", b"hashes", "leaf_hash", b"leaf_hash", "leaf_index", b"leaf_index", "tree_size", b"tree_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InclusionProof: _TypeAlias = InclusionProof  # noqa: Y015
+
+@_typing.final
+class ArchivedEntry(_message.Message):
+    """An archived entry as stored, read from its archive file once the file's sha256 is the one
+    recorded when it was archived.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BODY_FIELD_NUMBER: _builtins.int
+    PREV_HASH_FIELD_NUMBER: _builtins.int
+    UNREADABLE_FIELD_NUMBER: _builtins.int
+    body: _builtins.str
+    """verbatim, as hashed (leaf and chain)"""
+    prev_hash: _builtins.str
+    """hex chain hash of the entry before"""
+    @_builtins.property
+    def unreadable(self) -> _broker_pb2.UnsearchedRange:
+        """Set when the archive file could not be used (encrypted, missing, changed): body and
+        prev_hash are then empty.
+        """
+
+    def __init__(
+        self,
+        *,
+        body: _builtins.str = ...,
+        prev_hash: _builtins.str = ...,
+        unreadable: _broker_pb2.UnsearchedRange | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["unreadable", b"unreadable"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "prev_hash", b"prev_hash", "unreadable", b"unreadable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArchivedEntry: _TypeAlias = ArchivedEntry  # noqa: Y015
 
 @_typing.final
 class ConsistencyProofRequest(_message.Message):

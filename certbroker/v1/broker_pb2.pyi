@@ -148,6 +148,42 @@ class AuditReceipt(_message.Message):
 Global___AuditReceipt: _TypeAlias = AuditReceipt  # noqa: Y015
 
 @_typing.final
+class UnsearchedRange(_message.Message):
+    """Archived audit entries a report could not search (Audit.CitizenReport, Citizen.MyAccesses):
+    the answer holds everything else. An encrypted archive is read with the auditor's key only
+    (`certbroker audit verify --with-archives --auditor-key`); a missing or changed archive file is
+    never used and is for an operator to restore (`certbroker audit verify --with-archives`).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_SEQUENCE_FIELD_NUMBER: _builtins.int
+    LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    first_sequence: _builtins.int
+    last_sequence: _builtins.int
+    reason: _builtins.str
+    """ENCRYPTED | FILE_MISSING | FILE_CHANGED | FILE_UNREADABLE | REMOVED (under retention)"""
+    description: _builtins.str
+    """the same, for a person"""
+    def __init__(
+        self,
+        *,
+        first_sequence: _builtins.int = ...,
+        last_sequence: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "first_sequence", b"first_sequence", "last_sequence", b"last_sequence", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnsearchedRange: _TypeAlias = UnsearchedRange  # noqa: Y015
+
+@_typing.final
 class LookupResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

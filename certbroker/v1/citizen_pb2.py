@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from certbroker.v1 import broker_pb2 as certbroker_dot_v1_dot_broker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63\x65rtbroker/v1/citizen.proto\x12\rcertbroker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1a\x63\x65rtbroker/v1/broker.proto\"\x90\x01\n\x11MyAccessesRequest\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"\x81\x02\n\x06\x41\x63\x63\x65ss\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06office\x18\x03 \x01(\t\x12\r\n\x05\x63lerk\x18\x04 \x01(\t\x12\x13\n\x0bmatter_code\x18\x05 \x01(\t\x12\x13\n\x0bmatter_name\x18\x06 \x01(\t\x12\x13\n\x0b\x63\x61se_number\x18\x07 \x01(\t\x12\x13\n\x0brecord_type\x18\x08 \x01(\t\x12\x14\n\x0crecord_label\x18\t \x01(\t\x12\x0e\n\x06\x66ields\x18\n \x03(\t\x12\x10\n\x08\x64\x65\x63ision\x18\x0b \x01(\t\x12\x10\n\x08\x64isputed\x18\x0c \x01(\x08\"\x84\x01\n\x12MyAccessesResponse\x12\'\n\x08\x61\x63\x63\x65sses\x18\x01 \x03(\x0b\x32\x15.certbroker.v1.Access\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12,\n\x07receipt\x18\x03 \x01(\x0b\x32\x1b.certbroker.v1.AuditReceipt\"0\n\x0e\x44isputeRequest\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"O\n\x0f\x44isputeResponse\x12\x0e\n\x06\x66rozen\x18\x01 \x01(\x08\x12,\n\x07receipt\x18\x02 \x01(\x0b\x32\x1b.certbroker.v1.AuditReceipt2\xa6\x01\n\x07\x43itizen\x12Q\n\nMyAccesses\x12 .certbroker.v1.MyAccessesRequest\x1a!.certbroker.v1.MyAccessesResponse\x12H\n\x07\x44ispute\x12\x1d.certbroker.v1.DisputeRequest\x1a\x1e.certbroker.v1.DisputeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63\x65rtbroker/v1/citizen.proto\x12\rcertbroker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1a\x63\x65rtbroker/v1/broker.proto\"\x90\x01\n\x11MyAccessesRequest\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"\x81\x02\n\x06\x41\x63\x63\x65ss\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06office\x18\x03 \x01(\t\x12\r\n\x05\x63lerk\x18\x04 \x01(\t\x12\x13\n\x0bmatter_code\x18\x05 \x01(\t\x12\x13\n\x0bmatter_name\x18\x06 \x01(\t\x12\x13\n\x0b\x63\x61se_number\x18\x07 \x01(\t\x12\x13\n\x0brecord_type\x18\x08 \x01(\t\x12\x14\n\x0crecord_label\x18\t \x01(\t\x12\x0e\n\x06\x66ields\x18\n \x03(\t\x12\x10\n\x08\x64\x65\x63ision\x18\x0b \x01(\t\x12\x10\n\x08\x64isputed\x18\x0c \x01(\x08\"\xb8\x01\n\x12MyAccessesResponse\x12\'\n\x08\x61\x63\x63\x65sses\x18\x01 \x03(\x0b\x32\x15.certbroker.v1.Access\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12,\n\x07receipt\x18\x03 \x01(\x0b\x32\x1b.certbroker.v1.AuditReceipt\x12\x32\n\nunsearched\x18\x04 \x03(\x0b\x32\x1e.certbroker.v1.UnsearchedRange\"0\n\x0e\x44isputeRequest\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"O\n\x0f\x44isputeResponse\x12\x0e\n\x06\x66rozen\x18\x01 \x01(\x08\x12,\n\x07receipt\x18\x02 \x01(\x0b\x32\x1b.certbroker.v1.AuditReceipt2\xa6\x01\n\x07\x43itizen\x12Q\n\nMyAccesses\x12 .certbroker.v1.MyAccessesRequest\x1a!.certbroker.v1.MyAccessesResponse\x12H\n\x07\x44ispute\x12\x1d.certbroker.v1.DisputeRequest\x1a\x1e.certbroker.v1.DisputeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,11 +38,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACCESS']._serialized_start=255
   _globals['_ACCESS']._serialized_end=512
   _globals['_MYACCESSESRESPONSE']._serialized_start=515
-  _globals['_MYACCESSESRESPONSE']._serialized_end=647
-  _globals['_DISPUTEREQUEST']._serialized_start=649
-  _globals['_DISPUTEREQUEST']._serialized_end=697
-  _globals['_DISPUTERESPONSE']._serialized_start=699
-  _globals['_DISPUTERESPONSE']._serialized_end=778
-  _globals['_CITIZEN']._serialized_start=781
-  _globals['_CITIZEN']._serialized_end=947
+  _globals['_MYACCESSESRESPONSE']._serialized_end=699
+  _globals['_DISPUTEREQUEST']._serialized_start=701
+  _globals['_DISPUTEREQUEST']._serialized_end=749
+  _globals['_DISPUTERESPONSE']._serialized_start=751
+  _globals['_DISPUTERESPONSE']._serialized_end=830
+  _globals['_CITIZEN']._serialized_start=833
+  _globals['_CITIZEN']._serialized_end=999
 # @@protoc_insertion_point(module_scope)

@@ -127,6 +127,7 @@ class MyAccessesResponse(_message.Message):
     ACCESSES_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     RECEIPT_FIELD_NUMBER: _builtins.int
+    UNSEARCHED_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """"" on the last page"""
     @_builtins.property
@@ -135,16 +136,23 @@ class MyAccessesResponse(_message.Message):
     def receipt(self) -> _broker_pb2.AuditReceipt:
         """this call's own audit entry"""
 
+    @_builtins.property
+    def unsearched(self) -> _containers.RepeatedCompositeFieldContainer[_broker_pb2.UnsearchedRange]:
+        """Archived ranges this page could not search (encrypted, or the file missing or changed):
+        accesses there are not listed. Empty = nothing was left out.
+        """
+
     def __init__(
         self,
         *,
         accesses: _abc.Iterable[Global___Access] | None = ...,
         next_page_token: _builtins.str = ...,
         receipt: _broker_pb2.AuditReceipt | None = ...,
+        unsearched: _abc.Iterable[_broker_pb2.UnsearchedRange] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accesses", b"accesses", "next_page_token", b"next_page_token", "receipt", b"receipt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accesses", b"accesses", "next_page_token", b"next_page_token", "receipt", b"receipt", "unsearched", b"unsearched"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

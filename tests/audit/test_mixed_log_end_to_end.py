@@ -19,9 +19,13 @@ time                format  entries
 
 Archiving the entries older than ``CUTOFF_DAYS`` moves every format 1 entry and the first
 format 2 ones (the cut on a multiple of 32) to an archive file; the broker keeps running.
-Afterwards the services read the live remainder, proofs reach the archived entries by sequence
-(their nodes kept, or rebuilt from the archive file), and evidence proven while its entry was
-live still verifies; an archived entry is not found by its id (that lookup is live only).
+Afterwards the citizen's readers (CitizenReport, MyAccesses, Dispute) read the archived
+accesses from the archive file and then the live ones, and name an archive file they could not
+use (missing, changed) instead of using it; Query and Anomalies read the live remainder; proofs
+reach the archived entries by sequence (their nodes kept, or rebuilt from the archive file),
+evidence proven while its entry was live still verifies, and ``evidence prove`` proves it again
+from the archive file the broker reads (not from a changed one); an archived entry is not found
+by its id in the proof RPC (that lookup is live only: the client asks by sequence).
 """
 
 from __future__ import annotations
@@ -112,9 +116,18 @@ def query(env: Env, **fields: Any) -> list[audit_pb2.AuditEntry]:
     return list(audit_stub(env).Query(request, metadata=env.md(auditor(env)), timeout=30))
 
 
-def citizen_report(env: Env, subject: str) -> list[str]:
+def citizen_report_reply(env: Env, subject: str) -> audit_pb2.CitizenReportResponse:
     request = audit_pb2.CitizenReportRequest(subject_id=subject)
-    reply = audit_stub(env).CitizenReport(request, metadata=env.md(auditor(env)), timeout=30)
+    reply: audit_pb2.CitizenReportResponse = audit_stub(env).CitizenReport(
+        request, metadata=env.md(auditor(env)), timeout=30
+    )
+    return reply
+
+
+def citizen_report(env: Env, subject: str) -> list[str]:
+    """The entry ids of the citizen report, in its order, once it says nothing was left out."""
+    reply = citizen_report_reply(env, subject)
+    assert not reply.unsearched, reply.unsearched
     return [a.entry_id for a in reply.accesses]
 
 
@@ -137,13 +150,19 @@ def citizen_stub(env: Env) -> citizen_pb2_grpc.CitizenStub:
     return citizen_pb2_grpc.CitizenStub(env.channel)
 
 
-def my_accesses(env: Env, subject: str) -> dict[str, bool]:
-    """The citizen's own accesses: entry id -> disputed."""
-    reply = citizen_stub(env).MyAccesses(
+def my_accesses_reply(env: Env, subject: str) -> citizen_pb2.MyAccessesResponse:
+    reply: citizen_pb2.MyAccessesResponse = citizen_stub(env).MyAccesses(
         citizen_pb2.MyAccessesRequest(page_size=1000),
         metadata=env.md(env.idp.issue_citizen(subject)),
         timeout=30,
     )
+    return reply
+
+
+def my_accesses(env: Env, subject: str) -> dict[str, bool]:
+    """The citizen's own accesses, in order: entry id -> disputed; nothing left out."""
+    reply = my_accesses_reply(env, subject)
+    assert not reply.unsearched, reply.unsearched
     return {a.entry_id: a.disputed for a in reply.accesses}
 
 
@@ -344,14 +363,31 @@ def test_every_reader_reads_a_log_of_both_formats_live_and_archived(
         (segment,) = archive.glob("audit-*.jsonl")
         assert versions(segment) == {1, 2}
 
-        # The readers of the live log read what is live, in order, from the watermark on.
+        # The citizen's readers read the archived accesses, then the live ones, oldest first;
+        # an archived access can still be disputed. Query reads what is live.
         live = {i for i in mine if sequences[i] > last_archived}
         assert live == set(v2_new_ids)
+        in_order = sorted(mine, key=lambda i: sequences[i])
+        assert citizen_report(env, subject) == in_order
+        dispute(env, subject, v2_old_ids[0])  # archived, written in format 2
+        seen = my_accesses(env, subject)
+        assert list(seen) == in_order
+        assert seen == {i: i in (v1_ids[1], v2_old_ids[0]) for i in mine}
         lookups = [e for e in query(env, subject_id=subject) if e.kind == "lookup"]
         assert {e.entry_id for e in lookups} == live
-        assert set(citizen_report(env, subject)) == live
-        assert set(my_accesses(env, subject)) == live
         anomalies(env)  # reads the live remainder without error
+        # An archive file changed by one byte (here: an access's clerk) is never used: the
+        # readers answer with the rest and name the range they could not search.
+        original = segment.read_bytes()
+        assert original.count(CLERK.encode()) > 0
+        segment.write_bytes(original.replace(CLERK.encode(), b"clerk-0919", 1))
+        for reply in (citizen_report_reply(env, subject), my_accesses_reply(env, subject)):
+            assert [a.entry_id for a in reply.accesses] == [i for i in in_order if i in live]
+            (gap,) = reply.unsearched
+            assert (gap.first_sequence, gap.last_sequence) == (1, last_archived)
+            assert gap.reason == "FILE_CHANGED"
+            assert "differs from the one archived" in gap.description
+        segment.write_bytes(original)
         later = fresh_head(env)
         tail = exported(env, tmp_path / "live.jsonl")
         assert json.loads(tail.read_bytes().splitlines()[1])["seq"] == last_archived + 1
@@ -363,8 +399,14 @@ def test_every_reader_reads_a_log_of_both_formats_live_and_archived(
             assert proven(env, later, sequence=sequences[i]) == sequences[i]
         assert consistent(env, head_v1, later)
         assert consistent(env, head, later)
-        # Without its archive file, an archived compact entry's proof is refused by name.
+        # Without its archive file, an archived compact entry's proof is refused by name, and
+        # the citizen's readers say which range they could not search.
         moved = segment.rename(tmp_path / segment.name)
+        (gap,) = citizen_report_reply(env, subject).unsearched
+        assert (gap.first_sequence, gap.reason) == (1, "FILE_MISSING")
+        assert [a.entry_id for a in my_accesses_reply(env, subject).accesses] == sorted(
+            live, key=lambda i: sequences[i]
+        )
         archived_v2 = last_archived  # a bulk entry: no checkpoint inside its 32 leaves
         with pytest.raises(grpc.RpcError) as info:
             proven(env, later, sequence=archived_v2)
@@ -378,6 +420,23 @@ def test_every_reader_reads_a_log_of_both_formats_live_and_archived(
             assert verify_evidence(env, files) == ev.INTACT
         again = prove(env, v2_new_reply, tmp_path, "v2-new-again")
         assert verify_evidence(env, again) == ev.INTACT
+        # Evidence whose entry is archived (either format) is proven again from the archive
+        # file, by the broker: the same proof as when it was live, against the new head.
+        for name, reply in (("v1", v1_reply), ("v2-old", v2_old_reply)):
+            files = prove(env, reply, tmp_path, f"{name}-archived")
+            assert verify_evidence(env, files) == ev.INTACT
+            proof = json.loads(files[1].read_text())
+            assert proof["entries"][0]["body"] == proven_bodies[name]
+            assert proof["entries"][0]["tree_size"] == later.size
+        # ... but not from a changed archive file: NOT_IN_LOG, naming why.
+        segment.write_bytes(original.replace(CLERK.encode(), b"clerk-0919", 1))
+        (tmp_path / "v1.jws").write_text(v1_reply.evidence + "\n")
+        target = ["--target", env.broker.target, "--token", auditor(env)]
+        code, out = run(["evidence", "prove", str(tmp_path / "v1.jws"), "-o",
+                         str(tmp_path / "v1-changed.proof.json"), *target])  # fmt: skip
+        assert code == ev.NOT_IN_LOG, out
+        assert "differs from the one archived" in out
+        segment.write_bytes(original)
         # An archived entry's id is not in the live log, and the answer says why.
         with pytest.raises(grpc.RpcError) as info:
             proven(env, later, entry_id=v1_ids[0])

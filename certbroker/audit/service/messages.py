@@ -12,10 +12,11 @@ from datetime import UTC, datetime
 from google.protobuf import timestamp_pb2
 
 from certbroker import errors
+from certbroker.audit.archived import Unsearched
 from certbroker.audit.events import AuditEntry
 from certbroker.audit.scan import entry_time
 from certbroker.policy import PolicySet
-from certbroker.v1 import audit_pb2
+from certbroker.v1 import audit_pb2, broker_pb2
 
 
 def _time(stamp: timestamp_pb2.Timestamp, name: str) -> datetime:
@@ -53,6 +54,14 @@ def timestamp(entry: AuditEntry) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(entry_time(entry))
     return stamp
+
+
+def unsearched_message(gap: Unsearched, target: broker_pb2.UnsearchedRange) -> None:
+    """An archived range that was not searched, into ``target`` (no entry contents)."""
+    target.first_sequence = gap.first_seq
+    target.last_sequence = gap.last_seq
+    target.reason = gap.reason
+    target.description = gap.describe()
 
 
 def entry_message(entry: AuditEntry) -> audit_pb2.AuditEntry:

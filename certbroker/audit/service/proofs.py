@@ -52,6 +52,7 @@ from typing import IO, Final, cast
 from google.protobuf import timestamp_pb2
 
 from certbroker import errors
+from certbroker.audit import archived as archived_entries
 from certbroker.audit.archive import archived_leaves
 from certbroker.audit.export import export
 from certbroker.audit.integrity.proofs import (
@@ -63,6 +64,7 @@ from certbroker.audit.integrity.proofs import (
     sign_checkpoint,
     tree_size,
 )
+from certbroker.audit.service.messages import unsearched_message
 from certbroker.audit.store.db import connect_read
 from certbroker.audit.store.rows import archived_head, select_rows
 from certbroker.config import AuditLocation
@@ -184,7 +186,9 @@ def resolve_inclusion(
 
     An archived entry is found by its ``sequence`` (``entry_id`` looks in the live log only);
     the nodes of archived compact entries that nobody stored come from their archive file
-    in ``archive_dir`` (:func:`certbroker.audit.archive.archived_leaves`)."""
+    in ``archive_dir`` (:func:`certbroker.audit.archive.archived_leaves`), and so do its body
+    and previous hash (``archived``: the Export serves live entries only), or why the file
+    could not be used."""
     state = read_state(db)
     size = _within(state, state.default_size(query.tree_size), "tree_size")
     sequence = query.sequence
@@ -213,9 +217,19 @@ def resolve_inclusion(
             "prove it from the file (certbroker audit verify --with-archives checks it)",
             argument="sequence",
         ) from None
-    return audit_pb2.InclusionProof(
+    proof = audit_pb2.InclusionProof(
         leaf_index=sequence - 1, tree_size=size, hashes=path, leaf_hash=leaf
     )
+    if sequence <= state.archived and archive_dir is not None:
+        try:
+            proof.archived.body, proof.archived.prev_hash = archived_entries.entry_at(
+                db, archive_dir, sequence
+            )
+        except archived_entries.ArchiveUnreadable as exc:
+            unsearched_message(exc.gap, proof.archived.unreadable)
+        except KeyError:  # archived after the state was read: not in the records read then
+            pass
+    return proof
 
 
 # --- consistency ------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from typing import Any, TypeVar
 import grpc
 
 from certbroker import errors, validation
-from certbroker.audit import anomalies
+from certbroker.audit import anomalies, archived
 from certbroker.audit.anomaly_scan import find_in_store
 from certbroker.audit.events import AuditEntry, AuditEvent, AuditLog, Receipt
 from certbroker.audit.guard import AuditedCall, Result, invocation_metadata
@@ -52,7 +52,13 @@ from certbroker.audit.integrity.proofs import CheckpointSigner
 from certbroker.audit.refusals import RefusalLedger
 from certbroker.audit.scan import Criteria, scan
 from certbroker.audit.service import overview, proofs
-from certbroker.audit.service.messages import entry_message, released_fields, time_range, timestamp
+from certbroker.audit.service.messages import (
+    entry_message,
+    released_fields,
+    time_range,
+    timestamp,
+    unsearched_message,
+)
 from certbroker.auth.authenticator import Authenticator, Clerk
 from certbroker.metrics import BrokerState
 from certbroker.policy import PolicySource
@@ -299,7 +305,10 @@ class AuditService(audit_pb2_grpc.AuditServicer):
     async def CitizenReport(
         self, request: audit_pb2.CitizenReportRequest, context: _Context
     ) -> audit_pb2.CitizenReportResponse:
-        """Every lookup of the citizen's records (allowed, denied or failed), oldest first."""
+        """Every lookup of the citizen's records (allowed, denied or failed), oldest first:
+        the archived ones (read from the archive files), then the live ones. Archived ranges
+        that could not be read (encrypted, file missing or changed) are named in
+        ``unsearched``; the rest of the report is still given."""
         call = _Call("citizen_report")
 
         def parse() -> Criteria:
@@ -310,10 +319,14 @@ class AuditService(audit_pb2_grpc.AuditServicer):
 
         criteria, receipt = await self._admit(call, context, parse)
         criteria = replace(criteria, before=receipt.sequence)
-        entries = await asyncio.to_thread(scan, self._db, criteria)
+        found = await asyncio.to_thread(
+            archived.scan_with_archives, self._db, self._archive_dir, criteria
+        )
         policy = self._policies.current
         reply = audit_pb2.CitizenReportResponse(subject_id=call.subject_id)
-        for entry in entries:
+        for gap in found.unsearched:
+            unsearched_message(gap, reply.unsearched.add())
+        for entry in found.entries:
             e = entry.event
             matter = policy.matters.get(e.matter_code)
             reply.accesses.add(

@@ -197,10 +197,10 @@ class _Counted:
                 [
                     "clerk",
                     "count(*)",
-                    "count(DISTINCT NULLIF(subject_id, ''))",
                     self._concat(f"CASE WHEN {outside} THEN seq END"),
-                    # Not DISTINCT: a distinct aggregate sorts every group (PostgreSQL);
-                    # the few ids per clerk are made a set here.
+                    # Not DISTINCT: a distinct aggregate sorts every group (PostgreSQL),
+                    # where the plain ones hash; the few ids per clerk are made a set here,
+                    # and distinct citizens are counted apart, for the clerks that could fire.
                     self._concat(f"CASE WHEN {outside} THEN office END"),
                     self._concat(new),
                     check,
@@ -210,7 +210,7 @@ class _Counted:
             )
             values = [deny if deny is not None else -1, *values]
             rows = self._conn.execute(sql + " GROUP BY clerk", values).fetchall()
-            unseen = {o for row in rows if row[5] is not None for o in _ids(row[5], what="offices")}
+            unseen = {o for row in rows if row[4] is not None for o in _ids(row[4], what="offices")}
             if not unseen:
                 break
             for office in unseen:
@@ -219,8 +219,9 @@ class _Counted:
                     self._policy, name, self._limits.default_hours
                 )
         limit = self._limits.many_subjects
+        subjects = self._subjects([clerk for clerk, count, *_ in rows if count >= limit])
         missing, late, many, denying = [], [], [], []
-        for clerk, count, subjects, seqs, offices, _, malformed, uncased, denied in rows:
+        for clerk, _, seqs, offices, _, malformed, uncased, denied in rows:
             if malformed:
                 raise ValueError("an audit entry of the range is malformed; run verify")
             name = self._name(clerk)
@@ -233,11 +234,12 @@ class _Counted:
                 denying.append(int(clerk))
             if seqs is not None:
                 late_seqs = _ids(seqs, what="sequences")
-                where = ", ".join(sorted({self._name(o) for o in _ids(offices, what="offices")}))
+                places = {self._name(o) for o in set(_ids(offices, what="offices"))}
+                where = ", ".join(sorted(places))
                 text = f"{len(late_seqs)} lookup(s) outside the opening hours of {where}"
                 late.append(Finding(anomalies.OUTSIDE_HOURS, name, text, tuple(sorted(late_seqs))))
-            if count >= limit and subjects >= limit:
-                text = f"{subjects} distinct citizens looked up (threshold {limit})"
+            if subjects.get(clerk, 0) >= limit:
+                text = f"{subjects[clerk]} distinct citizens looked up (threshold {limit})"
                 many.append(Finding(anomalies.MANY_SUBJECTS, name, text, self._sequences_of(clerk)))
         by_clerk = lambda finding: finding.clerk  # noqa: E731
         return (
@@ -246,6 +248,15 @@ class _Counted:
             sorted(many, key=by_clerk),
             denying,
         )
+
+    def _subjects(self, clerks: Sequence[int]) -> dict[int, int]:
+        """How many distinct citizens each of ``clerks`` looked up in the range."""
+        if not clerks:
+            return {}
+        sql, values = self._day(
+            ["clerk", "count(DISTINCT NULLIF(subject_id, ''))"], f"clerk IN ({_list(clerks)})"
+        )
+        return {int(c): int(n) for c, n in self._conn.execute(sql + " GROUP BY clerk", values)}
 
     def _sequences_of(self, clerk: object) -> tuple[int, ...]:
         """Every lookup of ``clerk`` in the range (a clerk with a finding: few)."""

@@ -35,7 +35,7 @@ from typing import Final
 
 from certbroker.audit import anomalies
 from certbroker.audit.anomalies import Finding, Lookup, Thresholds
-from certbroker.audit.events import AuditEntry
+from certbroker.audit.events import AuditEntry, iso_time
 from certbroker.audit.lookups import lookup_rows, read_lookups
 from certbroker.audit.scan import Criteria, compact_where, log_sql, scan
 from certbroker.audit.store import compact
@@ -120,6 +120,14 @@ class _Counted:
         self._terms = compact.reader_terms(conn)
         self._kind = self._terms.find(conn, "lookup")
         clauses, self._values = compact_where(criteria, {})
+        self._span = (
+            None
+            if criteria.since is None or criteria.until is None
+            else (
+                compact.time_ms(iso_time(criteria.since)),
+                compact.time_ms(iso_time(criteria.until)),
+            )
+        )
         self._where = " AND ".join(clauses)
 
     def _name(self, term_id: object) -> str:
@@ -183,7 +191,7 @@ class _Counted:
         enough denials for a ``DENIAL_BURST``: one statement grouped by clerk."""
         hours = self._office_hours()
         for _ in range(2):  # a second time only if the range has offices not seen before
-            outside = _outside(hours)
+            outside = _outside(hours, self._span)
             # On SQLite, whose columns hold any type, also whether a row has a value of the
             # wrong type (the Python path checks each record it builds).
             check = (
@@ -303,24 +311,35 @@ def _list(ids: Iterable[int]) -> str:
     return ", ".join(str(int(i)) for i in ids)
 
 
-def _outside(hours: dict[int, tuple[Hours, ...]]) -> str:
+def _outside(hours: dict[int, tuple[Hours, ...]], span: tuple[int, int] | None) -> str:
     """SQL true when a lookup's ``time`` is outside the opening windows of its ``office``
-    (offices open around the clock, or not in ``hours``, never are)."""
+    (offices open around the clock, or not in ``hours``, never are). ``span``: the range's
+    bounds in epoch ms, when it has both."""
     offices: dict[tuple[Hours, ...], list[int]] = defaultdict(list)
     for office, windows in hours.items():
         if windows:
             offices[windows].append(office)
     parts = [
-        f"(office IN ({_list(ids)}) AND NOT ({_inside(windows)}))"
+        f"(office IN ({_list(ids)}) AND NOT ({_inside(windows, span)}))"
         for windows, ids in offices.items()
     ]
     return "(" + " OR ".join(parts) + ")" if parts else "1 = 0"
 
 
-def _inside(hours: Sequence[Hours]) -> str:
+#: A range with more opening intervals than this (weeks) tests the windows arithmetically.
+_MAX_INTERVALS: Final = 64
+
+
+def _inside(hours: Sequence[Hours], span: tuple[int, int] | None) -> str:
     """SQL true when ``time`` (epoch ms) is inside any of the windows :meth:`Hours.contains`
     accepts: its weekday is one of ``days`` and its local time of day is in
-    ``[start_min, end_min)``."""
+    ``[start_min, end_min)``. Over a short ``span`` (an auditor's day) that is a few
+    intervals of ``time`` (two comparisons each); else weekday and time of day are computed."""
+    if span is not None:
+        intervals = _intervals(hours, *span)
+        if intervals is not None:
+            found = " OR ".join(f"(time >= {a} AND time < {b})" for a, b in intervals)
+            return found or "1 = 0"
     parts = []
     for window in hours:
         if not window.days:
@@ -334,3 +353,34 @@ def _inside(hours: Sequence[Hours]) -> str:
             f"AND {of_day} < {window.end_min * 60_000})"
         )
     return " OR ".join(parts) if parts else "1 = 0"
+
+
+def _intervals(hours: Sequence[Hours], since: int, until: int) -> list[tuple[int, int]] | None:
+    """The windows' opening times within ``[since, until)`` as merged ``[a, b)`` epoch-ms
+    intervals; None when there are more than :data:`_MAX_INTERVALS`."""
+    found: list[tuple[int, int]] = []
+    for window in hours:
+        offset = window.utc_offset // _MS
+        if window.end_min <= window.start_min:
+            continue  # an empty window (contains() is never true)
+        # Every local day that can overlap the span: the local day of `since` (one before,
+        # for offsets ahead of UTC) to that of `until`.
+        first = (since + offset) // _DAY_MS - 1
+        last = (until + offset) // _DAY_MS + 1
+        if (last - first) * len(window.days) > 2 * _MAX_INTERVALS:
+            return None
+        for day in range(first, last + 1):
+            if (day + _EPOCH_WEEKDAY) % 7 not in window.days:
+                continue
+            midnight = day * _DAY_MS - offset  # the local midnight, in UTC epoch ms
+            a = max(since, midnight + window.start_min * 60_000)
+            b = min(until, midnight + window.end_min * 60_000)
+            if a < b:
+                found.append((a, b))
+    merged: list[tuple[int, int]] = []
+    for a, b in sorted(found):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged if len(merged) <= _MAX_INTERVALS else None

@@ -170,14 +170,18 @@ LIMITS_VARIED = [
 
 
 @pytest.mark.parametrize("limits", LIMITS_VARIED, ids=["default", "low", "high"])
-@pytest.mark.parametrize("window", ["format 2", "format 2, sequence bound", "mixed"])
+@pytest.mark.parametrize(
+    "window", ["format 2", "format 2, sequence bound", "format 2, no end", "mixed"]
+)
 def test_the_rules_counted_in_sql_find_what_the_python_rules_find(
     mixed: Mixed, limits: Thresholds, window: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     location, last_old = mixed
     rules = policy.load(config.DEFAULT_POLICY_DIR)
     since = START if window == "mixed" else _format_2_start(mixed)
-    until = since + timedelta(hours=3)
+    # A bounded range tests the opening hours as intervals of time; one without an end, by
+    # weekday and time of day.
+    until = None if window == "format 2, no end" else since + timedelta(hours=3)
     before = last_old + 60 if window == "format 2, sequence bound" else 0
     criteria = Criteria(kinds=("lookup", "citizen"), since=since, until=until, before=before)
     expected = find(scan(location, criteria), rules, limits)

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import weakref
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -82,8 +83,19 @@ def find_in_store(
     with closing(backend.connect_read()) as conn:
         backend.snapshot(conn)
         if _countable(conn, criteria, policy, limits):
-            counted = _Counted(conn, criteria, policy, limits)
-            return counted.findings(disputes)
+            # The grouping per citizen (REPEATED_SUBJECT) runs at the same time on a reader
+            # of its own (in its own thread: a SQLite connection stays in the thread that
+            # made it); both databases work without the GIL. The range is a committed,
+            # append-only prefix bounded by `until` and `before` (the Audit service sets it
+            # to its call's own entry), so both readers see the same rows.
+            def repeated() -> list[Finding]:
+                with closing(backend.connect_read()) as other:
+                    backend.snapshot(other)
+                    return _Counted(other, criteria, policy, limits).repeated_subject()
+
+            with ThreadPoolExecutor(1, thread_name_prefix="anomaly-scan") as pool:
+                side = pool.submit(repeated)
+                return _Counted(conn, criteria, policy, limits).findings(disputes, side.result)
     lookups = read_lookups(db, since=since, until=until, before=before)
     return anomalies.find_lookups(lookups, policy, limits, citizen=disputes)
 
@@ -136,8 +148,11 @@ class _Counted:
     def _concat(self, expr: str) -> str:
         return self._conn.backend.text_agg(expr)
 
-    def findings(self, disputes: Sequence[AuditEntry]) -> list[Finding]:
-        """The findings in :func:`~certbroker.audit.anomalies.find_lookups`' order."""
+    def findings(
+        self, disputes: Sequence[AuditEntry], repeated: Callable[[], list[Finding]]
+    ) -> list[Finding]:
+        """The findings in :func:`~certbroker.audit.anomalies.find_lookups`' order, with
+        ``repeated()`` giving :meth:`repeated_subject`'s."""
         if self._kind is None:  # no version 2 entry is a lookup
             return anomalies.find_lookups([], self._policy, self._limits, citizen=disputes)
         deny = self._terms.find(self._conn, "deny")
@@ -147,7 +162,7 @@ class _Counted:
             *missing,
             *late,
             *many,
-            *self._repeated_subject(),
+            *repeated(),
             *anomalies.denial_bursts(few, self._limits),
             *anomalies.citizen_disputes(disputes),
             *anomalies.quota_refusals(few),
@@ -280,7 +295,8 @@ class _Counted:
             per_log.clear()  # one policy at a time
         return per_log.setdefault(key, {})
 
-    def _repeated_subject(self) -> list[Finding]:
+    def repeated_subject(self) -> list[Finding]:
+        """``REPEATED_SUBJECT``: the (clerk, citizen) pairs over enough case numbers."""
         limit = self._limits.repeated_cases
         cased = "case_number <> '' AND subject_id <> ''"
         # Most citizens of a day are looked up once or twice: only those looked up at least

@@ -117,7 +117,7 @@ def _ids(values: object, *, what: str) -> list[int]:
     """The integers of a ``group_concat`` / ``string_agg`` text."""
     if not isinstance(values, str):
         raise ValueError(f"audit entries' {what} are malformed; run verify")
-    return [int(v) for v in values.split(",")]
+    return list(map(int, values.split(",")))
 
 
 class _Counted:
@@ -257,7 +257,10 @@ class _Counted:
                 denying.append(int(clerk))
             if seqs is not None:
                 late_seqs = _ids(seqs, what="sequences")
-                places = {self._name(o) for o in set(_ids(offices, what="offices"))}
+                # Thousands of ids, a few offices: made distinct before they are read.
+                if not isinstance(offices, str):
+                    raise ValueError("audit entries' offices are malformed; run verify")
+                places = {self._name(int(o)) for o in set(offices.split(","))}
                 where = ", ".join(sorted(places))
                 text = f"{len(late_seqs)} lookup(s) outside the opening hours of {where}"
                 late.append(Finding(anomalies.OUTSIDE_HOURS, name, text, tuple(sorted(late_seqs))))

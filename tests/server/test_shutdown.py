@@ -4,7 +4,9 @@ adapter process -- still gets its answer and its audit entry, and the process ex
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import threading
 from pathlib import Path
 
@@ -106,12 +108,17 @@ def test_sigterm_lets_the_call_in_flight_finish_and_exits_0(
             )
             call.add_done_callback(lambda _: answered.set())
             wait_until("the lookup in flight", lambda: in_flight(s) >= 1)
-
-            s.signal()
-            assert [next(w).status for w in watches] == [NOT_SERVING] * len(watches)
-            assert not answered.is_set()  # the adapter still holds it
-            wait_until("new calls refused", lambda: refused(s.target))
-            assert not answered.is_set()
+            # The department holds the answer until the checks below are done (stopped, not
+            # merely slow: on a loaded machine its delay could run out in the meantime).
+            os.kill(adapter.process.pid, signal.SIGSTOP)
+            try:
+                s.signal()
+                assert [next(w).status for w in watches] == [NOT_SERVING] * len(watches)
+                assert not answered.is_set()  # the adapter still holds it
+                wait_until("new calls refused", lambda: refused(s.target))
+                assert not answered.is_set()
+            finally:
+                os.kill(adapter.process.pid, signal.SIGCONT)
             response = call.result(WAIT_S)
         assert response.record.marriage.marital_status
         assert s.wait() == 0

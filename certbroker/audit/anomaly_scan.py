@@ -170,32 +170,35 @@ class _Counted:
 
     # -- the range, as a subquery --------------------------------------------------------------
 
+    def _lookups(self, condition: str = "") -> tuple[str, list[object]]:
+        """The ``WHERE`` conditions of the range's lookups (``AND condition``: trusted SQL
+        over the columns of ``audit_entries``), with their values."""
+        where = f"{self._where} AND kind = ?" + (f" AND ({condition})" if condition else "")
+        return where, [*self._values, self._kind]
+
     def _day(self, columns: Iterable[str], condition: str = "") -> tuple[str, list[object]]:
-        """``SELECT columns FROM`` the range's lookups (``AND condition``: trusted SQL over
-        the columns of ``audit_entries``), with its values."""
+        """``SELECT columns FROM`` the range's lookups (:meth:`_lookups`), with its values."""
+        where, values = self._lookups(condition)
         # Every name is fixed in this module; every value is a bound parameter.
-        sql = (
-            f"SELECT {', '.join(columns)} FROM audit_entries "  # noqa: S608
-            f"WHERE {self._where} AND kind = ?" + (f" AND ({condition})" if condition else "")
-        )
-        return sql, [*self._values, self._kind]
+        return f"SELECT {', '.join(columns)} FROM audit_entries WHERE {where}", values  # noqa: S608
 
     # -- the rules that read few entries: records, the Python rules --------------------------
 
     def _few(self, deny: int | None, clerks: Sequence[int]) -> list[Lookup]:
         """The denied lookups of ``clerks``, and those refused past a quota."""
         quota = self._terms.find(self._conn, anomalies.QUOTA_EXCEEDED)
-        parts, values = [], [*self._values, self._kind]
+        parts: list[str] = []
+        chosen: list[object] = []
         if deny is not None and clerks:
             parts.append(f"(decision = ? AND clerk IN ({_list(clerks)}))")
-            values.append(deny)
+            chosen.append(deny)
         if quota is not None:
             parts.append("outcome = ?")
-            values.append(quota)
+            chosen.append(quota)
         if not parts:
             return []
-        where = f"{self._where} AND kind = ? AND ({' OR '.join(parts)})"
-        return lookup_rows(self._conn, self._terms, where, values)
+        where, values = self._lookups(" OR ".join(parts))
+        return lookup_rows(self._conn, self._terms, where, [*values, *chosen])
 
     # -- the counting rules: SQL --------------------------------------------------------------
 

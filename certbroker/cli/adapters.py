@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import sys
 from collections.abc import Callable
 
@@ -27,12 +26,8 @@ _Use = Callable[[registry_pb2_grpc.RegistryStub, tuple[tuple[str, str]]], int]
 
 def _call(args: argparse.Namespace, use: _Use) -> int:
     """Run ``use(stub, metadata)`` against ``--target`` with the token; 1 on an RPC error."""
-    token = args.token or os.environ.get("CERTBROKER_TOKEN", "")
-    if not token:
-        print(
-            "error: pass --token or set CERTBROKER_TOKEN (see `certbroker token issue --operator`)",
-            file=sys.stderr,
-        )
+    token = client.token_or_error(args, "see `certbroker token issue --operator`")
+    if token is None:
         return 2
     with grpc.insecure_channel(args.target) as channel:
         try:

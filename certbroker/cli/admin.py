@@ -13,7 +13,6 @@ token, a time that does not parse).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -50,13 +49,10 @@ def _show(control: admin_pb2.Control) -> str:
 
 
 def _run(args: argparse.Namespace, build: _Request) -> int:
-    token = args.token or os.environ.get("CERTBROKER_TOKEN", "")
-    if not token:
-        print(
-            "error: pass --token or set CERTBROKER_TOKEN (a security officer's token: "
-            "`certbroker token issue --roles security_officer ...`)",
-            file=sys.stderr,
-        )
+    token = client.token_or_error(
+        args, "a security officer's token: `certbroker token issue --roles security_officer ...`"
+    )
+    if token is None:
         return 2
     why = admin_pb2.Justification(reason=args.reason or "", ticket=args.ticket or "")
     try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,13 +36,10 @@ MAX_SEQUENCES_SHOWN = 8
 
 def _call(args: argparse.Namespace, use: _Use) -> int:
     """Run ``use(stub, metadata)`` against ``--target`` with the token; 1 on an RPC error."""
-    token = args.token or os.environ.get("CERTBROKER_TOKEN", "")
-    if not token:
-        print(
-            "error: pass --token or set CERTBROKER_TOKEN (an auditor token: "
-            "`certbroker token issue --roles auditor ...`)",
-            file=sys.stderr,
-        )
+    token = client.token_or_error(
+        args, "an auditor token: `certbroker token issue --roles auditor ...`"
+    )
+    if token is None:
         return 2
     channel, stub = client.audit_stub(args.target)
     try:

@@ -30,15 +30,11 @@ DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 
 def _token(args: argparse.Namespace) -> str | None:
-    token = args.token or os.environ.get("CERTBROKER_CITIZEN_TOKEN", "")
-    if not token:
-        print(
-            "error: pass --token or set CERTBROKER_CITIZEN_TOKEN (a citizen's token: "
-            "`certbroker token issue --citizen <resident ID>`)",
-            file=sys.stderr,
-        )
-        return None
-    return token
+    return client.token_or_error(
+        args,
+        "a citizen's token: `certbroker token issue --citizen <resident ID>`",
+        "CERTBROKER_CITIZEN_TOKEN",
+    )
 
 
 def _stamp(target: timestamp_pb2.Timestamp, text: str) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -118,6 +121,18 @@ def audit_stub(target: str) -> tuple[grpc.Channel, audit_pb2_grpc.AuditStub]:
     """A channel to the broker's Audit service (auditor tokens) and its stub."""
     channel = grpc.insecure_channel(target)
     return channel, audit_pb2_grpc.AuditStub(channel)
+
+
+def token_or_error(
+    args: argparse.Namespace, hint: str, env: str = "CERTBROKER_TOKEN"
+) -> str | None:
+    """The ``--token`` or ``$env`` token; None, after an error naming both and ``hint`` (whose
+    token, how to get one), when neither is set."""
+    token = args.token or os.environ.get(env, "")
+    if not token:
+        print(f"error: pass --token or set {env} ({hint})", file=sys.stderr)
+        return None
+    return str(token)
 
 
 def bearer(token: str) -> tuple[tuple[str, str]]:

@@ -91,14 +91,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _clerk_token(args: argparse.Namespace) -> str | None:
-    token: str = args.token or os.environ.get("CERTBROKER_TOKEN", "")
-    if not token:
-        print(
-            "error: pass --token or set CERTBROKER_TOKEN (see `certbroker token issue`)",
-            file=sys.stderr,
-        )
-        return None
-    return token
+    return client.token_or_error(args, "see `certbroker token issue`")
 
 
 def _call(args: argparse.Namespace, token: str, method: str, request: Message) -> Any:

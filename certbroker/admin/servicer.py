@@ -286,12 +286,6 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     def _event(self, call: _Call, result: Result) -> AuditEvent:
         officer = call.officer
-        if result.failure is None:
-            decision = "allow"
-        elif isinstance(result.failure, errors.PermissionDenied):
-            decision = "deny"
-        else:
-            decision = ""
         details: dict[str, object] = {
             "action": call.rpc,
             "target": call.target,
@@ -309,7 +303,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             case_number=call.ticket,
             consent_method="",
             record_type="",
-            decision=decision,
+            decision=result.decision,
             rule_id=f"admin.{call.rpc}",
             withheld_fields=(),
             outcome=result.outcome,

@@ -100,6 +100,15 @@ class Result:
         """The entry's ``status``: "OK" or the gRPC code name the caller gets."""
         return outcome(self.failure)[1]
 
+    @property
+    def decision(self) -> str:
+        """The entry's ``decision`` for a call the broker authorizes: "allow" when it
+        succeeded, "deny" when it was refused (PERMISSION_DENIED), "" when it failed
+        otherwise (no decision was reached: bad input, no verified caller, ...)."""
+        if self.failure is None:
+            return "allow"
+        return "deny" if isinstance(self.failure, errors.PermissionDenied) else ""
+
 
 @dataclass(frozen=True)
 class Batch:

@@ -220,12 +220,6 @@ class AuditService(audit_pb2_grpc.AuditServicer):
 
     def _event(self, call: _Call, result: Result) -> AuditEvent:
         clerk = call.clerk
-        if result.failure is None:
-            decision = "allow"
-        elif isinstance(result.failure, errors.PermissionDenied):
-            decision = "deny"
-        else:
-            decision = ""
         return AuditEvent(
             kind="audit_query",
             clerk=clerk.sub if clerk else "",
@@ -236,7 +230,7 @@ class AuditService(audit_pb2_grpc.AuditServicer):
             case_number=call.case_number,
             consent_method="",
             record_type=call.record_type,
-            decision=decision,
+            decision=result.decision,
             rule_id=f"audit.{call.rpc}",
             withheld_fields=(),
             outcome=result.outcome,

@@ -259,13 +259,10 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
     def _entry(self, trace: _Trace, result: Result) -> AuditEvent | None:
         """The call's entry: every PERMISSION_DENIED and every successful change; nothing for
         other refusals (no verified caller, malformed input) or for heartbeats and listings."""
-        if result.failure is None:
-            if trace.action not in _CHANGES:
-                return None
-            decision = "allow"
-        elif isinstance(result.failure, errors.PermissionDenied):
-            decision = "deny"
-        else:
+        if result.failure is None and trace.action not in _CHANGES:
+            return None
+        decision = result.decision
+        if not decision:
             return None
         principal = trace.principal
         return AuditEvent(

@@ -103,6 +103,21 @@ def _pg_config(pg: PostgresLocation) -> str:
     return f"[audit]\ndsn = {pg.dsn!r}\nschema = {pg.schema!r}\n"
 
 
+def admin_sql(location: PostgresLocation, *statements: str) -> None:
+    """Run trusted ``statements`` (schema and table names of the benchmark's own) on
+    ``location``'s server outside a transaction (``DROP SCHEMA``, ``VACUUM``)."""
+    import psycopg
+
+    with psycopg.connect(location.dsn, autocommit=True) as admin:
+        for statement in statements:
+            admin.execute(statement.encode())
+
+
+def drop_schema(location: PostgresLocation) -> None:
+    """Drop ``location``'s schema and everything in it, if it exists."""
+    admin_sql(location, f"DROP SCHEMA IF EXISTS {location.schema} CASCADE")
+
+
 @contextlib.contextmanager
 def postgres(*, schema: str | None = None) -> Iterator[PostgresLocation | None]:
     """A fresh schema on a reachable server (dropped afterwards), or None. A named ``schema``
@@ -125,8 +140,7 @@ def postgres(*, schema: str | None = None) -> Iterator[PostgresLocation | None]:
         try:
             yield location
         finally:
-            with psycopg.connect(url, autocommit=True) as admin:
-                admin.execute(f"DROP SCHEMA IF EXISTS {location.schema} CASCADE".encode())
+            drop_schema(location)
         return
     yield None
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from bench.audit_backends import postgres
+from bench.audit_backends import drop_schema, postgres
 from bench.harness import Options, Result, percentile
 from certbroker.audit.append import ChainStore
 from certbroker.audit.events import AuditEvent, epoch_time, event_fields
@@ -117,10 +117,7 @@ def _stores(base: Path) -> Iterator[dict[str, tuple[AuditLocation, AuditLocation
             yield stores
         finally:
             if pg is not None:
-                import psycopg
-
-                with psycopg.connect(pg.dsn, autocommit=True) as admin:
-                    admin.execute(f"DROP SCHEMA IF EXISTS {pg.schema}_o CASCADE".encode())
+                drop_schema(PostgresLocation(pg.dsn, pg.schema + "_o"))
 
 
 def run(options: Options) -> Result:

@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from bench.audit_backends import postgres
+from bench.audit_backends import admin_sql, drop_schema, postgres
 from bench.harness import Options, Result, percentile
 from certbroker import config, policy
 from certbroker.audit.anomaly_scan import find_in_store
@@ -142,11 +142,11 @@ def _vacuum(location: PostgresLocation) -> None:
     grows (PostgreSQL 13+), here at once after the bulk load. It summarizes the BRIN ranges on
     ``time`` (until then a range query reads every unsummarized block) and gives the planner
     the partitions' statistics."""
-    import psycopg
-
-    with psycopg.connect(location.dsn, autocommit=True) as admin:
-        admin.execute(f"VACUUM ANALYZE {location.schema}.audit_entries".encode())
-        admin.execute(f"VACUUM ANALYZE {location.schema}.audit_terms".encode())
+    admin_sql(
+        location,
+        f"VACUUM ANALYZE {location.schema}.audit_entries",
+        f"VACUUM ANALYZE {location.schema}.audit_terms",
+    )
 
 
 def append_rate(location: AuditLocation, count: int) -> float:
@@ -253,10 +253,7 @@ def _generated(
         return float(marker.read_text())
     # A store whose generation did not finish is made again from nothing.
     if isinstance(location, PostgresLocation):
-        import psycopg
-
-        with psycopg.connect(location.dsn, autocommit=True) as admin:
-            admin.execute(f"DROP SCHEMA IF EXISTS {location.schema} CASCADE".encode())
+        drop_schema(location)
     else:
         Path(location).unlink(missing_ok=True)
     rate = count / generate(location, count, signer)

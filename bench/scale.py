@@ -74,6 +74,29 @@ MATTERS = ("BDC-ZY-001", "HJ-QY-002", "SB-ZM-003", "HY-DJ-004", "BDC-DY-005", "J
 RECORDS = {"hukou": "public_security", "social_security": "hrss", "property": "natural_resources",
            "marriage": "civil_affairs"}  # fmt: skip
 WITHHELD = (("members.id_number",), (), ("address.detail", "phone"), ())
+#: Every generated office keeps the shipped policy's hall hours (Mon–Sat 08:30–17:30 at
+#: UTC+08:00, :data:`certbroker.audit.anomalies.HALL_HOURS`): a working day's lookups fall in
+#: them, but for the last :data:`LATE_SHARE` (overtime, 17:30–21:30), which the anomaly scan
+#: reports as OUTSIDE_HOURS. START is a Monday; Sundays have no entries.
+OPEN_S = 30 * 60  # 08:30 local is 00:30 UTC
+OPEN_LEN_S = 9 * 3600
+LATE_LEN_S = 4 * 3600
+LATE_SHARE = 0.01
+
+
+def working_day(day: int) -> float:
+    """The UTC midnight (epoch seconds) starting generated day ``day`` (0: START)."""
+    return START + ((day // 6) * 7 + day % 6) * 86_400
+
+
+def entry_time(n: int) -> float:
+    """Entry ``n``'s time (epoch seconds): :data:`PER_DAY` a working day, evenly spread over
+    the opening hours, then the day's overtime share over the evening."""
+    day, k = divmod(n, PER_DAY)
+    inside = round(PER_DAY * (1 - LATE_SHARE))
+    if k < inside:
+        return working_day(day) + OPEN_S + k * OPEN_LEN_S / inside
+    return working_day(day) + OPEN_S + OPEN_LEN_S + (k - inside) * LATE_LEN_S / (PER_DAY - inside)
 
 
 def _event(rng: random.Random, n: int, total: int) -> AuditEvent:
@@ -111,7 +134,7 @@ def _bodies(rng: random.Random, first: int, count: int, total: int) -> list[dict
     for n in range(first, first + count):
         fields = event_fields(_event(rng, n, total))
         fields["entry_id"] = new_id()
-        fields["time"] = epoch_time(START + n * 86_400 / PER_DAY)
+        fields["time"] = epoch_time(entry_time(n))
         bodies.append(fields)
     return bodies
 
@@ -129,7 +152,7 @@ def generate(location: AuditLocation, total: int, signer: CheckpointSigner) -> f
             with store.session.transaction() as conn:
                 _, head = append_rows(conn, bodies, head, terms=terms)
             if (first + CHUNK) % CHECKPOINT_EVERY == 0 or first + CHUNK >= total:
-                sign_checkpoint(location, signer, clock=lambda: START + total * 86_400 / PER_DAY)
+                sign_checkpoint(location, signer, clock=lambda: entry_time(total))
     finally:
         store.close()
     if isinstance(location, PostgresLocation):
@@ -153,11 +176,15 @@ def append_rate(location: AuditLocation, count: int) -> float:
     """Entries per second appended in batches of 16 through the writer's store, its close
     included: on SQLite that copies what is left in the WAL into the database file, so a run
     that ends between two checkpoints (one per ~3,000 entries of a large log, see
-    :data:`certbroker.audit.store.sqlite.WAL_CHECKPOINT_PAGES`) does not leave that work out."""
+    :data:`certbroker.audit.store.sqlite.WAL_CHECKPOINT_PAGES`) does not leave that work out.
+    The entries continue the log's days, as a broker's next appends would."""
     rng = random.Random(7)  # noqa: S311 - reproducible test data
-    store = ChainStore.open(backend_for(location), entry_format=2)
+    backend = backend_for(location)
+    with contextlib.closing(backend.connect_read()) as conn:
+        (last,) = conn.execute("SELECT max(seq) FROM audit_entries").fetchone()
+    store = ChainStore.open(backend, entry_format=2)
     try:
-        batches = [_bodies(rng, 10**9 + i * 16, 16, 10**6) for i in range(count // 16)]
+        batches = [_bodies(rng, int(last) + i * 16, 16, 10**6) for i in range(count // 16)]
         began = time.perf_counter()
         for bodies in batches:
             store.write_batch(bodies)
@@ -205,7 +232,7 @@ def queries(location: AuditLocation, total: int, runs: int) -> dict[str, list[fl
     # learns the offices' opening hours (kept per policy), its first reads load the terms.
     for round_no in range(runs + 1):
         subject = f"3303{rng.randrange(max(1, total // SUBJECTS_PER_ENTRY)):014d}"
-        day = datetime.fromtimestamp(START, tz=UTC) + timedelta(days=rng.randrange(days))
+        day = datetime.fromtimestamp(working_day(rng.randrange(days)), tz=UTC)
         clerk = f"clerk-{rng.randrange(CLERKS):04d}"
         until = day + timedelta(days=1)
         citizen = Criteria(subject_id=subject, kinds=("lookup",))

@@ -129,6 +129,15 @@ def _entries(
     if stored is None:
         return
     clauses, values = compact_where(criteria, stored)
+    if "subject_id" in stored or "clerk" in stored:
+        bounds = [
+            None if b is None else compact.time_ms(iso_time(b))
+            for b in (criteria.since, criteria.until)
+        ]
+        days = backend.day_clause(conn, *bounds)
+        if days is not None:
+            clauses.append(days[0])
+            values.extend(days[1])
     if criteria.kinds:
         # The kind filter in SQL too: a day's few "citizen" entries must not cost decoding
         # the day's tens of thousands of lookups.

@@ -30,6 +30,11 @@ from certbroker.config import AuditLocation
 #: A stored Merkle tree node: (level, index, hash); level 0 holds the leaf hashes.
 Node = tuple[int, int, bytes]
 
+DAY_MS = 86_400_000
+#: An entry's UTC day, as the SQLite indexes on subject and clerk lead with it
+#: (:meth:`Backend.day_clause`); the exact expression the indexes are declared on.
+DAY_KEY = f"time / {DAY_MS}"
+
 
 @dataclass(frozen=True)
 class UndecodableText:
@@ -168,6 +173,20 @@ class Backend(Protocol):
     #: Whether columns hold only their declared type (PostgreSQL), or any value (SQLite): a
     #: reader of the latter checks the types of what it counts.
     typed_columns: bool
+
+    def day_clause(
+        self, conn: Connection, since: int | None, until: int | None
+    ) -> tuple[str, list[object]] | None:
+        """A condition on ``audit_entries`` (and its values) true for the UTC days
+        (:data:`DAY_KEY`) of the log's entries with ``since <= time < until`` (epoch ms, None:
+        unbounded), for a backend whose subject and clerk indexes lead with the day; None
+        where they do not, or where the days cannot be listed (an entry dated before 1970).
+
+        Why: an index on ``subject_id`` alone takes each new entry at a random leaf, so in a
+        log of millions every append writes pages no other append shares; keyed by the day
+        first, a day's appends share the few pages of that day's part of the index, as they
+        do in a small log. A lookup by subject then probes each day the log holds."""
+        ...
 
     def json_element(self, column: str, index: int, *, integer: bool = False) -> str:
         """SQL for element ``index`` of the JSON array text in ``column``: as text, or as an

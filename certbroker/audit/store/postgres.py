@@ -404,6 +404,13 @@ class PostgresBackend:
 
     typed_columns = True
 
+    def day_clause(
+        self, conn: Connection, since: int | None, until: int | None
+    ) -> tuple[str, list[object]] | None:
+        """None: each month's partition has its own indexes, so appends already share the
+        current month's pages."""
+        return None
+
     def json_element(self, column: str, index: int, *, integer: bool = False) -> str:
         """``->>`` on the text cast to ``json`` (text out; cast for an integer)."""
         return f"({column}::json ->> {int(index)}){'::integer' if integer else ''}"

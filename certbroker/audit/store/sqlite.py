@@ -25,12 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from certbroker.audit.store.base import Connection, Node, UndecodableText
+from certbroker.audit.store.base import DAY_KEY, DAY_MS, Connection, Node, UndecodableText
 from certbroker.audit.store.rows import OUTBOX_DDL
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Stored in ``PRAGMA user_version`` so a later migration knows what it is looking at
-(2 = with ``audit_archives``, 3 = with the compact ``audit_entries`` and ``audit_terms``)."""
+(2 = with ``audit_archives``, 3 = with the compact ``audit_entries`` and ``audit_terms``,
+4 = ``audit_entries``' subject and clerk indexes keyed by the day first)."""
+
+#: Days listed one by one in a day condition (a bounded range); a longer range, or an
+#: unbounded one, lists the days the log holds with a walk of the time index.
+_LISTED_DAYS = 64
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS audit_log (
@@ -102,8 +107,13 @@ SCHEMA = (
         entry_hash  BLOB NOT NULL
     )""",
     "CREATE UNIQUE INDEX IF NOT EXISTS audit_entries_id ON audit_entries (entry_id)",
-    "CREATE INDEX IF NOT EXISTS audit_entries_subject ON audit_entries (subject_id)",
-    "CREATE INDEX IF NOT EXISTS audit_entries_clerk ON audit_entries (clerk, time)",
+    # Subject and clerk keyed by the UTC day first (SQLiteBackend.day_clause says why). A file
+    # of schema 3 has them without the day: they are replaced when a writer opens it.
+    "DROP INDEX IF EXISTS audit_entries_subject",
+    "DROP INDEX IF EXISTS audit_entries_clerk",
+    "CREATE INDEX IF NOT EXISTS audit_entries_subject_day "
+    f"ON audit_entries ({DAY_KEY}, subject_id)",
+    f"CREATE INDEX IF NOT EXISTS audit_entries_clerk_day ON audit_entries ({DAY_KEY}, clerk, time)",
     "CREATE INDEX IF NOT EXISTS audit_entries_time ON audit_entries (time)",
     """CREATE TABLE IF NOT EXISTS audit_terms (
         id   INTEGER PRIMARY KEY,
@@ -220,6 +230,35 @@ class SQLiteBackend:
         sqlite_insert(conn, f"INSERT INTO {table} ({', '.join(columns)})", len(columns), rows)
 
     typed_columns = False
+
+    def day_clause(
+        self, conn: Connection, since: int | None, until: int | None
+    ) -> tuple[str, list[object]] | None:
+        """The days of a short bounded range listed; else the days the log holds, found by a
+        recursive walk of the time index (one step per day present, so a clock that once
+        jumped years ahead costs one step, not a step per empty day)."""
+        listed = since is not None and until is not None and 0 <= since < until
+        if listed and (until - 1) // DAY_MS - since // DAY_MS < _LISTED_DAYS:
+            days = range(since // DAY_MS, (until - 1) // DAY_MS + 1)
+            return f"{DAY_KEY} IN ({', '.join(str(d) for d in days)})", []
+        (first,) = conn.execute("SELECT min(time) FROM audit_entries").fetchone()
+        if first is None:
+            return "1 = 0", []
+        if not isinstance(first, int) or first < 0:
+            return None  # integer division truncates below 0: no day condition, a full scan
+        values: list[object] = [max(first, since or 0) // DAY_MS]
+        bound = ""
+        if until is not None:
+            bound = " AND time < ?"
+            values.append(until)
+        # Fixed SQL; the day and the bound are parameters.
+        walk = (
+            "WITH RECURSIVE d(day) AS (SELECT ? UNION ALL "  # noqa: S608
+            f"SELECT (SELECT {DAY_KEY} FROM audit_entries WHERE time >= (d.day + 1) * {DAY_MS}"
+            f"{bound} ORDER BY time LIMIT 1) FROM d WHERE d.day IS NOT NULL) "
+            "SELECT day FROM d WHERE day IS NOT NULL"
+        )
+        return f"{DAY_KEY} IN ({walk})", values
 
     def json_element(self, column: str, index: int, *, integer: bool = False) -> str:
         """``json_extract``: a JSON number comes out as an SQL integer, a string as text."""

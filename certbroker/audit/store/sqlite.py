@@ -237,10 +237,11 @@ class SQLiteBackend:
         """The days of a short bounded range listed; else the days the log holds, found by a
         recursive walk of the time index (one step per day present, so a clock that once
         jumped years ahead costs one step, not a step per empty day)."""
-        listed = since is not None and until is not None and 0 <= since < until
-        if listed and (until - 1) // DAY_MS - since // DAY_MS < _LISTED_DAYS:
-            days = range(since // DAY_MS, (until - 1) // DAY_MS + 1)
-            return f"{DAY_KEY} IN ({', '.join(str(d) for d in days)})", []
+        if since is not None and until is not None and 0 <= since < until:
+            first_day, last_day = since // DAY_MS, (until - 1) // DAY_MS
+            if last_day - first_day < _LISTED_DAYS:
+                days = ", ".join(str(d) for d in range(first_day, last_day + 1))
+                return f"{DAY_KEY} IN ({days})", []
         (first,) = conn.execute("SELECT min(time) FROM audit_entries").fetchone()
         if first is None:
             return "1 = 0", []

@@ -132,15 +132,17 @@ class _Counted:
         self._terms = compact.reader_terms(conn)
         self._kind = self._terms.find(conn, "lookup")
         clauses, self._values = compact_where(criteria, {})
-        self._span = (
-            None
-            if criteria.since is None or criteria.until is None
-            else (
-                compact.time_ms(iso_time(criteria.since)),
-                compact.time_ms(iso_time(criteria.until)),
-            )
+        since, until = (
+            None if bound is None else compact.time_ms(iso_time(bound))
+            for bound in (criteria.since, criteria.until)
         )
+        self._span = None if since is None or until is None else (since, until)
         self._where = " AND ".join(clauses)
+        # The same range for a read that names narrower ranges of time (_outside_hours).
+        self._where_narrowed = " AND ".join(compact_where(criteria, {}, time_index=False)[0])
+        # What the reads of a few clerks add, so that they search the clerk index (on SQLite
+        # keyed by the day first), not the whole range.
+        self._by_clerk = conn.backend.day_clause(conn, since, until) or ("1 = 1", [])
 
     def _name(self, term_id: object) -> str:
         return self._terms.term(self._conn, term_id)
@@ -156,8 +158,8 @@ class _Counted:
         if self._kind is None:  # no version 2 entry is a lookup
             return anomalies.find_lookups([], self._policy, self._limits, citizen=disputes)
         deny = self._terms.find(self._conn, "deny")
-        missing, late, many, denying = self._per_clerk(deny)
-        few = self._few(deny, denying)
+        missing, late, many, denying, refused = self._per_clerk(deny)
+        few = self._few(deny, denying, refused)
         return [
             *missing,
             *late,
@@ -170,127 +172,169 @@ class _Counted:
 
     # -- the range, as a subquery --------------------------------------------------------------
 
-    def _lookups(self, condition: str = "") -> tuple[str, list[object]]:
+    def _lookups(self, condition: str = "", *, narrowed: bool = False) -> tuple[str, list[object]]:
         """The ``WHERE`` conditions of the range's lookups (``AND condition``: trusted SQL
-        over the columns of ``audit_entries``), with their values."""
-        where = f"{self._where} AND kind = ?" + (f" AND ({condition})" if condition else "")
+        over the columns of ``audit_entries``), with their values; ``narrowed``: the condition
+        has the ranges of time to search."""
+        where = self._where_narrowed if narrowed else self._where
+        where += " AND kind = ?" + (f" AND ({condition})" if condition else "")
         return where, [*self._values, self._kind]
 
-    def _day(self, columns: Iterable[str], condition: str = "") -> tuple[str, list[object]]:
+    def _day(
+        self, columns: Iterable[str], condition: str = "", *, narrowed: bool = False
+    ) -> tuple[str, list[object]]:
         """``SELECT columns FROM`` the range's lookups (:meth:`_lookups`), with its values."""
-        where, values = self._lookups(condition)
+        where, values = self._lookups(condition, narrowed=narrowed)
         # Every name is fixed in this module; every value is a bound parameter.
         return f"SELECT {', '.join(columns)} FROM audit_entries WHERE {where}", values  # noqa: S608
 
     # -- the rules that read few entries: records, the Python rules --------------------------
 
-    def _few(self, deny: int | None, clerks: Sequence[int]) -> list[Lookup]:
-        """The denied lookups of ``clerks``, and those refused past a quota."""
+    def _few(
+        self, deny: int | None, denying: Sequence[int], refused: Sequence[int]
+    ) -> list[Lookup]:
+        """The denied lookups of the clerks ``denying``, and the lookups refused past a quota
+        (by the clerks ``refused``): found through the clerk index."""
         quota = self._terms.find(self._conn, anomalies.QUOTA_EXCEEDED)
         parts: list[str] = []
         chosen: list[object] = []
-        if deny is not None and clerks:
-            parts.append(f"(decision = ? AND clerk IN ({_list(clerks)}))")
+        if deny is not None and denying:
+            parts.append(f"(decision = ? AND clerk IN ({_list(denying)}))")
             chosen.append(deny)
-        if quota is not None:
+        if quota is not None and refused:
             parts.append("outcome = ?")
             chosen.append(quota)
         if not parts:
             return []
-        where, values = self._lookups(" OR ".join(parts))
-        return lookup_rows(self._conn, self._terms, where, [*values, *chosen])
+        days, more = self._by_clerk
+        clerks = _list({*denying, *refused})
+        where, values = self._lookups(f"{days} AND clerk IN ({clerks}) AND ({' OR '.join(parts)})")
+        return lookup_rows(self._conn, self._terms, where, [*values, *more, *chosen])
 
     # -- the counting rules: SQL --------------------------------------------------------------
 
     def _per_clerk(
         self, deny: int | None
-    ) -> tuple[list[Finding], list[Finding], list[Finding], list[int]]:
-        """``NO_CASE_NUMBER``, ``OUTSIDE_HOURS`` and ``MANY_SUBJECTS``, and the clerks with
-        enough denials for a ``DENIAL_BURST``: one statement grouped by clerk."""
+    ) -> tuple[list[Finding], list[Finding], list[Finding], list[int], list[int]]:
+        """``NO_CASE_NUMBER``, ``OUTSIDE_HOURS`` and ``MANY_SUBJECTS``, the clerks with
+        enough denials for a ``DENIAL_BURST`` and those refused past a quota: one statement
+        grouped by clerk and office (a clerk works at one office or a few), then the lookups
+        outside each office's hours."""
+        # On SQLite, whose columns hold any type, also whether a row has a value of the wrong
+        # type (the Python path checks each record it builds).
+        check = (
+            "0"
+            if self._conn.backend.typed_columns
+            else "max(typeof(time) <> 'integer' OR typeof(subject_id) <> 'text' "
+            "OR typeof(case_number) <> 'text')"
+        )
+        quota = self._terms.find(self._conn, anomalies.QUOTA_EXCEEDED)
+        sql, values = self._day(
+            [
+                "clerk",
+                "office",
+                "count(*)",
+                self._concat("CASE WHEN case_number = '' THEN seq END"),
+                "count(CASE WHEN decision = ? THEN 1 END)",
+                "count(CASE WHEN outcome = ? THEN 1 END)",
+                check,
+            ]
+        )
+        values = [-1 if deny is None else deny, -1 if quota is None else quota, *values]
+        rows = self._conn.execute(sql + " GROUP BY clerk, office", values).fetchall()
+        counts: dict[int, int] = defaultdict(int)
+        uncased: dict[int, list[int]] = defaultdict(list)
+        denied: dict[int, int] = defaultdict(int)
+        refused: set[int] = set()
+        offices: dict[int, set[int]] = defaultdict(set)
+        for clerk, office, count, no_case, denials, quotas, malformed in rows:
+            if malformed:
+                raise ValueError("an audit entry of the range is malformed; run verify")
+            counts[clerk] += int(count)
+            denied[clerk] += int(denials)
+            if quotas:
+                refused.add(int(clerk))
+            offices[int(office)].add(clerk)
+            if no_case is not None:
+                uncased[clerk].extend(_ids(no_case, what="sequences"))
+        late = self._outside_hours(offices)
+        limit = self._limits.many_subjects
+        subjects = self._subjects([clerk for clerk, count in counts.items() if count >= limit])
+        missing, outside, many = [], [], []
+        for clerk, seqs in uncased.items():
+            text = f"{len(seqs)} lookup(s) without a case number"
+            missing.append(
+                Finding(anomalies.NO_CASE_NUMBER, self._name(clerk), text, _sorted(seqs))
+            )
+        for clerk, (late_seqs, places) in late.items():
+            where = ", ".join(sorted({self._name(o) for o in places}))
+            text = f"{len(late_seqs)} lookup(s) outside the opening hours of {where}"
+            found = _sorted(late_seqs)
+            outside.append(Finding(anomalies.OUTSIDE_HOURS, self._name(clerk), text, found))
+        for clerk, distinct in subjects.items():
+            if distinct >= limit:
+                text = f"{distinct} distinct citizens looked up (threshold {limit})"
+                found = self._sequences_of(clerk)
+                many.append(Finding(anomalies.MANY_SUBJECTS, self._name(clerk), text, found))
+        # A burst needs that many denied calls, so at least that many denied entries.
+        denying = [int(c) for c, n in denied.items() if n >= self._limits.denial_burst]
+        by_clerk = lambda finding: finding.clerk  # noqa: E731
+        return (
+            sorted(missing, key=by_clerk),
+            sorted(outside, key=by_clerk),
+            sorted(many, key=by_clerk),
+            denying,
+            sorted(refused),
+        )
+
+    def _outside_hours(self, offices: dict[int, set[int]]) -> dict[int, tuple[list[int], set[int]]]:
+        """Per clerk, the lookups outside their office's opening windows and those offices:
+        the offices (with the clerks seen there) grouped by their windows, then per group of
+        offices one read of the range's times outside the windows only (a bounded range: a
+        few intervals of the time index, not the whole range)."""
         hours = self._office_hours()
-        for _ in range(2):  # a second time only if the range has offices not seen before
-            outside = _outside(hours, self._span)
-            # On SQLite, whose columns hold any type, also whether a row has a value of the
-            # wrong type (the Python path checks each record it builds).
-            check = (
-                "0"
-                if self._conn.backend.typed_columns
-                else "max(typeof(time) <> 'integer' OR typeof(subject_id) <> 'text' "
-                "OR typeof(case_number) <> 'text')"
-            )
-            new = f"CASE WHEN office NOT IN ({_list(hours)}) THEN office END" if hours else "office"
-            sql, values = self._day(
-                [
-                    "clerk",
-                    "count(*)",
-                    self._concat(f"CASE WHEN {outside} THEN seq END"),
-                    # Not DISTINCT: a distinct aggregate sorts every group (PostgreSQL),
-                    # where the plain ones hash; the few ids per clerk are made a set here,
-                    # and distinct citizens are counted apart, for the clerks that could fire.
-                    self._concat(f"CASE WHEN {outside} THEN office END"),
-                    self._concat(new),
-                    check,
-                    self._concat("CASE WHEN case_number = '' THEN seq END"),
-                    "count(CASE WHEN decision = ? THEN 1 END)",
-                ]
-            )
-            values = [deny if deny is not None else -1, *values]
-            rows = self._conn.execute(sql + " GROUP BY clerk", values).fetchall()
-            unseen = {o for row in rows if row[4] is not None for o in _ids(row[4], what="offices")}
-            if not unseen:
-                break
-            for office in unseen:
+        by_windows: dict[tuple[Hours, ...], list[int]] = defaultdict(list)
+        for office in offices:
+            if office not in hours:
                 name = self._name(office)
                 hours[office] = anomalies.office_hours(
                     self._policy, name, self._limits.default_hours
                 )
-        limit = self._limits.many_subjects
-        subjects = self._subjects([clerk for clerk, count, *_ in rows if count >= limit])
-        missing, late, many, denying = [], [], [], []
-        for clerk, _, seqs, offices, _, malformed, uncased, denied in rows:
-            if malformed:
-                raise ValueError("an audit entry of the range is malformed; run verify")
-            name = self._name(clerk)
-            if uncased is not None:
-                found = tuple(sorted(_ids(uncased, what="sequences")))
-                text = f"{len(found)} lookup(s) without a case number"
-                missing.append(Finding(anomalies.NO_CASE_NUMBER, name, text, found))
-            # A burst needs that many denied calls, so at least that many denied entries.
-            if denied >= self._limits.denial_burst:
-                denying.append(int(clerk))
-            if seqs is not None:
-                late_seqs = _ids(seqs, what="sequences")
-                # Thousands of ids, a few offices: made distinct before they are read.
-                if not isinstance(offices, str):
-                    raise ValueError("audit entries' offices are malformed; run verify")
-                places = {self._name(int(o)) for o in set(offices.split(","))}
-                where = ", ".join(sorted(places))
-                text = f"{len(late_seqs)} lookup(s) outside the opening hours of {where}"
-                late.append(Finding(anomalies.OUTSIDE_HOURS, name, text, tuple(sorted(late_seqs))))
-            if subjects.get(clerk, 0) >= limit:
-                text = f"{subjects[clerk]} distinct citizens looked up (threshold {limit})"
-                many.append(Finding(anomalies.MANY_SUBJECTS, name, text, self._sequences_of(clerk)))
-        by_clerk = lambda finding: finding.clerk  # noqa: E731
-        return (
-            sorted(missing, key=by_clerk),
-            sorted(late, key=by_clerk),
-            sorted(many, key=by_clerk),
-            denying,
-        )
+            if hours[office]:  # else open around the clock
+                by_windows[hours[office]].append(office)
+        late: dict[int, tuple[list[int], set[int]]] = {}
+        for windows, ids in by_windows.items():
+            clerks = {clerk for office in ids for clerk in offices[office]}
+            sql, values = self._day(
+                ["clerk", "office", "seq"],
+                f"({_outside_times(windows, self._span)}) AND office IN ({_list(ids)}) "
+                f"AND clerk IN ({_list(clerks)})",
+                narrowed=True,
+            )
+            for clerk, office, seq in self._conn.execute(sql, values):
+                seqs, places = late.setdefault(clerk, ([], set()))
+                seqs.append(int(seq))
+                places.add(int(office))
+        return late
 
     def _subjects(self, clerks: Sequence[int]) -> dict[int, int]:
         """How many distinct citizens each of ``clerks`` looked up in the range."""
         if not clerks:
             return {}
+        days, more = self._by_clerk
         sql, values = self._day(
-            ["clerk", "count(DISTINCT NULLIF(subject_id, ''))"], f"clerk IN ({_list(clerks)})"
+            ["clerk", "count(DISTINCT NULLIF(subject_id, ''))"],
+            f"{days} AND clerk IN ({_list(clerks)})",
         )
-        return {int(c): int(n) for c, n in self._conn.execute(sql + " GROUP BY clerk", values)}
+        found = self._conn.execute(sql + " GROUP BY clerk", [*values, *more])
+        return {int(c): int(n) for c, n in found}
 
     def _sequences_of(self, clerk: object) -> tuple[int, ...]:
         """Every lookup of ``clerk`` in the range (a clerk with a finding: few)."""
-        sql, values = self._day(["seq"], "clerk = ?")
-        return tuple(sorted(int(seq) for (seq,) in self._conn.execute(sql, [*values, clerk])))
+        days, more = self._by_clerk
+        sql, values = self._day(["seq"], f"{days} AND clerk = ?")
+        found = self._conn.execute(sql, [*values, *more, clerk])
+        return tuple(sorted(int(seq) for (seq,) in found))
 
     def _office_hours(self) -> dict[int, tuple[Hours, ...]]:
         """Opening windows per office term id, as far as known (shared by the reads of one
@@ -333,19 +377,24 @@ def _list(ids: Iterable[int]) -> str:
     return ", ".join(str(int(i)) for i in ids)
 
 
-def _outside(hours: dict[int, tuple[Hours, ...]], span: tuple[int, int] | None) -> str:
-    """SQL true when a lookup's ``time`` is outside the opening windows of its ``office``
-    (offices open around the clock, or not in ``hours``, never are). ``span``: the range's
-    bounds in epoch ms, when it has both."""
-    offices: dict[tuple[Hours, ...], list[int]] = defaultdict(list)
-    for office, windows in hours.items():
-        if windows:
-            offices[windows].append(office)
-    parts = [
-        f"(office IN ({_list(ids)}) AND NOT ({_inside(windows, span)}))"
-        for windows, ids in offices.items()
-    ]
-    return "(" + " OR ".join(parts) + ")" if parts else "1 = 0"
+def _sorted(ids: Iterable[int]) -> tuple[int, ...]:
+    return tuple(sorted(ids))
+
+
+def _outside_times(hours: Sequence[Hours], span: tuple[int, int] | None) -> str:
+    """SQL true when ``time`` (epoch ms) is outside the windows ``hours``: over a short
+    ``span`` the gaps between its opening intervals, as ranges of ``time`` the index finds
+    (after hours are few lookups); else the negation of :func:`_inside`."""
+    if span is not None:
+        intervals = _intervals(hours, *span)
+        if intervals is not None:
+            gaps, start = [], span[0]
+            for a, b in [*intervals, (span[1], span[1])]:
+                if a > start:
+                    gaps.append(f"(time >= {start} AND time < {a})")
+                start = max(start, b)
+            return " OR ".join(gaps) or "1 = 0"
+    return f"NOT ({_inside(hours, span)})"
 
 
 #: A range with more opening intervals than this (weeks) tests the windows arithmetically.

@@ -156,11 +156,12 @@ def _entries(
 
 
 def compact_where(
-    criteria: Criteria, equals: Mapping[str, object]
+    criteria: Criteria, equals: Mapping[str, object], *, time_index: bool = True
 ) -> tuple[list[str], list[object]]:
     """The conditions (and their values) on ``audit_entries`` rows within the sequence and
     time bounds of ``criteria`` whose SQL expressions ``equals`` (trusted) have the given
-    stored values."""
+    stored values. ``time_index=False``: the time bounds must not be the access path (the
+    caller adds narrower ranges of time for the index)."""
     # "+seq": the sequence bound must not pick the primary key as the access path (a walk of
     # every later row); the indexed column or time range is the one to search.
     seq = "+seq" if equals or criteria.since is not None or criteria.until is not None else "seq"
@@ -171,7 +172,7 @@ def compact_where(
         values.append(criteria.before)
     for bound, op in ((criteria.since, ">="), (criteria.until, "<")):
         if bound is not None:
-            clauses.append(f"time {op} ?")
+            clauses.append(f"{'' if time_index else '+'}time {op} ?")
             values.append(compact.time_ms(iso_time(bound)))
     return clauses, values
 

@@ -6,15 +6,18 @@ one CPU for a day of 20,000 lookups, above the 100 ms an auditor's screen may ta
 the version 2 rows (``audit_entries``), the counting rules run as SQL over the range, a few
 statements on one snapshot:
 
-- ``OUTSIDE_HOURS``: each office's opening windows
-  (:func:`~certbroker.audit.anomalies.office_hours`, from the policy in force) become a
-  condition on the entry's time, so only the sequences of the lookups outside them come back,
-  grouped per clerk;
-- ``MANY_SUBJECTS`` and ``REPEATED_SUBJECT``: ``GROUP BY`` clerk (and citizen) with the
-  thresholds in ``HAVING``; only the groups that fire come back;
-- ``NO_CASE_NUMBER``, ``DENIAL_BURST`` and ``QUOTA_EXCEEDED`` read few entries (no case number,
-  denied, refused past a quota): those come back as records and the rules of
-  :mod:`certbroker.audit.anomalies` run on them unchanged.
+- one statement grouped by clerk and office reads each lookup of the range once: the
+  ``NO_CASE_NUMBER`` sequences, the lookup, denial and quota-refusal counts per clerk;
+- ``OUTSIDE_HOURS``: the offices seen get their opening windows
+  (:func:`~certbroker.audit.anomalies.office_hours`, from the policy in force) and only the
+  lookups outside them are read: over a bounded range the gaps between the opening intervals
+  are ranges of the time index;
+- ``MANY_SUBJECTS`` and ``REPEATED_SUBJECT``: distinct citizens counted for the clerks with
+  enough lookups; ``GROUP BY`` clerk and citizen with the threshold in ``HAVING`` over the
+  citizens seen often enough, on a second reader at the same time;
+- ``DENIAL_BURST`` and ``QUOTA_EXCEEDED`` read the few entries of the clerks that can fire,
+  through the clerk index, and the rules of :mod:`certbroker.audit.anomalies` run on them
+  unchanged.
 
 The findings are the same as the Python rules' (a test compares them on logs where every rule
 fires). A range holding version 1 rows (the oldest entries of a log that predates format 2), an
@@ -304,12 +307,12 @@ class _Counted:
                 by_windows[hours[office]].append(office)
         late: dict[int, tuple[list[int], set[int]]] = {}
         for windows, ids in by_windows.items():
-            clerks = {clerk for office in ids for clerk in offices[office]}
+            gaps = _gaps(windows, self._span)
+            outside = f"NOT ({_inside(windows, self._span)})" if gaps is None else gaps
             sql, values = self._day(
                 ["clerk", "office", "seq"],
-                f"({_outside_times(windows, self._span)}) AND office IN ({_list(ids)}) "
-                f"AND clerk IN ({_list(clerks)})",
-                narrowed=True,
+                f"({outside}) AND office IN ({_list(ids)})",
+                narrowed=gaps is not None,
             )
             for clerk, office, seq in self._conn.execute(sql, values):
                 seqs, places = late.setdefault(clerk, ([], set()))
@@ -381,20 +384,21 @@ def _sorted(ids: Iterable[int]) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def _outside_times(hours: Sequence[Hours], span: tuple[int, int] | None) -> str:
-    """SQL true when ``time`` (epoch ms) is outside the windows ``hours``: over a short
-    ``span`` the gaps between its opening intervals, as ranges of ``time`` the index finds
-    (after hours are few lookups); else the negation of :func:`_inside`."""
-    if span is not None:
-        intervals = _intervals(hours, *span)
-        if intervals is not None:
-            gaps, start = [], span[0]
-            for a, b in [*intervals, (span[1], span[1])]:
-                if a > start:
-                    gaps.append(f"(time >= {start} AND time < {a})")
-                start = max(start, b)
-            return " OR ".join(gaps) or "1 = 0"
-    return f"NOT ({_inside(hours, span)})"
+def _gaps(hours: Sequence[Hours], span: tuple[int, int] | None) -> str | None:
+    """SQL true when ``time`` (epoch ms) is outside the windows ``hours``, over a short
+    ``span``: the gaps between its opening intervals, as ranges of ``time`` the index finds
+    (after hours are few lookups); None when the span is unbounded or long."""
+    if span is None:
+        return None
+    intervals = _intervals(hours, *span)
+    if intervals is None:
+        return None
+    gaps, start = [], span[0]
+    for a, b in [*intervals, (span[1], span[1])]:
+        if a > start:
+            gaps.append(f"(time >= {start} AND time < {a})")
+        start = max(start, b)
+    return " OR ".join(gaps) or "1 = 0"
 
 
 #: A range with more opening intervals than this (weeks) tests the windows arithmetically.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,7 +31,7 @@ from certbroker.audit.anomalies import (
     lookup_of,
 )
 from certbroker.audit.anomaly_scan import find_in_store
-from certbroker.audit.lookups import read_lookups
+from certbroker.audit.lookups import count_by_hour, read_lookups
 from certbroker.audit.scan import Criteria, scan
 from certbroker.audit.store.db import backend_for
 from certbroker.config import AuditLocation
@@ -67,7 +68,10 @@ def fill(location: AuditLocation, clock: StepClock, first: int, count: int, fmt:
                     subject_id=rng.choice(("", *(f"33030219900101{n:04d}" for n in range(9)))),
                     case_number=rng.choice(("", "温-案-1", "CASE-2", f"CASE-{i}")),
                     decision="deny" if rng.random() < 0.4 else "allow",
+                    department=("public_security", "civil_affairs")[i % 2],
                 )
+                if i % 7 == 3 and event.decision == "allow":  # allowed, the department down
+                    event = dataclasses.replace(event, outcome="ADAPTER_UNAVAILABLE")
                 if i % 13 == 0:  # refused past a quota of the policy
                     event = dataclasses.replace(
                         event, decision="deny", outcome=QUOTA_EXCEEDED, rule_id=f"quota-{i % 2}"
@@ -224,3 +228,40 @@ def test_a_malformed_counted_value_is_an_error_not_a_wrong_answer(tmp_path: Path
     rules = policy.load(config.DEFAULT_POLICY_DIR)
     with pytest.raises(ValueError, match="malformed"):
         find_in_store(location, rules, LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("office", "since", "until", "before"),
+    [
+        (None, None, None, 0),  # the whole log, both formats
+        (None, START + timedelta(minutes=50), START + timedelta(hours=2, minutes=10), 0),
+        ("温州-大厅-3", None, None, 0),
+        ("hall-07", START, START + timedelta(hours=3), 150),
+        ("no-such-hall", None, None, 0),
+    ],
+)
+def test_the_overview_counted_by_the_database_is_the_entries_counted_one_by_one(
+    mixed: Mixed, office: str | None, since: datetime | None, until: datetime | None, before: int
+) -> None:
+    location, _ = mixed
+    criteria = Criteria(office=office, since=since, until=until, before=before)
+    expected: Counter[tuple[int, str, str, str, str]] = Counter()
+    for entry in scan(location, criteria):
+        e = entry.event
+        if e.kind == "lookup":
+            at = datetime.fromisoformat(entry.time).replace(minute=0, second=0, microsecond=0)
+            hour = (at - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
+            expected[(hour, e.office, e.department, e.decision, e.outcome)] += 1
+    assert count_by_hour(location, criteria) == expected
+    if office != "no-such-hall":
+        assert len({key[2] for key in expected}) == 2  # both departments
+        assert {key[4] for key in expected} >= {"OK", "ADAPTER_UNAVAILABLE"}
+
+
+def test_a_malformed_time_in_the_overview_is_an_error(tmp_path: Path) -> None:
+    location = tmp_path / "audit.sqlite"
+    fill(location, StepClock(START.timestamp(), step=STEP), 0, 10, 2)
+    with backend_for(location).write_transaction() as conn:
+        conn.execute("UPDATE audit_entries SET time = 'soon' WHERE seq = 4")
+    with pytest.raises(ValueError, match="malformed"):
+        count_by_hour(location, Criteria())

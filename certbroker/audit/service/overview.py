@@ -1,6 +1,7 @@
 """What the Audit service's ``Overview`` and ``ReviewFinding`` compute (pure functions).
 
-``Overview`` counts lookup entries per hour, office and department; ``ReviewFinding`` leaves a
+``Overview`` counts lookup entries per hour, office and department (the database counts,
+:func:`certbroker.audit.lookups.count_by_hour`); ``ReviewFinding`` leaves a
 review as its own audit entry (kind ``audit_query``, rule ``audit.review_finding``), whose
 ``decision_id`` is ``finding_id=<id>;rule=<rule>;note=<note>`` -- the note last, since it is
 free text and may hold ``;``. ``Anomalies`` and ``Overview`` read those entries back to mark
@@ -11,12 +12,13 @@ entries it is about.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from certbroker.audit.anomalies import Finding
+from certbroker.audit.anomalies import EPOCH, Finding
 from certbroker.audit.events import AuditEntry
+from certbroker.audit.lookups import HourKey
 from certbroker.audit.scan import entry_time
 from certbroker.v1 import audit_pb2
 
@@ -84,22 +86,20 @@ def finding_message(
     return into
 
 
-def hour_counts(entries: Sequence[AuditEntry]) -> OverviewCounts:
-    """Count lookup ``entries`` per (hour, office, department)."""
+def hour_counts(counted: Mapping[HourKey, int]) -> OverviewCounts:
+    """Lookups per (hour, office, department) as [allowed, denied, failed], from their counts
+    per :data:`~certbroker.audit.lookups.HourKey`
+    (:func:`~certbroker.audit.lookups.count_by_hour`)."""
     into: OverviewCounts = {}
-    for entry in entries:
-        e = entry.event
-        if e.kind != "lookup":
-            continue
-        hour = entry_time(entry).replace(minute=0, second=0, microsecond=0)
-        key = (hour, e.office, e.department)
-        counts = into.setdefault(key, [0, 0, 0])
-        if e.decision == "deny":
-            counts[1] += 1
-        elif e.decision == "allow" and e.outcome == "OK":
-            counts[0] += 1
+    for (start, office, department, decision, outcome), count in counted.items():
+        hour = EPOCH + timedelta(milliseconds=start)
+        counts = into.setdefault((hour, office, department), [0, 0, 0])
+        if decision == "deny":
+            counts[1] += count
+        elif decision == "allow" and outcome == "OK":
+            counts[0] += count
         else:  # allowed but unanswered (a department down), or refused as invalid
-            counts[2] += 1
+            counts[2] += count
     return into
 
 
